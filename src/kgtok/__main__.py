@@ -1,0 +1,3 @@
+from kgtok.cli import main
+
+main()

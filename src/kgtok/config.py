@@ -1,0 +1,244 @@
+"""Stage configs: frozen dataclasses loaded from YAML plus dotted overrides.
+
+Every stage has one keyword-only frozen dataclass holding all its defaults.
+This module turns a YAML file and ``key.sub=value`` overrides into such a
+dataclass, refusing unknown keys and wrong types (as torchtune and nanoGPT
+do), and lets ``__post_init__`` report every bad value at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or gives a wrong type."""
+
+
+# ----------------------------------------------------------------------------
+# Validation of values (used by every config's __post_init__)
+# ----------------------------------------------------------------------------
+
+Check = tuple[str, Callable[[Any], bool], str]
+
+
+def check_fields(config: object, checks: Sequence[Check]) -> None:
+    """Raise one ValueError listing every field that fails its check.
+
+    ``checks`` is a table of ``(field name, predicate, what was expected)``,
+    in the manner of scikit-learn's parameter constraints.
+    """
+    errors = []
+    for name, predicate, expected in checks:
+        value = getattr(config, name)
+        try:
+            ok = bool(predicate(value))
+        except Exception:  # a predicate that cannot even run means a wrong value
+            ok = False
+        if not ok:
+            errors.append(f"{type(config).__name__}.{name}={value!r}: expected {expected}")
+    if errors:
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def in_range(low: float | None = None, high: float | None = None, *, low_open: bool = False) -> Callable[[Any], bool]:
+    """Predicate for ``check_fields``: ``low <= x <= high`` (or ``low < x``)."""
+
+    def predicate(x: Any) -> bool:
+        if low is not None and (x <= low if low_open else x < low):
+            return False
+        return high is None or x <= high
+
+    return predicate
+
+
+# ----------------------------------------------------------------------------
+# Conversion between plain data and dataclasses
+# ----------------------------------------------------------------------------
+
+
+def config_to_dict(config: object) -> dict[str, Any]:
+    """Plain JSON/YAML-ready dict of a config (tuples become lists, paths strings)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return plain(config)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against annotation ``tp``; allow only lossless conversions."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} is none of {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"{where}: expected one of {list(get_args(tp))}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+            items = [_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            item_tp = args[0] if args else Any
+            items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise ConfigError(f"{where}: expected a path, got {value!r}")
+    raise ConfigError(f"{where}: unsupported annotation {tp!r}")  # pragma: no cover
+
+
+def _build(cls: type[C], data: Mapping[str, Any], where: str) -> C:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where or cls.__name__}: unknown key(s) {unknown}; known keys: {sorted(fields)}"
+        )
+    kwargs = {
+        name: _coerce(value, hints[name], f"{where}.{name}" if where else name)
+        for name, value in data.items()
+    }
+    return cls(**kwargs)
+
+
+def config_from_dict(cls: type[C], data: Mapping[str, Any] | None) -> C:
+    """Build ``cls`` from a mapping, refusing unknown keys and wrong types."""
+    return _build(cls, data or {}, "")
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[1, 2]"]`` -> ``{"a": {"b": 1}, "c": [1, 2]}`` (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. levels=4 or gse.lambda1=0.8")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(
+    cls: type[C],
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    *,
+    section: str | None = None,
+) -> C:
+    """Load a stage config from an optional YAML file plus dotted overrides.
+
+    ``section`` picks one top-level key of the YAML (a whole-run file holds one
+    section per stage).  Later sources win: defaults < YAML < overrides.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {path} does not exist") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if section is not None:
+            loaded = loaded.get(section, {}) if isinstance(loaded, Mapping) else loaded
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        data = dict(loaded)
+    data = _merge(data, parse_overrides(overrides))
+    try:
+        return config_from_dict(cls, data)
+    except ConfigError as e:
+        origin = f"config file {path}" if path is not None else "config"
+        raise ConfigError(f"{origin}: {e}") from None
+
+
+def format_config(config: object) -> str:
+    """YAML text of a config, printed at the start of every stage."""
+    name = type(config).__name__
+    body = yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=None)
+    return f"# {name}\n{body}"

@@ -1,0 +1,427 @@
+"""The KnowledgeGraph: contiguous ids, int64 triple tensors per split, text, filter index.
+
+Two on-disk layouts are read (see :func:`load_kg`):
+
+* ``train.txt``/``valid.txt``/``test.txt`` with raw ids, ``h<TAB>r<TAB>t``;
+* the same plus ``entities.dict``/``relations.dict`` (``id<TAB>name``, the
+  RotatE and GS-Quant layout), which then fix the id order.
+
+Entity text comes from ``entity_text.tsv`` (``id<TAB>label<TAB>description``)
+or from KG-BERT/DIFT-style pairs of files (``entity2text.txt`` with labels and
+``entity2textlong.txt`` with descriptions, and similar names).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kgtok.data.errors import (
+    DuplicateTripleWarning,
+    KGFormatError,
+    MissingTextWarning,
+    SplitOverlapWarning,
+    UnseenEntityWarning,
+)
+from kgtok.data.filter_index import FilterIndex
+from kgtok.data.reader import Table, read_table, read_text
+
+SPLITS = ("train", "valid", "test")
+
+# (label file, description file) pairs used by KG-BERT, DIFT, SimKGC and KG-FIT releases.
+LABEL_FILES = ("entity2label.txt", "entity2text.txt", "entity2name.txt")
+DESCRIPTION_FILES = ("entity2textlong.txt", "entity2description.txt", "entity2desc.txt", "entity2des.txt")
+
+
+@dataclass
+class LoadReport:
+    """What the loader adjusted or noticed; shown by ``kgtok data info``."""
+
+    duplicates: dict[str, int] = field(default_factory=dict)  # split -> extra copies dropped
+    blank_lines: dict[str, int] = field(default_factory=dict)
+    crlf_files: list[str] = field(default_factory=list)
+    unseen_entities: dict[str, int] = field(default_factory=dict)  # split -> entities not in train
+    unseen_relations: dict[str, int] = field(default_factory=dict)
+    unseen_entity_triples: dict[str, int] = field(default_factory=dict)  # split -> triples touching one
+    split_overlap: dict[str, int] = field(default_factory=dict)  # "train&test" -> shared triples
+    missing_label: int = 0  # entities whose label fell back to their id
+    missing_description: int = 0
+    text_unknown_entities: int = 0  # text lines naming entities absent from the triples
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True, eq=False)
+class KnowledgeGraph:
+    """A KG with contiguous integer ids.
+
+    Attributes
+    ----------
+    entity_names, relation_names : raw ids from the files, index = kgtok id.
+    triples : split name -> (n, 3) int64 tensor of (head, relation, tail).
+    labels, descriptions : per entity; a missing label is the raw id, a
+        missing description is "".
+    entity_types : (N, levels) int64 ground-truth type path when the directory
+        has ``entity_types.tsv`` (the synthetic KG), else None; -1 where unknown.
+    type_names : per level, the names of the type ids.
+    """
+
+    name: str
+    entity_names: list[str]
+    relation_names: list[str]
+    triples: dict[str, torch.Tensor]
+    labels: list[str]
+    descriptions: list[str]
+    source: Path | None = None
+    entity_types: np.ndarray | None = None
+    type_names: list[list[str]] | None = None
+    report: LoadReport = field(default_factory=LoadReport)
+
+    @property
+    def num_entities(self) -> int:
+        return len(self.entity_names)
+
+    @property
+    def num_relations(self) -> int:
+        return len(self.relation_names)
+
+    @property
+    def train(self) -> torch.Tensor:
+        return self.triples["train"]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.triples["valid"]
+
+    @property
+    def test(self) -> torch.Tensor:
+        return self.triples["test"]
+
+    @cached_property
+    def entity_to_id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.entity_names)}
+
+    @cached_property
+    def relation_to_id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.relation_names)}
+
+    @cached_property
+    def all_triples(self) -> np.ndarray:
+        """(n, 3) int64: train, valid and test stacked (may repeat across splits)."""
+        return np.concatenate([self.triples[s].numpy() for s in SPLITS if s in self.triples])
+
+    @cached_property
+    def filter_index(self) -> FilterIndex:
+        """Known true answers over train ∪ valid ∪ test, for filtered ranking."""
+        return FilterIndex(self.all_triples, self.num_entities, self.num_relations)
+
+    @cached_property
+    def train_filter_index(self) -> FilterIndex:
+        """Known answers over train only (what a model may see while training)."""
+        return FilterIndex(self.train.numpy(), self.num_entities, self.num_relations)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "entities": self.num_entities,
+            "relations": self.num_relations,
+            **{split: int(self.triples[split].shape[0]) for split in SPLITS if split in self.triples},
+        }
+
+    @classmethod
+    def from_arrays(
+        cls,
+        *,
+        entity_names: list[str],
+        relation_names: list[str],
+        train: np.ndarray,
+        valid: np.ndarray,
+        test: np.ndarray,
+        labels: list[str] | None = None,
+        descriptions: list[str] | None = None,
+        name: str = "kg",
+        entity_types: np.ndarray | None = None,
+        type_names: list[list[str]] | None = None,
+    ) -> KnowledgeGraph:
+        """Build a KG from id arrays already in memory (tests, the synthetic KG)."""
+        triples = {
+            s: torch.as_tensor(np.asarray(a, dtype=np.int64).reshape(-1, 3))
+            for s, a in zip(SPLITS, (train, valid, test))
+        }
+        return cls(
+            name=name,
+            entity_names=list(entity_names),
+            relation_names=list(relation_names),
+            triples=triples,
+            labels=list(labels) if labels is not None else list(entity_names),
+            descriptions=list(descriptions) if descriptions is not None else [""] * len(entity_names),
+            entity_types=entity_types,
+            type_names=type_names,
+        )
+
+
+# ----------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------
+
+
+def _read_dict(path: Path) -> dict[str, int]:
+    """Read ``id<TAB>name`` lines; ids must be 0..n-1, each once; names unique."""
+    table = read_table(path, (2,), "id<TAB>name")
+    raw_ids, names = table.columns
+    ids = np.empty(len(raw_ids), dtype=np.int64)
+    for i, raw in enumerate(raw_ids):  # dictionary files are small (one line per entity)
+        try:
+            ids[i] = int(raw)
+        except ValueError:
+            raise KGFormatError(path, int(table.line_numbers[i]), f"id {raw!r} is not an integer") from None
+    n = len(ids)
+    out_of_range = (ids < 0) | (ids >= n)
+    if out_of_range.any():
+        row = int(np.argmax(out_of_range))
+        raise KGFormatError(
+            path, int(table.line_numbers[row]), f"ids must be 0..{n - 1}, each exactly once; found {ids[row]}"
+        )
+    _, first = np.unique(ids, return_index=True)
+    if len(first) < n:  # in range but repeated: report the first repeat
+        repeated = np.ones(n, dtype=bool)
+        repeated[first] = False
+        row = int(np.argmax(repeated))
+        raise KGFormatError(path, int(table.line_numbers[row]), f"id {ids[row]} appears twice")
+    mapping: dict[str, int] = {}
+    for row, name in enumerate(names):
+        if name in mapping:
+            raise KGFormatError(path, int(table.line_numbers[row]), f"name {name!r} appears twice")
+        mapping[name] = int(ids[row])
+    return mapping
+
+
+def _encode_table(
+    table: Table, entity_to_id: dict[str, int], relation_to_id: dict[str, int], *, grow: bool, dict_dir: Path
+) -> np.ndarray:
+    """Map a split's names to (n, 3) ids; grow the vocabularies or refuse unknown names.
+
+    With dictionaries (``grow=False``) the first line naming an unknown entity
+    or relation, in file order, is reported.
+    """
+    columns = []
+    for column, vocabulary in ((0, entity_to_id), (1, relation_to_id), (2, entity_to_id)):
+        names = table.columns[column]
+        if grow:
+            for name in dict.fromkeys(names):  # first appearance order, C-speed dedupe
+                vocabulary.setdefault(name, len(vocabulary))
+        get = vocabulary.get
+        columns.append(np.fromiter((get(n, -1) for n in names), dtype=np.int64, count=len(names)))
+    ids = np.stack(columns, axis=1)
+    unknown = ids < 0
+    if unknown.any():
+        row = int(np.argmax(unknown.any(axis=1)))
+        column = int(np.argmax(unknown[row]))
+        kind, dict_name = ("relation", "relations.dict") if column == 1 else ("entity", "entities.dict")
+        raise KGFormatError(
+            table.path, int(table.line_numbers[row]),
+            f"{kind} {table.columns[column][row]!r} is not listed in {dict_dir / dict_name}",
+        )
+    return ids
+
+
+def _dedupe(triples: np.ndarray, num_entities: int, num_relations: int) -> tuple[np.ndarray, int]:
+    """Keep the first copy of every triple (file order preserved); count the rest."""
+    if len(triples) == 0:
+        return triples, 0
+    key = _triple_keys(triples, num_entities, num_relations)
+    _, first = np.unique(key, return_index=True)
+    keep = np.sort(first)
+    return triples[keep], len(triples) - len(keep)
+
+
+def _triple_keys(triples: np.ndarray, num_entities: int, num_relations: int) -> np.ndarray:
+    """One int64 per triple (or a structured row view when the product would overflow)."""
+    if num_entities * num_entities * max(num_relations, 1) < 2**62:
+        return (triples[:, 0] * num_relations + triples[:, 1]) * num_entities + triples[:, 2]
+    return np.ascontiguousarray(triples).view([("h", "i8"), ("r", "i8"), ("t", "i8")]).ravel()
+
+
+def _read_text(
+    directory: Path, entity_to_id: dict[str, int], report: LoadReport
+) -> tuple[list[str | None], list[str | None]]:
+    """Labels and descriptions from whichever text files the directory has."""
+    n = len(entity_to_id)
+    labels: list[str | None] = [None] * n
+    descriptions: list[str | None] = [None] * n
+
+    def assign(table: Table, targets: dict[int, list[str | None]]) -> None:
+        for row, name in enumerate(table.columns[0]):
+            index = entity_to_id.get(name)
+            if index is None:  # text for an entity no triple mentions: harmless, counted
+                report.text_unknown_entities += 1
+                continue
+            for column, target in targets.items():
+                text = table.columns[column][row].strip()
+                if text:
+                    target[index] = text
+
+    tsv = directory / "entity_text.tsv"
+    if tsv.exists():
+        assign(read_table(tsv, (2, 3), "id<TAB>label<TAB>description"), {1: labels, 2: descriptions})
+        return labels, descriptions
+    label_file = next((directory / f for f in LABEL_FILES if (directory / f).exists()), None)
+    if label_file is not None:
+        assign(read_table(label_file, (2,), "id<TAB>label"), {1: labels})
+    description_file = next((directory / f for f in DESCRIPTION_FILES if (directory / f).exists()), None)
+    if description_file is not None:
+        assign(read_table(description_file, (2,), "id<TAB>description"), {1: descriptions})
+    return labels, descriptions
+
+
+def _read_types(directory: Path, entity_to_id: dict[str, int]) -> tuple[np.ndarray, list[list[str]]] | None:
+    """Ground-truth type paths from ``entity_types.tsv`` (id<TAB>level-1 type<TAB>...)."""
+    path = directory / "entity_types.tsv"
+    if not path.exists():
+        return None
+    text, _ = read_text(path)
+    first = next((line for line in text.split("\n") if line.strip()), "")
+    width = first.count("\t") + 1
+    if width < 2:
+        raise KGFormatError(path, 1, "expected id<TAB>type[<TAB>subtype...]")
+    table = read_table(path, (width,), f"id followed by {width - 1} type column(s)")
+    types = np.full((len(entity_to_id), width - 1), -1, dtype=np.int64)
+    rows = np.fromiter((entity_to_id.get(n, -1) for n in table.columns[0]), dtype=np.int64)
+    known = rows >= 0
+    names_per_level = []
+    for level in range(width - 1):
+        names, codes = np.unique(np.asarray(table.columns[level + 1], dtype=object), return_inverse=True)
+        types[rows[known], level] = codes[known]
+        names_per_level.append([str(n) for n in names])
+    return types, names_per_level
+
+
+def load_kg(path: str | Path, *, name: str | None = None) -> KnowledgeGraph:
+    """Load a KG directory (see module docstring for the layouts).
+
+    Raises :class:`KGFormatError` naming the file and line of any bad input;
+    warns (:class:`~kgtok.data.errors.KGDataWarning` subclasses) about
+    duplicate triples, CRLF endings, and valid/test entities unseen in train,
+    which are kept and ranked like any other id.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise KGFormatError(directory, None, "not a directory; expected a folder with train.txt, valid.txt, test.txt")
+    missing = [f"{s}.txt" for s in SPLITS if not (directory / f"{s}.txt").exists()]
+    if missing:
+        present = sorted(p.name for p in directory.iterdir())[:20]
+        raise KGFormatError(
+            directory, None, f"missing split file(s) {missing}; a KG directory needs train.txt, valid.txt and "
+            f"test.txt (found: {present})",
+        )
+    report = LoadReport()
+    tables = {s: read_table(directory / f"{s}.txt", (3,), "head<TAB>relation<TAB>tail") for s in SPLITS}
+    for split, table in tables.items():
+        report.blank_lines[split] = table.blank_lines
+        if table.crlf:
+            report.crlf_files.append(table.path.name)
+
+    entity_dict, relation_dict = directory / "entities.dict", directory / "relations.dict"
+    has_dicts = entity_dict.exists() and relation_dict.exists()
+    if entity_dict.exists() != relation_dict.exists():
+        raise KGFormatError(directory, None, "entities.dict and relations.dict must come together (found only one)")
+    entity_to_id = _read_dict(entity_dict) if has_dicts else {}
+    relation_to_id = _read_dict(relation_dict) if has_dicts else {}
+
+    # Train first: without dictionaries, train's entities get the smallest ids.
+    raw = {
+        split: _encode_table(tables[split], entity_to_id, relation_to_id, grow=not has_dicts, dict_dir=directory)
+        for split in SPLITS
+    }
+
+    num_entities, num_relations = len(entity_to_id), len(relation_to_id)
+    triples: dict[str, np.ndarray] = {}
+    for split in SPLITS:
+        triples[split], dropped = _dedupe(raw[split], num_entities, num_relations)
+        report.duplicates[split] = dropped
+        if dropped:
+            warnings.warn(
+                f"{tables[split].path}: {dropped} duplicate triple(s); kept one copy of each",
+                DuplicateTripleWarning, stacklevel=2,
+            )
+
+    _check_unseen(triples, num_entities, num_relations, report, directory)
+    _check_overlap(triples, num_entities, num_relations, report, directory)
+
+    entity_names = [""] * num_entities
+    for entity, index in entity_to_id.items():
+        entity_names[index] = entity
+    relation_names = [""] * num_relations
+    for relation, index in relation_to_id.items():
+        relation_names[index] = relation
+
+    labels, descriptions = _read_text(directory, entity_to_id, report)
+    report.missing_label = sum(label is None for label in labels)
+    report.missing_description = sum(d is None for d in descriptions)
+    has_text = any(label is not None for label in labels) or any(d is not None for d in descriptions)
+    if has_text and report.missing_label:
+        warnings.warn(
+            f"{directory}: {report.missing_label} entities have no label; their id stands in",
+            MissingTextWarning, stacklevel=2,
+        )
+    types = _read_types(directory, entity_to_id)
+
+    return KnowledgeGraph(
+        name=name or directory.resolve().name,
+        entity_names=entity_names,
+        relation_names=relation_names,
+        triples={s: torch.from_numpy(np.ascontiguousarray(a)) for s, a in triples.items()},
+        labels=[label if label is not None else entity_names[i] for i, label in enumerate(labels)],
+        descriptions=[d or "" for d in descriptions],
+        source=directory,
+        entity_types=types[0] if types else None,
+        type_names=types[1] if types else None,
+        report=report,
+    )
+
+
+def _check_unseen(
+    triples: dict[str, np.ndarray], num_entities: int, num_relations: int, report: LoadReport, directory: Path
+) -> None:
+    """Count valid/test entities and relations never seen in train (kept, as PyKEEN and LibKGE do)."""
+    train = triples["train"]
+    seen_entities = np.zeros(num_entities, dtype=bool)
+    seen_entities[train[:, 0]] = True
+    seen_entities[train[:, 2]] = True
+    seen_relations = np.zeros(num_relations, dtype=bool)
+    seen_relations[train[:, 1]] = True
+    for split in ("valid", "test"):
+        t = triples[split]
+        entities = np.unique(np.concatenate([t[:, 0], t[:, 2]]))
+        unseen_e = int((~seen_entities[entities]).sum())
+        unseen_r = int((~seen_relations[np.unique(t[:, 1])]).sum())
+        touching = ~seen_entities[t[:, 0]] | ~seen_entities[t[:, 2]] | ~seen_relations[t[:, 1]]
+        report.unseen_entities[split] = unseen_e
+        report.unseen_relations[split] = unseen_r
+        report.unseen_entity_triples[split] = int(touching.sum())
+        if unseen_e or unseen_r:
+            warnings.warn(
+                f"{directory / (split + '.txt')}: {unseen_e} entit(ies) and {unseen_r} relation(s) do not occur "
+                f"in train ({int(touching.sum())} triples); kept and ranked as ordinary ids",
+                UnseenEntityWarning, stacklevel=3,
+            )
+
+
+def _check_overlap(
+    triples: dict[str, np.ndarray], num_entities: int, num_relations: int, report: LoadReport, directory: Path
+) -> None:
+    keys = {s: _triple_keys(triples[s], num_entities, num_relations) for s in SPLITS}
+    for a, b in (("train", "valid"), ("train", "test"), ("valid", "test")):
+        shared = int(np.isin(keys[b], keys[a]).sum())
+        report.split_overlap[f"{a}&{b}"] = shared
+        if shared:
+            warnings.warn(
+                f"{directory}: {shared} triple(s) of {b}.txt also occur in {a}.txt (test leakage); kept",
+                SplitOverlapWarning, stacklevel=3,
+            )
