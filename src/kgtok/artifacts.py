@@ -102,9 +102,7 @@ def git_hash(cwd: str | Path | None = None) -> str | None:
 def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return value.item()
-    if hasattr(value, "tolist"):
+    if hasattr(value, "tolist"):  # numpy / torch arrays and scalars
         return value.tolist()
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 

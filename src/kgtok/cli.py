@@ -1,0 +1,217 @@
+"""The ``kgtok`` command: a thin layer that parses arguments and calls the library.
+
+Heavy imports (torch, transformers, faiss) happen inside the commands so that
+``kgtok --help`` answers at once.  Errors meant for people (bad input files,
+bad configs) print one line and exit with status 2; set ``KGTOK_DEBUG=1`` for
+the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _format_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:
+    return f"warning ({category.__name__}): {message}\n"
+
+
+def _friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user-facing errors into one red line and exit status 2."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if os.environ.get("KGTOK_DEBUG"):
+            return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kgtok")
+def cli() -> None:
+    """kgtok: KG entities as hierarchical codes, and an LM that completes the graph."""
+
+
+# ----------------------------------------------------------------------------
+# kgtok run
+# ----------------------------------------------------------------------------
+
+
+@cli.command("run")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a RunConfig.")
+@click.option("--data", type=click.Path(file_okay=False), help="KG directory (default: the bundled synthetic KG).")
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: runs/default).")
+@click.argument("overrides", nargs=-1)
+@_friendly_errors
+def run_command(config_path: str | None, data: str | None, out: str | None, overrides: tuple[str, ...]) -> None:
+    """Run every stage in order, reusing artifacts whose config and inputs are unchanged.
+
+    OVERRIDES are dotted key=value pairs, e.g. synthetic.num_entities=500.
+    """
+    from kgtok.config import format_config, load_config
+    from kgtok.pipeline import RunConfig, run
+
+    extra = list(overrides)
+    if data is not None:
+        extra.append(f"data={data}")
+    if out is not None:
+        extra.append(f"out={out}")
+    config = load_config(RunConfig, config_path, extra)
+    click.echo(format_config(config))
+    results = run(config, log=click.echo)
+    _print_results(results)
+
+
+def _print_results(results: list[Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="kgtok run")
+    table.add_column("stage")
+    table.add_column("status")
+    table.add_column("metrics")
+    for r in results:
+        metrics = ", ".join(f"{k}={v}" for k, v in r.metrics.items())
+        table.add_row(r.name, r.status, metrics)
+    Console().print(table)
+
+
+# ----------------------------------------------------------------------------
+# kgtok data ...
+# ----------------------------------------------------------------------------
+
+
+@cli.group("data")
+def data_group() -> None:
+    """Inspect, fetch and generate knowledge graphs."""
+
+
+@data_group.command("list")
+@_friendly_errors
+def data_list() -> None:
+    """List the registered benchmark datasets."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from kgtok.data.registry import list_datasets
+
+    table = Table(title="registered datasets (kgtok data fetch NAME DEST)")
+    for column in ("name", "entities", "relations", "train", "valid", "test", "description"):
+        table.add_column(column)
+    for info in list_datasets():
+        c = info.counts
+        table.add_row(
+            info.name, *(f"{c.get(k, 0):,}" for k in ("entities", "relations", "train", "valid", "test")),
+            info.description,
+        )
+    Console().print(table)
+
+
+@data_group.command("info")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--relations/--no-relations", default=False, help="Also list every relation.")
+@_friendly_errors
+def data_info(directory: str, as_json: bool, relations: bool) -> None:
+    """Counts, unseen entities, and relation statistics of the KG in DIRECTORY."""
+    from kgtok.data.graph import load_kg
+    from kgtok.data.stats import summarize
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = summarize(load_kg(directory))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    for w in caught:
+        click.secho(f"note: {w.message}", fg="yellow", err=True)
+    _print_summary(summary, relations)
+
+
+def _print_summary(summary: dict[str, Any], relations: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    counts = Table(title=f"{summary['name']} ({summary['source']})")
+    for column in ("entities", "relations", "train", "valid", "test"):
+        counts.add_column(column, justify="right")
+    counts.add_row(*(f"{summary['counts'][k]:,}" for k in ("entities", "relations", "train", "valid", "test")))
+    console.print(counts)
+    unseen = summary["unseen_entities"]
+    console.print(
+        f"unseen in train: valid {unseen['valid']} entities ({summary['unseen_entity_triples']['valid']} triples), "
+        f"test {unseen['test']} entities ({summary['unseen_entity_triples']['test']} triples); "
+        f"relations valid {summary['unseen_relations']['valid']}, test {summary['unseen_relations']['test']}"
+    )
+    dupes = summary["duplicates_dropped"]
+    console.print(f"duplicate triples dropped: {dupes}; split overlap: {summary['split_overlap']}")
+    degree = summary["train_degree"]
+    console.print(
+        f"train degree: mean {degree['mean']:.2f}, median {degree['median']:.0f}, max {degree['max']}, "
+        f"isolated {degree['isolated_in_train']}"
+    )
+    text = summary["text"]
+    console.print(
+        f"text: {text['entities_with_label']:,} labels, {text['entities_with_description']:,} descriptions"
+    )
+    console.print(f"relation categories (train): {summary['relation_categories']}")
+    if relations:
+        table = Table(title="relations (train)")
+        for column in ("relation", "triples", "tails_per_head", "heads_per_tail", "category"):
+            table.add_column(column)
+        for row in sorted(summary["relations"], key=lambda r: -r["triples"]):
+            table.add_row(*(str(row[c]) for c in ("relation", "triples", "tails_per_head", "heads_per_tail", "category")))
+        console.print(table)
+
+
+@data_group.command("fetch")
+@click.argument("name")
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds per network request.")
+@_friendly_errors
+def data_fetch(name: str, dest: str, timeout: float) -> None:
+    """Download dataset NAME into DEST and verify every file's sha256."""
+    from kgtok.data.registry import fetch
+
+    path = fetch(name, dest, timeout=timeout)
+    click.echo(f"{name}: verified files in {path}")
+
+
+@data_group.command("synthetic")
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a SyntheticConfig.")
+@click.argument("overrides", nargs=-1)
+@_friendly_errors
+def data_synthetic(dest: str, config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Write a synthetic KG with a known taxonomy to DEST (e.g. num_entities=5000 seed=1)."""
+    from kgtok.config import format_config, load_config
+    from kgtok.data.synthetic import SyntheticConfig, write_synthetic
+
+    config = load_config(SyntheticConfig, config_path, overrides)
+    click.echo(format_config(config))
+    path = write_synthetic(config, Path(dest))
+    click.echo(f"synthetic KG written to {path}")
+
+
+def main() -> None:
+    warnings.formatwarning = _format_warning  # type: ignore[assignment]  # one line per warning in a terminal
+    cli(prog_name="kgtok")
+
+
+if __name__ == "__main__":
+    main()

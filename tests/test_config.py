@@ -1,0 +1,97 @@
+"""YAML + dotted overrides into frozen dataclasses; unknown keys and wrong types refused."""
+
+from __future__ import annotations
+
+from dataclasses import FrozenInstanceError, dataclass, field
+from typing import Literal
+
+import pytest
+
+from kgtok.config import ConfigError, check_fields, config_to_dict, format_config, in_range, load_config
+
+
+@dataclass(frozen=True, kw_only=True)
+class Inner:
+    lambda1: float = 0.8
+    enabled: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outer:
+    levels: int = 4
+    model: Literal["rotate", "transe"] = "rotate"
+    sizes: tuple[int, ...] = (4, 4)
+    data: str | None = None
+    gse: Inner = field(default_factory=Inner)
+
+    def __post_init__(self) -> None:
+        check_fields(self, [
+            ("levels", in_range(1, 16), "an integer in [1, 16]"),
+            ("sizes", lambda v: all(s > 0 for s in v), "positive sizes"),
+        ])
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("levels: 3\ngse:\n  lambda1: 0.5\nsizes: [2, 3, 5]\n")
+    config = load_config(Outer, path, ["gse.enabled=false", "levels=6", "data=/some/dir"])
+    assert config == Outer(levels=6, sizes=(2, 3, 5), data="/some/dir", gse=Inner(lambda1=0.5, enabled=False))
+    assert load_config(Outer) == Outer()
+    with pytest.raises(FrozenInstanceError):
+        config.levels = 2  # type: ignore[misc]
+
+
+def test_int_to_float_is_allowed_but_not_the_reverse():
+    assert load_config(Outer, None, ["gse.lambda1=1"]).gse.lambda1 == 1.0
+    with pytest.raises(ConfigError, match=r"levels: expected an integer, got 2.5"):
+        load_config(Outer, None, ["levels=2.5"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("levles=4", r"unknown key\(s\) \['levles'\]"),
+        ("gse.lambda3=1", r"gse: unknown key\(s\) \['lambda3'\]"),
+        ("model=complex", r"model: expected one of \['rotate', 'transe'\]"),
+        ("gse.enabled=maybe", r"gse.enabled: expected true/false"),
+        ("sizes=3", r"sizes: expected a list"),
+        ("levels", r"expected key=value"),
+    ],
+)
+def test_bad_overrides(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Outer, None, [override])
+
+
+def test_value_checks_report_every_violation_at_once():
+    with pytest.raises(ValueError) as err:
+        Outer(levels=0, sizes=(3, 0))
+    text = str(err.value)
+    assert "Outer.levels=0: expected an integer in [1, 16]" in text
+    assert "Outer.sizes=(3, 0): expected positive sizes" in text
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("levels: [\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_config(Outer, path)
+    path.write_text("levels: 2\nunknown: 1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: Outer: unknown key\(s\) \['unknown'\]"):
+        load_config(Outer, path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Outer, tmp_path / "missing.yaml")
+
+
+def test_round_trip_through_yaml(tmp_path):
+    config = Outer(levels=5, sizes=(7,), gse=Inner(lambda1=0.1))
+    path = tmp_path / "echo.yaml"
+    path.write_text(format_config(config))
+    assert load_config(Outer, path) == config
+    assert config_to_dict(config)["sizes"] == [7]
+
+
+def test_section_of_a_run_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("quantize:\n  levels: 2\nembed:\n  dim: 3\n")
+    assert load_config(Outer, path, section="quantize").levels == 2
