@@ -1,0 +1,153 @@
+"""Rank-based link-prediction metrics, shared by stage 1 (KGE) and stage 5 (LM).
+
+Filtered ranking (Bordes et al. 2013): for the query (h, r, ?) with answer t,
+every other entity t' with (h, r, t') known in train ∪ valid ∪ test is removed
+before ranking; likewise for (?, r, t).  Ties count *realistically*: the rank
+is the mean of the optimistic rank (1 + #better) and the pessimistic rank
+(#better + #tied, the answer included), the expected rank under random
+tie-breaking, as PyKEEN's ``realistic`` rank.  The RotatE reference code
+instead subtracts a constant from filtered scores and breaks ties by sort
+order; a model that scores everything equal then looks perfect.  Not here.
+
+Vocabulary follows PyKEEN: sides ``head``/``tail``/``both``; metrics ``mrr``,
+``mr``, ``hits_at_k``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+HITS_AT = (1, 3, 10)
+
+
+def realistic_rank(
+    scores: torch.Tensor,
+    targets: torch.Tensor,
+    filter_rows: torch.Tensor | np.ndarray | None = None,
+    filter_cols: torch.Tensor | np.ndarray | None = None,
+) -> torch.Tensor:
+    """Filtered realistic rank of each target among all candidates.
+
+    Parameters
+    ----------
+    scores : (batch, num_candidates) float; higher is better. NaN counts as the
+        worst possible score.
+    targets : (batch,) int64 column of the true answer in each row.
+    filter_rows, filter_cols : coordinates of other true answers to remove
+        (e.g. from :meth:`kgtok.data.FilterIndex.tail_pairs`); entries equal
+        to the target itself are ignored, so the index may include it.
+
+    Returns
+    -------
+    (batch,) float64 ranks, 1 = best; half-integers arise from ties.
+    """
+    scores = torch.nan_to_num(scores.float(), nan=-torch.inf)
+    rows = torch.arange(scores.shape[0])
+    true = scores[rows, targets].unsqueeze(1)  # (batch, 1)
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if filter_rows is not None and len(filter_rows):
+        filter_rows = torch.as_tensor(filter_rows, dtype=torch.long)
+        filter_cols = torch.as_tensor(filter_cols, dtype=torch.long)
+        keep[filter_rows, filter_cols] = False
+    keep[rows, targets] = True  # the answer itself is never filtered out
+    better = ((scores > true) & keep).sum(dim=1)
+    tied = ((scores == true) & keep).sum(dim=1)  # includes the answer itself
+    optimistic = better + 1
+    pessimistic = better + tied
+    return (optimistic + pessimistic).double() / 2.0
+
+
+def filtered_top_k(
+    scores: torch.Tensor,
+    k: int,
+    filter_rows: torch.Tensor | np.ndarray | None = None,
+    filter_cols: torch.Tensor | np.ndarray | None = None,
+    targets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best candidates per row after removing known true answers other than the target.
+
+    Returns (ids, scores), each (batch, k), best first; ties are broken by the
+    lower id so that exports are reproducible.
+    """
+    scores = torch.nan_to_num(scores.float(), nan=-torch.inf).clone()
+    if filter_rows is not None and len(filter_rows):
+        filter_rows = torch.as_tensor(filter_rows, dtype=torch.long)
+        filter_cols = torch.as_tensor(filter_cols, dtype=torch.long)
+        saved = None
+        if targets is not None:
+            rows = torch.arange(scores.shape[0])
+            saved = scores[rows, targets].clone()
+        scores[filter_rows, filter_cols] = -torch.inf
+        if targets is not None:
+            scores[rows, targets] = saved
+    k = min(k, scores.shape[1])
+    # topk alone picks arbitrary members of a tie at the k-th place; instead take
+    # everything above the k-th value plus the lowest ids among those equal to it.
+    threshold = torch.topk(scores, k, dim=1).values[:, -1:]  # (batch, 1)
+    above = scores > threshold
+    at = scores == threshold
+    needed = k - above.sum(dim=1, keepdim=True)
+    chosen = above | (at & (torch.cumsum(at, dim=1) <= needed))  # exactly k per row
+    ids = chosen.nonzero()[:, 1].view(-1, k)  # ascending id within each row
+    values = scores.gather(1, ids)
+    order = torch.argsort(-values, dim=1, stable=True)
+    return ids.gather(1, order), values.gather(1, order)
+
+
+def rank_metrics(ranks: np.ndarray | torch.Tensor, hits_at: Sequence[int] = HITS_AT) -> dict[str, float]:
+    """MRR, MR and Hits@k of a set of (realistic) ranks."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    if ranks.size == 0:
+        return {"mrr": float("nan"), "mr": float("nan"), **{f"hits_at_{k}": float("nan") for k in hits_at}, "count": 0}
+    out = {"mrr": float(np.mean(1.0 / ranks)), "mr": float(np.mean(ranks))}
+    for k in hits_at:
+        out[f"hits_at_{k}"] = float(np.mean(ranks <= k))
+    out["count"] = int(ranks.size)
+    return out
+
+
+@dataclass
+class RankingEvaluator:
+    """Collects ranks per batch; computes metrics per side and overall at the end.
+
+    As PyKEEN's rank-based evaluator: ``process(side, ranks, relations)`` per
+    batch, then ``compute()``.
+    """
+
+    hits_at: tuple[int, ...] = HITS_AT
+    _ranks: dict[str, list[np.ndarray]] = field(default_factory=lambda: {"head": [], "tail": []})
+    _relations: dict[str, list[np.ndarray]] = field(default_factory=lambda: {"head": [], "tail": []})
+
+    def process(self, side: str, ranks: torch.Tensor | np.ndarray, relations: torch.Tensor | np.ndarray) -> None:
+        if side not in self._ranks:
+            raise ValueError(f"side must be 'head' or 'tail', got {side!r}")
+        self._ranks[side].append(np.asarray(ranks, dtype=np.float64))
+        self._relations[side].append(np.asarray(relations, dtype=np.int64))
+
+    def ranks(self, side: str) -> np.ndarray:
+        if side == "both":
+            return np.concatenate([self.ranks("head"), self.ranks("tail")])
+        parts = self._ranks[side]
+        return np.concatenate(parts) if parts else np.empty(0)
+
+    def relations(self, side: str) -> np.ndarray:
+        if side == "both":
+            return np.concatenate([self.relations("head"), self.relations("tail")])
+        parts = self._relations[side]
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        """``{"both": {...}, "head": {...}, "tail": {...}}`` of :func:`rank_metrics`."""
+        return {side: rank_metrics(self.ranks(side), self.hits_at) for side in ("both", "head", "tail")}
+
+    def per_relation(self, relation_names: Sequence[str]) -> dict[str, dict[str, float]]:
+        """Metrics of both sides per relation (only relations that occur)."""
+        ranks, relations = self.ranks("both"), self.relations("both")
+        return {
+            relation_names[r]: rank_metrics(ranks[relations == r], self.hits_at)
+            for r in np.unique(relations)
+        }

@@ -1,0 +1,91 @@
+"""The kgtok command: data commands, `kgtok run` caching, fast --help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from conftest import shared_dataset
+from kgtok.cli import cli
+from kgtok.data.synthetic import SyntheticConfig
+from kgtok.pipeline import STAGE_ORDER, RunConfig, run
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return result
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = "import sys, kgtok.cli; heavy = {'torch', 'transformers', 'faiss', 'sklearn'} & set(sys.modules); print(sorted(heavy))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    result = invoke("--help")
+    assert result.exit_code == 0 and "run" in result.output and "data" in result.output
+
+
+def test_data_list():
+    result = invoke("data", "list")
+    assert result.exit_code == 0
+    for name in ("wn18rr", "fb15k237", "umls", "kinship", "nations"):
+        assert name in result.output
+    assert "40,943" in result.output and "272,115" in result.output
+
+
+def test_data_synthetic_then_info(tmp_path):
+    dest = tmp_path / "synth"
+    result = invoke("data", "synthetic", str(dest), "num_entities=300", "seed=3")
+    assert result.exit_code == 0, result.output
+    assert (dest / "train.txt").exists() and (dest / "entity_types.tsv").exists()
+    result = invoke("data", "info", str(dest), "--json")
+    summary = json.loads(result.output)
+    assert summary["counts"]["entities"] == 300
+    assert summary["has_entity_types"] is True
+    assert summary["unseen_entities"] == {"valid": 0, "test": 0}
+    result = invoke("data", "info", str(dest), "--relations")
+    assert result.exit_code == 0 and "r00_belongs_to" in result.output
+
+
+def test_bad_override_is_one_line_error(tmp_path):
+    result = invoke("data", "synthetic", str(tmp_path / "x"), "num_entitys=300")
+    assert result.exit_code == 2
+    assert "unknown key(s) ['num_entitys']" in result.output
+    result = invoke("data", "synthetic", str(tmp_path / "x"), "num_entities=5")
+    assert result.exit_code == 2 and "num_entities=5" in result.output
+    result = invoke("data", "fetch", "wn19", str(tmp_path / "y"))
+    assert result.exit_code == 2 and "wn18rr" in result.output
+
+
+def test_fb15k237_info_counts():
+    result = invoke("data", "info", str(shared_dataset("fb15k237")), "--json")
+    summary = json.loads(result.output)
+    assert summary["counts"] == {"entities": 14541, "relations": 237, "train": 272115, "valid": 17535, "test": 20466}
+    assert summary["unseen_entities"] == {"valid": 8, "test": 29}
+    assert summary["text"]["entities_with_description"] == 13666
+
+
+def test_run_caches_and_reruns_on_change(tmp_path):
+    logs: list[str] = []
+    config = RunConfig(out=str(tmp_path / "run"), synthetic=SyntheticConfig(num_entities=300))
+    results = run(config, log=logs.append)
+    assert [r.name for r in results] == list(STAGE_ORDER)
+    assert results[0].status == "ran" and results[0].metrics["entities"] == 300
+    assert {r.status for r in results[1:]} <= {"ran", "missing"}
+    assert any("not implemented yet" in line for line in logs) or all(r.status != "missing" for r in results)
+    again = run(config, log=logs.append)
+    assert again[0].status == "cached"
+    # A changed input file re-runs the stage.
+    with open(tmp_path / "run" / "synthetic_kg" / "test.txt", "a") as handle:
+        handle.write("e00000\tr00_belongs_to\te00001\n")
+    changed = run(config, log=logs.append)
+    assert changed[0].status == "ran" and changed[0].metrics["test"] == results[0].metrics["test"] + 1
+
+
+def test_run_command_prints_table(tmp_path):
+    result = invoke("run", "--out", str(tmp_path / "r"), "synthetic.num_entities=300")
+    assert result.exit_code == 0, result.output
+    assert "synthetic:" in result.output  # the resolved config is echoed
+    assert "data" in result.output and "ran" in result.output

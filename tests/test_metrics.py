@@ -1,0 +1,84 @@
+"""Filtered realistic ranks and top-k against a brute-force reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kgtok.data.filter_index import FilterIndex
+from kgtok.metrics import RankingEvaluator, filtered_top_k, rank_metrics, realistic_rank
+
+
+def brute_force_rank(scores: np.ndarray, target: int, known: set[int]) -> float:
+    true = scores[target]
+    others = [s for j, s in enumerate(scores) if j != target and j not in known]
+    better = sum(s > true for s in others)
+    tied = sum(s == true for s in others)
+    return better + 1 + tied / 2.0  # mean of (better + 1) and (better + 1 + tied)
+
+
+def test_hand_example_with_ties():
+    scores = torch.tensor([[0.1, 0.5, 0.5, 0.5, 0.9]])
+    # Target 1 ties with 2 and 3; 4 is better but a known true answer (filtered).
+    rank = realistic_rank(scores, torch.tensor([1]), np.array([0]), np.array([4]))
+    assert rank.tolist() == [2.0]  # optimistic 1, pessimistic 3
+    unfiltered = realistic_rank(scores, torch.tensor([1]))
+    assert unfiltered.tolist() == [3.0]  # optimistic 2, pessimistic 4
+    constant = realistic_rank(torch.zeros(1, 101), torch.tensor([7]))
+    assert constant.tolist() == [51.0]  # a constant model is ranked in the middle, not first
+
+
+def test_nan_scores_rank_last():
+    scores = torch.tensor([[float("nan"), 0.2, 0.3]])
+    assert realistic_rank(scores, torch.tensor([0])).tolist() == [3.0]
+    assert realistic_rank(scores, torch.tensor([2])).tolist() == [1.0]
+
+
+def test_matches_brute_force_on_random_kg():
+    rng = np.random.default_rng(0)
+    num_entities, num_relations = 40, 3
+    triples = np.unique(
+        np.stack([rng.integers(0, 40, 500), rng.integers(0, 3, 500), rng.integers(0, 40, 500)], 1), axis=0
+    )
+    index = FilterIndex(triples, num_entities, num_relations)
+    queries = triples[rng.choice(len(triples), 120, replace=False)]
+    # Coarse scores make many ties.
+    scores = torch.tensor(rng.integers(0, 6, (len(queries), num_entities)), dtype=torch.float32)
+    rows, cols = index.tail_pairs(queries[:, 0], queries[:, 1])
+    ranks = realistic_rank(scores, torch.as_tensor(queries[:, 2]), rows, cols).numpy()
+    for i, (h, r, t) in enumerate(queries.tolist()):
+        known = set(index.true_tails(h, r).tolist())
+        assert ranks[i] == brute_force_rank(scores[i].numpy(), t, known)
+    rows, cols = index.head_pairs(queries[:, 1], queries[:, 2])
+    ranks = realistic_rank(scores, torch.as_tensor(queries[:, 0]), rows, cols).numpy()
+    for i, (h, r, t) in enumerate(queries.tolist()):
+        known = set(index.true_heads(r, t).tolist())
+        assert ranks[i] == brute_force_rank(scores[i].numpy(), h, known)
+
+
+def test_filtered_top_k_keeps_target_and_orders_ties_by_id():
+    scores = torch.tensor([[0.9, 0.5, 0.8, 0.5, 0.1, 0.5]])
+    rows, cols = np.array([0, 0]), np.array([0, 2])  # 0 and 2 are known answers
+    ids, values = filtered_top_k(scores, 4, rows, cols, targets=torch.tensor([2]))
+    assert ids.tolist() == [[2, 1, 3, 5]]  # 0 removed; the target 2 kept; ties by id
+    assert values[0].tolist() == pytest.approx([0.8, 0.5, 0.5, 0.5])
+    ids, _ = filtered_top_k(scores, 2, rows, cols)
+    assert ids.tolist() == [[1, 3]]
+
+
+def test_rank_metrics_and_evaluator():
+    assert rank_metrics([1, 2, 4, 20]) == pytest.approx(
+        {"mrr": (1 + 0.5 + 0.25 + 0.05) / 4, "mr": 6.75, "hits_at_1": 0.25, "hits_at_3": 0.5, "hits_at_10": 0.75, "count": 4}
+    )
+    evaluator = RankingEvaluator()
+    evaluator.process("head", np.array([1.0, 3.0]), np.array([0, 1]))
+    evaluator.process("tail", np.array([2.0]), np.array([1]))
+    result = evaluator.compute()
+    assert result["head"]["mrr"] == pytest.approx((1 + 1 / 3) / 2)
+    assert result["tail"]["mrr"] == pytest.approx(0.5)
+    assert result["both"]["count"] == 3 and result["both"]["mr"] == pytest.approx(2.0)
+    per_relation = evaluator.per_relation(["r0", "r1"])
+    assert per_relation["r0"]["mrr"] == 1.0 and per_relation["r1"]["count"] == 2
+    with pytest.raises(ValueError, match="side must be"):
+        evaluator.process("both", np.array([1.0]), np.array([0]))
