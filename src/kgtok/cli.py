@@ -208,6 +208,57 @@ def data_synthetic(dest: str, config_path: str | None, overrides: tuple[str, ...
     click.echo(f"synthetic KG written to {path}")
 
 
+# ----------------------------------------------------------------------------
+# kgtok embed
+# ----------------------------------------------------------------------------
+
+
+@cli.command("embed")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Artifact directory (default: runs/embed-<data>).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of an EmbedConfig.")
+@click.option("--model", default=None, help="Shortcut for model=...")
+@click.option("--dim", default=None, type=int, help="Shortcut for dim=...")
+@click.option("--progress/--no-progress", default=True)
+@click.argument("overrides", nargs=-1)
+@_friendly_errors
+def embed_command(data: str, out: str | None, config_path: str | None, model: str | None, dim: int | None,
+                  progress: bool, overrides: tuple[str, ...]) -> None:
+    """Train KG embeddings on DATA, rank filtered, export candidates (stage 1).
+
+    OVERRIDES are dotted key=value pairs, e.g. max_steps=5000 regularizer_weight=0.1.
+    Killed runs resume from the last checkpoint when started again with the same config.
+    """
+    from kgtok.config import load_config
+    from kgtok.embed import EmbedConfig, run_embed
+
+    extra = list(overrides) + ([f"model={model}"] if model else []) + ([f"dim={dim}"] if dim else [])
+    config = load_config(EmbedConfig, config_path, extra)
+    dest = Path(out) if out else Path("runs") / f"embed-{Path(data).resolve().name}"
+    run_embed(config, data, dest, progress=progress, log=click.echo)
+
+
+@cli.command("embed-import")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--entities", "entity_vectors", required=True, type=click.Path(dir_okay=False), help=".npy, one row per entity.")
+@click.option("--entity-order", required=True, type=click.Path(dir_okay=False),
+              help="Raw entity id of each row: one per line, or index<TAB>name (entities.dict).")
+@click.option("--relations", "relation_vectors", default=None, type=click.Path(dir_okay=False), help=".npy of relations.")
+@click.option("--relation-order", default=None, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact directory to write.")
+@click.argument("overrides", nargs=-1)
+@_friendly_errors
+def embed_import_command(data: str, entity_vectors: str, entity_order: str, relation_vectors: str | None,
+                         relation_order: str | None, out: str, overrides: tuple[str, ...]) -> None:
+    """Turn embeddings trained elsewhere into a stage-1 artifact (e.g. model=rotate margin=6)."""
+    from kgtok.config import load_config
+    from kgtok.embed.importer import ImportConfig, import_embeddings
+
+    config = load_config(ImportConfig, None, overrides)
+    import_embeddings(data, entity_vectors, entity_order, out, relation_vectors=relation_vectors,
+                      relation_order=relation_order, config=config, log=click.echo)
+
+
 def main() -> None:
     warnings.formatwarning = _format_warning  # type: ignore[assignment]  # one line per warning in a terminal
     cli(prog_name="kgtok")

@@ -1,0 +1,107 @@
+"""EmbedConfig: every default of stage 1 (KG embeddings), with its trade-off."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from kgtok.config import check_fields, in_range
+
+ModelName = Literal["rotate", "transe", "distmult", "complex"]
+LossName = Literal["auto", "nssa", "1vsall"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedConfig:
+    """Stage 1: train a KG embedding model, rank filtered, export candidates.
+
+    The default is ComplEx with N3 and reciprocal relations, trained 1-vs-all:
+    scoring every entity is one matmul, so on a CPU it reaches a given MRR far
+    sooner than RotatE with sampled negatives (see bench/results/kge_*.json).
+    RotatE (METHOD.md's reference model) is ``model=rotate``.
+    """
+
+    model: ModelName = "complex"  # scoring function
+    dim: int = 200  # complex models: complex dims (2*dim reals); real models: dims
+    loss: LossName = "auto"  # auto: 1vsall for distmult/complex, nssa (self-adversarial) for rotate/transe
+    reciprocal: bool | None = None  # add inverse relations and predict heads as tails; None: on for 1vsall
+    # --- self-adversarial negative sampling (RotatE paper) ---
+    num_negatives: int = 256  # per positive; more = better gradients, linear cost
+    margin: float = 9.0  # γ: distance models score γ - d(h, t)
+    adversarial_temperature: float = 1.0  # α: 0 gives uniform weights on negatives
+    subsampling: bool = True  # weight triples by 1/sqrt(frequency of (h, r) and (r, t))
+    # --- 1-vs-all (Lacroix et al. 2018) ---
+    regularizer_weight: float | None = None  # N3 weight λ; None: 0.05 for 1vsall, 0 for nssa (WN18RR likes ~0.1)
+    label_smoothing: float = 0.0  # spread this much probability over all entities
+    # --- optimisation ---
+    optimizer: Literal["auto", "adam", "adagrad"] = "auto"  # auto: adagrad for 1vsall (Lacroix et al.), adam for nssa
+    lr: float | None = None  # None: 0.1 for adagrad, 1e-3 for adam (RotatE's 5e-5 needs GPU-length runs)
+    batch_size: int = 1000  # training examples per step (with reciprocal relations each triple gives two)
+    max_steps: int = 20000  # upper bound; early stopping usually ends sooner
+    eval_every: int = 1000  # steps between validation runs (filtered MRR on valid)
+    eval_max_queries: int = 0  # 0: all validation triples; else a fixed random subset (faster checks)
+    patience: int = 5  # validations without improvement before stopping
+    checkpoint_every: int = 500  # steps between resumable checkpoints
+    init_scale: float = 1e-3  # 1vsall: embeddings start at N(0, init_scale); nssa uses RotatE's uniform range
+    # --- evaluation and export ---
+    eval_batch_size: int = 512  # queries scored against all entities at once (memory ~ batch*N*4 bytes)
+    top_k: int = 20  # candidates exported per query (stage 5 lists these)
+    export_splits: tuple[str, ...] = ("train", "valid", "test")  # candidate files to write
+    # --- machine ---
+    threads: int = 0  # torch threads; 0 = all cores. Use 1 per process when tests run in parallel
+    seed: int = 0  # one seed for init, batch order and negatives
+
+    def __post_init__(self) -> None:
+        check_fields(self, [
+            ("dim", in_range(1, 100_000), "an integer in [1, 100000]"),
+            ("num_negatives", in_range(1, 1_000_000), "a positive integer"),
+            ("margin", in_range(0.0), ">= 0"),
+            ("adversarial_temperature", in_range(0.0), ">= 0"),
+            ("regularizer_weight", lambda v: v is None or v >= 0, "null or >= 0"),
+            ("label_smoothing", in_range(0.0), "in [0, 1)"),
+            ("lr", lambda v: v is None or v > 0, "null or > 0"),
+            ("batch_size", in_range(1), "a positive integer"),
+            ("max_steps", in_range(1), "a positive integer"),
+            ("eval_every", in_range(1), "a positive integer"),
+            ("eval_max_queries", in_range(0), ">= 0"),
+            ("patience", in_range(1), "a positive integer"),
+            ("checkpoint_every", in_range(1), "a positive integer"),
+            ("init_scale", in_range(0.0, low_open=True), "> 0"),
+            ("eval_batch_size", in_range(1), "a positive integer"),
+            ("top_k", in_range(1), "a positive integer"),
+            ("export_splits", lambda v: set(v) <= {"train", "valid", "test"}, "a subset of train, valid, test"),
+            ("threads", in_range(0), ">= 0"),
+            ("seed", in_range(0), ">= 0"),
+            ("label_smoothing", lambda v: v < 1.0, "< 1"),
+            ("loss", lambda v: not (v == "1vsall" and self.reciprocal is False), "1vsall needs reciprocal relations"),
+        ])
+
+    @property
+    def resolved_loss(self) -> str:
+        if self.loss != "auto":
+            return self.loss
+        return "1vsall" if self.model in ("distmult", "complex") else "nssa"
+
+    @property
+    def resolved_reciprocal(self) -> bool:
+        if self.reciprocal is not None:
+            return self.reciprocal
+        return self.resolved_loss == "1vsall"
+
+    @property
+    def resolved_optimizer(self) -> str:
+        if self.optimizer != "auto":
+            return self.optimizer
+        return "adagrad" if self.resolved_loss == "1vsall" else "adam"
+
+    @property
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 0.1 if self.resolved_optimizer == "adagrad" else 1e-3
+
+    @property
+    def resolved_regularizer_weight(self) -> float:
+        if self.regularizer_weight is not None:
+            return self.regularizer_weight
+        return 0.05 if self.resolved_loss == "1vsall" else 0.0

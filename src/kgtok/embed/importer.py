@@ -1,0 +1,153 @@
+"""Import embeddings trained elsewhere (PyKEEN, the RotatE code) as a stage-1 artifact.
+
+Users who already have vectors skip training: give the entity matrix and the
+raw entity id of each row; kgtok reorders the rows to its own ids.  With the
+relation matrix and the model name as well, the scoring function is rebuilt
+and the artifact gets metrics and candidates exactly as a trained one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from kgtok.artifacts import artifact_dir, hash_inputs
+from kgtok.config import check_fields, in_range
+from kgtok.data.errors import KGFormatError
+from kgtok.data.graph import KnowledgeGraph, load_kg
+from kgtok.data.reader import read_table
+from kgtok.embed.config import EmbedConfig, ModelName
+from kgtok.embed.models import build_model
+from kgtok.embed.ranking import RankedQueries, rank_triples
+from kgtok.embed.train import export, torch_threads
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportConfig:
+    """How to read foreign embeddings; model fields only matter when relations are given."""
+
+    model: ModelName | None = None  # scoring function of the vectors; None: vectors only, no ranking
+    margin: float = 9.0  # γ of RotatE/TransE vectors (RotatE's relation phases are scaled by it)
+    reciprocal: bool = False  # relation matrix holds 2R rows: inverse relations after the originals
+    top_k: int = 20  # candidates per query
+    export_splits: tuple[str, ...] = ("train", "valid", "test")
+    eval_batch_size: int = 512
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self, [
+            ("margin", in_range(0.0), ">= 0"),
+            ("top_k", in_range(1), "a positive integer"),
+            ("eval_batch_size", in_range(1), "a positive integer"),
+            ("threads", in_range(0), ">= 0"),
+            ("export_splits", lambda v: set(v) <= {"train", "valid", "test"}, "a subset of train, valid, test"),
+        ])
+
+
+def read_order(path: str | Path) -> list[str]:
+    """Raw ids in row order: one name per line, or ``index<TAB>name`` lines (a RotatE .dict)."""
+    path = Path(path)
+    table = read_table(path, (1, 2), "name, or index<TAB>name")
+    if all(len(v) == 0 for v in table.columns[1]):
+        return table.columns[0]
+    try:
+        index = np.asarray([int(i) for i in table.columns[0]])
+    except ValueError:
+        bad = next(i for i, v in enumerate(table.columns[0]) if not v.lstrip("-").isdigit())
+        raise KGFormatError(path, int(table.line_numbers[bad]), "expected an integer row index before the tab") from None
+    names = np.asarray(table.columns[1], dtype=object)
+    if sorted(index.tolist()) != list(range(len(index))):
+        raise KGFormatError(path, None, f"row indices must be 0..{len(index) - 1}, each once")
+    ordered = np.empty(len(index), dtype=object)
+    ordered[index] = names
+    return [str(n) for n in ordered]
+
+
+def align_rows(vectors: np.ndarray, order: list[str], names: list[str], *, what: str, source: Path) -> np.ndarray:
+    """Reorder ``vectors`` (one row per name of ``order``) to the KG's id order ``names``."""
+    if len(vectors) != len(order):
+        raise ValueError(f"{source}: {len(vectors)} rows but the order file lists {len(order)} {what}s")
+    position = {name: i for i, name in enumerate(order)}
+    rows = np.fromiter((position.get(n, -1) for n in names), dtype=np.int64, count=len(names))
+    if (rows < 0).any():
+        missing = [names[i] for i in np.flatnonzero(rows < 0)[:5]]
+        raise ValueError(f"{source}: {int((rows < 0).sum())} {what}(s) of the KG have no vector, e.g. {missing}")
+    return vectors[rows]
+
+
+def import_embeddings(
+    data: str | Path | KnowledgeGraph,
+    entity_vectors: str | Path,
+    entity_order: str | Path,
+    dest: str | Path,
+    *,
+    relation_vectors: str | Path | None = None,
+    relation_order: str | Path | None = None,
+    config: ImportConfig = ImportConfig(),
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Write a stage-1 artifact from foreign vectors (see module docstring)."""
+    kg = data if isinstance(data, KnowledgeGraph) else load_kg(data)
+    entity_vectors = Path(entity_vectors)
+    entities = align_rows(np.load(entity_vectors), read_order(entity_order), kg.entity_names,
+                          what="entity", source=entity_vectors)
+    relations = None
+    if relation_vectors is not None:
+        relation_vectors = Path(relation_vectors)
+        matrix = np.load(relation_vectors)
+        names = list(kg.relation_names)
+        if relation_order is not None:
+            order = read_order(relation_order)
+            if config.reciprocal:  # inverse rows follow the originals in the same order
+                order = order + [f"{n}\u207b\u00b9" for n in order]
+                names = names + [f"{n}\u207b\u00b9" for n in names]
+            relations = align_rows(matrix, order, names, what="relation", source=relation_vectors)
+        else:
+            relations = matrix
+    if config.model is not None and relations is None:
+        raise ValueError("ranking imported vectors needs relation_vectors as well as model")
+    inputs = hash_inputs({"entity_vectors": entity_vectors, **({"relation_vectors": relation_vectors} if relation_vectors else {})})
+    with torch_threads(config.threads), artifact_dir(dest, stage="embed", config=config, inputs=inputs) as writer:
+        if config.model is None:
+            np.save(writer.path / "entity_embeddings.npy", entities.astype(np.float32))
+            if relations is not None:
+                np.save(writer.path / "relation_embeddings.npy", relations.astype(np.float32))
+            (writer.path / "entities.tsv").write_text(
+                "".join(f"{i}\t{n}\n" for i, n in enumerate(kg.entity_names)), encoding="utf-8")
+            return Path(dest)
+        complex_valued = config.model in ("complex", "rotate")
+        dim = entities.shape[1] // 2 if complex_valued else entities.shape[1]
+        model = build_model(config.model, kg.num_entities, relations.shape[0], dim, margin=config.margin)
+        expected = tuple(model.relation.shape)
+        if relations.shape != expected:
+            raise ValueError(f"{relation_vectors}: relation matrix has shape {relations.shape}; {config.model} "
+                             f"with these entity vectors expects {expected}")
+        with torch.no_grad():
+            model.entity.copy_(torch.as_tensor(entities, dtype=torch.float32))
+            model.relation.copy_(torch.as_tensor(relations, dtype=torch.float32))
+        ranked: dict[str, RankedQueries] = {}
+        metrics: dict[str, Any] = {}
+        for split in ("valid", "test", *config.export_splits):
+            if split in ranked:
+                continue
+            ranked[split] = rank_triples(
+                model, kg.triples[split], kg.filter_index, reciprocal=config.reciprocal,
+                num_base_relations=kg.num_relations, batch_size=config.eval_batch_size,
+                top_k=config.top_k if split in config.export_splits else 0, progress=progress,
+                description=f"rank {split}",
+            )
+            if split in ("valid", "test"):
+                metrics[split] = ranked[split].evaluator().compute()
+        embed_config = EmbedConfig(
+            model=config.model, dim=dim, margin=config.margin, reciprocal=config.reciprocal,
+            loss="1vsall" if config.reciprocal else "nssa", top_k=config.top_k, export_splits=config.export_splits,
+        )
+        export(writer.path, model, kg, embed_config, None, metrics, ranked)
+        writer.metrics.update({f"{s}_mrr": metrics[s]["both"]["mrr"] for s in ("valid", "test")})
+    log(f"embed import: test MRR {metrics['test']['both']['mrr']:.4f} -> {dest}")
+    return Path(dest)

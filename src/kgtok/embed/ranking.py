@@ -1,0 +1,128 @@
+"""Filtered ranking of a KGE model over all entities, and the candidate export.
+
+Queries are scored in batches against every entity, so memory is bounded by
+``batch_size * num_entities`` floats whatever the split size.  Both sides are
+ranked: (h, r, ?) for the tail and (?, r, t) for the head; a model trained
+with reciprocal relations answers the head query as (t, r⁻¹, ?).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kgtok.data.filter_index import FilterIndex
+from kgtok.embed.models import KGEModel
+from kgtok.metrics import RankingEvaluator, filtered_top_k, realistic_rank
+
+SIDES = ("tail", "head")  # direction 0 predicts the tail, 1 the head
+
+
+@dataclass
+class RankedQueries:
+    """Everything known about the queries of one split, both directions stacked.
+
+    Row i < n is the tail query of triple i, row n + i its head query.
+    """
+
+    triples: np.ndarray  # (2n, 3) int64 original (h, r, t)
+    direction: np.ndarray  # (2n,) int8: 0 = predict tail, 1 = predict head
+    gold: np.ndarray  # (2n,) int64 the answer
+    rank: np.ndarray  # (2n,) float64 filtered realistic rank of the answer
+    gold_score: np.ndarray  # (2n,) float32
+    gold_probability: np.ndarray  # (2n,) float32 softmax over non-filtered entities
+    candidates: np.ndarray | None = None  # (2n, k) int64 best first (filtered, answer kept)
+    candidate_scores: np.ndarray | None = None  # (2n, k) float32
+
+    def evaluator(self) -> RankingEvaluator:
+        evaluator = RankingEvaluator()
+        for d, side in enumerate(SIDES):
+            rows = self.direction == d
+            evaluator.process(side, self.rank[rows], self.triples[rows, 1])
+        return evaluator
+
+    def save(self, path: str | Path) -> None:
+        arrays = {k: v for k, v in self.__dict__.items() if v is not None}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RankedQueries:
+        with np.load(path) as data:
+            return cls(**{k: data[k] for k in data.files})
+
+
+def score_side(
+    model: KGEModel, triples: torch.Tensor, side: str, *, reciprocal: bool, num_base_relations: int
+) -> torch.Tensor:
+    """(batch, num_entities) scores of every entity as the answer of one side."""
+    h, r, t = triples[:, 0], triples[:, 1], triples[:, 2]
+    if side == "tail":
+        return model.score_all_tails(h, r)
+    if reciprocal:
+        return model.score_all_tails(t, r + num_base_relations)
+    return model.score_all_heads(r, t)
+
+
+@torch.no_grad()
+def rank_triples(
+    model: KGEModel,
+    triples: torch.Tensor,
+    filter_index: FilterIndex,
+    *,
+    reciprocal: bool,
+    num_base_relations: int,
+    batch_size: int = 512,
+    top_k: int = 0,
+    progress: bool = False,
+    description: str = "ranking",
+) -> RankedQueries:
+    """Filtered realistic ranks (and optionally top-k candidates) for both sides of every triple."""
+    model.eval()
+    triples = torch.as_tensor(triples, dtype=torch.long)
+    n = triples.shape[0]
+    k = min(top_k, model.num_entities)
+    rank = np.empty(2 * n, dtype=np.float64)
+    gold_score = np.empty(2 * n, dtype=np.float32)
+    gold_probability = np.empty(2 * n, dtype=np.float32)
+    candidates = np.empty((2 * n, k), dtype=np.int64) if k else None
+    candidate_scores = np.empty((2 * n, k), dtype=np.float32) if k else None
+    batches = [(d, side, start) for d, side in enumerate(SIDES) for start in range(0, n, batch_size)]
+    for d, side, start in tqdm(batches, desc=description, disable=not progress, leave=False):
+        batch = triples[start : start + batch_size]
+        scores = score_side(model, batch, side, reciprocal=reciprocal, num_base_relations=num_base_relations).float()
+        h, r, t = batch.numpy().T
+        if side == "tail":
+            rows, cols = filter_index.tail_pairs(h, r)
+            gold = batch[:, 2]
+        else:
+            rows, cols = filter_index.head_pairs(r, t)
+            gold = batch[:, 0]
+        out = slice(d * n + start, d * n + start + len(batch))
+        rank[out] = realistic_rank(scores, gold, rows, cols).numpy()
+        true = scores.gather(1, gold.unsqueeze(1)).squeeze(1)
+        gold_score[out] = true.numpy()
+        masked = scores.clone()
+        masked[torch.as_tensor(rows), torch.as_tensor(cols)] = -torch.inf
+        masked[torch.arange(len(batch)), gold] = true
+        gold_probability[out] = torch.exp(true - torch.logsumexp(masked, dim=1)).numpy()
+        if k:
+            ids, values = filtered_top_k(scores, k, rows, cols, targets=gold)
+            candidates[out] = ids.numpy()
+            candidate_scores[out] = values.numpy()
+    triples_np = triples.numpy()
+    return RankedQueries(
+        triples=np.concatenate([triples_np, triples_np]),
+        direction=np.repeat(np.arange(2, dtype=np.int8), n),
+        gold=np.concatenate([triples_np[:, 2], triples_np[:, 0]]),
+        rank=rank,
+        gold_score=gold_score,
+        gold_probability=gold_probability,
+        candidates=candidates,
+        candidate_scores=candidate_scores,
+    )

@@ -1,0 +1,416 @@
+"""Stage 1 recipe: train a KG embedding model, keep the best on valid MRR, export.
+
+setup -> train (validate every N steps, early stopping, resumable checkpoints)
+-> final evaluation with the best weights -> export (embeddings, metrics,
+candidates of every split) into an artifact directory written atomically.
+
+Determinism: the batch order of epoch e and the negatives of step s are drawn
+from generators seeded by (seed, e) and (seed, s), so a run resumed from a
+checkpoint takes exactly the steps an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from kgtok.artifacts import artifact_dir, hash_inputs, write_json_atomic
+from kgtok.config import config_to_dict, format_config
+from kgtok.data.graph import KnowledgeGraph, load_kg
+from kgtok.embed.config import EmbedConfig
+from kgtok.embed.models import KGEModel, build_model
+from kgtok.embed.ranking import RankedQueries, rank_triples
+
+
+class ResumeWarning(UserWarning):
+    """A checkpoint was found but not used, or used with a note."""
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Set torch's thread count for the block and restore it afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _seeded(*parts: int) -> torch.Generator:
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + int(part)) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------
+# Setup
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingState:
+    """Everything a checkpoint holds besides the model and optimizer."""
+
+    step: int = 0
+    best_mrr: float = -1.0
+    best_step: int = 0
+    bad_evaluations: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    last_loss: float = float("nan")
+
+
+def build(config: EmbedConfig, kg: KnowledgeGraph) -> tuple[KGEModel, torch.optim.Optimizer]:
+    reciprocal = config.resolved_reciprocal
+    relations = kg.num_relations * (2 if reciprocal else 1)
+    model = build_model(config.model, kg.num_entities, relations, config.dim, margin=config.margin)
+    generator = _seeded(config.seed, 0)
+    model.reset_parameters(generator, scale=config.init_scale if config.resolved_loss == "1vsall" else None)
+    if config.resolved_optimizer == "adagrad":
+        optimizer: torch.optim.Optimizer = torch.optim.Adagrad(model.parameters(), lr=config.resolved_lr)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.resolved_lr)
+    return model, optimizer
+
+
+def training_examples(kg: KnowledgeGraph, reciprocal: bool) -> torch.Tensor:
+    """(n, 3) training triples; with reciprocal relations also (t, r + R, h)."""
+    train = kg.train
+    if not reciprocal:
+        return train
+    inverse = torch.stack([train[:, 2], train[:, 1] + kg.num_relations, train[:, 0]], dim=1)
+    return torch.cat([train, inverse])
+
+
+def subsampling_weights(examples: torch.Tensor, num_entities: int, num_relations: int) -> torch.Tensor:
+    """RotatE's weights 1/sqrt(count(h, r) + count(t, r⁻¹)), counts starting at 4 (word2vec-style)."""
+    h, r, t = examples[:, 0].numpy(), examples[:, 1].numpy(), examples[:, 2].numpy()
+    keys_hr = h * num_relations + r
+    keys_tr = t * num_relations + r
+    # count(t, r^-1) is the number of triples whose (tail, relation) is (t, r).
+    _, inv_hr, count_hr = np.unique(keys_hr, return_inverse=True, return_counts=True)
+    _, inv_tr, count_tr = np.unique(keys_tr, return_inverse=True, return_counts=True)
+    # The RotatE code starts each count at 4 and adds 1 per further occurrence.
+    counts = (count_hr[inv_hr] + 3) + (count_tr[inv_tr] + 3)
+    return torch.as_tensor(1.0 / np.sqrt(counts), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------
+# One optimisation step
+# ----------------------------------------------------------------------------
+
+
+def nssa_loss(
+    model: KGEModel,
+    batch: torch.Tensor,
+    weights: torch.Tensor | None,
+    negatives: torch.Tensor,
+    corrupt_head: bool,
+    temperature: float,
+) -> torch.Tensor:
+    """Self-adversarial negative sampling loss (Sun et al. 2019, eq. 5)."""
+    positive = model.score_triples(batch)  # (batch,)
+    if corrupt_head:
+        query = model.head_query(batch[:, 1], batch[:, 2])
+    else:
+        query = model.tail_query(batch[:, 0], batch[:, 1])
+    negative = model.compare_each(query, model.entity[negatives])  # (batch, negatives)
+    if temperature > 0:
+        adversarial = torch.softmax(negative.detach() * temperature, dim=1)
+    else:
+        adversarial = torch.full_like(negative, 1.0 / negative.shape[1])
+    negative_term = (adversarial * F.logsigmoid(-negative)).sum(dim=1)
+    positive_term = F.logsigmoid(positive)
+    if weights is None:
+        return -(positive_term.mean() + negative_term.mean()) / 2
+    return -((weights * positive_term).sum() + (weights * negative_term).sum()) / (2 * weights.sum())
+
+
+def one_vs_all_loss(model: KGEModel, batch: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy of the true tail among all entities (reciprocal relations give the heads)."""
+    scores = model.score_all_tails(batch[:, 0], batch[:, 1])  # (batch, num_entities)
+    return F.cross_entropy(scores, batch[:, 2], label_smoothing=label_smoothing)
+
+
+def n3_penalty(model: KGEModel, batch: torch.Tensor) -> torch.Tensor:
+    """N3 regulariser (Lacroix et al. 2018): Σ |factor|³ per batch example."""
+    return sum(f.pow(3).sum() for f in model.factors(batch)) / batch.shape[0]
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, model: KGEModel, optimizer: torch.optim.Optimizer, state: TrainingState,
+                    config: EmbedConfig) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state.__dict__,
+        "config": config_to_dict(config),
+    }, tmp)
+    os.replace(tmp, path)
+
+
+# Fields that do not change the path of training: a checkpoint made with other
+# values resumes (the new values win), e.g. to train longer or export more.
+RESUMABLE_FIELDS = frozenset({
+    "max_steps", "patience", "checkpoint_every", "eval_batch_size", "top_k", "export_splits", "threads",
+})
+
+
+def load_checkpoint(path: Path, model: KGEModel, optimizer: torch.optim.Optimizer, config: EmbedConfig
+                    ) -> TrainingState | None:
+    """Restore a run; None (with a warning) when the checkpoint belongs to another training setup."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    saved = checkpoint.get("config") or {}
+    current = config_to_dict(config)
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if set(changed) - RESUMABLE_FIELDS:
+        warnings.warn(
+            f"{path}: checkpoint made with a different config ({', '.join(changed)}); the new config wins and "
+            "training starts afresh", ResumeWarning, stacklevel=2,
+        )
+        return None
+    if changed:
+        values = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        warnings.warn(f"{path}: resuming with new values ({values}); the new values win", ResumeWarning, stacklevel=2)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    return TrainingState(**checkpoint["state"])
+
+
+# ----------------------------------------------------------------------------
+# The recipe
+# ----------------------------------------------------------------------------
+
+
+def validation_mrr(model: KGEModel, kg: KnowledgeGraph, config: EmbedConfig, queries: torch.Tensor) -> float:
+    ranked = rank_triples(
+        model, queries, kg.filter_index, reciprocal=config.resolved_reciprocal,
+        num_base_relations=kg.num_relations, batch_size=config.eval_batch_size,
+    )
+    return float(np.mean(1.0 / ranked.rank))
+
+
+def train_model(
+    kg: KnowledgeGraph,
+    config: EmbedConfig,
+    work_dir: Path,
+    *,
+    progress: bool = True,
+    stop_after: int | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[KGEModel, TrainingState]:
+    """Train with early stopping; returns the model holding the best weights.
+
+    ``work_dir`` keeps ``last.pt`` (resumable) and ``best.pt``.  ``stop_after``
+    ends the process's work after that many steps, as a kill would (tests).
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    model, optimizer = build(config, kg)
+    state = TrainingState()
+    last_path, best_path = work_dir / "last.pt", work_dir / "best.pt"
+    if last_path.exists():
+        restored = load_checkpoint(last_path, model, optimizer, config)
+        if restored is not None:
+            state = restored
+            log(f"embed: resuming from {last_path} at step {state.step} (best valid MRR {state.best_mrr:.4f})")
+        else:
+            model, optimizer = build(config, kg)
+            best_path.unlink(missing_ok=True)
+
+    loss_kind = config.resolved_loss
+    reciprocal = config.resolved_reciprocal
+    examples = training_examples(kg, reciprocal)
+    weights = (
+        subsampling_weights(examples, kg.num_entities, examples[:, 1].max().item() + 1)
+        if loss_kind == "nssa" and config.subsampling else None
+    )
+    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
+    valid = kg.valid
+    if config.eval_max_queries and len(valid) > config.eval_max_queries:
+        pick = torch.randperm(len(valid), generator=_seeded(config.seed, 1))[: config.eval_max_queries]
+        valid = valid[pick.sort().values]
+    regularizer = config.resolved_regularizer_weight
+    best_state = copy.deepcopy(model.state_dict())
+    if best_path.exists():
+        best_state = torch.load(best_path, map_location="cpu", weights_only=True)
+
+    bar = tqdm(total=config.max_steps, initial=state.step, desc=f"embed {config.model}", disable=not progress)
+    epoch, order = -1, torch.empty(0, dtype=torch.long)
+    steps_this_run = 0
+    while state.step < config.max_steps and state.bad_evaluations < config.patience:
+        if stop_after is not None and steps_this_run >= stop_after:
+            break
+        model.train()
+        step = state.step
+        if step // steps_per_epoch != epoch:
+            epoch = step // steps_per_epoch
+            order = torch.randperm(len(examples), generator=_seeded(config.seed, 2, epoch))
+        within = step % steps_per_epoch
+        index = order[within * config.batch_size : (within + 1) * config.batch_size]
+        batch = examples[index]
+        if loss_kind == "1vsall":
+            loss = one_vs_all_loss(model, batch, config.label_smoothing)
+        else:
+            generator = _seeded(config.seed, 3, step)
+            negatives = torch.randint(kg.num_entities, (len(batch), config.num_negatives), generator=generator)
+            corrupt_head = (not reciprocal) and step % 2 == 1  # alternate sides, as the RotatE code
+            loss = nssa_loss(
+                model, batch, None if weights is None else weights[index], negatives, corrupt_head,
+                config.adversarial_temperature,
+            )
+        if regularizer > 0:
+            loss = loss + regularizer * n3_penalty(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        state.step += 1
+        steps_this_run += 1
+        state.last_loss = float(loss.detach())
+        bar.update(1)
+
+        if state.step % config.eval_every == 0 or state.step == config.max_steps:
+            mrr = validation_mrr(model, kg, config, valid)
+            state.history.append({"step": state.step, "loss": state.last_loss, "valid_mrr": mrr})
+            if mrr > state.best_mrr:
+                state.best_mrr, state.best_step, state.bad_evaluations = mrr, state.step, 0
+                best_state = copy.deepcopy(model.state_dict())
+                tmp = best_path.with_name("best.pt.tmp")
+                torch.save(best_state, tmp)
+                os.replace(tmp, best_path)
+            else:
+                state.bad_evaluations += 1
+            save_checkpoint(last_path, model, optimizer, state, config)
+            message = (f"embed: step {state.step}  loss {state.last_loss:.4f}  valid MRR {mrr:.4f}  "
+                       f"(best {state.best_mrr:.4f} at step {state.best_step})")
+            if progress:
+                tqdm.write(message)
+            else:
+                log(message)
+        elif state.step % config.checkpoint_every == 0:
+            save_checkpoint(last_path, model, optimizer, state, config)
+        bar.set_postfix(loss=f"{state.last_loss:.4f}", valid_mrr=f"{max(state.best_mrr, 0):.4f}")
+    bar.close()
+    if stop_after is not None and state.step < config.max_steps and state.bad_evaluations < config.patience:
+        raise InterruptedError(f"stopped after {steps_this_run} steps at step {state.step} (stop_after)")
+    if state.best_mrr < 0:  # never validated (max_steps < eval_every cannot happen: last step validates)
+        best_state = copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    return model, state
+
+
+def run_embed(
+    config: EmbedConfig,
+    data: str | Path | KnowledgeGraph,
+    dest: str | Path,
+    *,
+    progress: bool = True,
+    stop_after: int | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Stage 1: train, evaluate (filtered, both sides), export into ``dest``.
+
+    Artifact layout::
+
+        manifest.json              stage, config, input hashes, versions, metrics, timings
+        config.yaml                the resolved config
+        entity_embeddings.npy      (N, D) float32; complex models [re | im]
+        relation_embeddings.npy    (R, D_r) float32 (reciprocal relations after the R originals;
+                                   RotatE: phases in radians)
+        entities.tsv, relations.tsv  id<TAB>raw name: the row order of the arrays
+        model.pt                   weights + what is needed to rebuild the model
+        metrics.json               valid and test metrics (both/head/tail), training history
+        candidates/{split}.npz     per query (both sides): top-k filtered candidates, scores,
+                                   filtered rank of the answer (see ranking.RankedQueries)
+    """
+    kg = data if isinstance(data, KnowledgeGraph) else load_kg(data)
+    dest = Path(dest)
+    work_dir = dest.with_name(dest.name + ".work")
+    inputs = hash_inputs({f"{s}.txt": Path(kg.source) / f"{s}.txt" for s in ("train", "valid", "test")}) if kg.source else {}
+    log(format_config(config))
+    with torch_threads(config.threads):
+        with artifact_dir(dest, stage="embed", config=config, inputs=inputs) as writer:
+            with writer.timed("train"):
+                model, state = train_model(kg, config, work_dir, progress=progress, stop_after=stop_after, log=log)
+            writer.metrics["best_step"] = state.best_step
+            writer.metrics["steps"] = state.step
+            with writer.timed("evaluate"):
+                metrics: dict[str, Any] = {}
+                ranked: dict[str, RankedQueries] = {}
+                for split in ("valid", "test", *config.export_splits):
+                    if split in ranked:
+                        continue
+                    ranked[split] = rank_triples(
+                        model, kg.triples[split], kg.filter_index, reciprocal=config.resolved_reciprocal,
+                        num_base_relations=kg.num_relations, batch_size=config.eval_batch_size,
+                        top_k=config.top_k if split in config.export_splits else 0,
+                        progress=progress, description=f"rank {split}",
+                    )
+                    if split in ("valid", "test"):
+                        metrics[split] = ranked[split].evaluator().compute()
+            export(writer.path, model, kg, config, state, metrics, ranked)
+            writer.metrics.update({
+                f"{split}_{name}": metrics[split]["both"][name]
+                for split in ("valid", "test") for name in ("mrr", "hits_at_1", "hits_at_3", "hits_at_10")
+            })
+        shutil.rmtree(work_dir, ignore_errors=True)
+    test = metrics["test"]["both"]
+    log(f"embed: test MRR {test['mrr']:.4f}  H@1 {test['hits_at_1']:.4f}  H@10 {test['hits_at_10']:.4f} -> {dest}")
+    return dest
+
+
+def export(
+    path: Path,
+    model: KGEModel,
+    kg: KnowledgeGraph,
+    config: EmbedConfig,
+    state: TrainingState | None,
+    metrics: dict[str, Any],
+    ranked: dict[str, RankedQueries],
+) -> None:
+    """Write the files of the artifact layout (see :func:`run_embed`)."""
+    np.save(path / "entity_embeddings.npy", model.entity_embeddings().numpy().astype(np.float32))
+    np.save(path / "relation_embeddings.npy", model.relation_embeddings().numpy().astype(np.float32))
+    (path / "entities.tsv").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(kg.entity_names)), encoding="utf-8")
+    (path / "relations.tsv").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(kg.relation_names)), encoding="utf-8")
+    (path / "config.yaml").write_text(format_config(config), encoding="utf-8")
+    torch.save({
+        "state_dict": model.state_dict(), "model": config.model, "dim": config.dim, "margin": config.margin,
+        "reciprocal": config.resolved_reciprocal, "num_entities": kg.num_entities,
+        "num_base_relations": kg.num_relations,
+    }, path / "model.pt")
+    record = {
+        **metrics,
+        "best_step": state.best_step if state else None,
+        "history": state.history if state else [],
+        "per_relation_test": ranked["test"].evaluator().per_relation(kg.relation_names) if "test" in ranked else {},
+    }
+    write_json_atomic(path / "metrics.json", record)
+    for split, queries in ranked.items():
+        if queries.candidates is not None:
+            queries.save(path / "candidates" / f"{split}.npz")
+
+
+def load_model(artifact: str | Path) -> tuple[KGEModel, dict[str, Any]]:
+    """Rebuild a trained model from an embed artifact (for scoring new queries)."""
+    saved = torch.load(Path(artifact) / "model.pt", map_location="cpu", weights_only=False)
+    relations = saved["num_base_relations"] * (2 if saved["reciprocal"] else 1)
+    model = build_model(saved["model"], saved["num_entities"], relations, saved["dim"], margin=saved["margin"])
+    model.load_state_dict(saved["state_dict"])
+    return model, saved

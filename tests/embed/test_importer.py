@@ -1,0 +1,61 @@
+"""Embeddings trained elsewhere become the same artifact as trained ones."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kgtok.data import KGFormatError, load_kg
+from kgtok.data.synthetic import SyntheticConfig, write_synthetic
+from kgtok.embed import EmbedConfig, RankedQueries, run_embed
+from kgtok.embed.importer import ImportConfig, import_embeddings, read_order
+
+
+def test_import_reorders_rows_and_reproduces_ranking(tmp_path):
+    kg = load_kg(write_synthetic(SyntheticConfig(num_entities=200, seed=2), tmp_path / "kg"))
+    config = EmbedConfig(model="rotate", dim=8, max_steps=30, eval_every=30, num_negatives=8, batch_size=128,
+                         threads=1, top_k=5, export_splits=("test",), margin=6.0)
+    trained = run_embed(config, kg, tmp_path / "trained", progress=False, log=lambda *_: None)
+    entities = np.load(trained / "entity_embeddings.npy")
+    relations = np.load(trained / "relation_embeddings.npy")
+    # A foreign tool stores rows in another order, RotatE-style relation params (not phases).
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(kg.num_entities)
+    np.save(tmp_path / "ent.npy", entities[perm])
+    (tmp_path / "entities.dict").write_text("".join(f"{i}\t{kg.entity_names[p]}\n" for i, p in enumerate(perm)))
+    bound = (6.0 + 2.0) / 8
+    np.save(tmp_path / "rel.npy", relations * bound / np.pi)
+    (tmp_path / "relations.txt").write_text("".join(f"{n}\n" for n in kg.relation_names))
+    imported = import_embeddings(
+        kg, tmp_path / "ent.npy", tmp_path / "entities.dict", tmp_path / "imported",
+        relation_vectors=tmp_path / "rel.npy", relation_order=tmp_path / "relations.txt",
+        config=ImportConfig(model="rotate", margin=6.0, top_k=5, export_splits=("test",), threads=1),
+        progress=False, log=lambda *_: None,
+    )
+    np.testing.assert_allclose(np.load(imported / "entity_embeddings.npy"), entities)
+    a = RankedQueries.load(trained / "candidates" / "test.npz")
+    b = RankedQueries.load(imported / "candidates" / "test.npz")
+    np.testing.assert_array_equal(a.candidates, b.candidates)
+    np.testing.assert_allclose(a.rank, b.rank)
+    assert json.loads((imported / "manifest.json").read_text())["stage"] == "embed"
+
+
+def test_import_vectors_only_and_errors(tmp_path):
+    kg = load_kg(write_synthetic(SyntheticConfig(num_entities=200, seed=2), tmp_path / "kg"))
+    vectors = np.arange(kg.num_entities * 3, dtype=np.float32).reshape(-1, 3)
+    np.save(tmp_path / "v.npy", vectors[::-1])
+    (tmp_path / "order.txt").write_text("".join(f"{n}\n" for n in reversed(kg.entity_names)))
+    dest = import_embeddings(kg, tmp_path / "v.npy", tmp_path / "order.txt", tmp_path / "out", log=lambda *_: None)
+    np.testing.assert_array_equal(np.load(dest / "entity_embeddings.npy"), vectors)
+    (tmp_path / "short.txt").write_text("".join(f"{n}\n" for n in kg.entity_names[:-1]) + "stranger\n")
+    with pytest.raises(ValueError, match=r"1 entity\(s\) of the KG have no vector"):
+        import_embeddings(kg, tmp_path / "v.npy", tmp_path / "short.txt", tmp_path / "out2", log=lambda *_: None)
+    assert not (tmp_path / "out2").exists()
+    with pytest.raises(ValueError, match="needs relation_vectors"):
+        import_embeddings(kg, tmp_path / "v.npy", tmp_path / "order.txt", tmp_path / "out3",
+                          config=ImportConfig(model="transe"), log=lambda *_: None)
+    (tmp_path / "bad.dict").write_text("0\ta\nx\tb\n")
+    with pytest.raises(KGFormatError, match=r"bad.dict:2: expected an integer"):
+        read_order(tmp_path / "bad.dict")

@@ -1,0 +1,109 @@
+"""Scoring functions: the batched paths agree with per-triple scoring, both sides."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kgtok.data.filter_index import FilterIndex
+from kgtok.embed.models import MODELS, build_model
+from kgtok.embed.ranking import rank_triples
+from kgtok.metrics import realistic_rank
+
+
+def make(name: str, entities: int = 13, relations: int = 4, dim: int = 6):
+    model = build_model(name, entities, relations, dim, margin=3.0)
+    model.reset_parameters(torch.Generator().manual_seed(0), scale=0.5 if name in ("complex", "distmult") else None)
+    return model
+
+
+def brute_scores(model, h, r, t_all) -> torch.Tensor:
+    triples = torch.stack([torch.full_like(t_all, h), torch.full_like(t_all, r), t_all], 1)
+    return model.score_triples(triples)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_all_entity_scores_match_single_triples(name):
+    model = make(name)
+    entities = torch.arange(model.num_entities)
+    heads, relations = torch.tensor([0, 5, 12]), torch.tensor([1, 3, 0])
+    with torch.no_grad():
+        tails = model.score_all_tails(heads, relations)
+        head_scores = model.score_all_heads(relations, heads)  # heads used as tails here
+        for i in range(3):
+            expected = brute_scores(model, int(heads[i]), int(relations[i]), entities)
+            torch.testing.assert_close(tails[i], expected, rtol=1e-5, atol=1e-5)
+            # score(e, r, t) for every e
+            triples = torch.stack([entities, torch.full_like(entities, relations[i]), torch.full_like(entities, heads[i])], 1)
+            torch.testing.assert_close(head_scores[i], model.score_triples(triples), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_compare_each_matches_compare(name):
+    model = make(name)
+    q = model.tail_query(torch.tensor([1, 2]), torch.tensor([0, 3]))
+    candidates = torch.tensor([[4, 7, 1], [0, 2, 9]])
+    with torch.no_grad():
+        each = model.compare_each(q, model.entity[candidates])
+        full = model.compare(q, model.entity)
+    torch.testing.assert_close(each, full.gather(1, candidates))
+
+
+def test_complex_score_is_re_of_trilinear_product():
+    model = make("complex", dim=3)
+    h, r, t = 2, 1, 7
+    to_c = lambda x: torch.complex(*x.chunk(2))  # noqa: E731
+    expected = (to_c(model.entity[h]) * to_c(model.relation[r]) * torch.conj(to_c(model.entity[t]))).sum().real
+    score = model.score_triples(torch.tensor([[h, r, t]]))[0]
+    torch.testing.assert_close(score, expected)
+
+
+def test_rotate_relations_are_unit_rotations():
+    model = make("rotate", dim=5)
+    h, r, t = 3, 2, 8
+    to_c = lambda x: torch.complex(*x.chunk(2))  # noqa: E731
+    rotation = torch.polar(torch.ones(5), model.phases(torch.tensor([r]))[0])
+    expected = model.margin - (to_c(model.entity[h]) * rotation - to_c(model.entity[t])).abs().sum()
+    torch.testing.assert_close(model.score_triples(torch.tensor([[h, r, t]]))[0], expected)
+
+
+@pytest.mark.parametrize("name, reciprocal", [("rotate", False), ("complex", True), ("transe", False)])
+def test_rank_triples_matches_brute_force(name, reciprocal):
+    base_relations = 3
+    model = make(name, entities=17, relations=base_relations * (2 if reciprocal else 1))
+    rng = np.random.default_rng(0)
+    triples = np.unique(np.stack([rng.integers(0, 17, 80), rng.integers(0, 3, 80), rng.integers(0, 17, 80)], 1), axis=0)
+    index = FilterIndex(triples, 17, base_relations)
+    test = torch.as_tensor(triples[:25])
+    ranked = rank_triples(model, test, index, reciprocal=reciprocal, num_base_relations=base_relations,
+                          batch_size=4, top_k=5)
+    entities = torch.arange(17)
+    with torch.no_grad():
+        for i, (h, r, t) in enumerate(test.tolist()):
+            tail_scores = brute_scores(model, h, r, entities)
+            if reciprocal:
+                head_scores = brute_scores(model, t, r + base_relations, entities)
+            else:
+                head_scores = model.score_triples(torch.stack(
+                    [entities, torch.full_like(entities, r), torch.full_like(entities, t)], 1))
+            known_t = index.true_tails(h, r)
+            known_h = index.true_heads(r, t)
+            want_t = realistic_rank(tail_scores[None], torch.tensor([t]), np.zeros(len(known_t), int), known_t)
+            want_h = realistic_rank(head_scores[None], torch.tensor([h]), np.zeros(len(known_h), int), known_h)
+            assert ranked.rank[i] == pytest.approx(float(want_t[0]))
+            assert ranked.rank[len(test) + i] == pytest.approx(float(want_h[0]))
+            # Candidates: no other known answer, the gold kept, best first.
+            others = set(known_t.tolist()) - {t}
+            assert not others & set(ranked.candidates[i].tolist())
+            if ranked.rank[i] <= 5 and float(ranked.rank[i]).is_integer():
+                assert t in ranked.candidates[i].tolist()
+            assert np.all(np.diff(ranked.candidate_scores[i]) <= 0)
+    assert ranked.direction.tolist() == [0] * 25 + [1] * 25
+    assert ranked.gold.tolist() == test[:, 2].tolist() + test[:, 0].tolist()
+    assert np.all((ranked.gold_probability > 0) & (ranked.gold_probability <= 1))
+    # Batch size does not change results (bounded memory, same answers).
+    again = rank_triples(model, test, index, reciprocal=reciprocal, num_base_relations=base_relations,
+                         batch_size=1000, top_k=5)
+    np.testing.assert_array_equal(again.candidates, ranked.candidates)
+    np.testing.assert_allclose(again.rank, ranked.rank)

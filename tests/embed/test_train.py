@@ -1,0 +1,129 @@
+"""Training learns, resumes exactly after a kill, and exports the documented artifact."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kgtok.config import load_config
+from kgtok.data import load_kg
+from kgtok.data.synthetic import SyntheticConfig, write_synthetic
+from kgtok.embed import EmbedConfig, RankedQueries, load_model, run_embed
+from kgtok.embed.train import ResumeWarning, subsampling_weights, train_model
+
+CONFIGS = Path(__file__).resolve().parents[2] / "src" / "kgtok" / "configs"
+
+
+@pytest.fixture(scope="module")
+def kg(tmp_path_factory):
+    path = write_synthetic(SyntheticConfig(num_entities=300, seed=1), tmp_path_factory.mktemp("kg") / "synthetic")
+    return load_kg(path)
+
+
+def quiet(*_):
+    pass
+
+
+def small(**overrides) -> EmbedConfig:
+    base = dict(dim=16, batch_size=256, max_steps=60, eval_every=20, checkpoint_every=10, threads=1, top_k=5)
+    return EmbedConfig(**(base | overrides))
+
+
+def test_complex_learns_the_synthetic_kg(kg, tmp_path):
+    dest = run_embed(small(max_steps=300, eval_every=50, dim=32), kg, tmp_path / "embed", progress=False, log=quiet)
+    metrics = json.loads((dest / "metrics.json").read_text())
+    # A random scorer has MRR ~ ln(300)/300 ~ 0.02; the planted structure makes it learnable.
+    assert metrics["test"]["both"]["mrr"] > 0.25
+    assert metrics["test"]["both"]["hits_at_10"] > 0.5
+    assert metrics["valid"]["both"]["count"] == 2 * len(kg.valid)
+    # The exported model is the best validated one, not the last one.
+    best = max(h["valid_mrr"] for h in metrics["history"])
+    assert metrics["valid"]["both"]["mrr"] == pytest.approx(best, abs=1e-9)
+    assert metrics["best_step"] == max(metrics["history"], key=lambda h: h["valid_mrr"])["step"]
+
+
+@pytest.mark.parametrize("model", ["complex", "rotate"])
+def test_resume_after_kill_gives_the_uninterrupted_result(kg, tmp_path, model):
+    config = small(model=model, num_negatives=8) if model == "rotate" else small(model=model)
+    full, _ = train_model(kg, config, tmp_path / "full", progress=False, log=quiet)
+    with pytest.raises(InterruptedError):
+        # Killed at step 35: the last checkpoint is at step 30, so 5 steps are redone.
+        train_model(kg, config, tmp_path / "killed", progress=False, stop_after=35, log=quiet)
+    assert (tmp_path / "killed" / "last.pt").exists()
+    logs: list[str] = []
+    resumed, state = train_model(kg, config, tmp_path / "killed", progress=False, log=logs.append)
+    assert any("resuming" in line and "step 30" in line for line in logs)
+    assert state.step == 60
+    assert torch.equal(full.entity, resumed.entity) and torch.equal(full.relation, resumed.relation)
+
+
+def test_changed_config_restarts_with_a_warning(kg, tmp_path):
+    with pytest.raises(InterruptedError):
+        train_model(kg, small(), tmp_path / "w", progress=False, stop_after=25, log=quiet)
+    with pytest.warns(ResumeWarning, match=r"different config \(lr, max_steps\); the new config wins"):
+        _, state = train_model(kg, small(lr=0.05, max_steps=20), tmp_path / "w", progress=False, log=quiet)
+    assert state.step == 20
+    # Training longer is a resume, not a restart; the new max_steps wins.
+    with pytest.raises(InterruptedError):
+        train_model(kg, small(max_steps=40), tmp_path / "v", progress=False, stop_after=30, log=quiet)
+    with pytest.warns(ResumeWarning, match=r"max_steps: 40 -> 50\); the new values win"):
+        _, state = train_model(kg, small(max_steps=50), tmp_path / "v", progress=False, log=quiet)
+    assert state.step == 50
+
+
+def test_artifact_layout(kg, tmp_path):
+    config = small(export_splits=("valid", "test"))
+    dest = run_embed(config, kg, tmp_path / "embed", progress=False, log=quiet)
+    assert not (tmp_path / "embed.work").exists()  # checkpoints removed after success
+    entities = np.load(dest / "entity_embeddings.npy")
+    assert entities.shape == (kg.num_entities, 32) and entities.dtype == np.float32
+    assert np.load(dest / "relation_embeddings.npy").shape == (2 * kg.num_relations, 32)  # reciprocal
+    names = [line.split("\t")[1] for line in (dest / "entities.tsv").read_text().splitlines()]
+    assert names == kg.entity_names
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert manifest["stage"] == "embed" and manifest["config"]["dim"] == 16
+    test = RankedQueries.load(dest / "candidates" / "test.npz")
+    n = len(kg.test)
+    assert test.candidates.shape == (2 * n, 5) and test.rank.shape == (2 * n,)
+    assert not (dest / "candidates" / "train.npz").exists()
+    metrics = json.loads((dest / "metrics.json").read_text())
+    assert metrics["test"]["both"]["mrr"] == pytest.approx(float(np.mean(1 / test.rank)))
+    # The saved model reproduces the exported ranks.
+    model, saved = load_model(dest)
+    from kgtok.embed.ranking import rank_triples
+
+    again = rank_triples(model, kg.test, kg.filter_index, reciprocal=saved["reciprocal"],
+                         num_base_relations=kg.num_relations, top_k=5)
+    np.testing.assert_array_equal(again.candidates, test.candidates)
+
+
+def test_subsampling_weights_match_rotate_counting():
+    triples = torch.tensor([[0, 0, 1], [0, 0, 2], [3, 0, 1], [2, 1, 1]])
+    count: Counter = Counter()
+    for h, r, t in triples.tolist():
+        count[(h, r)] += 1
+        count[(t, -r - 1)] += 1
+    expected = [1 / np.sqrt((count[(h, r)] + 3) + (count[(t, -r - 1)] + 3)) for h, r, t in triples.tolist()]
+    np.testing.assert_allclose(subsampling_weights(triples, 4, 2).numpy(), expected, rtol=1e-6)
+
+
+def test_config_checks():
+    with pytest.raises(ValueError) as err:
+        EmbedConfig(dim=0, lr=-1.0, export_splits=("train", "dev"))
+    text = str(err.value)
+    assert "dim=0" in text and "lr=-1.0" in text and "export_splits" in text
+    assert EmbedConfig(model="rotate").resolved_optimizer == "adam"
+    assert EmbedConfig().resolved_loss == "1vsall" and EmbedConfig().resolved_reciprocal
+
+
+def test_shipped_configs_load():
+    paths = sorted(CONFIGS.glob("embed_*.yaml"))
+    assert paths, "no embed configs shipped"
+    for path in paths:
+        assert isinstance(load_config(EmbedConfig, path), EmbedConfig)
