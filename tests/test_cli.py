@@ -11,7 +11,10 @@ from click.testing import CliRunner
 from conftest import shared_dataset
 from kgtok.cli import cli
 from kgtok.data.synthetic import SyntheticConfig
+from kgtok.embed import EmbedConfig
 from kgtok.pipeline import STAGE_ORDER, RunConfig, run
+
+FAST_EMBED = EmbedConfig(dim=16, batch_size=256, max_steps=40, eval_every=20, threads=1, top_k=5)
 
 
 def invoke(*args: str):
@@ -69,23 +72,43 @@ def test_fb15k237_info_counts():
 
 def test_run_caches_and_reruns_on_change(tmp_path):
     logs: list[str] = []
-    config = RunConfig(out=str(tmp_path / "run"), synthetic=SyntheticConfig(num_entities=300))
+    config = RunConfig(out=str(tmp_path / "run"), synthetic=SyntheticConfig(num_entities=300), embed=FAST_EMBED,
+                       progress=False)
     results = run(config, log=logs.append)
     assert [r.name for r in results] == list(STAGE_ORDER)
     assert results[0].status == "ran" and results[0].metrics["entities"] == 300
     assert {r.status for r in results[1:]} <= {"ran", "missing"}
     assert any("not implemented yet" in line for line in logs) or all(r.status != "missing" for r in results)
     again = run(config, log=logs.append)
-    assert again[0].status == "cached"
+    assert again[0].status == "cached" and again[1].status == "cached"
+    assert again[1].metrics == results[1].metrics and results[1].metrics["test_mrr"] > 0.05
     # A changed input file re-runs the stage.
     with open(tmp_path / "run" / "synthetic_kg" / "test.txt", "a") as handle:
         handle.write("e00000\tr00_belongs_to\te00001\n")
     changed = run(config, log=logs.append)
     assert changed[0].status == "ran" and changed[0].metrics["test"] == results[0].metrics["test"] + 1
+    assert changed[1].status == "ran"  # a stage re-runs when its input changed
+    # A changed setting of stage 1 re-runs stage 1, not the data stage.
+    longer = run(RunConfig(out=config.out, synthetic=config.synthetic, embed=EmbedConfig(**{**FAST_EMBED.__dict__, "dim": 8}),
+                           progress=False), log=logs.append)
+    assert [r.status for r in longer[:2]] == ["cached", "ran"]
 
 
 def test_run_command_prints_table(tmp_path):
-    result = invoke("run", "--out", str(tmp_path / "r"), "synthetic.num_entities=300")
+    result = invoke("run", "--out", str(tmp_path / "r"), "synthetic.num_entities=300", "progress=false",
+                    "embed.dim=16", "embed.max_steps=40", "embed.eval_every=20", "embed.threads=1")
     assert result.exit_code == 0, result.output
     assert "synthetic:" in result.output  # the resolved config is echoed
-    assert "data" in result.output and "ran" in result.output
+    assert "data" in result.output and "ran" in result.output and "test_mrr" in result.output
+
+
+def test_embed_command(tmp_path):
+    data = tmp_path / "kg"
+    invoke("data", "synthetic", str(data), "num_entities=200")
+    result = invoke("embed", "--data", str(data), "--out", str(tmp_path / "e"), "--model", "distmult", "--dim", "8",
+                    "--no-progress", "max_steps=20", "eval_every=10", "threads=1", "export_splits=[test]")
+    assert result.exit_code == 0, result.output
+    assert "model: distmult" in result.output and "test MRR" in result.output
+    assert (tmp_path / "e" / "candidates" / "test.npz").exists()
+    result = invoke("embed", "--data", str(data), "--out", str(tmp_path / "e2"), "dim=-3")
+    assert result.exit_code == 2 and "EmbedConfig.dim=-3" in result.output

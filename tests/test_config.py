@@ -95,3 +95,12 @@ def test_section_of_a_run_file(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("quantize:\n  levels: 2\nembed:\n  dim: 3\n")
     assert load_config(Outer, path, section="quantize").levels == 2
+
+
+def test_shipped_preset_by_name():
+    from kgtok.embed import EmbedConfig
+
+    config = load_config(EmbedConfig, "embed_wn18rr", ["dim=8"])
+    assert config.model == "complex" and config.dim == 8 and config.regularizer_weight == 0.1
+    with pytest.raises(ConfigError, match="shipped presets: .*embed_fb15k237"):
+        load_config(EmbedConfig, "embed_nope")

@@ -215,11 +215,13 @@ def load_config(
     """
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = resolve_config_path(path)
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError as e:
-            raise ConfigError(f"config file {path} does not exist") from e
+            raise ConfigError(
+                f"config file {path} does not exist (shipped presets: {', '.join(list_presets())})"
+            ) from e
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
         if loaded is None:
@@ -235,6 +237,24 @@ def load_config(
     except ConfigError as e:
         origin = f"config file {path}" if path is not None else "config"
         raise ConfigError(f"{origin}: {e}") from None
+
+
+PRESETS = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML path, or the name of a config shipped in ``kgtok/configs`` (e.g. ``embed_wn18rr``)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    preset = PRESETS / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if preset.exists() and len(path.parts) == 1:
+        return preset
+    return path
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
 
 
 def format_config(config: object) -> str:

@@ -151,6 +151,36 @@ def n3_penalty(model: KGEModel, batch: torch.Tensor) -> torch.Tensor:
     return sum(f.pow(3).sum() for f in model.factors(batch)) / batch.shape[0]
 
 
+def training_step(
+    model: KGEModel,
+    optimizer: torch.optim.Optimizer,
+    batch: torch.Tensor,
+    config: EmbedConfig,
+    step: int,
+    *,
+    weights: torch.Tensor | None = None,
+) -> float:
+    """One optimiser step on a batch of training examples; returns the loss.
+
+    Negatives of step ``step`` come from a generator seeded by (seed, step),
+    so a resumed run draws the same ones.
+    """
+    model.train()
+    if config.resolved_loss == "1vsall":
+        loss = one_vs_all_loss(model, batch, config.label_smoothing)
+    else:
+        generator = _seeded(config.seed, 3, step)
+        negatives = torch.randint(model.num_entities, (len(batch), config.num_negatives), generator=generator)
+        corrupt_head = (not config.resolved_reciprocal) and step % 2 == 1  # alternate sides, as the RotatE code
+        loss = nssa_loss(model, batch, weights, negatives, corrupt_head, config.adversarial_temperature)
+    if config.resolved_regularizer_weight > 0:
+        loss = loss + config.resolved_regularizer_weight * n3_penalty(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 # ----------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------
@@ -234,19 +264,17 @@ def train_model(
             model, optimizer = build(config, kg)
             best_path.unlink(missing_ok=True)
 
-    loss_kind = config.resolved_loss
     reciprocal = config.resolved_reciprocal
     examples = training_examples(kg, reciprocal)
     weights = (
         subsampling_weights(examples, kg.num_entities, examples[:, 1].max().item() + 1)
-        if loss_kind == "nssa" and config.subsampling else None
+        if config.resolved_loss == "nssa" and config.subsampling else None
     )
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     valid = kg.valid
     if config.eval_max_queries and len(valid) > config.eval_max_queries:
         pick = torch.randperm(len(valid), generator=_seeded(config.seed, 1))[: config.eval_max_queries]
         valid = valid[pick.sort().values]
-    regularizer = config.resolved_regularizer_weight
     best_state = copy.deepcopy(model.state_dict())
     if best_path.exists():
         best_state = torch.load(best_path, map_location="cpu", weights_only=True)
@@ -257,32 +285,17 @@ def train_model(
     while state.step < config.max_steps and state.bad_evaluations < config.patience:
         if stop_after is not None and steps_this_run >= stop_after:
             break
-        model.train()
         step = state.step
         if step // steps_per_epoch != epoch:
             epoch = step // steps_per_epoch
             order = torch.randperm(len(examples), generator=_seeded(config.seed, 2, epoch))
         within = step % steps_per_epoch
         index = order[within * config.batch_size : (within + 1) * config.batch_size]
-        batch = examples[index]
-        if loss_kind == "1vsall":
-            loss = one_vs_all_loss(model, batch, config.label_smoothing)
-        else:
-            generator = _seeded(config.seed, 3, step)
-            negatives = torch.randint(kg.num_entities, (len(batch), config.num_negatives), generator=generator)
-            corrupt_head = (not reciprocal) and step % 2 == 1  # alternate sides, as the RotatE code
-            loss = nssa_loss(
-                model, batch, None if weights is None else weights[index], negatives, corrupt_head,
-                config.adversarial_temperature,
-            )
-        if regularizer > 0:
-            loss = loss + regularizer * n3_penalty(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = training_step(model, optimizer, examples[index], config, step,
+                             weights=None if weights is None else weights[index])
         state.step += 1
         steps_this_run += 1
-        state.last_loss = float(loss.detach())
+        state.last_loss = loss
         bar.update(1)
 
         if state.step % config.eval_every == 0 or state.step == config.max_steps:

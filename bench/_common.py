@@ -1,0 +1,60 @@
+"""Shared helpers of the benchmarks: machine description and result files.
+
+Every benchmark writes ``bench/results/<stage>_<name>.json`` keyed by dataset
+and a markdown table beside it (same name, ``.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    from kgtok.artifacts import git_hash, package_versions
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+        "versions": {k: v for k, v in package_versions().items() if v}, "git": git_hash(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def command() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def write_result(name: str, dataset: str, record: dict[str, Any], columns: list[str]) -> Path:
+    """Merge ``record`` under ``dataset`` into results/<name>.json and rewrite the table."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[dataset] = record
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    lines = [f"| dataset | {' | '.join(columns)} |", "|" + " --- |" * (len(columns) + 1)]
+    for key, value in sorted(data.items()):
+        cells = []
+        for column in columns:
+            cell = value.get(column, "")
+            cells.append(f"{cell:.4f}" if isinstance(cell, float) else str(cell))
+        lines.append(f"| {key} | {' | '.join(cells)} |")
+    commands = sorted({v.get("command", "") for v in data.values()})
+    text = f"# {name}\n\n" + "\n".join(lines) + "\n\nCommands:\n\n" + "".join(f"    {c}\n" for c in commands)
+    (RESULTS / f"{name}.md").write_text(text)
+    return path

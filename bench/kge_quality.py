@@ -1,0 +1,62 @@
+"""Stage 1 quality: filtered test MRR and wall time of the shipped config on a dataset.
+
+    python bench/kge_quality.py --dataset wn18rr [--config embed_wn18rr] [key=value ...]
+
+Writes bench/results/kge_<dataset>.json (and .md) and keeps the artifact under
+runs/bench/embed-<dataset> (its candidates feed stage 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command, machine, write_result  # noqa: E402
+
+from kgtok.config import config_to_dict, load_config  # noqa: E402
+from kgtok.embed import EmbedConfig, run_embed  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--data", default=None, help="KG directory (default ../shared/datasets/<dataset>)")
+    parser.add_argument("--config", default=None, help="YAML or preset name (default embed_<dataset>)")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    data = Path(args.data) if args.data else DATA / args.dataset
+    config = load_config(EmbedConfig, args.config or f"embed_{args.dataset}", args.overrides)
+    out = Path(args.out) if args.out else Path("runs/bench") / f"embed-{args.dataset}"
+    warnings.simplefilter("ignore")
+    start = time.perf_counter()
+    dest = run_embed(config, data, out, progress=False)
+    seconds = time.perf_counter() - start
+    metrics = json.loads((dest / "metrics.json").read_text())
+    manifest = json.loads((dest / "manifest.json").read_text())
+    test, valid = metrics["test"]["both"], metrics["valid"]["both"]
+    record = {
+        "model": config.model, "dim": config.dim,
+        "mrr": test["mrr"], "hits_at_1": test["hits_at_1"], "hits_at_3": test["hits_at_3"],
+        "hits_at_10": test["hits_at_10"], "mr": test["mr"], "valid_mrr": valid["mrr"],
+        "seconds": round(seconds, 1), "train_seconds": round(manifest["timings"]["train"], 1),
+        "evaluate_export_seconds": round(manifest["timings"]["evaluate"], 1),
+        "steps": manifest["metrics"]["steps"], "best_step": manifest["metrics"]["best_step"],
+        "head": metrics["test"]["head"], "tail": metrics["test"]["tail"],
+        "history": metrics["history"], "config": config_to_dict(config),
+        "command": command(), "machine": machine(),
+    }
+    path = write_result(f"kge_{args.dataset}", args.dataset, record,
+                        ["model", "dim", "mrr", "hits_at_1", "hits_at_3", "hits_at_10", "seconds", "best_step"])
+    print(f"{args.dataset}: test MRR {test['mrr']:.4f} in {seconds:.0f} s -> {path}")
+
+
+if __name__ == "__main__":
+    main()
