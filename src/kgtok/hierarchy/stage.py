@@ -1,0 +1,193 @@
+"""Stage 3 recipe: load vectors, fuse, build the tree, write the artifact.
+
+Artifact layout::
+
+    manifest.json          stage, config, input hashes, metrics (counts, silhouette, NMI vs true types)
+    fused_vectors.npy      (N, D) float32 unit rows s_x: the quantizer's input
+    hierarchy.npz          paths (N, levels) int64; for each level l: parents_l (k_l,),
+                           centroids_l (k_l, D) fused-space unit means μ, text_centroids_l
+                           (k_l, D_text) when text vectors exist, neighbours_l (k_l, n) (-1 pads)
+    hierarchy.json         for people: per cluster its size, parent, member labels nearest
+                           the centroid, top words, children
+    entities.tsv           id<TAB>raw name: the row order
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kgtok.artifacts import artifact_dir, hash_inputs, write_json_atomic
+from kgtok.config import format_config
+from kgtok.data.graph import KnowledgeGraph, load_kg
+from kgtok.hierarchy.build import SemanticHierarchy, cluster_means, fuse, normalize_rows
+from kgtok.hierarchy.config import HierarchyConfig
+
+
+def _load_vectors(artifact: str | Path | None, filename: str, kg: KnowledgeGraph) -> np.ndarray | None:
+    """Vectors of an upstream artifact, checked to be in this KG's entity order."""
+    if artifact is None:
+        return None
+    artifact = Path(artifact)
+    path = artifact / filename
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {artifact} a finished stage artifact?")
+    vectors = np.load(path)
+    order_file = artifact / "entities.tsv"
+    if order_file.exists():
+        names = [line.split("\t", 1)[1] for line in order_file.read_text(encoding="utf-8").splitlines()]
+        if names != kg.entity_names:
+            raise ValueError(f"{order_file}: entity order differs from the KG's ({kg.source}); "
+                             "was the artifact made from another dataset?")
+    if len(vectors) != kg.num_entities:
+        raise ValueError(f"{path}: {len(vectors)} rows for {kg.num_entities} entities")
+    return vectors
+
+
+def top_words(texts: list[str], labels: np.ndarray, k: int, count: int = 8) -> list[list[str]]:
+    """Words most over-represented in each cluster's texts (lift over the whole KG)."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from scipy.sparse import csr_matrix
+
+    vectorizer = CountVectorizer(stop_words="english", min_df=2, token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z]+\b",
+                                 binary=True)
+    try:
+        words = vectorizer.fit_transform(texts)
+    except ValueError:  # no word occurs twice
+        return [[] for _ in range(k)]
+    vocabulary = np.asarray(vectorizer.get_feature_names_out())
+    indicator = csr_matrix((np.ones(len(labels)), (labels, np.arange(len(labels)))), shape=(k, len(labels)))
+    per_cluster = np.asarray((indicator @ words).todense())  # (k, V) documents containing the word
+    sizes = np.asarray(indicator.sum(axis=1)).reshape(-1, 1)
+    overall = np.asarray(words.sum(axis=0)).reshape(1, -1) / len(labels)
+    lift = (per_cluster / np.maximum(sizes, 1)) / np.maximum(overall, 1e-12)
+    score = np.where(per_cluster >= np.minimum(2, sizes), lift * np.log1p(per_cluster), 0.0)
+    best = np.argsort(-score, axis=1)[:, :count]
+    return [[str(vocabulary[j]) for j in row if score[i, j] > 0] for i, row in enumerate(best)]
+
+
+def describe(hierarchy: SemanticHierarchy, vectors: np.ndarray, kg: KnowledgeGraph, top_labels: int) -> dict[str, Any]:
+    """The readable tree: level-1 clusters with nested children, labels nearest their centroid."""
+    texts = [f"{label} {description}" for label, description in zip(kg.labels, kg.descriptions)]
+    levels = []
+    for level, k in enumerate(hierarchy.counts_):
+        labels = hierarchy.paths_[:, level]
+        similarity = np.einsum("nd,nd->n", vectors, hierarchy.centroids_[level][labels])
+        order = np.lexsort((-similarity, labels))  # by cluster, nearest the centroid first
+        starts = np.searchsorted(labels[order], np.arange(k))
+        sizes = np.bincount(labels, minlength=k)
+        words = top_words(texts, labels, k)
+        levels.append([
+            {
+                "level": level + 1, "cluster": c, "parent": int(hierarchy.parents_[level][c]), "size": int(sizes[c]),
+                "top_words": words[c],
+                "members": [kg.labels[i] for i in order[starts[c] : starts[c] + min(top_labels, sizes[c])]],
+                "member_ids": [kg.entity_names[i] for i in order[starts[c] : starts[c] + min(top_labels, sizes[c])]],
+                "neighbours": [int(n) for n in hierarchy.neighbours_[level][c] if n >= 0],
+            }
+            for c in range(k)
+        ])
+    for level in range(len(levels) - 1, 0, -1):  # nest children under parents, largest first
+        for node in sorted(levels[level], key=lambda n: -n["size"]):
+            levels[level - 1][node["parent"]].setdefault("children", []).append(node)
+    return {"levels": len(levels), "counts": hierarchy.counts_,
+            "clusters": sorted(levels[0], key=lambda n: -n["size"])}
+
+
+def alignment_with_types(paths: np.ndarray, types: np.ndarray | None) -> dict[str, float]:
+    """NMI of each tree level with the same level of a known taxonomy (synthetic KG)."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    if types is None:
+        return {}
+    known = (types >= 0).all(axis=1)
+    out = {}
+    for level in range(min(paths.shape[1], types.shape[1])):
+        out[f"nmi_level_{level + 1}"] = float(normalized_mutual_info_score(types[known, level], paths[known, level]))
+    return out
+
+
+def run_hierarchy(
+    config: HierarchyConfig,
+    data: str | Path | KnowledgeGraph,
+    dest: str | Path,
+    *,
+    embeddings: str | Path | None = None,
+    text: str | Path | None = None,
+    tree: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Stage 3: fuse stage-1 and stage-2 vectors and build (or import) the tree."""
+    from kgtok.embed.train import torch_threads
+
+    kg = data if isinstance(data, KnowledgeGraph) else load_kg(data)
+    graph_vectors = _load_vectors(embeddings, "entity_embeddings.npy", kg)
+    text_vectors = _load_vectors(text, "text_embeddings.npy", kg)
+    if graph_vectors is None and text_vectors is None:
+        raise ValueError("the hierarchy needs --embeddings (a stage-1 artifact), --text (a stage-2 artifact) or both")
+    log(format_config(config))
+    inputs = hash_inputs({k: v for k, v in {"embeddings": embeddings, "text": text, "tree": tree}.items() if v})
+    with torch_threads(config.threads), artifact_dir(dest, stage="hierarchy", config=config, inputs=inputs) as writer:
+        with writer.timed("fuse"):
+            rho = config.rho if graph_vectors is not None and text_vectors is not None else (
+                1.0 if text_vectors is None else 0.0)
+            fused = fuse(graph_vectors, text_vectors, rho, config.width, config.seed)
+        with writer.timed("build"):
+            hierarchy = SemanticHierarchy(config)
+            if tree is not None:
+                from kgtok.hierarchy.kgfit import import_kgfit_tree
+
+                paths, report = import_kgfit_tree(tree, kg, fused, config.levels)
+                hierarchy.builder_ = "kgfit-import"
+                hierarchy.top_silhouettes_ = {}
+                hierarchy.set_paths(paths, fused)
+                writer.metrics.update(report)
+            else:
+                hierarchy.fit(fused)
+        np.save(writer.path / "fused_vectors.npy", fused.astype(np.float32))
+        arrays: dict[str, np.ndarray] = {"paths": hierarchy.paths_}
+        for level in range(config.levels):
+            arrays[f"parents_{level}"] = hierarchy.parents_[level]
+            arrays[f"centroids_{level}"] = hierarchy.centroids_[level]
+            arrays[f"neighbours_{level}"] = hierarchy.neighbours_[level]
+            if text_vectors is not None:
+                arrays[f"text_centroids_{level}"] = cluster_means(
+                    normalize_rows(text_vectors.astype(np.float32)), hierarchy.paths_[:, level],
+                    hierarchy.counts_[level], normalize=True)
+        np.savez(writer.path / "hierarchy.npz", **arrays)
+        with writer.timed("describe"):
+            write_json_atomic(writer.path / "hierarchy.json", describe(hierarchy, fused, kg, config.top_labels))
+        (writer.path / "entities.tsv").write_text(
+            "".join(f"{i}\t{n}\n" for i, n in enumerate(kg.entity_names)), encoding="utf-8")
+        sizes = np.bincount(hierarchy.paths_[:, 0])
+        writer.metrics.update({
+            "builder": hierarchy.builder_, "counts": hierarchy.counts_, "rho": rho,
+            "top_silhouettes": {str(k): round(v, 4) for k, v in hierarchy.top_silhouettes_.items()},
+            "level_1_largest_share": float(sizes.max() / sizes.sum()),
+            **alignment_with_types(hierarchy.paths_, kg.entity_types),
+        })
+    log(f"hierarchy: {hierarchy.builder_}, clusters per level {hierarchy.counts_} -> {dest}")
+    return Path(dest)
+
+
+def load_hierarchy(artifact: str | Path) -> dict[str, Any]:
+    """The arrays of a hierarchy artifact: paths, and per level parents/centroids/neighbours."""
+    artifact = Path(artifact)
+    with np.load(artifact / "hierarchy.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    levels = arrays["paths"].shape[1]
+    return {
+        "paths": arrays["paths"],
+        "parents": [arrays[f"parents_{l}"] for l in range(levels)],
+        "centroids": [arrays[f"centroids_{l}"] for l in range(levels)],
+        "neighbours": [arrays[f"neighbours_{l}"] for l in range(levels)],
+        "text_centroids": [arrays.get(f"text_centroids_{l}") for l in range(levels)],
+        "fused_vectors": np.load(artifact / "fused_vectors.npy"),
+    }

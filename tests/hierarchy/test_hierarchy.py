@@ -1,0 +1,187 @@
+"""Fusion, the two tree builders, the artifact, KG-FIT import, NMI on the synthetic KG."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kgtok.data import load_kg
+from kgtok.data.synthetic import SyntheticConfig, write_synthetic
+from kgtok.hierarchy import HierarchyConfig, SemanticHierarchy, fuse, level_counts, load_hierarchy, run_hierarchy
+from kgtok.hierarchy.kgfit import import_kgfit_tree
+
+
+def planted(seed: int = 0, per_leaf: int = 12, branching=(4, 3, 2), dim: int = 32, noise: float = 0.15):
+    """Vectors with a planted 3-level tree: each level adds a smaller random offset."""
+    rng = np.random.default_rng(seed)
+    leaves = int(np.prod(branching))
+    n = leaves * per_leaf
+    leaf = np.repeat(np.arange(leaves), per_leaf)
+    types = np.stack([leaf // (branching[1] * branching[2]), leaf // branching[2], leaf], axis=1)
+    x = np.zeros((n, dim))
+    for level, scale in enumerate((1.0, 0.35, 0.15)):
+        centres = rng.normal(size=(types[:, level].max() + 1, dim))
+        x += scale * centres[types[:, level]]
+    x += noise * rng.normal(size=x.shape)
+    return x.astype(np.float32), types
+
+
+def nmi(a, b):
+    from sklearn.metrics import normalized_mutual_info_score
+
+    return normalized_mutual_info_score(a, b)
+
+
+@pytest.mark.parametrize("builder", ["agglomerative", "kmeans"])
+def test_builders_recover_a_planted_tree(builder):
+    x, types = planted()
+    tree = SemanticHierarchy(HierarchyConfig(levels=3, builder=builder, leaf_size=12, threads=1)).fit(x)
+    assert tree.builder_ == builder
+    assert tree.paths_.shape == (len(x), 3)
+    assert tree.counts_[0] == 4  # silhouette finds the 4 top types
+    assert nmi(types[:, 0], tree.paths_[:, 0]) > 0.95
+    # With the true counts given, each level refines the one above into the true subtypes.
+    fixed = SemanticHierarchy(HierarchyConfig(levels=3, builder=builder, clusters_per_level=(4, 12, 24),
+                                              threads=1)).fit(x)
+    assert fixed.counts_ == [4, 12, 24]
+    assert nmi(types[:, 1], fixed.paths_[:, 1]) > 0.95
+    assert nmi(types[:, 2], fixed.paths_[:, 2]) > 0.9
+
+
+def test_tree_structure_is_consistent():
+    x, _ = planted(seed=1)
+    tree = SemanticHierarchy(HierarchyConfig(levels=3, builder="kmeans", threads=1)).fit(x)
+    for level in range(3):
+        k = tree.counts_[level]
+        assert sorted(np.unique(tree.paths_[:, level])) == list(range(k))  # dense ids
+        assert tree.centroids_[level].shape == (k, x.shape[1])
+        np.testing.assert_allclose(np.linalg.norm(tree.centroids_[level], axis=1), 1.0, rtol=1e-5)
+        if level:
+            # Each cluster has exactly one parent, and it is the parent of all its members.
+            assert np.array_equal(tree.parents_[level][tree.paths_[:, level]], tree.paths_[:, level - 1])
+        neighbours = tree.neighbours_[level]
+        assert neighbours.shape == (k, 5)
+        for c in range(k):
+            valid = neighbours[c][neighbours[c] >= 0]
+            assert c not in valid and len(set(valid)) == len(valid)
+            siblings = set(np.flatnonzero(tree.parents_[level] == tree.parents_[level][c])) - {c}
+            # Siblings come before any non-sibling.
+            is_sibling = [n in siblings for n in valid]
+            assert is_sibling == sorted(is_sibling, reverse=True)
+            assert len(valid) == min(5, k - 1)
+
+
+def test_agglomerative_cut_attaches_outliers():
+    x, types = planted(seed=2)
+    outliers = np.random.default_rng(5).normal(size=(3, x.shape[1])).astype(np.float32) * 3
+    x = np.concatenate([x, outliers])
+    tree = SemanticHierarchy(HierarchyConfig(levels=2, builder="agglomerative", clusters_per_level=(4, 12),
+                                             threads=1)).fit(x)
+    sizes = np.bincount(tree.paths_[:, 0])
+    assert len(sizes) == 4 and sizes.min() >= 30  # no singleton "clusters" of outliers
+    assert nmi(types[:, 0], tree.paths_[:-3, 0]) > 0.95
+
+
+def test_level_counts_and_fusion():
+    assert level_counts(2000, 4, 4, 8) == [4, 16, 63, 250]
+    assert level_counts(10, 4, 3, 8) == [4, 4, 4]
+    g = np.random.default_rng(0).normal(size=(50, 40))
+    t = np.random.default_rng(1).normal(size=(50, 20))
+    fused = fuse(g, t, 0.5, 16, seed=0)
+    assert fused.shape == (50, 16)
+    np.testing.assert_allclose(np.linalg.norm(fused, axis=1), 1.0, rtol=1e-5)
+    only_text = fuse(None, t, 0.5, 16, seed=0)
+    np.testing.assert_allclose(only_text, fuse(g, t, 0.0, 16, seed=0))
+    with pytest.raises(ValueError, match="rows"):
+        fuse(g, t[:10], 0.5, 16, seed=0)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("h")
+    kg = load_kg(write_synthetic(SyntheticConfig(num_entities=400, seed=3), root / "kg"))
+    # Stand-in stage-1 artifact: vectors that know the fine group, noisily.
+    x, _ = planted()
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(kg.entity_types[:, 2].max() + 1, 32))
+    top = rng.normal(size=(kg.entity_types[:, 0].max() + 1, 32)) * 2
+    vectors = top[kg.entity_types[:, 0]] + centres[kg.entity_types[:, 2]] + 0.3 * rng.normal(size=(kg.num_entities, 32))
+    embed = root / "embed"
+    embed.mkdir()
+    np.save(embed / "entity_embeddings.npy", vectors.astype(np.float32))
+    (embed / "entities.tsv").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(kg.entity_names)))
+    return kg, embed, root
+
+
+def test_artifact_layout_and_nmi(synthetic):
+    kg, embed, root = synthetic
+    dest = run_hierarchy(HierarchyConfig(threads=1), kg, root / "hierarchy", embeddings=embed, log=lambda *_: None)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    metrics = manifest["metrics"]
+    assert metrics["counts"][0] == 4 and metrics["nmi_level_1"] > 0.8
+    arrays = load_hierarchy(dest)
+    assert arrays["paths"].shape == (kg.num_entities, 4)
+    assert arrays["fused_vectors"].shape[0] == kg.num_entities
+    assert arrays["text_centroids"][0] is None  # no text artifact given
+    readable = json.loads((dest / "hierarchy.json").read_text())
+    assert readable["counts"] == metrics["counts"]
+    top = readable["clusters"][0]
+    assert top["size"] == max(c["size"] for c in readable["clusters"]) and top["members"] and top["children"]
+    # Readable top words of a synthetic top cluster name its type (descriptions say "which is an animal").
+    type_names = {name.split("/")[0] for name in kg.type_names[0]}
+    assert any(set(c["top_words"]) & type_names for c in readable["clusters"])
+
+
+def test_wrong_order_of_upstream_vectors_is_refused(synthetic, tmp_path):
+    kg, embed, _ = synthetic
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    np.save(bad / "entity_embeddings.npy", np.load(embed / "entity_embeddings.npy"))
+    (bad / "entities.tsv").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(reversed(kg.entity_names))))
+    with pytest.raises(ValueError, match="entity order differs"):
+        run_hierarchy(HierarchyConfig(threads=1), kg, tmp_path / "h", embeddings=bad, log=lambda *_: None)
+    assert not (tmp_path / "h").exists()
+
+
+def test_kgfit_import(synthetic, tmp_path):
+    kg, embed, _ = synthetic
+    types, names = kg.entity_types, kg.entity_names
+    # A KG-FIT-style tree of uneven depth: top type -> subtype -> (fine group as a nested list or a leaf list).
+    tree: dict = {}
+    for i in range(kg.num_entities - 5):  # the last 5 entities are left out
+        top, sub, fine = (f"Cluster_{t}" for t in types[i])
+        node = tree.setdefault("Cluster_top", {}).setdefault(top, {}).setdefault(sub, {})
+        if types[i, 1] % 2:
+            node.setdefault(fine, []).append(names[i])
+        else:  # a deeper branch for half of the subtypes
+            node.setdefault(fine, {}).setdefault("deeper", []).append(names[i])
+    (tmp_path / "seed_hierarchy.json").write_text(json.dumps(tree))
+    paths, report = import_kgfit_tree(tmp_path / "seed_hierarchy.json", kg, np.load(embed / "entity_embeddings.npy"), 3)
+    assert report["matched_by_id"] == kg.num_entities - 5 and report["missing_entities"] == 5
+    listed = slice(0, kg.num_entities - 5)
+    assert nmi(types[listed, 0], paths[listed, 0]) == pytest.approx(1.0)
+    assert nmi(types[listed, 1], paths[listed, 1]) == pytest.approx(1.0)
+    # The 5 unlisted entities join the nearest leaf: its top type is theirs.
+    top_of_path = {p: t for p, t in zip(paths[listed, 0], types[listed, 0])}
+    assert sum(top_of_path[p] == t for p, t in zip(paths[-5:, 0], types[-5:, 0])) >= 4
+    dest = run_hierarchy(HierarchyConfig(levels=3, threads=1), kg, tmp_path / "h", embeddings=embed,
+                         tree=tmp_path / "seed_hierarchy.json", log=lambda *_: None)
+    assert json.loads((dest / "manifest.json").read_text())["metrics"]["builder"] == "kgfit-import"
+    (tmp_path / "broken.json").write_text("{\n  \"a\": [\n")
+    with pytest.raises(ValueError, match=r"broken.json:3: not valid JSON"):
+        import_kgfit_tree(tmp_path / "broken.json", kg, np.load(embed / "entity_embeddings.npy"), 3)
+
+
+def test_kgfit_labels_are_matched_and_ambiguity_counted(synthetic, tmp_path):
+    kg, embed, _ = synthetic
+    labels = np.asarray(kg.labels, dtype=object)
+    duplicated = [l for l in set(kg.labels) if (labels == l).sum() > 1]
+    assert duplicated, "the synthetic KG repeats some labels on purpose"
+    tree = {"A": {"B": list(dict.fromkeys(kg.labels))}}
+    (tmp_path / "t.json").write_text(json.dumps(tree))
+    _, report = import_kgfit_tree(tmp_path / "t.json", kg, np.load(embed / "entity_embeddings.npy"), 2)
+    assert report["matched_by_label"] == len(set(kg.labels))
+    assert report["ambiguous_label_matches"] == len(duplicated)
+    assert report["missing_entities"] == 0  # every entity of a repeated label is kept, by id
