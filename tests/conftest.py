@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 
 # Tests run in parallel processes on a 2-core machine: one thread each.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Caches (text embeddings) go to a temporary directory, never the user's home.
+os.environ.setdefault("KGTOK_CACHE_DIR", tempfile.mkdtemp(prefix="kgtok-test-cache-"))
 try:
     import torch
 

@@ -12,9 +12,15 @@ from conftest import shared_dataset
 from kgtok.cli import cli
 from kgtok.data.synthetic import SyntheticConfig
 from kgtok.embed import EmbedConfig
+from kgtok.hierarchy import HierarchyConfig
+from kgtok.quantize import QuantizeConfig
+from kgtok.text import TextConfig
 from kgtok.pipeline import STAGE_ORDER, RunConfig, run
 
 FAST_EMBED = EmbedConfig(dim=16, batch_size=256, max_steps=40, eval_every=20, threads=1, top_k=5)
+FAST = dict(embed=FAST_EMBED, text=TextConfig(mode="joint", threads=1), hierarchy=HierarchyConfig(levels=3, threads=1),
+            quantize=QuantizeConfig(levels=3, codebook_size=16, code_dim=16, encoder_hidden=(32,), epochs=4, threads=1),
+            progress=False)
 
 
 def invoke(*args: str):
@@ -72,31 +78,35 @@ def test_fb15k237_info_counts():
 
 def test_run_caches_and_reruns_on_change(tmp_path):
     logs: list[str] = []
-    config = RunConfig(out=str(tmp_path / "run"), synthetic=SyntheticConfig(num_entities=300), embed=FAST_EMBED,
-                       progress=False)
+    config = RunConfig(out=str(tmp_path / "run"), synthetic=SyntheticConfig(num_entities=300), **FAST)
     results = run(config, log=logs.append)
     assert [r.name for r in results] == list(STAGE_ORDER)
     assert results[0].status == "ran" and results[0].metrics["entities"] == 300
     assert {r.status for r in results[1:]} <= {"ran", "missing"}
     assert any("not implemented yet" in line for line in logs) or all(r.status != "missing" for r in results)
     again = run(config, log=logs.append)
-    assert again[0].status == "cached" and again[1].status == "cached"
+    assert [r.status for r in again[:5]] == ["cached"] * 5
     assert again[1].metrics == results[1].metrics and results[1].metrics["test_mrr"] > 0.05
     # A changed input file re-runs the stage.
     with open(tmp_path / "run" / "synthetic_kg" / "test.txt", "a") as handle:
         handle.write("e00000\tr00_belongs_to\te00001\n")
     changed = run(config, log=logs.append)
     assert changed[0].status == "ran" and changed[0].metrics["test"] == results[0].metrics["test"] + 1
-    assert changed[1].status == "ran"  # a stage re-runs when its input changed
+    assert [r.status for r in changed[1:5]] == ["ran"] * 4  # a changed input re-runs every later stage
     # A changed setting of stage 1 re-runs stage 1, not the data stage.
-    longer = run(RunConfig(out=config.out, synthetic=config.synthetic, embed=EmbedConfig(**{**FAST_EMBED.__dict__, "dim": 8}),
-                           progress=False), log=logs.append)
-    assert [r.status for r in longer[:2]] == ["cached", "ran"]
+    # A changed setting of stage 4 re-runs stage 4 only.
+    longer = run(RunConfig(out=config.out, synthetic=config.synthetic,
+                           **{**FAST, "quantize": QuantizeConfig(**{**FAST["quantize"].__dict__, "epochs": 2})}),
+                 log=logs.append)
+    assert [r.status for r in longer[:5]] == ["cached"] * 4 + ["ran"]
+    assert longer[4].metrics["collision_rate_before"] >= 0
 
 
 def test_run_command_prints_table(tmp_path):
     result = invoke("run", "--out", str(tmp_path / "r"), "synthetic.num_entities=300", "progress=false",
-                    "embed.dim=16", "embed.max_steps=40", "embed.eval_every=20", "embed.threads=1")
+                    "embed.dim=16", "embed.max_steps=40", "embed.eval_every=20", "embed.threads=1",
+                    "text.mode=joint", "text.threads=1", "hierarchy.threads=1", "quantize.epochs=2",
+                    "quantize.codebook_size=16", "quantize.threads=1")
     assert result.exit_code == 0, result.output
     assert "synthetic:" in result.output  # the resolved config is echoed
     assert "data" in result.output and "ran" in result.output and "test_mrr" in result.output

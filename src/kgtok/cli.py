@@ -311,6 +311,32 @@ def hierarchy_command(data: str, embeddings: str | None, text: str | None, tree:
     run_hierarchy(config, data, dest, embeddings=embeddings, text=text, tree=tree, log=click.echo)
 
 
+# ----------------------------------------------------------------------------
+# kgtok quantize
+# ----------------------------------------------------------------------------
+
+
+@cli.command("quantize")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--hierarchy", default=None, type=click.Path(file_okay=False),
+              help="Stage-3 artifact (fused vectors, tree): gsquant, rq, flat.")
+@click.option("--embeddings", default=None, type=click.Path(file_okay=False), help="Stage-1 artifact: realm.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Artifact directory.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a QuantizeConfig.")
+@click.option("--progress/--no-progress", default=True)
+@click.argument("overrides", nargs=-1)
+@_friendly_errors
+def quantize_command(data: str, hierarchy: str | None, embeddings: str | None, out: str | None,
+                     config_path: str | None, progress: bool, overrides: tuple[str, ...]) -> None:
+    """Learn entity codes (stage 4), e.g. variant=gsquant levels=4 codebook_size=1024 gse.lambda1=0.8."""
+    from kgtok.config import load_config
+    from kgtok.quantize import QuantizeConfig, run_quantize
+
+    config = load_config(QuantizeConfig, config_path, overrides)
+    dest = Path(out) if out else Path("runs") / f"quantize-{Path(data).resolve().name}-{config.variant}"
+    run_quantize(config, data, dest, hierarchy=hierarchy, embeddings=embeddings, progress=progress, log=click.echo)
+
+
 def main() -> None:
     warnings.formatwarning = _format_warning  # type: ignore[assignment]  # one line per warning in a terminal
     cli(prog_name="kgtok")

@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kgtok.artifacts import artifact_dir, hash_inputs, manifest_matches, read_manifest
+from kgtok.artifacts import artifact_dir, hash_inputs, manifest_matches, read_manifest, write_json_atomic
 from kgtok.config import check_fields, config_to_dict
 from kgtok.data.synthetic import SyntheticConfig
 from kgtok.embed.config import EmbedConfig
+from kgtok.hierarchy.config import HierarchyConfig
+from kgtok.quantize.config import QuantizeConfig
+from kgtok.text.config import TextConfig
 
 # The pipeline's stages in order (METHOD.md).  Each maps to the function that
 # runs it once it exists; None marks a stage still to be built.
@@ -35,6 +38,9 @@ class RunConfig:
     # Stage 1. The run's default validates often and stops early: right for the small demo
     # graph; for a benchmark graph give a preset's values (kgtok/configs/embed_<name>.yaml).
     embed: EmbedConfig = field(default_factory=lambda: EmbedConfig(eval_every=100, patience=3, max_steps=5000))
+    text: TextConfig = field(default_factory=TextConfig)  # stage 2
+    hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)  # stage 3
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)  # stage 4
     progress: bool = True  # progress bars of the long stages
 
     def __post_init__(self) -> None:
@@ -84,25 +90,78 @@ def _embed_stage(config: RunConfig, run_dir: Path, log: Callable[[str], None]) -
     """Stage 1 on the KG recorded by the data stage; reused while config and data are unchanged."""
     from kgtok.embed import run_embed
 
-    data_manifest = read_manifest(run_dir / "data")
-    dest = run_dir / "embed"
-    kg_dir = Path(data_manifest["kg_dir"])
-    inputs = hash_inputs({f"{s}.txt": kg_dir / f"{s}.txt" for s in ("train", "valid", "test")})
-    if manifest_matches(dest, "embed", config.embed, inputs):
-        return StageResult("embed", dest, "cached", _embed_metrics(dest))
-    run_embed(config.embed, kg_dir, dest, progress=config.progress, log=log)
-    return StageResult("embed", dest, "ran", _embed_metrics(dest))
+    kg_dir, dest = _kg_dir(run_dir), run_dir / "embed"
+    inputs = {f"{s}.txt": kg_dir / f"{s}.txt" for s in ("train", "valid", "test")}
+    return _stage("embed", config.embed, inputs, dest,
+                  lambda: run_embed(config.embed, kg_dir, dest, progress=config.progress, log=log),
+                  ("test_mrr", "test_hits_at_1", "test_hits_at_10"))
 
 
-def _embed_metrics(dest: Path) -> dict[str, Any]:
+def _stage(name: str, stage_config: Any, inputs: dict[str, Path], dest: Path,
+           execute: Callable[[], Path], metric_keys: tuple[str, ...]) -> StageResult:
+    """Run a stage unless it already ran with this config on inputs with these hashes.
+
+    The pipeline keeps its own record (``.cache/<stage>.json`` in the run
+    directory: config and input hashes) beside the artifact, so the check does
+    not depend on what each stage writes into its manifest.  Upstream
+    artifacts are hashed by their manifests, so a re-run upstream re-runs
+    everything after it.
+    """
+    record_path = dest.parent / ".cache" / f"{name}.json"
+    record = {"config": config_to_dict(stage_config), "inputs": hash_inputs(inputs)}
+    cached = (read_manifest(dest) is not None and record_path.exists()
+              and json.loads(record_path.read_text(encoding="utf-8")) == json.loads(json.dumps(record)))
+    if not cached:
+        execute()
+        write_json_atomic(record_path, record)
     metrics = read_manifest(dest)["metrics"]
-    return {k: round(metrics[k], 4) for k in ("test_mrr", "test_hits_at_1", "test_hits_at_10")}
+    shown = {k: (round(metrics[k], 4) if isinstance(metrics[k], float) else metrics[k])
+             for k in metric_keys if k in metrics}
+    return StageResult(name, dest, "cached" if cached else "ran", shown)
+
+
+def _kg_dir(run_dir: Path) -> Path:
+    return Path(read_manifest(run_dir / "data")["kg_dir"])
+
+
+def _text_stage(config: RunConfig, run_dir: Path, log: Callable[[str], None]) -> StageResult:
+    from kgtok.text import run_text
+
+    kg_dir, dest = _kg_dir(run_dir), run_dir / "text"
+    return _stage("text", config.text, {"kg": kg_dir}, dest,
+                  lambda: run_text(config.text, kg_dir, dest, progress=config.progress, log=log),
+                  ("dim", "missing_description"))
+
+
+def _hierarchy_stage(config: RunConfig, run_dir: Path, log: Callable[[str], None]) -> StageResult:
+    from kgtok.hierarchy import run_hierarchy
+
+    kg_dir, dest = _kg_dir(run_dir), run_dir / "hierarchy"
+    inputs = {"embeddings": run_dir / "embed", "text": run_dir / "text"}
+    return _stage("hierarchy", config.hierarchy, inputs, dest,
+                  lambda: run_hierarchy(config.hierarchy, kg_dir, dest, embeddings=inputs["embeddings"],
+                                        text=inputs["text"], progress=config.progress, log=log),
+                  ("counts", "nmi_level_1", "nmi_level_2"))
+
+
+def _quantize_stage(config: RunConfig, run_dir: Path, log: Callable[[str], None]) -> StageResult:
+    from kgtok.quantize import run_quantize
+
+    kg_dir, dest = _kg_dir(run_dir), run_dir / "quantize"
+    inputs = {"hierarchy": run_dir / "hierarchy", "embeddings": run_dir / "embed"}
+    return _stage("quantize", config.quantize, inputs, dest,
+                  lambda: run_quantize(config.quantize, kg_dir, dest, hierarchy=inputs["hierarchy"],
+                                       embeddings=inputs["embeddings"], progress=config.progress, log=log),
+                  ("collision_rate_before", "nmi_hierarchy_level_1", "nmi_types_level_1"))
 
 
 STAGES: dict[str, Callable[[RunConfig, Path, Callable[[str], None]], StageResult] | None] = {
     "data": _data_stage,
     "embed": _embed_stage,
-    **{name: None for name in STAGE_ORDER[2:]},
+    "text": _text_stage,
+    "hierarchy": _hierarchy_stage,
+    "quantize": _quantize_stage,
+    **{name: None for name in STAGE_ORDER[5:]},
 }
 
 

@@ -1,0 +1,104 @@
+"""QuantizeConfig: every default of stage 4 (the entity tokenizer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kgtok.config import check_fields, in_range
+
+Variant = Literal["gsquant", "rq", "realm", "flat"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GSEConfig:
+    """Hierarchy-guided semantic enhancement (GS-Quant): L1 pulls, L2 pushes."""
+
+    l1: bool = True  # coarse-to-fine alignment: pull level l toward its level-l cluster centre
+    l2: bool = True  # separability: push level l from the neighbouring clusters' centres
+    lambda1: float = 0.8  # level l weighs lambda1^(l+1)/m: shallow levels weigh more
+    lambda2: float = 0.4  # level l weighs lambda2^(m-l)/m: deep levels weigh more
+    temperature: float = 0.1  # cosine-softmax temperature of both terms
+
+
+@dataclass(frozen=True, kw_only=True)
+class GSRConfig:
+    """Hierarchy-aware semantic reconstruction: a causal decoder rebuilds s and its ancestors."""
+
+    enabled: bool = True
+    layers: int = 2  # transformer layers (the paper: 2)
+    heads: int = 4
+    lambda_s: float = 0.1  # weight of the first ancestor term (λs << λh)
+    lambda_h: float = 1.0  # weight of the remaining ancestor terms
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeConfig:
+    """Stage 4: an RQ-VAE (GS-Quant) or residual k-means (ReaLM) turns entities into code tuples.
+
+    Variants: ``gsquant`` (RQ-VAE + GSE + GSR), ``rq`` (plain RQ-VAE: GSE/GSR
+    off), ``realm`` (residual k-means on the KGE vectors, many stages, no
+    encoder), ``flat`` (one codebook shared by all levels, SSQR-like).
+    """
+
+    variant: Variant = "gsquant"
+    levels: int | None = None  # code levels m; None: 4 (gsquant, rq), 32 (realm), 16 (flat)
+    codebook_size: int | None = None  # K codes per level; None: 2^ceil(log2(N/8)) within [16, 1024]
+    code_dim: int = 128  # width of codewords (reference 512; 128 trains 4x cheaper on a CPU, same codes)
+    encoder_hidden: tuple[int, ...] = (512, 256)  # MLP widths between the input and code_dim
+    beta: float = 0.25  # commitment weight β
+    lr: float = 1e-3  # Adam (reference 1e-4 over many more steps)
+    epochs: int = 60  # passes over the training entities
+    batch_size: int = 1024  # capped at N/16 (>= 64) so that small graphs still get 16 steps an epoch
+    kmeans_init: bool = True  # seed every level's codebook by k-means on the first residuals
+    dead_code_restart: bool = True  # re-seed codes unused for dead_after steps from high-error residuals
+    dead_after: int = 10  # steps without use before a code is re-seeded (a code used by 0.1% of
+    #                       entities is missed by 10 batches of 1024 with probability 1e-4)
+    holdout: float = 0.1  # share of entities held out for checkpoint selection (codebook entropy)
+    eval_every: int = 2  # epochs between checkpoint evaluations
+    gse: GSEConfig = field(default_factory=GSEConfig)
+    gsr: GSRConfig = field(default_factory=GSRConfig)
+    realm_kmeans_iterations: int = 20  # faiss iterations per residual stage (realm)
+    seed: int = 0
+    threads: int = 0  # 0 = all cores
+
+    def __post_init__(self) -> None:
+        check_fields(self, [
+            ("levels", lambda v: v is None or 1 <= v <= 64, "null or an integer in [1, 64]"),
+            ("codebook_size", lambda v: v is None or 2 <= v <= 65536, "null or an integer in [2, 65536]"),
+            ("code_dim", in_range(2), ">= 2"),
+            ("encoder_hidden", lambda v: all(h >= 1 for h in v), "positive widths"),
+            ("beta", in_range(0.0), ">= 0"),
+            ("lr", in_range(0.0, low_open=True), "> 0"),
+            ("epochs", in_range(1), ">= 1"),
+            ("batch_size", in_range(2), ">= 2"),
+            ("dead_after", in_range(1), ">= 1"),
+            ("holdout", in_range(0.0, 0.5), "in [0, 0.5]"),
+            ("eval_every", in_range(1), ">= 1"),
+            ("realm_kmeans_iterations", in_range(1), ">= 1"),
+            ("seed", in_range(0), ">= 0"),
+            ("threads", in_range(0), ">= 0"),
+        ])
+
+    @property
+    def uses_gse(self) -> bool:
+        return self.variant == "gsquant" and (self.gse.l1 or self.gse.l2)
+
+    @property
+    def uses_gsr(self) -> bool:
+        return self.variant == "gsquant" and self.gsr.enabled
+
+    def resolved_batch_size(self, num_entities: int) -> int:
+        return int(min(self.batch_size, max(64, num_entities // 16)))
+
+    def resolved_levels(self) -> int:
+        if self.levels is not None:
+            return self.levels
+        return {"gsquant": 4, "rq": 4, "realm": 32, "flat": 16}[self.variant]
+
+    def resolved_codebook_size(self, num_entities: int) -> int:
+        if self.codebook_size is not None:
+            return self.codebook_size
+        import math
+
+        return int(min(1024, max(16, 2 ** math.ceil(math.log2(max(num_entities / 8, 2))))))

@@ -1,0 +1,214 @@
+"""Stage 4: gradients through every level, GSE/GSR, unique codes, tokenizer round trips, variants."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kgtok.quantize import EntityTokenizer, GSEConfig, QuantizeConfig, run_quantize
+from kgtok.quantize.model import gse_losses
+from kgtok.quantize.tokenizer import NotFittedError, disambiguate, level_namespace
+from kgtok.quantize.train import RQVAE, Hierarchy
+
+
+def clustered(n: int = 240, dim: int = 16, seed: int = 0, clusters: int = 4):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % clusters
+    centres = rng.normal(size=(clusters, dim)) * 2
+    x = centres[labels] + rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+def hierarchy_arrays(x: np.ndarray, labels: np.ndarray, levels: int = 2) -> dict:
+    """A 2-level tree: the planted clusters, then each split in two by the sign of one coordinate."""
+    fine = np.unique(labels * 2 + (x[:, 0] > 0), return_inverse=True)[1].reshape(-1)  # dense, none empty
+    paths = np.stack([labels, fine], 1)[:, :levels]
+    centroids, neighbours = [], []
+    for level in range(levels):
+        k = paths[:, level].max() + 1
+        c = np.stack([x[paths[:, level] == i].mean(0) for i in range(k)])
+        centroids.append((c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32))
+        neighbours.append(np.array([[j for j in range(k) if j != i][:3] for i in range(k)]))
+    return {"paths": paths, "centroids": centroids, "neighbours": neighbours, "fused_vectors": x}
+
+
+def small_config(**overrides) -> QuantizeConfig:
+    base = dict(levels=3, codebook_size=8, code_dim=8, encoder_hidden=(16,), epochs=6, eval_every=2, threads=1)
+    return QuantizeConfig(**(base | overrides))
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_every_gse_level_moves_encoder_and_codebooks(level):
+    """The reference defect: r_{l+1} = r_l - ṽ_l cut the gradient; here each level's GSE reaches the encoder."""
+    x, labels = clustered()
+    config = small_config()
+    model = RQVAE(x.shape[1], config, levels=3, codebook_size=8)
+    xt = torch.as_tensor(x)
+    with torch.no_grad():
+        model.quantizer.kmeans_init(model.encoder(xt), seed=0)
+    tree = Hierarchy.from_arrays(hierarchy_arrays(x, labels), levels=3)
+    out = model.quantizer(model.encoder(xt[:64]))
+    centre_codes = [model.encoder(c).detach() for c in tree.centroids]  # only the operand's paths count here
+    _, l1, l2 = gse_losses(out.prefixes, centre_codes, tree.clusters[:64], tree.neighbours,
+                           lambda1=0.8, lambda2=0.4, temperature=0.1)
+    (l1[level] + l2[level]).backward()
+    encoder_grad = sum(p.grad.abs().sum() for p in model.encoder.parameters() if p.grad is not None)
+    assert encoder_grad > 0
+    book_grad = model.quantizer.codebooks.grad.abs().sum(dim=(1, 2))  # (levels,)
+    assert all(book_grad[j] > 0 for j in range(level + 1))  # codebooks up to this level move
+    assert all(book_grad[j] == 0 for j in range(level + 1, 3))  # deeper ones do not
+
+
+def test_reference_residual_update_would_cut_the_gradient():
+    """Guard for the test above: the reference code's update leaves level >= 1 without encoder gradient."""
+    x, _ = clustered()
+    config = small_config()
+    model = RQVAE(x.shape[1], config, levels=3, codebook_size=8)
+    z = model.encoder(torch.as_tensor(x[:32]))
+    residual = z
+    for level in range(2):
+        v = model.quantizer.codebook(level)[model.quantizer.nearest(residual.detach(), model.quantizer.codebook(level))]
+        surrogate = residual + (v - residual).detach()
+        residual = residual - surrogate  # the reference: r_{l+1} = r_l - ṽ_l
+    # The level-2 residual's gradient with respect to the encoder is exactly zero (r - r cancels).
+    grads = torch.autograd.grad((residual * torch.randn_like(residual)).sum(), list(model.encoder.parameters()),
+                                allow_unused=True)
+    assert all(g is None or g.abs().sum() == 0 for g in grads)
+
+
+def test_gsr_trains_and_checkpoint_is_the_highest_entropy():
+    x, labels = clustered(n=320)
+    tokenizer = EntityTokenizer(config=small_config(epochs=12)).fit(x, hierarchy_arrays(x, labels), progress=False)
+    history = tokenizer.record_.history
+    assert "loss_gsr" in history[0] and "loss_gse" in history[0]
+    assert history[-1]["loss_gsr"] < history[0]["loss_gsr"]  # the causal decoder learns
+    evaluated = [h for h in history if "heldout_entropy" in h]
+    best = max(evaluated, key=lambda h: h["heldout_entropy"])
+    assert tokenizer.record_.best_epoch == best["epoch"]
+
+
+def test_variant_switches():
+    x, labels = clustered()
+    rq = EntityTokenizer(config=small_config(variant="rq")).fit(x, None, progress=False)
+    assert "loss_gse" not in rq.record_.history[0] and "loss_gsr" not in rq.record_.history[0]
+    no_l1 = small_config(gse=GSEConfig(l1=False))
+    assert no_l1.uses_gse and not no_l1.gse.l1
+    flat = EntityTokenizer(config=small_config(variant="flat", levels=5)).fit(x, None, progress=False)
+    assert flat.codebooks_.shape == (1, 8, 8) and flat.base_codes_.shape == (len(x), 5)
+    with pytest.raises(ValueError, match="needs a hierarchy"):
+        EntityTokenizer(config=small_config()).fit(x, None, progress=False)
+
+
+def test_codes_are_unique_and_decode_exactly():
+    x, labels = clustered(n=300)
+    tokenizer = EntityTokenizer(config=small_config(variant="rq", levels=2, codebook_size=4, epochs=2)).fit(
+        x, None, progress=False)
+    assert tokenizer.collision_rate_before_ > 0.5  # 16 tuples for 300 entities
+    assert tokenizer.width_ == 3
+    assert len(np.unique(tokenizer.codes_, axis=0)) == len(x)
+    ids = np.arange(len(x))
+    np.testing.assert_array_equal(tokenizer.decode(tokenizer.encode(ids)), ids)
+    assert tokenizer.decode(np.array([[3, 3, 999]]))[0] == -1
+    with pytest.raises(ValueError, match="columns"):
+        tokenizer.decode(np.zeros((1, 2), dtype=int))
+
+
+def test_disambiguate_matches_brute_force():
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 3, size=(200, 2))
+    fixed, rate = disambiguate(codes)
+    seen: dict = {}
+    expected_rank = []
+    for row in map(tuple, codes):
+        expected_rank.append(seen.get(row, 0))
+        seen[row] = seen.get(row, 0) + 1
+    assert fixed[:, -1].tolist() == expected_rank  # rank in entity-id order within each tuple
+    counts = {k: v for k, v in seen.items()}
+    assert rate == pytest.approx(np.mean([counts[tuple(r)] > 1 for r in codes]))
+    unique = np.arange(10).reshape(5, 2)
+    same, zero = disambiguate(unique)
+    assert same is unique and zero == 0.0
+
+
+def test_save_load_encode_new_and_tokens(tmp_path):
+    x, labels = clustered(n=300)
+    tokenizer = EntityTokenizer(config=small_config(variant="rq", levels=2, codebook_size=4, epochs=2)).fit(
+        x, None, progress=False)
+    tokenizer.save(tmp_path / "tok")
+    loaded = EntityTokenizer.load(tmp_path / "tok")
+    np.testing.assert_array_equal(loaded.codes_, tokenizer.codes_)
+    np.testing.assert_array_equal(loaded.decode(tokenizer.codes_[:20]), np.arange(20))
+    # Inductive: existing vectors get their tuple again, with the next free disambiguation rank.
+    new = loaded.encode_new(x[:3])
+    np.testing.assert_array_equal(new[:, :2], tokenizer.base_codes_[:3])
+    group_sizes = [(tokenizer.base_codes_ == tokenizer.base_codes_[i]).all(1).sum() for i in range(3)]
+    same_tuple_before = [sum((tokenizer.base_codes_[j] == tokenizer.base_codes_[i]).all() for j in range(i)) for i in range(3)]
+    assert new[:, 2].tolist() == [g + s for g, s in zip(group_sizes, same_tuple_before)]
+    assert all(loaded.decode(new) == -1)  # new tuples are not registered
+    with pytest.raises(ValueError, match="dims"):
+        loaded.encode_new(x[:3, :5])
+    strings = loaded.token_strings(loaded.codes_[:2])
+    assert strings[0].startswith(f"<a_{loaded.codes_[0, 0]}><b_{loaded.codes_[0, 1]}><c_")
+    vocabulary = loaded.vocabulary()
+    assert len(vocabulary) == 2 * 4 + int(loaded.codes_[:, 2].max()) + 1 and len(set(vocabulary)) == len(vocabulary)
+    assert [level_namespace(i) for i in (0, 1, 25, 26, 27)] == ["a", "b", "z", "aa", "ab"]
+    with pytest.raises(NotFittedError):
+        EntityTokenizer().encode([0])
+
+
+def test_realm_residual_kmeans_gets_closer_with_more_stages():
+    x, _ = clustered(n=400, dim=24)
+    errors = []
+    for stages in (2, 8):
+        tokenizer = EntityTokenizer(config=QuantizeConfig(variant="realm", levels=stages, codebook_size=16)).fit(
+            x, None, progress=False)
+        rebuilt = tokenizer.vectors_of(tokenizer.codes_)
+        errors.append(float(((rebuilt - x) ** 2).sum(1).mean()))
+        np.testing.assert_array_equal(tokenizer.encode_new(x[:10])[:, :stages], tokenizer.base_codes_[:10])
+    assert errors[1] < 0.5 * errors[0]
+
+
+def test_kmeans_initialisation_spreads_the_codes():
+    x, _ = clustered(n=600, dim=16, clusters=12)
+    used = []
+    for init in (False, True):
+        config = small_config(variant="rq", levels=1, codebook_size=16, epochs=1, kmeans_init=init,
+                              dead_code_restart=False, lr=1e-6)
+        tokenizer = EntityTokenizer(config=config).fit(x, None, progress=False)
+        used.append(len(np.unique(tokenizer.base_codes_[:, 0])))
+    assert used[1] >= 12 and used[1] > used[0]
+
+
+def test_stage_artifact_on_synthetic_kg(tmp_path):
+    from kgtok.data import load_kg
+    from kgtok.data.synthetic import SyntheticConfig, write_synthetic
+    from kgtok.hierarchy import HierarchyConfig, run_hierarchy
+
+    kg = load_kg(write_synthetic(SyntheticConfig(num_entities=300, seed=4), tmp_path / "kg"))
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(kg.num_entities, 4))[kg.entity_types[:, 1] % 4] + 0.3 * rng.normal(size=(kg.num_entities, 4))
+    embed = tmp_path / "embed"
+    embed.mkdir()
+    np.save(embed / "entity_embeddings.npy", np.concatenate([vectors, rng.normal(size=(kg.num_entities, 12))], 1))
+    (embed / "entities.tsv").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(kg.entity_names)))
+    quiet = lambda *_: None  # noqa: E731
+    hierarchy = run_hierarchy(HierarchyConfig(levels=3, threads=1), kg, tmp_path / "h", embeddings=embed, log=quiet)
+    dest = run_quantize(small_config(codebook_size=16, code_dim=16), kg, tmp_path / "q", hierarchy=hierarchy,
+                        progress=False, log=quiet)
+    metrics = json.loads((dest / "metrics.json").read_text())
+    codes = np.load(dest / "codes.npy")
+    assert codes.shape[0] == kg.num_entities and len(np.unique(codes, axis=0)) == kg.num_entities
+    assert metrics["collision_rate_after"] == 0.0
+    for key in ("entropy", "utilization", "perplexity"):
+        assert len(metrics[key]) == 3
+    assert 0 < metrics["reconstruction_cosine"] <= 1
+    assert "nmi_hierarchy_level_1" in metrics and "nmi_types_level_1" in metrics
+    lines = (dest / "tokens.txt").read_text().splitlines()
+    assert len(lines) == kg.num_entities and lines[0].split("\t")[2].startswith("<a_")
+    loaded = EntityTokenizer.load(dest / "tokenizer")
+    np.testing.assert_array_equal(loaded.codes_, codes)
+    with pytest.raises(ValueError, match="realm quantizes the KG embeddings"):
+        run_quantize(QuantizeConfig(variant="realm"), kg, tmp_path / "r", hierarchy=hierarchy, log=quiet)
