@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TEST, TRAIN, VALID, shared_dataset
+from conftest import TEST, TRAIN, shared_dataset
 from kgtok.data import KGFormatError, load_kg
 
 

@@ -14,9 +14,6 @@ Artifact layout::
 
 from __future__ import annotations
 
-import json
-import re
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -125,7 +122,7 @@ def run_hierarchy(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Stage 3: fuse stage-1 and stage-2 vectors and build (or import) the tree."""
-    from kgtok.embed.train import torch_threads
+    from kgtok.runtime import torch_threads
 
     kg = data if isinstance(data, KnowledgeGraph) else load_kg(data)
     graph_vectors = _load_vectors(embeddings, "entity_embeddings.npy", kg)
