@@ -337,6 +337,29 @@ def quantize_command(data: str, hierarchy: str | None, embeddings: str | None, o
     run_quantize(config, data, dest, hierarchy=hierarchy, embeddings=embeddings, progress=progress, log=click.echo)
 
 
+# ----------------------------------------------------------------------------
+# kgtok instruct
+# ----------------------------------------------------------------------------
+
+
+@cli.command("instruct")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--embeddings", required=True, type=click.Path(file_okay=False), help="Stage-1 artifact (candidates).")
+@click.option("--codes", default=None, type=click.Path(file_okay=False), help="Stage-4 artifact (entity codes).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the JSONL files.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of an InstructConfig.")
+@click.argument("overrides", nargs=-1)
+@_friendly_errors
+def instruct_command(data: str, embeddings: str, codes: str | None, out: str, config_path: str | None,
+                     overrides: tuple[str, ...]) -> None:
+    """Write DIFT-format instructions with codes (LM-train, LM-valid, test), e.g. use_codes=false."""
+    from kgtok.config import load_config
+    from kgtok.llm import InstructConfig, run_instruct
+
+    config = load_config(InstructConfig, config_path, overrides)
+    run_instruct(config, data, embeddings, out, codes=codes, log=click.echo)
+
+
 def main() -> None:
     warnings.formatwarning = _format_warning  # type: ignore[assignment]  # one line per warning in a terminal
     cli(prog_name="kgtok")

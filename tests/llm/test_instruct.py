@@ -1,0 +1,108 @@
+"""DIFT instructions: sources and sizes, truncated sampling, no leakage, ablation switches."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kgtok.data import load_kg
+from kgtok.data.synthetic import SyntheticConfig, write_synthetic
+from kgtok.embed import EmbedConfig, run_embed
+from kgtok.llm import InstructConfig, run_instruct
+from kgtok.llm.instruct import NeighbourIndex
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("instruct")
+    kg = load_kg(write_synthetic(SyntheticConfig(num_entities=300, seed=5), root / "kg"))
+    embed = run_embed(EmbedConfig(dim=16, max_steps=60, eval_every=30, batch_size=256, threads=1, top_k=8,
+                                  export_splits=("valid", "test")), kg, root / "embed", progress=False,
+                      log=lambda *_: None)
+    codes = root / "codes"
+    codes.mkdir()
+    (codes / "tokens.txt").write_text("".join(f"{i}\t{n}\t<a_{i % 7}><b_{i}>\n" for i, n in enumerate(kg.entity_names)))
+    return kg, embed, codes, root
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_sources_sizes_and_truncated_sampling(inputs, tmp_path):
+    kg, embed, codes, _ = inputs
+    dest = run_instruct(InstructConfig(top_k=8), kg, embed, tmp_path / "i", codes=codes, log=lambda *_: None)
+    train, valid, test = (read(dest / f"{n}.jsonl") for n in ("lm_train", "lm_valid", "test"))
+    queries = 2 * len(kg.valid)
+    assert len(valid) == queries - int(round(queries * 0.9))
+    manifest = json.loads((dest / "manifest.json").read_text())["metrics"]
+    assert len(train) + manifest["lm_train_dropped"] + len(valid) == queries
+    assert len(test) == 2 * len(kg.test) and {r["split"] for r in test} == {"test"}
+    assert {r["split"] for r in train + valid} == {"valid"}  # DIFT: examples from validation queries
+    for record in train:
+        assert record["confidence"] > 0.05 and record["gold_in_candidates"]
+        assert record["answer"] in record["candidate_text"]
+    for record in train + valid + test:
+        k = len(record["candidates"])
+        assert k == 8
+        if record["stage1_rank"] > k:  # confidence = 1/rank; the gold is never added to the list
+            assert record["confidence"] == pytest.approx(1 / record["stage1_rank"])
+            assert not record["gold_in_candidates"] and record["gold"] not in record["candidates"]
+        else:  # confidence = 100 p(gold) + 1/rank
+            assert record["confidence"] >= 1 / record["stage1_rank"]
+    # Ranks in the records are stage 1's filtered ranks.
+    ranks = np.array([r["stage1_rank"] for r in test])
+    stage1 = json.loads((embed / "metrics.json").read_text())["test"]["both"]["mrr"]
+    assert np.mean(1 / ranks) == pytest.approx(stage1)
+
+
+def test_prompt_contents_and_no_leakage(inputs, tmp_path):
+    kg, embed, codes, _ = inputs
+    dest = run_instruct(InstructConfig(top_k=8), kg, embed, tmp_path / "i", codes=codes, log=lambda *_: None)
+    record = read(dest / "test.jsonl")[0]
+    h, r, t = record["triple"]
+    assert record["direction"] == "tail" and "tail entity unknown" in record["prompt"]
+    assert "<a_" in record["prompt"] and kg.labels[record["known"]] in record["prompt"]
+    held_out = {tuple(x) for x in np.concatenate([kg.valid.numpy(), kg.test.numpy()]).tolist()}
+    index = NeighbourIndex(kg)
+    train = {tuple(x) for x in kg.train.numpy().tolist()}
+    for entity in range(0, kg.num_entities, 17):
+        facts = index.for_query(entity, 0, True, None, 10)
+        assert all(f in train for f in facts) and not any(f in held_out for f in facts)
+        assert all(entity in (f[0], f[2]) for f in facts)
+    # A training query never lists itself as a neighbour fact.
+    h0, r0, t0 = (int(v) for v in kg.train[0])
+    assert (h0, r0, t0) not in index.for_query(h0, r0, True, (h0, r0, t0), 1000)
+    no_codes = run_instruct(InstructConfig(top_k=8, use_codes=False), kg, embed, tmp_path / "n", log=lambda *_: None)
+    assert all("<a_" not in r["prompt"] for r in read(no_codes / "test.jsonl"))
+    codes_only = run_instruct(InstructConfig(top_k=8, use_names=False, use_descriptions=False,
+                                             use_neighbours=False), kg, embed, tmp_path / "c", codes=codes,
+                              log=lambda *_: None)
+    first = read(codes_only / "test.jsonl")[0]
+    assert kg.labels[first["gold"]] not in first["answer"] and first["answer"].startswith("<a_")
+    assert "Known facts" not in first["prompt"]
+    with pytest.raises(ValueError, match="use_codes needs codes"):
+        run_instruct(InstructConfig(), kg, embed, tmp_path / "x", log=lambda *_: None)
+
+
+def test_neighbours_ranked_by_relation_cooccurrence(tmp_path):
+    from conftest import write_lines
+
+    directory = tmp_path / "kg"
+    directory.mkdir()
+    # Entity a: relations likes (x3 entities have likes+knows), hates (rare).
+    write_lines(directory / "train.txt", [
+        "a\tlikes\tb", "a\thates\tc", "a\tknows\td",
+        "e\tlikes\tb", "e\tknows\tc", "f\tlikes\tc", "f\tknows\tb",
+    ])
+    write_lines(directory / "valid.txt", ["a\tlikes\td"])
+    write_lines(directory / "test.txt", ["e\tlikes\td"])
+    kg = load_kg(directory)
+    index = NeighbourIndex(kg)
+    a, likes = kg.entity_to_id["a"], kg.relation_to_id["likes"]
+    facts = index.for_query(a, likes, True, None, 3)
+    relations = [kg.relation_names[f[1]] for f in facts]
+    # "likes" co-occurs with itself (3 entities) and "knows" (3), "hates" with it on 1 entity: last.
+    assert relations[-1] == "hates" and set(relations[:2]) == {"likes", "knows"}
