@@ -124,6 +124,35 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     return path
 
 
+ID_ORDER = "entities.tsv"
+
+
+def write_id_order(path: str | Path, names: list[str]) -> None:
+    """``id<TAB>raw name`` lines: the row order of an artifact's per-entity arrays."""
+    Path(path).write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(names)), encoding="utf-8")
+
+
+def read_id_order(path: str | Path) -> list[str]:
+    return [line.split("\t", 1)[1] for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def load_entity_vectors(artifact: str | Path, filename: str, entity_names: list[str]) -> Any:
+    """(N, D) array of an upstream artifact, checked to be in this KG's entity order."""
+    import numpy as np
+
+    artifact = Path(artifact)
+    path = artifact / filename
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {artifact} a finished stage artifact?")
+    vectors = np.load(path)
+    order_file = artifact / ID_ORDER
+    if order_file.exists() and read_id_order(order_file) != list(entity_names):
+        raise ValueError(f"{order_file}: entity order differs from the KG's; was the artifact made from another dataset?")
+    if len(vectors) != len(entity_names):
+        raise ValueError(f"{path}: {len(vectors)} rows for {len(entity_names)} entities")
+    return vectors
+
+
 def read_manifest(artifact: str | Path) -> dict[str, Any] | None:
     """The manifest of an artifact directory, or None when there is none."""
     path = Path(artifact) / MANIFEST

@@ -10,20 +10,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 
-from kgtok.artifacts import artifact_dir, hash_inputs
+from kgtok.artifacts import ID_ORDER, artifact_dir, hash_inputs, write_id_order
 from kgtok.config import check_fields, in_range
 from kgtok.data.errors import KGFormatError
 from kgtok.data.graph import KnowledgeGraph, load_kg
 from kgtok.data.reader import read_table
 from kgtok.embed.config import EmbedConfig, ModelName
 from kgtok.embed.models import build_model
-from kgtok.embed.ranking import RankedQueries, rank_triples
-from kgtok.embed.train import export, torch_threads
+from kgtok.embed.ranking import rank_splits
+from kgtok.embed.train import export
+from kgtok.runtime import torch_threads
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,8 +118,7 @@ def import_embeddings(
             np.save(writer.path / "entity_embeddings.npy", entities.astype(np.float32))
             if relations is not None:
                 np.save(writer.path / "relation_embeddings.npy", relations.astype(np.float32))
-            (writer.path / "entities.tsv").write_text(
-                "".join(f"{i}\t{n}\n" for i, n in enumerate(kg.entity_names)), encoding="utf-8")
+            write_id_order(writer.path / ID_ORDER, kg.entity_names)
             return Path(dest)
         complex_valued = config.model in ("complex", "rotate")
         dim = entities.shape[1] // 2 if complex_valued else entities.shape[1]
@@ -130,19 +130,8 @@ def import_embeddings(
         with torch.no_grad():
             model.entity.copy_(torch.as_tensor(entities, dtype=torch.float32))
             model.relation.copy_(torch.as_tensor(relations, dtype=torch.float32))
-        ranked: dict[str, RankedQueries] = {}
-        metrics: dict[str, Any] = {}
-        for split in ("valid", "test", *config.export_splits):
-            if split in ranked:
-                continue
-            ranked[split] = rank_triples(
-                model, kg.triples[split], kg.filter_index, reciprocal=config.reciprocal,
-                num_base_relations=kg.num_relations, batch_size=config.eval_batch_size,
-                top_k=config.top_k if split in config.export_splits else 0, progress=progress,
-                description=f"rank {split}",
-            )
-            if split in ("valid", "test"):
-                metrics[split] = ranked[split].evaluator().compute()
+        ranked, metrics = rank_splits(model, kg, reciprocal=config.reciprocal, batch_size=config.eval_batch_size,
+                                      top_k=config.top_k, export_splits=config.export_splits, progress=progress)
         embed_config = EmbedConfig(
             model=config.model, dim=dim, margin=config.margin, reciprocal=config.reciprocal,
             loss="1vsall" if config.reciprocal else "nssa", top_k=config.top_k, export_splits=config.export_splits,

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kgtok.data.filter_index import FilterIndex
+from kgtok.data.graph import KnowledgeGraph
 from kgtok.embed.models import KGEModel
 from kgtok.metrics import RankingEvaluator, filtered_top_k, realistic_rank
 
@@ -126,3 +127,30 @@ def rank_triples(
         candidates=candidates,
         candidate_scores=candidate_scores,
     )
+
+
+def rank_splits(
+    model: KGEModel,
+    kg: KnowledgeGraph,
+    *,
+    reciprocal: bool,
+    batch_size: int,
+    top_k: int,
+    export_splits: tuple[str, ...],
+    progress: bool = False,
+) -> tuple[dict[str, RankedQueries], dict[str, dict]]:
+    """Rank valid, test and every exported split once; metrics of valid and test.
+
+    Candidates (top-k) are kept only for the exported splits.
+    """
+    ranked: dict[str, RankedQueries] = {}
+    metrics: dict[str, dict] = {}
+    for split in dict.fromkeys(("valid", "test", *export_splits)):
+        ranked[split] = rank_triples(
+            model, kg.triples[split], kg.filter_index, reciprocal=reciprocal, num_base_relations=kg.num_relations,
+            batch_size=batch_size, top_k=top_k if split in export_splits else 0, progress=progress,
+            description=f"rank {split}",
+        )
+        if split in ("valid", "test"):
+            metrics[split] = ranked[split].evaluator().compute()
+    return ranked, metrics

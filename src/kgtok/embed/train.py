@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kgtok.artifacts import artifact_dir, hash_inputs, write_json_atomic
+from kgtok.artifacts import ID_ORDER, artifact_dir, hash_inputs, write_id_order, write_json_atomic
 from kgtok.config import config_to_dict, format_config
 from kgtok.data.graph import KnowledgeGraph, load_kg
 from kgtok.embed.config import EmbedConfig
 from kgtok.embed.models import KGEModel, build_model
-from kgtok.embed.ranking import RankedQueries, rank_triples
+from kgtok.embed.ranking import RankedQueries, rank_splits, rank_triples
 from kgtok.runtime import torch_threads
 
 
@@ -353,19 +353,10 @@ def run_embed(
             writer.metrics["best_step"] = state.best_step
             writer.metrics["steps"] = state.step
             with writer.timed("evaluate"):
-                metrics: dict[str, Any] = {}
-                ranked: dict[str, RankedQueries] = {}
-                for split in ("valid", "test", *config.export_splits):
-                    if split in ranked:
-                        continue
-                    ranked[split] = rank_triples(
-                        model, kg.triples[split], kg.filter_index, reciprocal=config.resolved_reciprocal,
-                        num_base_relations=kg.num_relations, batch_size=config.eval_batch_size,
-                        top_k=config.top_k if split in config.export_splits else 0,
-                        progress=progress, description=f"rank {split}",
-                    )
-                    if split in ("valid", "test"):
-                        metrics[split] = ranked[split].evaluator().compute()
+                ranked, metrics = rank_splits(
+                    model, kg, reciprocal=config.resolved_reciprocal, batch_size=config.eval_batch_size,
+                    top_k=config.top_k, export_splits=config.export_splits, progress=progress,
+                )
             export(writer.path, model, kg, config, state, metrics, ranked)
             writer.metrics.update({
                 f"{split}_{name}": metrics[split]["both"][name]
@@ -389,8 +380,8 @@ def export(
     """Write the files of the artifact layout (see :func:`run_embed`)."""
     np.save(path / "entity_embeddings.npy", model.entity_embeddings().numpy().astype(np.float32))
     np.save(path / "relation_embeddings.npy", model.relation_embeddings().numpy().astype(np.float32))
-    (path / "entities.tsv").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(kg.entity_names)), encoding="utf-8")
-    (path / "relations.tsv").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(kg.relation_names)), encoding="utf-8")
+    write_id_order(path / ID_ORDER, kg.entity_names)
+    write_id_order(path / "relations.tsv", kg.relation_names)
     (path / "config.yaml").write_text(format_config(config), encoding="utf-8")
     torch.save({
         "state_dict": model.state_dict(), "model": config.model, "dim": config.dim, "margin": config.margin,

@@ -20,31 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from kgtok.artifacts import artifact_dir, hash_inputs, write_json_atomic
+from kgtok.artifacts import ID_ORDER, artifact_dir, hash_inputs, load_entity_vectors, write_id_order, write_json_atomic
 from kgtok.config import format_config
 from kgtok.data.graph import KnowledgeGraph, load_kg
 from kgtok.hierarchy.build import SemanticHierarchy, cluster_means, fuse, normalize_rows
 from kgtok.hierarchy.config import HierarchyConfig
-
-
-def _load_vectors(artifact: str | Path | None, filename: str, kg: KnowledgeGraph) -> np.ndarray | None:
-    """Vectors of an upstream artifact, checked to be in this KG's entity order."""
-    if artifact is None:
-        return None
-    artifact = Path(artifact)
-    path = artifact / filename
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {artifact} a finished stage artifact?")
-    vectors = np.load(path)
-    order_file = artifact / "entities.tsv"
-    if order_file.exists():
-        names = [line.split("\t", 1)[1] for line in order_file.read_text(encoding="utf-8").splitlines()]
-        if names != kg.entity_names:
-            raise ValueError(f"{order_file}: entity order differs from the KG's ({kg.source}); "
-                             "was the artifact made from another dataset?")
-    if len(vectors) != kg.num_entities:
-        raise ValueError(f"{path}: {len(vectors)} rows for {kg.num_entities} entities")
-    return vectors
 
 
 def top_words(texts: list[str], labels: np.ndarray, k: int, count: int = 8) -> list[list[str]]:
@@ -125,8 +105,8 @@ def run_hierarchy(
     from kgtok.runtime import torch_threads
 
     kg = data if isinstance(data, KnowledgeGraph) else load_kg(data)
-    graph_vectors = _load_vectors(embeddings, "entity_embeddings.npy", kg)
-    text_vectors = _load_vectors(text, "text_embeddings.npy", kg)
+    graph_vectors = load_entity_vectors(embeddings, "entity_embeddings.npy", kg.entity_names) if embeddings else None
+    text_vectors = load_entity_vectors(text, "text_embeddings.npy", kg.entity_names) if text else None
     if graph_vectors is None and text_vectors is None:
         raise ValueError("the hierarchy needs --embeddings (a stage-1 artifact), --text (a stage-2 artifact) or both")
     log(format_config(config))
@@ -161,8 +141,7 @@ def run_hierarchy(
         np.savez(writer.path / "hierarchy.npz", **arrays)
         with writer.timed("describe"):
             write_json_atomic(writer.path / "hierarchy.json", describe(hierarchy, fused, kg, config.top_labels))
-        (writer.path / "entities.tsv").write_text(
-            "".join(f"{i}\t{n}\n" for i, n in enumerate(kg.entity_names)), encoding="utf-8")
+        write_id_order(writer.path / ID_ORDER, kg.entity_names)
         sizes = np.bincount(hierarchy.paths_[:, 0])
         writer.metrics.update({
             "builder": hierarchy.builder_, "counts": hierarchy.counts_, "rho": rho,

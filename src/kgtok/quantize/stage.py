@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kgtok.artifacts import artifact_dir, hash_inputs, write_json_atomic
+from kgtok.artifacts import artifact_dir, hash_inputs, load_entity_vectors, write_json_atomic
 from kgtok.config import format_config
 from kgtok.data.graph import KnowledgeGraph, load_kg
 from kgtok.quantize.config import QuantizeConfig
@@ -70,18 +70,18 @@ def run_quantize(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Stage 4: ``gsquant``/``rq``/``flat`` read stage 3's fused vectors; ``realm`` stage 1's vectors."""
-    from kgtok.hierarchy.stage import _load_vectors, load_hierarchy
+    from kgtok.hierarchy.stage import load_hierarchy
 
     kg = data if isinstance(data, KnowledgeGraph) else load_kg(data)
     arrays = load_hierarchy(hierarchy) if hierarchy is not None else None
     if config.variant == "realm":
         if embeddings is None:
             raise ValueError("variant realm quantizes the KG embeddings: give embeddings (a stage-1 artifact)")
-        vectors = _load_vectors(embeddings, "entity_embeddings.npy", kg)
+        vectors = load_entity_vectors(embeddings, "entity_embeddings.npy", kg.entity_names)
     else:
         if arrays is None:
             raise ValueError(f"variant {config.variant!r} quantizes the fused vectors: give hierarchy (a stage-3 artifact)")
-        _load_vectors(hierarchy, "fused_vectors.npy", kg)  # checks the entity order
+        load_entity_vectors(hierarchy, "fused_vectors.npy", kg.entity_names)  # checks the entity order
         vectors = arrays["fused_vectors"]
     log(format_config(config))
     inputs = hash_inputs({k: v for k, v in {"hierarchy": hierarchy, "embeddings": embeddings}.items() if v})

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kgtok.artifacts import artifact_dir, hash_inputs
+from kgtok.artifacts import ID_ORDER, artifact_dir, hash_inputs, write_id_order
 from kgtok.config import format_config
 from kgtok.data.graph import DESCRIPTION_FILES, LABEL_FILES, SPLITS, KnowledgeGraph, load_kg
 from kgtok.runtime import torch_threads
@@ -407,9 +407,7 @@ def run_text(
         if config.mode == "separate":
             np.save(writer.path / "label_embeddings.npy", np.ascontiguousarray(label_vectors))
             np.save(writer.path / "description_embeddings.npy", np.ascontiguousarray(description_vectors))
-        (writer.path / "entities.tsv").write_text(
-            "".join(f"{i}\t{name}\n" for i, name in enumerate(kg.entity_names)), encoding="utf-8"
-        )
+        write_id_order(writer.path / ID_ORDER, kg.entity_names)
         (writer.path / "config.yaml").write_text(format_config(config), encoding="utf-8")
         writer.metrics.update({
             "num_entities": n,
