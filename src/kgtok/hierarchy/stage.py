@@ -28,9 +28,12 @@ from kgtok.hierarchy.config import HierarchyConfig
 
 
 def top_words(texts: list[str], labels: np.ndarray, k: int, count: int = 8) -> list[list[str]]:
-    """Words most over-represented in each cluster's texts (lift over the whole KG)."""
-    from sklearn.feature_extraction.text import CountVectorizer
+    """Words most over-represented in each cluster's texts (lift over the whole KG).
+
+    Kept sparse: a dense (clusters x vocabulary) matrix is GBs at WN18RR's finest level.
+    """
     from scipy.sparse import csr_matrix
+    from sklearn.feature_extraction.text import CountVectorizer
 
     vectorizer = CountVectorizer(stop_words="english", min_df=2, token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z]+\b",
                                  binary=True)
@@ -40,13 +43,19 @@ def top_words(texts: list[str], labels: np.ndarray, k: int, count: int = 8) -> l
         return [[] for _ in range(k)]
     vocabulary = np.asarray(vectorizer.get_feature_names_out())
     indicator = csr_matrix((np.ones(len(labels)), (labels, np.arange(len(labels)))), shape=(k, len(labels)))
-    per_cluster = np.asarray((indicator @ words).todense())  # (k, V) documents containing the word
-    sizes = np.asarray(indicator.sum(axis=1)).reshape(-1, 1)
-    overall = np.asarray(words.sum(axis=0)).reshape(1, -1) / len(labels)
-    lift = (per_cluster / np.maximum(sizes, 1)) / np.maximum(overall, 1e-12)
-    score = np.where(per_cluster >= np.minimum(2, sizes), lift * np.log1p(per_cluster), 0.0)
-    best = np.argsort(-score, axis=1)[:, :count]
-    return [[str(vocabulary[j]) for j in row if score[i, j] > 0] for i, row in enumerate(best)]
+    per_cluster = (indicator @ words).tocsr()  # (k, V) sparse: documents containing the word
+    sizes = np.asarray(indicator.sum(axis=1)).ravel()
+    overall = np.asarray(words.sum(axis=0)).ravel() / len(labels)
+    rows = np.repeat(np.arange(k), np.diff(per_cluster.indptr))
+    hits = per_cluster.data
+    lift = (hits / np.maximum(sizes[rows], 1)) / np.maximum(overall[per_cluster.indices], 1e-12)
+    score = np.where(hits >= np.minimum(2, sizes[rows]), lift * np.log1p(hits), 0.0)
+    out = []
+    for cluster in range(k):  # a loop over clusters, each over its own nonzero words
+        span = slice(per_cluster.indptr[cluster], per_cluster.indptr[cluster + 1])
+        best = np.argsort(-score[span], kind="stable")[:count]
+        out.append([str(vocabulary[per_cluster.indices[span][j]]) for j in best if score[span][j] > 0])
+    return out
 
 
 def describe(hierarchy: SemanticHierarchy, vectors: np.ndarray, kg: KnowledgeGraph, top_labels: int) -> dict[str, Any]:
