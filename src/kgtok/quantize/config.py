@@ -27,6 +27,7 @@ class GSRConfig:
 
     enabled: bool = True
     layers: int = 2  # transformer layers (the paper: 2)
+    width: int = 64  # transformer width; code vectors are projected to it (128 wide cost 4x on WN18RR)
     heads: int = 4
     lambda_s: float = 0.1  # weight of the first ancestor term (λs << λh)
     lambda_h: float = 1.0  # weight of the remaining ancestor terms
@@ -76,6 +77,7 @@ class QuantizeConfig:
             ("holdout", in_range(0.0, 0.5), "in [0, 0.5]"),
             ("eval_every", in_range(1), ">= 1"),
             ("realm_kmeans_iterations", in_range(1), ">= 1"),
+            ("gsr", lambda g: g.width % g.heads == 0 and g.layers >= 1, "gsr.width divisible by gsr.heads, layers >= 1"),
             ("seed", in_range(0), ">= 0"),
             ("threads", in_range(0), ">= 0"),
         ])

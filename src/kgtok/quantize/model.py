@@ -147,22 +147,24 @@ class ResidualQuantizer(nn.Module):
 class GSRDecoder(nn.Module):
     """Causal transformer over [ṽ_0..ṽ_{m-1}, q_0..q_m]: o_0 rebuilds s, o_i the ancestor h_{i-1}."""
 
-    def __init__(self, levels: int, dim: int, out_dim: int, layers: int, heads: int) -> None:
+    def __init__(self, levels: int, dim: int, out_dim: int, layers: int, heads: int, width: int | None = None) -> None:
         super().__init__()
         self.levels = levels
-        self.queries = nn.Parameter(torch.randn(levels + 1, dim) * 0.02)  # q_0..q_m
-        self.position = nn.Parameter(torch.randn(2 * levels + 1, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True,
+        width = width or dim
+        self.project = nn.Linear(dim, width) if width != dim else nn.Identity()
+        self.queries = nn.Parameter(torch.randn(levels + 1, width) * 0.02)  # q_0..q_m
+        self.position = nn.Parameter(torch.randn(2 * levels + 1, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=0.0, batch_first=True,
                                            norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(dim, out_dim)
+        self.head = nn.Linear(width, out_dim)
         length = 2 * levels + 1
         self.register_buffer("mask", torch.triu(torch.full((length, length), float("-inf")), diagonal=1))
 
     def forward(self, code_vectors: torch.Tensor) -> torch.Tensor:
         """(batch, levels, dim) -> (batch, levels + 1, out_dim): o_0..o_m."""
         batch = code_vectors.shape[0]
-        sequence = torch.cat([code_vectors, self.queries.expand(batch, -1, -1)], dim=1) + self.position
+        sequence = torch.cat([self.project(code_vectors), self.queries.expand(batch, -1, -1)], dim=1) + self.position
         hidden = self.blocks(sequence, mask=self.mask, is_causal=True)
         return self.head(hidden[:, self.levels :])
 

@@ -43,7 +43,7 @@ class RQVAE(nn.Module):
         self.quantizer = ResidualQuantizer(levels, codebook_size, config.code_dim,
                                            shared=config.variant == "flat", beta=config.beta)
         self.decoder = mlp([config.code_dim, *reversed(hidden), in_dim])
-        self.gsr = (GSRDecoder(levels, config.code_dim, in_dim, config.gsr.layers, config.gsr.heads)
+        self.gsr = (GSRDecoder(levels, config.code_dim, in_dim, config.gsr.layers, config.gsr.heads, config.gsr.width)
                     if config.uses_gsr else None)
 
     @torch.no_grad()
