@@ -360,6 +360,62 @@ def instruct_command(data: str, embeddings: str, codes: str | None, out: str, co
     run_instruct(config, data, embeddings, out, codes=codes, log=click.echo)
 
 
+# ----------------------------------------------------------------------------
+# kgtok finetune / evaluate
+# ----------------------------------------------------------------------------
+
+
+@cli.command("finetune")
+@click.option("--instructions", required=True, type=click.Path(file_okay=False), help="Stage-5a directory.")
+@click.option("--codes", default=None, type=click.Path(file_okay=False),
+              help="Stage-4 artifact whose code tokens the instructions use (omit for instructions without codes).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact directory.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a FinetuneConfig.")
+@click.option("--progress/--no-progress", default=True)
+@click.argument("overrides", nargs=-1)
+@_friendly_errors
+def finetune_command(instructions: str, codes: str | None, out: str, config_path: str | None, progress: bool,
+                     overrides: tuple[str, ...]) -> None:
+    """Fine-tune a causal LM on the instructions (e.g. backbone=smollm2-135m r=16).
+
+    Runs as well under `accelerate launch --multi_gpu --num_processes N -m kgtok.cli finetune ...`
+    (on a machine without GPUs that starts N CPU processes talking gloo).
+    """
+    from kgtok.config import load_config
+    from kgtok.llm.finetune import FinetuneConfig, run_finetune
+
+    config = load_config(FinetuneConfig, config_path, overrides)
+    run_finetune(config, instructions, out, codes=codes, progress=progress, log=click.echo)
+
+
+@cli.command("evaluate")
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
+              help="Stage-5b artifact or a Hugging Face model directory.")
+@click.option("--instructions", required=True, type=click.Path(file_okay=False), help="Stage-5a directory.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact directory.")
+@click.option("--classes", default=None, type=click.Path(),
+              help="entity<TAB>class file or stage-3 artifact (for class_constraint=true).")
+@click.option("--data", default=None, type=click.Path(file_okay=False), help="KG directory (to read --classes).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of an EvaluateConfig.")
+@click.option("--progress/--no-progress", default=True)
+@click.argument("overrides", nargs=-1)
+@_friendly_errors
+def evaluate_command(model_dir: str, instructions: str, out: str, classes: str | None, data: str | None,
+                     config_path: str | None, progress: bool, overrides: tuple[str, ...]) -> None:
+    """Pick and re-rank the stage-1 candidates with the LM; DIFT-rule and re-rank metrics."""
+    from kgtok.config import load_config
+    from kgtok.llm.evaluate import EvaluateConfig, run_evaluate
+
+    config = load_config(EvaluateConfig, config_path, overrides)
+    names = None
+    if data is not None:
+        from kgtok.data.graph import load_kg
+
+        names = load_kg(data).entity_names
+    run_evaluate(config, model_dir, instructions, out, classes=classes, entity_names=names, progress=progress,
+                 log=click.echo)
+
+
 def main() -> None:
     warnings.formatwarning = _format_warning  # type: ignore[assignment]  # one line per warning in a terminal
     cli(prog_name="kgtok")

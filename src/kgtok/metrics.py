@@ -151,3 +151,32 @@ class RankingEvaluator:
             relation_names[r]: rank_metrics(ranks[relations == r], self.hits_at)
             for r in np.unique(relations)
         }
+
+
+def dift_rank(stage1_rank: np.ndarray, pick_position: np.ndarray, picked_gold: np.ndarray) -> np.ndarray:
+    """Rank of the gold after an LM picked one candidate (the DIFT / GS-Quant rule).
+
+    A correct pick ranks 1.  Otherwise the pick moves to the top: the gold keeps
+    its stage-1 filtered rank if the pick already stood above it, and drops by
+    one if the pick stood below it (1-based ``pick_position`` > rank), as in
+    DIFT's ``eval.py``.  Hits@3/10 therefore stay mostly stage 1's.
+    """
+    stage1_rank = np.asarray(stage1_rank, dtype=np.float64)
+    below = np.asarray(pick_position, dtype=np.float64) > stage1_rank
+    return np.where(np.asarray(picked_gold, dtype=bool), 1.0, stage1_rank + below)
+
+
+def rerank_rank(scores: np.ndarray, gold_index: np.ndarray, stage1_rank: np.ndarray) -> np.ndarray:
+    """Rank of the gold when the whole candidate list is re-ordered by ``scores`` (n, k).
+
+    A gold inside the list gets its realistic rank among the k scores; a gold
+    outside it (``gold_index`` -1) keeps its stage-1 rank, which is already
+    below every listed candidate.
+    """
+    gold_index = np.asarray(gold_index)
+    inside = gold_index >= 0
+    out = np.asarray(stage1_rank, dtype=np.float64).copy()
+    if inside.any():
+        ranks = realistic_rank(torch.as_tensor(np.asarray(scores)[inside]), torch.as_tensor(gold_index[inside]))
+        out[inside] = ranks.numpy()
+    return out

@@ -81,7 +81,7 @@ def test_prompt_contents_and_no_leakage(inputs, tmp_path):
                                              use_neighbours=False), kg, embed, tmp_path / "c", codes=codes,
                               log=lambda *_: None)
     first = read(codes_only / "test.jsonl")[0]
-    assert kg.labels[first["gold"]] not in first["answer"] and first["answer"].startswith("<a_")
+    assert kg.labels[first["gold"]] not in first["answer"] and first["answer"].startswith("<ent><a_")
     assert "Known facts" not in first["prompt"]
     with pytest.raises(ValueError, match="use_codes needs codes"):
         run_instruct(InstructConfig(), kg, embed, tmp_path / "x", log=lambda *_: None)

@@ -18,9 +18,9 @@ Output (``dest``): ``lm_train.jsonl``, ``lm_valid.jsonl``, ``test.jsonl`` and
 
     {"id": "valid-17-tail", "split": "valid", "direction": "tail",
      "triple": ["h raw id", "relation", "t raw id"], "known": 12, "gold": 345,
-     "candidates": [345, 9, ...], "candidate_text": ["dog <a_1><b_7>", ...],
+     "candidates": [345, 9, ...], "candidate_text": ["dog <ent><a_1><b_7></ent>", ...],
      "gold_in_candidates": true, "stage1_rank": 1.0, "confidence": 98.3,
-     "prompt": "...", "answer": "dog <a_1><b_7>"}
+     "prompt": "...", "answer": "dog <ent><a_1><b_7></ent>"}
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from kgtok.artifacts import artifact_dir, hash_inputs
 from kgtok.config import check_fields, format_config, in_range
 from kgtok.data.graph import KnowledgeGraph, load_kg
 from kgtok.embed.ranking import RankedQueries
+from kgtok.llm.vocab import ENTITY_BEGIN, ENTITY_END
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,7 +132,7 @@ def entity_text(kg: KnowledgeGraph, entity: int, tokens: list[str] | None, confi
     if config.use_names:
         parts.append(kg.labels[entity])
     if config.use_codes and tokens is not None:
-        parts.append(tokens[entity])
+        parts.append(f"{ENTITY_BEGIN}{tokens[entity]}{ENTITY_END}")
     return " ".join(parts)
 
 

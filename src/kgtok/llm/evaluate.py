@@ -1,0 +1,326 @@
+"""Stage 5c: the fine-tuned LM picks and re-ranks each query's stage-1 candidates.
+
+One forward pass per batch of queries scores every candidate: the prompt runs
+once, its key/value cache is copied to each of the k candidates, and every
+candidate's answer tokens (EOS included) get their log-probabilities.  From
+those numbers come both outputs (METHOD.md stage 5):
+
+- **constrained generation**: greedy decoding restricted by a prefix trie of
+  the candidates' token sequences, so the answer is always a listed entity.
+  Greedy trie decoding needs, at each step, the next-token log-probabilities
+  of the prefixes still alive, which are exactly the per-token scores already
+  computed; ``decode: generate`` runs Hugging Face ``generate`` with
+  ``prefix_allowed_tokens_fn`` instead (slower; the tests check both agree).
+  The pick gives the DIFT-rule rank (:func:`kgtok.metrics.dift_rank`).
+- **full re-rank**: candidates ordered by their sequence log-likelihood
+  (:func:`kgtok.metrics.rerank_rank`).
+
+ReaLM's ontology constraint (``class_constraint``): the class with the most
+probability mass among the candidates (softmax of their sequence scores) is
+the predicted class; a pick of another class is replaced by the best-scored
+candidate of the predicted class.  Classes: a file of entity<TAB>class, else a
+stage-3 artifact's level-1 clusters, else the synthetic KG's true types.
+
+Artifact (``dest``): ``predictions.jsonl``, ``metrics.json`` (retriever, DIFT
+rule, re-rank, class-constrained rule; both/head/tail; per relation; queries/s)
+and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from kgtok.artifacts import artifact_dir, hash_inputs, write_json_atomic
+from kgtok.config import check_fields, format_config, in_range
+from kgtok.llm.finetune import encode_answer, encode_prompt, read_jsonl
+from kgtok.metrics import RankingEvaluator, dift_rank, rerank_rank
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    """Stage 5c: which queries, how candidates are scored and picked."""
+
+    split: str = "test"  # instructions file to evaluate: test | lm_valid
+    batch_size: int = 4  # queries per forward pass (x k candidate rows)
+    decode: str = "trie"  # trie (from the candidate scores) | generate (HF generate + prefix trie)
+    score: str = "sum"  # sequence score for re-ranking: sum of token log-probs | mean (length-normalised)
+    max_prompt_tokens: int = 512  # longer prompts lose their beginning (as in training)
+    class_constraint: bool = False  # ReaLM's ontology constraint (needs classes)
+    max_queries: int = 0  # evaluate only the first n queries (0 = all)
+    threads: int = 0  # torch threads; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        check_fields(self, [
+            ("split", lambda v: v in ("test", "lm_valid"), "test or lm_valid"),
+            ("batch_size", in_range(1), ">= 1"),
+            ("decode", lambda v: v in ("trie", "generate"), "trie or generate"),
+            ("score", lambda v: v in ("sum", "mean"), "sum or mean"),
+            ("max_prompt_tokens", in_range(16), ">= 16"),
+            ("max_queries", in_range(0), ">= 0"),
+            ("threads", in_range(0), ">= 0"),
+        ])
+
+
+class PrefixTrie:
+    """Token sequences of the candidates; ``allowed(prefix)`` lists the tokens that may follow."""
+
+    def __init__(self, sequences: list[list[int]]) -> None:
+        self.children: dict[tuple[int, ...], set[int]] = {}
+        self.index: dict[tuple[int, ...], int] = {}
+        for i, seq in enumerate(sequences):
+            for j in range(len(seq)):
+                self.children.setdefault(tuple(seq[:j]), set()).add(seq[j])
+            self.index.setdefault(tuple(seq), i)  # identical sequences resolve to the first listed
+
+    def allowed(self, prefix: list[int]) -> list[int]:
+        return sorted(self.children.get(tuple(prefix), ()))
+
+    def lookup(self, sequence: list[int]) -> int:
+        """Candidate index of a complete sequence; -1 if it is not one."""
+        return self.index.get(tuple(sequence), -1)
+
+
+def trie_greedy(sequences: list[list[int]], token_logprobs: list[np.ndarray]) -> int:
+    """The candidate that greedy decoding restricted to ``sequences`` produces.
+
+    At step j every alive candidate shares the chosen prefix, so its token-j
+    log-prob is the model's score of that next token; the best token wins and
+    the candidates that continue with it stay alive.
+    """
+    alive = list(range(len(sequences)))
+    step = 0
+    while len(alive) > 1:
+        going = [i for i in alive if step < len(sequences[i])]
+        if not going:  # identical sequences: the first listed (best stage-1 rank)
+            break
+        best = max(going, key=lambda i: token_logprobs[i][step])
+        alive = [i for i in going if sequences[i][step] == sequences[best][step]]
+        step += 1
+    return alive[0]
+
+
+def score_batch(model: Any, prompts: list[list[int]], candidates: list[list[list[int]]], pad_id: int
+                ) -> list[list[np.ndarray]]:
+    """Per-token log-probs of every candidate answer after its prompt.
+
+    Prompts are left-padded and run once; the cache rows are repeated for the
+    candidates, which are right-padded.  Returns, per query, one array per
+    candidate of length len(candidate).
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt):] = torch.tensor(prompt)
+        mask[i, width - len(prompt):] = 1
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (batch, V)
+    counts = [len(c) for c in candidates]
+    owner = torch.repeat_interleave(torch.arange(batch), torch.tensor(counts)).to(device)  # (rows,)
+    flat = [seq for group in candidates for seq in group]
+    length = max(len(s) for s in flat)
+    cand = torch.full((len(flat), length), pad_id, dtype=torch.long)
+    cand_mask = torch.zeros((len(flat), length), dtype=torch.long)
+    for i, seq in enumerate(flat):
+        cand[i, :len(seq)] = torch.tensor(seq)
+        cand_mask[i, :len(seq)] = 1
+    cand, cand_mask = cand.to(device), cand_mask.to(device)
+    cache = out.past_key_values
+    cache.batch_select_indices(owner)
+    cand_positions = mask.sum(1)[owner].unsqueeze(1) + torch.arange(length, device=device)  # (rows, length)
+    out = model(input_ids=cand, attention_mask=torch.cat([mask[owner], cand_mask], 1), position_ids=cand_positions,
+                past_key_values=cache, use_cache=False)
+    logits = out.logits[:, :-1].float()  # (rows, length-1, V): predicts tokens 1..length-1
+    rest = logits.gather(2, cand[:, 1:, None]).squeeze(2) - torch.logsumexp(logits, dim=-1)
+    token_lp = torch.cat([first[owner].gather(1, cand[:, :1]), rest], 1) * cand_mask  # (rows, length)
+    token_lp = token_lp.cpu().numpy()
+    result, row = [], 0
+    for group in candidates:
+        result.append([token_lp[row + j, :len(seq)] for j, seq in enumerate(group)])
+        row += len(group)
+    return result
+
+
+def generate_pick(model: Any, prompt: list[int], sequences: list[list[int]], pad_id: int, eos_id: int) -> int:
+    """Hugging Face greedy ``generate`` constrained by the candidates' prefix trie."""
+    import torch
+
+    trie = PrefixTrie(sequences)
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
+    start = len(prompt)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=max(len(s) for s in sequences), pad_token_id=pad_id,
+                         eos_token_id=eos_id,
+                         prefix_allowed_tokens_fn=lambda _, tokens: trie.allowed(tokens[start:].tolist()))
+    found = trie.lookup(out[0, start:].tolist())
+    return found if found >= 0 else 0
+
+
+def load_classes(source: str | Path | np.ndarray | None, entity_names: list[str]) -> np.ndarray | None:
+    """(N,) class id per entity from an array, a file of entity<TAB>class, or a stage-3 artifact."""
+    if source is None or isinstance(source, np.ndarray):
+        return source
+    path = Path(source)
+    if path.is_dir():
+        from kgtok.hierarchy.stage import load_hierarchy
+
+        hierarchy = load_hierarchy(path)
+        return np.asarray(hierarchy["paths"])[:, 0]
+    index = {name: i for i, name in enumerate(entity_names)}
+    classes = np.full(len(entity_names), -1, dtype=np.int64)
+    names: dict[str, int] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2:
+            raise ValueError(f"{path}:{number}: expected entity<TAB>class, got {len(fields)} field(s)")
+        if fields[0] not in index:
+            raise ValueError(f"{path}:{number}: unknown entity {fields[0]!r}")
+        classes[index[fields[0]]] = names.setdefault(fields[1], len(names))
+    return classes
+
+
+def constrain_to_class(pick: int, scores: np.ndarray, candidate_classes: np.ndarray) -> int:
+    """ReaLM: keep the pick if its class has the most candidate probability mass, else the best of that class."""
+    known = candidate_classes >= 0
+    if not known.any():
+        return pick
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    labels, inverse = np.unique(candidate_classes[known], return_inverse=True)
+    predicted = labels[np.argmax(np.bincount(inverse, weights=probs[known]))]
+    if candidate_classes[pick] == predicted:
+        return pick
+    members = np.flatnonzero(candidate_classes == predicted)
+    return int(members[np.argmax(scores[members])])
+
+
+def run_evaluate(
+    config: EvaluateConfig,
+    model_dir: str | Path,
+    instructions: str | Path,
+    dest: str | Path,
+    *,
+    classes: str | Path | np.ndarray | None = None,
+    entity_names: list[str] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Stage 5c (see the module docstring).  ``model_dir``: a stage-5b artifact or any HF directory."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(format_config(config))
+    model_dir, instructions = Path(model_dir), Path(instructions)
+    hf_dir = model_dir / "model" if (model_dir / "model" / "config.json").exists() else model_dir
+    records = read_jsonl(instructions / f"{config.split}.jsonl")
+    if config.max_queries:
+        records = records[: config.max_queries]
+    if not records:
+        raise ValueError(f"{instructions / (config.split + '.jsonl')}: no records")
+    if config.class_constraint:
+        if classes is None:
+            raise ValueError("class_constraint needs classes (a file of entity<TAB>class or a hierarchy artifact)")
+        classes = load_classes(classes, entity_names or [])
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model.eval()
+    if torch.cuda.is_available():
+        model.cuda()
+
+    def prompt_ids(record: dict[str, Any]) -> list[int]:
+        ids = encode_prompt(tokenizer, record["prompt"])
+        room = config.max_prompt_tokens
+        return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]
+
+    predictions = []
+    start = time.perf_counter()
+    bar = tqdm(total=len(records), desc="evaluate", unit="query", disable=not progress)
+    with torch.no_grad():
+        for begin in range(0, len(records), config.batch_size):
+            batch = records[begin: begin + config.batch_size]
+            prompts = [prompt_ids(r) for r in batch]
+            answers = [[encode_answer(tokenizer, text) for text in r["candidate_text"]] for r in batch]
+            token_lps = score_batch(model, prompts, answers, pad_id)
+            for record, prompt, sequences, lps in zip(batch, prompts, answers, token_lps):
+                total = np.array([lp.sum() for lp in lps])
+                scores = total if config.score == "sum" else total / np.array([len(s) for s in sequences])
+                if config.decode == "trie":
+                    pick = trie_greedy(sequences, lps)
+                else:
+                    pick = generate_pick(model, prompt, sequences, pad_id, tokenizer.eos_token_id)
+                row = {"id": record["id"], "direction": record["direction"], "relation": record["triple"][1],
+                       "gold": record["gold"], "stage1_rank": record["stage1_rank"],
+                       "pick": record["candidates"][pick], "pick_position": pick + 1,
+                       "pick_text": record["candidate_text"][pick],
+                       "gold_index": (record["candidates"].index(record["gold"])
+                                      if record["gold"] in record["candidates"] else -1),
+                       "scores": [round(float(s), 4) for s in scores]}
+                if config.class_constraint:
+                    cls = np.asarray(classes)[np.asarray(record["candidates"])]
+                    picked = constrain_to_class(pick, scores, cls)
+                    row.update(class_pick=record["candidates"][picked], class_pick_position=picked + 1)
+                predictions.append(row)
+            bar.update(len(batch))
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    stage1 = np.array([p["stage1_rank"] for p in predictions])
+    gold_index = np.array([p["gold_index"] for p in predictions])
+    ranks = {
+        "retriever": stage1,
+        "dift": dift_rank(stage1, np.array([p["pick_position"] for p in predictions]),
+                          np.array([p["pick"] == p["gold"] for p in predictions])),
+        "rerank": rerank_rank(np.array([p["scores"] for p in predictions]), gold_index, stage1),
+    }
+    if config.class_constraint:
+        ranks["dift_class"] = dift_rank(stage1, np.array([p["class_pick_position"] for p in predictions]),
+                                        np.array([p["class_pick"] == p["gold"] for p in predictions]))
+    relation_names = sorted({p["relation"] for p in predictions})
+    relation_ids = np.array([relation_names.index(p["relation"]) for p in predictions])
+    head = np.array([p["direction"] == "head" for p in predictions])
+    metrics: dict[str, Any] = {}
+    per_relation: dict[str, Any] = {}
+    for name, values in ranks.items():
+        evaluator = RankingEvaluator()
+        evaluator.process("head", values[head], relation_ids[head])
+        evaluator.process("tail", values[~head], relation_ids[~head])
+        metrics[name] = evaluator.compute()
+        per_relation[name] = evaluator.per_relation(relation_names)
+    for p, d, r in zip(predictions, ranks["dift"], ranks["rerank"]):
+        p["dift_rank"], p["rerank_rank"] = float(d), float(r)
+    summary = {
+        "queries": len(predictions), "seconds": seconds, "queries_per_second": len(predictions) / seconds,
+        "gold_in_candidates": float(np.mean(gold_index >= 0)),
+        **{f"{name}_{key}": metrics[name]["both"][key] for name in ranks
+           for key in ("mrr", "hits_at_1", "hits_at_3", "hits_at_10")},
+    }
+    inputs = hash_inputs({"model": model_dir, "instructions": instructions / f"{config.split}.jsonl"})
+    with artifact_dir(dest, stage="evaluate", config=config, inputs=inputs) as writer:
+        with (writer.path / "predictions.jsonl").open("w", encoding="utf-8") as handle:
+            for p in predictions:
+                handle.write(json.dumps(p, ensure_ascii=False) + "\n")
+        write_json_atomic(writer.path / "metrics.json", {**summary, **metrics, "per_relation": per_relation})
+        writer.metrics.update(summary)
+        writer.timings["evaluate"] = seconds
+    log(f"evaluate: {len(predictions)} queries, {summary['queries_per_second']:.1f} queries/s; Hits@1 "
+        f"retriever {summary['retriever_hits_at_1']:.3f}, DIFT rule {summary['dift_hits_at_1']:.3f}, "
+        f"re-rank {summary['rerank_hits_at_1']:.3f} -> {dest}")
+    return Path(dest)

@@ -1,0 +1,269 @@
+"""Stage 5b: teach a causal LM to read and write entity codes (HF Trainer; LoRA or full training).
+
+Recipe: resolve the backbone (a local HF directory, or a built-in: ``tiny``
+is built here from the instructions' text); add the code and boundary tokens
+(:mod:`kgtok.llm.vocab`); train on LM-train with the loss on the answer tokens
+only, validating on LM-valid each epoch; merge LoRA into the weights and save
+a plain Hugging Face directory that ``kgtok evaluate`` (or any HF tool) opens.
+
+Trainable parts: a pretrained backbone gets LoRA adapters plus its new token
+rows (PEFT ``trainable_token_indices``; the reference: r 64, α 32, dropout
+0.1, q_proj/v_proj, lr 2e-4).  A from-scratch backbone (``tiny``) has nothing
+worth freezing, so every weight trains (``adapter: auto``).
+
+Scaling: the same command runs under ``accelerate launch`` (several CPU
+processes with gloo, several GPUs, DeepSpeed/FSDP through an accelerate
+config); the Trainer takes its device and precision from there: bf16 on GPUs
+that support it, else fp16; fp32 on CPU (bf16 matmul measured 3x slower than
+fp32 on this machine's CPU).  Checkpoints go to ``<dest>.work/``; a killed run
+resumes from the newest one.
+
+Artifact (``dest``): ``model/`` (HF model + tokenizer), ``manifest.json``,
+``metrics.json`` (losses per logging step and epoch, tokens/s).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from kgtok.artifacts import artifact_dir, hash_inputs, write_json_atomic
+from kgtok.config import check_fields, format_config, in_range
+from kgtok.llm.backbone import TinyBackboneConfig, is_from_scratch, resolve_backbone
+from kgtok.llm.vocab import BOUNDARY_TOKENS, code_vocabulary, extend_vocabulary
+
+ANSWER_PREFIX = "\nAnswer:"  # between prompt and answer; training and scoring both use it
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    """Stage 5b: backbone, trainable parts, optimisation."""
+
+    backbone: str = "tiny"  # tiny | smollm2-135m | a local Hugging Face model directory
+    adapter: str = "auto"  # auto (full for from-scratch backbones, else lora) | lora | full
+    r: int = 64  # LoRA rank (PEFT names; reference values)
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    embedding_init: str = "codebook"  # new token rows: codebook (ReaLM, projected) | mean
+    learning_rate: float | None = None  # None: 2e-4 with LoRA (reference), 1e-3 for full training
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 8  # per device
+    gradient_accumulation_steps: int = 1
+    max_length: int = 512  # tokens; longer prompts lose their beginning, never the answer
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    gradient_checkpointing: bool = False  # trades compute for memory on big backbones
+    logging_steps: int = 10
+    save_steps: int = 200  # checkpoint interval (resume point)
+    threads: int = 0  # torch threads on CPU; 0 = leave torch's default
+    seed: int = 0
+    tiny: TinyBackboneConfig = field(default_factory=TinyBackboneConfig)  # used when backbone is tiny
+
+    def __post_init__(self) -> None:
+        check_fields(self, [
+            ("backbone", lambda v: bool(str(v).strip()), "tiny, smollm2-135m or a model directory"),
+            ("adapter", lambda v: v in ("auto", "lora", "full"), "auto, lora or full"),
+            ("r", in_range(1), ">= 1"),
+            ("lora_alpha", in_range(1), ">= 1"),
+            ("lora_dropout", in_range(0.0, 0.99), "in [0, 0.99]"),
+            ("target_modules", lambda v: len(v) > 0, "at least one module name"),
+            ("embedding_init", lambda v: v in ("codebook", "mean"), "codebook or mean"),
+            ("learning_rate", lambda v: v is None or v > 0, "> 0 (or null for the default)"),
+            ("epochs", lambda v: v > 0, "> 0"),
+            ("batch_size", in_range(1), ">= 1"),
+            ("gradient_accumulation_steps", in_range(1), ">= 1"),
+            ("max_length", in_range(16), ">= 16"),
+            ("warmup_ratio", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+            ("logging_steps", in_range(1), ">= 1"),
+            ("save_steps", in_range(1), ">= 1"),
+            ("threads", in_range(0), ">= 0"),
+            ("seed", in_range(0), ">= 0"),
+        ])
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not a JSON record ({error.msg})") from error
+    return records
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of a prompt up to the answer (BOS first when the tokenizer has one)."""
+    ids = tokenizer(prompt + ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+
+
+def encode_answer(tokenizer: Any, answer: str) -> list[int]:
+    """Token ids of an answer, EOS last: prompt and answer are tokenised apart so that a
+    candidate's ids are the same whatever prompt precedes it."""
+    return tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def encode_example(tokenizer: Any, prompt: str, answer: str, max_length: int) -> dict[str, list[int]]:
+    """input_ids and labels (prompt masked); an over-long prompt loses its beginning, after BOS."""
+    prompt_ids, answer_ids = encode_prompt(tokenizer, prompt), encode_answer(tokenizer, answer)
+    room = max_length - len(answer_ids)
+    if len(prompt_ids) > room:
+        head = 1 if tokenizer.bos_token_id is not None else 0
+        prompt_ids = prompt_ids[:head] + prompt_ids[len(prompt_ids) - (room - head):]
+    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
+
+
+def instruction_texts(records: list[dict[str, Any]]) -> list[str]:
+    """Text the ``tiny`` tokenizer learns from: prompts (KG labels, descriptions, template) and answers."""
+    return [r["prompt"] + ANSWER_PREFIX + " " + r["answer"] for r in records]
+
+
+def load_backbone(config: FinetuneConfig, texts: list[str], work: Path, codes: str | Path | None):
+    """Model and tokenizer with the code vocabulary added; returns (model, tokenizer, new token ids, path)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_backbone(config.backbone, texts, work, config.tiny, seed=config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokens, codebooks = (code_vocabulary(codes) if codes is not None else ([], None))
+    new_ids = extend_vocabulary(model, tokenizer, list(BOUNDARY_TOKENS) + tokens, init=config.embedding_init,
+                                codebooks=codebooks, seed=config.seed)
+    return model, tokenizer, new_ids, path
+
+
+def wrap_trainable(model: Any, config: FinetuneConfig, full: bool, new_ids: list[int]) -> Any:
+    """Full training, or LoRA adapters plus the new token rows."""
+    if full:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.target_modules), task_type="CAUSAL_LM",
+                      trainable_token_indices={"embed_tokens": list(new_ids)} if new_ids else None)
+    return get_peft_model(model, lora)
+
+
+class PaddingCollator:
+    """Right-pads input_ids with the pad id and labels with IGNORE_INDEX."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):  # a batch of at most batch_size rows
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"])
+            labels[i, :n] = torch.tensor(f["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def run_finetune(
+    config: FinetuneConfig,
+    instructions: str | Path,
+    dest: str | Path,
+    *,
+    codes: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Stage 5b (see the module docstring).  ``codes``: the stage-4 artifact whose tokens the
+    instructions use (None for instructions without codes)."""
+    import torch
+    from accelerate import PartialState
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    instructions, dest = Path(instructions), Path(dest)
+    train_records = read_jsonl(instructions / "lm_train.jsonl")
+    valid_records = read_jsonl(instructions / "lm_valid.jsonl")
+    if not train_records:
+        raise ValueError(f"{instructions / 'lm_train.jsonl'}: no training records")
+    full = config.adapter == "full" or (config.adapter == "auto" and (
+        config.backbone == "tiny" or is_from_scratch(config.backbone)))
+    learning_rate = config.learning_rate or (1e-3 if full else 2e-4)
+    use_gpu = torch.cuda.is_available()
+    work = dest.with_name(dest.name + ".work")
+    # TrainingArguments sets up the (possibly distributed) process state; everything after may use it.
+    arguments = TrainingArguments(
+        output_dir=str(work / "checkpoints"), per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_train_epochs=config.epochs, max_steps=config.max_steps, learning_rate=learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps,
+        save_total_limit=2, eval_strategy="epoch" if valid_records else "no", report_to=[], seed=config.seed,
+        use_cpu=not use_gpu, bf16=use_gpu and torch.cuda.is_bf16_supported(),
+        fp16=use_gpu and not torch.cuda.is_bf16_supported(), activation_checkpointing=config.gradient_checkpointing,
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not progress,
+        ddp_find_unused_parameters=False,  # CPU processes under accelerate launch use gloo
+    )
+    state = PartialState()
+    if state.is_main_process:
+        log(format_config(config))
+    if config.threads and not use_gpu:
+        torch.set_num_threads(config.threads)
+    set_seed(config.seed)
+    work.mkdir(parents=True, exist_ok=True)
+    texts = instruction_texts(train_records + valid_records)
+    with state.main_process_first():  # the tiny backbone is built once, by the main process
+        model, tokenizer, new_ids, backbone = load_backbone(config, texts, work, codes)
+    model = wrap_trainable(model, config, full, new_ids)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    train_set = [encode_example(tokenizer, r["prompt"], r["answer"], config.max_length) for r in train_records]
+    valid_set = [encode_example(tokenizer, r["prompt"], r["answer"], config.max_length) for r in valid_records]
+    trainer = Trainer(model=model, args=arguments, train_dataset=train_set, eval_dataset=valid_set or None,
+                      data_collator=PaddingCollator(tokenizer.pad_token_id))
+    resume = any((work / "checkpoints").glob("checkpoint-*"))
+    if resume and state.is_main_process:
+        log(f"finetune: resuming from the newest checkpoint in {work / 'checkpoints'}")
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    seconds = time.perf_counter() - start
+    if not trainer.is_world_process_zero():
+        return dest
+    tokens_seen = sum(len(e["input_ids"]) for e in train_set) * min(
+        config.epochs, (result.global_step * config.batch_size * config.gradient_accumulation_steps
+                        * state.num_processes) / max(len(train_set), 1))
+    merged = trainer.model.merge_and_unload() if not full else trainer.model
+    history = [h for h in trainer.state.log_history]
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    inputs = hash_inputs({"instructions": instructions, **({"codes": Path(codes)} if codes else {})})
+    with artifact_dir(dest, stage="finetune", config=config, inputs=inputs) as writer:
+        merged.save_pretrained(writer.path / "model")
+        tokenizer.save_pretrained(writer.path / "model")
+        metrics = {
+            "backbone": str(backbone), "adapter": "full" if full else "lora", "trainable_parameters": trainable,
+            "parameters": sum(p.numel() for p in merged.parameters()), "new_tokens": len(new_ids),
+            "train_examples": len(train_set), "steps": result.global_step, "train_loss": result.training_loss,
+            "valid_loss": eval_losses[-1] if eval_losses else math.nan,
+            "train_tokens_per_second": tokens_seen / seconds if seconds else math.nan,
+            "processes": state.num_processes, "learning_rate": learning_rate,
+        }
+        writer.metrics.update(metrics)
+        writer.timings["train"] = seconds
+        write_json_atomic(writer.path / "metrics.json", {**metrics, "history": history})
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"finetune: {metrics['adapter']} training of {backbone.name}, {result.global_step} steps, "
+        f"train loss {result.training_loss:.3f}, valid loss {metrics['valid_loss']:.3f}, "
+        f"{metrics['train_tokens_per_second']:.0f} tokens/s -> {dest}")
+    return dest

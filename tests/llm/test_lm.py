@@ -1,0 +1,240 @@
+"""Stage 5b/5c: tiny backbone, vocabulary extension, answer-only loss, cached scoring, trie decoding, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from kgtok.data import load_kg
+from kgtok.data.synthetic import SyntheticConfig, write_synthetic
+from kgtok.embed import EmbedConfig, run_embed
+from kgtok.llm import InstructConfig, run_instruct
+from kgtok.llm.backbone import TinyBackboneConfig, build_tiny, is_from_scratch
+from kgtok.llm.evaluate import (EvaluateConfig, PrefixTrie, constrain_to_class, load_classes, run_evaluate,
+                                score_batch, trie_greedy)
+from kgtok.llm.finetune import IGNORE_INDEX, FinetuneConfig, encode_example, run_finetune
+from kgtok.llm.vocab import extend_vocabulary
+from kgtok.quantize import QuantizeConfig, run_quantize
+
+quiet = lambda *_: None  # noqa: E731
+TINY = TinyBackboneConfig(vocab_size=400, hidden_size=32, layers=2, heads=2, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    """Synthetic KG -> stage 1 -> ReaLM codes -> instructions (small and fast)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("lm")
+    kg_dir = write_synthetic(SyntheticConfig(num_entities=240, seed=3), root / "kg")
+    kg = load_kg(kg_dir)
+    embed = run_embed(EmbedConfig(dim=16, max_steps=60, eval_every=30, batch_size=256, threads=1, top_k=6,
+                                  export_splits=("valid", "test")), kg, root / "embed", progress=False, log=quiet)
+    codes = run_quantize(QuantizeConfig(variant="realm", levels=2, codebook_size=8), kg, root / "codes",
+                         embeddings=embed, progress=False, log=quiet)
+    instructions = run_instruct(InstructConfig(top_k=6, neighbours=2, description_words=8), kg, embed,
+                                root / "inst", codes=codes, log=quiet)
+    return kg, kg_dir, embed, codes, instructions, root
+
+
+@pytest.fixture(scope="module")
+def finetuned(stages):
+    kg, kg_dir, embed, codes, instructions, root = stages
+    config = FinetuneConfig(tiny=TINY, max_steps=6, batch_size=4, logging_steps=2, save_steps=3, threads=1)
+    return run_finetune(config, instructions, root / "ft", codes=codes, progress=False, log=quiet)
+
+
+def test_tiny_backbone_and_code_tokens(tmp_path):
+    texts = ["the dog barks", "a cat sleeps on the mat", "relation hypernym of dog"] * 20
+    path = build_tiny(texts, tmp_path / "tiny", TINY)
+    assert is_from_scratch(path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    assert tokenizer.decode(tokenizer("the dog barks")["input_ids"]) == "the dog barks"
+    # Codebook init is linear: a token whose codeword is the sum of two others gets the sum of their rows.
+    books = np.zeros((2, 3, 5), dtype=np.float32)
+    books[0, 0], books[0, 1] = np.arange(5), np.ones(5)
+    books[0, 2] = books[0, 0] + books[0, 1]
+    books[1] = -books[0]
+    tokens = ["<a_0>", "<a_1>", "<a_2>", "<b_0>", "<b_1>", "<b_2>", "<ent>"]
+    ids = extend_vocabulary(model, tokenizer, tokens, init="codebook", codebooks=books)
+    assert tokenizer.tokenize("dog <ent><a_2><b_1>") == tokenizer.tokenize("dog ") + ["<ent>", "<a_2>", "<b_1>"]
+    rows = model.get_input_embeddings().weight.detach()
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    torch.testing.assert_close(rows[ids[2]], rows[ids[0]] + rows[ids[1]], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(rows[ids[3]], -rows[ids[0]], atol=1e-5, rtol=1e-4)
+    # Mean init: new rows sit at the mean of the old ones.
+    model2 = AutoModelForCausalLM.from_pretrained(path)
+    tok2 = AutoTokenizer.from_pretrained(path)
+    old_mean = model2.get_input_embeddings().weight.detach().mean(0)
+    ids2 = extend_vocabulary(model2, tok2, ["<a_0>", "<a_1>"], init="mean")
+    new = model2.get_input_embeddings().weight.detach()[ids2]
+    assert (new - old_mean).norm(dim=1).max() < 0.1 * old_mean.norm() + 0.05
+
+
+def test_loss_on_answer_tokens_only_and_truncation(tmp_path):
+    path = build_tiny(["alpha beta gamma delta"] * 10, tmp_path / "tiny", TINY)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    example = encode_example(tokenizer, "alpha beta", "gamma", max_length=64)
+    answer = tokenizer(" gamma", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    labelled = [t for t in example["labels"] if t != IGNORE_INDEX]
+    assert labelled == answer and example["input_ids"][-len(answer):] == answer
+    assert example["input_ids"][0] == tokenizer.bos_token_id
+    long = encode_example(tokenizer, "alpha beta " * 50, "gamma", max_length=20)
+    assert len(long["input_ids"]) == 20 and long["input_ids"][0] == tokenizer.bos_token_id
+    assert [t for t in long["labels"] if t != IGNORE_INDEX] == answer
+
+
+def test_trie_and_greedy_decoding():
+    sequences = [[5, 6, 9], [5, 7, 9], [8, 9], [5, 6, 9]]
+    trie = PrefixTrie(sequences)
+    assert trie.allowed([]) == [5, 8] and trie.allowed([5]) == [6, 7] and trie.allowed([5, 7]) == [9]
+    assert trie.lookup([5, 6, 9]) == 0 and trie.lookup([5, 6]) == -1
+    # Step 0: token 5 (-0.1) beats 8 (-2); step 1: 7 (-0.3) beats 6 (-1.0), though [5,6,9] has the best total.
+    logprobs = [np.array([-0.1, -1.0, -0.0]), np.array([-0.1, -0.3, -3.0]), np.array([-2.0, 0.0]),
+                np.array([-0.1, -1.0, -0.0])]
+    assert trie_greedy(sequences, logprobs) == 1
+    logprobs[1][1] = -2.0
+    assert trie_greedy(sequences, logprobs) == 0  # duplicates resolve to the first listed
+
+
+def test_cached_batch_scoring_matches_plain_forward(tmp_path):
+    torch.manual_seed(0)
+    path = build_tiny(["one two three four five six"] * 10, tmp_path / "tiny", TINY)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    prompts = [[1, 10, 11, 12, 13], [1, 20, 21]]
+    candidates = [[[30, 31, 2], [32, 2]], [[40, 2], [41, 42, 43, 2], [30, 2]]]
+    with torch.no_grad():
+        batched = score_batch(model, prompts, candidates, pad_id=0)
+        for prompt, group, got in zip(prompts, candidates, batched):
+            for seq, lp in zip(group, got):
+                ids = torch.tensor([prompt + seq])
+                logits = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+                want = logits[len(prompt) - 1: -1].gather(1, torch.tensor(seq)[:, None]).squeeze(1)
+                np.testing.assert_allclose(lp, want.numpy(), atol=2e-4)
+
+
+def test_dift_and_rerank_ranks():
+    from kgtok.metrics import dift_rank, rerank_rank
+
+    stage1 = np.array([3.0, 3.0, 3.0, 25.0, 2.5])
+    position = np.array([3, 1, 5, 2, 3])
+    correct = np.array([True, False, False, False, False])
+    # correct -> 1; pick above the gold -> unchanged; below -> +1; gold outside the list -> unchanged.
+    np.testing.assert_array_equal(dift_rank(stage1, position, correct), [1.0, 3.0, 4.0, 25.0, 3.5])
+    scores = np.array([[0.1, 0.5, 0.3], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(rerank_rank(scores, np.array([2, 1, -1]), np.array([1.0, 2.0, 30.0])),
+                                  [2.0, 1.5, 30.0])
+
+
+def test_class_constraint_and_class_file(tmp_path):
+    scores = np.log(np.array([0.4, 0.35, 0.25]))
+    # Class 7 holds 0.6 of the mass, so the pick (class 3) is replaced by class 7's best.
+    assert constrain_to_class(0, scores, np.array([3, 7, 7])) == 1
+    assert constrain_to_class(0, scores, np.array([3, 3, 7])) == 0
+    path = tmp_path / "classes.tsv"
+    path.write_text("e1\tanimal\ne2\tplant\ne3\tanimal\n")
+    np.testing.assert_array_equal(load_classes(path, ["e1", "e2", "e3", "e4"]), [0, 1, 0, -1])
+    path.write_text("e1\tanimal\ne2 plant\n")
+    with pytest.raises(ValueError, match=r"classes.tsv:2: expected entity<TAB>class"):
+        load_classes(path, ["e1", "e2"])
+
+
+def test_finetune_trains_new_rows_and_lowers_the_loss(stages, finetuned):
+    metrics = json.loads((finetuned / "metrics.json").read_text())
+    assert metrics["adapter"] == "full" and metrics["steps"] == 6
+    losses = [h["loss"] for h in metrics["history"] if "loss" in h]
+    assert losses[-1] < losses[0]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(finetuned / "model")
+    codes = stages[3]
+    vocabulary = (codes / "tokens.txt").read_text().split("\t")[2].split("\n")[0]
+    assert tokenizer.tokenize(vocabulary) == [t + ">" for t in vocabulary.split(">") if t]
+
+
+def test_evaluate_outputs_and_generate_agrees_with_trie(stages, finetuned, tmp_path):
+    kg, kg_dir, embed, codes, instructions, root = stages
+    dest = run_evaluate(EvaluateConfig(max_queries=12, batch_size=5, class_constraint=True), finetuned,
+                        instructions, tmp_path / "ev", classes=kg.entity_types[:, 0], progress=False, log=quiet)
+    metrics = json.loads((dest / "metrics.json").read_text())
+    predictions = [json.loads(line) for line in (dest / "predictions.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (instructions / "test.jsonl").read_text().splitlines()][:12]
+    assert [p["id"] for p in predictions] == [r["id"] for r in records]
+    for p, r in zip(predictions, records):
+        assert p["pick"] in r["candidates"] and p["class_pick"] in r["candidates"]
+        if p["pick"] == r["gold"]:
+            assert p["dift_rank"] == 1
+    stage1 = np.array([r["stage1_rank"] for r in records])
+    assert metrics["retriever"]["both"]["mrr"] == pytest.approx(np.mean(1 / stage1))
+    assert set(metrics) >= {"retriever", "dift", "rerank", "dift_class", "per_relation", "queries_per_second"}
+    assert metrics["retriever"]["head"]["count"] + metrics["retriever"]["tail"]["count"] == 12
+    generated = run_evaluate(EvaluateConfig(max_queries=12, batch_size=1, decode="generate"), finetuned,
+                             instructions, tmp_path / "gen", progress=False, log=quiet)
+    picks = [json.loads(line)["pick"] for line in (generated / "predictions.jsonl").read_text().splitlines()]
+    assert picks == [p["pick"] for p in predictions]
+
+
+def test_finetune_resumes_from_checkpoint(stages, tmp_path, monkeypatch):
+    kg, kg_dir, embed, codes, instructions, root = stages
+    config = FinetuneConfig(tiny=TINY, max_steps=4, batch_size=4, save_steps=2, threads=1, epochs=1)
+    import kgtok.llm.finetune as finetune
+
+    calls = {"n": 0, "die_at": 4}
+    collate = finetune.PaddingCollator.__call__
+
+    def killed_at_step_3(self, features):  # dies at step 3 (the loader collates one batch ahead)
+        calls["n"] += 1
+        if calls["n"] == calls["die_at"]:
+            raise KeyboardInterrupt
+        return collate(self, features)
+
+    monkeypatch.setattr(finetune.PaddingCollator, "__call__", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(config, instructions, tmp_path / "ft", codes=codes, progress=False, log=quiet)
+    assert (tmp_path / "ft.work" / "checkpoints" / "checkpoint-2").exists() and not (tmp_path / "ft").exists()
+    calls.update(n=0, die_at=-1)
+    lines = []
+    run_finetune(config, instructions, tmp_path / "ft", codes=codes, progress=False, log=lines.append)
+    assert any("resuming" in line for line in lines)
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert metrics["steps"] == 4
+    # Resuming gives the weights of a run that was never stopped, and does less work than it.
+    resumed_calls = calls["n"]
+    calls.update(n=0)
+    whole = run_finetune(config, instructions, tmp_path / "whole", codes=codes, progress=False, log=quiet)
+    assert resumed_calls < calls["n"]
+    from safetensors.torch import load_file
+
+    resumed, reference = (load_file(p / "model" / "model.safetensors") for p in (tmp_path / "ft", whole))
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key])
+
+
+def test_finetune_under_accelerate_two_cpu_processes(stages, tmp_path):
+    kg, kg_dir, embed, codes, instructions, root = stages
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KGTOK_CACHE_DIR": str(tmp_path / "cache")}
+    # accelerate's --cpu flag starts one process unless given an MPI hostfile; --multi_gpu starts
+    # torchrun processes, which on a machine without GPUs train on the CPU with gloo.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "kgtok.cli", "finetune", "--instructions", str(instructions), "--codes", str(codes),
+               "--out", str(tmp_path / "ft"), "--no-progress", "max_steps=3", "batch_size=2", "threads=1",
+               "tiny.vocab_size=400", "tiny.hidden_size=32", "tiny.layers=1", "tiny.heads=2",
+               "tiny.intermediate_size=64"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 3
+    assert (tmp_path / "ft" / "model" / "config.json").exists()
