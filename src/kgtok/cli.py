@@ -87,7 +87,20 @@ def _print_results(results: list[Any]) -> None:
     for r in results:
         metrics = ", ".join(f"{k}={v}" for k, v in r.metrics.items())
         table.add_row(r.name, r.status, metrics)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    final = next((r for r in results if r.name == "evaluate" and r.path is not None), None)
+    if final is not None:
+        metrics = json.loads((final.path / "metrics.json").read_text(encoding="utf-8"))
+        summary = Table(title=f"link prediction, {metrics['queries']} test queries (filtered)")
+        for column in ("ranker", "MRR", "Hits@1", "Hits@3", "Hits@10"):
+            summary.add_column(column)
+        for key, label in (("retriever", "stage 1 (retriever)"), ("dift", "LM pick (DIFT rule)"),
+                           ("rerank", "LM re-rank"), ("dift_class", "LM pick + class constraint")):
+            if key in metrics:
+                both = metrics[key]["both"]
+                summary.add_row(label, *(f"{both[m]:.3f}" for m in ("mrr", "hits_at_1", "hits_at_3", "hits_at_10")))
+        console.print(summary)
 
 
 # ----------------------------------------------------------------------------

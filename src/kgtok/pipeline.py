@@ -19,6 +19,9 @@ from kgtok.config import check_fields, config_to_dict
 from kgtok.data.synthetic import SyntheticConfig
 from kgtok.embed.config import EmbedConfig
 from kgtok.hierarchy.config import HierarchyConfig
+from kgtok.llm.evaluate import EvaluateConfig
+from kgtok.llm.finetune import FinetuneConfig
+from kgtok.llm.instruct import InstructConfig
 from kgtok.quantize.config import QuantizeConfig
 from kgtok.text.config import TextConfig
 
@@ -41,6 +44,9 @@ class RunConfig:
     text: TextConfig = field(default_factory=TextConfig)  # stage 2
     hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)  # stage 3
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)  # stage 4
+    instruct: InstructConfig = field(default_factory=InstructConfig)  # stage 5a
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # stage 5b (tiny backbone by default)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)  # stage 5c
     progress: bool = True  # progress bars of the long stages
 
     def __post_init__(self) -> None:
@@ -155,13 +161,55 @@ def _quantize_stage(config: RunConfig, run_dir: Path, log: Callable[[str], None]
                   ("collision_rate_before", "nmi_hierarchy_level_1", "nmi_types_level_1"))
 
 
+def _instruct_stage(config: RunConfig, run_dir: Path, log: Callable[[str], None]) -> StageResult:
+    from kgtok.llm import run_instruct
+
+    kg_dir, dest = _kg_dir(run_dir), run_dir / "instruct"
+    inputs = {"embeddings": run_dir / "embed", **({"codes": run_dir / "quantize"} if config.instruct.use_codes else {})}
+    return _stage("instruct", config.instruct, inputs, dest,
+                  lambda: run_instruct(config.instruct, kg_dir, inputs["embeddings"], dest, codes=inputs.get("codes"),
+                                       log=log),
+                  ("lm_train", "lm_valid", "test"))
+
+
+def _finetune_stage(config: RunConfig, run_dir: Path, log: Callable[[str], None]) -> StageResult:
+    from kgtok.llm.finetune import run_finetune
+
+    dest = run_dir / "finetune"
+    inputs = {"instructions": run_dir / "instruct",
+              **({"codes": run_dir / "quantize"} if config.instruct.use_codes else {})}
+    return _stage("finetune", config.finetune, inputs, dest,
+                  lambda: run_finetune(config.finetune, inputs["instructions"], dest, codes=inputs.get("codes"),
+                                       progress=config.progress, log=log),
+                  ("steps", "train_loss", "valid_loss", "train_tokens_per_second"))
+
+
+def _evaluate_stage(config: RunConfig, run_dir: Path, log: Callable[[str], None]) -> StageResult:
+    from kgtok.data.graph import load_kg
+    from kgtok.llm.evaluate import run_evaluate
+
+    dest = run_dir / "evaluate"
+    inputs = {"model": run_dir / "finetune", "instructions": run_dir / "instruct", "hierarchy": run_dir / "hierarchy"}
+
+    def execute() -> Path:
+        names = load_kg(_kg_dir(run_dir)).entity_names if config.evaluate.class_constraint else None
+        return run_evaluate(config.evaluate, inputs["model"], inputs["instructions"], dest,
+                            classes=inputs["hierarchy"], entity_names=names, progress=config.progress, log=log)
+
+    return _stage("evaluate", config.evaluate, inputs, dest, execute,
+                  ("retriever_hits_at_1", "dift_hits_at_1", "rerank_hits_at_1", "retriever_mrr", "dift_mrr",
+                   "rerank_mrr", "queries_per_second"))
+
+
 STAGES: dict[str, Callable[[RunConfig, Path, Callable[[str], None]], StageResult] | None] = {
     "data": _data_stage,
     "embed": _embed_stage,
     "text": _text_stage,
     "hierarchy": _hierarchy_stage,
     "quantize": _quantize_stage,
-    **{name: None for name in STAGE_ORDER[5:]},
+    "instruct": _instruct_stage,
+    "finetune": _finetune_stage,
+    "evaluate": _evaluate_stage,
 }
 
 

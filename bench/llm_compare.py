@@ -1,0 +1,110 @@
+"""Stage 5: retriever vs LM re-ranker vs re-ranker without codes, on one dataset and backbone.
+
+    python bench/llm_compare.py --dataset synthetic [--backbone tiny] [--threads 2] [finetune.key=value ...]
+    python bench/llm_compare.py --dataset umls --run-dir runs/umls   # stages 0-4 from a kgtok run directory
+
+Stages 0-4 come from ``kgtok.pipeline.run`` (the synthetic KG by default, or
+``--data``); then, for each variant (codes / no codes), instructions,
+fine-tuning and evaluation.  Writes bench/results/llm_<dataset>[_<tag>].json
+and .md: Hits@1 and MRR of the retriever, the DIFT rule and the full
+re-rank; training tokens/s; evaluation queries/s; seconds per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command, machine, write_result  # noqa: E402
+
+from kgtok.config import load_config  # noqa: E402
+from kgtok.llm import InstructConfig, run_instruct  # noqa: E402
+from kgtok.llm.evaluate import EvaluateConfig, run_evaluate  # noqa: E402
+from kgtok.llm.finetune import FinetuneConfig, run_finetune  # noqa: E402
+from kgtok.pipeline import RunConfig, run  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, help="synthetic, or a folder name under ../shared/datasets")
+    parser.add_argument("--data", default=None, help="KG directory (default: by --dataset)")
+    parser.add_argument("--run-dir", default=None, help="run directory for stages 0-4 (default runs/bench/run-<dataset>)")
+    parser.add_argument("--backbone", default="tiny")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", default="codes,no_codes")
+    parser.add_argument("--max-queries", type=int, default=0, help="evaluate only the first n test queries")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("overrides", nargs="*", help="run.*, instruct.*, finetune.*, evaluate.* = value")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    groups: dict[str, list[str]] = {"run": [], "instruct": [], "finetune": [], "evaluate": []}
+    for item in args.overrides:
+        group, _, rest = item.partition(".")
+        if group not in groups:
+            raise SystemExit(f"override {item!r}: expected run./instruct./finetune./evaluate. prefix")
+        groups[group].append(rest)
+    data = None if args.dataset == "synthetic" and args.data is None else str(args.data or DATA / args.dataset)
+    run_dir = Path(args.run_dir or f"runs/bench/run-{args.dataset}")
+    t = args.threads
+    run_config = load_config(RunConfig, None, [f"out={run_dir}", f"embed.threads={t}", f"text.threads={t}",
+                                               f"hierarchy.threads={t}", f"quantize.threads={t}", "progress=false",
+                                               *([f"data={data}"] if data else []), *groups["run"]])
+    start = time.perf_counter()
+    run(run_config, log=lambda *_: None)
+    upstream_seconds = time.perf_counter() - start
+    kg_dir = json.loads((run_dir / "data" / "manifest.json").read_text())["kg_dir"]
+    record: dict = {"backbone": args.backbone, "upstream_seconds": round(upstream_seconds, 1)}
+    for variant in args.variants.split(","):
+        use_codes = variant == "codes"
+        out = run_dir / f"llm-{args.backbone.replace('/', '_')}{args.tag and '-' + args.tag}-{variant}"
+        instruct = load_config(InstructConfig, None, [f"use_codes={use_codes}", *groups["instruct"]])
+        finetune = load_config(FinetuneConfig, None, [f"backbone={args.backbone}", f"threads={t}",
+                                                      *groups["finetune"]])
+        evaluate = load_config(EvaluateConfig, None, [f"threads={t}", f"max_queries={args.max_queries}",
+                                                      *groups["evaluate"]])
+        codes = run_dir / "quantize" if use_codes else None
+        timings = {}
+        begin = time.perf_counter()
+        run_instruct(instruct, kg_dir, run_dir / "embed", out / "instruct", codes=codes, log=lambda *_: None)
+        timings["instruct"] = time.perf_counter() - begin
+        begin = time.perf_counter()
+        run_finetune(finetune, out / "instruct", out / "finetune", codes=codes, progress=False, log=print)
+        timings["finetune"] = time.perf_counter() - begin
+        begin = time.perf_counter()
+        run_evaluate(evaluate, out / "finetune", out / "instruct", out / "evaluate", progress=False, log=print)
+        timings["evaluate"] = time.perf_counter() - begin
+        metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
+        trained = json.loads((out / "finetune" / "metrics.json").read_text())
+        if "retriever_mrr" not in record:
+            record.update(retriever_mrr=metrics["retriever_mrr"], retriever_hits_at_1=metrics["retriever_hits_at_1"],
+                          gold_in_candidates=metrics["gold_in_candidates"], queries=metrics["queries"])
+        record.update({
+            f"{variant}_dift_mrr": metrics["dift_mrr"], f"{variant}_dift_hits_at_1": metrics["dift_hits_at_1"],
+            f"{variant}_rerank_mrr": metrics["rerank_mrr"], f"{variant}_rerank_hits_at_1": metrics["rerank_hits_at_1"],
+            f"{variant}_train_tokens_per_second": trained["train_tokens_per_second"],
+            f"{variant}_queries_per_second": metrics["queries_per_second"],
+            f"{variant}_lm_train_examples": trained["train_examples"], f"{variant}_steps": trained["steps"],
+            f"{variant}_valid_loss": trained["valid_loss"],
+            f"{variant}_seconds": {k: round(v, 1) for k, v in timings.items()},
+        })
+        print(f"{variant}: DIFT Hits@1 {metrics['dift_hits_at_1']:.3f}, re-rank Hits@1 "
+              f"{metrics['rerank_hits_at_1']:.3f} (retriever {metrics['retriever_hits_at_1']:.3f})", flush=True)
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    record.update(command=command(), machine=machine(), threads=t)
+    columns = ["backbone", "retriever_hits_at_1", *[f"{v}_{m}" for v in args.variants.split(",")
+                                                    for m in ("dift_hits_at_1", "rerank_hits_at_1")],
+               "retriever_mrr", *[f"{v}_rerank_mrr" for v in args.variants.split(",")], "seconds"]
+    name = f"llm_{args.dataset}" + (f"_{args.tag}" if args.tag else "")
+    path = write_result(name, args.dataset, record, columns)
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
