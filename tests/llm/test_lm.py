@@ -238,3 +238,42 @@ def test_finetune_under_accelerate_two_cpu_processes(stages, tmp_path):
     metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["steps"] == 3
     assert (tmp_path / "ft" / "model" / "config.json").exists()
+
+
+def test_triple_classification_instructions_and_metrics(stages, finetuned, tmp_path):
+    kg, kg_dir, embed, codes, instructions, root = stages
+    dest = run_instruct(InstructConfig(task="classification", neighbours=3, classification_train_triples=100), kg,
+                        None, tmp_path / "cls", codes=codes, log=quiet)
+    train = [json.loads(line) for line in (dest / "lm_train.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (dest / "test.jsonl").read_text().splitlines()]
+    assert len(train) == 200 and len(test) == 2 * len(kg.test)
+    known = {tuple(t) for t in kg.all_triples.tolist()}
+    ids = {name: i for i, name in enumerate(kg.entity_names)}
+    relations = {name: i for i, name in enumerate(kg.relation_names)}
+    for record in train + test:
+        h, r, t = record["triple"]
+        triple = (ids[h], relations[r], ids[t])
+        assert (triple in known) == record["label"]  # negatives are never known triples
+        assert record["answer"] == ("true" if record["label"] else "false")
+    assert sum(r["label"] for r in test) == len(kg.test)
+    # No prompt shows its own triple among the facts.
+    from kgtok.llm.instruct import entity_text, load_tokens, readable_relation
+
+    config, tokens = InstructConfig(task="classification"), load_tokens(codes, kg)
+    for record in train:
+        h, r, t = record["triple"]
+        shown = (f"({entity_text(kg, ids[h], tokens, config)}, {readable_relation(r)}, "
+                 f"{entity_text(kg, ids[t], tokens, config)})")
+        assert shown in record["prompt"].split("\n")[0]
+        assert shown not in "\n".join(record["prompt"].split("\n")[1:])
+    # Evaluation compares " true" with " false"; metrics agree with the predictions written.
+    ev = run_evaluate(EvaluateConfig(max_queries=20, batch_size=8), finetuned, dest, tmp_path / "ev", progress=False,
+                      log=quiet)
+    predictions = [json.loads(line) for line in (ev / "predictions.jsonl").read_text().splitlines()]
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert len(predictions) == 20 and all(p["predicted"] == (p["margin"] > 0) for p in predictions)
+    assert metrics["accuracy"] == pytest.approx(np.mean([p["predicted"] == p["label"] for p in predictions]))
+    from kgtok.llm.classify import classification_metrics
+
+    m = classification_metrics(np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 0], bool))
+    assert m == {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "count": 4}

@@ -250,6 +250,9 @@ def run_evaluate(
         room = config.max_prompt_tokens
         return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]
 
+    if records[0].get("task") == "classification":
+        return _evaluate_classification(config, model, tokenizer, pad_id, records, prompt_ids, model_dir,
+                                        instructions, Path(dest), progress, log)
     predictions = []
     start = time.perf_counter()
     bar = tqdm(total=len(records), desc="evaluate", unit="query", disable=not progress)
@@ -324,3 +327,39 @@ def run_evaluate(
         f"retriever {summary['retriever_hits_at_1']:.3f}, DIFT rule {summary['dift_hits_at_1']:.3f}, "
         f"re-rank {summary['rerank_hits_at_1']:.3f} -> {dest}")
     return Path(dest)
+
+
+def _evaluate_classification(config: EvaluateConfig, model: Any, tokenizer: Any, pad_id: int,
+                             records: list[dict[str, Any]], prompt_ids: Callable[[dict[str, Any]], list[int]],
+                             model_dir: Path, instructions: Path, dest: Path, progress: bool,
+                             log: Callable[[str], None]) -> Path:
+    """Triple classification: the answer " true" or " false", whichever the LM finds likelier."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from kgtok.llm.classify import classification_metrics
+
+    answers = [encode_answer(tokenizer, "true"), encode_answer(tokenizer, "false")]
+    margins = []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for begin in tqdm(range(0, len(records), config.batch_size), desc="evaluate", disable=not progress):
+            batch = records[begin: begin + config.batch_size]
+            scored = score_batch(model, [prompt_ids(r) for r in batch], [answers] * len(batch), pad_id)
+            margins += [float(lps[0].sum() - lps[1].sum()) for lps in scored]
+    seconds = time.perf_counter() - start
+    labels = np.array([r["label"] for r in records])
+    predicted = np.array(margins) > 0
+    metrics = {**classification_metrics(labels, predicted), "queries": len(records), "seconds": seconds,
+               "queries_per_second": len(records) / seconds}
+    inputs = hash_inputs({"model": model_dir, "instructions": instructions / f"{config.split}.jsonl"})
+    with artifact_dir(dest, stage="evaluate", config=config, inputs=inputs) as writer:
+        with (writer.path / "predictions.jsonl").open("w", encoding="utf-8") as handle:
+            for record, margin, guess in zip(records, margins, predicted):
+                handle.write(json.dumps({"id": record["id"], "triple": record["triple"], "label": record["label"],
+                                         "predicted": bool(guess), "margin": round(margin, 4)}) + "\n")
+        write_json_atomic(writer.path / "metrics.json", metrics)
+        writer.metrics.update(metrics)
+    log(f"evaluate (classification): accuracy {metrics['accuracy']:.3f}, F1 {metrics['f1']:.3f} "
+        f"on {len(records)} triples -> {dest}")
+    return dest

@@ -44,6 +44,7 @@ from kgtok.llm.vocab import ENTITY_BEGIN, ENTITY_END
 class InstructConfig:
     """Stage 5a: which parts go into a prompt, and which queries become examples."""
 
+    task: str = "completion"  # completion (link prediction, DIFT) | classification (true/false, ReaLM)
     top_k: int = 20  # candidates listed per prompt (at most what stage 1 exported)
     neighbours: int = 10  # training-graph triples about the known entity
     description_words: int = 50  # the known entity's description is cut to about this many words
@@ -54,10 +55,13 @@ class InstructConfig:
     train_from_train_queries: bool = False  # also turn training queries into examples (off: DIFT)
     lm_valid_fraction: float = 0.1  # share of the validation queries kept for LM validation
     confidence_threshold: float = 0.05  # LM-train keeps records with confidence above this
+    classification_train_triples: int = 5000  # classification: training triples sampled for LM-train (0: all)
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self, [
+            ("task", lambda v: v in ("completion", "classification"), "completion or classification"),
+            ("classification_train_triples", in_range(0), ">= 0"),
             ("top_k", in_range(1), ">= 1"),
             ("neighbours", in_range(0), ">= 0"),
             ("description_words", in_range(0), ">= 0"),
@@ -228,7 +232,7 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 def run_instruct(
     config: InstructConfig,
     data: str | Path | KnowledgeGraph,
-    embeddings: str | Path,
+    embeddings: str | Path | None,
     dest: str | Path,
     *,
     codes: str | Path | None = None,
@@ -236,11 +240,15 @@ def run_instruct(
 ) -> Path:
     """Stage 5a: write LM-train, LM-valid and test instructions (see the module docstring)."""
     kg = data if isinstance(data, KnowledgeGraph) else load_kg(data)
-    embeddings = Path(embeddings)
     tokens = load_tokens(codes, kg) if config.use_codes else None
     if config.use_codes and tokens is None:
         raise ValueError("use_codes needs codes (a stage-4 artifact); set use_codes=false for DIFT without codes")
     log(format_config(config))
+    if config.task == "classification":
+        return _classification_instruct(config, kg, tokens, Path(dest), codes, log)
+    if embeddings is None:
+        raise ValueError("link-prediction instructions need a stage-1 artifact (embeddings)")
+    embeddings = Path(embeddings)
     sources = ["valid", "test"] + (["train"] if config.train_from_train_queries else [])
     ranked = {}
     for split in sources:
@@ -267,3 +275,25 @@ def run_instruct(
         })
     log(f"instruct: {len(lm_train)} LM-train, {len(lm_valid)} LM-valid, {len(test)} test records -> {dest}")
     return Path(dest)
+
+
+def _classification_instruct(config: InstructConfig, kg: KnowledgeGraph, tokens: list[str] | None, dest: Path,
+                             codes: str | Path | None, log: Callable[[str], None]) -> Path:
+    """True/false instructions (:mod:`kgtok.llm.classify`): a training-triple sample, valid, test."""
+    from kgtok.llm.classify import classification_records
+
+    rng = np.random.default_rng(config.seed)
+    neighbours = NeighbourIndex(kg)
+    train = kg.train.numpy()
+    if config.classification_train_triples and len(train) > config.classification_train_triples:
+        train = train[np.sort(rng.choice(len(train), config.classification_train_triples, replace=False))]
+    splits = {"lm_train": train, "lm_valid": kg.valid.numpy(), "test": kg.test.numpy()}
+    inputs = hash_inputs({**({"kg": Path(kg.source)} if kg.source else {}),
+                          **({"codes": Path(codes)} if codes else {})})
+    with artifact_dir(dest, stage="instruct", config=config, inputs=inputs) as writer:
+        for name, triples in splits.items():
+            records = classification_records(kg, triples, name, tokens, neighbours, config, rng)
+            write_jsonl(writer.path / f"{name}.jsonl", records)
+            writer.metrics[name] = len(records)
+    log(f"instruct (classification): {writer.metrics} records -> {dest}")
+    return dest
