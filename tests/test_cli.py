@@ -107,6 +107,19 @@ def test_run_caches_and_reruns_on_change(tmp_path):
                            **{**FAST, "quantize": QuantizeConfig(**{**FAST["quantize"].__dict__, "epochs": 2})}),
                  log=logs.append)
     assert [r.status for r in longer] == ["cached"] * 4 + ["ran"] * 4
+    # The report is one self-contained page: every image inline, every stage's section present.
+    result = invoke("report", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "run" / "report.html").read_text()
+    import re
+
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert len(sources) >= 5 and all(s.startswith("data:image/png;base64,") for s in sources)
+    for heading in ("Stage 1", "Codebook usage", "Hierarchy alignment", "fine-tuning", "Link prediction",
+                    "Per-relation Hits@1"):
+        assert heading in page
+    retriever = json.loads((tmp_path / "run" / "evaluate" / "metrics.json").read_text())["retriever"]["both"]
+    assert f"<td>{retriever['mrr']:.4f}</td>" in page
     assert longer[4].metrics["collision_rate_before"] >= 0
 
 

@@ -429,6 +429,17 @@ def evaluate_command(model_dir: str, instructions: str, out: str, classes: str |
                  log=click.echo)
 
 
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="HTML file (default RUN_DIR/report.html).")
+@_friendly_errors
+def report_command(run_dir: str, out: str | None) -> None:
+    """Write one self-contained report.html (plots inline) about a run directory."""
+    from kgtok.report import write_report
+
+    click.echo(f"report -> {write_report(run_dir, out)}")
+
+
 def main() -> None:
     warnings.formatwarning = _format_warning  # type: ignore[assignment]  # one line per warning in a terminal
     cli(prog_name="kgtok")

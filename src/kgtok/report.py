@@ -1,0 +1,194 @@
+"""``kgtok report RUN_DIR``: one self-contained HTML page (plots inlined as PNG) about a run.
+
+Sections appear for the stages whose artifacts exist: stage-1 metrics; codebook
+usage per level; quantizer loss and held-out entropy curves; hierarchy
+alignment (NMI) per level; a 2-D PCA of the fused entity vectors coloured by
+level-1 code; fine-tuning loss; the final metrics table (retriever, DIFT rule,
+re-rank, class constraint, and ablations found under ``RUN_DIR/ablate``); and
+per-relation Hits@1.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _png(figure: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(figure)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def _stage1(run: Path) -> str | None:
+    metrics = _read(run / "embed" / "metrics.json")
+    if metrics is None:
+        return None
+    keys = ["mrr", "hits_at_1", "hits_at_3", "hits_at_10", "mr"]
+    rows = [[f"{split} {side}", *[metrics[split][side][k] for k in keys]]
+            for split in ("valid", "test") for side in ("both", "head", "tail")]
+    return "<h2>Stage 1: KG embeddings (filtered)</h2>" + _table(["split", *keys], rows)
+
+
+def _quantizer(run: Path) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = _read(run / "quantize" / "metrics.json")
+    if metrics is None:
+        return None
+    parts = ["<h2>Stage 4: codes</h2>"]
+    codes = np.load(run / "quantize" / "codes.npy")
+    levels = metrics["levels"]
+    figure, axes = plt.subplots(1, levels, figsize=(3.2 * levels, 2.6), squeeze=False)
+    for level in range(levels):
+        counts = np.sort(np.bincount(codes[:, level], minlength=metrics["codebook_size"]))[::-1]
+        axes[0, level].bar(np.arange(len(counts)), counts, width=1.0)
+        axes[0, level].set_title(f"level {level + 1}: {metrics['utilization'][level]:.0%} used")
+        axes[0, level].set_xlabel("code (by frequency)")
+    axes[0, 0].set_ylabel("entities")
+    parts.append("<h3>Codebook usage per level</h3>" + _png(figure))
+    history = metrics.get("history") or []
+    if history:
+        figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3))
+        for key in sorted({k for h in history for k in h if k.startswith("loss_")}):
+            points = [(h["epoch"], h[key]) for h in history if key in h]
+            left.plot(*zip(*points), label=key)
+        left.set_yscale("log")
+        left.set_xlabel("epoch")
+        left.legend(fontsize=7)
+        points = [(h["epoch"], h["heldout_entropy"]) for h in history if "heldout_entropy" in h]
+        if points:
+            right.plot(*zip(*points), marker=".")
+            right.axvline(metrics.get("best_epoch", 0), color="grey", linestyle=":")
+        right.set_xlabel("epoch")
+        right.set_ylabel("held-out code entropy (bits)")
+        parts.append("<h3>Training: losses and held-out entropy (dotted: selected checkpoint)</h3>" + _png(figure))
+    rows = []
+    for level in range(1, levels + 1):
+        row = [level, metrics.get(f"nmi_hierarchy_level_{level}", float("nan")),
+               metrics.get(f"homogeneity_hierarchy_level_{level}", float("nan")),
+               metrics.get(f"nmi_types_level_{level}", "-"), metrics["entropy"][level - 1],
+               metrics["utilization"][level - 1]]
+        rows.append(row)
+    parts.append("<h3>Hierarchy alignment per level</h3>" + _table(
+        ["level", "NMI (hierarchy)", "homogeneity", "NMI (true types)", "entropy", "utilisation"], rows))
+    parts.append(_table(["collisions before fix", "after", "reconstruction cosine"],
+                        [[metrics["collision_rate_before"], metrics["collision_rate_after"],
+                          metrics["reconstruction_cosine"]]]))
+    fused = run / "hierarchy" / "fused_vectors.npy"
+    if fused.exists():
+        from sklearn.decomposition import PCA
+
+        vectors = np.load(fused)
+        rng = np.random.default_rng(0)
+        shown = rng.choice(len(vectors), min(len(vectors), 5000), replace=False)
+        xy = PCA(n_components=2, random_state=0).fit_transform(vectors[shown])
+        figure, axis = plt.subplots(figsize=(5, 4.5))
+        axis.scatter(xy[:, 0], xy[:, 1], c=codes[shown, 0], cmap="tab20", s=4)
+        axis.set_title("fused entity vectors (PCA), colour = level-1 code")
+        parts.append("<h3>Entity vectors by level-1 code</h3>" + _png(figure))
+    return "".join(parts)
+
+
+def _finetune(run: Path) -> str | None:
+    import matplotlib.pyplot as plt
+
+    metrics = _read(run / "finetune" / "metrics.json")
+    if metrics is None:
+        return None
+    points = [(h["step"], h["loss"]) for h in metrics["history"] if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in metrics["history"] if "eval_loss" in h]
+    figure, axis = plt.subplots(figsize=(6, 3))
+    if points:
+        axis.plot(*zip(*points), label="LM-train")
+    if evals:
+        axis.plot(*zip(*evals), marker="o", label="LM-valid")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss (answer tokens)")
+    axis.legend()
+    summary = _table(["backbone", "adapter", "steps", "train tokens/s", "trainable parameters"],
+                     [[Path(metrics["backbone"]).name, metrics["adapter"], metrics["steps"],
+                       metrics["train_tokens_per_second"], metrics["trainable_parameters"]]])
+    return "<h2>Stage 5: fine-tuning</h2>" + summary + _png(figure)
+
+
+def _final(run: Path) -> str | None:
+    import matplotlib.pyplot as plt
+
+    metrics = _read(run / "evaluate" / "metrics.json")
+    if metrics is None or "retriever" not in metrics:
+        return None
+    keys = ["mrr", "hits_at_1", "hits_at_3", "hits_at_10"]
+    labels = {"retriever": "stage 1 (retriever)", "dift": "LM pick (DIFT rule)", "rerank": "LM re-rank",
+              "dift_class": "LM pick + class constraint"}
+    rows = [[labels[name], *[metrics[name]["both"][k] for k in keys]] for name in labels if name in metrics]
+    for ablation in sorted((run / "ablate").glob("*/evaluate/metrics.json")) if (run / "ablate").exists() else []:
+        other = _read(ablation)
+        rows.append([f"ablation {ablation.parent.parent.name}: LM pick", *[other["dift"]["both"][k] for k in keys]])
+    parts = [f"<h2>Link prediction ({metrics['queries']} queries, filtered)</h2>", _table(["ranker", *keys], rows),
+             f"<p>{metrics['queries_per_second']:.1f} queries/s; gold among the candidates: "
+             f"{metrics['gold_in_candidates']:.1%}</p>"]
+    per_relation = metrics.get("per_relation", {})
+    if per_relation.get("dift"):
+        names = sorted(per_relation["dift"], key=lambda r: -per_relation["dift"][r]["count"])[:30]
+        figure, axis = plt.subplots(figsize=(8, 0.25 * len(names) + 1))
+        y = np.arange(len(names))
+        axis.barh(y - 0.2, [per_relation["retriever"][r]["hits_at_1"] for r in names], height=0.4, label="retriever")
+        axis.barh(y + 0.2, [per_relation["dift"][r]["hits_at_1"] for r in names], height=0.4, label="LM pick")
+        axis.set_yticks(y, [n[-40:] for n in names], fontsize=7)
+        axis.invert_yaxis()
+        axis.set_xlabel("Hits@1")
+        axis.legend()
+        parts.append("<h3>Per-relation Hits@1 (most frequent relations)</h3>" + _png(figure))
+    return "".join(parts)
+
+
+STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f2f2f2}td:first-child{text-align:left}img{max-width:100%}"""
+
+
+def write_report(run_dir: str | Path, dest: str | Path | None = None) -> Path:
+    """Write ``report.html`` for a run directory; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: not a run directory")
+    sections = [s for s in (_stage1(run), _quantizer(run), _finetune(run), _final(run)) if s]
+    if not sections:
+        raise ValueError(f"{run}: no stage artifacts found (expected embed/, quantize/, evaluate/ ...)")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>kgtok report: {html.escape(run.name)}"
+            f"</title><style>{STYLE}</style></head><body><h1>kgtok report: {html.escape(str(run))}</h1>"
+            + "".join(sections) + "</body></html>")
+    dest = Path(dest) if dest else run / "report.html"
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(dest)
+    return dest
