@@ -440,6 +440,36 @@ def report_command(run_dir: str, out: str | None) -> None:
     click.echo(f"report -> {write_report(run_dir, out)}")
 
 
+@cli.command("ablate")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a RunConfig.")
+@click.option("--data", type=click.Path(file_okay=False), help="KG directory (default: the bundled synthetic KG).")
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: runs/default).")
+@click.option("--only", default=None, help="Comma-separated subset of: without_l1,without_l2,without_gsr,without_codes.")
+@click.argument("overrides", nargs=-1)
+@_friendly_errors
+def ablate_command(config_path: str | None, data: str | None, out: str | None, only: str | None,
+                   overrides: tuple[str, ...]) -> None:
+    """The paper's ablation set on one run (stages 0-3 reused); one table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from kgtok.config import load_config
+    from kgtok.pipeline import ABLATIONS, RunConfig, ablate
+
+    extra = [f"data={data}"] if data else []
+    extra += [f"out={out}"] if out else []
+    config = load_config(RunConfig, config_path, [*overrides, *extra])
+    names = tuple(only.split(",")) if only else tuple(ABLATIONS)
+    results = ablate(config, names, log=click.echo)
+    table = Table(title="ablations (test, filtered)")
+    for column in ("run", "LM pick MRR", "LM pick Hits@1", "re-rank MRR", "re-rank Hits@1", "retriever Hits@1"):
+        table.add_column(column)
+    for name, m in results.items():
+        table.add_row(name, *(f"{m[k]:.3f}" for k in ("dift_mrr", "dift_hits_at_1", "rerank_mrr", "rerank_hits_at_1",
+                                                      "retriever_hits_at_1")))
+    Console(width=120).print(table)
+
+
 def main() -> None:
     warnings.formatwarning = _format_warning  # type: ignore[assignment]  # one line per warning in a terminal
     cli(prog_name="kgtok")
