@@ -104,3 +104,11 @@ def test_shipped_preset_by_name():
     assert config.model == "complex" and config.dim == 8 and config.regularizer_weight == 0.1
     with pytest.raises(ConfigError, match="shipped presets: .*embed_fb15k237"):
         load_config(EmbedConfig, "embed_nope")
+
+
+def test_partial_nested_override_keeps_the_fields_own_default():
+    from kgtok.pipeline import RunConfig
+
+    config = load_config(RunConfig, None, ["embed.threads=1"])
+    assert config.embed.threads == 1
+    assert (config.embed.eval_every, config.embed.patience) == (RunConfig().embed.eval_every, RunConfig().embed.patience)

@@ -161,10 +161,16 @@ def _build(cls: type[C], data: Mapping[str, Any], where: str) -> C:
         raise ConfigError(
             f"{where or cls.__name__}: unknown key(s) {unknown}; known keys: {sorted(fields)}"
         )
-    kwargs = {
-        name: _coerce(value, hints[name], f"{where}.{name}" if where else name)
-        for name, value in data.items()
-    }
+    kwargs = {}
+    for name, value in data.items():
+        factory = fields[name].default_factory
+        if isinstance(value, Mapping) and factory is not dataclasses.MISSING:
+            # A partial nested section overrides the field's own default (e.g. RunConfig's
+            # embed preset), not the nested class's bare defaults.
+            default = factory()
+            if dataclasses.is_dataclass(default):
+                value = _merge(config_to_dict(default), value)
+        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
     return cls(**kwargs)
 
 
