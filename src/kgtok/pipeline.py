@@ -40,7 +40,8 @@ class RunConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # used only when data is None
     # Stage 1. The run's default validates often and stops early: right for the small demo
     # graph; for a benchmark graph give a preset's values (kgtok/configs/embed_<name>.yaml).
-    embed: EmbedConfig = field(default_factory=lambda: EmbedConfig(eval_every=100, patience=3, max_steps=5000))
+    embed: EmbedConfig = field(  # stage 1: here eval_every 100, patience 3, max_steps 5000
+        default_factory=lambda: EmbedConfig(eval_every=100, patience=3, max_steps=5000))
     text: TextConfig = field(default_factory=TextConfig)  # stage 2
     hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)  # stage 3
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)  # stage 4
