@@ -120,6 +120,16 @@ def test_run_caches_and_reruns_on_change(tmp_path):
         assert heading in page
     retriever = json.loads((tmp_path / "run" / "evaluate" / "metrics.json").read_text())["retriever"]["both"]
     assert f"<td>{retriever['mrr']:.4f}</td>" in page
+    import shutil
+
+    if shutil.which("chromium"):  # it renders: the screenshot is not a blank page
+        from kgtok.report import screenshot
+
+        import matplotlib.image
+
+        pixels = matplotlib.image.imread(screenshot(tmp_path / "run" / "report.html", tmp_path / "shot.png",
+                                                    height=1500))
+        assert pixels.shape[:2] == (1500, 1200) and pixels[..., :3].std() > 0.05
     assert longer[4].metrics["collision_rate_before"] >= 0
 
 

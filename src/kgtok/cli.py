@@ -432,12 +432,18 @@ def evaluate_command(model_dir: str, instructions: str, out: str, classes: str |
 @cli.command("report")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="HTML file (default RUN_DIR/report.html).")
+@click.option("--screenshot", default=None, type=click.Path(dir_okay=False),
+              help="Also render the page in headless Chromium to this PNG.")
 @_friendly_errors
-def report_command(run_dir: str, out: str | None) -> None:
+def report_command(run_dir: str, out: str | None, screenshot: str | None) -> None:
     """Write one self-contained report.html (plots inline) about a run directory."""
+    from kgtok.report import screenshot as render
     from kgtok.report import write_report
 
-    click.echo(f"report -> {write_report(run_dir, out)}")
+    page = write_report(run_dir, out)
+    click.echo(f"report -> {page}")
+    if screenshot:
+        click.echo(f"screenshot -> {render(page, screenshot)}")
 
 
 @cli.command("ablate")

@@ -192,3 +192,20 @@ def write_report(run_dir: str | Path, dest: str | Path | None = None) -> Path:
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(dest)
     return dest
+
+
+def screenshot(page: str | Path, png: str | Path, *, width: int = 1200, height: int = 4000,
+               timeout: float = 120.0) -> Path:
+    """Render ``page`` in headless Chromium (Debian package ``chromium``) to a PNG, to check it displays."""
+    import shutil
+    import subprocess
+
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)),
+                   None)
+    if browser is None:
+        raise FileNotFoundError("no Chromium found (apt-get install chromium)")
+    png = Path(png).resolve()
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--window-size={width},{height}", f"--screenshot={png}", Path(page).resolve().as_uri()],
+                   check=True, capture_output=True, timeout=timeout)
+    return png
