@@ -277,3 +277,30 @@ def test_triple_classification_instructions_and_metrics(stages, finetuned, tmp_p
 
     m = classification_metrics(np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 0], bool))
     assert m == {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "count": 4}
+
+
+def test_lora_trains_adapters_and_new_rows_only(stages, tmp_path):
+    kg, kg_dir, embed, codes, instructions, root = stages
+    from transformers import AutoModelForCausalLM
+
+    from kgtok.llm.finetune import load_backbone, wrap_trainable
+
+    backbone = build_tiny(["some text to learn merges from"] * 5, tmp_path / "tiny", TINY)
+    config = FinetuneConfig(backbone=str(backbone), adapter="lora", r=4, lora_alpha=8, max_steps=3, batch_size=4,
+                            threads=1, learning_rate=1e-2)
+    model, tokenizer, new_ids, _ = load_backbone(config, [], tmp_path, codes)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wrapped = wrap_trainable(model, config, False, new_ids)
+    names = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or "trainable_tokens" in n for n in names)
+    # Through the stage: only the new rows of the embedding and the attention projections change.
+    dest = run_finetune(config, instructions, tmp_path / "ft", codes=codes, progress=False, log=quiet)
+    assert json.loads((dest / "metrics.json").read_text())["adapter"] == "lora"
+    after = AutoModelForCausalLM.from_pretrained(dest / "model").state_dict()
+    embedding = "model.embed_tokens.weight"
+    old_rows = [i for i in range(len(tokenizer)) if i not in set(new_ids)]
+    torch.testing.assert_close(after[embedding][old_rows], before[embedding][old_rows])
+    assert not torch.allclose(after[embedding][new_ids], before[embedding][new_ids])
+    assert not torch.allclose(after["model.layers.0.self_attn.q_proj.weight"],
+                              before["model.layers.0.self_attn.q_proj.weight"])
+    torch.testing.assert_close(after["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
