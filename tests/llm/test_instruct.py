@@ -106,3 +106,27 @@ def test_neighbours_ranked_by_relation_cooccurrence(tmp_path):
     relations = [kg.relation_names[f[1]] for f in facts]
     # "likes" co-occurs with itself (3 entities) and "knows" (3), "hates" with it on 1 entity: last.
     assert relations[-1] == "hates" and set(relations[:2]) == {"likes", "knows"}
+
+
+def test_training_queries_are_sampled_and_shuffled(tmp_path):
+    kg = load_kg(write_synthetic(SyntheticConfig(num_entities=200, seed=2), tmp_path / "kg"))
+    embed = run_embed(EmbedConfig(dim=16, max_steps=40, eval_every=20, batch_size=256, threads=1, top_k=6),
+                      kg, tmp_path / "embed", progress=False, log=lambda *_: None)
+    base = dict(top_k=6, use_codes=False, train_from_train_queries=True, train_queries=50)
+    ordered = run_instruct(InstructConfig(**base, shuffle_train_query_candidates=False), kg, embed,
+                           tmp_path / "o", log=lambda *_: None)
+    shuffled = run_instruct(InstructConfig(**base), kg, embed, tmp_path / "s", log=lambda *_: None)
+    from_train = {name: [r for r in read(d / "lm_train.jsonl") if r["split"] == "train"]
+                  for name, d in (("ordered", ordered), ("shuffled", shuffled))}
+    assert 0 < len(from_train["ordered"]) <= 50 and len(from_train["ordered"]) == len(from_train["shuffled"])
+    ranked = np.load(embed / "candidates" / "train.npz")
+    # Same queries, same candidate sets; stage-1 order kept in one, permuted in the other.
+    permuted = 0
+    for a, b in zip(sorted(from_train["ordered"], key=lambda r: r["id"]),
+                    sorted(from_train["shuffled"], key=lambda r: r["id"])):
+        assert a["id"] == b["id"] and sorted(a["candidates"]) == sorted(b["candidates"])
+        row = int(a["id"].split("-")[1]) + (0 if a["direction"] == "tail" else len(ranked["triples"]) // 2)
+        assert a["candidates"] == ranked["candidates"][row].tolist()
+        permuted += a["candidates"] != b["candidates"]
+        assert b["prompt"].endswith("; ".join(b["candidate_text"]) + ".")
+    assert permuted > 0.8 * len(from_train["ordered"])

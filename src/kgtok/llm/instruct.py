@@ -53,6 +53,10 @@ class InstructConfig:
     use_descriptions: bool = True
     use_neighbours: bool = True
     train_from_train_queries: bool = False  # also turn training queries into examples (off: DIFT)
+    train_queries: int = 0  # with the above: at most this many training queries (0: all)
+    shuffle_train_query_candidates: bool = True  # their lists in random order: stage 1 has seen these answers
+    # and ranks them first, so in stage-1 order they would teach the LM to copy rank 1; shuffled, they teach it
+    # to choose by content (a from-scratch LM needs that data; pretrained ones may not)
     lm_valid_fraction: float = 0.1  # share of the validation queries kept for LM validation
     confidence_threshold: float = 0.05  # LM-train keeps records with confidence above this
     classification_train_triples: int = 5000  # classification: training triples sampled for LM-train (0: all)
@@ -62,6 +66,7 @@ class InstructConfig:
         check_fields(self, [
             ("task", lambda v: v in ("completion", "classification"), "completion or classification"),
             ("classification_train_triples", in_range(0), ">= 0"),
+            ("train_queries", in_range(0), ">= 0"),
             ("top_k", in_range(1), ">= 1"),
             ("neighbours", in_range(0), ">= 0"),
             ("description_words", in_range(0), ">= 0"),
@@ -178,17 +183,23 @@ def load_tokens(quantize_artifact: str | Path | None, kg: KnowledgeGraph) -> lis
 
 
 def records_for_split(kg: KnowledgeGraph, ranked: RankedQueries, split: str, tokens: list[str] | None,
-                      neighbours: NeighbourIndex, config: InstructConfig) -> list[dict[str, Any]]:
-    """One instruction record per ranked query (both directions)."""
+                      neighbours: NeighbourIndex, config: InstructConfig, rows: np.ndarray | None = None,
+                      shuffle: np.random.Generator | None = None) -> list[dict[str, Any]]:
+    """One instruction record per ranked query (both directions), or per query in ``rows``.
+
+    ``shuffle``: list each query's candidates in random order (training queries).
+    """
     k = min(config.top_k, ranked.candidates.shape[1])
     n = len(ranked.triples) // 2
     records = []
-    for i in range(len(ranked.triples)):  # building text: one pass per query
+    for i in (range(len(ranked.triples)) if rows is None else rows):  # building text: one pass per query
         h, r, t = (int(v) for v in ranked.triples[i])
         direction = int(ranked.direction[i])
         known = h if direction == 0 else t
         gold = int(ranked.gold[i])
         candidates = [int(c) for c in ranked.candidates[i, :k]]
+        if shuffle is not None:
+            candidates = [candidates[j] for j in shuffle.permutation(k)]
         rank = float(ranked.rank[i])
         in_list = gold in candidates
         confidence = 100.0 * float(ranked.gold_probability[i]) + 1.0 / rank if rank <= k else 1.0 / rank
@@ -262,8 +273,14 @@ def run_instruct(
         valid_records = records_for_split(kg, ranked["valid"], "valid", tokens, neighbours, config)
         lm_train, lm_valid, dropped = split_examples(valid_records, config)
         if "train" in ranked:
-            extra = records_for_split(kg, ranked["train"], "train", tokens, neighbours, config)
+            rng = np.random.default_rng(config.seed + 1)
+            total = len(ranked["train"].triples)
+            rows = (np.sort(rng.choice(total, config.train_queries, replace=False))
+                    if 0 < config.train_queries < total else None)
+            extra = records_for_split(kg, ranked["train"], "train", tokens, neighbours, config, rows=rows,
+                                      shuffle=rng if config.shuffle_train_query_candidates else None)
             lm_train += [r for r in extra if r["confidence"] > config.confidence_threshold and r["gold_in_candidates"]]
+            lm_train = [lm_train[i] for i in rng.permutation(len(lm_train))]
         test = records_for_split(kg, ranked["test"], "test", tokens, neighbours, config)
         for name, records in (("lm_train", lm_train), ("lm_valid", lm_valid), ("test", test)):
             write_jsonl(writer.path / f"{name}.jsonl", records)
