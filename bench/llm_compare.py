@@ -57,7 +57,7 @@ def main() -> None:
                                                f"hierarchy.threads={t}", f"quantize.threads={t}", "progress=false",
                                                *([f"data={data}"] if data else []), *groups["run"]])
     start = time.perf_counter()
-    run(run_config, log=lambda *_: None)
+    run(run_config, until="quantize", log=lambda *_: None)  # stage 5 runs below, once per variant
     upstream_seconds = time.perf_counter() - start
     kg_dir = json.loads((run_dir / "data" / "manifest.json").read_text())["kg_dir"]
     record: dict = {"backbone": args.backbone, "upstream_seconds": round(upstream_seconds, 1)}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+
+import pytest
 import subprocess
 import sys
 
@@ -178,3 +180,11 @@ def test_ablate_reuses_upstream_stages(tmp_path):
     record = json.loads((tmp_path / "run" / "ablate" / "without_codes" / "instruct" / "test.jsonl")
                         .read_text().splitlines()[0])
     assert "<ent>" not in record["prompt"]
+
+
+def test_run_until_stops_after_the_named_stage(tmp_path):
+    config = RunConfig(out=str(tmp_path / "run"), synthetic=SyntheticConfig(num_entities=200), **FAST)
+    results = run(config, until="embed", log=lambda *_: None)
+    assert [r.name for r in results] == ["data", "embed"] and not (tmp_path / "run" / "text").exists()
+    with pytest.raises(ValueError, match="until='nothing'"):
+        run(config, until="nothing", log=lambda *_: None)

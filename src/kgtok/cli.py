@@ -55,9 +55,11 @@ def cli() -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a RunConfig.")
 @click.option("--data", type=click.Path(file_okay=False), help="KG directory (default: the bundled synthetic KG).")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: runs/default).")
+@click.option("--until", default=None, help="Stop after this stage (data, embed, text, hierarchy, quantize, ...).")
 @click.argument("overrides", nargs=-1)
 @_friendly_errors
-def run_command(config_path: str | None, data: str | None, out: str | None, overrides: tuple[str, ...]) -> None:
+def run_command(config_path: str | None, data: str | None, out: str | None, until: str | None,
+                overrides: tuple[str, ...]) -> None:
     """Run every stage in order, reusing artifacts whose config and inputs are unchanged.
 
     OVERRIDES are dotted key=value pairs, e.g. synthetic.num_entities=500.
@@ -72,7 +74,7 @@ def run_command(config_path: str | None, data: str | None, out: str | None, over
         extra.append(f"out={out}")
     config = load_config(RunConfig, config_path, extra)
     click.echo(format_config(config))
-    results = run(config, log=click.echo)
+    results = run(config, until=until, log=click.echo)
     _print_results(results)
 
 

@@ -3,7 +3,7 @@
 ``run(config)`` is the Python twin of ``kgtok run``.  A stage's artifact is
 reused when its manifest records the same stage config and the same input
 hashes; otherwise the stage (and, through the changed hashes, every stage
-after it) runs again.  Stages not yet implemented are listed, not faked.
+after it) runs again.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class RunConfig:
 class StageResult:
     name: str
     path: Path | None
-    status: str  # "ran", "cached", "missing"
+    status: str  # "ran" or "cached"
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -202,7 +202,7 @@ def _evaluate_stage(config: RunConfig, run_dir: Path, log: Callable[[str], None]
                    "rerank_mrr", "queries_per_second"))
 
 
-STAGES: dict[str, Callable[[RunConfig, Path, Callable[[str], None]], StageResult] | None] = {
+STAGES: dict[str, Callable[[RunConfig, Path, Callable[[str], None]], StageResult]] = {
     "data": _data_stage,
     "embed": _embed_stage,
     "text": _text_stage,
@@ -214,26 +214,23 @@ STAGES: dict[str, Callable[[RunConfig, Path, Callable[[str], None]], StageResult
 }
 
 
-def run(config: RunConfig, *, log: Callable[[str], None] = print) -> list[StageResult]:
-    """Run every implemented stage in order; report the missing ones.
+def run(config: RunConfig, *, until: str | None = None, log: Callable[[str], None] = print) -> list[StageResult]:
+    """Run every stage in order (or up to and including ``until``), each skipped when current.
 
-    Returns one :class:`StageResult` per stage of :data:`STAGE_ORDER`.
+    Returns one :class:`StageResult` per stage run.
     """
+    if until is not None and until not in STAGE_ORDER:
+        raise ValueError(f"until={until!r}: expected one of {', '.join(STAGE_ORDER)}")
     run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n", encoding="utf-8")
     results = []
     for name in STAGE_ORDER:
-        stage = STAGES[name]
-        if stage is None:
-            results.append(StageResult(name, None, "missing"))
-            continue
-        result = stage(config, run_dir, log)
+        result = STAGES[name](config, run_dir, log)
         log(f"{name}: {result.status} -> {result.path}")
         results.append(result)
-    missing = [r.name for r in results if r.status == "missing"]
-    if missing:
-        log(f"stages not implemented yet (skipped): {', '.join(missing)}")
+        if name == until:
+            break
     return results
 
 
