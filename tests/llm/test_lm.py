@@ -304,3 +304,26 @@ def test_lora_trains_adapters_and_new_rows_only(stages, tmp_path):
     assert not torch.allclose(after["model.layers.0.self_attn.q_proj.weight"],
                               before["model.layers.0.self_attn.q_proj.weight"])
     torch.testing.assert_close(after["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_answer_loss_from_kept_logits_equals_the_full_loss(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kgtok.llm.finetune import PaddingCollator, answer_loss
+
+    path = build_tiny(["alpha beta gamma delta epsilon"] * 10, tmp_path / "tiny", TINY)
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    examples = [encode_example(tokenizer, "alpha beta gamma delta", "epsilon gamma", 64),
+                encode_example(tokenizer, "beta", "alpha alpha beta delta", 64)]
+    batch = PaddingCollator(tokenizer.pad_token_id)(examples)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        kept = answer_loss(model(**batch), labels)
+        total, count = 0.0, 0
+        for e in examples:  # one unpadded row at a time, every logit computed
+            logits = model(input_ids=torch.tensor([e["input_ids"]])).logits[0, :-1]
+            target = torch.tensor(e["labels"][1:])
+            total += torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+            count += int((target != IGNORE_INDEX).sum())
+    assert batch["logits_to_keep"].numel() == max(sum(t != IGNORE_INDEX for t in e["labels"]) for e in examples) + 1
+    torch.testing.assert_close(kept, total / count, atol=1e-5, rtol=1e-5)

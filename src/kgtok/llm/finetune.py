@@ -158,7 +158,13 @@ def wrap_trainable(model: Any, config: FinetuneConfig, full: bool, new_ids: list
 
 
 class PaddingCollator:
-    """Right-pads input_ids with the pad id and labels with IGNORE_INDEX."""
+    """Left-pads a batch so every answer ends at the last position.
+
+    Then the LM head runs only on the last ``logits_to_keep`` positions, those
+    that predict answer tokens: the loss needs nothing else, and the head over
+    the vocabulary is a large share of a small model's compute.  Positions
+    count from each row's first real token (as in evaluation).
+    """
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
@@ -172,10 +178,25 @@ class PaddingCollator:
         mask = torch.zeros((len(features), width), dtype=torch.long)
         for i, f in enumerate(features):  # a batch of at most batch_size rows
             n = len(f["input_ids"])
-            ids[i, :n] = torch.tensor(f["input_ids"])
-            labels[i, :n] = torch.tensor(f["labels"])
-            mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+            ids[i, width - n:] = torch.tensor(f["input_ids"])
+            labels[i, width - n:] = torch.tensor(f["labels"])
+            mask[i, width - n:] = 1
+        answer = int((labels != IGNORE_INDEX).sum(1).max())
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+                "position_ids": (mask.cumsum(1) - 1).clamp_min(0),
+                "logits_to_keep": torch.arange(width - answer - 1, width)}  # (answer + 1,) positions
+
+
+def answer_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+    """Cross-entropy of the answer tokens from the kept logits (see :class:`PaddingCollator`)."""
+    import torch
+
+    logits = outputs.logits[:, :-1].float()  # (batch, answer, V): position p predicts token p + 1
+    target = labels[:, -logits.shape[1]:]  # (batch, answer)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else (target != IGNORE_INDEX).sum()
+    return loss / count
 
 
 def run_finetune(
@@ -231,7 +252,7 @@ def run_finetune(
     train_set = [encode_example(tokenizer, r["prompt"], r["answer"], config.max_length) for r in train_records]
     valid_set = [encode_example(tokenizer, r["prompt"], r["answer"], config.max_length) for r in valid_records]
     trainer = Trainer(model=model, args=arguments, train_dataset=train_set, eval_dataset=valid_set or None,
-                      data_collator=PaddingCollator(tokenizer.pad_token_id))
+                      data_collator=PaddingCollator(tokenizer.pad_token_id), compute_loss_func=answer_loss)
     resume = any((work / "checkpoints").glob("checkpoint-*"))
     if resume and state.is_main_process:
         log(f"finetune: resuming from the newest checkpoint in {work / 'checkpoints'}")
