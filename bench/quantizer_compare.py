@@ -38,7 +38,7 @@ def synthetic_inputs(threads: int) -> tuple[Path, Path, Path]:
         "embed": {"threads": threads, "eval_every": 100, "patience": 3, "max_steps": 5000},
         "text": {"threads": threads}, "hierarchy": {"threads": threads}, "quantize": {"threads": threads, "epochs": 1},
     })
-    run(config, log=lambda *_: None)
+    run(config, until="hierarchy", log=lambda *_: None)
     return run_dir / "synthetic_kg", run_dir / "hierarchy", run_dir / "embed"
 
 
