@@ -127,6 +127,9 @@ def test_training_queries_are_sampled_and_shuffled(tmp_path):
         assert a["id"] == b["id"] and sorted(a["candidates"]) == sorted(b["candidates"])
         row = int(a["id"].split("-")[1]) + (0 if a["direction"] == "tail" else len(ranked["triples"]) // 2)
         assert a["candidates"] == ranked["candidates"][row].tolist()
+        # Stage-1 scores travel with their candidates through the shuffle.
+        assert dict(zip(b["candidates"], b["candidate_scores"])) == pytest.approx(
+            dict(zip(a["candidates"], ranked["candidate_scores"][row].tolist())), abs=1e-4)
         permuted += a["candidates"] != b["candidates"]
         assert b["prompt"].endswith("; ".join(b["candidate_text"]) + ".")
     assert permuted > 0.8 * len(from_train["ordered"])

@@ -177,7 +177,12 @@ def test_evaluate_outputs_and_generate_agrees_with_trie(stages, finetuned, tmp_p
             assert p["dift_rank"] == 1
     stage1 = np.array([r["stage1_rank"] for r in records])
     assert metrics["retriever"]["both"]["mrr"] == pytest.approx(np.mean(1 / stage1))
-    assert set(metrics) >= {"retriever", "dift", "rerank", "dift_class", "per_relation", "queries_per_second"}
+    assert set(metrics) >= {"retriever", "dift", "rerank", "dift_class", "fused_pick", "fused_rerank",
+                            "per_relation", "queries_per_second"}
+    # Fusion adds w x log softmax(stage-1 scores) to the LM's sequence scores.
+    p, r = predictions[0], records[0]
+    prior = np.array(r["candidate_scores"]) - np.logaddexp.reduce(np.array(r["candidate_scores"]))
+    np.testing.assert_allclose(p["fused_scores"], np.array(p["scores"]) + prior, atol=2e-3)
     assert metrics["retriever"]["head"]["count"] + metrics["retriever"]["tail"]["count"] == 12
     generated = run_evaluate(EvaluateConfig(max_queries=12, batch_size=1, decode="generate"), finetuned,
                              instructions, tmp_path / "gen", progress=False, log=quiet)

@@ -52,6 +52,7 @@ class EvaluateConfig:
     score: str = "sum"  # sequence score for re-ranking: sum of token log-probs | mean (length-normalised)
     max_prompt_tokens: int = 512  # longer prompts lose their beginning (as in training)
     class_constraint: bool = False  # ReaLM's ontology constraint (needs classes)
+    fusion_weight: float = 1.0  # "fused" rankers: LM log-likelihood + w x log softmax of stage-1 scores (0: off)
     max_queries: int = 0  # evaluate only the first n queries (0 = all)
     threads: int = 0  # torch threads; 0 = torch's default
 
@@ -63,6 +64,7 @@ class EvaluateConfig:
             ("score", lambda v: v in ("sum", "mean"), "sum or mean"),
             ("max_prompt_tokens", in_range(16), ">= 16"),
             ("max_queries", in_range(0), ">= 0"),
+            ("fusion_weight", in_range(0.0), ">= 0"),
             ("threads", in_range(0), ">= 0"),
         ])
 
@@ -276,6 +278,14 @@ def run_evaluate(
                        "gold_index": (record["candidates"].index(record["gold"])
                                       if record["gold"] in record["candidates"] else -1),
                        "scores": [round(float(s), 4) for s in scores]}
+                if config.fusion_weight > 0 and record.get("candidate_scores") is not None:
+                    prior = np.asarray(record["candidate_scores"], dtype=np.float64)
+                    prior = prior - prior.max()
+                    prior = prior - np.log(np.exp(prior).sum())  # log softmax over the listed candidates
+                    fused = total + config.fusion_weight * prior
+                    best = int(np.argmax(fused))
+                    row.update(fused_scores=[round(float(s), 4) for s in fused],
+                               fused_pick=record["candidates"][best], fused_pick_position=best + 1)
                 if config.class_constraint:
                     cls = np.asarray(classes)[np.asarray(record["candidates"])]
                     picked = constrain_to_class(pick, scores, cls)
@@ -293,6 +303,10 @@ def run_evaluate(
                           np.array([p["pick"] == p["gold"] for p in predictions])),
         "rerank": rerank_rank(np.array([p["scores"] for p in predictions]), gold_index, stage1),
     }
+    if all("fused_pick" in p for p in predictions):
+        ranks["fused_pick"] = dift_rank(stage1, np.array([p["fused_pick_position"] for p in predictions]),
+                                        np.array([p["fused_pick"] == p["gold"] for p in predictions]))
+        ranks["fused_rerank"] = rerank_rank(np.array([p["fused_scores"] for p in predictions]), gold_index, stage1)
     if config.class_constraint:
         ranks["dift_class"] = dift_rank(stage1, np.array([p["class_pick_position"] for p in predictions]),
                                         np.array([p["class_pick"] == p["gold"] for p in predictions]))

@@ -18,7 +18,7 @@ Output (``dest``): ``lm_train.jsonl``, ``lm_valid.jsonl``, ``test.jsonl`` and
 
     {"id": "valid-17-tail", "split": "valid", "direction": "tail",
      "triple": ["h raw id", "relation", "t raw id"], "known": 12, "gold": 345,
-     "candidates": [345, 9, ...], "candidate_text": ["dog <ent><a_1><b_7></ent>", ...],
+     "candidates": [345, 9, ...], "candidate_scores": [7.1, 6.4, ...] (stage 1's), "candidate_text": ["dog <ent><a_1><b_7></ent>", ...],
      "gold_in_candidates": true, "stage1_rank": 1.0, "confidence": 98.3,
      "prompt": "...", "answer": "dog <ent><a_1><b_7></ent>"}
 """
@@ -198,8 +198,12 @@ def records_for_split(kg: KnowledgeGraph, ranked: RankedQueries, split: str, tok
         known = h if direction == 0 else t
         gold = int(ranked.gold[i])
         candidates = [int(c) for c in ranked.candidates[i, :k]]
+        scores = ([round(float(v), 5) for v in ranked.candidate_scores[i, :k]]
+                  if ranked.candidate_scores is not None else None)
         if shuffle is not None:
-            candidates = [candidates[j] for j in shuffle.permutation(k)]
+            order = shuffle.permutation(k)
+            candidates = [candidates[j] for j in order]
+            scores = [scores[j] for j in order] if scores is not None else None
         rank = float(ranked.rank[i])
         in_list = gold in candidates
         confidence = 100.0 * float(ranked.gold_probability[i]) + 1.0 / rank if rank <= k else 1.0 / rank
@@ -209,7 +213,7 @@ def records_for_split(kg: KnowledgeGraph, ranked: RankedQueries, split: str, tok
             "id": f"{split}-{i % n}-{'tail' if direction == 0 else 'head'}",
             "split": split, "direction": "tail" if direction == 0 else "head",
             "triple": [kg.entity_names[h], kg.relation_names[r], kg.entity_names[t]],
-            "known": known, "gold": gold, "candidates": candidates,
+            "known": known, "gold": gold, "candidates": candidates, "candidate_scores": scores,
             "candidate_text": [entity_text(kg, c, tokens, config) for c in candidates],
             "gold_in_candidates": in_list, "stage1_rank": rank, "confidence": confidence,
             "prompt": build_prompt(kg, (h, r, t), direction, candidates, context, tokens, config),
