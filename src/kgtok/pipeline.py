@@ -45,7 +45,8 @@ class RunConfig:
     text: TextConfig = field(default_factory=TextConfig)  # stage 2
     hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)  # stage 3
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)  # stage 4
-    instruct: InstructConfig = field(default_factory=InstructConfig)  # stage 5a
+    instruct: InstructConfig = field(  # stage 5a: here neighbours 3, description_words 15 (~200-token prompts)
+        default_factory=lambda: InstructConfig(neighbours=3, description_words=15))
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # stage 5b (tiny backbone by default)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)  # stage 5c
     progress: bool = True  # progress bars of the long stages
