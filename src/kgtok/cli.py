@@ -51,10 +51,25 @@ def cli() -> None:
 # ----------------------------------------------------------------------------
 
 
+def _run_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--config, --data, --out: what kgtok run and kgtok ablate share."""
+    func = click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: runs/default).")(func)
+    func = click.option("--data", type=click.Path(file_okay=False),
+                        help="KG directory (default: the bundled synthetic KG).")(func)
+    return click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                        help="YAML file of a RunConfig.")(func)
+
+
+def _run_config(config_path: str | None, data: str | None, out: str | None, overrides: tuple[str, ...]) -> Any:
+    from kgtok.config import load_config
+    from kgtok.pipeline import RunConfig
+
+    extra = [*overrides, *([f"data={data}"] if data else []), *([f"out={out}"] if out else [])]
+    return load_config(RunConfig, config_path, extra)
+
+
 @cli.command("run")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a RunConfig.")
-@click.option("--data", type=click.Path(file_okay=False), help="KG directory (default: the bundled synthetic KG).")
-@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: runs/default).")
+@_run_options
 @click.option("--until", default=None, help="Stop after this stage (data, embed, text, hierarchy, quantize, ...).")
 @click.argument("overrides", nargs=-1)
 @_friendly_errors
@@ -64,15 +79,10 @@ def run_command(config_path: str | None, data: str | None, out: str | None, unti
 
     OVERRIDES are dotted key=value pairs, e.g. synthetic.num_entities=500.
     """
-    from kgtok.config import format_config, load_config
-    from kgtok.pipeline import RunConfig, run
+    from kgtok.config import format_config
+    from kgtok.pipeline import run
 
-    extra = list(overrides)
-    if data is not None:
-        extra.append(f"data={data}")
-    if out is not None:
-        extra.append(f"out={out}")
-    config = load_config(RunConfig, config_path, extra)
+    config = _run_config(config_path, data, out, overrides)
     click.echo(format_config(config))
     results = run(config, until=until, log=click.echo)
     _print_results(results)
@@ -449,9 +459,7 @@ def report_command(run_dir: str, out: str | None, screenshot: str | None) -> Non
 
 
 @cli.command("ablate")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a RunConfig.")
-@click.option("--data", type=click.Path(file_okay=False), help="KG directory (default: the bundled synthetic KG).")
-@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: runs/default).")
+@_run_options
 @click.option("--only", default=None, help="Comma-separated subset of: without_l1,without_l2,without_gsr,without_codes.")
 @click.argument("overrides", nargs=-1)
 @_friendly_errors
@@ -461,12 +469,9 @@ def ablate_command(config_path: str | None, data: str | None, out: str | None, o
     from rich.console import Console
     from rich.table import Table
 
-    from kgtok.config import load_config
-    from kgtok.pipeline import ABLATIONS, RunConfig, ablate
+    from kgtok.pipeline import ABLATIONS, ablate
 
-    extra = [f"data={data}"] if data else []
-    extra += [f"out={out}"] if out else []
-    config = load_config(RunConfig, config_path, [*overrides, *extra])
+    config = _run_config(config_path, data, out, overrides)
     names = tuple(only.split(",")) if only else tuple(ABLATIONS)
     results = ablate(config, names, log=click.echo)
     table = Table(title="ablations (test, filtered)")
