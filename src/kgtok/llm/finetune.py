@@ -253,7 +253,8 @@ def run_finetune(
     valid_set = [encode_example(tokenizer, r["prompt"], r["answer"], config.max_length) for r in valid_records]
     trainer = Trainer(model=model, args=arguments, train_dataset=train_set, eval_dataset=valid_set or None,
                       data_collator=PaddingCollator(tokenizer.pad_token_id), compute_loss_func=answer_loss)
-    resume = any((work / "checkpoints").glob("checkpoint-*"))
+    done_before = max((int(p.name.split("-")[1]) for p in (work / "checkpoints").glob("checkpoint-*")), default=0)
+    resume = done_before > 0
     if resume and state.is_main_process:
         log(f"finetune: resuming from the newest checkpoint in {work / 'checkpoints'}")
     start = time.perf_counter()
@@ -261,9 +262,10 @@ def run_finetune(
     seconds = time.perf_counter() - start
     if not trainer.is_world_process_zero():
         return dest
-    tokens_seen = sum(len(e["input_ids"]) for e in train_set) * min(
-        config.epochs, (result.global_step * config.batch_size * config.gradient_accumulation_steps
-                        * state.num_processes) / max(len(train_set), 1))
+    # Tokens of the examples this run processed (steps since the checkpoint it resumed from).
+    examples = ((result.global_step - done_before) * config.batch_size * config.gradient_accumulation_steps
+                * state.num_processes)
+    tokens_seen = examples * sum(len(e["input_ids"]) for e in train_set) / len(train_set)
     merged = trainer.model.merge_and_unload() if not full else trainer.model
     history = [h for h in trainer.state.log_history]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
