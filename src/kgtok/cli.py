@@ -108,7 +108,8 @@ def _print_results(results: list[Any]) -> None:
         for column in ("ranker", "MRR", "Hits@1", "Hits@3", "Hits@10"):
             summary.add_column(column)
         for key, label in (("retriever", "stage 1 (retriever)"), ("dift", "LM pick (DIFT rule)"),
-                           ("rerank", "LM re-rank"), ("dift_class", "LM pick + class constraint")):
+                           ("rerank", "LM re-rank"), ("fused_rerank", "LM + stage-1 prior (fused)"),
+                           ("dift_class", "LM pick + class constraint")):
             if key in metrics:
                 both = metrics[key]["both"]
                 summary.add_row(label, *(f"{both[m]:.3f}" for m in ("mrr", "hits_at_1", "hits_at_3", "hits_at_10")))

@@ -145,7 +145,7 @@ def _final(run: Path) -> str | None:
         return None
     keys = ["mrr", "hits_at_1", "hits_at_3", "hits_at_10"]
     labels = {"retriever": "stage 1 (retriever)", "dift": "LM pick (DIFT rule)", "rerank": "LM re-rank",
-              "dift_class": "LM pick + class constraint"}
+              "fused_rerank": "LM + stage-1 prior (fused)", "dift_class": "LM pick + class constraint"}
     rows = [[labels[name], *[metrics[name]["both"][k] for k in keys]] for name in labels if name in metrics]
     for ablation in sorted((run / "ablate").glob("*/evaluate/metrics.json")) if (run / "ablate").exists() else []:
         other = _read(ablation)
