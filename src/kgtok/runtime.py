@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
@@ -18,3 +18,8 @@ def torch_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def torch_threads_if_set(threads: int) -> AbstractContextManager[None]:
+    """:func:`torch_threads` when ``threads`` > 0; otherwise torch's own setting stays."""
+    return torch_threads(threads) if threads else nullcontext()

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kgtok.artifacts import replace_dir
 from kgtok.config import check_fields, in_range
 
 BUILTIN_BACKBONES = ("tiny", "smollm2-135m")
@@ -99,8 +100,7 @@ def build_tiny(texts: Iterable[str], dest: str | Path, config: TinyBackboneConfi
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / MARKER).write_text(json.dumps({"name": "tiny", "from_scratch": True}) + "\n", encoding="utf-8")
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    replace_dir(tmp, dest)
     return dest
 
 
@@ -140,8 +140,7 @@ def convert_smollm2(dest: str | Path | None = None) -> Path:
     (tmp / MARKER).write_text(json.dumps({"name": "smollm2-135m", "from_scratch": False,
                                           "source": str(gguf)}) + "\n", encoding="utf-8")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    replace_dir(tmp, dest)
     return dest
 
 

@@ -15,25 +15,21 @@ from typing import Any
 
 import numpy as np
 
-from kgtok.data.graph import KnowledgeGraph
+from kgtok.data.graph import KnowledgeGraph, _triple_keys
 
 
 def corrupt(kg: KnowledgeGraph, triples: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One corrupted copy of each triple (head or tail replaced), never a known true triple."""
-    known = _keys(kg.all_triples, kg)
+    known = _triple_keys(kg.all_triples, kg.num_entities, kg.num_relations)
     out = triples.copy()
     pending = np.arange(len(out))
     side = rng.integers(0, 2, len(out)) * 2  # column 0 (head) or 2 (tail)
     while len(pending):  # a few rounds: a random entity rarely makes a true triple
         out[pending, side[pending]] = rng.integers(0, kg.num_entities, len(pending))
-        clash = np.isin(_keys(out[pending], kg), known) | (out[pending, 0] == out[pending, 2])
+        keys = _triple_keys(out[pending], kg.num_entities, kg.num_relations)
+        clash = np.isin(keys, known) | (out[pending, 0] == out[pending, 2])
         pending = pending[clash]
     return out
-
-
-def _keys(triples: np.ndarray, kg: KnowledgeGraph) -> np.ndarray:
-    triples = np.asarray(triples, dtype=np.int64)
-    return (triples[:, 0] * kg.num_relations + triples[:, 1]) * kg.num_entities + triples[:, 2]
 
 
 def classification_records(kg: KnowledgeGraph, triples: np.ndarray, split: str, tokens: list[str] | None,

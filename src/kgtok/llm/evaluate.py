@@ -38,7 +38,7 @@ import numpy as np
 
 from kgtok.artifacts import artifact_dir, hash_inputs, write_json_atomic
 from kgtok.config import check_fields, format_config, in_range
-from kgtok.llm.finetune import encode_answer, encode_prompt, read_jsonl
+from kgtok.llm.finetune import encode_answer, encode_prompt, pad_left, read_jsonl, truncate_prompt
 from kgtok.metrics import RankingEvaluator, dift_rank, rerank_rank
 
 
@@ -118,12 +118,8 @@ def score_batch(model: Any, prompts: list[list[int]], candidates: list[list[list
     import torch
 
     device = next(model.parameters()).device
-    batch, width = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((batch, width), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        ids[i, width - len(prompt):] = torch.tensor(prompt)
-        mask[i, width - len(prompt):] = 1
+    batch = len(prompts)
+    ids, mask = pad_left(prompts, pad_id)  # (batch, width)
     positions = (mask.cumsum(1) - 1).clamp_min(0)
     ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
@@ -222,12 +218,21 @@ def run_evaluate(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Stage 5c (see the module docstring).  ``model_dir``: a stage-5b artifact or any HF directory."""
+    from kgtok.runtime import torch_threads_if_set
+
+    with torch_threads_if_set(config.threads):
+        return _evaluate(config, Path(model_dir), Path(instructions), Path(dest), classes, entity_names, progress,
+                         log)
+
+
+def _evaluate(config: EvaluateConfig, model_dir: Path, instructions: Path, dest: Path,
+              classes: str | Path | np.ndarray | None, entity_names: list[str] | None, progress: bool,
+              log: Callable[[str], None]) -> Path:
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log(format_config(config))
-    model_dir, instructions = Path(model_dir), Path(instructions)
     hf_dir = model_dir / "model" if (model_dir / "model" / "config.json").exists() else model_dir
     records = read_jsonl(instructions / f"{config.split}.jsonl")
     if config.max_queries:
@@ -238,8 +243,6 @@ def run_evaluate(
         if classes is None:
             raise ValueError("class_constraint needs classes (a file of entity<TAB>class or a hierarchy artifact)")
         classes = load_classes(classes, entity_names or [])
-    if config.threads:
-        torch.set_num_threads(config.threads)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
@@ -248,9 +251,7 @@ def run_evaluate(
         model.cuda()
 
     def prompt_ids(record: dict[str, Any]) -> list[int]:
-        ids = encode_prompt(tokenizer, record["prompt"])
-        room = config.max_prompt_tokens
-        return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]
+        return truncate_prompt(tokenizer, encode_prompt(tokenizer, record["prompt"]), config.max_prompt_tokens)
 
     if records[0].get("task") == "classification":
         return _evaluate_classification(config, model, tokenizer, pad_id, records, prompt_ids, model_dir,
@@ -329,18 +330,26 @@ def run_evaluate(
         **{f"{name}_{key}": metrics[name]["both"][key] for name in ranks
            for key in ("mrr", "hits_at_1", "hits_at_3", "hits_at_10")},
     }
+    _write_evaluation(config, model_dir, instructions, dest, predictions,
+                      {**summary, **metrics, "per_relation": per_relation}, summary, seconds)
+    log(f"evaluate: {len(predictions)} queries, {summary['queries_per_second']:.1f} queries/s; Hits@1 "
+        f"retriever {summary['retriever_hits_at_1']:.3f}, DIFT rule {summary['dift_hits_at_1']:.3f}, "
+        f"re-rank {summary['rerank_hits_at_1']:.3f} -> {dest}")
+    return Path(dest)
+
+
+def _write_evaluation(config: EvaluateConfig, model_dir: Path, instructions: Path, dest: Path,
+                      predictions: list[dict[str, Any]], metrics: dict[str, Any], summary: dict[str, Any],
+                      seconds: float) -> None:
+    """The artifact: predictions.jsonl, metrics.json (``metrics``), manifest (``summary`` as its metrics)."""
     inputs = hash_inputs({"model": model_dir, "instructions": instructions / f"{config.split}.jsonl"})
     with artifact_dir(dest, stage="evaluate", config=config, inputs=inputs) as writer:
         with (writer.path / "predictions.jsonl").open("w", encoding="utf-8") as handle:
             for p in predictions:
                 handle.write(json.dumps(p, ensure_ascii=False) + "\n")
-        write_json_atomic(writer.path / "metrics.json", {**summary, **metrics, "per_relation": per_relation})
+        write_json_atomic(writer.path / "metrics.json", metrics)
         writer.metrics.update(summary)
         writer.timings["evaluate"] = seconds
-    log(f"evaluate: {len(predictions)} queries, {summary['queries_per_second']:.1f} queries/s; Hits@1 "
-        f"retriever {summary['retriever_hits_at_1']:.3f}, DIFT rule {summary['dift_hits_at_1']:.3f}, "
-        f"re-rank {summary['rerank_hits_at_1']:.3f} -> {dest}")
-    return Path(dest)
 
 
 def _evaluate_classification(config: EvaluateConfig, model: Any, tokenizer: Any, pad_id: int,
@@ -366,14 +375,10 @@ def _evaluate_classification(config: EvaluateConfig, model: Any, tokenizer: Any,
     predicted = np.array(margins) > 0
     metrics = {**classification_metrics(labels, predicted), "queries": len(records), "seconds": seconds,
                "queries_per_second": len(records) / seconds}
-    inputs = hash_inputs({"model": model_dir, "instructions": instructions / f"{config.split}.jsonl"})
-    with artifact_dir(dest, stage="evaluate", config=config, inputs=inputs) as writer:
-        with (writer.path / "predictions.jsonl").open("w", encoding="utf-8") as handle:
-            for record, margin, guess in zip(records, margins, predicted):
-                handle.write(json.dumps({"id": record["id"], "triple": record["triple"], "label": record["label"],
-                                         "predicted": bool(guess), "margin": round(margin, 4)}) + "\n")
-        write_json_atomic(writer.path / "metrics.json", metrics)
-        writer.metrics.update(metrics)
+    predictions = [{"id": record["id"], "triple": record["triple"], "label": record["label"],
+                    "predicted": bool(guess), "margin": round(margin, 4)}
+                   for record, margin, guess in zip(records, margins, predicted)]
+    _write_evaluation(config, model_dir, instructions, dest, predictions, metrics, metrics, seconds)
     log(f"evaluate (classification): accuracy {metrics['accuracy']:.3f}, F1 {metrics['f1']:.3f} "
         f"on {len(records)} triples -> {dest}")
     return dest

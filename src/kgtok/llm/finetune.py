@@ -114,13 +114,18 @@ def encode_answer(tokenizer: Any, answer: str) -> list[int]:
     return tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
+def truncate_prompt(tokenizer: Any, prompt_ids: list[int], room: int) -> list[int]:
+    """At most ``room`` ids: an over-long prompt loses its beginning, after BOS (training and scoring alike)."""
+    if len(prompt_ids) <= room:
+        return prompt_ids
+    head = 1 if tokenizer.bos_token_id is not None else 0
+    return prompt_ids[:head] + prompt_ids[len(prompt_ids) - (room - head):]
+
+
 def encode_example(tokenizer: Any, prompt: str, answer: str, max_length: int) -> dict[str, list[int]]:
     """input_ids and labels (prompt masked); an over-long prompt loses its beginning, after BOS."""
-    prompt_ids, answer_ids = encode_prompt(tokenizer, prompt), encode_answer(tokenizer, answer)
-    room = max_length - len(answer_ids)
-    if len(prompt_ids) > room:
-        head = 1 if tokenizer.bos_token_id is not None else 0
-        prompt_ids = prompt_ids[:head] + prompt_ids[len(prompt_ids) - (room - head):]
+    answer_ids = encode_answer(tokenizer, answer)
+    prompt_ids = truncate_prompt(tokenizer, encode_prompt(tokenizer, prompt), max_length - len(answer_ids))
     return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
 
 
@@ -157,6 +162,19 @@ def wrap_trainable(model: Any, config: FinetuneConfig, full: bool, new_ids: list
     return get_peft_model(model, lora)
 
 
+def pad_left(sequences: list[list[int]], value: int) -> tuple[Any, Any]:
+    """(rows, width) int64 ids left-padded with ``value``, and the (rows, width) mask of real tokens."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):  # a batch of rows
+        ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[i, width - len(seq):] = 1
+    return ids, mask
+
+
 class PaddingCollator:
     """Left-pads a batch so every answer ends at the last position.
 
@@ -172,15 +190,9 @@ class PaddingCollator:
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
         import torch
 
-        width = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
-        for i, f in enumerate(features):  # a batch of at most batch_size rows
-            n = len(f["input_ids"])
-            ids[i, width - n:] = torch.tensor(f["input_ids"])
-            labels[i, width - n:] = torch.tensor(f["labels"])
-            mask[i, width - n:] = 1
+        ids, mask = pad_left([f["input_ids"] for f in features], self.pad_id)
+        labels, _ = pad_left([f["labels"] for f in features], IGNORE_INDEX)
+        width = ids.shape[1]
         answer = int((labels != IGNORE_INDEX).sum(1).max())
         return {"input_ids": ids, "labels": labels, "attention_mask": mask,
                 "position_ids": (mask.cumsum(1) - 1).clamp_min(0),
@@ -211,10 +223,19 @@ def run_finetune(
     """Stage 5b (see the module docstring).  ``codes``: the stage-4 artifact whose tokens the
     instructions use (None for instructions without codes)."""
     import torch
+
+    from kgtok.runtime import torch_threads_if_set
+
+    with torch_threads_if_set(0 if torch.cuda.is_available() else config.threads):
+        return _finetune(config, Path(instructions), Path(dest), codes, progress, log)
+
+
+def _finetune(config: FinetuneConfig, instructions: Path, dest: Path, codes: str | Path | None, progress: bool,
+              log: Callable[[str], None]) -> Path:
+    import torch
     from accelerate import PartialState
     from transformers import Trainer, TrainingArguments, set_seed
 
-    instructions, dest = Path(instructions), Path(dest)
     train_records = read_jsonl(instructions / "lm_train.jsonl")
     valid_records = read_jsonl(instructions / "lm_valid.jsonl")
     if not train_records:
@@ -240,8 +261,6 @@ def run_finetune(
     state = PartialState()
     if state.is_main_process:
         log(format_config(config))
-    if config.threads and not use_gpu:
-        torch.set_num_threads(config.threads)
     set_seed(config.seed)
     work.mkdir(parents=True, exist_ok=True)
     texts = instruction_texts(train_records + valid_records)
@@ -267,7 +286,7 @@ def run_finetune(
                 * state.num_processes)
     tokens_seen = examples * sum(len(e["input_ids"]) for e in train_set) / len(train_set)
     merged = trainer.model.merge_and_unload() if not full else trainer.model
-    history = [h for h in trainer.state.log_history]
+    history = list(trainer.state.log_history)
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
     inputs = hash_inputs({"instructions": instructions, **({"codes": Path(codes)} if codes else {})})
     with artifact_dir(dest, stage="finetune", config=config, inputs=inputs) as writer:
