@@ -16,8 +16,8 @@ from kgtok.data.synthetic import SyntheticConfig, write_synthetic
 from kgtok.embed import EmbedConfig, run_embed
 from kgtok.llm import InstructConfig, run_instruct
 from kgtok.llm.backbone import TinyBackboneConfig, build_tiny, is_from_scratch
-from kgtok.llm.evaluate import (EvaluateConfig, PrefixTrie, constrain_to_class, load_classes, run_evaluate,
-                                score_batch, trie_greedy)
+from kgtok.llm.evaluate import (FUSION_GRID, EvaluateConfig, PrefixTrie, choose_fusion_weight, constrain_to_class,
+                                load_classes, log_prior, run_evaluate, score_batch, trie_greedy)
 from kgtok.llm.finetune import IGNORE_INDEX, FinetuneConfig, encode_example, run_finetune
 from kgtok.llm.vocab import extend_vocabulary
 from kgtok.quantize import QuantizeConfig, run_quantize
@@ -165,8 +165,9 @@ def test_finetune_trains_new_rows_and_lowers_the_loss(stages, finetuned):
 
 def test_evaluate_outputs_and_generate_agrees_with_trie(stages, finetuned, tmp_path):
     kg, kg_dir, embed, codes, instructions, root = stages
-    dest = run_evaluate(EvaluateConfig(max_queries=12, batch_size=5, class_constraint=True), finetuned,
-                        instructions, tmp_path / "ev", classes=kg.entity_types[:, 0], progress=False, log=quiet)
+    dest = run_evaluate(EvaluateConfig(max_queries=12, batch_size=5, class_constraint=True, fusion_weight=1.0),
+                        finetuned, instructions, tmp_path / "ev", classes=kg.entity_types[:, 0], progress=False,
+                        log=quiet)
     metrics = json.loads((dest / "metrics.json").read_text())
     predictions = [json.loads(line) for line in (dest / "predictions.jsonl").read_text().splitlines()]
     records = [json.loads(line) for line in (instructions / "test.jsonl").read_text().splitlines()][:12]
@@ -188,6 +189,23 @@ def test_evaluate_outputs_and_generate_agrees_with_trie(stages, finetuned, tmp_p
                              instructions, tmp_path / "gen", progress=False, log=quiet)
     picks = [json.loads(line)["pick"] for line in (generated / "predictions.jsonl").read_text().splitlines()]
     assert picks == [p["pick"] for p in predictions]
+    # fusion_weight None (the default): the weight is chosen on lm_valid.jsonl, never on the evaluated queries
+    tuned = json.loads((generated / "metrics.json").read_text())["fusion"]
+    valid = [json.loads(line) for line in (instructions / "lm_valid.jsonl").read_text().splitlines()]
+    assert tuned["weight"] in FUSION_GRID and tuned["valid_queries"] == len(valid)
+    assert tuned["valid_mrr"] == max(tuned["curve"].values())
+
+
+def test_fusion_weight_is_the_best_on_held_out_queries():
+    # query 1: the LM is wrong and the retriever right; query 2: the LM is right, the retriever narrowly wrong
+    priors = [np.array([-0.1, -3.0, -3.0]), np.array([-0.5, -1.0, -4.0])]
+    lm = [np.array([-5.0, -1.0, -6.0]), np.array([-3.0, -1.0, -5.0])]
+    gold, stage1 = np.array([0, 1]), np.array([1, 2])
+    chosen = choose_fusion_weight(lm, priors, gold, stage1)
+    # w = 0 and 1 leave query 1 at rank 2; w = 2 gets both right; w = 4 ties query 2 (rank 1.5)
+    assert chosen["weight"] == 2.0 and chosen["valid_mrr"] == 1.0
+    assert chosen["curve"]["0.0"] == 0.75 and chosen["curve"]["4.0"] < 1.0
+    np.testing.assert_allclose(log_prior([1.0, 1.0]), np.log([0.5, 0.5]))
 
 
 def test_finetune_resumes_from_checkpoint(stages, tmp_path, monkeypatch):

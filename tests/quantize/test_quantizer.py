@@ -90,6 +90,36 @@ def test_gsr_trains_and_checkpoint_is_the_highest_entropy():
     assert tokenizer.record_.best_epoch == best["epoch"]
 
 
+def test_training_stops_once_entropy_stops_rising():
+    x, labels = clustered(n=320)
+    arrays = hierarchy_arrays(x, labels)
+    full = EntityTokenizer(config=small_config(variant="rq", epochs=30, eval_every=1, patience=0)).fit(
+        x, arrays, progress=False)
+    stopped = EntityTokenizer(config=small_config(variant="rq", epochs=30, eval_every=1, patience=2)).fit(
+        x, arrays, progress=False)
+    entropies = [h["heldout_entropy"] for h in full.record_.history]
+    # the first epoch after which two evaluations in a row did not beat the best so far
+    best, bad, expected_stop = -1.0, 0, 30
+    for epoch, value in enumerate(entropies, start=1):
+        best, bad = (value, 0) if value > best else (best, bad + 1)
+        if bad >= 2:
+            expected_stop = epoch
+            break
+    assert expected_stop < 30, "the fixture should plateau within 30 epochs"
+    assert stopped.record_.stopped_epoch == expected_stop
+    assert len(stopped.record_.history) == expected_stop
+    # same seed, same steps: the early-stopped run kept the same checkpoint as the full run up to there
+    assert stopped.record_.best_epoch == max(range(expected_stop), key=lambda i: entropies[i]) + 1
+    np.testing.assert_array_equal(stopped.base_codes_, full_prefix_codes(x, arrays, stopped.record_.best_epoch))
+
+
+def full_prefix_codes(x, arrays, epochs):
+    """Codes of a run trained exactly ``epochs`` epochs without stopping (its best is its last or earlier)."""
+    run = EntityTokenizer(config=small_config(variant="rq", epochs=epochs, eval_every=1, patience=0)).fit(
+        x, arrays, progress=False)
+    return run.base_codes_
+
+
 def test_variant_switches():
     x, labels = clustered()
     rq = EntityTokenizer(config=small_config(variant="rq")).fit(x, None, progress=False)

@@ -32,6 +32,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import numpy as np
@@ -52,7 +53,9 @@ class EvaluateConfig:
     score: str = "sum"  # sequence score for re-ranking: sum of token log-probs | mean (length-normalised)
     max_prompt_tokens: int = 512  # longer prompts lose their beginning (as in training)
     class_constraint: bool = False  # ReaLM's ontology constraint (needs classes)
-    fusion_weight: float = 1.0  # "fused" rankers: LM log-likelihood + w x log softmax of stage-1 scores (0: off)
+    # "fused" rankers: LM log-likelihood + w x log softmax of stage-1 scores; 0: off; None: w is the
+    # FUSION_GRID value with the best fused re-rank MRR on lm_valid.jsonl (scored as well), else 1
+    fusion_weight: float | None = None
     max_queries: int = 0  # evaluate only the first n queries (0 = all)
     threads: int = 0  # torch threads; 0 = torch's default
 
@@ -64,7 +67,7 @@ class EvaluateConfig:
             ("score", lambda v: v in ("sum", "mean"), "sum or mean"),
             ("max_prompt_tokens", in_range(16), ">= 16"),
             ("max_queries", in_range(0), ">= 0"),
-            ("fusion_weight", in_range(0.0), ">= 0"),
+            ("fusion_weight", lambda v: v is None or v >= 0, "null or >= 0"),
             ("threads", in_range(0), ">= 0"),
         ])
 
@@ -206,6 +209,38 @@ def constrain_to_class(pick: int, scores: np.ndarray, candidate_classes: np.ndar
     return int(members[np.argmax(scores[members])])
 
 
+FUSION_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)  # 64: stage-1 order, LM breaks near-ties
+
+
+def log_prior(candidate_scores: list[float] | np.ndarray) -> np.ndarray:
+    """Log softmax of stage-1 scores over the listed candidates: the retriever's own belief."""
+    prior = np.asarray(candidate_scores, dtype=np.float64)
+    prior = prior - prior.max()
+    return prior - np.log(np.exp(prior).sum())
+
+
+def gold_position(record: dict[str, Any]) -> int:
+    """0-based index of the gold entity among the record's candidates; -1 when it is not listed."""
+    return record["candidates"].index(record["gold"]) if record["gold"] in record["candidates"] else -1
+
+
+def choose_fusion_weight(lm_totals: list[np.ndarray], priors: list[np.ndarray], gold_index: np.ndarray,
+                         stage1_ranks: np.ndarray, grid: tuple[float, ...] = FUSION_GRID) -> dict[str, Any]:
+    """The grid weight whose fused re-rank MRR is highest on held-out queries (ties: the smaller weight).
+
+    The LM and the retriever err on different queries; how much to trust each
+    depends on the backbone and the data, so the weight is learnt on LM-valid
+    rather than fixed (choosing it on test would report an optimistic number).
+    """
+    curve = {}
+    for w in grid:
+        fused = np.array([t + w * p for t, p in zip(lm_totals, priors)])
+        curve[w] = float(np.mean(1.0 / rerank_rank(fused, gold_index, stage1_ranks)))
+    best = max(grid, key=lambda w: (curve[w], -w))
+    return {"weight": best, "valid_mrr": round(curve[best], 4), "valid_queries": len(lm_totals),
+            "curve": {str(w): round(v, 4) for w, v in curve.items()}}
+
+
 def run_evaluate(
     config: EvaluateConfig,
     model_dir: str | Path,
@@ -256,44 +291,58 @@ def _evaluate(config: EvaluateConfig, model_dir: Path, instructions: Path, dest:
     if records[0].get("task") == "classification":
         return _evaluate_classification(config, model, tokenizer, pad_id, records, prompt_ids, model_dir,
                                         instructions, Path(dest), progress, log)
+    def scored(batch_records: list[dict[str, Any]], desc: str) -> Iterator[tuple[dict, list[int], list, list]]:
+        """(record, prompt ids, candidate token sequences, per-token log-probs) per query."""
+        bar = tqdm(total=len(batch_records), desc=desc, unit="query", disable=not progress)
+        with torch.no_grad():
+            for begin in range(0, len(batch_records), config.batch_size):
+                batch = batch_records[begin: begin + config.batch_size]
+                prompts = [prompt_ids(r) for r in batch]
+                answers = [[encode_answer(tokenizer, text) for text in r["candidate_text"]] for r in batch]
+                yield from zip(batch, prompts, answers, score_batch(model, prompts, answers, pad_id))
+                bar.update(len(batch))
+        bar.close()
+
+    fusion: dict[str, Any] = {"weight": config.fusion_weight}
+    fusable = all(r.get("candidate_scores") is not None for r in records)
+    valid_path = instructions / "lm_valid.jsonl"
+    if config.fusion_weight is None:
+        fusion["weight"] = 1.0
+        if fusable and config.split != "lm_valid" and valid_path.exists():
+            valid = [r for r in read_jsonl(valid_path) if r.get("candidate_scores") is not None]
+            if valid:
+                totals = [np.array([lp.sum() for lp in lps]) for _, _, _, lps in scored(valid, "fusion weight")]
+                fusion = choose_fusion_weight(totals, [log_prior(r["candidate_scores"]) for r in valid],
+                                              np.array([gold_position(r) for r in valid]),
+                                              np.array([r["stage1_rank"] for r in valid]))
+                log(f"evaluate: fusion weight {fusion['weight']} (fused re-rank MRR on {len(valid)} LM-valid "
+                    f"queries: {fusion['valid_mrr']})")
+    weight = fusion["weight"]
+
     predictions = []
     start = time.perf_counter()
-    bar = tqdm(total=len(records), desc="evaluate", unit="query", disable=not progress)
-    with torch.no_grad():
-        for begin in range(0, len(records), config.batch_size):
-            batch = records[begin: begin + config.batch_size]
-            prompts = [prompt_ids(r) for r in batch]
-            answers = [[encode_answer(tokenizer, text) for text in r["candidate_text"]] for r in batch]
-            token_lps = score_batch(model, prompts, answers, pad_id)
-            for record, prompt, sequences, lps in zip(batch, prompts, answers, token_lps):
-                total = np.array([lp.sum() for lp in lps])
-                scores = total if config.score == "sum" else total / np.array([len(s) for s in sequences])
-                if config.decode == "trie":
-                    pick = trie_greedy(sequences, lps)
-                else:
-                    pick = generate_pick(model, prompt, sequences, pad_id, tokenizer.eos_token_id)
-                row = {"id": record["id"], "direction": record["direction"], "relation": record["triple"][1],
-                       "gold": record["gold"], "stage1_rank": record["stage1_rank"],
-                       "pick": record["candidates"][pick], "pick_position": pick + 1,
-                       "pick_text": record["candidate_text"][pick],
-                       "gold_index": (record["candidates"].index(record["gold"])
-                                      if record["gold"] in record["candidates"] else -1),
-                       "scores": [round(float(s), 4) for s in scores]}
-                if config.fusion_weight > 0 and record.get("candidate_scores") is not None:
-                    prior = np.asarray(record["candidate_scores"], dtype=np.float64)
-                    prior = prior - prior.max()
-                    prior = prior - np.log(np.exp(prior).sum())  # log softmax over the listed candidates
-                    fused = total + config.fusion_weight * prior
-                    best = int(np.argmax(fused))
-                    row.update(fused_scores=[round(float(s), 4) for s in fused],
-                               fused_pick=record["candidates"][best], fused_pick_position=best + 1)
-                if config.class_constraint:
-                    cls = np.asarray(classes)[np.asarray(record["candidates"])]
-                    picked = constrain_to_class(pick, scores, cls)
-                    row.update(class_pick=record["candidates"][picked], class_pick_position=picked + 1)
-                predictions.append(row)
-            bar.update(len(batch))
-    bar.close()
+    for record, prompt, sequences, lps in scored(records, "evaluate"):
+        total = np.array([lp.sum() for lp in lps])
+        scores = total if config.score == "sum" else total / np.array([len(s) for s in sequences])
+        if config.decode == "trie":
+            pick = trie_greedy(sequences, lps)
+        else:
+            pick = generate_pick(model, prompt, sequences, pad_id, tokenizer.eos_token_id)
+        row = {"id": record["id"], "direction": record["direction"], "relation": record["triple"][1],
+               "gold": record["gold"], "stage1_rank": record["stage1_rank"],
+               "pick": record["candidates"][pick], "pick_position": pick + 1,
+               "pick_text": record["candidate_text"][pick], "gold_index": gold_position(record),
+               "scores": [round(float(s), 4) for s in scores]}
+        if weight > 0 and fusable:
+            fused = total + weight * log_prior(record["candidate_scores"])
+            best = int(np.argmax(fused))
+            row.update(fused_scores=[round(float(s), 4) for s in fused],
+                       fused_pick=record["candidates"][best], fused_pick_position=best + 1)
+        if config.class_constraint:
+            cls = np.asarray(classes)[np.asarray(record["candidates"])]
+            picked = constrain_to_class(pick, scores, cls)
+            row.update(class_pick=record["candidates"][picked], class_pick_position=picked + 1)
+        predictions.append(row)
     seconds = time.perf_counter() - start
 
     stage1 = np.array([p["stage1_rank"] for p in predictions])
@@ -326,12 +375,12 @@ def _evaluate(config: EvaluateConfig, model_dir: Path, instructions: Path, dest:
         p["dift_rank"], p["rerank_rank"] = float(d), float(r)
     summary = {
         "queries": len(predictions), "seconds": seconds, "queries_per_second": len(predictions) / seconds,
-        "gold_in_candidates": float(np.mean(gold_index >= 0)),
+        "gold_in_candidates": float(np.mean(gold_index >= 0)), "fusion_weight": weight,
         **{f"{name}_{key}": metrics[name]["both"][key] for name in ranks
            for key in ("mrr", "hits_at_1", "hits_at_3", "hits_at_10")},
     }
     _write_evaluation(config, model_dir, instructions, dest, predictions,
-                      {**summary, **metrics, "per_relation": per_relation}, summary, seconds)
+                      {**summary, **metrics, "per_relation": per_relation, "fusion": fusion}, summary, seconds)
     log(f"evaluate: {len(predictions)} queries, {summary['queries_per_second']:.1f} queries/s; Hits@1 "
         f"retriever {summary['retriever_hits_at_1']:.3f}, DIFT rule {summary['dift_hits_at_1']:.3f}, "
         f"re-rank {summary['rerank_hits_at_1']:.3f} -> {dest}")

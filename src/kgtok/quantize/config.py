@@ -57,6 +57,7 @@ class QuantizeConfig:
     #                       entities is missed by 10 batches of 1024 with probability 1e-4)
     holdout: float = 0.1  # share of entities held out for checkpoint selection (codebook entropy)
     eval_every: int = 2  # epochs between checkpoint evaluations
+    patience: int = 5  # evaluations without a higher held-out entropy before stopping; 0: run every epoch
     gse: GSEConfig = field(default_factory=GSEConfig)
     gsr: GSRConfig = field(default_factory=GSRConfig)
     realm_kmeans_iterations: int = 20  # faiss iterations per residual stage (realm)
@@ -65,6 +66,7 @@ class QuantizeConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, [
+            ("patience", in_range(0), ">= 0"),
             ("levels", lambda v: v is None or 1 <= v <= 64, "null or an integer in [1, 64]"),
             ("codebook_size", lambda v: v is None or 2 <= v <= 65536, "null or an integer in [2, 65536]"),
             ("code_dim", in_range(2), ">= 2"),

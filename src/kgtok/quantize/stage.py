@@ -95,7 +95,9 @@ def run_quantize(
             "collision_rate_before": tokenizer.collision_rate_before_,
             "collision_rate_after": float(1.0 - len(np.unique(codes, axis=0)) / len(codes)),
             **code_metrics(base, tokenizer.codebook_size_),
-            "best_epoch": tokenizer.record_.best_epoch, "restarted_codes": tokenizer.record_.restarted_codes,
+            "best_epoch": tokenizer.record_.best_epoch,
+            "best_seconds": round(tokenizer.record_.best_seconds, 1),
+            "stopped_epoch": tokenizer.record_.stopped_epoch, "restarted_codes": tokenizer.record_.restarted_codes,
         }
         x = torch.as_tensor(vectors, dtype=torch.float32)
         if tokenizer.model_ is not None:

@@ -3,13 +3,16 @@
 setup -> k-means initialisation -> epochs of (L_rec + L_Q [+ L_GSE] [+ L_GSR])
 with dead-code restarts -> every ``eval_every`` epochs the mean codebook
 entropy on held-out entities; the state with the highest entropy is kept
-(GS-Quant's checkpoint selection).
+(GS-Quant's checkpoint selection), and training stops after ``patience``
+evaluations without a higher entropy (the entropy plateaus well before the
+epoch budget: on WN18RR the best of 60 epochs was epoch 24).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -83,6 +86,8 @@ class TrainingRecord:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
     best_entropy: float = -1.0
+    best_seconds: float = 0.0  # wall time from the start of training to the selected checkpoint
+    stopped_epoch: int = 0  # last epoch trained (< epochs when stopped early)
     restarted_codes: int = 0
 
 
@@ -114,7 +119,9 @@ def train_rqvae(
         with torch.no_grad():
             model.quantizer.kmeans_init(model.encoder(x[sample]), seed=config.seed)
 
+    started = time.perf_counter()
     record = TrainingRecord()
+    bad_evaluations = 0
     best_state = copy.deepcopy(model.state_dict())
     batch_size = config.resolved_batch_size(n)
     steps_per_epoch = math.ceil(len(train_ids) / batch_size)
@@ -168,12 +175,22 @@ def train_rqvae(
             entropy = code_entropy(codes, codebook_size)
             entry["heldout_entropy"] = float(entropy.mean())
             entry["heldout_rec_mse"] = float((model.reconstruct(x[held_out]) - x[held_out]).pow(2).sum(1).mean())
+            entry["seconds"] = time.perf_counter() - started
             if entry["heldout_entropy"] > record.best_entropy:
                 record.best_entropy, record.best_epoch = entry["heldout_entropy"], epoch
+                record.best_seconds = entry["seconds"]
                 best_state = copy.deepcopy(model.state_dict())
+                bad_evaluations = 0
+            else:
+                bad_evaluations += 1
             bar.set_postfix(loss=f"{sum(v for k, v in entry.items() if k.startswith('loss_')):.4f}",
                             entropy=f"{entry['heldout_entropy']:.3f}")
         record.history.append(entry)
+        record.stopped_epoch = epoch
+        if config.patience and bad_evaluations >= config.patience:
+            log(f"quantize: held-out entropy has not risen for {bad_evaluations} evaluations; "
+                f"stopping at epoch {epoch} (best {record.best_epoch})")
+            break
     bar.close()
     model.load_state_dict(best_state)
     model.eval()
