@@ -234,6 +234,20 @@ def data_synthetic(dest: str, config_path: str | None, overrides: tuple[str, ...
     click.echo(f"synthetic KG written to {path}")
 
 
+@data_group.command("subset")
+@click.argument("source", type=click.Path(file_okay=False))
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--entities", required=True, type=int, help="How many entities to keep (snowball sampling).")
+@click.option("--seed", default=0, type=int, show_default=True)
+@_friendly_errors
+def data_subset(source: str, dest: str, entities: int, seed: int) -> None:
+    """Write a connected sub-KG of SOURCE (about --entities entities, with their text) to DEST."""
+    from kgtok.data.subset import write_subset
+
+    path = write_subset(source, dest, entities=entities, seed=seed)
+    click.echo((path / "SUBSET.txt").read_text(encoding="utf-8").strip())
+
+
 # ----------------------------------------------------------------------------
 # kgtok embed
 # ----------------------------------------------------------------------------
