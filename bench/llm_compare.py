@@ -2,6 +2,9 @@
 
     python bench/llm_compare.py --dataset synthetic [--backbone tiny] [--threads 2] [finetune.key=value ...]
     python bench/llm_compare.py --dataset umls --run-dir runs/umls   # stages 0-4 from a kgtok run directory
+    kgtok data subset ../shared/datasets/wn18rr runs/bench/wn18rr-6k --entities 6000   # a WN18RR subset
+    python bench/llm_compare.py --dataset wn18rr --data runs/bench/wn18rr-6k --run-dir runs/bench/run-wn18rr-6k \
+        --tag subset6k
 
 Stages 0-4 come from ``kgtok.pipeline.run`` (the synthetic KG by default, or
 ``--data``); then, for each variant (codes / no codes), instructions,
@@ -60,7 +63,7 @@ def main() -> None:
     run(run_config, until="quantize", log=lambda *_: None)  # stage 5 runs below, once per variant
     upstream_seconds = time.perf_counter() - start
     kg_dir = json.loads((run_dir / "data" / "manifest.json").read_text())["kg_dir"]
-    record: dict = {"backbone": args.backbone, "upstream_seconds": round(upstream_seconds, 1)}
+    record: dict = {"backbone": args.backbone, "data": kg_dir, "upstream_seconds": round(upstream_seconds, 1)}
     for variant in args.variants.split(","):
         use_codes = variant == "codes"
         out = run_dir / f"llm-{args.backbone.replace('/', '_')}{args.tag and '-' + args.tag}-{variant}"
@@ -88,6 +91,9 @@ def main() -> None:
         record.update({
             f"{variant}_dift_mrr": metrics["dift_mrr"], f"{variant}_dift_hits_at_1": metrics["dift_hits_at_1"],
             f"{variant}_rerank_mrr": metrics["rerank_mrr"], f"{variant}_rerank_hits_at_1": metrics["rerank_hits_at_1"],
+            **{f"{variant}_{ranker}_{m}": metrics[f"{ranker}_{m}"] for ranker in ("fused_pick", "fused_rerank")
+               for m in ("mrr", "hits_at_1") if f"{ranker}_{m}" in metrics},
+            f"{variant}_fusion_weight": metrics.get("fusion_weight"),
             f"{variant}_train_tokens_per_second": trained["train_tokens_per_second"],
             f"{variant}_queries_per_second": metrics["queries_per_second"],
             f"{variant}_lm_train_examples": trained["train_examples"], f"{variant}_steps": trained["steps"],
@@ -95,11 +101,13 @@ def main() -> None:
             f"{variant}_seconds": {k: round(v, 1) for k, v in timings.items()},
         })
         print(f"{variant}: DIFT Hits@1 {metrics['dift_hits_at_1']:.3f}, re-rank Hits@1 "
-              f"{metrics['rerank_hits_at_1']:.3f} (retriever {metrics['retriever_hits_at_1']:.3f})", flush=True)
+              f"{metrics['rerank_hits_at_1']:.3f}, fused re-rank {metrics.get('fused_rerank_hits_at_1', float('nan')):.3f}"
+              f" (w {metrics.get('fusion_weight')}; retriever {metrics['retriever_hits_at_1']:.3f})", flush=True)
     record["seconds"] = round(time.perf_counter() - start, 1)
     record.update(command=command(), machine=machine(), threads=t)
     columns = ["backbone", "retriever_hits_at_1", *[f"{v}_{m}" for v in args.variants.split(",")
-                                                    for m in ("dift_hits_at_1", "rerank_hits_at_1")],
+                                                    for m in ("dift_hits_at_1", "rerank_hits_at_1",
+                                                              "fused_rerank_hits_at_1")],
                "retriever_mrr", *[f"{v}_rerank_mrr" for v in args.variants.split(",")], "seconds"]
     name = f"llm_{args.dataset}" + (f"_{args.tag}" if args.tag else "")
     path = write_result(name, args.dataset, record, columns)

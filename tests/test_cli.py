@@ -180,6 +180,9 @@ def test_ablate_reuses_upstream_stages(tmp_path):
     record = json.loads((tmp_path / "run" / "ablate" / "without_codes" / "instruct" / "test.jsonl")
                         .read_text().splitlines()[0])
     assert "<ent>" not in record["prompt"]
+    # Without codes stage 4 is unchanged: its artifact is the full run's, not a retrained one.
+    assert (tmp_path / "run" / "ablate" / "without_codes" / "quantize").resolve() == (tmp_path / "run" / "quantize")
+    assert not (tmp_path / "run" / "ablate" / "without_gsr" / "quantize").is_symlink()
 
 
 def test_run_until_stops_after_the_named_stage(tmp_path):

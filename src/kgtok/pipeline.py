@@ -248,9 +248,10 @@ def ablate(config: RunConfig, names: tuple[str, ...] = tuple(ABLATIONS), *,
            log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Run the full pipeline, then each ablation in ``<out>/ablate/<name>``, reusing stages 0-3.
 
-    The ablation runs link the full run's stage-1..3 artifacts and copy their
-    cache records, so only stage 4 (if its config changed) and stage 5 run
-    again.  Returns ``{name: evaluate metrics}`` with ``full`` first.
+    The ablation runs link the full run's artifacts up to the first stage
+    whose config the ablation changes and copy their cache records, so only
+    that stage and those after it run again (stage 4 for the GSE/GSR
+    ablations, stage 5 for the one without codes).  Returns ``{name: evaluate metrics}`` with ``full`` first.
     """
     import os
     import shutil
@@ -269,13 +270,15 @@ def ablate(config: RunConfig, names: tuple[str, ...] = tuple(ABLATIONS), *,
         out = run_dir / "ablate" / name
         out.mkdir(parents=True, exist_ok=True)
         (out / ".cache").mkdir(exist_ok=True)
-        for stage in ("embed", "text", "hierarchy"):
+        variant = config_from_dict(RunConfig, _merge({**base, "out": str(out), "data": str(kg_dir)},
+                                                     parse_overrides(ABLATIONS[name])))
+        for stage in ("embed", "text", "hierarchy", "quantize"):  # shared until the first changed stage
+            if config_to_dict(getattr(variant, stage)) != config_to_dict(getattr(config, stage)):
+                break
             link = out / stage
             if not link.exists():
                 os.symlink((run_dir / stage).resolve(), link)
             shutil.copyfile(run_dir / ".cache" / f"{stage}.json", out / ".cache" / f"{stage}.json")
-        variant = config_from_dict(RunConfig, _merge({**base, "out": str(out), "data": str(kg_dir)},
-                                                     parse_overrides(ABLATIONS[name])))
         log(f"ablation {name}: {', '.join(ABLATIONS[name])}")
         run(variant, log=log)
         results[name] = read_manifest(out / "evaluate")["metrics"]
