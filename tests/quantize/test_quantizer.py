@@ -113,6 +113,42 @@ def test_training_stops_once_entropy_stops_rising():
     np.testing.assert_array_equal(stopped.base_codes_, full_prefix_codes(x, arrays, stopped.record_.best_epoch))
 
 
+def test_killed_training_resumes_to_the_same_codes(tmp_path, monkeypatch):
+    import kgtok.quantize.train as train
+
+    x, labels = clustered(n=320)
+    arrays = hierarchy_arrays(x, labels)
+    config = small_config(epochs=8, eval_every=2, patience=0)
+    reference = EntityTokenizer(config=config).fit(x, arrays, progress=False)
+    checkpoint = tmp_path / "work" / "train.pt"
+
+    calls = {"n": 0}
+    entropy = train.code_entropy
+
+    def dies_at_the_third_evaluation(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as a kill: after epoch 4's checkpoint, during epoch 6's evaluation
+        return entropy(*args, **kwargs)
+
+    monkeypatch.setattr(train, "code_entropy", dies_at_the_third_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        EntityTokenizer(config=config).fit(x, arrays, progress=False, checkpoint=checkpoint)
+    assert torch.load(checkpoint, weights_only=False)["epoch"] == 4
+    monkeypatch.setattr(train, "code_entropy", entropy)
+    logs: list[str] = []
+    resumed = EntityTokenizer(config=config).fit(x, arrays, progress=False, checkpoint=checkpoint, log=logs.append)
+    assert any("resumed after epoch 4" in line for line in logs)
+    np.testing.assert_array_equal(resumed.base_codes_, reference.base_codes_)
+    assert [h["epoch"] for h in resumed.record_.history] == list(range(1, 9))
+    assert resumed.record_.best_epoch == reference.record_.best_epoch
+    # another config does not pick up the checkpoint
+    logs.clear()
+    EntityTokenizer(config=small_config(epochs=2, seed=1)).fit(x, arrays, progress=False, checkpoint=checkpoint,
+                                                               log=logs.append)
+    assert any("starting afresh" in line for line in logs)
+
+
 def full_prefix_codes(x, arrays, epochs):
     """Codes of a run trained exactly ``epochs`` epochs without stopping (its best is its last or earlier)."""
     run = EntityTokenizer(config=small_config(variant="rq", epochs=epochs, eval_every=1, patience=0)).fit(
@@ -239,6 +275,8 @@ def test_stage_artifact_on_synthetic_kg(tmp_path):
     codes = np.load(dest / "codes.npy")
     assert codes.shape[0] == kg.num_entities and len(np.unique(codes, axis=0)) == kg.num_entities
     assert metrics["collision_rate_after"] == 0.0
+    assert not (tmp_path / "q.work").exists()  # the resumable training state goes once the artifact is written
+    assert 1 <= metrics["best_epoch"] <= metrics["stopped_epoch"] and metrics["best_seconds"] > 0
     for key in ("entropy", "utilization", "perplexity"):
         assert len(metrics[key]) == 3
     assert 0 < metrics["reconstruction_cosine"] <= 1

@@ -14,6 +14,7 @@ Artifact layout::
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -85,9 +86,11 @@ def run_quantize(
         vectors = arrays["fused_vectors"]
     log(format_config(config))
     inputs = hash_inputs({k: v for k, v in {"hierarchy": hierarchy, "embeddings": embeddings}.items() if v})
+    work = Path(f"{dest}.work")  # resumable training state; removed once the artifact is written
     with torch_threads(config.threads), artifact_dir(dest, stage="quantize", config=config, inputs=inputs) as writer:
         with writer.timed("fit"):
-            tokenizer = EntityTokenizer(config=config).fit(vectors, arrays, progress=progress, log=log)
+            tokenizer = EntityTokenizer(config=config).fit(vectors, arrays, progress=progress, log=log,
+                                                           checkpoint=work / "train.pt")
         codes = tokenizer.codes_
         base = tokenizer.base_codes_
         metrics: dict[str, Any] = {
@@ -115,6 +118,7 @@ def run_quantize(
         tokenizer.save(writer.path / "tokenizer")
         write_json_atomic(writer.path / "metrics.json", {**metrics, "history": tokenizer.record_.history})
         writer.metrics.update({k: v for k, v in metrics.items()})
+    shutil.rmtree(work, ignore_errors=True)
     log(f"quantize: {config.variant}, {tokenizer.levels_} levels x {tokenizer.codebook_size_} codes, "
         f"utilisation {[round(u, 3) for u in metrics['utilization']]}, collisions before fix "
         f"{metrics['collision_rate_before']:.4f} -> {dest}")

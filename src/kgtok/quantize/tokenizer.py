@@ -98,11 +98,13 @@ class EntityTokenizer:
 
     # --- learning ---------------------------------------------------------------
     def fit(self, vectors: np.ndarray | torch.Tensor, hierarchy: dict[str, Any] | None = None, *,
-            progress: bool = True, log: Callable[[str], None] = print) -> EntityTokenizer:
+            progress: bool = True, log: Callable[[str], None] = print,
+            checkpoint: str | Path | None = None) -> EntityTokenizer:
         """Learn codebooks and every entity's codes.
 
         vectors : (N, D) fused vectors (gsquant, rq, flat) or KGE vectors (realm), row i = entity i.
         hierarchy : stage-3 arrays (:func:`kgtok.hierarchy.load_hierarchy`); needed for GSE/GSR.
+        checkpoint : file for resumable training (saved every evaluation, resumed when it matches).
         """
         config = self.resolved_config()
         x = torch.as_tensor(np.asarray(vectors), dtype=torch.float32)
@@ -118,7 +120,8 @@ class EntityTokenizer:
             self.record_ = TrainingRecord()
         else:
             tree = Hierarchy.from_arrays(hierarchy, self.levels_) if hierarchy is not None else None
-            self.model_, self.record_ = train_rqvae(x, config, tree, progress=progress, log=log)
+            self.model_, self.record_ = train_rqvae(x, config, tree, progress=progress, log=log,
+                                                    checkpoint=Path(checkpoint) if checkpoint else None)
             self.codebooks_ = self.model_.quantizer.codebooks.detach().clone()
             base = self.model_.encode(x)
         self.base_codes_ = base.numpy().astype(np.int64)

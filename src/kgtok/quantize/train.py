@@ -11,9 +11,14 @@ epoch budget: on WN18RR the best of 60 epochs was epoch 24).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -21,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from kgtok.config import config_to_dict
 from kgtok.quantize.config import QuantizeConfig
 from kgtok.quantize.kmeans import assign, kmeans
 from kgtok.quantize.model import GSRDecoder, ResidualQuantizer, gse_losses, gsr_loss, mlp
@@ -91,6 +97,26 @@ class TrainingRecord:
     restarted_codes: int = 0
 
 
+def _save_checkpoint(path: Path, key: str, model: RQVAE, optimizer: torch.optim.Optimizer,
+                     generator: torch.Generator, record: TrainingRecord, best_state: dict[str, Any],
+                     epoch: int, step: int, bad_evaluations: int, elapsed: float) -> None:
+    """Everything the loop needs to go on after epoch ``epoch`` exactly as if never stopped."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(), "record": dataclasses.asdict(record), "best_state": best_state,
+                "epoch": epoch, "step": step, "bad_evaluations": bad_evaluations, "elapsed": elapsed}, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_key(x: torch.Tensor, config: QuantizeConfig) -> str:
+    """What a checkpoint must match to be resumed: the config and the input vectors."""
+    settings = {k: v for k, v in config_to_dict(config).items() if k != "threads"}  # threads change no number
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(x.numpy()).tobytes())
+    return digest.hexdigest()
+
+
 def train_rqvae(
     x: torch.Tensor,
     config: QuantizeConfig,
@@ -98,8 +124,14 @@ def train_rqvae(
     *,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    checkpoint: Path | None = None,
 ) -> tuple[RQVAE, TrainingRecord]:
-    """Train the RQ-VAE on (N, in_dim) vectors; returns the highest-entropy checkpoint."""
+    """Train the RQ-VAE on (N, in_dim) vectors; returns the highest-entropy checkpoint.
+
+    With ``checkpoint`` the state after every evaluated epoch is saved there,
+    and a matching file found at the start is resumed: the same epochs follow
+    as in an uninterrupted run (the tests check the codes are identical).
+    """
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # module initialisation draws from the global generator
     n = len(x)
@@ -114,20 +146,34 @@ def train_rqvae(
         held_out = train_ids
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
 
-    if config.kmeans_init:
-        sample = train_ids[torch.randperm(len(train_ids), generator=generator)[: max(20 * codebook_size, 4096)]]
-        with torch.no_grad():
-            model.quantizer.kmeans_init(model.encoder(x[sample]), seed=config.seed)
-
     started = time.perf_counter()
     record = TrainingRecord()
     bad_evaluations = 0
     best_state = copy.deepcopy(model.state_dict())
     batch_size = config.resolved_batch_size(n)
     steps_per_epoch = math.ceil(len(train_ids) / batch_size)
-    bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"quantize {config.variant}", disable=not progress)
-    step = 0
-    for epoch in range(1, config.epochs + 1):
+    step, first_epoch = 0, 1
+    resume_key = checkpoint_key(x, config) if checkpoint is not None else ""
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if saved.get("key") == resume_key:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            generator.set_state(saved["generator"])
+            record, best_state = TrainingRecord(**saved["record"]), saved["best_state"]
+            step, first_epoch, bad_evaluations = saved["step"], saved["epoch"] + 1, saved["bad_evaluations"]
+            started -= saved["elapsed"]
+            log(f"quantize: resumed after epoch {saved['epoch']} from {checkpoint}")
+        else:
+            log(f"quantize: {checkpoint} is from another config or input; starting afresh")
+    if config.kmeans_init and first_epoch == 1:
+        sample = train_ids[torch.randperm(len(train_ids), generator=generator)[: max(20 * codebook_size, 4096)]]
+        with torch.no_grad():
+            model.quantizer.kmeans_init(model.encoder(x[sample]), seed=config.seed)
+    bar = tqdm(total=config.epochs * steps_per_epoch, initial=(first_epoch - 1) * steps_per_epoch,
+               desc=f"quantize {config.variant}", disable=not progress)
+    stop = first_epoch > 1 and config.patience and bad_evaluations >= config.patience
+    for epoch in range(first_epoch, 1 if stop else config.epochs + 1):
         model.train()
         permutation = train_ids[torch.randperm(len(train_ids), generator=generator)]
         totals: dict[str, float] = {}
@@ -187,6 +233,9 @@ def train_rqvae(
                             entropy=f"{entry['heldout_entropy']:.3f}")
         record.history.append(entry)
         record.stopped_epoch = epoch
+        if checkpoint is not None and "heldout_entropy" in entry:
+            _save_checkpoint(checkpoint, resume_key, model, optimizer, generator, record, best_state, epoch, step,
+                             bad_evaluations, time.perf_counter() - started)
         if config.patience and bad_evaluations >= config.patience:
             log(f"quantize: held-out entropy has not risen for {bad_evaluations} evaluations; "
                 f"stopping at epoch {epoch} (best {record.best_epoch})")
