@@ -78,6 +78,8 @@ def main() -> None:
     flat = {}
     for variant, row in record["variants"].items():
         flat[f"{variant}_seconds"] = row["seconds"]
+        if row.get("best_seconds"):  # training time to the selected (highest-entropy) checkpoint
+            flat[f"{variant}_best_seconds"] = row["best_seconds"]
         flat[f"{variant}_min_utilization"] = min(row["utilization"])
         flat[f"{variant}_collision_rate_before"] = row["collision_rate_before"]
         for key in ("nmi_hierarchy_level_1", "homogeneity_hierarchy_level_1", "nmi_types_level_1",
