@@ -196,6 +196,60 @@ def test_evaluate_outputs_and_generate_agrees_with_trie(stages, finetuned, tmp_p
     assert tuned["valid_mrr"] == max(tuned["curve"].values())
 
 
+def fake_vllm(monkeypatch):
+    """A stand-in for vLLM's offline API (LLM.generate with prompt_logprobs) computed by transformers."""
+    import sys
+    import types
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    class Logprob:
+        def __init__(self, logprob):
+            self.logprob = logprob
+
+    class LLM:
+        def __init__(self, model, enable_prefix_caching=False):
+            self.model = AutoModelForCausalLM.from_pretrained(model).eval()
+
+        def generate(self, requests, params, use_tqdm=True):
+            assert params.prompt_logprobs == 0 and params.max_tokens == 1
+            outputs = []
+            for request in requests:
+                ids = torch.tensor([request["prompt_token_ids"]])
+                with torch.no_grad():
+                    lp = torch.log_softmax(self.model(ids).logits[0].float(), -1)
+                entries = [None] + [{int(ids[0, i]): Logprob(float(lp[i - 1, ids[0, i]]))}
+                                    for i in range(1, ids.shape[1])]
+                outputs.append(types.SimpleNamespace(prompt_logprobs=entries))
+            return outputs
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM = LLM
+    vllm.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids}
+    vllm.inputs = inputs
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+
+
+def test_vllm_backend_gives_the_same_scores(stages, finetuned, tmp_path, monkeypatch):
+    instructions = stages[4]
+    fake_vllm(monkeypatch)
+    common = dict(max_queries=6, batch_size=3, fusion_weight=0.0)
+    runs = {}
+    for backend in ("hf", "vllm"):
+        dest = run_evaluate(EvaluateConfig(backend=backend, **common), finetuned, instructions, tmp_path / backend,
+                            progress=False, log=quiet)
+        runs[backend] = [json.loads(line) for line in (dest / "predictions.jsonl").read_text().splitlines()]
+    for hf, vl in zip(runs["hf"], runs["vllm"]):
+        np.testing.assert_allclose(vl["scores"], hf["scores"], atol=2e-3)
+        assert vl["pick"] == hf["pick"]
+    with pytest.raises(ValueError, match="backend"):
+        EvaluateConfig(backend="vllm", decode="generate")
+
+
 def test_fusion_weight_is_the_best_on_held_out_queries():
     # query 1: the LM is wrong and the retriever right; query 2: the LM is right, the retriever narrowly wrong
     priors = [np.array([-0.1, -3.0, -3.0]), np.array([-0.5, -1.0, -4.0])]

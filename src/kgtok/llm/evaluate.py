@@ -15,6 +15,10 @@ those numbers come both outputs (METHOD.md stage 5):
 - **full re-rank**: candidates ordered by their sequence log-likelihood
   (:func:`kgtok.metrics.rerank_rank`).
 
+``backend: vllm`` computes the same per-token log-probabilities with vLLM
+(prompt log-probs, prefix caching) when it is installed; everything after the
+scores is shared.
+
 ReaLM's ontology constraint (``class_constraint``): the class with the most
 probability mass among the candidates (softmax of their sequence scores) is
 the predicted class; a pick of another class is replaced by the best-scored
@@ -50,6 +54,7 @@ class EvaluateConfig:
     split: str = "test"  # instructions file to evaluate: test | lm_valid
     batch_size: int = 4  # queries per forward pass (x k candidate rows)
     decode: str = "trie"  # trie (from the candidate scores) | generate (HF generate + prefix trie)
+    backend: str = "hf"  # hf (transformers, shared KV cache) | vllm (needs the vllm package and, in practice, a GPU)
     score: str = "sum"  # sequence score for re-ranking: sum of token log-probs | mean (length-normalised)
     max_prompt_tokens: int = 512  # longer prompts lose their beginning (as in training)
     class_constraint: bool = False  # ReaLM's ontology constraint (needs classes)
@@ -64,6 +69,8 @@ class EvaluateConfig:
             ("split", lambda v: v in ("test", "lm_valid"), "test or lm_valid"),
             ("batch_size", in_range(1), ">= 1"),
             ("decode", lambda v: v in ("trie", "generate"), "trie or generate"),
+            ("backend", lambda v: v in ("hf", "vllm"), "hf or vllm"),
+            ("decode", lambda v: not (v == "generate" and self.backend == "vllm"), "trie with backend vllm"),
             ("score", lambda v: v in ("sum", "mean"), "sum or mean"),
             ("max_prompt_tokens", in_range(16), ">= 16"),
             ("max_queries", in_range(0), ">= 0"),
@@ -151,6 +158,43 @@ def score_batch(model: Any, prompts: list[list[int]], candidates: list[list[list
         result.append([token_lp[row + j, :len(seq)] for j, seq in enumerate(group)])
         row += len(group)
     return result
+
+
+class VLLMScorer:
+    """``score_batch`` through vLLM: one request per (query, candidate), prompt log-probs of the answer.
+
+    vLLM returns, for a request with ``prompt_logprobs=0``, one entry per
+    prompt position (None for the first, else a dict token id -> Logprob that
+    holds the token actually there); the answer's entries are read off the end.
+    Prefix caching lets the k requests of a query share the prompt's work.
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        try:
+            import vllm
+        except ImportError as e:  # pragma: no cover - depends on the machine
+            raise RuntimeError("evaluate backend 'vllm' needs the vllm package (pip install vllm; a GPU machine)"
+                               ) from e
+        self.vllm = vllm
+        self.llm = vllm.LLM(model=str(model_dir), enable_prefix_caching=True)
+        self.params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0)
+
+    def __call__(self, model: Any, prompts: list[list[int]], candidates: list[list[list[int]]], pad_id: int
+                 ) -> list[list[np.ndarray]]:
+        from vllm.inputs import TokensPrompt
+
+        requests = [TokensPrompt(prompt_token_ids=list(prompt) + list(answer))
+                    for prompt, group in zip(prompts, candidates) for answer in group]
+        outputs = self.llm.generate(requests, self.params, use_tqdm=False)
+        result, row = [], 0
+        for prompt, group in zip(prompts, candidates):
+            scores = []
+            for answer in group:
+                entries = outputs[row].prompt_logprobs[len(prompt):]
+                scores.append(np.array([entries[j][token].logprob for j, token in enumerate(answer)]))
+                row += 1
+            result.append(scores)
+        return result
 
 
 def generate_pick(model: Any, prompt: list[int], sequences: list[list[int]], pad_id: int, eos_id: int) -> int:
@@ -280,17 +324,21 @@ def _evaluate(config: EvaluateConfig, model_dir: Path, instructions: Path, dest:
         classes = load_classes(classes, entity_names or [])
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    model.eval()
-    if torch.cuda.is_available():
-        model.cuda()
+    if config.backend == "vllm":
+        model, scorer = None, VLLMScorer(hf_dir)
+    else:
+        model, scorer = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32), score_batch
+        model.eval()
+        if torch.cuda.is_available():
+            model.cuda()
 
     def prompt_ids(record: dict[str, Any]) -> list[int]:
         return truncate_prompt(tokenizer, encode_prompt(tokenizer, record["prompt"]), config.max_prompt_tokens)
 
     if records[0].get("task") == "classification":
-        return _evaluate_classification(config, model, tokenizer, pad_id, records, prompt_ids, model_dir,
+        return _evaluate_classification(config, model, scorer, tokenizer, pad_id, records, prompt_ids, model_dir,
                                         instructions, Path(dest), progress, log)
+
     def scored(batch_records: list[dict[str, Any]], desc: str) -> Iterator[tuple[dict, list[int], list, list]]:
         """(record, prompt ids, candidate token sequences, per-token log-probs) per query."""
         bar = tqdm(total=len(batch_records), desc=desc, unit="query", disable=not progress)
@@ -299,7 +347,7 @@ def _evaluate(config: EvaluateConfig, model_dir: Path, instructions: Path, dest:
                 batch = batch_records[begin: begin + config.batch_size]
                 prompts = [prompt_ids(r) for r in batch]
                 answers = [[encode_answer(tokenizer, text) for text in r["candidate_text"]] for r in batch]
-                yield from zip(batch, prompts, answers, score_batch(model, prompts, answers, pad_id))
+                yield from zip(batch, prompts, answers, scorer(model, prompts, answers, pad_id))
                 bar.update(len(batch))
         bar.close()
 
@@ -401,7 +449,8 @@ def _write_evaluation(config: EvaluateConfig, model_dir: Path, instructions: Pat
         writer.timings["evaluate"] = seconds
 
 
-def _evaluate_classification(config: EvaluateConfig, model: Any, tokenizer: Any, pad_id: int,
+def _evaluate_classification(config: EvaluateConfig, model: Any, scorer: Callable[..., Any], tokenizer: Any,
+                             pad_id: int,
                              records: list[dict[str, Any]], prompt_ids: Callable[[dict[str, Any]], list[int]],
                              model_dir: Path, instructions: Path, dest: Path, progress: bool,
                              log: Callable[[str], None]) -> Path:
@@ -417,7 +466,7 @@ def _evaluate_classification(config: EvaluateConfig, model: Any, tokenizer: Any,
     with torch.no_grad():
         for begin in tqdm(range(0, len(records), config.batch_size), desc="evaluate", disable=not progress):
             batch = records[begin: begin + config.batch_size]
-            scored = score_batch(model, [prompt_ids(r) for r in batch], [answers] * len(batch), pad_id)
+            scored = scorer(model, [prompt_ids(r) for r in batch], [answers] * len(batch), pad_id)
             margins += [float(lps[0].sum() - lps[1].sum()) for lps in scored]
     seconds = time.perf_counter() - start
     labels = np.array([r["label"] for r in records])
