@@ -246,3 +246,33 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(OSError, match="disk full"):
         write_synthetic(SyntheticConfig(num_entities=200), tmp_path / "kg")
     assert list(tmp_path.iterdir()) == [], "neither dest nor a temporary directory may remain"
+
+
+def test_true_probabilities_cover_every_generated_triple(tmp_path: Path) -> None:
+    # Without noise every generated triple lies in the support of the generator's own distribution.
+    config = SyntheticConfig(num_entities=300, num_relations=6, noise=0.0, seed=2)
+    kg = generate(config)
+    triples = np.concatenate([kg.train, kg.valid, kg.test])
+    h, r, t = triples.T
+    tails = synthetic.true_tail_probabilities(config, h, r)
+    heads = synthetic.true_head_probabilities(config, r, t)
+    rows = np.arange(len(triples))
+    assert np.all(tails[rows, t] > 0) and np.all(heads[rows, h] > 0)
+    # Each row is a distribution over entities other than the query's own ...
+    np.testing.assert_allclose(tails.sum(1), 1.0, rtol=1e-9)
+    np.testing.assert_allclose(heads.sum(1), 1.0, rtol=1e-9)
+    assert np.all(tails[rows, h] == 0)
+    # ... and it is informative: far above uniform for the observed tails.
+    assert np.median(tails[rows, t]) > 10 / config.num_entities
+
+
+def test_oracle_ranks_beat_chance_on_the_written_kg(tmp_path: Path) -> None:
+    from kgtok.data.graph import load_kg
+
+    config = SyntheticConfig(num_entities=300, num_relations=6, seed=2)
+    kg = load_kg(write_synthetic(config, tmp_path / "kg"))
+    ranks = synthetic.oracle_ranks(config, kg, "test")
+    n = len(kg.triples["test"])
+    assert ranks["head"].shape == ranks["tail"].shape == (n,)
+    both = np.concatenate([ranks["head"], ranks["tail"]])
+    assert np.all(both >= 1) and np.mean(1 / both) > 0.2  # chance would be ~ 1/150 (MRR ~ 0.02)

@@ -70,12 +70,14 @@ import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from kgtok.config import check_fields, config_to_dict, in_range
 
-__all__ = ["SyntheticConfig", "SyntheticKG", "generate", "write_synthetic"]
+__all__ = ["SyntheticConfig", "SyntheticKG", "generate", "oracle_ranks", "true_head_probabilities",
+           "true_tail_probabilities", "write_synthetic"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -585,6 +587,74 @@ def _entity_text(
     return labels, descriptions
 
 
+def _generator_state(
+    config: SyntheticConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, list[_GroupSampler], list[np.ndarray], list[_Relation]]:
+    """Taxonomy, popularity, samplers, hubs and relation designs: the first draws of ``generate``."""
+    branching = config.branching
+    types = _assign_types(config, rng)  # (N, levels)
+    popularity = rng.lognormal(0.0, _POPULARITY_SIGMA, size=config.num_entities)  # (N,)
+    samplers = [_GroupSampler(types[:, lvl], _product(branching[: lvl + 1]), popularity)
+                for lvl in range(len(branching))]
+    hubs = _hubs(types, popularity, branching)
+    return types, popularity, samplers, hubs, _design_relations(config, rng)
+
+
+def true_tail_probabilities(config: SyntheticConfig, heads: np.ndarray, relations: np.ndarray) -> np.ndarray:
+    """``(n, N)`` the generator's probability of each tail for the queries ``(heads[i], relations[i], ?)``.
+
+    Indices are the generator's (entity ``e00042`` is 42). Exact for the
+    sampling process (self-loops are redrawn), up to the removal of repeated pairs; an
+    upper bound for any model: ranking by it is the best anyone can do on
+    the synthetic KG (see :func:`oracle_ranks`).
+    """
+    types, popularity, _, hubs, designs = _generator_state(config, np.random.default_rng(config.seed))
+    n_entities, levels = types.shape
+    heads, relations = np.asarray(heads, dtype=np.int64), np.asarray(relations, dtype=np.int64)
+    out = np.full((len(heads), n_entities), config.noise / n_entities)
+    for r in np.unique(relations):
+        rows, h, design = np.flatnonzero(relations == r), heads[relations == r], designs[int(r)]
+        if design.kind == "hierarchy":
+            depth_p = _LOCALITY ** np.arange(levels)
+            depth_p = depth_p / depth_p.sum()
+            for level in range(levels):
+                tails = _parent_hubs(h, np.full(len(h), level), types, hubs)
+                out[rows, tails] += (1 - config.noise) * depth_p[level]
+            continue
+        range_level = design.range[0]
+        depth_p = _LOCALITY ** np.arange(levels - range_level)
+        depth_p = depth_p / depth_p.sum()
+        mapped = _mapped_paths(h, design, types, config.branching)  # (n, levels)
+        for level in range(range_level, levels):
+            totals = np.bincount(types[:, level], weights=popularity, minlength=_product(config.branching[: level + 1]))
+            member = types[None, :, level] == mapped[:, level, None]  # (n, N)
+            share = member * popularity[None, :] / totals[mapped[:, level]][:, None]
+            out[rows] += (1 - config.noise) * depth_p[level - range_level] * share
+    out[np.arange(len(heads)), heads] = 0.0  # self-loops are dropped and drawn again: renormalise
+    return out / out.sum(1, keepdims=True)
+
+
+def true_head_probabilities(config: SyntheticConfig, relations: np.ndarray, tails: np.ndarray) -> np.ndarray:
+    """``(n, N)`` P(head | relation, tail) ∝ P(head | relation) P(tail | head, relation), generator indices."""
+    types, popularity, _, hubs, designs = _generator_state(config, np.random.default_rng(config.seed))
+    n_entities = types.shape[0]
+    relations, tails = np.asarray(relations, dtype=np.int64), np.asarray(tails, dtype=np.int64)
+    out = np.zeros((len(tails), n_entities))
+    everyone = np.arange(n_entities)
+    for r in np.unique(relations):
+        rows, design = np.flatnonzero(relations == r), designs[int(r)]
+        if design.kind == "hierarchy":  # heads: distinct entities other than the top-level hubs, uniformly
+            prior = np.ones(n_entities)
+            prior[hubs[0]] = 0.0
+        else:  # heads: members of the domain, by popularity
+            level, domain_type = design.domain
+            prior = popularity * (types[:, level] == domain_type)
+        p_tail = true_tail_probabilities(config, everyone, np.full(n_entities, r))  # (N heads, N tails)
+        joint = prior[None, :] * p_tail[:, tails[rows]].T  # (n, N heads)
+        out[rows] = joint / np.maximum(joint.sum(1, keepdims=True), 1e-300)
+    return out
+
+
 def generate(config: SyntheticConfig) -> SyntheticKG:
     """Generate the synthetic KG described by ``config``.
 
@@ -605,11 +675,7 @@ def generate(config: SyntheticConfig) -> SyntheticKG:
     levels = len(branching)
     n = config.num_entities
 
-    types = _assign_types(config, rng)  # (N, levels)
-    popularity = rng.lognormal(0.0, _POPULARITY_SIGMA, size=n)  # (N,)
-    samplers = [_GroupSampler(types[:, lvl], _product(branching[: lvl + 1]), popularity) for lvl in range(levels)]
-    hubs = _hubs(types, popularity, branching)
-    relations = _design_relations(config, rng)
+    types, popularity, samplers, hubs, relations = _generator_state(config, rng)
 
     heads, rels, tails = [], [], []
     shortfall = 0  # triples a small domain could not supply pass on to the next relation
@@ -758,3 +824,27 @@ def write_synthetic(config: SyntheticConfig, dest: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def oracle_ranks(config: SyntheticConfig, kg: Any, split: str = "test") -> dict[str, np.ndarray]:
+    """Filtered realistic ranks of a split's triples when every query is answered by the generator itself.
+
+    ``kg``: the :class:`~kgtok.data.graph.KnowledgeGraph` loaded from
+    ``write_synthetic(config, ...)``. Returns ``{"head": ranks, "tail": ranks}``
+    in the split's triple order: the ceiling of any link predictor on this graph.
+    """
+    import torch
+
+    from kgtok.metrics import realistic_rank
+
+    entity = np.array([int(name[1:]) for name in kg.entity_names])  # kgtok id -> generator index
+    relation = np.array([int(name[1:].split("_")[0]) for name in kg.relation_names])
+    h, r, t = kg.triples[split].numpy().T
+    tail_scores = true_tail_probabilities(config, entity[h], relation[r])[:, entity]
+    head_scores = true_head_probabilities(config, relation[r], entity[t])[:, entity]
+    ranks = {}
+    for side, scores, gold, (rows, cols) in (("head", head_scores, h, kg.filter_index.head_pairs(r, t)),
+                                             ("tail", tail_scores, t, kg.filter_index.tail_pairs(h, r))):
+        ranks[side] = realistic_rank(torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(gold),
+                                     rows, cols).numpy()
+    return ranks
