@@ -96,6 +96,12 @@ def test_run_caches_and_reruns_on_change(tmp_path):
     assert results[-1].metrics["retriever_hits_at_1"] >= 0 and "rerank_mrr" in results[-1].metrics
     again = run(config, log=logs.append)
     assert [r.status for r in again] == ["cached"] * len(STAGE_ORDER)
+    # Another thread count computes the same things: nothing re-runs.
+    from kgtok.config import _merge, config_from_dict, config_to_dict, parse_overrides
+
+    threaded = config_from_dict(RunConfig, _merge(config_to_dict(config), parse_overrides(
+        ["embed.threads=2", "quantize.threads=2", "finetune.threads=2", "evaluate.threads=2"])))
+    assert [r.status for r in run(threaded, log=logs.append)] == ["cached"] * len(STAGE_ORDER)
     assert again[1].metrics == results[1].metrics and results[1].metrics["test_mrr"] > 0.05
     # A changed input file re-runs the stage.
     with open(tmp_path / "run" / "synthetic_kg" / "test.txt", "a") as handle:

@@ -105,6 +105,10 @@ def _embed_stage(config: RunConfig, run_dir: Path, log: Callable[[str], None]) -
                   ("test_mrr", "test_hits_at_1", "test_hits_at_10"))
 
 
+# Settings that say how to run, not what to compute: changing them never re-runs a stage.
+MACHINE_FIELDS = frozenset({"threads"})
+
+
 def _stage(name: str, stage_config: Any, inputs: dict[str, Path], dest: Path,
            execute: Callable[[], Path], metric_keys: tuple[str, ...]) -> StageResult:
     """Run a stage unless it already ran with this config on inputs with these hashes.
@@ -113,10 +117,12 @@ def _stage(name: str, stage_config: Any, inputs: dict[str, Path], dest: Path,
     directory: config and input hashes) beside the artifact, so the check does
     not depend on what each stage writes into its manifest.  Upstream
     artifacts are hashed by their manifests, so a re-run upstream re-runs
-    everything after it.
+    everything after it.  ``threads`` is left out of the record: a run
+    started again with another thread count reuses what is done.
     """
     record_path = dest.parent / ".cache" / f"{name}.json"
-    record = {"config": config_to_dict(stage_config), "inputs": hash_inputs(inputs)}
+    settings = {k: v for k, v in config_to_dict(stage_config).items() if k not in MACHINE_FIELDS}
+    record = {"config": settings, "inputs": hash_inputs(inputs)}
     cached = (read_manifest(dest) is not None and record_path.exists()
               and json.loads(record_path.read_text(encoding="utf-8")) == json.loads(json.dumps(record)))
     if not cached:
