@@ -490,12 +490,17 @@ def ablate_command(config_path: str | None, data: str | None, out: str | None, o
     names = tuple(only.split(",")) if only else tuple(ABLATIONS)
     results = ablate(config, names, log=click.echo)
     table = Table(title="ablations (test, filtered)")
-    for column in ("run", "LM pick MRR", "LM pick Hits@1", "re-rank MRR", "re-rank Hits@1", "retriever Hits@1"):
+    keys = {"LM pick MRR": "dift_mrr", "LM pick Hits@1": "dift_hits_at_1", "re-rank MRR": "rerank_mrr",
+            "re-rank Hits@1": "rerank_hits_at_1", "fused re-rank Hits@1": "fused_rerank_hits_at_1",
+            "retriever Hits@1": "retriever_hits_at_1"}
+    for column in ("run", *keys):
         table.add_column(column)
     for name, m in results.items():
-        table.add_row(name, *(f"{m[k]:.3f}" for k in ("dift_mrr", "dift_hits_at_1", "rerank_mrr", "rerank_hits_at_1",
-                                                      "retriever_hits_at_1")))
-    Console(width=120).print(table)
+        table.add_row(name, *(f"{m[k]:.3f}" if k in m else "-" for k in keys.values()))
+    Console(width=140).print(table)
+    summary = Path(config.out) / "ablate" / "summary.json"
+    summary.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    click.echo(f"-> {summary}")
 
 
 def main() -> None:

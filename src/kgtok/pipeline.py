@@ -124,7 +124,8 @@ def _stage(name: str, stage_config: Any, inputs: dict[str, Path], dest: Path,
     settings = {k: v for k, v in config_to_dict(stage_config).items() if k not in MACHINE_FIELDS}
     record = {"config": settings, "inputs": hash_inputs(inputs)}
     cached = (read_manifest(dest) is not None and record_path.exists()
-              and json.loads(record_path.read_text(encoding="utf-8")) == json.loads(json.dumps(record)))
+              and _without_machine_fields(json.loads(record_path.read_text(encoding="utf-8")))
+              == json.loads(json.dumps(record)))
     if not cached:
         execute()
         write_json_atomic(record_path, record)
@@ -132,6 +133,14 @@ def _stage(name: str, stage_config: Any, inputs: dict[str, Path], dest: Path,
     shown = {k: (round(metrics[k], 4) if isinstance(metrics[k], float) else metrics[k])
              for k in metric_keys if k in metrics}
     return StageResult(name, dest, "cached" if cached else "ran", shown)
+
+
+def _without_machine_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """A stored cache record as it compares today (records written before threads were left out)."""
+    config = record.get("config")
+    if isinstance(config, dict):
+        record = {**record, "config": {k: v for k, v in config.items() if k not in MACHINE_FIELDS}}
+    return record
 
 
 def _kg_dir(run_dir: Path) -> Path:
