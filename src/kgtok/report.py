@@ -149,7 +149,10 @@ def _final(run: Path) -> str | None:
     rows = [[labels[name], *[metrics[name]["both"][k] for k in keys]] for name in labels if name in metrics]
     for ablation in sorted((run / "ablate").glob("*/evaluate/metrics.json")) if (run / "ablate").exists() else []:
         other = _read(ablation)
-        rows.append([f"ablation {ablation.parent.parent.name}: LM pick", *[other["dift"]["both"][k] for k in keys]])
+        for name in ("dift", "rerank", "fused_rerank"):
+            if name in other:
+                rows.append([f"ablation {ablation.parent.parent.name}: {labels[name]}",
+                             *[other[name]["both"][k] for k in keys]])
     parts = [f"<h2>Link prediction ({metrics['queries']} queries, filtered)</h2>", _table(["ranker", *keys], rows),
              f"<p>{metrics['queries_per_second']:.1f} queries/s; gold among the candidates: "
              f"{metrics['gold_in_candidates']:.1%}</p>"]
