@@ -34,12 +34,18 @@ JOBS: list[tuple[str, list[str]]] = [
     ("quantizer", ["quantizer_compare.py", "--dataset", "wn18rr", "--variants", "gsquant,rq", "codebook_size=1024"]),
     ("llm", ["llm_compare.py", "--dataset", "synthetic"]),
     ("llm", ["llm_compare.py", "--dataset", "umls"]),
+    ("llm", ["ablation.py"]),
+    ("llm", ["synthetic_ceiling.py", "--run-dir", "runs/default-ablate"]),
 ]
 
 # Columns shown per stage when a result has them (others stay in the JSON).
 PREFERRED = ["mrr", "hits_at_1", "hits_at_10", "valid_mrr", "nmi_level_1", "counts", "seconds", "peak_rss_mb",
              "retriever_hits_at_1", "codes_dift_hits_at_1", "codes_rerank_hits_at_1", "no_codes_dift_hits_at_1",
-             "no_codes_rerank_hits_at_1", "train_triples_per_second", "eval_queries_per_second"]
+             "no_codes_rerank_hits_at_1", "codes_fused_rerank_hits_at_1", "oracle_rerank_of_list_hits_at_1",
+             "oracle_full_ranking_hits_at_1", "full_rerank_hits_at_1", "full_fused_rerank_hits_at_1",
+             "without_codes_rerank_hits_at_1", "without_l1_rerank_hits_at_1", "without_l2_rerank_hits_at_1",
+             "without_gsr_rerank_hits_at_1", "gsquant_best_seconds", "train_triples_per_second",
+             "eval_queries_per_second"]
 
 
 def _cell(value: object) -> str:
