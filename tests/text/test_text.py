@@ -323,3 +323,38 @@ def test_cli_text_writes_the_artifact(tiny_kg, tmp_path):
     bad = CliRunner().invoke(cli, ["text", "--data", str(tiny_kg), "--out", str(tmp_path / "bad"), "model=nope"])
     assert bad.exit_code == 2
     assert "expected 'all-MiniLM-L6-v2'" in bad.output
+
+
+def test_interrupted_encoding_resumes_from_finished_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(text_encode, "PART_TEXTS", 2)
+    texts = ["an owl", "a heron that wades", "a stock", "a small grey owl of the woods", "a dove"]
+    reference = embed_texts(texts, config(tmp_path / "reference")).vectors
+    calls: list[list[str]] = []
+    state = {"die_at": 2}
+    load = text_encode.load_encoder
+
+    def dying_loader(*args, **kwargs):
+        model = load(*args, **kwargs)
+        encode = model.encode
+
+        def maybe_dying_encode(sentences, *a, **k):
+            calls.append(list(sentences))
+            if len(calls) == state["die_at"]:
+                raise KeyboardInterrupt  # as a kill during the second chunk
+            return encode(sentences, *a, **k)
+
+        model.encode = maybe_dying_encode
+        return model
+
+    monkeypatch.setattr(text_encode, "load_encoder", dying_loader)
+    with pytest.raises(KeyboardInterrupt):
+        embed_texts(texts, config(tmp_path))
+    parts = list((tmp_path / "cache").glob("*.parts/*.npy"))
+    assert len(parts) == 1  # the first chunk was kept
+    first_chunk = calls[0]
+    calls.clear()
+    state["die_at"] = 0
+    result = embed_texts(texts, config(tmp_path))
+    assert len(calls) == 2 and not set(first_chunk) & {t for c in calls for t in c}  # only the rest encoded
+    np.testing.assert_allclose(result.vectors, reference, atol=1e-6)
+    assert not list((tmp_path / "cache").glob("*.parts"))  # chunks go once the whole cache file is written

@@ -26,6 +26,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -283,10 +284,12 @@ def embed_texts(texts: Sequence[str], config: TextConfig, *, progress: bool = Fa
     unique_vectors = _read_cache(cache_file, len(unique))
     cache_hit = unique_vectors is not None
     if unique_vectors is None:
+        parts = cache_file.with_suffix(".parts")  # finished chunks of an interrupted run, resumed from
         with torch_threads(config.threads):
             model = load_encoder(model_dir, config, progress=progress)
-            unique_vectors = _encode_unique(model, unique.tolist(), config, progress=progress)
+            unique_vectors = _encode_unique(model, unique.tolist(), config, progress=progress, parts=parts)
         _write_cache(cache_file, unique_vectors)
+        shutil.rmtree(parts, ignore_errors=True)
     vectors = unique_vectors[inverse]  # (n, dim)
     return TextEncoding(vectors, len(unique), cache_hit, cache_file, time.perf_counter() - start)
 
@@ -309,20 +312,38 @@ def encode_texts(texts: Sequence[str], config: TextConfig, *, progress: bool = F
     return embed_texts(texts, config, progress=progress).vectors
 
 
-def _encode_unique(model: SentenceTransformer, texts: list[str], config: TextConfig, *, progress: bool) -> np.ndarray:
-    """(len(texts), dim) float32: encode longest first, so each batch pads to similar lengths."""
+PART_TEXTS = 8192  # texts per saved chunk: a killed run loses at most this much work
+
+
+def _encode_unique(model: SentenceTransformer, texts: list[str], config: TextConfig, *, progress: bool,
+                   parts: Path | None = None) -> np.ndarray:
+    """(len(texts), dim) float32: encode longest first, so each batch pads to similar lengths.
+
+    With ``parts``, every chunk of :data:`PART_TEXTS` texts is saved there as it
+    finishes and chunks already there are read instead of encoded, so an
+    interrupted encoding (WN18RR: 73,195 texts, minutes) resumes.
+    """
     if not texts:
         # sentence-transformers 5+ renamed get_sentence_embedding_dimension (kept as a deprecated alias).
         dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         return np.zeros((0, dimension()), dtype=np.float32)
     lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
     order = np.argsort(-lengths, kind="stable")
-    encoded = model.encode(
-        [texts[i] for i in order], batch_size=config.batch_size, show_progress_bar=progress,
-        convert_to_numpy=True, normalize_embeddings=config.normalize,
-    )
-    vectors = np.empty((len(texts), encoded.shape[1]), dtype=np.float32)
-    vectors[order] = encoded
+    chunks = []
+    for number, start in enumerate(range(0, len(texts), PART_TEXTS)):
+        rows = order[start : start + PART_TEXTS]
+        path = parts / f"{number:05d}.npy" if parts is not None else None
+        encoded = _read_cache(path, len(rows)) if path is not None else None
+        if encoded is None:
+            encoded = model.encode(
+                [texts[i] for i in rows], batch_size=config.batch_size, show_progress_bar=progress,
+                convert_to_numpy=True, normalize_embeddings=config.normalize,
+            ).astype(np.float32, copy=False)
+            if path is not None:
+                _write_cache(path, encoded)
+        chunks.append(encoded)
+    vectors = np.empty((len(texts), chunks[0].shape[1]), dtype=np.float32)
+    vectors[order] = np.concatenate(chunks)
     return vectors
 
 
