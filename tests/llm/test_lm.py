@@ -250,6 +250,34 @@ def test_vllm_backend_gives_the_same_scores(stages, finetuned, tmp_path, monkeyp
         EvaluateConfig(backend="vllm", decode="generate")
 
 
+def test_killed_evaluation_resumes_from_scored_queries(stages, finetuned, tmp_path, monkeypatch):
+    import kgtok.llm.evaluate as evaluate
+
+    instructions = stages[4]
+    config = EvaluateConfig(max_queries=9, batch_size=3, fusion_weight=1.0)
+    reference = run_evaluate(config, finetuned, instructions, tmp_path / "ref", progress=False, log=quiet)
+    calls = {"n": 0, "die_at": 3}
+    score = evaluate.score_batch
+
+    def dying_score(model, prompts, *args):
+        calls["n"] += 1
+        if calls["n"] == calls["die_at"]:
+            raise KeyboardInterrupt  # killed while scoring the third batch
+        return score(model, prompts, *args)
+
+    monkeypatch.setattr(evaluate, "score_batch", dying_score)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluate(config, finetuned, instructions, tmp_path / "ev", progress=False, log=quiet)
+    assert not (tmp_path / "ev").exists() and (tmp_path / "ev.work" / "predictions.partial.jsonl").exists()
+    calls.update(n=0, die_at=0)
+    logs: list[str] = []
+    dest = run_evaluate(config, finetuned, instructions, tmp_path / "ev", progress=False, log=logs.append)
+    assert calls["n"] == 1 and any("6 of 9 queries already scored" in line for line in logs)
+    assert (dest / "predictions.jsonl").read_text() == (reference / "predictions.jsonl").read_text()
+    assert json.loads((dest / "metrics.json").read_text())["resumed_queries"] == 6
+    assert not (tmp_path / "ev.work").exists()
+
+
 def test_fusion_weight_is_the_best_on_held_out_queries():
     # query 1: the LM is wrong and the retriever right; query 2: the LM is right, the retriever narrowly wrong
     priors = [np.array([-0.1, -3.0, -3.0]), np.array([-0.5, -1.0, -4.0])]

@@ -32,17 +32,19 @@ and ``manifest.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any, Callable
 
 import numpy as np
 
 from kgtok.artifacts import artifact_dir, hash_inputs, write_json_atomic
-from kgtok.config import check_fields, format_config, in_range
+from kgtok.config import check_fields, config_to_dict, format_config, in_range
 from kgtok.llm.finetune import encode_answer, encode_prompt, pad_left, read_jsonl, truncate_prompt
 from kgtok.metrics import RankingEvaluator, dift_rank, rerank_rank
 
@@ -367,9 +369,19 @@ def _evaluate(config: EvaluateConfig, model_dir: Path, instructions: Path, dest:
                     f"queries: {fusion['valid_mrr']})")
     weight = fusion["weight"]
 
-    predictions = []
+    work = Path(f"{dest}.work")
+    partial = work / "predictions.partial.jsonl"
+    resume_key = _resume_key(config, model_dir, instructions, weight)
+    done = _read_partial(partial, resume_key)
+    if done:
+        log(f"evaluate: {len(done)} of {len(records)} queries already scored in {partial}; resuming")
+    todo = [r for r in records if r["id"] not in done]
+    work.mkdir(parents=True, exist_ok=True)
+    partial.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n"  # drops a torn last line
+                               for line in [{"resume_key": resume_key}, *done.values()]), encoding="utf-8")
+    handle = partial.open("a", encoding="utf-8")
     start = time.perf_counter()
-    for record, prompt, sequences, lps in scored(records, "evaluate"):
+    for record, prompt, sequences, lps in scored(todo, "evaluate"):
         total = np.array([lp.sum() for lp in lps])
         scores = total if config.score == "sum" else total / np.array([len(s) for s in sequences])
         if config.decode == "trie":
@@ -390,8 +402,12 @@ def _evaluate(config: EvaluateConfig, model_dir: Path, instructions: Path, dest:
             cls = np.asarray(classes)[np.asarray(record["candidates"])]
             picked = constrain_to_class(pick, scores, cls)
             row.update(class_pick=record["candidates"][picked], class_pick_position=picked + 1)
-        predictions.append(row)
+        done[record["id"]] = row
+        handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        handle.flush()
+    handle.close()
     seconds = time.perf_counter() - start
+    predictions = [done[r["id"]] for r in records]
 
     stage1 = np.array([p["stage1_rank"] for p in predictions])
     gold_index = np.array([p["gold_index"] for p in predictions])
@@ -422,17 +438,47 @@ def _evaluate(config: EvaluateConfig, model_dir: Path, instructions: Path, dest:
     for p, d, r in zip(predictions, ranks["dift"], ranks["rerank"]):
         p["dift_rank"], p["rerank_rank"] = float(d), float(r)
     summary = {
-        "queries": len(predictions), "seconds": seconds, "queries_per_second": len(predictions) / seconds,
+        "queries": len(predictions), "seconds": seconds, "queries_per_second": len(todo) / max(seconds, 1e-9),
+        "resumed_queries": len(records) - len(todo),
         "gold_in_candidates": float(np.mean(gold_index >= 0)), "fusion_weight": weight,
         **{f"{name}_{key}": metrics[name]["both"][key] for name in ranks
            for key in ("mrr", "hits_at_1", "hits_at_3", "hits_at_10")},
     }
     _write_evaluation(config, model_dir, instructions, dest, predictions,
                       {**summary, **metrics, "per_relation": per_relation, "fusion": fusion}, summary, seconds)
+    shutil.rmtree(work, ignore_errors=True)
     log(f"evaluate: {len(predictions)} queries, {summary['queries_per_second']:.1f} queries/s; Hits@1 "
         f"retriever {summary['retriever_hits_at_1']:.3f}, DIFT rule {summary['dift_hits_at_1']:.3f}, "
         f"re-rank {summary['rerank_hits_at_1']:.3f} -> {dest}")
     return Path(dest)
+
+
+def _resume_key(config: EvaluateConfig, model_dir: Path, instructions: Path, weight: float | None) -> str:
+    """What finished predictions depend on: the scoring settings, the model, the queries, the fusion weight."""
+    settings = {k: v for k, v in config_to_dict(config).items() if k not in ("threads", "batch_size", "max_queries")}
+    inputs = hash_inputs({"model": model_dir, "instructions": instructions / f"{config.split}.jsonl"})
+    text = json.dumps({"settings": settings, "inputs": inputs, "weight": weight}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _read_partial(path: Path, resume_key: str) -> dict[str, dict[str, Any]]:
+    """Rows of an interrupted evaluation with the same key (a torn last line is dropped)."""
+    if not path.exists():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        if not lines or json.loads(lines[0]).get("resume_key") != resume_key:
+            return {}
+    except json.JSONDecodeError:
+        return {}
+    rows = {}
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break  # killed while writing this line
+        rows[row["id"]] = row
+    return rows
 
 
 def _write_evaluation(config: EvaluateConfig, model_dir: Path, instructions: Path, dest: Path,
