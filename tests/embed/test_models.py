@@ -107,3 +107,21 @@ def test_rank_triples_matches_brute_force(name, reciprocal):
                          batch_size=1000, top_k=5)
     np.testing.assert_array_equal(again.candidates, ranked.candidates)
     np.testing.assert_allclose(again.rank, ranked.rank)
+
+
+@pytest.mark.parametrize("name", ["complex", "distmult"])
+def test_one_gather_training_terms_equal_the_separate_ones(name):
+    triples = torch.tensor([[0, 1, 5], [5, 3, 12], [7, 0, 7], [2, 2, 9]])
+    grads = []
+    for fused in (True, False):
+        model = make(name)
+        if fused:
+            scores, factors = model.one_vs_all_terms(triples)
+        else:
+            scores, factors = model.score_all_tails(triples[:, 0], triples[:, 1]), model.factors(triples)
+        loss = torch.nn.functional.cross_entropy(scores, triples[:, 2]) + sum(f.pow(3).sum() for f in factors)
+        loss.backward()
+        grads.append((float(loss), model.entity.grad.clone(), model.relation.grad.clone()))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0][2], grads[1][2], rtol=1e-5, atol=1e-6)

@@ -108,6 +108,24 @@ def _modulus(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Bilinear(KGEModel):
+    def query_from(self, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The tail query of head vectors ``h`` and relation vectors ``r`` (rows already gathered)."""
+        raise NotImplementedError
+
+    def one_vs_all_terms(self, triples: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Scores of every tail (batch, N) and the N3 factors, from one gather of the batch's entity rows.
+
+        Equal to ``score_all_tails`` and ``factors``; gathering heads and
+        tails once saves the backward pass two zero-filled copies of the
+        whole entity table (about a tenth of a WN18RR step).
+        """
+        n = len(triples)
+        rows = self.entity[torch.cat([triples[:, 0], triples[:, 2]])]
+        h, t = rows[:n], rows[n:]
+        r = self.relation[triples[:, 1]]
+        magnitude = _modulus if self.complex_valued else torch.abs
+        return self.compare(self.query_from(h, r), self.entity), (magnitude(h), magnitude(r), magnitude(t))
+
     def compare(self, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         return queries @ candidates.t()
 
@@ -119,7 +137,10 @@ class DistMult(_Bilinear):
     """score = <h, r, t> (Yang et al. 2015)."""
 
     def tail_query(self, heads: torch.Tensor, relations: torch.Tensor) -> torch.Tensor:
-        return self.entity[heads] * self.relation[relations]
+        return self.query_from(self.entity[heads], self.relation[relations])
+
+    def query_from(self, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return h * r
 
     def head_query(self, relations: torch.Tensor, tails: torch.Tensor) -> torch.Tensor:
         return self.entity[tails] * self.relation[relations]
@@ -131,8 +152,11 @@ class ComplEx(_Bilinear):
     complex_valued = True
 
     def tail_query(self, heads: torch.Tensor, relations: torch.Tensor) -> torch.Tensor:
-        h_re, h_im = _halves(self.entity[heads])
-        r_re, r_im = _halves(self.relation[relations])
+        return self.query_from(self.entity[heads], self.relation[relations])
+
+    def query_from(self, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        h_re, h_im = _halves(h)
+        r_re, r_im = _halves(r)
         # h * r, so that Re((h r) conj(t)) = q_re t_re + q_im t_im
         return torch.cat([h_re * r_re - h_im * r_im, h_re * r_im + h_im * r_re], dim=-1)
 

@@ -129,15 +129,25 @@ def nssa_loss(
     return -((weights * positive_term).sum() + (weights * negative_term).sum()) / (2 * weights.sum())
 
 
-def one_vs_all_loss(model: KGEModel, batch: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Cross-entropy of the true tail among all entities (reciprocal relations give the heads)."""
-    scores = model.score_all_tails(batch[:, 0], batch[:, 1])  # (batch, num_entities)
-    return F.cross_entropy(scores, batch[:, 2], label_smoothing=label_smoothing)
+def one_vs_all_loss(model: KGEModel, batch: torch.Tensor, label_smoothing: float
+                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """Cross-entropy of the true tail among all entities (reciprocal relations give the heads).
+
+    Also returns the N3 factors when the model computes them from the same
+    gathered rows (bilinear models), else None.
+    """
+    if hasattr(model, "one_vs_all_terms"):
+        scores, factors = model.one_vs_all_terms(batch)  # (batch, num_entities), N3 factors
+    else:
+        scores, factors = model.score_all_tails(batch[:, 0], batch[:, 1]), None
+    return F.cross_entropy(scores, batch[:, 2], label_smoothing=label_smoothing), factors
 
 
-def n3_penalty(model: KGEModel, batch: torch.Tensor) -> torch.Tensor:
+def n3_penalty(model: KGEModel, batch: torch.Tensor, factors: tuple[torch.Tensor, ...] | None = None
+               ) -> torch.Tensor:
     """N3 regulariser (Lacroix et al. 2018): Σ |factor|³ per batch example."""
-    return sum(f.pow(3).sum() for f in model.factors(batch)) / batch.shape[0]
+    factors = model.factors(batch) if factors is None else factors
+    return sum(f.pow(3).sum() for f in factors) / batch.shape[0]
 
 
 def training_step(
@@ -155,15 +165,16 @@ def training_step(
     so a resumed run draws the same ones.
     """
     model.train()
+    factors = None
     if config.resolved_loss == "1vsall":
-        loss = one_vs_all_loss(model, batch, config.label_smoothing)
+        loss, factors = one_vs_all_loss(model, batch, config.label_smoothing)
     else:
         generator = _seeded(config.seed, 3, step)
         negatives = torch.randint(model.num_entities, (len(batch), config.num_negatives), generator=generator)
         corrupt_head = (not config.resolved_reciprocal) and step % 2 == 1  # alternate sides, as the RotatE code
         loss = nssa_loss(model, batch, weights, negatives, corrupt_head, config.adversarial_temperature)
     if config.resolved_regularizer_weight > 0:
-        loss = loss + config.resolved_regularizer_weight * n3_penalty(model, batch)
+        loss = loss + config.resolved_regularizer_weight * n3_penalty(model, batch, factors)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
