@@ -82,6 +82,7 @@ def summary() -> Path:
             commands = sorted({r.get("command", "") for r in data.values() if isinstance(r, dict)} - {""})
             notes = [f"- {d}: {r['note']}" for d, r in sorted(data.items()) if isinstance(r, dict) and r.get("note")]
             lines += ["", *[f"    {c}" for c in commands], "", *notes, ""]
+    lines += _stage5_overview()
     if newest_machine:
         versions = ", ".join(f"{k} {v}" for k, v in sorted(newest_machine.get("versions", {}).items()))
         lines += ["## Machine", "", f"{newest_machine.get('cpu')}, {newest_machine.get('cores')} cores, "
@@ -89,6 +90,32 @@ def summary() -> Path:
     path = RESULTS / "SUMMARY.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _stage5_overview() -> list[str]:
+    """One table over every llm_compare result: retriever vs re-ranker with and without codes, speeds."""
+    rows = []
+    for path in sorted(RESULTS.glob("llm_*.json")):
+        for dataset, record in json.loads(path.read_text()).items():
+            if not isinstance(record, dict) or "backbone" not in record:
+                continue
+            cells = [f"{dataset} ({path.stem})", record["backbone"], record.get("queries", ""),
+                     record.get("retriever_hits_at_1", "")]
+            for variant in ("codes", "no_codes"):
+                cells += [record.get(f"{variant}_dift_hits_at_1", ""), record.get(f"{variant}_rerank_hits_at_1", ""),
+                          record.get(f"{variant}_train_tokens_per_second", ""),
+                          record.get(f"{variant}_queries_per_second", "")]
+            rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    if not rows:
+        return []
+    header = ["result", "backbone", "test queries", "retriever Hits@1",
+              "codes: pick Hits@1", "codes: re-rank Hits@1", "codes: train tokens/s", "codes: eval queries/s",
+              "no codes: pick Hits@1", "no codes: re-rank Hits@1", "no codes: train tokens/s",
+              "no codes: eval queries/s"]
+    return ["## Stage 5 overview", "",
+            "Every `llm_compare.py` result in one table (pick = the DIFT rule); the commands and notes are "
+            "under each result's own table above.", "",
+            "| " + " | ".join(header) + " |", "|" + " --- |" * len(header), *rows, ""]
 
 
 def main() -> None:
