@@ -84,3 +84,20 @@ def test_write_json_atomic(tmp_path):
         write_json_atomic(tmp_path / "m.json", {"x": object()})
     assert json.loads(path.read_text()) == {"x": 0.5, "y": [0, 1, 2]}  # old content intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+def test_replace_dir_over_a_symlink_replaces_the_link_only(tmp_path):
+    from kgtok.artifacts import replace_dir
+
+    target = tmp_path / "partial"
+    target.mkdir()
+    (target / "keep.txt").write_text("x")
+    link = tmp_path / "artifact"
+    link.symlink_to(target.name)
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "fresh.txt").write_text("y")
+    replace_dir(new, link)
+    assert not link.is_symlink() and (link / "fresh.txt").read_text() == "y"
+    assert (target / "keep.txt").read_text() == "x"  # what the link pointed to is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact", "partial"]  # nothing left aside

@@ -249,9 +249,11 @@ def replace_dir(src: Path, dest: Path) -> None:
     moved aside; the window in which ``dest`` is missing is two renames long.
     """
     old = None
-    if dest.exists():
+    if dest.exists() or dest.is_symlink():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{time.monotonic_ns()}")
         os.replace(dest, old)
     os.replace(src, dest)
-    if old is not None:
+    if old is not None and old.is_symlink():  # a link is replaced; what it pointed to stays
+        old.unlink()
+    elif old is not None:
         shutil.rmtree(old, ignore_errors=True)
