@@ -121,8 +121,7 @@ def _stage(name: str, stage_config: Any, inputs: dict[str, Path], dest: Path,
     started again with another thread count reuses what is done.
     """
     record_path = dest.parent / ".cache" / f"{name}.json"
-    settings = {k: v for k, v in config_to_dict(stage_config).items() if k not in MACHINE_FIELDS}
-    record = {"config": settings, "inputs": hash_inputs(inputs)}
+    record = _without_machine_fields({"config": config_to_dict(stage_config), "inputs": hash_inputs(inputs)})
     cached = (read_manifest(dest) is not None and record_path.exists()
               and _without_machine_fields(json.loads(record_path.read_text(encoding="utf-8")))
               == json.loads(json.dumps(record)))
@@ -136,7 +135,7 @@ def _stage(name: str, stage_config: Any, inputs: dict[str, Path], dest: Path,
 
 
 def _without_machine_fields(record: dict[str, Any]) -> dict[str, Any]:
-    """A stored cache record as it compares today (records written before threads were left out)."""
+    """A cache record without the machine fields: how records are written and compared (older ones kept them)."""
     config = record.get("config")
     if isinstance(config, dict):
         record = {**record, "config": {k: v for k, v in config.items() if k not in MACHINE_FIELDS}}

@@ -1,10 +1,11 @@
-"""Process-level settings shared by the stages (torch threads)."""
+"""Process-level settings shared by the stages (torch threads) and the atomic checkpoint write."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 
@@ -23,3 +24,11 @@ def torch_threads(threads: int) -> Iterator[None]:
 def torch_threads_if_set(threads: int) -> AbstractContextManager[None]:
     """:func:`torch_threads` when ``threads`` > 0; otherwise torch's own setting stays."""
     return torch_threads(threads) if threads else nullcontext()
+
+
+def torch_save_atomic(obj: object, path: Path) -> None:
+    """``torch.save`` through a temporary file and ``os.replace``: a kill never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -608,7 +608,12 @@ def true_tail_probabilities(config: SyntheticConfig, heads: np.ndarray, relation
     upper bound for any model: ranking by it is the best anyone can do on
     the synthetic KG (see :func:`oracle_ranks`).
     """
-    types, popularity, _, hubs, designs = _generator_state(config, np.random.default_rng(config.seed))
+    return _tail_probabilities(config, _generator_state(config, np.random.default_rng(config.seed)), heads, relations)
+
+
+def _tail_probabilities(config: SyntheticConfig, state: tuple, heads: np.ndarray, relations: np.ndarray) -> np.ndarray:
+    """:func:`true_tail_probabilities` given the generator's state (built once by the callers)."""
+    types, popularity, _, hubs, designs = state
     n_entities, levels = types.shape
     heads, relations = np.asarray(heads, dtype=np.int64), np.asarray(relations, dtype=np.int64)
     out = np.full((len(heads), n_entities), config.noise / n_entities)
@@ -636,7 +641,8 @@ def true_tail_probabilities(config: SyntheticConfig, heads: np.ndarray, relation
 
 def true_head_probabilities(config: SyntheticConfig, relations: np.ndarray, tails: np.ndarray) -> np.ndarray:
     """``(n, N)`` P(head | relation, tail) ∝ P(head | relation) P(tail | head, relation), generator indices."""
-    types, popularity, _, hubs, designs = _generator_state(config, np.random.default_rng(config.seed))
+    state = _generator_state(config, np.random.default_rng(config.seed))
+    types, popularity, _, hubs, designs = state
     n_entities = types.shape[0]
     relations, tails = np.asarray(relations, dtype=np.int64), np.asarray(tails, dtype=np.int64)
     out = np.zeros((len(tails), n_entities))
@@ -649,7 +655,7 @@ def true_head_probabilities(config: SyntheticConfig, relations: np.ndarray, tail
         else:  # heads: members of the domain, by popularity
             level, domain_type = design.domain
             prior = popularity * (types[:, level] == domain_type)
-        p_tail = true_tail_probabilities(config, everyone, np.full(n_entities, r))  # (N heads, N tails)
+        p_tail = _tail_probabilities(config, state, everyone, np.full(n_entities, r))  # (N heads, N tails)
         joint = prior[None, :] * p_tail[:, tails[rows]].T  # (n, N heads)
         out[rows] = joint / np.maximum(joint.sum(1, keepdims=True), 1e-300)
     return out

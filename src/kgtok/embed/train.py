@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import shutil
 import warnings
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from kgtok.data.graph import KnowledgeGraph, load_kg
 from kgtok.embed.config import EmbedConfig
 from kgtok.embed.models import KGEModel, build_model
 from kgtok.embed.ranking import RankedQueries, rank_splits, rank_triples
-from kgtok.runtime import torch_threads
+from kgtok.runtime import torch_save_atomic, torch_threads
 
 
 class ResumeWarning(UserWarning):
@@ -188,12 +187,10 @@ def training_step(
 
 def save_checkpoint(path: Path, model: KGEModel, optimizer: torch.optim.Optimizer, state: TrainingState,
                     config: EmbedConfig) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({
+    torch_save_atomic({
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state.__dict__,
         "config": config_to_dict(config),
-    }, tmp)
-    os.replace(tmp, path)
+    }, path)
 
 
 # Fields that do not change the path of training: a checkpoint made with other
@@ -304,9 +301,7 @@ def train_model(
             if mrr > state.best_mrr:
                 state.best_mrr, state.best_step, state.bad_evaluations = mrr, state.step, 0
                 best_state = copy.deepcopy(model.state_dict())
-                tmp = best_path.with_name("best.pt.tmp")
-                torch.save(best_state, tmp)
-                os.replace(tmp, best_path)
+                torch_save_atomic(best_state, best_path)
             else:
                 state.bad_evaluations += 1
             save_checkpoint(last_path, model, optimizer, state, config)

@@ -177,7 +177,6 @@ class VLLMScorer:
         except ImportError as e:  # pragma: no cover - depends on the machine
             raise RuntimeError("evaluate backend 'vllm' needs the vllm package (pip install vllm; a GPU machine)"
                                ) from e
-        self.vllm = vllm
         self.llm = vllm.LLM(model=str(model_dir), enable_prefix_caching=True)
         self.params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0)
 
@@ -369,9 +368,10 @@ def _evaluate(config: EvaluateConfig, model_dir: Path, instructions: Path, dest:
                     f"queries: {fusion['valid_mrr']})")
     weight = fusion["weight"]
 
+    inputs = _inputs(config, model_dir, instructions)
     work = Path(f"{dest}.work")
     partial = work / "predictions.partial.jsonl"
-    resume_key = _resume_key(config, model_dir, instructions, weight)
+    resume_key = _resume_key(config, inputs, weight)
     done = _read_partial(partial, resume_key)
     if done:
         log(f"evaluate: {len(done)} of {len(records)} queries already scored in {partial}; resuming")
@@ -379,33 +379,32 @@ def _evaluate(config: EvaluateConfig, model_dir: Path, instructions: Path, dest:
     work.mkdir(parents=True, exist_ok=True)
     partial.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n"  # drops a torn last line
                                for line in [{"resume_key": resume_key}, *done.values()]), encoding="utf-8")
-    handle = partial.open("a", encoding="utf-8")
     start = time.perf_counter()
-    for record, prompt, sequences, lps in scored(todo, "evaluate"):
-        total = np.array([lp.sum() for lp in lps])
-        scores = total if config.score == "sum" else total / np.array([len(s) for s in sequences])
-        if config.decode == "trie":
-            pick = trie_greedy(sequences, lps)
-        else:
-            pick = generate_pick(model, prompt, sequences, pad_id, tokenizer.eos_token_id)
-        row = {"id": record["id"], "direction": record["direction"], "relation": record["triple"][1],
-               "gold": record["gold"], "stage1_rank": record["stage1_rank"],
-               "pick": record["candidates"][pick], "pick_position": pick + 1,
-               "pick_text": record["candidate_text"][pick], "gold_index": gold_position(record),
-               "scores": [round(float(s), 4) for s in scores]}
-        if weight > 0 and fusable:
-            fused = total + weight * log_prior(record["candidate_scores"])
-            best = int(np.argmax(fused))
-            row.update(fused_scores=[round(float(s), 4) for s in fused],
-                       fused_pick=record["candidates"][best], fused_pick_position=best + 1)
-        if config.class_constraint:
-            cls = np.asarray(classes)[np.asarray(record["candidates"])]
-            picked = constrain_to_class(pick, scores, cls)
-            row.update(class_pick=record["candidates"][picked], class_pick_position=picked + 1)
-        done[record["id"]] = row
-        handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        handle.flush()
-    handle.close()
+    with partial.open("a", encoding="utf-8") as handle:
+        for record, prompt, sequences, lps in scored(todo, "evaluate"):
+            total = np.array([lp.sum() for lp in lps])
+            scores = total if config.score == "sum" else total / np.array([len(s) for s in sequences])
+            if config.decode == "trie":
+                pick = trie_greedy(sequences, lps)
+            else:
+                pick = generate_pick(model, prompt, sequences, pad_id, tokenizer.eos_token_id)
+            row = {"id": record["id"], "direction": record["direction"], "relation": record["triple"][1],
+                   "gold": record["gold"], "stage1_rank": record["stage1_rank"],
+                   "pick": record["candidates"][pick], "pick_position": pick + 1,
+                   "pick_text": record["candidate_text"][pick], "gold_index": gold_position(record),
+                   "scores": [round(float(s), 4) for s in scores]}
+            if weight > 0 and fusable:
+                fused = total + weight * log_prior(record["candidate_scores"])
+                best = int(np.argmax(fused))
+                row.update(fused_scores=[round(float(s), 4) for s in fused],
+                           fused_pick=record["candidates"][best], fused_pick_position=best + 1)
+            if config.class_constraint:
+                cls = np.asarray(classes)[np.asarray(record["candidates"])]
+                picked = constrain_to_class(pick, scores, cls)
+                row.update(class_pick=record["candidates"][picked], class_pick_position=picked + 1)
+            done[record["id"]] = row
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.flush()
     seconds = time.perf_counter() - start
     predictions = [done[r["id"]] for r in records]
 
@@ -444,7 +443,7 @@ def _evaluate(config: EvaluateConfig, model_dir: Path, instructions: Path, dest:
         **{f"{name}_{key}": metrics[name]["both"][key] for name in ranks
            for key in ("mrr", "hits_at_1", "hits_at_3", "hits_at_10")},
     }
-    _write_evaluation(config, model_dir, instructions, dest, predictions,
+    _write_evaluation(config, inputs, dest, predictions,
                       {**summary, **metrics, "per_relation": per_relation, "fusion": fusion}, summary, seconds)
     shutil.rmtree(work, ignore_errors=True)
     log(f"evaluate: {len(predictions)} queries, {summary['queries_per_second']:.1f} queries/s; Hits@1 "
@@ -453,10 +452,14 @@ def _evaluate(config: EvaluateConfig, model_dir: Path, instructions: Path, dest:
     return Path(dest)
 
 
-def _resume_key(config: EvaluateConfig, model_dir: Path, instructions: Path, weight: float | None) -> str:
+def _inputs(config: EvaluateConfig, model_dir: Path, instructions: Path) -> dict[str, str]:
+    """Hashes of the model and the evaluated queries (a plain HF directory is hashed file by file: once)."""
+    return hash_inputs({"model": model_dir, "instructions": instructions / f"{config.split}.jsonl"})
+
+
+def _resume_key(config: EvaluateConfig, inputs: dict[str, str], weight: float | None) -> str:
     """What finished predictions depend on: the scoring settings, the model, the queries, the fusion weight."""
     settings = {k: v for k, v in config_to_dict(config).items() if k not in ("threads", "batch_size", "max_queries")}
-    inputs = hash_inputs({"model": model_dir, "instructions": instructions / f"{config.split}.jsonl"})
     text = json.dumps({"settings": settings, "inputs": inputs, "weight": weight}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -481,11 +484,10 @@ def _read_partial(path: Path, resume_key: str) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def _write_evaluation(config: EvaluateConfig, model_dir: Path, instructions: Path, dest: Path,
+def _write_evaluation(config: EvaluateConfig, inputs: dict[str, str], dest: Path,
                       predictions: list[dict[str, Any]], metrics: dict[str, Any], summary: dict[str, Any],
                       seconds: float) -> None:
     """The artifact: predictions.jsonl, metrics.json (``metrics``), manifest (``summary`` as its metrics)."""
-    inputs = hash_inputs({"model": model_dir, "instructions": instructions / f"{config.split}.jsonl"})
     with artifact_dir(dest, stage="evaluate", config=config, inputs=inputs) as writer:
         with (writer.path / "predictions.jsonl").open("w", encoding="utf-8") as handle:
             for p in predictions:
@@ -522,7 +524,8 @@ def _evaluate_classification(config: EvaluateConfig, model: Any, scorer: Callabl
     predictions = [{"id": record["id"], "triple": record["triple"], "label": record["label"],
                     "predicted": bool(guess), "margin": round(margin, 4)}
                    for record, margin, guess in zip(records, margins, predicted)]
-    _write_evaluation(config, model_dir, instructions, dest, predictions, metrics, metrics, seconds)
+    _write_evaluation(config, _inputs(config, model_dir, instructions), dest, predictions, metrics, metrics,
+                      seconds)
     log(f"evaluate (classification): accuracy {metrics['accuracy']:.3f}, F1 {metrics['f1']:.3f} "
         f"on {len(records)} triples -> {dest}")
     return dest

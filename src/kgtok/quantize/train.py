@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from kgtok.config import config_to_dict
 from kgtok.quantize.config import QuantizeConfig
 from kgtok.quantize.kmeans import assign, kmeans
 from kgtok.quantize.model import GSRDecoder, ResidualQuantizer, gse_losses, gsr_loss, mlp
+from kgtok.runtime import torch_save_atomic
 
 
 def code_entropy(codes: np.ndarray, codebook_size: int) -> np.ndarray:
@@ -101,12 +101,10 @@ def _save_checkpoint(path: Path, key: str, model: RQVAE, optimizer: torch.optim.
                      generator: torch.Generator, record: TrainingRecord, best_state: dict[str, Any],
                      epoch: int, step: int, bad_evaluations: int, elapsed: float) -> None:
     """Everything the loop needs to go on after epoch ``epoch`` exactly as if never stopped."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(), "record": dataclasses.asdict(record), "best_state": best_state,
-                "epoch": epoch, "step": step, "bad_evaluations": bad_evaluations, "elapsed": elapsed}, tmp)
-    os.replace(tmp, path)
+    torch_save_atomic({"key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "generator": generator.get_state(), "record": dataclasses.asdict(record),
+                       "best_state": best_state, "epoch": epoch, "step": step, "bad_evaluations": bad_evaluations,
+                       "elapsed": elapsed}, path)
 
 
 def checkpoint_key(x: torch.Tensor, config: QuantizeConfig) -> str:
