@@ -133,3 +133,40 @@ def test_training_queries_are_sampled_and_shuffled(tmp_path):
         permuted += a["candidates"] != b["candidates"]
         assert b["prompt"].endswith("; ".join(b["candidate_text"]) + ".")
     assert permuted > 0.8 * len(from_train["ordered"])
+
+
+def test_training_queries_in_realm_query_form(inputs, tmp_path):
+    kg, embed, codes, _ = inputs  # stage 1 exported no train candidates: the query form needs none
+    config = InstructConfig(top_k=8, train_from_train_queries=True, train_query_format="query")
+    dest = run_instruct(config, kg, embed, tmp_path / "q", codes=codes, log=lambda *_: None)
+    plain = run_instruct(InstructConfig(top_k=8), kg, embed, tmp_path / "p", codes=codes, log=lambda *_: None)
+    lm_train = read(dest / "lm_train.jsonl")
+    from_train = [r for r in lm_train if r["split"] == "train"]
+    # Every training triple in both directions, on top of the DIFT records (which are unchanged).
+    assert len(from_train) == 2 * len(kg.train)
+    assert sorted(r["id"] for r in lm_train if r["split"] != "train") == sorted(
+        r["id"] for r in read(plain / "lm_train.jsonl"))
+    assert json.loads((dest / "manifest.json").read_text())["metrics"]["lm_train_from_train_queries"] == len(from_train)
+    assert lm_train[: len(from_train)] != from_train  # shuffled with the DIFT records
+    tokens = {i: line.split("\t")[2] for i, line in enumerate((codes / "tokens.txt").read_text().splitlines())}
+    train = kg.train.numpy()
+    name_to_row = {}
+    for i, (h, r, t) in enumerate(train):
+        name_to_row.setdefault((kg.entity_names[h], kg.relation_names[r], kg.entity_names[t]), i)
+    for record in from_train[:50]:
+        h, r, t = train[name_to_row[tuple(record["triple"])]]
+        gold = t if record["direction"] == "tail" else h
+        known = h if record["direction"] == "tail" else t
+        assert record["gold"] == gold and record["known"] == known
+        assert record["answer"] == f"{kg.labels[gold]} <ent>{tokens[gold]}</ent>"
+        # The query line and the question, nothing else: no list, no description, no neighbours.
+        lines = record["prompt"].split("\n")
+        assert len(lines) == 2 and f"{kg.labels[known]} <ent>{tokens[known]}</ent>" in lines[0]
+        assert lines[1] == ("What is the tail entity?" if record["direction"] == "tail" else "What is the head entity?")
+        assert "candidates" not in record["prompt"]
+    limited = run_instruct(InstructConfig(top_k=8, train_from_train_queries=True, train_query_format="query",
+                                          train_queries=40), kg, embed, tmp_path / "l", codes=codes,
+                           log=lambda *_: None)
+    assert sum(r["split"] == "train" for r in read(limited / "lm_train.jsonl")) == 40
+    with pytest.raises(ValueError, match="dift or query"):
+        InstructConfig(train_query_format="short")

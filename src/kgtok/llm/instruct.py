@@ -7,6 +7,12 @@ confidence 100·p(gold) + 1/rank (rank <= k; else 1/rank) exceeds 0.05, which
 drops every record whose gold is outside the list.  The test queries are the
 LM's test set.  (On training queries the stage-1 model has seen the answer, so
 its lists would teach the LM to copy rank 1; they are an opt-in source.)
+Training queries come in one of two forms (``train_query_format``): the full
+DIFT prompt with the list in random order, or ReaLM's form, the query line
+alone ("(known entity <codes>, relation, ?)" -> the answer).  The second needs
+no stage-1 list and is ~10x shorter, so a small LM trained from scratch sees
+every training triple in the time the first gives it a few thousand: it learns
+which entities a relation leads to, which is what scoring a list needs.
 
 Rules kept here: neighbour triples come from the training graph only, and
 never the query triple itself; the gold is never added to a list that lacks
@@ -54,7 +60,9 @@ class InstructConfig:
     use_neighbours: bool = True
     train_from_train_queries: bool = False  # also turn training queries into examples (off: DIFT)
     train_queries: int = 0  # with the above: at most this many training queries (0: all)
-    shuffle_train_query_candidates: bool = True  # their lists in random order: stage 1 has seen these answers
+    train_query_format: str = "dift"  # dift: the full prompt with a candidate list | query: ReaLM's short form,
+    # the query line and the answer, no list (from the training graph; no stage-1 candidates needed)
+    shuffle_train_query_candidates: bool = True  # dift form: lists in random order: stage 1 has seen these answers
     # and ranks them first, so in stage-1 order they would teach the LM to copy rank 1; shuffled, they teach it
     # to choose by content (a from-scratch LM needs that data; pretrained ones may not)
     lm_valid_fraction: float = 0.1  # share of the validation queries kept for LM validation
@@ -65,6 +73,7 @@ class InstructConfig:
     def __post_init__(self) -> None:
         check_fields(self, [
             ("task", lambda v: v in ("completion", "classification"), "completion or classification"),
+            ("train_query_format", lambda v: v in ("dift", "query"), "dift or query"),
             ("classification_train_triples", in_range(0), ">= 0"),
             ("train_queries", in_range(0), ">= 0"),
             ("top_k", in_range(1), ">= 1"),
@@ -145,19 +154,47 @@ def entity_text(kg: KnowledgeGraph, entity: int, tokens: list[str] | None, confi
     return " ".join(parts)
 
 
+def query_lines(kg: KnowledgeGraph, triple: tuple[int, int, int], direction: int, tokens: list[str] | None,
+                config: InstructConfig) -> tuple[str, str]:
+    """The query triple with its unknown side marked, and the question (first and last lines of a prompt)."""
+    h, r, t = triple
+    relation = readable_relation(kg.relation_names[r])
+    if direction == 0:
+        return (f"Here is a triple with the tail entity unknown: ({entity_text(kg, h, tokens, config)}, {relation}, ?).",
+                "What is the tail entity?")
+    return (f"Here is a triple with the head entity unknown: (?, {relation}, {entity_text(kg, t, tokens, config)}).",
+            "What is the head entity?")
+
+
+def query_records(kg: KnowledgeGraph, rows: np.ndarray, tokens: list[str] | None, config: InstructConfig
+                  ) -> list[dict[str, Any]]:
+    """ReaLM's short form for training queries ``rows`` (indices into train triples, both directions:
+    i < n is the tail query of triple i, else the head query of triple i - n): query line, question, answer."""
+    train = kg.train.numpy()
+    n = len(train)
+    records = []
+    for i in rows.tolist():  # building text: one pass per query
+        h, r, t = (int(v) for v in train[i % n])
+        direction = int(i >= n)
+        gold = t if direction == 0 else h
+        query, question = query_lines(kg, (h, r, t), direction, tokens, config)
+        records.append({
+            "id": f"train-{i % n}-{'tail' if direction == 0 else 'head'}", "split": "train",
+            "direction": "tail" if direction == 0 else "head",
+            "triple": [kg.entity_names[h], kg.relation_names[r], kg.entity_names[t]],
+            "known": h if direction == 0 else t, "gold": gold,
+            "prompt": f"{query}\n{question}", "answer": entity_text(kg, gold, tokens, config),
+        })
+    return records
+
+
 def build_prompt(kg: KnowledgeGraph, triple: tuple[int, int, int], direction: int, candidates: list[int],
                  neighbours: list[tuple[int, int, int]], tokens: list[str] | None, config: InstructConfig) -> str:
     """The DIFT instruction (GS-Quant adds codes): query, known entity, its triples, the candidate list."""
     h, r, t = triple
     known = h if direction == 0 else t
-    relation = readable_relation(kg.relation_names[r])
     known_text = entity_text(kg, known, tokens, config)
-    if direction == 0:
-        query = f"Here is a triple with the tail entity unknown: ({known_text}, {relation}, ?)."
-        question = "What is the tail entity?"
-    else:
-        query = f"Here is a triple with the head entity unknown: (?, {relation}, {known_text})."
-        question = "What is the head entity?"
+    query, question = query_lines(kg, triple, direction, tokens, config)
     lines = [query]
     if config.use_descriptions and kg.descriptions[known]:
         lines.append(f"About {known_text}: {cut_words(kg.descriptions[known], config.description_words)}")
@@ -264,7 +301,8 @@ def run_instruct(
     if embeddings is None:
         raise ValueError("link-prediction instructions need a stage-1 artifact (embeddings)")
     embeddings = Path(embeddings)
-    sources = ["valid", "test"] + (["train"] if config.train_from_train_queries else [])
+    sources = ["valid", "test"] + (["train"] if config.train_from_train_queries and config.train_query_format == "dift"
+                                   else [])
     ranked = {}
     for split in sources:
         path = embeddings / "candidates" / f"{split}.npz"
@@ -276,6 +314,7 @@ def run_instruct(
     with artifact_dir(dest, stage="instruct", config=config, inputs=inputs) as writer:
         valid_records = records_for_split(kg, ranked["valid"], "valid", tokens, neighbours, config)
         lm_train, lm_valid, dropped = split_examples(valid_records, config)
+        from_validation = len(lm_train)
         if "train" in ranked:
             rng = np.random.default_rng(config.seed + 1)
             total = len(ranked["train"].triples)
@@ -284,6 +323,13 @@ def run_instruct(
             extra = records_for_split(kg, ranked["train"], "train", tokens, neighbours, config, rows=rows,
                                       shuffle=rng if config.shuffle_train_query_candidates else None)
             lm_train += [r for r in extra if r["confidence"] > config.confidence_threshold and r["gold_in_candidates"]]
+        elif config.train_from_train_queries:  # ReaLM's short form, straight from the training graph
+            rng = np.random.default_rng(config.seed + 1)
+            total = 2 * len(kg.train)
+            rows = (np.sort(rng.choice(total, config.train_queries, replace=False))
+                    if 0 < config.train_queries < total else np.arange(total))
+            lm_train += query_records(kg, rows, tokens, config)
+        if config.train_from_train_queries:
             lm_train = [lm_train[i] for i in rng.permutation(len(lm_train))]
         test = records_for_split(kg, ranked["test"], "test", tokens, neighbours, config)
         for name, records in (("lm_train", lm_train), ("lm_valid", lm_valid), ("test", test)):
@@ -291,7 +337,7 @@ def run_instruct(
         writer.metrics.update({
             "lm_train": len(lm_train), "lm_valid": len(lm_valid), "test": len(test),
             "validation_queries": len(valid_records),
-            "lm_train_dropped": dropped,
+            "lm_train_dropped": dropped, "lm_train_from_train_queries": len(lm_train) - from_validation,
             "test_gold_in_candidates": float(np.mean([r["gold_in_candidates"] for r in test])) if test else 0.0,
         })
     log(f"instruct: {len(lm_train)} LM-train, {len(lm_valid)} LM-valid, {len(test)} test records -> {dest}")
