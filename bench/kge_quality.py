@@ -1,6 +1,7 @@
 """Stage 1 quality: filtered test MRR and wall time of the shipped config on a dataset.
 
     python bench/kge_quality.py --dataset wn18rr [--config embed_wn18rr] [key=value ...]
+    python bench/kge_quality.py --dataset wn18rr --artifact runs/wn18rr/embed   # a finished stage-1 artifact
 
 Writes bench/results/kge_<dataset>.json (and .md) and keeps the artifact under
 runs/bench/embed-<dataset> (its candidates feed stage 5).
@@ -18,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
 
-from kgtok.config import config_to_dict, load_config  # noqa: E402
+from kgtok.config import config_from_dict, config_to_dict, load_config  # noqa: E402
 from kgtok.embed import EmbedConfig, run_embed  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -30,6 +31,8 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="KG directory (default ../shared/datasets/<dataset>)")
     parser.add_argument("--config", default=None, help="YAML or preset name (default embed_<dataset>)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--artifact", default=None,
+                        help="report this finished stage-1 artifact (e.g. a kgtok run's embed/) instead of training")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     data = Path(args.data) if args.data else DATA / args.dataset
@@ -37,8 +40,12 @@ def main() -> None:
     out = Path(args.out) if args.out else Path("runs/bench") / f"embed-{args.dataset}"
     warnings.simplefilter("ignore")
     start = time.perf_counter()
-    dest = run_embed(config, data, out, progress=False)
-    seconds = time.perf_counter() - start
+    if args.artifact:  # its own config, not the preset's: the record says what was measured
+        dest = Path(args.artifact)
+        config = config_from_dict(EmbedConfig, json.loads((dest / "manifest.json").read_text())["config"])
+    else:
+        dest = run_embed(config, data, out, progress=False)
+    seconds = time.perf_counter() - start if not args.artifact else None
     metrics = json.loads((dest / "metrics.json").read_text())
     manifest = json.loads((dest / "manifest.json").read_text())
     test, valid = metrics["test"]["both"], metrics["valid"]["both"]
@@ -46,7 +53,7 @@ def main() -> None:
         "model": config.model, "dim": config.dim,
         "mrr": test["mrr"], "hits_at_1": test["hits_at_1"], "hits_at_3": test["hits_at_3"],
         "hits_at_10": test["hits_at_10"], "mr": test["mr"], "valid_mrr": valid["mrr"],
-        "seconds": round(seconds, 1), "train_seconds": round(manifest["timings"]["train"], 1),
+        "seconds": round(seconds, 1) if seconds is not None else None, "artifact": str(dest), "train_seconds": round(manifest["timings"]["train"], 1),
         "evaluate_export_seconds": round(manifest["timings"]["evaluate"], 1),
         "steps": manifest["metrics"]["steps"], "best_step": manifest["metrics"]["best_step"],
         "head": metrics["test"]["head"], "tail": metrics["test"]["tail"],
@@ -55,7 +62,7 @@ def main() -> None:
     }
     path = write_result(f"kge_{args.dataset}", args.dataset, record,
                         ["model", "dim", "mrr", "hits_at_1", "hits_at_3", "hits_at_10", "seconds", "best_step"])
-    print(f"{args.dataset}: test MRR {test['mrr']:.4f} in {seconds:.0f} s -> {path}")
+    print(f"{args.dataset}: test MRR {test['mrr']:.4f} -> {path}")
 
 
 if __name__ == "__main__":

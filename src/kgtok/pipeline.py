@@ -45,9 +45,13 @@ class RunConfig:
     text: TextConfig = field(default_factory=TextConfig)  # stage 2
     hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)  # stage 3
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)  # stage 4
-    instruct: InstructConfig = field(  # stage 5a: here neighbours 3, description_words 15 (~200-token prompts)
-        default_factory=lambda: InstructConfig(neighbours=3, description_words=15))
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # stage 5b (tiny backbone by default)
+    # Up to 20,000 training queries in ReaLM's short form: an LM trained from scratch learns from them which
+    # entities a relation leads to (on the synthetic KG its fused re-rank rises above the retriever).
+    instruct: InstructConfig = field(  # stage 5a: here neighbours 3, description_words 15, 20,000 short train queries
+        default_factory=lambda: InstructConfig(neighbours=3, description_words=15, train_from_train_queries=True,
+                                               train_query_format="query", train_queries=20000))
+    finetune: FinetuneConfig = field(  # stage 5b (tiny backbone by default): here epochs 2
+        default_factory=lambda: FinetuneConfig(epochs=2))
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)  # stage 5c
     progress: bool = True  # progress bars of the long stages
 
