@@ -34,6 +34,7 @@ JOBS: list[tuple[str, list[str]]] = [
     ("quantizer", ["quantizer_compare.py", "--dataset", "wn18rr", "--variants", "gsquant,rq", "codebook_size=1024"]),
     ("llm", ["llm_compare.py", "--dataset", "synthetic"]),
     ("llm", ["llm_compare.py", "--dataset", "umls"]),
+    ("llm", ["ablation.py", "--out", "runs/default-v2", "--threads", "0", "--only", "without_codes", "--tag", "default"]),
     ("llm", ["ablation.py"]),
     ("llm", ["synthetic_ceiling.py", "--run-dir", "runs/default-ablate"]),
 ]
