@@ -278,6 +278,35 @@ def test_killed_evaluation_resumes_from_scored_queries(stages, finetuned, tmp_pa
     assert not (tmp_path / "ev.work").exists()
 
 
+def test_resumed_evaluation_keeps_its_fusion_weight(stages, finetuned, tmp_path, monkeypatch):
+    import kgtok.llm.evaluate as evaluate
+
+    instructions = stages[4]
+    config = EvaluateConfig(max_queries=9, batch_size=3)  # fusion weight chosen on LM-valid
+    valid_batches = -(-len((instructions / "lm_valid.jsonl").read_text().splitlines()) // 3)
+    reference = run_evaluate(config, finetuned, instructions, tmp_path / "ref", progress=False, log=quiet)
+    calls = {"n": 0, "die_at": valid_batches + 3}
+    score = evaluate.score_batch
+
+    def dying_score(model, prompts, *args):
+        calls["n"] += 1
+        if calls["n"] == calls["die_at"]:
+            raise KeyboardInterrupt  # killed while scoring the third batch of test queries
+        return score(model, prompts, *args)
+
+    monkeypatch.setattr(evaluate, "score_batch", dying_score)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluate(config, finetuned, instructions, tmp_path / "ev", progress=False, log=quiet)
+    calls.update(n=0, die_at=0)
+    logs: list[str] = []
+    dest = run_evaluate(config, finetuned, instructions, tmp_path / "ev", progress=False, log=logs.append)
+    assert calls["n"] == 1  # the last test batch only: LM-valid is not scored again
+    assert any("chosen on LM-valid before the interruption" in line for line in logs)
+    assert (dest / "predictions.jsonl").read_text() == (reference / "predictions.jsonl").read_text()
+    assert (json.loads((dest / "metrics.json").read_text())["fusion"]
+            == json.loads((reference / "metrics.json").read_text())["fusion"])
+
+
 def test_fusion_weight_is_the_best_on_held_out_queries():
     # query 1: the LM is wrong and the retriever right; query 2: the LM is right, the retriever narrowly wrong
     priors = [np.array([-0.1, -3.0, -3.0]), np.array([-0.5, -1.0, -4.0])]

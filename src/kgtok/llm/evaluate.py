@@ -352,10 +352,18 @@ def _evaluate(config: EvaluateConfig, model_dir: Path, instructions: Path, dest:
                 bar.update(len(batch))
         bar.close()
 
+    inputs = _inputs(config, model_dir, instructions)
+    work = Path(f"{dest}.work")
     fusion: dict[str, Any] = {"weight": config.fusion_weight}
     fusable = all(r.get("candidate_scores") is not None for r in records)
     valid_path = instructions / "lm_valid.jsonl"
-    if config.fusion_weight is None:
+    # The weight chosen on LM-valid is kept in the work dir, so a resumed evaluation does not score LM-valid again.
+    chosen_path, chosen_key = work / "fusion.json", _resume_key(config, inputs, None)
+    chosen = json.loads(chosen_path.read_text(encoding="utf-8")) if chosen_path.exists() else {}
+    if config.fusion_weight is None and chosen.get("resume_key") == chosen_key:
+        fusion = chosen["fusion"]
+        log(f"evaluate: fusion weight {fusion['weight']} (chosen on LM-valid before the interruption)")
+    elif config.fusion_weight is None:
         fusion["weight"] = 1.0
         if fusable and config.split != "lm_valid" and valid_path.exists():
             valid = [r for r in read_jsonl(valid_path) if r.get("candidate_scores") is not None]
@@ -366,10 +374,10 @@ def _evaluate(config: EvaluateConfig, model_dir: Path, instructions: Path, dest:
                                               np.array([r["stage1_rank"] for r in valid]))
                 log(f"evaluate: fusion weight {fusion['weight']} (fused re-rank MRR on {len(valid)} LM-valid "
                     f"queries: {fusion['valid_mrr']})")
+        work.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(chosen_path, {"resume_key": chosen_key, "fusion": fusion})
     weight = fusion["weight"]
 
-    inputs = _inputs(config, model_dir, instructions)
-    work = Path(f"{dest}.work")
     partial = work / "predictions.partial.jsonl"
     resume_key = _resume_key(config, inputs, weight)
     done = _read_partial(partial, resume_key)
