@@ -359,7 +359,8 @@ def _evaluate(config: EvaluateConfig, model_dir: Path, instructions: Path, dest:
     valid_path = instructions / "lm_valid.jsonl"
     # The weight chosen on LM-valid is kept in the work dir, so a resumed evaluation does not score LM-valid again.
     chosen_path, chosen_key = work / "fusion.json", _resume_key(config, inputs, None)
-    chosen = json.loads(chosen_path.read_text(encoding="utf-8")) if chosen_path.exists() else {}
+    chosen = (json.loads(chosen_path.read_text(encoding="utf-8"))
+              if config.fusion_weight is None and chosen_path.exists() else {})
     if config.fusion_weight is None and chosen.get("resume_key") == chosen_key:
         fusion = chosen["fusion"]
         log(f"evaluate: fusion weight {fusion['weight']} (chosen on LM-valid before the interruption)")
@@ -374,8 +375,7 @@ def _evaluate(config: EvaluateConfig, model_dir: Path, instructions: Path, dest:
                                               np.array([r["stage1_rank"] for r in valid]))
                 log(f"evaluate: fusion weight {fusion['weight']} (fused re-rank MRR on {len(valid)} LM-valid "
                     f"queries: {fusion['valid_mrr']})")
-        work.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(chosen_path, {"resume_key": chosen_key, "fusion": fusion})
+        write_json_atomic(chosen_path, {"resume_key": chosen_key, "fusion": fusion})  # creates the work dir
     weight = fusion["weight"]
 
     partial = work / "predictions.partial.jsonl"

@@ -257,7 +257,8 @@ def _finetune(config: FinetuneConfig, instructions: Path, dest: Path, codes: str
         fp16=use_gpu and not torch.cuda.is_bf16_supported(), activation_checkpointing=config.gradient_checkpointing,
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not progress,
         ddp_find_unused_parameters=False,  # CPU processes under accelerate launch use gloo
-        train_sampling_strategy="group_by_length",  # batches of similar length: short and long examples are not padded together
+        # batches of similar length: short and long examples are not padded together
+        train_sampling_strategy="group_by_length",
     )
     state = PartialState()
     if state.is_main_process:

@@ -154,35 +154,38 @@ def entity_text(kg: KnowledgeGraph, entity: int, tokens: list[str] | None, confi
     return " ".join(parts)
 
 
-def query_lines(kg: KnowledgeGraph, triple: tuple[int, int, int], direction: int, tokens: list[str] | None,
-                config: InstructConfig) -> tuple[str, str]:
+def query_lines(relation_name: str, direction: int, known_text: str) -> tuple[str, str]:
     """The query triple with its unknown side marked, and the question (first and last lines of a prompt)."""
-    h, r, t = triple
-    relation = readable_relation(kg.relation_names[r])
+    relation = readable_relation(relation_name)
     if direction == 0:
-        return (f"Here is a triple with the tail entity unknown: ({entity_text(kg, h, tokens, config)}, {relation}, ?).",
+        return (f"Here is a triple with the tail entity unknown: ({known_text}, {relation}, ?).",
                 "What is the tail entity?")
-    return (f"Here is a triple with the head entity unknown: (?, {relation}, {entity_text(kg, t, tokens, config)}).",
+    return (f"Here is a triple with the head entity unknown: (?, {relation}, {known_text}).",
             "What is the head entity?")
 
 
-def query_records(kg: KnowledgeGraph, rows: np.ndarray, tokens: list[str] | None, config: InstructConfig
+def sampled_rows(rng: np.random.Generator, total: int, limit: int) -> np.ndarray | None:
+    """Sorted ``limit`` of ``total`` query rows drawn without replacement; None (all rows) when no limit bites."""
+    return np.sort(rng.choice(total, limit, replace=False)) if 0 < limit < total else None
+
+
+def query_records(kg: KnowledgeGraph, rows: np.ndarray | None, tokens: list[str] | None, config: InstructConfig
                   ) -> list[dict[str, Any]]:
-    """ReaLM's short form for training queries ``rows`` (indices into train triples, both directions:
+    """ReaLM's short form for training queries ``rows`` (None: all; indices into train triples, both directions:
     i < n is the tail query of triple i, else the head query of triple i - n): query line, question, answer."""
     train = kg.train.numpy()
     n = len(train)
     records = []
-    for i in rows.tolist():  # building text: one pass per query
+    for i in (range(2 * n) if rows is None else rows.tolist()):  # building text: one pass per query
         h, r, t = (int(v) for v in train[i % n])
         direction = int(i >= n)
-        gold = t if direction == 0 else h
-        query, question = query_lines(kg, (h, r, t), direction, tokens, config)
+        known, gold = (h, t) if direction == 0 else (t, h)
+        query, question = query_lines(kg.relation_names[r], direction, entity_text(kg, known, tokens, config))
         records.append({
             "id": f"train-{i % n}-{'tail' if direction == 0 else 'head'}", "split": "train",
             "direction": "tail" if direction == 0 else "head",
             "triple": [kg.entity_names[h], kg.relation_names[r], kg.entity_names[t]],
-            "known": h if direction == 0 else t, "gold": gold,
+            "known": known, "gold": gold,
             "prompt": f"{query}\n{question}", "answer": entity_text(kg, gold, tokens, config),
         })
     return records
@@ -194,7 +197,7 @@ def build_prompt(kg: KnowledgeGraph, triple: tuple[int, int, int], direction: in
     h, r, t = triple
     known = h if direction == 0 else t
     known_text = entity_text(kg, known, tokens, config)
-    query, question = query_lines(kg, triple, direction, tokens, config)
+    query, question = query_lines(kg.relation_names[r], direction, known_text)
     lines = [query]
     if config.use_descriptions and kg.descriptions[known]:
         lines.append(f"About {known_text}: {cut_words(kg.descriptions[known], config.description_words)}")
@@ -301,8 +304,8 @@ def run_instruct(
     if embeddings is None:
         raise ValueError("link-prediction instructions need a stage-1 artifact (embeddings)")
     embeddings = Path(embeddings)
-    sources = ["valid", "test"] + (["train"] if config.train_from_train_queries and config.train_query_format == "dift"
-                                   else [])
+    dift_train_queries = config.train_from_train_queries and config.train_query_format == "dift"
+    sources = ["valid", "test"] + (["train"] if dift_train_queries else [])
     ranked = {}
     for split in sources:
         path = embeddings / "candidates" / f"{split}.npz"
@@ -315,20 +318,14 @@ def run_instruct(
         valid_records = records_for_split(kg, ranked["valid"], "valid", tokens, neighbours, config)
         lm_train, lm_valid, dropped = split_examples(valid_records, config)
         from_validation = len(lm_train)
-        if "train" in ranked:
-            rng = np.random.default_rng(config.seed + 1)
-            total = len(ranked["train"].triples)
-            rows = (np.sort(rng.choice(total, config.train_queries, replace=False))
-                    if 0 < config.train_queries < total else None)
+        rng = np.random.default_rng(config.seed + 1)
+        if dift_train_queries:
+            rows = sampled_rows(rng, len(ranked["train"].triples), config.train_queries)
             extra = records_for_split(kg, ranked["train"], "train", tokens, neighbours, config, rows=rows,
                                       shuffle=rng if config.shuffle_train_query_candidates else None)
             lm_train += [r for r in extra if r["confidence"] > config.confidence_threshold and r["gold_in_candidates"]]
         elif config.train_from_train_queries:  # ReaLM's short form, straight from the training graph
-            rng = np.random.default_rng(config.seed + 1)
-            total = 2 * len(kg.train)
-            rows = (np.sort(rng.choice(total, config.train_queries, replace=False))
-                    if 0 < config.train_queries < total else np.arange(total))
-            lm_train += query_records(kg, rows, tokens, config)
+            lm_train += query_records(kg, sampled_rows(rng, 2 * len(kg.train), config.train_queries), tokens, config)
         if config.train_from_train_queries:
             lm_train = [lm_train[i] for i in rng.permutation(len(lm_train))]
         test = records_for_split(kg, ranked["test"], "test", tokens, neighbours, config)
