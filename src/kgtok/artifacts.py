@@ -29,9 +29,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from kgtok.config import config_to_dict
+from kgtok.config import config_to_dict, result_config
 
 MANIFEST = "manifest.json"
 
@@ -107,21 +107,36 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write JSON through a temporary file and ``os.replace`` (never half-written)."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A unique temporary sibling of ``path`` to write; renamed onto ``path`` when the block succeeds.
+
+    The one write-then-rename helper of the package: a kill or a full disk
+    never leaves a half-written file under the real name, and two processes
+    writing the same file never share a temporary name.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle, indent=2, default=_json_default)
-            handle.write("\n")
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write JSON through :func:`atomic_path` (never half-written)."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 ID_ORDER = "entities.tsv"
@@ -129,23 +144,25 @@ ID_ORDER = "entities.tsv"
 
 def write_id_order(path: str | Path, names: list[str]) -> None:
     """``id<TAB>raw name`` lines: the row order of an artifact's per-entity arrays."""
-    Path(path).write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(names)), encoding="utf-8")
+    write_text_atomic(path, "".join(f"{i}\t{n}\n" for i, n in enumerate(names)))
 
 
 def read_id_order(path: str | Path) -> list[str]:
     return [line.split("\t", 1)[1] for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 
-def load_entity_vectors(artifact: str | Path, filename: str, entity_names: list[str]) -> Any:
-    """(N, D) array of an upstream artifact, checked to be in this KG's entity order."""
+def load_entity_vectors(path: str | Path, entity_names: list[str]) -> Any:
+    """(N, D) array of an upstream artifact's file, checked to be in this KG's entity order.
+
+    The order is the artifact's ``entities.tsv`` beside the file.
+    """
     import numpy as np
 
-    artifact = Path(artifact)
-    path = artifact / filename
+    path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {artifact} a finished stage artifact?")
+        raise FileNotFoundError(f"{path} not found: is {path.parent} a finished stage artifact?")
     vectors = np.load(path)
-    order_file = artifact / ID_ORDER
+    order_file = path.parent / ID_ORDER
     if order_file.exists() and read_id_order(order_file) != list(entity_names):
         raise ValueError(f"{order_file}: entity order differs from the KG's; was the artifact made from another dataset?")
     if len(vectors) != len(entity_names):
@@ -154,25 +171,83 @@ def load_entity_vectors(artifact: str | Path, filename: str, entity_names: list[
 
 
 def read_manifest(artifact: str | Path) -> dict[str, Any] | None:
-    """The manifest of an artifact directory, or None when there is none."""
+    """The manifest of an artifact directory, or None when there is none (or it cannot be read)."""
     path = Path(artifact) / MANIFEST
-    if not path.exists():
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, NotADirectoryError):
+        return None  # a torn or foreign file: the artifact is not finished, so it is made again
 
 
 def manifest_matches(
     artifact: str | Path, stage: str, config: object, inputs: Mapping[str, str]
 ) -> bool:
-    """True when ``artifact`` was made by ``stage`` with this config and these input hashes."""
+    """True when ``artifact`` was made by ``stage`` with this config and these input hashes.
+
+    Fields marked ``machine`` in the config (threads, scoring batch sizes) are
+    left out of the comparison: they never change what a stage computes.
+    """
     manifest = read_manifest(artifact)
     if manifest is None:
         return False
     return (
         manifest.get("stage") == stage
-        and manifest.get("config") == json.loads(json.dumps(config_to_dict(config), default=_json_default))
+        and result_config(manifest.get("config") or {}, type(config)) == result_config(config_to_dict(config), type(config))
         and manifest.get("inputs") == dict(inputs)
     )
+
+
+# ----------------------------------------------------------------------------
+# What an artifact holds: file sizes and fast content hashes, checked on reuse
+# ----------------------------------------------------------------------------
+
+WHOLE_FILE_LIMIT = 64 << 20  # files up to this size are hashed whole; larger ones by size and sampled chunks
+SAMPLE = 4 << 20
+
+
+def file_fingerprint(path: Path) -> str:
+    """blake2b of the whole file, or of its size and first/middle/last chunks when it is large.
+
+    Cheap enough to run on every reuse (a 500 MB model is read in 12 MB),
+    and catches what goes wrong in practice: truncation, an emptied or
+    replaced file.
+    """
+    size = path.stat().st_size
+    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with open(path, "rb") as handle:
+        if size <= WHOLE_FILE_LIMIT:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        else:
+            for offset in (0, size // 2, size - SAMPLE):
+                handle.seek(offset)
+                digest.update(handle.read(SAMPLE))
+    return digest.hexdigest()
+
+
+def file_records(root: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size", "hash"}}`` of every file below ``root`` but the manifest."""
+    return {
+        str(p.relative_to(root)): {"size": p.stat().st_size, "hash": file_fingerprint(p)}
+        for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST
+    }
+
+
+def verify_files(artifact: str | Path) -> list[str]:
+    """The files of an artifact that are missing or differ from its manifest's record (empty: intact).
+
+    Manifests written before files were recorded have nothing to check.
+    """
+    artifact = Path(artifact)
+    recorded = (read_manifest(artifact) or {}).get("files") or {}
+    bad = []
+    for name, record in recorded.items():
+        path = artifact / name
+        if not path.is_file() or path.stat().st_size != record["size"] or file_fingerprint(path) != record["hash"]:
+            bad.append(name)
+    return bad
 
 
 @dataclass
@@ -208,8 +283,27 @@ class ArtifactWriter:
             "git": git_hash(),
             "metrics": self.metrics,
             "timings": self.timings,
+            "files": file_records(self.path),
             **self.extra,
         }
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | Path) -> Iterator[Path]:
+    """A unique temporary sibling directory of ``dest``, moved onto ``dest`` when the block succeeds.
+
+    On an exception the temporary directory is removed and ``dest`` is left
+    as it was.  Every directory the package writes goes through here.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -223,23 +317,16 @@ def artifact_dir(
     """Write a stage's artifact atomically.
 
     Yields an :class:`ArtifactWriter` whose ``path`` is a temporary sibling of
-    ``dest``.  On normal exit the manifest is written and the directory renamed
-    to ``dest`` (an older ``dest`` is replaced); on an exception the temporary
-    directory is removed and ``dest`` is left as it was.
+    ``dest``.  On normal exit the manifest (with every file's size and hash)
+    is written and the directory renamed to ``dest`` (an older ``dest`` is
+    replaced); on an exception nothing changes.
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    writer = ArtifactWriter(path=tmp, stage=stage, config=config, inputs=dict(inputs or {}))
     start = time.perf_counter()
-    try:
+    with atomic_dir(dest) as tmp:
+        writer = ArtifactWriter(path=tmp, stage=stage, config=config, inputs=dict(inputs or {}))
         yield writer
         writer.timings.setdefault("total", time.perf_counter() - start)
         write_json_atomic(tmp / MANIFEST, writer.manifest())
-        replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def replace_dir(src: Path, dest: Path) -> None:
@@ -257,3 +344,151 @@ def replace_dir(src: Path, dest: Path) -> None:
         old.unlink()
     elif old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_leftovers(parent: Path, name: str, max_age_s: float = 0.0) -> None:
+    """Remove temporary siblings (``.NAME.tmp-*``, ``.NAME.old-*``) that a killed process left behind.
+
+    Called while holding the folder's lock, so no live writer owns them.
+    """
+    for leftover in [*parent.glob(f".{name}.tmp-*"), *parent.glob(f".{name}.old-*")]:
+        if leftover.is_dir() and time.time() - leftover.stat().st_mtime >= max_age_s:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------
+# One process per output folder
+# ----------------------------------------------------------------------------
+
+
+class LockedError(RuntimeError):
+    """Another live kgtok process writes the same output folder."""
+
+
+class StaleLockWarning(UserWarning):
+    """A lock left by a process that no longer runs was taken over."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(path: str | Path) -> Iterator[None]:
+    """Hold ``<path>.lock`` (holder PID, host, start time) while a stage or run writes ``path``.
+
+    A second process on the same folder stops with a message naming the
+    holder; a lock whose process is gone (killed) is taken over with a
+    warning.  Re-entrant within one process (``kgtok run`` locks the run
+    folder, then each stage its own).
+    """
+    import socket
+    import warnings
+
+    path = Path(path)
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+                yield  # this process holds it already
+                return
+            pid = holder.get("pid")
+            if holder.get("host") == me["host"] and isinstance(pid, int) and _alive(pid):
+                raise LockedError(
+                    f"{path} is in use by another kgtok process (pid {pid}, started {holder.get('started')}); "
+                    f"wait for it to finish, or give another output folder. If no such process runs, delete {lock}"
+                ) from None
+            if holder.get("host") not in (None, me["host"]):
+                raise LockedError(f"{path} is locked by a process on host {holder['host']} (pid {pid}); "
+                                  f"if it is gone, delete {lock}")
+            warnings.warn(f"{lock}: taking over the lock of process {pid}, which no longer runs "
+                          f"(started {holder.get('started')})", StaleLockWarning, stacklevel=3)
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(me, handle)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    raise LockedError(f"could not take {lock}: other processes keep taking it")
+
+
+# ----------------------------------------------------------------------------
+# Artifact layouts: each stage's files, read through typed accessors
+# ----------------------------------------------------------------------------
+
+
+class ArtifactError(ValueError):
+    """A directory given as a stage's artifact is not one (or not of that stage)."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A finished artifact directory of one stage; subclasses name its files.
+
+    Every reader of an artifact (later stages, the report, the CLI) goes
+    through a subclass's accessors, so a file name is written in one place.
+    """
+
+    path: Path
+    stage: ClassVar[str] = ""
+    title: ClassVar[str] = ""  # e.g. "stage-1 (embed)": used in messages
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return read_manifest(self.path) or {}
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.json"
+
+    def metrics(self) -> dict[str, Any]:
+        """The stage's full metrics file (or the manifest's summary where there is none)."""
+        if self.metrics_path.exists():
+            return json.loads(self.metrics_path.read_text(encoding="utf-8"))
+        return self.manifest.get("metrics", {})
+
+    def exists(self) -> bool:
+        return read_manifest(self.path) is not None
+
+    def checked(self, flag: str | None = None) -> Artifact:
+        """Self, once it is sure to be a finished artifact of this stage; else an error naming ``flag``."""
+        what = f"{flag} {self.path}" if flag else str(self.path)
+        expected = self.title or self.stage
+        if not self.path.is_dir():
+            raise ArtifactError(f"{what}: no such directory; expected a {expected} artifact")
+        manifest = read_manifest(self.path)
+        if manifest is None:
+            raise ArtifactError(f"{what}: not a finished kgtok artifact (no readable {MANIFEST}); "
+                                f"expected a {expected} artifact")
+        if self.stage and manifest.get("stage") != self.stage:
+            raise ArtifactError(f"{what}: a {manifest.get('stage')!r} artifact, but a {expected} artifact "
+                                f"is expected here")
+        return self

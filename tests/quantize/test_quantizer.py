@@ -256,6 +256,7 @@ def test_kmeans_initialisation_spreads_the_codes():
 
 
 def test_stage_artifact_on_synthetic_kg(tmp_path):
+    from kgtok.artifacts import artifact_dir
     from kgtok.data import load_kg
     from kgtok.data.synthetic import SyntheticConfig, write_synthetic
     from kgtok.hierarchy import HierarchyConfig, run_hierarchy
@@ -264,9 +265,10 @@ def test_stage_artifact_on_synthetic_kg(tmp_path):
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(kg.num_entities, 4))[kg.entity_types[:, 1] % 4] + 0.3 * rng.normal(size=(kg.num_entities, 4))
     embed = tmp_path / "embed"
-    embed.mkdir()
-    np.save(embed / "entity_embeddings.npy", np.concatenate([vectors, rng.normal(size=(kg.num_entities, 12))], 1))
-    (embed / "entities.tsv").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(kg.entity_names)))
+    with artifact_dir(embed, stage="embed", config={}) as writer:  # a stage-1 artifact made by hand
+        np.save(writer.path / "entity_embeddings.npy",
+                np.concatenate([vectors, rng.normal(size=(kg.num_entities, 12))], 1))
+        (writer.path / "entities.tsv").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(kg.entity_names)))
     quiet = lambda *_: None  # noqa: E731
     hierarchy = run_hierarchy(HierarchyConfig(levels=3, threads=1), kg, tmp_path / "h", embeddings=embed, log=quiet)
     dest = run_quantize(small_config(codebook_size=16, code_dim=16), kg, tmp_path / "q", hierarchy=hierarchy,
@@ -285,5 +287,5 @@ def test_stage_artifact_on_synthetic_kg(tmp_path):
     assert len(lines) == kg.num_entities and lines[0].split("\t")[2].startswith("<a_")
     loaded = EntityTokenizer.load(dest / "tokenizer")
     np.testing.assert_array_equal(loaded.codes_, codes)
-    with pytest.raises(ValueError, match="realm quantizes the KG embeddings"):
+    with pytest.raises(ValueError, match="quantize needs --embeddings .*variant realm"):
         run_quantize(QuantizeConfig(variant="realm"), kg, tmp_path / "r", hierarchy=hierarchy, log=quiet)

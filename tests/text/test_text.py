@@ -254,7 +254,7 @@ def test_separate_mode_artifact_and_fallbacks(tiny_kg, tmp_path):
     assert metrics["missing_label"] == 1 and metrics["missing_description"] == 3
     # Alice, Bob, Carol, d and one description: the fallbacks add no new text.
     assert metrics["unique_texts"] == 5 and metrics["cache_hit"] is False
-    assert {"train.txt", "entity_text.tsv", "model"} <= set(manifest["inputs"])
+    assert {"kg/train.txt", "kg/entity_text.tsv", "model"} <= set(manifest["inputs"])
     assert any("missing_label=1" in line and "missing_description=3" in line for line in logs)
 
 

@@ -763,6 +763,25 @@ def _holds_config(dest: Path, config: SyntheticConfig) -> bool:
         return False
 
 
+def write_kg_files(kg: SyntheticKG, config: SyntheticConfig, directory: Path) -> None:
+    """The KG directory's files: splits, ``entity_text.tsv``, ``entity_types.tsv``, ``synthetic.json``."""
+    ent, rel = kg.entity_names, kg.relation_names
+    for split in ("train", "valid", "test"):
+        triples = getattr(kg, split).tolist()
+        _write_lines(directory / f"{split}.txt", (f"{ent[h]}\t{rel[r]}\t{ent[t]}" for h, r, t in triples))
+    _write_lines(
+        directory / "entity_text.tsv",
+        (f"{e}\t{label}\t{desc}" for e, label, desc in zip(ent, kg.labels, kg.descriptions)),
+    )
+    type_names = kg.type_names
+    paths = kg.types.tolist()
+    _write_lines(
+        directory / "entity_types.tsv",
+        ("\t".join([e] + [type_names[lvl][tid] for lvl, tid in enumerate(path)]) for e, path in zip(ent, paths)),
+    )
+    _write_lines(directory / "synthetic.json", [_config_json(config).rstrip("\n")])
+
+
 def write_synthetic(config: SyntheticConfig, dest: str | Path) -> Path:
     """Generate the KG and write it to the directory ``dest``, atomically.
 
@@ -803,21 +822,7 @@ def write_synthetic(config: SyntheticConfig, dest: str | Path) -> Path:
     tmp = dest.parent / f".{dest.name}.tmp-{secrets.token_hex(4)}"
     try:
         tmp.mkdir()
-        ent, rel = kg.entity_names, kg.relation_names
-        for split in ("train", "valid", "test"):
-            triples = getattr(kg, split).tolist()
-            _write_lines(tmp / f"{split}.txt", (f"{ent[h]}\t{rel[r]}\t{ent[t]}" for h, r, t in triples))
-        _write_lines(
-            tmp / "entity_text.tsv",
-            (f"{e}\t{label}\t{desc}" for e, label, desc in zip(ent, kg.labels, kg.descriptions)),
-        )
-        type_names = kg.type_names
-        paths = kg.types.tolist()
-        _write_lines(
-            tmp / "entity_types.tsv",
-            ("\t".join([e] + [type_names[lvl][tid] for lvl, tid in enumerate(path)]) for e, path in zip(ent, paths)),
-        )
-        _write_lines(tmp / "synthetic.json", [_config_json(config).rstrip("\n")])
+        write_kg_files(kg, config, tmp)
         try:
             os.replace(tmp, dest)
         except OSError:

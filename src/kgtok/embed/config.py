@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from kgtok.config import check_fields, in_range
+from kgtok.config import check_fields, in_range, machine, resumable
 
 ModelName = Literal["rotate", "transe", "distmult", "complex"]
 LossName = Literal["auto", "nssa", "1vsall"]
@@ -37,18 +37,18 @@ class EmbedConfig:
     optimizer: Literal["auto", "adam", "adagrad"] = "auto"  # auto: adagrad for 1vsall (Lacroix et al.), adam for nssa
     lr: float | None = None  # None: 0.1 for adagrad, 1e-3 for adam (RotatE's 5e-5 needs GPU-length runs)
     batch_size: int = 1000  # training examples per step (with reciprocal relations each triple gives two)
-    max_steps: int = 20000  # upper bound; early stopping usually ends sooner
+    max_steps: int = resumable(20000)  # upper bound; early stopping usually ends sooner
     eval_every: int = 1000  # steps between validation runs (filtered MRR on valid)
     eval_max_queries: int = 0  # 0: all validation triples; else a fixed random subset (faster checks)
-    patience: int = 5  # validations without improvement before stopping
-    checkpoint_every: int = 500  # steps between resumable checkpoints
+    patience: int = resumable(5)  # validations without improvement before stopping
+    checkpoint_every: int = machine(500)  # steps between resumable checkpoints
     init_scale: float = 1e-3  # 1vsall: embeddings start at N(0, init_scale); nssa uses RotatE's uniform range
     # --- evaluation and export ---
-    eval_batch_size: int = 512  # queries scored against all entities at once (memory ~ batch*N*4 bytes)
-    top_k: int = 20  # candidates exported per query (stage 5 lists these)
-    export_splits: tuple[str, ...] = ("train", "valid", "test")  # candidate files to write
+    eval_batch_size: int = machine(512)  # queries scored against all entities at once (memory ~ batch*N*4 bytes)
+    top_k: int = resumable(20)  # candidates exported per query (stage 5 lists these)
+    export_splits: tuple[str, ...] = resumable(("train", "valid", "test"))  # candidate files to write
     # --- machine ---
-    threads: int = 0  # torch threads; 0 = all cores. Use 1 per process when tests run in parallel
+    threads: int = machine(0)  # torch threads; 0 = all cores. Use 1 per process when tests run in parallel
     seed: int = 0  # one seed for init, batch order and negatives
 
     def __post_init__(self) -> None:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-import shutil
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,17 +23,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kgtok.artifacts import ID_ORDER, artifact_dir, hash_inputs, write_id_order, write_json_atomic
-from kgtok.config import config_to_dict, format_config
-from kgtok.data.graph import KnowledgeGraph, load_kg
+from kgtok.artifacts import write_id_order, write_json_atomic
+from kgtok.config import format_config
+from kgtok.data.graph import KnowledgeGraph
 from kgtok.embed.config import EmbedConfig
+from kgtok.embed.layout import EmbedArtifact
 from kgtok.embed.models import KGEModel, build_model
-from kgtok.embed.ranking import RankedQueries, rank_splits, rank_triples
-from kgtok.runtime import torch_save_atomic, torch_threads
-
-
-class ResumeWarning(UserWarning):
-    """A checkpoint was found but not used, or used with a note."""
+from kgtok.embed.ranking import RankedQueries, rank_triples
+from kgtok.runtime import torch_save_atomic
 
 
 def _seeded(*parts: int) -> torch.Generator:
@@ -185,37 +180,13 @@ def training_step(
 # ----------------------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, model: KGEModel, optimizer: torch.optim.Optimizer, state: TrainingState,
-                    config: EmbedConfig) -> None:
-    torch_save_atomic({
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state.__dict__,
-        "config": config_to_dict(config),
-    }, path)
+def save_checkpoint(path: Path, model: KGEModel, optimizer: torch.optim.Optimizer, state: TrainingState) -> None:
+    torch_save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state.__dict__}, path)
 
 
-# Fields that do not change the path of training: a checkpoint made with other
-# values resumes (the new values win), e.g. to train longer or export more.
-RESUMABLE_FIELDS = frozenset({
-    "max_steps", "patience", "checkpoint_every", "eval_batch_size", "top_k", "export_splits", "threads",
-})
-
-
-def load_checkpoint(path: Path, model: KGEModel, optimizer: torch.optim.Optimizer, config: EmbedConfig
-                    ) -> TrainingState | None:
-    """Restore a run; None (with a warning) when the checkpoint belongs to another training setup."""
+def load_checkpoint(path: Path, model: KGEModel, optimizer: torch.optim.Optimizer) -> TrainingState:
+    """Restore a run from ``path``; whether it may resume at all is the work folder's record's call."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    saved = checkpoint.get("config") or {}
-    current = config_to_dict(config)
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    if set(changed) - RESUMABLE_FIELDS:
-        warnings.warn(
-            f"{path}: checkpoint made with a different config ({', '.join(changed)}); the new config wins and "
-            "training starts afresh", ResumeWarning, stacklevel=2,
-        )
-        return None
-    if changed:
-        values = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
-        warnings.warn(f"{path}: resuming with new values ({values}); the new values win", ResumeWarning, stacklevel=2)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     return TrainingState(**checkpoint["state"])
@@ -253,13 +224,8 @@ def train_model(
     state = TrainingState()
     last_path, best_path = work_dir / "last.pt", work_dir / "best.pt"
     if last_path.exists():
-        restored = load_checkpoint(last_path, model, optimizer, config)
-        if restored is not None:
-            state = restored
-            log(f"embed: resuming from {last_path} at step {state.step} (best valid MRR {state.best_mrr:.4f})")
-        else:
-            model, optimizer = build(config, kg)
-            best_path.unlink(missing_ok=True)
+        state = load_checkpoint(last_path, model, optimizer)
+        log(f"embed: resuming from {last_path} at step {state.step} (best valid MRR {state.best_mrr:.4f})")
 
     reciprocal = config.resolved_reciprocal
     examples = training_examples(kg, reciprocal)
@@ -304,7 +270,7 @@ def train_model(
                 torch_save_atomic(best_state, best_path)
             else:
                 state.bad_evaluations += 1
-            save_checkpoint(last_path, model, optimizer, state, config)
+            save_checkpoint(last_path, model, optimizer, state)
             message = (f"embed: step {state.step}  loss {state.last_loss:.4f}  valid MRR {mrr:.4f}  "
                        f"(best {state.best_mrr:.4f} at step {state.best_step})")
             if progress:
@@ -312,7 +278,7 @@ def train_model(
             else:
                 log(message)
         elif state.step % config.checkpoint_every == 0:
-            save_checkpoint(last_path, model, optimizer, state, config)
+            save_checkpoint(last_path, model, optimizer, state)
         bar.set_postfix(loss=f"{state.last_loss:.4f}", valid_mrr=f"{max(state.best_mrr, 0):.4f}")
     bar.close()
     if stop_after is not None and state.step < config.max_steps and state.bad_evaluations < config.patience:
@@ -321,57 +287,6 @@ def train_model(
         best_state = copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
     return model, state
-
-
-def run_embed(
-    config: EmbedConfig,
-    data: str | Path | KnowledgeGraph,
-    dest: str | Path,
-    *,
-    progress: bool = True,
-    stop_after: int | None = None,
-    log: Callable[[str], None] = print,
-) -> Path:
-    """Stage 1: train, evaluate (filtered, both sides), export into ``dest``.
-
-    Artifact layout::
-
-        manifest.json              stage, config, input hashes, versions, metrics, timings
-        config.yaml                the resolved config
-        entity_embeddings.npy      (N, D) float32; complex models [re | im]
-        relation_embeddings.npy    (R, D_r) float32 (reciprocal relations after the R originals;
-                                   RotatE: phases in radians)
-        entities.tsv, relations.tsv  id<TAB>raw name: the row order of the arrays
-        model.pt                   weights + what is needed to rebuild the model
-        metrics.json               valid and test metrics (both/head/tail), training history
-        candidates/{split}.npz     per query (both sides): top-k filtered candidates, scores,
-                                   filtered rank of the answer (see ranking.RankedQueries)
-    """
-    kg = data if isinstance(data, KnowledgeGraph) else load_kg(data)
-    dest = Path(dest)
-    work_dir = dest.with_name(dest.name + ".work")
-    inputs = hash_inputs({f"{s}.txt": Path(kg.source) / f"{s}.txt" for s in ("train", "valid", "test")}) if kg.source else {}
-    log(format_config(config))
-    with torch_threads(config.threads):
-        with artifact_dir(dest, stage="embed", config=config, inputs=inputs) as writer:
-            with writer.timed("train"):
-                model, state = train_model(kg, config, work_dir, progress=progress, stop_after=stop_after, log=log)
-            writer.metrics["best_step"] = state.best_step
-            writer.metrics["steps"] = state.step
-            with writer.timed("evaluate"):
-                ranked, metrics = rank_splits(
-                    model, kg, reciprocal=config.resolved_reciprocal, batch_size=config.eval_batch_size,
-                    top_k=config.top_k, export_splits=config.export_splits, progress=progress,
-                )
-            export(writer.path, model, kg, config, state, metrics, ranked)
-            writer.metrics.update({
-                f"{split}_{name}": metrics[split]["both"][name]
-                for split in ("valid", "test") for name in ("mrr", "hits_at_1", "hits_at_3", "hits_at_10")
-            })
-        shutil.rmtree(work_dir, ignore_errors=True)
-    test = metrics["test"]["both"]
-    log(f"embed: test MRR {test['mrr']:.4f}  H@1 {test['hits_at_1']:.4f}  H@10 {test['hits_at_10']:.4f} -> {dest}")
-    return dest
 
 
 def export(
@@ -383,32 +298,33 @@ def export(
     metrics: dict[str, Any],
     ranked: dict[str, RankedQueries],
 ) -> None:
-    """Write the files of the artifact layout (see :func:`run_embed`)."""
-    np.save(path / "entity_embeddings.npy", model.entity_embeddings().numpy().astype(np.float32))
-    np.save(path / "relation_embeddings.npy", model.relation_embeddings().numpy().astype(np.float32))
-    write_id_order(path / ID_ORDER, kg.entity_names)
-    write_id_order(path / "relations.tsv", kg.relation_names)
-    (path / "config.yaml").write_text(format_config(config), encoding="utf-8")
+    """Write the files of the artifact layout (:class:`kgtok.embed.layout.EmbedArtifact`)."""
+    out = EmbedArtifact(path)
+    np.save(out.entity_embeddings, model.entity_embeddings().numpy().astype(np.float32))
+    np.save(out.relation_embeddings, model.relation_embeddings().numpy().astype(np.float32))
+    write_id_order(out.entities, kg.entity_names)
+    write_id_order(out.relations, kg.relation_names)
+    out.config_yaml.write_text(format_config(config), encoding="utf-8")
     torch.save({
         "state_dict": model.state_dict(), "model": config.model, "dim": config.dim, "margin": config.margin,
         "reciprocal": config.resolved_reciprocal, "num_entities": kg.num_entities,
         "num_base_relations": kg.num_relations,
-    }, path / "model.pt")
+    }, out.model)
     record = {
         **metrics,
         "best_step": state.best_step if state else None,
         "history": state.history if state else [],
         "per_relation_test": ranked["test"].evaluator().per_relation(kg.relation_names) if "test" in ranked else {},
     }
-    write_json_atomic(path / "metrics.json", record)
+    write_json_atomic(out.metrics_path, record)
     for split, queries in ranked.items():
         if queries.candidates is not None:
-            queries.save(path / "candidates" / f"{split}.npz")
+            queries.save(out.candidates(split))
 
 
 def load_model(artifact: str | Path) -> tuple[KGEModel, dict[str, Any]]:
     """Rebuild a trained model from an embed artifact (for scoring new queries)."""
-    saved = torch.load(Path(artifact) / "model.pt", map_location="cpu", weights_only=False)
+    saved = torch.load(EmbedArtifact(artifact).checked().model, map_location="cpu", weights_only=False)
     relations = saved["num_base_relations"] * (2 if saved["reciprocal"] else 1)
     model = build_model(saved["model"], saved["num_entities"], relations, saved["dim"], margin=saved["margin"])
     model.load_state_dict(saved["state_dict"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from kgtok.config import check_fields, in_range
+from kgtok.config import check_fields, in_range, machine
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,7 +29,7 @@ class HierarchyConfig:
     neighbours: int = 5  # neighbouring clusters kept per cluster (siblings first, then nearest)
     top_labels: int = 10  # member labels shown per cluster in hierarchy.json
     seed: int = 0
-    threads: int = 0  # 0 = all cores
+    threads: int = machine(0)  # 0 = all cores
 
     def __post_init__(self) -> None:
         check_fields(self, [

@@ -20,11 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from kgtok.artifacts import ID_ORDER, artifact_dir, hash_inputs, load_entity_vectors, write_id_order, write_json_atomic
-from kgtok.config import format_config
-from kgtok.data.graph import KnowledgeGraph, load_kg
+from kgtok.artifacts import load_entity_vectors, write_id_order, write_json_atomic
+from kgtok.data.graph import KnowledgeGraph
+from kgtok.embed.layout import EmbedArtifact
 from kgtok.hierarchy.build import SemanticHierarchy, cluster_means, fuse, normalize_rows
 from kgtok.hierarchy.config import HierarchyConfig
+from kgtok.hierarchy.layout import HierarchyArtifact
+from kgtok.stage import Context, Input, Stage, run_stage
+from kgtok.text.layout import TextArtifact
 
 
 def top_words(texts: list[str], labels: np.ndarray, k: int, count: int = 8) -> list[list[str]]:
@@ -99,6 +102,67 @@ def alignment_with_types(paths: np.ndarray, types: np.ndarray | None) -> dict[st
     return out
 
 
+def run(config: HierarchyConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -> dict[str, Any]:
+    """Fuse stage-1 and stage-2 vectors and build (or import, with ``tree``) the tree."""
+    kg = ctx.kg
+    graph_vectors = (load_entity_vectors(EmbedArtifact(inputs["embeddings"]).entity_embeddings, kg.entity_names)
+                     if "embeddings" in inputs else None)
+    text_vectors = (load_entity_vectors(TextArtifact(inputs["text"]).text_embeddings, kg.entity_names)
+                    if "text" in inputs else None)
+    if graph_vectors is None and text_vectors is None:
+        raise ValueError("the hierarchy needs --embeddings (a stage-1 artifact), --text (a stage-2 artifact) or both")
+    metrics: dict[str, Any] = {}
+    out = HierarchyArtifact(dest)
+    with ctx.timed("fuse"):
+        rho = config.rho if graph_vectors is not None and text_vectors is not None else (
+            1.0 if text_vectors is None else 0.0)
+        fused = fuse(graph_vectors, text_vectors, rho, config.width, config.seed)
+    with ctx.timed("build"):
+        hierarchy = SemanticHierarchy(config)
+        if "tree" in inputs:
+            from kgtok.hierarchy.kgfit import import_kgfit_tree
+
+            paths, report = import_kgfit_tree(inputs["tree"], kg, fused, config.levels)
+            hierarchy.builder_ = "kgfit-import"
+            hierarchy.top_silhouettes_ = {}
+            hierarchy.set_paths(paths, fused)
+            metrics.update(report)
+        else:
+            hierarchy.fit(fused)
+    np.save(out.fused_vectors, fused.astype(np.float32))
+    arrays: dict[str, np.ndarray] = {"paths": hierarchy.paths_}
+    for level in range(config.levels):
+        arrays[f"parents_{level}"] = hierarchy.parents_[level]
+        arrays[f"centroids_{level}"] = hierarchy.centroids_[level]
+        arrays[f"neighbours_{level}"] = hierarchy.neighbours_[level]
+        if text_vectors is not None:
+            arrays[f"text_centroids_{level}"] = cluster_means(
+                normalize_rows(text_vectors.astype(np.float32)), hierarchy.paths_[:, level],
+                hierarchy.counts_[level], normalize=True)
+    np.savez(out.arrays, **arrays)
+    with ctx.timed("describe"):
+        write_json_atomic(out.tree_json, describe(hierarchy, fused, kg, config.top_labels))
+    write_id_order(out.entities, kg.entity_names)
+    sizes = np.bincount(hierarchy.paths_[:, 0])
+    metrics.update({
+        "builder": hierarchy.builder_, "counts": hierarchy.counts_, "rho": rho,
+        "top_silhouettes": {str(k): round(v, 4) for k, v in hierarchy.top_silhouettes_.items()},
+        "level_1_largest_share": float(sizes.max() / sizes.sum()),
+        **alignment_with_types(hierarchy.paths_, kg.entity_types),
+    })
+    ctx.log(f"hierarchy: {hierarchy.builder_}, clusters per level {hierarchy.counts_}")
+    return metrics
+
+
+STAGE = Stage(
+    name="hierarchy", title="stage 3: semantic hierarchy", config=HierarchyConfig, run=run,
+    inputs=(Input("embeddings", "embed", EmbedArtifact, "a stage-1 artifact (graph vectors)"),
+            Input("text", "text", TextArtifact, "a stage-2 artifact (text vectors)"),
+            Input("tree", None, None, "a KG-FIT seed_hierarchy.json / llm_hierarchy.json to import")),
+    needs=lambda config: (), summary=("counts", "nmi_level_1", "nmi_level_2"),
+)
+
+
 def run_hierarchy(
     config: HierarchyConfig,
     data: str | Path | KnowledgeGraph,
@@ -110,62 +174,15 @@ def run_hierarchy(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Stage 3: fuse stage-1 and stage-2 vectors and build (or import) the tree."""
-    from kgtok.runtime import torch_threads
-
-    kg = data if isinstance(data, KnowledgeGraph) else load_kg(data)
-    graph_vectors = load_entity_vectors(embeddings, "entity_embeddings.npy", kg.entity_names) if embeddings else None
-    text_vectors = load_entity_vectors(text, "text_embeddings.npy", kg.entity_names) if text else None
-    if graph_vectors is None and text_vectors is None:
-        raise ValueError("the hierarchy needs --embeddings (a stage-1 artifact), --text (a stage-2 artifact) or both")
-    log(format_config(config))
-    inputs = hash_inputs({k: v for k, v in {"embeddings": embeddings, "text": text, "tree": tree}.items() if v})
-    with torch_threads(config.threads), artifact_dir(dest, stage="hierarchy", config=config, inputs=inputs) as writer:
-        with writer.timed("fuse"):
-            rho = config.rho if graph_vectors is not None and text_vectors is not None else (
-                1.0 if text_vectors is None else 0.0)
-            fused = fuse(graph_vectors, text_vectors, rho, config.width, config.seed)
-        with writer.timed("build"):
-            hierarchy = SemanticHierarchy(config)
-            if tree is not None:
-                from kgtok.hierarchy.kgfit import import_kgfit_tree
-
-                paths, report = import_kgfit_tree(tree, kg, fused, config.levels)
-                hierarchy.builder_ = "kgfit-import"
-                hierarchy.top_silhouettes_ = {}
-                hierarchy.set_paths(paths, fused)
-                writer.metrics.update(report)
-            else:
-                hierarchy.fit(fused)
-        np.save(writer.path / "fused_vectors.npy", fused.astype(np.float32))
-        arrays: dict[str, np.ndarray] = {"paths": hierarchy.paths_}
-        for level in range(config.levels):
-            arrays[f"parents_{level}"] = hierarchy.parents_[level]
-            arrays[f"centroids_{level}"] = hierarchy.centroids_[level]
-            arrays[f"neighbours_{level}"] = hierarchy.neighbours_[level]
-            if text_vectors is not None:
-                arrays[f"text_centroids_{level}"] = cluster_means(
-                    normalize_rows(text_vectors.astype(np.float32)), hierarchy.paths_[:, level],
-                    hierarchy.counts_[level], normalize=True)
-        np.savez(writer.path / "hierarchy.npz", **arrays)
-        with writer.timed("describe"):
-            write_json_atomic(writer.path / "hierarchy.json", describe(hierarchy, fused, kg, config.top_labels))
-        write_id_order(writer.path / ID_ORDER, kg.entity_names)
-        sizes = np.bincount(hierarchy.paths_[:, 0])
-        writer.metrics.update({
-            "builder": hierarchy.builder_, "counts": hierarchy.counts_, "rho": rho,
-            "top_silhouettes": {str(k): round(v, 4) for k, v in hierarchy.top_silhouettes_.items()},
-            "level_1_largest_share": float(sizes.max() / sizes.sum()),
-            **alignment_with_types(hierarchy.paths_, kg.entity_types),
-        })
-    log(f"hierarchy: {hierarchy.builder_}, clusters per level {hierarchy.counts_} -> {dest}")
-    return Path(dest)
+    """Stage 3 into ``dest`` (reused when current)."""
+    return run_stage(STAGE, config, dest, data=data, inputs={"embeddings": embeddings, "text": text, "tree": tree},
+                     progress=progress, log=log).path
 
 
 def load_hierarchy(artifact: str | Path) -> dict[str, Any]:
     """The arrays of a hierarchy artifact: paths, and per level parents/centroids/neighbours."""
-    artifact = Path(artifact)
-    with np.load(artifact / "hierarchy.npz") as data:
+    artifact = HierarchyArtifact(artifact).checked()
+    with np.load(artifact.arrays) as data:
         arrays = {k: data[k] for k in data.files}
     levels = arrays["paths"].shape[1]
     return {
@@ -174,5 +191,5 @@ def load_hierarchy(artifact: str | Path) -> dict[str, Any]:
         "centroids": [arrays[f"centroids_{l}"] for l in range(levels)],
         "neighbours": [arrays[f"neighbours_{l}"] for l in range(levels)],
         "text_centroids": [arrays.get(f"text_centroids_{l}") for l in range(levels)],
-        "fused_vectors": np.load(artifact / "fused_vectors.npy"),
+        "fused_vectors": np.load(artifact.fused_vectors),
     }

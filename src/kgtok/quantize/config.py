@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kgtok.config import check_fields, in_range
+from kgtok.config import check_fields, in_range, machine
 
 Variant = Literal["gsquant", "rq", "realm", "flat"]
 
@@ -62,7 +62,7 @@ class QuantizeConfig:
     gsr: GSRConfig = field(default_factory=GSRConfig)
     realm_kmeans_iterations: int = 20  # faiss iterations per residual stage (realm)
     seed: int = 0
-    threads: int = 0  # 0 = all cores
+    threads: int = machine(0)  # 0 = all cores
 
     def __post_init__(self) -> None:
         check_fields(self, [

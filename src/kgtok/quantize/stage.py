@@ -14,19 +14,20 @@ Artifact layout::
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from kgtok.artifacts import artifact_dir, hash_inputs, load_entity_vectors, write_json_atomic
-from kgtok.config import format_config
-from kgtok.data.graph import KnowledgeGraph, load_kg
+from kgtok.artifacts import load_entity_vectors, write_json_atomic
+from kgtok.data.graph import KnowledgeGraph
+from kgtok.embed.layout import EmbedArtifact
+from kgtok.hierarchy.layout import HierarchyArtifact
 from kgtok.quantize.config import QuantizeConfig
+from kgtok.quantize.layout import QuantizeArtifact
 from kgtok.quantize.tokenizer import EntityTokenizer
-from kgtok.runtime import torch_threads
+from kgtok.stage import Context, Input, Stage, run_stage
 
 
 def code_metrics(codes: np.ndarray, codebook_size: int) -> dict[str, list[float]]:
@@ -60,6 +61,63 @@ def alignment(codes: np.ndarray, reference: np.ndarray | None, prefix: str) -> d
     return out
 
 
+def run(config: QuantizeConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -> dict[str, Any]:
+    """Fit the tokenizer (``gsquant``/``rq``/``flat`` on stage 3's fused vectors; ``realm`` on stage 1's)."""
+    from kgtok.hierarchy.stage import load_hierarchy
+
+    kg = ctx.kg
+    arrays = load_hierarchy(inputs["hierarchy"]) if "hierarchy" in inputs else None
+    if config.variant == "realm":
+        vectors = load_entity_vectors(EmbedArtifact(inputs["embeddings"]).entity_embeddings, kg.entity_names)
+    else:
+        load_entity_vectors(HierarchyArtifact(inputs["hierarchy"]).fused_vectors, kg.entity_names)  # the order
+        vectors = arrays["fused_vectors"]
+    out = QuantizeArtifact(dest)
+    with ctx.timed("fit"):
+        tokenizer = EntityTokenizer(config=config).fit(vectors, arrays, progress=ctx.progress, log=ctx.log,
+                                                       checkpoint=ctx.work / "train.pt")
+    codes = tokenizer.codes_
+    base = tokenizer.base_codes_
+    metrics: dict[str, Any] = {
+        "levels": tokenizer.levels_, "codebook_size": tokenizer.codebook_size_, "width": tokenizer.width_,
+        "collision_rate_before": tokenizer.collision_rate_before_,
+        "collision_rate_after": float(1.0 - len(np.unique(codes, axis=0)) / len(codes)),
+        **code_metrics(base, tokenizer.codebook_size_),
+        "best_epoch": tokenizer.record_.best_epoch,
+        "best_seconds": round(tokenizer.record_.best_seconds, 1),
+        "stopped_epoch": tokenizer.record_.stopped_epoch, "restarted_codes": tokenizer.record_.restarted_codes,
+    }
+    x = torch.as_tensor(vectors, dtype=torch.float32)
+    if tokenizer.model_ is not None:
+        rebuilt = tokenizer.model_.reconstruct(x)
+    else:
+        rebuilt = torch.as_tensor(tokenizer.vectors_of(codes))
+    metrics["reconstruction_mse"] = float((rebuilt - x).pow(2).sum(1).mean())
+    metrics["reconstruction_cosine"] = float(torch.nn.functional.cosine_similarity(rebuilt, x, dim=1).mean())
+    metrics.update(alignment(base, arrays["paths"] if arrays is not None else None, "hierarchy"))
+    metrics.update(alignment(base, kg.entity_types, "types"))
+    np.save(out.codes, codes)
+    tokens = tokenizer.token_strings(codes)
+    out.tokens.write_text(
+        "".join(f"{i}\t{n}\t{t}\n" for i, (n, t) in enumerate(zip(kg.entity_names, tokens))), encoding="utf-8")
+    tokenizer.save(out.tokenizer)
+    write_json_atomic(out.metrics_path, {**metrics, "history": tokenizer.record_.history})
+    ctx.log(f"quantize: {config.variant}, {tokenizer.levels_} levels x {tokenizer.codebook_size_} codes, "
+            f"utilisation {[round(u, 3) for u in metrics['utilization']]}, collisions before fix "
+            f"{metrics['collision_rate_before']:.4f}")
+    return metrics
+
+
+STAGE = Stage(
+    name="quantize", title="stage 4: entity codes", config=QuantizeConfig, run=run,
+    inputs=(Input("hierarchy", "hierarchy", HierarchyArtifact, "a stage-3 artifact (fused vectors, tree): "
+                  "variants gsquant, rq, flat"),
+            Input("embeddings", "embed", EmbedArtifact, "a stage-1 artifact: variant realm")),
+    needs=lambda config: ("embeddings",) if config.variant == "realm" else ("hierarchy",),
+    summary=("collision_rate_before", "nmi_hierarchy_level_1", "nmi_types_level_1"),
+)
+
+
 def run_quantize(
     config: QuantizeConfig,
     data: str | Path | KnowledgeGraph,
@@ -70,56 +128,6 @@ def run_quantize(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Stage 4: ``gsquant``/``rq``/``flat`` read stage 3's fused vectors; ``realm`` stage 1's vectors."""
-    from kgtok.hierarchy.stage import load_hierarchy
-
-    kg = data if isinstance(data, KnowledgeGraph) else load_kg(data)
-    arrays = load_hierarchy(hierarchy) if hierarchy is not None else None
-    if config.variant == "realm":
-        if embeddings is None:
-            raise ValueError("variant realm quantizes the KG embeddings: give embeddings (a stage-1 artifact)")
-        vectors = load_entity_vectors(embeddings, "entity_embeddings.npy", kg.entity_names)
-    else:
-        if arrays is None:
-            raise ValueError(f"variant {config.variant!r} quantizes the fused vectors: give hierarchy (a stage-3 artifact)")
-        load_entity_vectors(hierarchy, "fused_vectors.npy", kg.entity_names)  # checks the entity order
-        vectors = arrays["fused_vectors"]
-    log(format_config(config))
-    inputs = hash_inputs({k: v for k, v in {"hierarchy": hierarchy, "embeddings": embeddings}.items() if v})
-    work = Path(f"{dest}.work")  # resumable training state; removed once the artifact is written
-    with torch_threads(config.threads), artifact_dir(dest, stage="quantize", config=config, inputs=inputs) as writer:
-        with writer.timed("fit"):
-            tokenizer = EntityTokenizer(config=config).fit(vectors, arrays, progress=progress, log=log,
-                                                           checkpoint=work / "train.pt")
-        codes = tokenizer.codes_
-        base = tokenizer.base_codes_
-        metrics: dict[str, Any] = {
-            "levels": tokenizer.levels_, "codebook_size": tokenizer.codebook_size_, "width": tokenizer.width_,
-            "collision_rate_before": tokenizer.collision_rate_before_,
-            "collision_rate_after": float(1.0 - len(np.unique(codes, axis=0)) / len(codes)),
-            **code_metrics(base, tokenizer.codebook_size_),
-            "best_epoch": tokenizer.record_.best_epoch,
-            "best_seconds": round(tokenizer.record_.best_seconds, 1),
-            "stopped_epoch": tokenizer.record_.stopped_epoch, "restarted_codes": tokenizer.record_.restarted_codes,
-        }
-        x = torch.as_tensor(vectors, dtype=torch.float32)
-        if tokenizer.model_ is not None:
-            rebuilt = tokenizer.model_.reconstruct(x)
-        else:
-            rebuilt = torch.as_tensor(tokenizer.vectors_of(codes))
-        metrics["reconstruction_mse"] = float((rebuilt - x).pow(2).sum(1).mean())
-        metrics["reconstruction_cosine"] = float(torch.nn.functional.cosine_similarity(rebuilt, x, dim=1).mean())
-        metrics.update(alignment(base, arrays["paths"] if arrays is not None else None, "hierarchy"))
-        metrics.update(alignment(base, kg.entity_types, "types"))
-        np.save(writer.path / "codes.npy", codes)
-        tokens = tokenizer.token_strings(codes)
-        (writer.path / "tokens.txt").write_text(
-            "".join(f"{i}\t{n}\t{t}\n" for i, (n, t) in enumerate(zip(kg.entity_names, tokens))), encoding="utf-8")
-        tokenizer.save(writer.path / "tokenizer")
-        write_json_atomic(writer.path / "metrics.json", {**metrics, "history": tokenizer.record_.history})
-        writer.metrics.update({k: v for k, v in metrics.items()})
-    shutil.rmtree(work, ignore_errors=True)
-    log(f"quantize: {config.variant}, {tokenizer.levels_} levels x {tokenizer.codebook_size_} codes, "
-        f"utilisation {[round(u, 3) for u in metrics['utilization']]}, collisions before fix "
-        f"{metrics['collision_rate_before']:.4f} -> {dest}")
-    return Path(dest)
+    """Stage 4 into ``dest`` (reused when current; a killed training resumes from ``<dest>.work``)."""
+    return run_stage(STAGE, config, dest, data=data, inputs={"hierarchy": hierarchy, "embeddings": embeddings},
+                     progress=progress, log=log).path

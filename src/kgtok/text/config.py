@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from kgtok.config import check_fields, in_range
+from kgtok.config import check_fields, in_range, machine
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
@@ -23,11 +23,11 @@ class TextConfig:
 
     model: str = DEFAULT_MODEL  # "all-MiniLM-L6-v2" (bundled, offline) or a local sentence-transformers directory; bigger models embed better and slower
     mode: Literal["separate", "joint"] = "separate"  # separate: [label | description] vectors (GS-Quant, 2x width, 2x texts to encode); joint: one vector of "label: description"
-    batch_size: int = 128  # texts per forward pass; larger is faster on long runs until memory (batch x max_length activations) runs out
+    batch_size: int = machine(128)  # texts per forward pass; larger is faster on long runs until memory (batch x max_length activations) runs out
     max_length: int = 128  # tokens per text, longer ones are cut; MiniLM was trained on 128, its limit is 256; cost grows with it
     normalize: bool = True  # unit-length vectors (cosine = dot product); false drops the model's Normalize layer and keeps raw mean-pooled vectors
-    threads: int = 0  # torch threads; 0 = all cores. Use 1 per process when tests run in parallel
-    cache_dir: str | None = None  # where encoded texts are kept for reuse; None: $KGTOK_CACHE_DIR/text, else ~/.cache/kgtok/text
+    threads: int = machine(0)  # torch threads; 0 = all cores. Use 1 per process when tests run in parallel
+    cache_dir: str | None = machine(None)  # where encoded texts are kept for reuse; None: $KGTOK_CACHE_DIR/text, else ~/.cache/kgtok/text
 
     def __post_init__(self) -> None:
         check_fields(self, [

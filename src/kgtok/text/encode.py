@@ -28,10 +28,9 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -39,9 +38,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kgtok.artifacts import ID_ORDER, artifact_dir, hash_inputs, write_id_order
-from kgtok.config import format_config
-from kgtok.data.graph import DESCRIPTION_FILES, LABEL_FILES, SPLITS, KnowledgeGraph, load_kg
+from kgtok.artifacts import atomic_path
+from kgtok.data.graph import KnowledgeGraph
 from kgtok.runtime import torch_threads
 from kgtok.text.config import DEFAULT_MODEL, TextConfig
 
@@ -238,22 +236,15 @@ def _read_cache(path: Path, rows: int) -> np.ndarray | None:
 
 
 def _write_cache(path: Path, vectors: np.ndarray) -> None:
-    """np.save through a temporary file and os.replace, so a reader never sees half a file."""
+    """np.save through :func:`kgtok.artifacts.atomic_path`, so a reader never sees half a file."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         warnings.warn(f"cannot write the text cache in {path.parent} ({e}); continuing without it",
                       TextCacheWarning, stacklevel=3)
         return
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, vectors)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, vectors)
 
 
 @dataclass(frozen=True)
@@ -374,76 +365,3 @@ def entity_texts(kg: KnowledgeGraph) -> EntityTexts:
 def joint_texts(kg: KnowledgeGraph) -> list[str]:
     """``"label: description"`` per entity; just the label when there is no description."""
     return [f"{label}: {d}" if d else label for label, d in zip(kg.labels, kg.descriptions)]
-
-
-def _input_hashes(kg: KnowledgeGraph, identity: str) -> dict[str, str]:
-    names = [f"{s}.txt" for s in SPLITS] + ["entities.dict", "entity_text.tsv", *LABEL_FILES, *DESCRIPTION_FILES]
-    inputs = hash_inputs({name: Path(kg.source) / name for name in names}) if kg.source else {}
-    inputs["model"] = identity
-    return inputs
-
-
-def run_text(
-    config: TextConfig,
-    data: str | Path | KnowledgeGraph,
-    dest: str | Path,
-    *,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> Path:
-    """Stage 2: embed every entity's text, write the artifact into ``dest``.
-
-    Artifact layout::
-
-        manifest.json                 stage, config, input hashes (KG files, model), metrics, timings
-        config.yaml                   the resolved config
-        text_embeddings.npy           (N, D) float32 in kgtok entity id order;
-                                      separate: [label | description], D = 2 x 384; joint: D = 384
-        label_embeddings.npy          (N, 384) float32, mode separate only
-        description_embeddings.npy    (N, 384) float32, mode separate only (= the label's where the
-                                      entity has no description)
-        entities.tsv                  id<TAB>raw name: the row order of the arrays
-
-    Metrics: num_entities, dim, missing_label, missing_description,
-    unique_texts, seconds, cache_hit.
-    """
-    log(format_config(config))
-    model_dir = check_model(config)  # a bad model name fails before the KG is read
-    kg = data if isinstance(data, KnowledgeGraph) else load_kg(data)
-    dest = Path(dest)
-    inputs = _input_hashes(kg, model_identity(model_dir))
-    texts = entity_texts(kg)
-    n = kg.num_entities
-    with artifact_dir(dest, stage="text", config=config, inputs=inputs) as writer:
-        with writer.timed("encode"):
-            if config.mode == "separate":
-                # One call for labels and descriptions: a fallback description is its label, encoded once.
-                encoding = embed_texts(texts.labels + texts.descriptions, config, progress=progress)
-                label_vectors, description_vectors = encoding.vectors[:n], encoding.vectors[n:]  # (N, 384) each
-                vectors = np.concatenate([label_vectors, description_vectors], axis=1)  # (N, 2 x 384)
-            else:
-                encoding = embed_texts(joint_texts(kg), config, progress=progress)
-                vectors = encoding.vectors  # (N, 384)
-        np.save(writer.path / "text_embeddings.npy", np.ascontiguousarray(vectors, dtype=np.float32))
-        if config.mode == "separate":
-            np.save(writer.path / "label_embeddings.npy", np.ascontiguousarray(label_vectors))
-            np.save(writer.path / "description_embeddings.npy", np.ascontiguousarray(description_vectors))
-        write_id_order(writer.path / ID_ORDER, kg.entity_names)
-        (writer.path / "config.yaml").write_text(format_config(config), encoding="utf-8")
-        writer.metrics.update({
-            "num_entities": n,
-            "dim": int(vectors.shape[1]),
-            "missing_label": texts.missing_label,
-            "missing_description": texts.missing_description,
-            "unique_texts": encoding.unique_texts,
-            "seconds": round(encoding.seconds, 3),
-            "cache_hit": encoding.cache_hit,
-        })
-        writer.extra["model_dir"] = str(model_dir)
-    source = "cache" if encoding.cache_hit else f"{encoding.unique_texts / max(encoding.seconds, 1e-9):.0f} texts/s"
-    log(
-        f"text: {n} entities -> ({n}, {vectors.shape[1]}) in {encoding.seconds:.1f}s ({source}); "
-        f"{encoding.unique_texts} unique texts; missing_label={texts.missing_label} "
-        f"missing_description={texts.missing_description} -> {dest}"
-    )
-    return dest

@@ -1,0 +1,49 @@
+"""The files of a stage-1 artifact, named once (read by stages 3-5, the report and the CLI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kgtok.artifacts import Artifact
+
+
+class EmbedArtifact(Artifact):
+    """``kgtok embed`` / ``kgtok embed-import`` output.
+
+    entity_embeddings.npy      (N, D) float32; complex models [re | im]
+    relation_embeddings.npy    (R, D_r) float32 (reciprocal relations after the R originals; RotatE: phases)
+    entities.tsv, relations.tsv  id<TAB>raw name: the row order of the arrays
+    model.pt                   weights + what is needed to rebuild the model
+    metrics.json               valid and test metrics (both/head/tail), training history
+    candidates/{split}.npz     per query (both sides): top-k filtered candidates, scores, filtered rank
+    """
+
+    stage = "embed"
+    title = "stage-1 (embed)"
+
+    @property
+    def entity_embeddings(self) -> Path:
+        return self.path / "entity_embeddings.npy"
+
+    @property
+    def relation_embeddings(self) -> Path:
+        return self.path / "relation_embeddings.npy"
+
+    @property
+    def entities(self) -> Path:
+        return self.path / "entities.tsv"
+
+    @property
+    def relations(self) -> Path:
+        return self.path / "relations.tsv"
+
+    @property
+    def model(self) -> Path:
+        return self.path / "model.pt"
+
+    @property
+    def config_yaml(self) -> Path:
+        return self.path / "config.yaml"
+
+    def candidates(self, split: str) -> Path:
+        return self.path / "candidates" / f"{split}.npz"

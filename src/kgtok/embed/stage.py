@@ -1,0 +1,46 @@
+"""Stage 1 as a pipeline stage: train, evaluate (filtered, both sides), export candidates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kgtok.embed.config import EmbedConfig
+from kgtok.stage import Context, Stage, run_stage
+
+if TYPE_CHECKING:
+    from kgtok.data.graph import KnowledgeGraph
+
+
+def run(config: EmbedConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -> dict[str, Any]:
+    """Train with early stopping in ``ctx.work`` (resumable), rank every split, write the artifact."""
+    from kgtok.embed.ranking import rank_splits
+    from kgtok.embed.train import export, train_model
+
+    kg = ctx.kg
+    with ctx.timed("train"):
+        model, state = train_model(kg, config, ctx.work, progress=ctx.progress, log=ctx.log)
+    with ctx.timed("evaluate"):
+        ranked, metrics = rank_splits(
+            model, kg, reciprocal=config.resolved_reciprocal, batch_size=config.eval_batch_size,
+            top_k=config.top_k, export_splits=config.export_splits, progress=ctx.progress,
+        )
+    export(dest, model, kg, config, state, metrics, ranked)
+    test = metrics["test"]["both"]
+    ctx.log(f"embed: test MRR {test['mrr']:.4f}  H@1 {test['hits_at_1']:.4f}  H@10 {test['hits_at_10']:.4f}")
+    return {
+        "best_step": state.best_step, "steps": state.step,
+        **{f"{split}_{name}": metrics[split]["both"][name]
+           for split in ("valid", "test") for name in ("mrr", "hits_at_1", "hits_at_3", "hits_at_10")},
+    }
+
+
+STAGE = Stage(name="embed", title="stage 1: KG embeddings and candidates", config=EmbedConfig, run=run,
+              summary=("test_mrr", "test_hits_at_1", "test_hits_at_10"))
+
+
+def run_embed(config: EmbedConfig, data: str | Path | KnowledgeGraph, dest: str | Path, *,
+              progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Stage 1 into ``dest`` (reused when current; a killed run resumes from ``<dest>.work``)."""
+    return run_stage(STAGE, config, dest, data=data, progress=progress, log=log).path

@@ -1,0 +1,36 @@
+"""The files of a stage-3 artifact, named once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kgtok.artifacts import Artifact
+
+
+class HierarchyArtifact(Artifact):
+    """``kgtok hierarchy`` output.
+
+    fused_vectors.npy      (N, D) float32 unit rows s_x: the quantizer's input
+    hierarchy.npz          paths (N, levels); per level l: parents_l, centroids_l, neighbours_l, text_centroids_l
+    hierarchy.json         for people: clusters with sizes, top words, member labels
+    entities.tsv           id<TAB>raw name: the row order
+    """
+
+    stage = "hierarchy"
+    title = "stage-3 (hierarchy)"
+
+    @property
+    def fused_vectors(self) -> Path:
+        return self.path / "fused_vectors.npy"
+
+    @property
+    def arrays(self) -> Path:
+        return self.path / "hierarchy.npz"
+
+    @property
+    def tree_json(self) -> Path:
+        return self.path / "hierarchy.json"
+
+    @property
+    def entities(self) -> Path:
+        return self.path / "entities.tsv"

@@ -1,0 +1,39 @@
+"""The files of the stage-5 artifacts (instructions, fine-tuned model, evaluation), named once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kgtok.artifacts import Artifact
+
+
+class InstructArtifact(Artifact):
+    """``kgtok instruct`` output: one JSONL file per split (lm_train, lm_valid, test)."""
+
+    stage = "instruct"
+    title = "stage-5a (instruct)"
+
+    def split(self, name: str) -> Path:
+        return self.path / f"{name}.jsonl"
+
+
+class FinetuneArtifact(Artifact):
+    """``kgtok finetune`` output: ``model/`` (opens with AutoModelForCausalLM), ``metrics.json``."""
+
+    stage = "finetune"
+    title = "stage-5b (finetune)"
+
+    @property
+    def model(self) -> Path:
+        return self.path / "model"
+
+
+class EvaluateArtifact(Artifact):
+    """``kgtok evaluate`` output: ``predictions.jsonl`` and ``metrics.json`` (one entry per ranker)."""
+
+    stage = "evaluate"
+    title = "stage-5c (evaluate)"
+
+    @property
+    def predictions(self) -> Path:
+        return self.path / "predictions.jsonl"
