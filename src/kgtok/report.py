@@ -19,6 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from kgtok.artifacts import write_text_atomic
+from kgtok.embed.layout import EmbedArtifact
+from kgtok.hierarchy.layout import HierarchyArtifact
+from kgtok.llm.layout import EvaluateArtifact, FinetuneArtifact
+from kgtok.quantize.layout import QuantizeArtifact
+
 
 def _png(figure: Any) -> str:
     import matplotlib.pyplot as plt
@@ -43,7 +49,7 @@ def _read(path: Path) -> Any:
 
 
 def _stage1(run: Path) -> str | None:
-    metrics = _read(run / "embed" / "metrics.json")
+    metrics = _read(EmbedArtifact(run / "embed").metrics_path)
     if metrics is None:
         return None
     keys = ["mrr", "hits_at_1", "hits_at_3", "hits_at_10", "mr"]
@@ -58,11 +64,12 @@ def _quantizer(run: Path) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = _read(run / "quantize" / "metrics.json")
+    quantized = QuantizeArtifact(run / "quantize")
+    metrics = _read(quantized.metrics_path)
     if metrics is None:
         return None
     parts = ["<h2>Stage 4: codes</h2>"]
-    codes = np.load(run / "quantize" / "codes.npy")
+    codes = np.load(quantized.codes)
     levels = metrics["levels"]
     figure, axes = plt.subplots(1, levels, figsize=(3.2 * levels, 2.6), squeeze=False)
     for level in range(levels):
@@ -100,7 +107,7 @@ def _quantizer(run: Path) -> str | None:
     parts.append(_table(["collisions before fix", "after", "reconstruction cosine"],
                         [[metrics["collision_rate_before"], metrics["collision_rate_after"],
                           metrics["reconstruction_cosine"]]]))
-    fused = run / "hierarchy" / "fused_vectors.npy"
+    fused = HierarchyArtifact(run / "hierarchy").fused_vectors
     if fused.exists():
         from sklearn.decomposition import PCA
 
@@ -118,7 +125,7 @@ def _quantizer(run: Path) -> str | None:
 def _finetune(run: Path) -> str | None:
     import matplotlib.pyplot as plt
 
-    metrics = _read(run / "finetune" / "metrics.json")
+    metrics = _read(FinetuneArtifact(run / "finetune").metrics_path)
     if metrics is None:
         return None
     points = [(h["step"], h["loss"]) for h in metrics["history"] if "loss" in h]
@@ -191,10 +198,7 @@ def write_report(run_dir: str | Path, dest: str | Path | None = None) -> Path:
             f"</title><style>{STYLE}</style></head><body><h1>kgtok report: {html.escape(str(run))}</h1>"
             + "".join(sections) + "</body></html>")
     dest = Path(dest) if dest else run / "report.html"
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(dest)
-    return dest
+    return write_text_atomic(dest, page)
 
 
 def screenshot(page: str | Path, png: str | Path, *, width: int = 1200, height: int = 4000,

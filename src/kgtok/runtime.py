@@ -21,14 +21,15 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def torch_save_atomic(obj: object, path: Path) -> None:
+    """``torch.save`` through :func:`kgtok.artifacts.atomic_path`: a kill never leaves half a checkpoint,
+    and two processes never share a temporary name."""
+    from kgtok.artifacts import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
 def torch_threads_if_set(threads: int) -> AbstractContextManager[None]:
     """:func:`torch_threads` when ``threads`` > 0; otherwise torch's own setting stays."""
     return torch_threads(threads) if threads else nullcontext()
-
-
-def torch_save_atomic(obj: object, path: Path) -> None:
-    """``torch.save`` through a temporary file and ``os.replace``: a kill never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

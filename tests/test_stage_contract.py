@@ -1,0 +1,106 @@
+"""Every registered stage keeps the stage contract (kgtok.stage): one parametrised test per promise.
+
+A small run of the whole pipeline is made once; each stage is then checked
+against it: its declared inputs come from earlier stages, its config
+round-trips through YAML, a second run is a cache hit, and a run killed at
+the end of its work leaves no artifact, keeps its work folder, and when
+started again finishes with the artifact an uninterrupted run wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_cli import FAST
+
+from kgtok.artifacts import read_manifest
+from kgtok.config import MACHINE, config_from_dict, config_to_dict, fields_with_effect
+from kgtok.data.synthetic import SyntheticConfig
+from kgtok.pipeline import STAGE_ORDER, STAGES, RunConfig, run
+from kgtok.stage import Context, run_stage, work_dir
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> RunConfig:
+    config = RunConfig(out=str(tmp_path_factory.mktemp("contract") / "run"), synthetic=SyntheticConfig(num_entities=300),
+                       **FAST)
+    run(config, log=lambda *_: None)
+    return config
+
+
+def stage_call(config: RunConfig, name: str, dest: Path, **kwargs):
+    return run_stage(STAGES[name], config.stage_config(name), dest, inputs=config.wired(name),
+                     ctx=Context(log=lambda *_: None, progress=False, kg_dir=Path(config.out) / "synthetic"), **kwargs)
+
+
+def data_files(dest: Path) -> dict[str, str]:
+    """Content hashes of an artifact's data files (the JSON records hold wall times too)."""
+    return {name: record["hash"] for name, record in read_manifest(dest)["files"].items()
+            if not name.endswith(".json")}
+
+
+def test_registry_is_in_order_and_inputs_come_from_earlier_stages():
+    assert STAGE_ORDER[:2] == ("synthetic", "data") and STAGE_ORDER[-1] == "evaluate"
+    for position, name in enumerate(STAGE_ORDER):
+        stage = STAGES[name]
+        assert stage.name == name
+        for spec in stage.inputs:
+            if spec.stage is not None:
+                assert spec.stage in STAGE_ORDER[:position], (name, spec.name)
+            if spec.layout is not None and spec.stage is not None:
+                assert spec.layout.stage == spec.stage
+        assert set(stage.needed_inputs(stage.config())) <= {i.name for i in stage.inputs}
+
+
+@pytest.mark.parametrize("name", STAGE_ORDER)
+def test_config_round_trips_through_yaml(name):
+    config = STAGES[name].config()
+    text = yaml.safe_dump(config_to_dict(config))
+    assert config_from_dict(STAGES[name].config, yaml.safe_load(text)) == config
+
+
+@pytest.mark.parametrize("name", STAGE_ORDER)
+def test_second_run_is_a_cache_hit(small_run, name):
+    dest = Path(small_run.out) / name
+    before = read_manifest(dest)
+    result = stage_call(small_run, name, dest)
+    assert result.status == "cached" and read_manifest(dest) == before
+
+
+@pytest.mark.parametrize("name", STAGE_ORDER)
+def test_killed_run_resumes_to_the_same_artifact(small_run, name, tmp_path, monkeypatch):
+    reference = Path(small_run.out) / name
+    dest = tmp_path / name
+    stage = STAGES[name]
+    seen: dict[str, list[str]] = {}
+
+    def killed_at_the_end(config, inputs, out, ctx):
+        stage.run(config, inputs, out, ctx)
+        seen["work"] = sorted(str(p.relative_to(ctx.work)) for p in ctx.work.rglob("*"))
+        raise KeyboardInterrupt  # as a kill after the work is done, before the artifact is in place
+
+    monkeypatch.setitem(STAGES, name, dataclasses.replace(stage, run=killed_at_the_end))
+    with pytest.raises(KeyboardInterrupt):
+        stage_call(small_run, name, dest)
+    assert not dest.exists() and sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.work"]
+    monkeypatch.setitem(STAGES, name, stage)
+
+    def resumed(config, inputs, out, ctx):
+        found = sorted(str(p.relative_to(ctx.work)) for p in ctx.work.rglob("*"))
+        assert set(seen["work"]) <= set(found)  # what the killed run saved is there to resume from
+        return stage.run(config, inputs, out, ctx)
+
+    monkeypatch.setitem(STAGES, name, dataclasses.replace(stage, run=resumed))
+    assert stage_call(small_run, name, dest).status == "ran"
+    assert not work_dir(dest).exists()
+    assert data_files(dest) == data_files(reference)
+
+
+@pytest.mark.parametrize("name", STAGE_ORDER)
+def test_threads_is_a_machine_field_everywhere(name):
+    if "threads" in config_to_dict(STAGES[name].config()):
+        assert "threads" in fields_with_effect(STAGES[name].config, MACHINE)
