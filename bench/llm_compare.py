@@ -62,7 +62,7 @@ def main() -> None:
     start = time.perf_counter()
     run(run_config, until="quantize", log=lambda *_: None)  # stage 5 runs below, once per variant
     upstream_seconds = time.perf_counter() - start
-    kg_dir = json.loads((run_dir / "data" / "manifest.json").read_text())["kg_dir"]
+    kg_dir = json.loads((run_dir / "data" / "manifest.json").read_text())["metrics"]["kg_dir"]
     record: dict = {"backbone": args.backbone, "data": kg_dir, "upstream_seconds": round(upstream_seconds, 1)}
     for variant in args.variants.split(","):
         use_codes = variant == "codes"

@@ -39,7 +39,7 @@ def synthetic_inputs(threads: int) -> tuple[Path, Path, Path]:
         "text": {"threads": threads}, "hierarchy": {"threads": threads}, "quantize": {"threads": threads, "epochs": 1},
     })
     run(config, until="hierarchy", log=lambda *_: None)
-    return run_dir / "synthetic_kg", run_dir / "hierarchy", run_dir / "embed"
+    return run_dir / "synthetic", run_dir / "hierarchy", run_dir / "embed"
 
 
 def main() -> None:

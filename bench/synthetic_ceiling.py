@@ -61,7 +61,7 @@ def main() -> None:
     if run_config.get("data") is not None:
         raise SystemExit(f"{run_dir} is not a run on the synthetic KG")
     config = config_from_dict(SyntheticConfig, run_config["synthetic"])
-    kg = load_kg(run_dir / "synthetic_kg")
+    kg = load_kg(run_dir / "synthetic")
     records = [json.loads(line) for line in (run_dir / "instruct" / "test.jsonl").read_text().splitlines()]
     stage1 = np.array([r["stage1_rank"] for r in records])
     full = oracle_ranks(config, kg, "test")
