@@ -15,12 +15,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from kgtok.artifacts import ID_ORDER, artifact_dir, hash_inputs, write_id_order
-from kgtok.config import check_fields, in_range
+from kgtok.artifacts import artifact_dir, hash_inputs, write_id_order
+from kgtok.config import check_fields, in_range, machine
 from kgtok.data.errors import KGFormatError
 from kgtok.data.graph import KnowledgeGraph, load_kg
 from kgtok.data.reader import read_table
 from kgtok.embed.config import EmbedConfig, ModelName
+from kgtok.embed.layout import EmbedArtifact
 from kgtok.embed.models import build_model
 from kgtok.embed.ranking import rank_splits
 from kgtok.embed.train import export
@@ -37,7 +38,7 @@ class ImportConfig:
     top_k: int = 20  # candidates per query
     export_splits: tuple[str, ...] = ("train", "valid", "test")
     eval_batch_size: int = 512
-    threads: int = 0
+    threads: int = machine(0)
 
     def __post_init__(self) -> None:
         check_fields(self, [
@@ -115,10 +116,11 @@ def import_embeddings(
     inputs = hash_inputs({"entity_vectors": entity_vectors, **({"relation_vectors": relation_vectors} if relation_vectors else {})})
     with torch_threads(config.threads), artifact_dir(dest, stage="embed", config=config, inputs=inputs) as writer:
         if config.model is None:
-            np.save(writer.path / "entity_embeddings.npy", entities.astype(np.float32))
+            out = EmbedArtifact(writer.path)
+            np.save(out.entity_embeddings, entities.astype(np.float32))
             if relations is not None:
-                np.save(writer.path / "relation_embeddings.npy", relations.astype(np.float32))
-            write_id_order(writer.path / ID_ORDER, kg.entity_names)
+                np.save(out.relation_embeddings, relations.astype(np.float32))
+            write_id_order(out.entities, kg.entity_names)
             return Path(dest)
         complex_valued = config.model in ("complex", "rotate")
         dim = entities.shape[1] // 2 if complex_valued else entities.shape[1]
