@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from kgtok.quantize import EntityTokenizer, GSEConfig, QuantizeConfig, run_quantize
-from kgtok.quantize.model import gse_losses
+from kgtok.quantize.model import RQVAE, Hierarchy, gse_losses
 from kgtok.quantize.tokenizer import CollisionWarning, NotFittedError, disambiguate, level_namespace
-from kgtok.quantize.train import RQVAE, Hierarchy
 
 
 def clustered(n: int = 240, dim: int = 16, seed: int = 0, clusters: int = 4):
@@ -57,7 +56,8 @@ def test_every_gse_level_moves_encoder_and_codebooks(level):
     (l1[level] + l2[level]).backward()
     encoder_grad = sum(p.grad.abs().sum() for p in model.encoder.parameters() if p.grad is not None)
     assert encoder_grad > 0
-    book_grad = model.quantizer.codebooks.grad.abs().sum(dim=(1, 2))  # (levels,)
+    book_grad = [0.0 if book.weight.grad is None else book.weight.grad.abs().sum()
+                 for book in model.quantizer.codebooks]  # (levels,)
     assert all(book_grad[j] > 0 for j in range(level + 1))  # codebooks up to this level move
     assert all(book_grad[j] == 0 for j in range(level + 1, 3))  # deeper ones do not
 
@@ -70,7 +70,7 @@ def test_reference_residual_update_would_cut_the_gradient():
     z = model.encoder(torch.as_tensor(x[:32]))
     residual = z
     for level in range(2):
-        v = model.quantizer.codebook(level)[model.quantizer.nearest(residual.detach(), model.quantizer.codebook(level))]
+        _, v = model.quantizer.codebooks[level](residual)
         surrogate = residual + (v - residual).detach()
         residual = residual - surrogate  # the reference: r_{l+1} = r_l - ṽ_l
     # The level-2 residual's gradient with respect to the encoder is exactly zero (r - r cancels).
@@ -123,19 +123,19 @@ def test_killed_training_resumes_to_the_same_codes(tmp_path, monkeypatch):
     checkpoint = tmp_path / "work" / "train.pt"
 
     calls = {"n": 0}
-    entropy = train.code_entropy
+    usage = train.code_usage
 
     def dies_at_the_third_evaluation(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt  # as a kill: after epoch 4's checkpoint, during epoch 6's evaluation
-        return entropy(*args, **kwargs)
+        return usage(*args, **kwargs)
 
-    monkeypatch.setattr(train, "code_entropy", dies_at_the_third_evaluation)
+    monkeypatch.setattr(train, "code_usage", dies_at_the_third_evaluation)
     with pytest.raises(KeyboardInterrupt):
         EntityTokenizer(config=config).fit(x, arrays, progress=False, checkpoint=checkpoint)
     assert torch.load(checkpoint, weights_only=False)["epoch"] == 4
-    monkeypatch.setattr(train, "code_entropy", entropy)
+    monkeypatch.setattr(train, "code_usage", usage)
     logs: list[str] = []
     resumed = EntityTokenizer(config=config).fit(x, arrays, progress=False, checkpoint=checkpoint, log=logs.append)
     assert any("resumed after epoch 4" in line for line in logs)
@@ -287,3 +287,30 @@ def test_stage_artifact_on_synthetic_kg(tmp_path):
     np.testing.assert_array_equal(loaded.codes_, codes)
     with pytest.raises(ValueError, match="realm quantizes the KG embeddings"):
         run_quantize(QuantizeConfig(variant="realm"), kg, tmp_path / "r", hierarchy=hierarchy, log=quiet)
+
+
+@pytest.mark.parametrize("variant", ["rq", "flat"])
+def test_state_saved_with_one_stacked_codebook_still_loads(variant):
+    """model.pt files written before the per-level Codebooks hold one (books, K, dim) tensor per quantizer."""
+    x, _ = clustered()
+    xt = torch.as_tensor(x)
+    config = small_config(variant=variant)
+    model = RQVAE(x.shape[1], config, levels=3, codebook_size=8)
+    with torch.no_grad():
+        model.quantizer.kmeans_init(model.encoder(xt), seed=0)
+    model.quantizer.mark_used(model.encode(xt), step=7)
+    books = model.quantizer.distinct_codebooks()
+    assert len(books) == (1 if variant == "flat" else 3)
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("quantizer.codebooks.")}
+    old["quantizer.codebooks"] = torch.stack([book.weight.detach() for book in books])  # (books, K, dim)
+    old["quantizer.last_used"] = torch.stack([book.last_used for book in books])  # (books, K)
+    old["quantizer.initialised"] = torch.tensor(True)
+    torch.manual_seed(1)
+    loaded = RQVAE(x.shape[1], config, levels=3, codebook_size=8)
+    loaded.load_state_dict(old)  # strict: every key placed
+    np.testing.assert_array_equal(loaded.encode(xt).numpy(), model.encode(xt).numpy())
+    assert torch.equal(loaded.quantizer.stacked_codebooks(), model.quantizer.stacked_codebooks())
+    pairs = zip(loaded.quantizer.codebooks, model.quantizer.codebooks)
+    assert all(torch.equal(a.last_used, b.last_used) for a, b in pairs)
+    if variant == "flat":  # one Codebook instance serves every level
+        assert all(book is loaded.quantizer.codebooks[0] for book in loaded.quantizer.codebooks)

@@ -1,6 +1,6 @@
 """EntityTokenizer: entities <-> unique code tuples <-> token strings, scikit-learn style.
 
-    tok = EntityTokenizer(levels=4, codes=1024).fit(fused_vectors, hierarchy)
+    tok = EntityTokenizer(levels=4, codebook_size=1024).fit(fused_vectors, hierarchy)
     tok.encode([0, 5])            # (2, width) codes
     tok.decode(codes)             # entity ids (exact: every tuple is unique)
     tok.token_strings(codes)      # ['<a_17><b_903><c_4><d_250>', ...]
@@ -28,7 +28,10 @@ import torch
 
 from kgtok.config import config_from_dict, config_to_dict
 from kgtok.quantize.config import QuantizeConfig
-from kgtok.quantize.train import Hierarchy, RQVAE, TrainingRecord, fit_residual_kmeans, residual_assign, train_rqvae
+from kgtok.quantize.metrics import collision_rate, tuple_groups
+from kgtok.quantize.model import RQVAE, Hierarchy
+from kgtok.quantize.quantizer import sum_codewords
+from kgtok.quantize.train import TrainingRecord, fit_realm, realm_codes, train_rqvae
 
 
 class CollisionWarning(UserWarning):
@@ -55,17 +58,20 @@ def disambiguate(codes: np.ndarray) -> tuple[np.ndarray, float]:
 
     Returns (codes, share of entities whose tuple was shared before the fix).
     """
-    _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
-    inverse = inverse.reshape(-1)
-    shared = counts[inverse] > 1
-    rate = float(shared.mean()) if len(codes) else 0.0
-    if not shared.any():
+    rate = collision_rate(codes)
+    if rate == 0.0:
         return codes, rate
-    order = np.lexsort((np.arange(len(codes)), inverse))  # by group, then by entity id
-    first = np.searchsorted(inverse[order], inverse[order], side="left")
-    rank = np.empty(len(codes), dtype=codes.dtype)
-    rank[order] = np.arange(len(codes)) - first
+    rank = rank_in_group(tuple_groups(codes)[0]).astype(codes.dtype)
     return np.concatenate([codes, rank[:, None]], axis=1), rate
+
+
+def rank_in_group(groups: np.ndarray) -> np.ndarray:
+    """(n,) group ids -> each row's rank among the rows of its group, in row order (0 for the first)."""
+    order = np.lexsort((np.arange(len(groups)), groups))  # by group, then by row
+    first = np.searchsorted(groups[order], groups[order], side="left")
+    rank = np.empty(len(groups), dtype=np.int64)
+    rank[order] = np.arange(len(groups)) - first
+    return rank
 
 
 class EntityTokenizer:
@@ -73,22 +79,23 @@ class EntityTokenizer:
 
     Parameters
     ----------
-    levels, codes : shorthand for ``config.levels`` / ``config.codebook_size``.
+    levels, codebook_size : shorthand for ``config.levels`` / ``config.codebook_size``
+        (codes per level; the learned codes of the entities are ``codes_``).
     variant : shorthand for ``config.variant``.
     config : the full :class:`QuantizeConfig`.
     """
 
-    def __init__(self, levels: int | None = None, codes: int | None = None, *, variant: str | None = None,
+    def __init__(self, levels: int | None = None, codebook_size: int | None = None, *, variant: str | None = None,
                  config: QuantizeConfig | None = None) -> None:
         self.levels = levels
-        self.codes = codes
+        self.codebook_size = codebook_size
         self.variant = variant
         self.config = config
 
     # --- configuration ----------------------------------------------------------
     def resolved_config(self) -> QuantizeConfig:
         config = self.config or QuantizeConfig()
-        changes = {k: v for k, v in (("levels", self.levels), ("codebook_size", self.codes),
+        changes = {k: v for k, v in (("levels", self.levels), ("codebook_size", self.codebook_size),
                                      ("variant", self.variant)) if v is not None}
         return dataclasses.replace(config, **changes) if changes else config
 
@@ -113,16 +120,14 @@ class EntityTokenizer:
         self.codebook_size_ = config.resolved_codebook_size(len(x))
         self.in_dim_ = int(x.shape[1])
         if config.variant == "realm":
-            self.codebooks_, base = fit_residual_kmeans(
-                x, self.levels_, self.codebook_size_, iterations=config.realm_kmeans_iterations, seed=config.seed,
-                progress=progress)
+            self.codebooks_, base = fit_realm(x, config, self.levels_, self.codebook_size_, progress=progress)
             self.model_ = None
             self.record_ = TrainingRecord()
         else:
             tree = Hierarchy.from_arrays(hierarchy, self.levels_) if hierarchy is not None else None
             self.model_, self.record_ = train_rqvae(x, config, tree, progress=progress, log=log,
                                                     checkpoint=Path(checkpoint) if checkpoint else None)
-            self.codebooks_ = self.model_.quantizer.codebooks.detach().clone()
+            self.codebooks_ = self.model_.quantizer.stacked_codebooks()  # (books, K, code_dim)
             base = self.model_.encode(x)
         self.base_codes_ = base.numpy().astype(np.int64)
         self.codes_, self.collision_rate_before_ = disambiguate(self.base_codes_)
@@ -174,7 +179,7 @@ class EntityTokenizer:
         if x.shape[1] != self.in_dim_:
             raise ValueError(f"vectors have {x.shape[1]} dims; the tokenizer was fitted on {self.in_dim_}")
         if self.model_ is None:
-            base = residual_assign(x, self.codebooks_).numpy()
+            base = realm_codes(x, self.codebooks_).numpy()
         else:
             base = self.model_.encode(x).numpy()
         base = base.astype(np.int64)
@@ -191,22 +196,16 @@ class EntityTokenizer:
         uniq, counts = np.unique(existing, return_counts=True)
         at = np.clip(np.searchsorted(uniq, new_keys), 0, max(len(uniq) - 1, 0))
         start = np.where(uniq[at] == new_keys, counts[at], 0) if len(uniq) else np.zeros(len(base), dtype=np.int64)
-        _, inverse = np.unique(new_keys, return_inverse=True)
-        order = np.lexsort((np.arange(len(base)), inverse))
-        first = np.searchsorted(inverse[order], inverse[order], side="left")
-        rank = np.empty(len(base), dtype=np.int64)
-        rank[order] = np.arange(len(base)) - first
+        rank = rank_in_group(np.unique(new_keys, return_inverse=True)[1].reshape(-1))
         return np.concatenate([base, (start + rank)[:, None]], axis=1)
 
     def vectors_of(self, codes: np.ndarray) -> np.ndarray:
         """(n, width) codes -> (n, code_dim) sum of codewords (the disambiguation column has none)."""
         self._check_fitted()
         codes = torch.as_tensor(np.asarray(codes)[:, : self.base_codes_.shape[1]], dtype=torch.long)
-        books = self.codebooks_
-        out = torch.zeros(len(codes), books.shape[-1])
-        for level in range(codes.shape[1]):
-            out += books[0 if books.shape[0] == 1 else level][codes[:, level]]
-        return out.numpy()
+        books = self.codebooks_  # (books, K, dim); one book serves every level when shared (flat)
+        per_level = [books[0 if len(books) == 1 else level] for level in range(codes.shape[1])]
+        return sum_codewords(codes, per_level, books.shape[-1]).numpy()
 
     # --- tokens -----------------------------------------------------------------
     def token_strings(self, codes: np.ndarray) -> list[str]:
