@@ -39,9 +39,13 @@ def small_config(**overrides) -> QuantizeConfig:
     return QuantizeConfig(**(base | overrides))
 
 
-@pytest.mark.parametrize("level", [0, 1, 2])
-def test_every_gse_level_moves_encoder_and_codebooks(level):
-    """The reference defect: r_{l+1} = r_l - ṽ_l cut the gradient; here each level's GSE reaches the encoder."""
+def check_gse_level_gradients(level: int) -> None:
+    """Level ``level``'s GSE loss moves the encoder through every residual r_0..r_l, and codebooks 0..l only.
+
+    The GSE operand is p_l = Σ_{j<=l} (v_j + r_j - sg(r_j)). With r_{l+1} = r_l - sg(v_l),
+    ∂r_j/∂z = I for every j, so the gradient at the encoder output z is exactly (l + 1) times
+    the gradient at p_l. The reference's r_{l+1} = r_l - ṽ_l leaves only r_0's path: once.
+    """
     x, labels = clustered()
     config = small_config()
     model = RQVAE(x.shape[1], config, levels=3, codebook_size=8)
@@ -49,11 +53,16 @@ def test_every_gse_level_moves_encoder_and_codebooks(level):
     with torch.no_grad():
         model.quantizer.kmeans_init(model.encoder(xt), seed=0)
     tree = Hierarchy.from_arrays(hierarchy_arrays(x, labels), levels=3)
-    out = model.quantizer(model.encoder(xt[:64]))
+    z = model.encoder(xt[:64])  # (64, code_dim)
+    out = model.quantizer(z)
     centre_codes = [model.encoder(c).detach() for c in tree.centroids]  # only the operand's paths count here
     _, l1, l2 = gse_losses(out.prefixes, centre_codes, tree.clusters[:64], tree.neighbours,
                            lambda1=0.8, lambda2=0.4, temperature=0.1)
-    (l1[level] + l2[level]).backward()
+    loss = l1[level] + l2[level]
+    at_z, at_prefix = torch.autograd.grad(loss, [z, out.prefixes[level]], retain_graph=True)
+    assert at_prefix.abs().sum() > 0
+    torch.testing.assert_close(at_z, (level + 1) * at_prefix, rtol=1e-5, atol=1e-7)
+    loss.backward()
     encoder_grad = sum(p.grad.abs().sum() for p in model.encoder.parameters() if p.grad is not None)
     assert encoder_grad > 0
     book_grad = [0.0 if book.weight.grad is None else book.weight.grad.abs().sum()
@@ -62,8 +71,29 @@ def test_every_gse_level_moves_encoder_and_codebooks(level):
     assert all(book_grad[j] == 0 for j in range(level + 1, 3))  # deeper ones do not
 
 
+def reference_update(residual: torch.Tensor, codeword: torch.Tensor) -> torch.Tensor:
+    """The public reference's r_{l+1} = r_l - ṽ_l, ṽ_l = r_l + sg(v_l - r_l): same value, no gradient."""
+    return residual - (residual + (codeword - residual).detach())
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_every_gse_level_moves_encoder_and_codebooks(level):
+    """The reference defect: r_{l+1} = r_l - ṽ_l cut the gradient; here each level's GSE reaches the encoder."""
+    check_gse_level_gradients(level)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_gse_gradient_check_fails_under_the_reference_update(level, monkeypatch):
+    """Guard for the test above: with the reference's residual update swapped in, its check fails."""
+    import kgtok.quantize.quantizer as quantizer
+
+    monkeypatch.setattr(quantizer, "next_residual", reference_update)
+    with pytest.raises(AssertionError, match="Tensor-likes are not close"):
+        check_gse_level_gradients(level)
+
+
 def test_reference_residual_update_would_cut_the_gradient():
-    """Guard for the test above: the reference code's update leaves level >= 1 without encoder gradient."""
+    """The reference code's update leaves level >= 1 without encoder gradient."""
     x, _ = clustered()
     config = small_config()
     model = RQVAE(x.shape[1], config, levels=3, codebook_size=8)
@@ -71,8 +101,7 @@ def test_reference_residual_update_would_cut_the_gradient():
     residual = z
     for level in range(2):
         _, v = model.quantizer.codebooks[level](residual)
-        surrogate = residual + (v - residual).detach()
-        residual = residual - surrogate  # the reference: r_{l+1} = r_l - ṽ_l
+        residual = reference_update(residual, v)  # the reference: r_{l+1} = r_l - ṽ_l
     # The level-2 residual's gradient with respect to the encoder is exactly zero (r - r cancels).
     grads = torch.autograd.grad((residual * torch.randn_like(residual)).sum(), list(model.encoder.parameters()),
                                 allow_unused=True)

@@ -38,7 +38,16 @@ def residual_levels(x: torch.Tensor, levels: int, pick: PickCodes) -> Iterator[L
     for level in range(levels):
         code, codeword = pick(level, residual)  # (batch,), (batch, dim)
         yield level, residual, code, codeword
-        residual = residual - codeword.detach()  # identity gradient to r_l
+        residual = next_residual(residual, codeword)
+
+
+def next_residual(residual: torch.Tensor, codeword: torch.Tensor) -> torch.Tensor:
+    """r_{l+1} = r_l - sg(v_l): ∂r_{l+1}/∂r_l = I, so every level's loss reaches the encoder.
+
+    The public reference's r_{l+1} = r_l - ṽ_l (ṽ_l = r_l + sg(v_l - r_l)) has
+    the same value and zero gradient; a test swaps it in to show its checks fail.
+    """
+    return residual - codeword.detach()
 
 
 def residual_codes(x: torch.Tensor, codebooks: list[torch.Tensor] | torch.Tensor, *,
