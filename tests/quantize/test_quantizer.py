@@ -343,3 +343,85 @@ def test_state_saved_with_one_stacked_codebook_still_loads(variant):
     assert all(torch.equal(a.last_used, b.last_used) for a, b in pairs)
     if variant == "flat":  # one Codebook instance serves every level
         assert all(book is loaded.quantizer.codebooks[0] for book in loaded.quantizer.codebooks)
+
+
+def test_tokenizer_checks_its_arguments_at_construction():
+    with pytest.raises(ValueError, match="variant='bogus'"):
+        EntityTokenizer(variant="bogus")
+    with pytest.raises(ValueError, match="levels=0"):
+        EntityTokenizer(levels=0)
+    with pytest.raises(ValueError, match="codebook_size=1.5"):
+        EntityTokenizer(codebook_size=1.5)
+    with pytest.raises(ValueError, match="QuantizeConfig"):
+        EntityTokenizer(config={"levels": 3})
+    with pytest.raises(ValueError, match="variant='bogus'"):
+        QuantizeConfig(variant="bogus")
+    tokenizer = EntityTokenizer(levels=4, codebook_size=1024, variant="flat")
+    assert (tokenizer.levels, tokenizer.codebook_size, tokenizer.variant) == (4, 1024, "flat")
+
+
+def small_tokenizer(n: int = 300) -> tuple[EntityTokenizer, np.ndarray]:
+    x, _ = clustered(n=n)
+    config = small_config(variant="rq", levels=2, codebook_size=4, epochs=2)
+    return EntityTokenizer(config=config).fit(x, None, progress=False), x
+
+
+def test_encode_takes_only_known_integer_ids():
+    tokenizer, x = small_tokenizer()
+    for bad in ([-1], [1.7], [len(x)], [True], ["3"]):
+        with pytest.raises(ValueError, match="entity ids"):
+            tokenizer.encode(bad)
+    np.testing.assert_array_equal(tokenizer.encode(np.array([0, 5], dtype=np.int32)), tokenizer.codes_[[0, 5]])
+    assert tokenizer.encode([]).shape == (0, tokenizer.width_)
+
+
+def test_encode_new_refuses_non_finite_and_misshapen_vectors():
+    tokenizer, x = small_tokenizer()
+    for value in (np.nan, np.inf):
+        bad = x[:3].copy()
+        bad[1, 2] = value
+        with pytest.raises(ValueError, match="finite"):
+            tokenizer.encode_new(bad)
+    with pytest.raises(ValueError, match=r"\(n, 16\)"):
+        tokenizer.encode_new(x[0])
+    with pytest.raises(ValueError, match="dims"):
+        tokenizer.encode_new(x[:3, :5])
+    assert tokenizer.encode_new(x[:3]).shape == (3, tokenizer.width_)
+
+
+def test_failed_fit_leaves_the_tokenizer_as_it_was():
+    tokenizer, x = small_tokenizer()
+    before = dict(vars(tokenizer))
+    nan = x.copy()
+    nan[4, 0] = np.nan
+    for bad, message in ((np.empty((0, 16), dtype=np.float32), "at least 2"), (x[:, 0], r"\(n, dim\)"),
+                         (nan, "finite")):
+        with pytest.raises(ValueError, match=message):
+            tokenizer.fit(bad, None, progress=False)
+        assert vars(tokenizer).keys() == before.keys()
+        assert all(vars(tokenizer)[k] is v for k, v in before.items())
+    fresh = EntityTokenizer(config=small_config())
+    with pytest.raises(ValueError, match="needs a hierarchy"):
+        fresh.fit(x, None, progress=False)
+    with pytest.raises(ValueError, match="300 entities"):
+        fresh.fit(x, hierarchy_arrays(x[:200], np.arange(200) % 4), progress=False)
+    assert not any(name.endswith("_") for name in vars(fresh))
+    with pytest.raises(NotFittedError):
+        fresh.encode([0])
+
+
+def test_load_names_the_file_on_a_parse_error(tmp_path):
+    tokenizer, _ = small_tokenizer()
+    saved = tokenizer.save(tmp_path / "tok")
+    meta = saved / "tokenizer.json"
+    text = meta.read_text()
+    meta.write_text(text[: len(text) // 2])  # truncated
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        EntityTokenizer.load(saved)
+    meta.write_text(json.dumps({k: v for k, v in json.loads(text).items() if k != "levels"}))
+    with pytest.raises(ValueError, match="tokenizer.json.*levels"):
+        EntityTokenizer.load(saved)
+    meta.write_text(text)
+    (saved / "codes.npy").write_bytes((saved / "codes.npy").read_bytes()[:40])
+    with pytest.raises(ValueError, match="codes.npy"):
+        EntityTokenizer.load(saved)

@@ -79,6 +79,9 @@ def setup(x: torch.Tensor, config: QuantizeConfig, hierarchy: Hierarchy | None) 
     levels, codebook_size = config.resolved_levels(), config.resolved_codebook_size(n)
     if (config.uses_gse or config.uses_gsr) and hierarchy is None:
         raise ValueError(f"variant {config.variant!r} with GSE/GSR needs a hierarchy (stage 3 artifact)")
+    if hierarchy is not None and len(hierarchy.clusters) != n:
+        raise ValueError(f"the hierarchy has paths for {len(hierarchy.clusters)} entities; "
+                         f"the vectors are {n} entities")
     model = RQVAE(x.shape[1], config, levels, codebook_size)
     order = torch.randperm(n, generator=generator)
     held = max(1, int(round(n * config.holdout))) if config.holdout > 0 else 0
