@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from kgtok.quantize import EntityTokenizer, GSEConfig, QuantizeConfig, run_quantize
-from kgtok.quantize.model import gse_losses
+from kgtok.quantize.model import RQVAE, Hierarchy, gse_losses
 from kgtok.quantize.tokenizer import CollisionWarning, NotFittedError, disambiguate, level_namespace
-from kgtok.quantize.train import RQVAE, Hierarchy
 
 
 def clustered(n: int = 240, dim: int = 16, seed: int = 0, clusters: int = 4):
@@ -40,9 +39,13 @@ def small_config(**overrides) -> QuantizeConfig:
     return QuantizeConfig(**(base | overrides))
 
 
-@pytest.mark.parametrize("level", [0, 1, 2])
-def test_every_gse_level_moves_encoder_and_codebooks(level):
-    """The reference defect: r_{l+1} = r_l - ṽ_l cut the gradient; here each level's GSE reaches the encoder."""
+def check_gse_level_gradients(level: int) -> None:
+    """Level ``level``'s GSE loss moves the encoder through every residual r_0..r_l, and codebooks 0..l only.
+
+    The GSE operand is p_l = Σ_{j<=l} (v_j + r_j - sg(r_j)). With r_{l+1} = r_l - sg(v_l),
+    ∂r_j/∂z = I for every j, so the gradient at the encoder output z is exactly (l + 1) times
+    the gradient at p_l. The reference's r_{l+1} = r_l - ṽ_l leaves only r_0's path: once.
+    """
     x, labels = clustered()
     config = small_config()
     model = RQVAE(x.shape[1], config, levels=3, codebook_size=8)
@@ -50,29 +53,55 @@ def test_every_gse_level_moves_encoder_and_codebooks(level):
     with torch.no_grad():
         model.quantizer.kmeans_init(model.encoder(xt), seed=0)
     tree = Hierarchy.from_arrays(hierarchy_arrays(x, labels), levels=3)
-    out = model.quantizer(model.encoder(xt[:64]))
+    z = model.encoder(xt[:64])  # (64, code_dim)
+    out = model.quantizer(z)
     centre_codes = [model.encoder(c).detach() for c in tree.centroids]  # only the operand's paths count here
     _, l1, l2 = gse_losses(out.prefixes, centre_codes, tree.clusters[:64], tree.neighbours,
                            lambda1=0.8, lambda2=0.4, temperature=0.1)
-    (l1[level] + l2[level]).backward()
+    loss = l1[level] + l2[level]
+    at_z, at_prefix = torch.autograd.grad(loss, [z, out.prefixes[level]], retain_graph=True)
+    assert at_prefix.abs().sum() > 0
+    torch.testing.assert_close(at_z, (level + 1) * at_prefix, rtol=1e-5, atol=1e-7)
+    loss.backward()
     encoder_grad = sum(p.grad.abs().sum() for p in model.encoder.parameters() if p.grad is not None)
     assert encoder_grad > 0
-    book_grad = model.quantizer.codebooks.grad.abs().sum(dim=(1, 2))  # (levels,)
+    book_grad = [0.0 if book.weight.grad is None else book.weight.grad.abs().sum()
+                 for book in model.quantizer.codebooks]  # (levels,)
     assert all(book_grad[j] > 0 for j in range(level + 1))  # codebooks up to this level move
     assert all(book_grad[j] == 0 for j in range(level + 1, 3))  # deeper ones do not
 
 
+def reference_update(residual: torch.Tensor, codeword: torch.Tensor) -> torch.Tensor:
+    """The public reference's r_{l+1} = r_l - ṽ_l, ṽ_l = r_l + sg(v_l - r_l): same value, no gradient."""
+    return residual - (residual + (codeword - residual).detach())
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_every_gse_level_moves_encoder_and_codebooks(level):
+    """The reference defect: r_{l+1} = r_l - ṽ_l cut the gradient; here each level's GSE reaches the encoder."""
+    check_gse_level_gradients(level)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_gse_gradient_check_fails_under_the_reference_update(level, monkeypatch):
+    """Guard for the test above: with the reference's residual update swapped in, its check fails."""
+    import kgtok.quantize.quantizer as quantizer
+
+    monkeypatch.setattr(quantizer, "next_residual", reference_update)
+    with pytest.raises(AssertionError, match="Tensor-likes are not close"):
+        check_gse_level_gradients(level)
+
+
 def test_reference_residual_update_would_cut_the_gradient():
-    """Guard for the test above: the reference code's update leaves level >= 1 without encoder gradient."""
+    """The reference code's update leaves level >= 1 without encoder gradient."""
     x, _ = clustered()
     config = small_config()
     model = RQVAE(x.shape[1], config, levels=3, codebook_size=8)
     z = model.encoder(torch.as_tensor(x[:32]))
     residual = z
     for level in range(2):
-        v = model.quantizer.codebook(level)[model.quantizer.nearest(residual.detach(), model.quantizer.codebook(level))]
-        surrogate = residual + (v - residual).detach()
-        residual = residual - surrogate  # the reference: r_{l+1} = r_l - ṽ_l
+        _, v = model.quantizer.codebooks[level](residual)
+        residual = reference_update(residual, v)  # the reference: r_{l+1} = r_l - ṽ_l
     # The level-2 residual's gradient with respect to the encoder is exactly zero (r - r cancels).
     grads = torch.autograd.grad((residual * torch.randn_like(residual)).sum(), list(model.encoder.parameters()),
                                 allow_unused=True)
@@ -123,19 +152,19 @@ def test_killed_training_resumes_to_the_same_codes(tmp_path, monkeypatch):
     checkpoint = tmp_path / "work" / "train.pt"
 
     calls = {"n": 0}
-    entropy = train.code_entropy
+    usage = train.code_usage
 
     def dies_at_the_third_evaluation(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt  # as a kill: after epoch 4's checkpoint, during epoch 6's evaluation
-        return entropy(*args, **kwargs)
+        return usage(*args, **kwargs)
 
-    monkeypatch.setattr(train, "code_entropy", dies_at_the_third_evaluation)
+    monkeypatch.setattr(train, "code_usage", dies_at_the_third_evaluation)
     with pytest.raises(KeyboardInterrupt):
         EntityTokenizer(config=config).fit(x, arrays, progress=False, checkpoint=checkpoint)
     assert torch.load(checkpoint, weights_only=False)["epoch"] == 4
-    monkeypatch.setattr(train, "code_entropy", entropy)
+    monkeypatch.setattr(train, "code_usage", usage)
     logs: list[str] = []
     resumed = EntityTokenizer(config=config).fit(x, arrays, progress=False, checkpoint=checkpoint, log=logs.append)
     assert any("resumed after epoch 4" in line for line in logs)
@@ -289,3 +318,112 @@ def test_stage_artifact_on_synthetic_kg(tmp_path):
     np.testing.assert_array_equal(loaded.codes_, codes)
     with pytest.raises(ValueError, match="quantize needs --embeddings .*variant realm"):
         run_quantize(QuantizeConfig(variant="realm"), kg, tmp_path / "r", hierarchy=hierarchy, log=quiet)
+
+
+@pytest.mark.parametrize("variant", ["rq", "flat"])
+def test_state_saved_with_one_stacked_codebook_still_loads(variant):
+    """model.pt files written before the per-level Codebooks hold one (books, K, dim) tensor per quantizer."""
+    x, _ = clustered()
+    xt = torch.as_tensor(x)
+    config = small_config(variant=variant)
+    model = RQVAE(x.shape[1], config, levels=3, codebook_size=8)
+    with torch.no_grad():
+        model.quantizer.kmeans_init(model.encoder(xt), seed=0)
+    model.quantizer.mark_used(model.encode(xt), step=7)
+    books = model.quantizer.distinct_codebooks()
+    assert len(books) == (1 if variant == "flat" else 3)
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("quantizer.codebooks.")}
+    old["quantizer.codebooks"] = torch.stack([book.weight.detach() for book in books])  # (books, K, dim)
+    old["quantizer.last_used"] = torch.stack([book.last_used for book in books])  # (books, K)
+    old["quantizer.initialised"] = torch.tensor(True)
+    torch.manual_seed(1)
+    loaded = RQVAE(x.shape[1], config, levels=3, codebook_size=8)
+    loaded.load_state_dict(old)  # strict: every key placed
+    np.testing.assert_array_equal(loaded.encode(xt).numpy(), model.encode(xt).numpy())
+    assert torch.equal(loaded.quantizer.stacked_codebooks(), model.quantizer.stacked_codebooks())
+    pairs = zip(loaded.quantizer.codebooks, model.quantizer.codebooks)
+    assert all(torch.equal(a.last_used, b.last_used) for a, b in pairs)
+    if variant == "flat":  # one Codebook instance serves every level
+        assert all(book is loaded.quantizer.codebooks[0] for book in loaded.quantizer.codebooks)
+
+
+def test_tokenizer_checks_its_arguments_at_construction():
+    with pytest.raises(ValueError, match="variant='bogus'"):
+        EntityTokenizer(variant="bogus")
+    with pytest.raises(ValueError, match="levels=0"):
+        EntityTokenizer(levels=0)
+    with pytest.raises(ValueError, match="codebook_size=1.5"):
+        EntityTokenizer(codebook_size=1.5)
+    with pytest.raises(ValueError, match="QuantizeConfig"):
+        EntityTokenizer(config={"levels": 3})
+    with pytest.raises(ValueError, match="variant='bogus'"):
+        QuantizeConfig(variant="bogus")
+    tokenizer = EntityTokenizer(levels=4, codebook_size=1024, variant="flat")
+    assert (tokenizer.levels, tokenizer.codebook_size, tokenizer.variant) == (4, 1024, "flat")
+
+
+def small_tokenizer(n: int = 300) -> tuple[EntityTokenizer, np.ndarray]:
+    x, _ = clustered(n=n)
+    config = small_config(variant="rq", levels=2, codebook_size=4, epochs=2)
+    return EntityTokenizer(config=config).fit(x, None, progress=False), x
+
+
+def test_encode_takes_only_known_integer_ids():
+    tokenizer, x = small_tokenizer()
+    for bad in ([-1], [1.7], [len(x)], [True], ["3"]):
+        with pytest.raises(ValueError, match="entity ids"):
+            tokenizer.encode(bad)
+    np.testing.assert_array_equal(tokenizer.encode(np.array([0, 5], dtype=np.int32)), tokenizer.codes_[[0, 5]])
+    assert tokenizer.encode([]).shape == (0, tokenizer.width_)
+
+
+def test_encode_new_refuses_non_finite_and_misshapen_vectors():
+    tokenizer, x = small_tokenizer()
+    for value in (np.nan, np.inf):
+        bad = x[:3].copy()
+        bad[1, 2] = value
+        with pytest.raises(ValueError, match="finite"):
+            tokenizer.encode_new(bad)
+    with pytest.raises(ValueError, match=r"\(n, 16\)"):
+        tokenizer.encode_new(x[0])
+    with pytest.raises(ValueError, match="dims"):
+        tokenizer.encode_new(x[:3, :5])
+    assert tokenizer.encode_new(x[:3]).shape == (3, tokenizer.width_)
+
+
+def test_failed_fit_leaves_the_tokenizer_as_it_was():
+    tokenizer, x = small_tokenizer()
+    before = dict(vars(tokenizer))
+    nan = x.copy()
+    nan[4, 0] = np.nan
+    for bad, message in ((np.empty((0, 16), dtype=np.float32), "at least 2"), (x[:, 0], r"\(n, dim\)"),
+                         (nan, "finite")):
+        with pytest.raises(ValueError, match=message):
+            tokenizer.fit(bad, None, progress=False)
+        assert vars(tokenizer).keys() == before.keys()
+        assert all(vars(tokenizer)[k] is v for k, v in before.items())
+    fresh = EntityTokenizer(config=small_config())
+    with pytest.raises(ValueError, match="needs a hierarchy"):
+        fresh.fit(x, None, progress=False)
+    with pytest.raises(ValueError, match="300 entities"):
+        fresh.fit(x, hierarchy_arrays(x[:200], np.arange(200) % 4), progress=False)
+    assert not any(name.endswith("_") for name in vars(fresh))
+    with pytest.raises(NotFittedError):
+        fresh.encode([0])
+
+
+def test_load_names_the_file_on_a_parse_error(tmp_path):
+    tokenizer, _ = small_tokenizer()
+    saved = tokenizer.save(tmp_path / "tok")
+    meta = saved / "tokenizer.json"
+    text = meta.read_text()
+    meta.write_text(text[: len(text) // 2])  # truncated
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        EntityTokenizer.load(saved)
+    meta.write_text(json.dumps({k: v for k, v in json.loads(text).items() if k != "levels"}))
+    with pytest.raises(ValueError, match="tokenizer.json.*levels"):
+        EntityTokenizer.load(saved)
+    meta.write_text(text)
+    (saved / "codes.npy").write_bytes((saved / "codes.npy").read_bytes()[:40])
+    with pytest.raises(ValueError, match="codes.npy"):
+        EntityTokenizer.load(saved)

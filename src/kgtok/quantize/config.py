@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from kgtok.config import check_fields, in_range, machine
 
@@ -66,9 +66,11 @@ class QuantizeConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, [
+            ("variant", lambda v: v in get_args(Variant), f"one of {', '.join(get_args(Variant))}"),
             ("patience", in_range(0), ">= 0"),
-            ("levels", lambda v: v is None or 1 <= v <= 64, "null or an integer in [1, 64]"),
-            ("codebook_size", lambda v: v is None or 2 <= v <= 65536, "null or an integer in [2, 65536]"),
+            ("levels", lambda v: v is None or _integer(v) and 1 <= v <= 64, "null or an integer in [1, 64]"),
+            ("codebook_size", lambda v: v is None or _integer(v) and 2 <= v <= 65536,
+             "null or an integer in [2, 65536]"),
             ("code_dim", in_range(2), ">= 2"),
             ("encoder_hidden", lambda v: all(h >= 1 for h in v), "positive widths"),
             ("beta", in_range(0.0), ">= 0"),
@@ -106,3 +108,7 @@ class QuantizeConfig:
         import math
 
         return int(min(1024, max(16, 2 ** math.ceil(math.log2(max(num_entities / 8, 2))))))
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,4 +1,4 @@
-"""k-means (faiss) on torch tensors: codebook initialisation and ReaLM's residual stages."""
+"""k-means (faiss) and nearest-centroid search on torch tensors: codebook initialisation, ReaLM's stages."""
 
 from __future__ import annotations
 
@@ -27,11 +27,24 @@ def kmeans(x: torch.Tensor | np.ndarray, k: int, *, iterations: int = 20, seed: 
     return torch.from_numpy(model.centroids.copy())
 
 
-def assign(x: torch.Tensor, centroids: torch.Tensor, batch: int = 65536) -> torch.Tensor:
-    """Nearest centroid of each row (batched so memory stays bounded)."""
+def nearest(x: torch.Tensor, centroids: torch.Tensor, *, row_norms: bool = True,
+            batch: int | None = None) -> torch.Tensor:
+    """argmin_k ||x - c_k||² of each row: (n, d) x (k, d) -> (n,) int64.
+
+    ``row_norms=False`` leaves out the per-row constant ||x||²: the same
+    argmin, but rounding can differ in near-ties. ReaLM's stages and
+    ``encode_new`` have always searched without it and the RQ-VAE with it;
+    both are kept so that a config gives the codes it gave before.
+    ``batch`` rows per product bounds the memory of the (rows, k) distances.
+    """
+    centroid_norms = centroids.pow(2).sum(1).unsqueeze(0)  # (1, k)
     out = []
-    c_norm = centroids.pow(2).sum(1)
-    for start in range(0, len(x), batch):
-        part = x[start : start + batch]
-        out.append((c_norm.unsqueeze(0) - 2 * part @ centroids.t()).argmin(1))
+    for start in range(0, len(x), batch or max(len(x), 1)):
+        part = x[start : start + batch] if batch else x  # (rows, d)
+        products = 2 * part @ centroids.t()  # (rows, k)
+        if row_norms:
+            distances = part.pow(2).sum(1, keepdim=True) - products + centroid_norms
+        else:
+            distances = centroid_norms - products
+        out.append(distances.argmin(dim=1))
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)

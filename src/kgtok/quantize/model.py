@@ -1,29 +1,22 @@
-"""The GS-Quant RQ-VAE: encoder, residual quantizer, decoder, GSE and GSR.
+"""The GS-Quant RQ-VAE: encoder, residual quantizer, decoder, GSE and GSR, and its training losses.
 
-Read top to bottom: the residual loop is written out in ``ResidualQuantizer.forward``
-with shapes; GSE and GSR are plain functions and a small module.
-
-Gradient paths (the reference code's defect 1 was that its residual update
-``r_{l+1} = r_l - ṽ_l`` has zero gradient with respect to ``r_l``, so levels
->= 2 never trained the encoder):
-
-* residual: ``r_{l+1} = r_l - sg(v_l)``, so ``∂r_{l+1}/∂r_l = I`` and every
-  level's loss reaches the encoder;
-* decoder input: the straight-through sum ``Σ_l (r_l + sg(v_l - r_l))`` (value
-  ``Σ v_l``, gradient to the encoder);
-* GSE operand at level l: the prefix ``p_l = Σ_{j<=l} (v_j + r_j - sg(r_j))``:
-  its value is the sum of the first l+1 codewords (what the first l+1 codes
-  mean), and its gradient reaches both the codebooks and the encoder, so the
-  hierarchy shapes codewords as well as where entities land.
+Read top to bottom: the encoder and decoder are MLPs around the
+:class:`~kgtok.quantize.quantizer.ResidualQuantizer` (per-level codebooks and
+the residual loop, with its gradient paths); GSE and GSR are plain functions
+and a small module; :func:`rqvae_losses` adds up one batch's terms.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kgtok.quantize.config import QuantizeConfig
+from kgtok.quantize.quantizer import QuantizerOutput, ResidualQuantizer
 
 
 def mlp(widths: list[int]) -> nn.Sequential:
@@ -35,113 +28,50 @@ def mlp(widths: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-@dataclass
-class QuantizerOutput:
-    codes: torch.Tensor  # (batch, levels) int64
-    quantized: torch.Tensor  # (batch, dim) straight-through sum of the codewords
-    prefixes: list[torch.Tensor]  # levels x (batch, dim): GSE operands p_l
-    surrogates: torch.Tensor  # (batch, levels, dim) ṽ_l = r_l + sg(v_l - r_l): GSR's input
-    codewords: torch.Tensor  # (batch, levels, dim) the chosen v_l (value only)
-    residuals: torch.Tensor  # (batch, levels, dim) the r_l that were quantized
-    vq_loss: torch.Tensor  # scalar: mean over levels of ||sg(r)-v||² + β||r-sg(v)||²
+class RQVAE(nn.Module):
+    """Encoder -> residual quantizer -> decoder, plus the GSR decoder when used."""
 
-
-class ResidualQuantizer(nn.Module):
-    """m levels of K codewords (or one codebook shared by every level)."""
-
-    def __init__(self, levels: int, codebook_size: int, dim: int, *, shared: bool = False, beta: float = 0.25) -> None:
+    def __init__(self, in_dim: int, config: QuantizeConfig, levels: int, codebook_size: int) -> None:
         super().__init__()
-        self.levels, self.codebook_size, self.dim, self.shared, self.beta = levels, codebook_size, dim, shared, beta
-        books = 1 if shared else levels
-        self.codebooks = nn.Parameter(torch.randn(books, codebook_size, dim) * 0.01)  # (books, K, dim)
-        self.register_buffer("initialised", torch.tensor(False))
-        self.register_buffer("last_used", torch.zeros(books, codebook_size, dtype=torch.long))
-
-    def codebook(self, level: int) -> torch.Tensor:
-        return self.codebooks[0 if self.shared else level]  # (K, dim)
-
-    @staticmethod
-    def nearest(residual: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-        """argmin_k ||r - v_k||² for a batch: (batch, dim) x (K, dim) -> (batch,)."""
-        distances = (residual.pow(2).sum(1, keepdim=True) - 2 * residual @ codebook.t()
-                     + codebook.pow(2).sum(1).unsqueeze(0))  # (batch, K)
-        return distances.argmin(dim=1)
+        hidden = list(config.encoder_hidden)
+        self.encoder = mlp([in_dim, *hidden, config.code_dim])
+        self.quantizer = ResidualQuantizer(levels, codebook_size, config.code_dim,
+                                           shared=config.variant == "flat", beta=config.beta)
+        self.decoder = mlp([config.code_dim, *reversed(hidden), in_dim])
+        self.gsr = (GSRDecoder(levels, config.code_dim, in_dim, config.gsr.layers, config.gsr.heads, config.gsr.width)
+                    if config.uses_gsr else None)
 
     @torch.no_grad()
-    def mark_used(self, codes: torch.Tensor, step: int) -> None:
-        """Record the step at which each code of (batch, levels) was last chosen."""
-        for level in range(codes.shape[1]):
-            self.last_used[0 if self.shared else level, codes[:, level]] = step
+    def encode(self, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
+        """(n, in_dim) -> (n, levels) codes."""
+        self.eval()
+        return torch.cat([self.quantizer(self.encoder(x[s : s + batch])).codes for s in range(0, len(x), batch)])
 
-    def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        residual = z  # r_0 = z, (batch, dim)
-        quantized = torch.zeros_like(z)
-        prefix = torch.zeros_like(z)
-        codes, prefixes, codewords, residuals, surrogates = [], [], [], [], []
-        vq_loss = z.new_zeros(())
-        for level in range(self.levels):
-            codebook = self.codebook(level)  # (K, dim)
-            code = self.nearest(residual.detach(), codebook.detach())  # (batch,)
-            v = codebook[code]  # (batch, dim), gradient to the codebook
-            # L_Q: codebook term moves v toward r, commitment term moves r toward v.
-            vq_loss = vq_loss + F.mse_loss(v, residual.detach()) + self.beta * F.mse_loss(residual, v.detach())
-            surrogate = residual + (v - residual).detach()  # straight-through ṽ_l: value v, gradient to r
-            quantized = quantized + surrogate
-            surrogates.append(surrogate)
-            prefix = prefix + v + residual - residual.detach()  # value Σ v, gradient to v and r
-            prefixes.append(prefix)
-            codes.append(code)
-            codewords.append(v.detach())
-            residuals.append(residual.detach())
-            residual = residual - v.detach()  # r_{l+1} = r_l - sg(v_l): identity gradient to r_l
-        return QuantizerOutput(
-            codes=torch.stack(codes, 1), quantized=quantized, prefixes=prefixes, surrogates=torch.stack(surrogates, 1),
-            codewords=torch.stack(codewords, 1), residuals=torch.stack(residuals, 1),
-            vq_loss=vq_loss / self.levels,
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
+        """(n, in_dim) -> (n, in_dim) decoder output from the quantized codes."""
+        self.eval()
+        return torch.cat([self.decoder(self.quantizer(self.encoder(x[s : s + batch])).quantized)
+                          for s in range(0, len(x), batch)])
+
+
+@dataclass
+class Hierarchy:
+    """What GSE and GSR need from stage 3, as tensors, re-levelled to the code levels."""
+
+    clusters: torch.Tensor  # (N, levels) cluster id per code level
+    centroids: list[torch.Tensor]  # levels x (k_l, in_dim)
+    neighbours: list[torch.Tensor]  # levels x (k_l, n)
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, Any], levels: int) -> Hierarchy:
+        depth = arrays["paths"].shape[1]
+        pick = [min(level, depth - 1) for level in range(levels)]  # deeper code levels reuse the last tree level
+        return cls(
+            clusters=torch.as_tensor(arrays["paths"][:, pick], dtype=torch.long),
+            centroids=[torch.as_tensor(arrays["centroids"][p], dtype=torch.float32) for p in pick],
+            neighbours=[torch.as_tensor(arrays["neighbours"][p], dtype=torch.long) for p in pick],
         )
-
-    @torch.no_grad()
-    def indices_to_vectors(self, codes: torch.Tensor) -> torch.Tensor:
-        """(batch, levels) codes -> (batch, dim) sum of their codewords."""
-        out = torch.zeros(codes.shape[0], self.dim)
-        for level in range(codes.shape[1]):
-            out += self.codebook(level)[codes[:, level]]
-        return out
-
-    @torch.no_grad()
-    def kmeans_init(self, z: torch.Tensor, seed: int, iterations: int = 20) -> None:
-        """Seed each level's codebook by k-means on that level's residuals (defect 2 of the reference)."""
-        from kgtok.quantize.kmeans import kmeans
-
-        residual = z
-        for level in range(self.levels):
-            if self.shared and level > 0:
-                break
-            centroids = kmeans(residual, self.codebook_size, iterations=iterations, seed=seed + level)
-            self.codebooks.data[0 if self.shared else level] = centroids
-            residual = residual - centroids[self.nearest(residual, centroids)]
-        self.initialised.fill_(True)
-
-    @torch.no_grad()
-    def restart_dead_codes(self, output: QuantizerOutput, step: int, dead_after: int,
-                           generator: torch.Generator) -> int:
-        """Re-seed codes unused for ``dead_after`` steps from the batch's worst-quantized residuals."""
-        restarted = 0
-        for book in range(self.codebooks.shape[0]):
-            dead = torch.nonzero(step - self.last_used[book] >= dead_after).squeeze(1)
-            if len(dead) == 0:
-                continue
-            level = 0 if self.shared else book
-            error = (output.residuals[:, level] - output.codewords[:, level]).pow(2).sum(1)  # (batch,)
-            worst = torch.argsort(error, descending=True)[: len(dead)]
-            picks = output.residuals[worst, level]
-            if len(picks) < len(dead):  # a batch smaller than the dead set: sample with repetition
-                picks = picks[torch.randint(len(picks), (len(dead),), generator=generator)]
-            noise = 0.01 * picks.std() * torch.randn(picks.shape, generator=generator)
-            self.codebooks.data[book, dead] = picks + noise
-            self.last_used[book, dead] = step
-            restarted += len(dead)
-        return restarted
 
 
 class GSRDecoder(nn.Module):
@@ -231,3 +161,30 @@ def gsr_loss(outputs: torch.Tensor, target: torch.Tensor, ancestors: torch.Tenso
     if ancestors.shape[1] > 1:
         loss = loss + lambda_h * (outputs[:, 2:] - ancestors[:, 1:]).pow(2).sum(2).sum(1).mean()
     return loss
+
+
+def rqvae_losses(model: RQVAE, config: QuantizeConfig, batch: torch.Tensor, clusters: torch.Tensor | None,
+                 hierarchy: Hierarchy | None,
+                 centre_codes: list[torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], QuantizerOutput]:
+    """One batch's loss terms: L_rec + L_Q [+ L_GSE] [+ L_GSR], and its (batch, levels) codes.
+
+    batch (batch, in_dim); clusters (batch, levels) its cluster ids (GSE, GSR);
+    centre_codes levels x (k_l, code_dim) the cluster centres in code space (GSE).
+    """
+    z = model.encoder(batch)  # (batch, code_dim)
+    out = model.quantizer(z)
+    terms = {
+        "rec": (model.decoder(out.quantized) - batch).pow(2).sum(1).mean(),
+        "vq": out.vq_loss,
+    }
+    if config.uses_gse:
+        terms["gse"], _, _ = gse_losses(
+            out.prefixes, centre_codes, clusters, hierarchy.neighbours,
+            lambda1=config.gse.lambda1, lambda2=config.gse.lambda2, temperature=config.gse.temperature,
+            use_l1=config.gse.l1, use_l2=config.gse.l2,
+        )
+    if config.uses_gsr:
+        ancestors = torch.stack([c[clusters[:, level]]
+                                 for level, c in enumerate(hierarchy.centroids)], dim=1)  # (batch, m, in_dim)
+        terms["gsr"] = gsr_loss(model.gsr(out.surrogates), batch, ancestors, config.gsr.lambda_s, config.gsr.lambda_h)
+    return terms, out

@@ -26,39 +26,31 @@ from kgtok.embed.layout import EmbedArtifact
 from kgtok.hierarchy.layout import HierarchyArtifact
 from kgtok.quantize.config import QuantizeConfig
 from kgtok.quantize.layout import QuantizeArtifact
+from kgtok.quantize.metrics import alignment, code_usage, collision_rate
 from kgtok.quantize.tokenizer import EntityTokenizer
 from kgtok.stage import Context, Input, Stage, run_stage
 
 
-def code_metrics(codes: np.ndarray, codebook_size: int) -> dict[str, list[float]]:
-    """Per level: entropy (nats), utilisation (share of codes used), perplexity (exp entropy)."""
-    entropy, utilisation = [], []
-    for level in range(codes.shape[1]):
-        counts = np.bincount(codes[:, level], minlength=codebook_size)
-        p = counts[counts > 0] / len(codes)
-        entropy.append(float(-(p * np.log(p)).sum()))
-        utilisation.append(float((counts > 0).mean()))
-    return {"entropy": entropy, "utilization": utilisation, "perplexity": [float(np.exp(h)) for h in entropy]}
-
-
-def alignment(codes: np.ndarray, reference: np.ndarray | None, prefix: str) -> dict[str, float]:
-    """NMI and homogeneity between level-l codes and level-l reference labels (clusters or true types).
-
-    With K codes per level and far fewer clusters, NMI is capped by the codes'
-    own entropy even when every code is pure; homogeneity (1 - H(cluster|code)/H(cluster))
-    is 1 exactly when each code holds one cluster's entities: codes refine the tree.
-    """
-    from sklearn.metrics import homogeneity_score, normalized_mutual_info_score
-
-    if reference is None:
-        return {}
-    known = (reference >= 0).all(axis=1)
-    out = {}
-    for level in range(min(codes.shape[1], reference.shape[1])):
-        truth, predicted = reference[known, level], codes[known, level]
-        out[f"nmi_{prefix}_level_{level + 1}"] = float(normalized_mutual_info_score(truth, predicted))
-        out[f"homogeneity_{prefix}_level_{level + 1}"] = float(homogeneity_score(truth, predicted))
-    return out
+def tokenizer_metrics(tokenizer: EntityTokenizer, vectors: np.ndarray) -> dict[str, Any]:
+    """Code usage per level, collisions before and after the fix, reconstruction, training record."""
+    codes = tokenizer.codes_
+    metrics: dict[str, Any] = {
+        "levels": tokenizer.levels_, "codebook_size": tokenizer.codebook_size_, "width": tokenizer.width_,
+        "collision_rate_before": tokenizer.collision_rate_before_,
+        "collision_rate_after": collision_rate(codes),
+        **code_usage(tokenizer.base_codes_, tokenizer.codebook_size_),
+        "best_epoch": tokenizer.record_.best_epoch,
+        "best_seconds": round(tokenizer.record_.best_seconds, 1),
+        "stopped_epoch": tokenizer.record_.stopped_epoch, "restarted_codes": tokenizer.record_.restarted_codes,
+    }
+    x = torch.as_tensor(vectors, dtype=torch.float32)
+    if tokenizer.model_ is not None:
+        rebuilt = tokenizer.model_.reconstruct(x)
+    else:
+        rebuilt = torch.as_tensor(tokenizer.vectors_of(codes))
+    metrics["reconstruction_mse"] = float((rebuilt - x).pow(2).sum(1).mean())
+    metrics["reconstruction_cosine"] = float(torch.nn.functional.cosine_similarity(rebuilt, x, dim=1).mean())
+    return metrics
 
 
 def run(config: QuantizeConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -> dict[str, Any]:
@@ -77,25 +69,9 @@ def run(config: QuantizeConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
         tokenizer = EntityTokenizer(config=config).fit(vectors, arrays, progress=ctx.progress, log=ctx.log,
                                                        checkpoint=ctx.work / "train.pt")
     codes = tokenizer.codes_
-    base = tokenizer.base_codes_
-    metrics: dict[str, Any] = {
-        "levels": tokenizer.levels_, "codebook_size": tokenizer.codebook_size_, "width": tokenizer.width_,
-        "collision_rate_before": tokenizer.collision_rate_before_,
-        "collision_rate_after": float(1.0 - len(np.unique(codes, axis=0)) / len(codes)),
-        **code_metrics(base, tokenizer.codebook_size_),
-        "best_epoch": tokenizer.record_.best_epoch,
-        "best_seconds": round(tokenizer.record_.best_seconds, 1),
-        "stopped_epoch": tokenizer.record_.stopped_epoch, "restarted_codes": tokenizer.record_.restarted_codes,
-    }
-    x = torch.as_tensor(vectors, dtype=torch.float32)
-    if tokenizer.model_ is not None:
-        rebuilt = tokenizer.model_.reconstruct(x)
-    else:
-        rebuilt = torch.as_tensor(tokenizer.vectors_of(codes))
-    metrics["reconstruction_mse"] = float((rebuilt - x).pow(2).sum(1).mean())
-    metrics["reconstruction_cosine"] = float(torch.nn.functional.cosine_similarity(rebuilt, x, dim=1).mean())
-    metrics.update(alignment(base, arrays["paths"] if arrays is not None else None, "hierarchy"))
-    metrics.update(alignment(base, kg.entity_types, "types"))
+    metrics = tokenizer_metrics(tokenizer, vectors)
+    metrics.update(alignment(tokenizer.base_codes_, arrays["paths"] if arrays is not None else None, "hierarchy"))
+    metrics.update(alignment(tokenizer.base_codes_, kg.entity_types, "types"))
     np.save(out.codes, codes)
     tokens = tokenizer.token_strings(codes)
     out.tokens.write_text(

@@ -1,6 +1,6 @@
 """EntityTokenizer: entities <-> unique code tuples <-> token strings, scikit-learn style.
 
-    tok = EntityTokenizer(levels=4, codes=1024).fit(fused_vectors, hierarchy)
+    tok = EntityTokenizer(levels=4, codebook_size=1024).fit(fused_vectors, hierarchy)
     tok.encode([0, 5])            # (2, width) codes
     tok.decode(codes)             # entity ids (exact: every tuple is unique)
     tok.token_strings(codes)      # ['<a_17><b_903><c_4><d_250>', ...]
@@ -28,7 +28,10 @@ import torch
 
 from kgtok.config import config_from_dict, config_to_dict
 from kgtok.quantize.config import QuantizeConfig
-from kgtok.quantize.train import Hierarchy, RQVAE, TrainingRecord, fit_residual_kmeans, residual_assign, train_rqvae
+from kgtok.quantize.metrics import collision_rate, tuple_groups
+from kgtok.quantize.model import RQVAE, Hierarchy
+from kgtok.quantize.quantizer import sum_codewords
+from kgtok.quantize.train import TrainingRecord, fit_realm, realm_codes, train_rqvae
 
 
 class CollisionWarning(UserWarning):
@@ -55,17 +58,20 @@ def disambiguate(codes: np.ndarray) -> tuple[np.ndarray, float]:
 
     Returns (codes, share of entities whose tuple was shared before the fix).
     """
-    _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
-    inverse = inverse.reshape(-1)
-    shared = counts[inverse] > 1
-    rate = float(shared.mean()) if len(codes) else 0.0
-    if not shared.any():
+    rate = collision_rate(codes)
+    if rate == 0.0:
         return codes, rate
-    order = np.lexsort((np.arange(len(codes)), inverse))  # by group, then by entity id
-    first = np.searchsorted(inverse[order], inverse[order], side="left")
-    rank = np.empty(len(codes), dtype=codes.dtype)
-    rank[order] = np.arange(len(codes)) - first
+    rank = rank_in_group(tuple_groups(codes)[0]).astype(codes.dtype)
     return np.concatenate([codes, rank[:, None]], axis=1), rate
+
+
+def rank_in_group(groups: np.ndarray) -> np.ndarray:
+    """(n,) group ids -> each row's rank among the rows of its group, in row order (0 for the first)."""
+    order = np.lexsort((np.arange(len(groups)), groups))  # by group, then by row
+    first = np.searchsorted(groups[order], groups[order], side="left")
+    rank = np.empty(len(groups), dtype=np.int64)
+    rank[order] = np.arange(len(groups)) - first
+    return rank
 
 
 class EntityTokenizer:
@@ -73,22 +79,27 @@ class EntityTokenizer:
 
     Parameters
     ----------
-    levels, codes : shorthand for ``config.levels`` / ``config.codebook_size``.
+    levels, codebook_size : shorthand for ``config.levels`` / ``config.codebook_size``
+        (codes per level; the learned codes of the entities are ``codes_``).
     variant : shorthand for ``config.variant``.
     config : the full :class:`QuantizeConfig`.
     """
 
-    def __init__(self, levels: int | None = None, codes: int | None = None, *, variant: str | None = None,
+    def __init__(self, levels: int | None = None, codebook_size: int | None = None, *, variant: str | None = None,
                  config: QuantizeConfig | None = None) -> None:
         self.levels = levels
-        self.codes = codes
+        self.codebook_size = codebook_size
         self.variant = variant
         self.config = config
+        self.resolved_config()  # wrong arguments fail here, as every config does, not at fit
 
     # --- configuration ----------------------------------------------------------
     def resolved_config(self) -> QuantizeConfig:
+        """The config ``fit`` uses: ``config`` (default QuantizeConfig()) with the shorthands applied."""
+        if self.config is not None and not isinstance(self.config, QuantizeConfig):
+            raise ValueError(f"config must be a QuantizeConfig; got {type(self.config).__name__} {self.config!r}")
         config = self.config or QuantizeConfig()
-        changes = {k: v for k, v in (("levels", self.levels), ("codebook_size", self.codes),
+        changes = {k: v for k, v in (("levels", self.levels), ("codebook_size", self.codebook_size),
                                      ("variant", self.variant)) if v is not None}
         return dataclasses.replace(config, **changes) if changes else config
 
@@ -107,25 +118,25 @@ class EntityTokenizer:
         checkpoint : file for resumable training (saved every evaluation, resumed when it matches).
         """
         config = self.resolved_config()
-        x = torch.as_tensor(np.asarray(vectors), dtype=torch.float32)
-        self.config_ = config
-        self.levels_ = config.resolved_levels()
-        self.codebook_size_ = config.resolved_codebook_size(len(x))
-        self.in_dim_ = int(x.shape[1])
+        x = as_vectors(vectors)  # (N, D)
+        if len(x) < 2:
+            raise ValueError(f"fit needs at least 2 entities; vectors have {len(x)} rows")
+        levels, codebook_size = config.resolved_levels(), config.resolved_codebook_size(len(x))
         if config.variant == "realm":
-            self.codebooks_, base = fit_residual_kmeans(
-                x, self.levels_, self.codebook_size_, iterations=config.realm_kmeans_iterations, seed=config.seed,
-                progress=progress)
-            self.model_ = None
-            self.record_ = TrainingRecord()
+            codebooks, base = fit_realm(x, config, levels, codebook_size, progress=progress)
+            model, record = None, TrainingRecord()
         else:
-            tree = Hierarchy.from_arrays(hierarchy, self.levels_) if hierarchy is not None else None
-            self.model_, self.record_ = train_rqvae(x, config, tree, progress=progress, log=log,
-                                                    checkpoint=Path(checkpoint) if checkpoint else None)
-            self.codebooks_ = self.model_.quantizer.codebooks.detach().clone()
-            base = self.model_.encode(x)
-        self.base_codes_ = base.numpy().astype(np.int64)
-        self.codes_, self.collision_rate_before_ = disambiguate(self.base_codes_)
+            tree = Hierarchy.from_arrays(hierarchy, levels) if hierarchy is not None else None
+            model, record = train_rqvae(x, config, tree, progress=progress, log=log,
+                                        checkpoint=Path(checkpoint) if checkpoint else None)
+            codebooks = model.quantizer.stacked_codebooks()  # (books, K, code_dim)
+            base = model.encode(x)
+        base_codes = base.numpy().astype(np.int64)
+        codes, collision_rate_before = disambiguate(base_codes)
+        # Learned state is set only once all is done: a fit that fails leaves the tokenizer as it was.
+        self.config_, self.levels_, self.codebook_size_, self.in_dim_ = config, levels, codebook_size, int(x.shape[1])
+        self.codebooks_, self.model_, self.record_ = codebooks, model, record
+        self.base_codes_, self.codes_, self.collision_rate_before_ = base_codes, codes, collision_rate_before
         self._build_index()
         return self
 
@@ -147,9 +158,18 @@ class EntityTokenizer:
         return int(self.codes_.shape[1])
 
     def encode(self, entity_ids: np.ndarray | list[int]) -> np.ndarray:
-        """(n,) entity ids -> (n, width) codes."""
+        """(n,) entity ids, integers in [0, N) -> (n, width) codes."""
         self._check_fitted()
-        return self.codes_[np.asarray(entity_ids, dtype=np.int64)]
+        ids = np.asarray(entity_ids)
+        if ids.size == 0:
+            ids = ids.astype(np.int64)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"entity ids must be integers; got {ids.dtype} values such as {ids.flat[0]!r}")
+        outside = (ids < 0) | (ids >= len(self.codes_))
+        if outside.any():
+            raise ValueError(f"entity ids must lie in [0, {len(self.codes_)}); got {ids[outside].flat[0]} "
+                             f"({int(outside.sum())} outside)")
+        return self.codes_[ids.astype(np.int64)]
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """(n, width) codes -> (n,) entity ids; -1 where no entity has the tuple."""
@@ -170,11 +190,9 @@ class EntityTokenizer:
         next free rank; otherwise such a collision is warned about.
         """
         self._check_fitted()
-        x = torch.as_tensor(np.asarray(vectors), dtype=torch.float32)
-        if x.shape[1] != self.in_dim_:
-            raise ValueError(f"vectors have {x.shape[1]} dims; the tokenizer was fitted on {self.in_dim_}")
+        x = as_vectors(vectors, self.in_dim_)  # (n, in_dim)
         if self.model_ is None:
-            base = residual_assign(x, self.codebooks_).numpy()
+            base = realm_codes(x, self.codebooks_).numpy()
         else:
             base = self.model_.encode(x).numpy()
         base = base.astype(np.int64)
@@ -191,22 +209,16 @@ class EntityTokenizer:
         uniq, counts = np.unique(existing, return_counts=True)
         at = np.clip(np.searchsorted(uniq, new_keys), 0, max(len(uniq) - 1, 0))
         start = np.where(uniq[at] == new_keys, counts[at], 0) if len(uniq) else np.zeros(len(base), dtype=np.int64)
-        _, inverse = np.unique(new_keys, return_inverse=True)
-        order = np.lexsort((np.arange(len(base)), inverse))
-        first = np.searchsorted(inverse[order], inverse[order], side="left")
-        rank = np.empty(len(base), dtype=np.int64)
-        rank[order] = np.arange(len(base)) - first
+        rank = rank_in_group(np.unique(new_keys, return_inverse=True)[1].reshape(-1))
         return np.concatenate([base, (start + rank)[:, None]], axis=1)
 
     def vectors_of(self, codes: np.ndarray) -> np.ndarray:
         """(n, width) codes -> (n, code_dim) sum of codewords (the disambiguation column has none)."""
         self._check_fitted()
         codes = torch.as_tensor(np.asarray(codes)[:, : self.base_codes_.shape[1]], dtype=torch.long)
-        books = self.codebooks_
-        out = torch.zeros(len(codes), books.shape[-1])
-        for level in range(codes.shape[1]):
-            out += books[0 if books.shape[0] == 1 else level][codes[:, level]]
-        return out.numpy()
+        books = self.codebooks_  # (books, K, dim); one book serves every level when shared (flat)
+        per_level = [books[0 if len(books) == 1 else level] for level in range(codes.shape[1])]
+        return sum_codewords(codes, per_level, books.shape[-1]).numpy()
 
     # --- tokens -----------------------------------------------------------------
     def token_strings(self, codes: np.ndarray) -> list[str]:
@@ -246,22 +258,55 @@ class EntityTokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> EntityTokenizer:
+        """Read a directory written by :meth:`save`; a file that cannot be parsed is named in a ValueError."""
         path = Path(path)
-        meta = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+        tokenizer = _read(path / "tokenizer.json", cls._from_meta)
+        tokenizer.codes_ = _read(path / "codes.npy", np.load)
+        tokenizer.base_codes_ = _read(path / "base_codes.npy", np.load)
+        tokenizer.codebooks_ = torch.from_numpy(_read(path / "codebooks.npy", np.load))
+        tokenizer.model_ = None
+        if (path / "model.pt").exists():
+            tokenizer.model_ = _read(path / "model.pt", tokenizer._load_model)
+        tokenizer._build_index()
+        return tokenizer
+
+    @classmethod
+    def _from_meta(cls, file: Path) -> EntityTokenizer:
+        meta = json.loads(file.read_text(encoding="utf-8"))
         config = config_from_dict(QuantizeConfig, meta["config"])
         tokenizer = cls(config=config)
         tokenizer.config_ = config
         tokenizer.levels_, tokenizer.codebook_size_ = meta["levels"], meta["codebook_size"]
         tokenizer.in_dim_, tokenizer.collision_rate_before_ = meta["in_dim"], meta["collision_rate_before"]
         tokenizer.record_ = TrainingRecord(**meta["record"])
-        tokenizer.codes_ = np.load(path / "codes.npy")
-        tokenizer.base_codes_ = np.load(path / "base_codes.npy")
-        tokenizer.codebooks_ = torch.from_numpy(np.load(path / "codebooks.npy"))
-        tokenizer.model_ = None
-        if (path / "model.pt").exists():
-            model = RQVAE(tokenizer.in_dim_, config, tokenizer.levels_, tokenizer.codebook_size_)
-            model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
-            model.eval()
-            tokenizer.model_ = model
-        tokenizer._build_index()
         return tokenizer
+
+    def _load_model(self, file: Path) -> RQVAE:
+        model = RQVAE(self.in_dim_, self.config_, self.levels_, self.codebook_size_)
+        model.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+        return model.eval()
+
+
+def as_vectors(vectors: np.ndarray | torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """(n, dim) finite vectors as a float32 tensor, or a ValueError that says what is wrong."""
+    array = np.asarray(vectors)
+    if array.ndim != 2:
+        raise ValueError(f"vectors must be a 2-D array (n, {dim or 'dim'}); got shape {array.shape}")
+    if dim is not None and array.shape[1] != dim:
+        raise ValueError(f"vectors have {array.shape[1]} dims; the tokenizer was fitted on {dim}")
+    x = torch.as_tensor(array, dtype=torch.float32)
+    bad = torch.nonzero(~torch.isfinite(x).all(dim=1)).squeeze(1)  # rows with NaN or ±inf (also after float32)
+    if len(bad):
+        raise ValueError(f"vectors must be finite: {len(bad)} row(s) hold NaN or inf, the first row {int(bad[0])}")
+    return x
+
+
+def _read(file: Path, read: Callable[[Path], Any]) -> Any:
+    """``read(file)``; a parse error becomes a ValueError naming the file (a missing file stays an OSError)."""
+    try:
+        return read(file)
+    except OSError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{file}: not a readable part of a saved EntityTokenizer ({type(e).__name__}: {e}); "
+                         "write it again with EntityTokenizer.save") from e

@@ -22,69 +22,17 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from kgtok.config import config_to_dict
 from kgtok.quantize.config import QuantizeConfig
-from kgtok.quantize.kmeans import assign, kmeans
-from kgtok.quantize.model import GSRDecoder, ResidualQuantizer, gse_losses, gsr_loss, mlp
+from kgtok.quantize.kmeans import kmeans
+from kgtok.quantize.metrics import code_usage
+from kgtok.quantize.model import RQVAE, Hierarchy, rqvae_losses
+from kgtok.quantize.quantizer import fit_residual_kmeans, residual_codes
 from kgtok.runtime import torch_save_atomic
 
-
-def code_entropy(codes: np.ndarray, codebook_size: int) -> np.ndarray:
-    """(levels,) entropy in nats of each level's code distribution."""
-    out = []
-    for level in range(codes.shape[1]):
-        p = np.bincount(codes[:, level], minlength=codebook_size) / len(codes)
-        p = p[p > 0]
-        out.append(float(-(p * np.log(p)).sum()))
-    return np.asarray(out)
-
-
-class RQVAE(nn.Module):
-    """Encoder -> residual quantizer -> decoder, plus the GSR decoder when used."""
-
-    def __init__(self, in_dim: int, config: QuantizeConfig, levels: int, codebook_size: int) -> None:
-        super().__init__()
-        hidden = list(config.encoder_hidden)
-        self.encoder = mlp([in_dim, *hidden, config.code_dim])
-        self.quantizer = ResidualQuantizer(levels, codebook_size, config.code_dim,
-                                           shared=config.variant == "flat", beta=config.beta)
-        self.decoder = mlp([config.code_dim, *reversed(hidden), in_dim])
-        self.gsr = (GSRDecoder(levels, config.code_dim, in_dim, config.gsr.layers, config.gsr.heads, config.gsr.width)
-                    if config.uses_gsr else None)
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
-        """(n, in_dim) -> (n, levels) codes."""
-        self.eval()
-        return torch.cat([self.quantizer(self.encoder(x[s : s + batch])).codes for s in range(0, len(x), batch)])
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
-        self.eval()
-        return torch.cat([self.decoder(self.quantizer(self.encoder(x[s : s + batch])).quantized)
-                          for s in range(0, len(x), batch)])
-
-
-@dataclass
-class Hierarchy:
-    """What GSE and GSR need from stage 3, as tensors, re-levelled to the code levels."""
-
-    clusters: torch.Tensor  # (N, levels) cluster id per code level
-    centroids: list[torch.Tensor]  # levels x (k_l, in_dim)
-    neighbours: list[torch.Tensor]  # levels x (k_l, n)
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, Any], levels: int) -> Hierarchy:
-        depth = arrays["paths"].shape[1]
-        pick = [min(level, depth - 1) for level in range(levels)]  # deeper code levels reuse the last tree level
-        return cls(
-            clusters=torch.as_tensor(arrays["paths"][:, pick], dtype=torch.long),
-            centroids=[torch.as_tensor(arrays["centroids"][p], dtype=torch.float32) for p in pick],
-            neighbours=[torch.as_tensor(arrays["neighbours"][p], dtype=torch.long) for p in pick],
-        )
+CHECKPOINT_FORMAT = 2  # 2: per-level Codebook modules (1: one stacked codebook tensor; not resumed)
 
 
 @dataclass
@@ -97,14 +45,54 @@ class TrainingRecord:
     restarted_codes: int = 0
 
 
-def _save_checkpoint(path: Path, key: str, model: RQVAE, optimizer: torch.optim.Optimizer,
-                     generator: torch.Generator, record: TrainingRecord, best_state: dict[str, Any],
-                     epoch: int, step: int, bad_evaluations: int, elapsed: float) -> None:
-    """Everything the loop needs to go on after epoch ``epoch`` exactly as if never stopped."""
-    torch_save_atomic({"key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "generator": generator.get_state(), "record": dataclasses.asdict(record),
-                       "best_state": best_state, "epoch": epoch, "step": step, "bad_evaluations": bad_evaluations,
-                       "elapsed": elapsed}, path)
+@dataclass
+class Training:
+    """One RQ-VAE run: its fixed inputs and the state that a checkpoint saves."""
+
+    x: torch.Tensor  # (N, in_dim)
+    config: QuantizeConfig
+    hierarchy: Hierarchy | None
+    model: RQVAE
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # every draw after module initialisation: split, order, k-means sample, restarts
+    train_ids: torch.Tensor  # (N - held,)
+    held_out: torch.Tensor  # (held,) entities for checkpoint selection
+    batch_size: int
+    codebook_size: int
+    best_state: dict[str, Any]
+    started: float  # perf_counter() at the start of training (moved back by the time before a resume)
+    record: TrainingRecord = field(default_factory=TrainingRecord)
+    epoch: int = 0  # epochs finished
+    step: int = 0  # optimizer steps taken
+    bad_evaluations: int = 0  # evaluations since the held-out entropy last rose
+
+    @property
+    def patience_spent(self) -> bool:
+        return bool(self.config.patience) and self.bad_evaluations >= self.config.patience
+
+
+def setup(x: torch.Tensor, config: QuantizeConfig, hierarchy: Hierarchy | None) -> Training:
+    """Seeded model, held-out split and optimizer."""
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # module initialisation draws from the global generator
+    n = len(x)
+    levels, codebook_size = config.resolved_levels(), config.resolved_codebook_size(n)
+    if (config.uses_gse or config.uses_gsr) and hierarchy is None:
+        raise ValueError(f"variant {config.variant!r} with GSE/GSR needs a hierarchy (stage 3 artifact)")
+    if hierarchy is not None and len(hierarchy.clusters) != n:
+        raise ValueError(f"the hierarchy has paths for {len(hierarchy.clusters)} entities; "
+                         f"the vectors are {n} entities")
+    model = RQVAE(x.shape[1], config, levels, codebook_size)
+    order = torch.randperm(n, generator=generator)
+    held = max(1, int(round(n * config.holdout))) if config.holdout > 0 else 0
+    held_out, train_ids = order[:held], order[held:]
+    if held == 0:
+        held_out = train_ids
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    return Training(x=x, config=config, hierarchy=hierarchy, model=model, optimizer=optimizer, generator=generator,
+                    train_ids=train_ids, held_out=held_out, batch_size=config.resolved_batch_size(n),
+                    codebook_size=codebook_size, best_state=copy.deepcopy(model.state_dict()),
+                    started=time.perf_counter())
 
 
 def checkpoint_key(x: torch.Tensor, config: QuantizeConfig) -> str:
@@ -113,6 +101,85 @@ def checkpoint_key(x: torch.Tensor, config: QuantizeConfig) -> str:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     digest.update(np.ascontiguousarray(x.numpy()).tobytes())
     return digest.hexdigest()
+
+
+def save_checkpoint(path: Path, key: str, run: Training) -> None:
+    """Everything the loop needs to go on after epoch ``run.epoch`` exactly as if never stopped."""
+    torch_save_atomic({"key": key, "format": CHECKPOINT_FORMAT, "model": run.model.state_dict(),
+                       "optimizer": run.optimizer.state_dict(), "generator": run.generator.get_state(),
+                       "record": dataclasses.asdict(run.record), "best_state": run.best_state, "epoch": run.epoch,
+                       "step": run.step, "bad_evaluations": run.bad_evaluations,
+                       "elapsed": time.perf_counter() - run.started}, path)
+
+
+def resume(path: Path, key: str, run: Training, log: Callable[[str], None]) -> None:
+    """Load a checkpoint of the same config and input into ``run``; any other is left alone."""
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if saved.get("key") != key or saved.get("format") != CHECKPOINT_FORMAT:
+        log(f"quantize: {path} is from another config, input or kgtok version; starting afresh")
+        return
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.generator.set_state(saved["generator"])
+    run.record, run.best_state = TrainingRecord(**saved["record"]), saved["best_state"]
+    run.epoch, run.step, run.bad_evaluations = saved["epoch"], saved["step"], saved["bad_evaluations"]
+    run.started -= saved["elapsed"]
+    log(f"quantize: resumed after epoch {saved['epoch']} from {path}")
+
+
+@torch.no_grad()
+def initialise_codebooks(run: Training) -> None:
+    """k-means on the encoded residuals of a sample of training entities seeds every codebook."""
+    sample = torch.randperm(len(run.train_ids), generator=run.generator)[: max(20 * run.codebook_size, 4096)]
+    run.model.quantizer.kmeans_init(run.model.encoder(run.x[run.train_ids[sample]]), seed=run.config.seed)
+
+
+def train_epoch(run: Training, bar: tqdm) -> dict[str, float]:
+    """One pass over the training entities in a fresh order; returns each loss term's mean as ``loss_<term>``."""
+    config, model = run.config, run.model
+    model.train()
+    permutation = run.train_ids[torch.randperm(len(run.train_ids), generator=run.generator)]
+    centre_codes = None
+    if config.uses_gse:
+        # Cluster centres in code space are the targets of GSE: encoded once an epoch, without
+        # gradient (as a target network). Encoding every centre of every level at every step
+        # cost ~10 GFLOP a step on WN18RR (5,678 centres) for no better codes.
+        with torch.no_grad():
+            centre_codes = [model.encoder(c) for c in run.hierarchy.centroids]
+    totals: dict[str, float] = {}
+    for start in range(0, len(permutation), run.batch_size):
+        index = permutation[start : start + run.batch_size]
+        clusters = run.hierarchy.clusters[index] if run.hierarchy is not None else None  # (batch, levels)
+        terms, out = rqvae_losses(model, config, run.x[index], clusters, run.hierarchy, centre_codes)
+        loss = sum(terms.values())
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.step += 1
+        model.quantizer.mark_used(out.codes, run.step)
+        if config.dead_code_restart and run.step % config.dead_after == 0:  # periodic: let codes settle
+            run.record.restarted_codes += model.quantizer.restart_dead_codes(out, run.step, config.dead_after,
+                                                                             run.generator)
+        for key, value in terms.items():
+            totals[key] = totals.get(key, 0.0) + float(value.detach()) * len(index)
+        bar.update(1)
+    return {f"loss_{k}": v / len(run.train_ids) for k, v in totals.items()}
+
+
+def evaluate(run: Training, entry: dict[str, float]) -> None:
+    """Held-out mean code entropy and reconstruction into ``entry``; keeps the state of the highest entropy."""
+    held_out = run.x[run.held_out]  # (held, in_dim)
+    codes = run.model.encode(held_out).numpy()
+    entry["heldout_entropy"] = float(np.mean(code_usage(codes, run.codebook_size)["entropy"]))
+    entry["heldout_rec_mse"] = float((run.model.reconstruct(held_out) - held_out).pow(2).sum(1).mean())
+    entry["seconds"] = time.perf_counter() - run.started
+    if entry["heldout_entropy"] > run.record.best_entropy:
+        run.record.best_entropy, run.record.best_epoch = entry["heldout_entropy"], entry["epoch"]
+        run.record.best_seconds = entry["seconds"]
+        run.best_state = copy.deepcopy(run.model.state_dict())
+        run.bad_evaluations = 0
+    else:
+        run.bad_evaluations += 1
 
 
 def train_rqvae(
@@ -130,140 +197,51 @@ def train_rqvae(
     and a matching file found at the start is resumed: the same epochs follow
     as in an uninterrupted run (the tests check the codes are identical).
     """
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)  # module initialisation draws from the global generator
-    n = len(x)
-    levels, codebook_size = config.resolved_levels(), config.resolved_codebook_size(n)
-    if (config.uses_gse or config.uses_gsr) and hierarchy is None:
-        raise ValueError(f"variant {config.variant!r} with GSE/GSR needs a hierarchy (stage 3 artifact)")
-    model = RQVAE(x.shape[1], config, levels, codebook_size)
-    order = torch.randperm(n, generator=generator)
-    held = max(1, int(round(n * config.holdout))) if config.holdout > 0 else 0
-    held_out, train_ids = order[:held], order[held:]
-    if held == 0:
-        held_out = train_ids
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-
-    started = time.perf_counter()
-    record = TrainingRecord()
-    bad_evaluations = 0
-    best_state = copy.deepcopy(model.state_dict())
-    batch_size = config.resolved_batch_size(n)
-    steps_per_epoch = math.ceil(len(train_ids) / batch_size)
-    step, first_epoch = 0, 1
-    resume_key = checkpoint_key(x, config) if checkpoint is not None else ""
+    run = setup(x, config, hierarchy)
+    key = checkpoint_key(x, config) if checkpoint is not None else ""
     if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if saved.get("key") == resume_key:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            generator.set_state(saved["generator"])
-            record, best_state = TrainingRecord(**saved["record"]), saved["best_state"]
-            step, first_epoch, bad_evaluations = saved["step"], saved["epoch"] + 1, saved["bad_evaluations"]
-            started -= saved["elapsed"]
-            log(f"quantize: resumed after epoch {saved['epoch']} from {checkpoint}")
-        else:
-            log(f"quantize: {checkpoint} is from another config or input; starting afresh")
-    if config.kmeans_init and first_epoch == 1:
-        sample = train_ids[torch.randperm(len(train_ids), generator=generator)[: max(20 * codebook_size, 4096)]]
-        with torch.no_grad():
-            model.quantizer.kmeans_init(model.encoder(x[sample]), seed=config.seed)
-    bar = tqdm(total=config.epochs * steps_per_epoch, initial=(first_epoch - 1) * steps_per_epoch,
+        resume(checkpoint, key, run, log)
+    if config.kmeans_init and run.epoch == 0:
+        initialise_codebooks(run)
+    steps_per_epoch = math.ceil(len(run.train_ids) / run.batch_size)
+    bar = tqdm(total=config.epochs * steps_per_epoch, initial=run.epoch * steps_per_epoch,
                desc=f"quantize {config.variant}", disable=not progress)
-    stop = first_epoch > 1 and config.patience and bad_evaluations >= config.patience
-    for epoch in range(first_epoch, 1 if stop else config.epochs + 1):
-        model.train()
-        permutation = train_ids[torch.randperm(len(train_ids), generator=generator)]
-        totals: dict[str, float] = {}
-        centre_codes = None
-        if config.uses_gse:
-            # Cluster centres in code space are the targets of GSE: encoded once an epoch, without
-            # gradient (as a target network). Encoding every centre of every level at every step
-            # cost ~10 GFLOP a step on WN18RR (5,678 centres) for no better codes.
-            with torch.no_grad():
-                centre_codes = [model.encoder(c) for c in hierarchy.centroids]
-        for start in range(0, len(permutation), batch_size):
-            index = permutation[start : start + batch_size]
-            batch = x[index]  # (batch, in_dim)
-            z = model.encoder(batch)  # (batch, code_dim)
-            out = model.quantizer(z)
-            terms = {
-                "rec": (model.decoder(out.quantized) - batch).pow(2).sum(1).mean(),
-                "vq": out.vq_loss,
-            }
-            if config.uses_gse:
-                terms["gse"], _, _ = gse_losses(
-                    out.prefixes, centre_codes, hierarchy.clusters[index], hierarchy.neighbours,
-                    lambda1=config.gse.lambda1, lambda2=config.gse.lambda2, temperature=config.gse.temperature,
-                    use_l1=config.gse.l1, use_l2=config.gse.l2,
-                )
-            if config.uses_gsr:
-                ancestors = torch.stack([c[hierarchy.clusters[index, level]]
-                                         for level, c in enumerate(hierarchy.centroids)], dim=1)  # (batch, m, in_dim)
-                terms["gsr"] = gsr_loss(model.gsr(out.surrogates), batch, ancestors,
-                                        config.gsr.lambda_s, config.gsr.lambda_h)
-            loss = sum(terms.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            model.quantizer.mark_used(out.codes, step)
-            if config.dead_code_restart and step % config.dead_after == 0:  # periodic: let codes settle
-                record.restarted_codes += model.quantizer.restart_dead_codes(out, step, config.dead_after, generator)
-            for key, value in terms.items():
-                totals[key] = totals.get(key, 0.0) + float(value.detach()) * len(index)
-            bar.update(1)
-        entry = {"epoch": epoch, **{f"loss_{k}": v / len(train_ids) for k, v in totals.items()}}
+    stopped = run.epoch > 0 and run.patience_spent  # a resumed run that had already stopped
+    for epoch in range(run.epoch + 1, 1 if stopped else config.epochs + 1):
+        entry: dict[str, float] = {"epoch": epoch, **train_epoch(run, bar)}
         if epoch % config.eval_every == 0 or epoch == config.epochs:
-            codes = model.encode(x[held_out]).numpy()
-            entropy = code_entropy(codes, codebook_size)
-            entry["heldout_entropy"] = float(entropy.mean())
-            entry["heldout_rec_mse"] = float((model.reconstruct(x[held_out]) - x[held_out]).pow(2).sum(1).mean())
-            entry["seconds"] = time.perf_counter() - started
-            if entry["heldout_entropy"] > record.best_entropy:
-                record.best_entropy, record.best_epoch = entry["heldout_entropy"], epoch
-                record.best_seconds = entry["seconds"]
-                best_state = copy.deepcopy(model.state_dict())
-                bad_evaluations = 0
-            else:
-                bad_evaluations += 1
+            evaluate(run, entry)
             bar.set_postfix(loss=f"{sum(v for k, v in entry.items() if k.startswith('loss_')):.4f}",
                             entropy=f"{entry['heldout_entropy']:.3f}")
-        record.history.append(entry)
-        record.stopped_epoch = epoch
+        run.record.history.append(entry)
+        run.record.stopped_epoch = run.epoch = epoch
         if checkpoint is not None and "heldout_entropy" in entry:
-            _save_checkpoint(checkpoint, resume_key, model, optimizer, generator, record, best_state, epoch, step,
-                             bad_evaluations, time.perf_counter() - started)
-        if config.patience and bad_evaluations >= config.patience:
-            log(f"quantize: held-out entropy has not risen for {bad_evaluations} evaluations; "
-                f"stopping at epoch {epoch} (best {record.best_epoch})")
+            save_checkpoint(checkpoint, key, run)
+        if run.patience_spent:
+            log(f"quantize: held-out entropy has not risen for {run.bad_evaluations} evaluations; "
+                f"stopping at epoch {epoch} (best {run.record.best_epoch})")
             break
     bar.close()
-    model.load_state_dict(best_state)
-    model.eval()
-    return model, record
+    run.model.load_state_dict(run.best_state)
+    run.model.eval()
+    return run.model, run.record
 
 
-def fit_residual_kmeans(x: torch.Tensor, levels: int, codebook_size: int, *, iterations: int, seed: int,
-                        progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+# ReaLM's nearest-code search: without the per-row ||r||², in blocks of 65,536 rows (see kmeans.nearest).
+_REALM_SEARCH: dict[str, Any] = {"row_norms": False, "batch": 65536}
+
+
+def fit_realm(x: torch.Tensor, config: QuantizeConfig, levels: int, codebook_size: int, *,
+              progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """ReaLM: greedy residual k-means, one codebook per stage. Returns (codebooks (m, K, d), codes (N, m))."""
-    residual = x.clone()
-    books, codes = [], []
-    for level in tqdm(range(levels), desc="realm stages", disable=not progress):
-        centroids = kmeans(residual, codebook_size, iterations=iterations, seed=seed + level)
-        code = assign(residual, centroids)
-        residual = residual - centroids[code]
-        books.append(centroids)
-        codes.append(code)
-    return torch.stack(books), torch.stack(codes, dim=1)
+    with tqdm(total=levels, desc="realm stages", disable=not progress) as bar:
+        def fit_level(level: int, residual: torch.Tensor) -> torch.Tensor:
+            bar.update(1)
+            return kmeans(residual, codebook_size, iterations=config.realm_kmeans_iterations, seed=config.seed + level)
+
+        return fit_residual_kmeans(x, levels, fit_level, **_REALM_SEARCH)
 
 
-def residual_assign(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """Greedy residual codes of new vectors under fixed codebooks (m, K, d) -> (n, m)."""
-    residual = x.clone()
-    codes = []
-    for level in range(codebooks.shape[0]):
-        code = assign(residual, codebooks[level])
-        residual = residual - codebooks[level][code]
-        codes.append(code)
-    return torch.stack(codes, dim=1)
+def realm_codes(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Greedy residual codes (n, m) of new vectors under ReaLM's fitted codebooks (m, K, d)."""
+    return residual_codes(x, codebooks, **_REALM_SEARCH)
