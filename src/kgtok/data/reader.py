@@ -184,7 +184,8 @@ def _check_ids(
                 path, int(numbers[row]),
                 f"{names[j]} {column[row]!r} has leading or trailing whitespace"
                 + (f" ({others} more such field(s) in this column)" if others else "")
-                + "; remove it, or strip ids with strip_whitespace=True in load_kg (--strip-whitespace in kgtok data info)",
+                + "; remove it, or strip ids with strip_whitespace=True in load_kg "
+                "(--strip-whitespace in kgtok data info)",
             )
     if stripped and first_stripped is not None:
         row, value = first_stripped
