@@ -106,17 +106,23 @@ def test_skipped_header_adds_no_entity_or_relation(tmp_path):
 
 
 def test_data_warnings_print_once_per_process(tmp_path, monkeypatch, capsys):
-    """kgtok run loads the KG in every stage: each data warning is shown once, not once per load."""
+    """kgtok run loads the KG in every stage: each data warning is shown once, not once per load.
+
+    The stages call load_kg from different modules, and Python's filters keep
+    a registry per calling module: the second load is made from another one.
+    """
     write_kg(tmp_path / "kg", {"valid.txt": [*lines(VALID), "a\tlikes\tzebra"]})
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
     with warnings.catch_warnings():  # restores the filters and showwarning afterwards
-        _setup_warnings()
+        warnings.simplefilter("default")
         # pytest records warnings; print them to stderr as a terminal would
         warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
             warnings.formatwarning(message, category, filename, lineno, line))
+        _setup_warnings()
         load_kg("kg")  # as the data stage does, with the path typed by the user
-        load_kg(tmp_path / "kg")  # as the later stages do, with the resolved path
+        stage = {"__name__": "another_stage", "load_kg": load_kg, "path": tmp_path / "kg"}
+        exec(compile("load_kg(path)", "another_stage.py", "exec"), stage)  # as a later stage, resolved path
     shown = [line for line in capsys.readouterr().err.splitlines() if "UnseenEntityWarning" in line]
     assert len(shown) == 1 and "'zebra'" in shown[0]
 

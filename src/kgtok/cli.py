@@ -665,14 +665,26 @@ def ablate_command(config_path: str | None, data: str | None, out: str | None, o
 def _setup_warnings() -> None:
     """One line per warning; each data warning once per process.
 
-    Every stage of ``kgtok run`` loads the KG again, and each load warns
-    (from a different caller, so Python's default filter shows it again):
-    "once" keys on the text alone, and load_kg words it the same each time.
+    Every stage of ``kgtok run`` loads the KG again, and each load warns from
+    another caller, so Python's filters (whose registries are per calling
+    module, even for "once") let the same words through again: the data
+    warnings are deduplicated here by category and text (load_kg words them
+    the same for ``kg`` and ``/abs/kg``).
     """
     from kgtok.data.errors import KGDataWarning
 
     warnings.formatwarning = _format_warning  # type: ignore[assignment]  # one line per warning in a terminal
-    warnings.filterwarnings("once", category=KGDataWarning)
+    show, shown = warnings.showwarning, set()
+
+    def show_once(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+        if issubclass(category, KGDataWarning):
+            if (category, str(message)) in shown:
+                return
+            shown.add((category, str(message)))
+        show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show_once
 
 
 def main() -> None:
