@@ -2,17 +2,22 @@
 
 Heavy imports (torch, transformers, faiss) happen inside the commands so that
 ``kgtok --help`` answers at once.  Errors meant for people (bad input files,
-bad configs) print one line and exit with status 2; set ``KGTOK_DEBUG=1`` for
-the traceback.
+bad configs, file-system faults such as a full disk) print one line and exit
+with status 2; set ``KGTOK_DEBUG=1`` for the traceback.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
+import re
+import shutil
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -24,20 +29,160 @@ def _format_warning(message: Warning | str, category: type[Warning], *_: Any, **
     return f"warning ({category.__name__}): {message}\n"
 
 
+# What an OSError's errno means, in words, and what to do about it.
+OS_ERRORS = {
+    errno.ENOSPC: ("disk full (no space left on device)", "free some space or write elsewhere (--out)"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or write elsewhere (--out)"),
+    errno.EROFS: ("read-only file system", "choose a writable location (--out)"),
+    errno.EACCES: ("permission denied", "check the permissions or choose another location"),
+    errno.EPERM: ("operation not permitted", "check the permissions or choose another location"),
+    errno.ENOTDIR: ("not a directory (a part of the path is a file)", "choose a path whose parents are folders"),
+    errno.ENOENT: ("no such file or directory", "check the path"),
+    errno.EEXIST: ("already exists", "remove it or choose another path"),
+    errno.EISDIR: ("is a directory, expected a file", "give a file path"),
+    errno.ENAMETOOLONG: ("file name too long", "choose a shorter path"),
+    errno.EIO: ("input/output error", "check the disk"),
+}
+DISK_FULL_BYTES = 1 << 20  # after a failed torch write, less free space than this means the disk filled up
+
+
+def describe_error(error: BaseException) -> str | None:
+    """The one-line message for an error meant for people; None for a bug (keep the traceback).
+
+    OSErrors are named by path and cause in words (``runs/x: disk full``);
+    torch's RuntimeError from a failed checkpoint write (``[enforce fail at
+    inline_container.cc:672] . unexpected pos``) is told apart from other
+    RuntimeErrors and described the same way.
+    """
+    if isinstance(error, OSError):
+        return _describe_os_error(error)
+    if isinstance(error, RuntimeError) and re.search(r"inline_container\.cc|PytorchStreamWriter", str(error)):
+        return _describe_torch_write_error(error)
+    if isinstance(error, (ValueError, RuntimeError)):
+        return str(error)
+    return None
+
+
+def _describe_os_error(error: OSError) -> str:
+    if error.errno not in OS_ERRORS:
+        return str(error) if error.errno is None else f"{_error_path(error)}{error.strerror or error}"
+    cause, advice = OS_ERRORS[error.errno]
+    if error.errno == errno.EEXIST and error.filename is not None and _in_traceback(error, ("mkdir", "makedirs")) \
+            and os.path.isfile(error.filename):  # mkdir -p through a file: Path("afile/run").mkdir(parents=True)
+        cause, advice = "is a file, so no folder can be made there", "remove it or choose another path (--out)"
+    return f"{_error_path(error)}{cause}; {advice}"
+
+
+def _in_traceback(error: BaseException, functions: tuple[str, ...]) -> bool:
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in functions:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _error_path(error: OSError) -> str:
+    """``path: `` of an OSError (``a -> b: `` for a rename), or of the file the traceback was writing."""
+    path = error.filename if error.filename is not None else _written_file(error.__traceback__)
+    if path is None:
+        return ""
+    other = f" -> {os.fsdecode(error.filename2)}" if error.filename2 is not None else ""
+    return f"{os.fsdecode(path)}{other}: "
+
+
+def _written_file(tb: Any) -> str | None:
+    """The file a failed write went to, when the OSError does not carry it.
+
+    ``f.write`` on a full disk raises ENOSPC without a file name; the open file
+    (or the target of ``torch.save``) is still a local of a frame on the way.
+    """
+    found = None
+    while tb is not None:
+        frame = tb.tb_frame
+        code = frame.f_code
+        if code.co_name == "save" and code.co_filename.endswith(os.path.join("torch", "serialization.py")):
+            target = frame.f_locals.get("f")
+            if isinstance(target, (str, os.PathLike)):
+                found = os.fspath(target)
+        for value in frame.f_locals.values():
+            name = getattr(value, "name", None) if isinstance(value, io.IOBase) else None
+            if isinstance(name, str) and not name.startswith("<"):
+                found = name  # the innermost open file wins
+        tb = tb.tb_next
+    return found
+
+
+def _describe_torch_write_error(error: RuntimeError) -> str:
+    """torch.save's C++ errors: the open failed (with a strerror), or a short write (full disk)."""
+    target = _written_file(error.__traceback__)
+    where = f"{target}: " if target else ""
+    reason = re.search(r"strerror: ([^,]+)", str(error))
+    if reason:
+        words = reason.group(1).strip()
+        known = {os.strerror(code).lower(): pair for code, pair in OS_ERRORS.items()}
+        cause, advice = known.get(words.lower(), (words.lower(), "choose another location (--out)"))
+        return f"{where}could not write the checkpoint: {cause}; {advice}"
+    if target is not None:
+        try:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(target))).free
+        except OSError:
+            free = None
+        if free is not None and free < DISK_FULL_BYTES:
+            cause, advice = OS_ERRORS[errno.ENOSPC]
+            return f"{where}could not write the checkpoint: {cause}, {free:,} bytes free; {advice}"
+    return f"{where}could not write the checkpoint (torch: {str(error).strip()}); check free space and the disk"
+
+
+@contextmanager
+def _error_boundary() -> Iterator[None]:
+    """Errors meant for people become one red line and exit status 2; bugs keep their traceback."""
+    if os.environ.get("KGTOK_DEBUG"):
+        yield
+        return
+    try:
+        yield
+    except Exception as e:
+        message = describe_error(e)
+        if message is None:
+            raise
+        click.secho(f"error: {message}", fg="red", err=True)
+        sys.exit(2)
+
+
 def _friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user-facing errors into one red line and exit status 2."""
+    """Run a command inside the CLI's error boundary (see :func:`describe_error`)."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if os.environ.get("KGTOK_DEBUG"):
+        with _error_boundary():
             return func(*args, **kwargs)
-        try:
-            return func(*args, **kwargs)
-        except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-            click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(2)
 
     return wrapper
+
+
+def _check_kg_dir(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--data``: an existing folder with train.txt, valid.txt and test.txt, checked before anything runs."""
+    if value is None:
+        return None
+    problem = _kg_dir_problem(value)
+    if problem:
+        raise click.BadParameter(problem, ctx=ctx, param=param)
+    return value
+
+
+def _kg_dir_problem(value: str) -> str | None:
+    path = Path(value)
+    if not path.exists():
+        return f"{value}: no such directory; expected a KG folder with train.txt, valid.txt and test.txt"
+    if not path.is_dir():
+        return f"{value}: is a file; expected a KG folder with train.txt, valid.txt and test.txt"
+    missing = [f"{s}.txt" for s in ("train", "valid", "test") if not (path / f"{s}.txt").is_file()]
+    if missing:
+        found = sorted(p.name for p in path.iterdir())[:10]
+        return f"{value}: no {', '.join(missing)} in this folder (found: {found}); a KG folder needs train.txt, " \
+               "valid.txt and test.txt"
+    return None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,7 +221,7 @@ def _force_option(func: Callable[..., Any]) -> Callable[..., Any]:
 def _run_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--config, --data, --out: what kgtok run and kgtok ablate share."""
     func = click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: runs/default).")(func)
-    func = click.option("--data", type=click.Path(file_okay=False),
+    func = click.option("--data", type=click.Path(file_okay=False), callback=_check_kg_dir,
                         help="KG directory (default: the bundled synthetic KG).")(func)
     return click.option("--config", "config_path", type=click.Path(dir_okay=False),
                         help="YAML file of a RunConfig.")(func)
@@ -87,7 +232,11 @@ def _run_config(config_path: str | None, data: str | None, out: str | None, over
     from kgtok.pipeline import RunConfig
 
     extra = [*overrides, *([f"data={data}"] if data else []), *([f"out={out}"] if out else [])]
-    return load_config(RunConfig, config_path, extra)
+    config = load_config(RunConfig, config_path, extra)
+    problem = _kg_dir_problem(config.data) if config.data is not None else None
+    if problem:  # data= from an override or the YAML: checked before the config is printed
+        raise ValueError(f"data (--data): {problem}")
+    return config
 
 
 @cli.command("run")
@@ -172,15 +321,18 @@ def data_list() -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--relations/--no-relations", default=False, help="Also list every relation.")
+@click.option("--skip-header", is_flag=True,
+              help="Skip a header line (head<TAB>relation<TAB>tail) instead of refusing it.")
+@click.option("--strip-whitespace", is_flag=True, help="Strip spaces around ids instead of refusing them.")
 @_friendly_errors
-def data_info(directory: str, as_json: bool, relations: bool) -> None:
+def data_info(directory: str, as_json: bool, relations: bool, skip_header: bool, strip_whitespace: bool) -> None:
     """Counts, unseen entities, and relation statistics of the KG in DIRECTORY."""
     from kgtok.data.graph import load_kg
     from kgtok.data.stats import summarize
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        summary = summarize(load_kg(directory))
+        summary = summarize(load_kg(directory, skip_header=skip_header, strip_whitespace=strip_whitespace))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -275,7 +427,8 @@ def data_subset(source: str, dest: str, entities: int, seed: int) -> None:
 
 
 @cli.command("embed")
-@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), callback=_check_kg_dir,
+              help="KG directory.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Artifact directory (default: runs/embed-<data>).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of an EmbedConfig.")
 @click.option("--model", default=None, help="Shortcut for model=...")
@@ -302,7 +455,8 @@ def embed_command(data: str, out: str | None, config_path: str | None, model: st
 
 
 @cli.command("text")
-@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), callback=_check_kg_dir,
+              help="KG directory.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Artifact directory (default: runs/text-<data>).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a TextConfig.")
 @click.option("--progress/--no-progress", default=True)
@@ -320,7 +474,8 @@ def text_command(data: str, out: str | None, config_path: str | None, progress: 
 
 
 @cli.command("embed-import")
-@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), callback=_check_kg_dir,
+              help="KG directory.")
 @click.option("--entities", "entity_vectors", required=True, type=click.Path(dir_okay=False), help=".npy, one row per entity.")
 @click.option("--entity-order", required=True, type=click.Path(dir_okay=False),
               help="Raw entity id of each row: one per line, or index<TAB>name (entities.dict).")
@@ -346,7 +501,8 @@ def embed_import_command(data: str, entity_vectors: str, entity_order: str, rela
 
 
 @cli.command("hierarchy")
-@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), callback=_check_kg_dir,
+              help="KG directory.")
 @click.option("--embeddings", default=None, type=click.Path(file_okay=False), help="Stage-1 artifact (graph vectors).")
 @click.option("--text", default=None, type=click.Path(file_okay=False), help="Stage-2 artifact (text vectors).")
 @click.option("--tree", default=None, type=click.Path(dir_okay=False),
@@ -370,7 +526,8 @@ def hierarchy_command(data: str, embeddings: str | None, text: str | None, tree:
 
 
 @cli.command("quantize")
-@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), callback=_check_kg_dir,
+              help="KG directory.")
 @click.option("--hierarchy", default=None, type=click.Path(file_okay=False),
               help="Stage-3 artifact (fused vectors, tree): gsquant, rq, flat.")
 @click.option("--embeddings", default=None, type=click.Path(file_okay=False), help="Stage-1 artifact: realm.")
@@ -398,7 +555,8 @@ def quantize_command(data: str, hierarchy: str | None, embeddings: str | None, o
 
 
 @cli.command("instruct")
-@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), callback=_check_kg_dir,
+              help="KG directory.")
 @click.option("--embeddings", required=True, type=click.Path(file_okay=False), help="Stage-1 artifact (candidates).")
 @click.option("--codes", default=None, type=click.Path(file_okay=False), help="Stage-4 artifact (entity codes).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the JSONL files.")
@@ -446,7 +604,8 @@ def finetune_command(instructions: str, codes: str | None, out: str, config_path
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact directory.")
 @click.option("--classes", default=None, type=click.Path(),
               help="entity<TAB>class file or stage-3 artifact (for class_constraint=true).")
-@click.option("--data", default=None, type=click.Path(file_okay=False), help="KG directory (to read --classes).")
+@click.option("--data", default=None, type=click.Path(file_okay=False), callback=_check_kg_dir,
+              help="KG directory (to read --classes).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of an EvaluateConfig.")
 @click.option("--progress/--no-progress", default=True)
 @click.argument("overrides", nargs=-1)
@@ -506,9 +665,35 @@ def ablate_command(config_path: str | None, data: str | None, out: str | None, o
     click.echo(f"-> {summary}")
 
 
-def main() -> None:
+def _setup_warnings() -> None:
+    """One line per warning; each data warning once per process.
+
+    Every stage of ``kgtok run`` loads the KG again, and each load warns from
+    another caller, so Python's filters (whose registries are per calling
+    module, even for "once") let the same words through again: the data
+    warnings are deduplicated here by category and text (load_kg words them
+    the same for ``kg`` and ``/abs/kg``).
+    """
+    from kgtok.data.errors import KGDataWarning
+
     warnings.formatwarning = _format_warning  # type: ignore[assignment]  # one line per warning in a terminal
-    cli(prog_name="kgtok")
+    show, shown = warnings.showwarning, set()
+
+    def show_once(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+        if issubclass(category, KGDataWarning):
+            if (category, str(message)) in shown:
+                return
+            shown.add((category, str(message)))
+        show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show_once
+
+
+def main() -> None:
+    _setup_warnings()
+    with _error_boundary():
+        cli(prog_name="kgtok")
 
 
 if __name__ == "__main__":

@@ -295,6 +295,14 @@ def load_config(
             ) from e
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        except UnicodeDecodeError as e:
+            data = path.read_bytes()
+            line = data.count(b"\n", 0, e.start) + 1
+            column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+            raise ConfigError(
+                f"config file {path}:{line}: byte 0x{data[e.start]:02x} at column {column} is not valid UTF-8; "
+                "save the file as UTF-8"
+            ) from None
         if loaded is None:
             loaded = {}
         if section is not None:
