@@ -73,9 +73,9 @@ def level_counts(num_entities: int, top: int, levels: int, leaf_size: int) -> li
 def _silhouette(x: np.ndarray, labels: np.ndarray, sample: int, seed: int) -> float:
     from sklearn.metrics import silhouette_score
 
-    if len(np.unique(labels)) < 2:
-        return -1.0
     size = min(sample, len(x))
+    if not 2 <= len(np.unique(labels)) <= size - 1:  # silhouette is defined for 2..n-1 clusters only
+        return -1.0
     return float(silhouette_score(x, labels, metric="cosine", sample_size=size, random_state=seed))
 
 
