@@ -262,6 +262,8 @@ def _print_results(results: list[Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from kgtok.llm.rankers import MEASURES, rankers
+
     table = Table(title="kgtok run")
     table.add_column("stage")
     table.add_column("status")
@@ -277,12 +279,10 @@ def _print_results(results: list[Any]) -> None:
         summary = Table(title=f"link prediction, {metrics['queries']} test queries (filtered)")
         for column in ("ranker", "MRR", "Hits@1", "Hits@3", "Hits@10"):
             summary.add_column(column)
-        for key, label in (("retriever", "stage 1 (retriever)"), ("dift", "LM pick (DIFT rule)"),
-                           ("rerank", "LM re-rank"), ("fused_rerank", "LM + stage-1 prior (fused)"),
-                           ("dift_class", "LM pick + class constraint")):
-            if key in metrics:
-                both = metrics[key]["both"]
-                summary.add_row(label, *(f"{both[m]:.3f}" for m in ("mrr", "hits_at_1", "hits_at_3", "hits_at_10")))
+        for ranker in rankers():
+            if ranker.key in metrics:
+                both = metrics[ranker.key]["both"]
+                summary.add_row(ranker.label, *(f"{both[m]:.3f}" for m in MEASURES))
         console.print(summary)
 
 
@@ -646,19 +646,19 @@ def ablate_command(config_path: str | None, data: str | None, out: str | None, o
     from rich.console import Console
     from rich.table import Table
 
+    from kgtok.llm.rankers import rankers
     from kgtok.pipeline import ABLATIONS, ablate
 
     config = _run_config(config_path, data, out, overrides)
     names = tuple(only.split(",")) if only else tuple(ABLATIONS)
     results = ablate(config, names, log=click.echo)
-    table = Table(title="ablations (test, filtered)")
-    keys = {"LM pick MRR": "dift_mrr", "LM pick Hits@1": "dift_hits_at_1", "re-rank MRR": "rerank_mrr",
-            "re-rank Hits@1": "rerank_hits_at_1", "fused re-rank Hits@1": "fused_rerank_hits_at_1",
-            "retriever Hits@1": "retriever_hits_at_1"}
-    for column in ("run", *keys):
+    table = Table(title="ablations (test, filtered): Hits@1 / MRR per ranker")
+    shown = [r for r in rankers() if any(f"{r.key}_mrr" in m for m in results.values())]
+    for column in ("run", *(r.label for r in shown)):
         table.add_column(column)
     for name, m in results.items():
-        table.add_row(name, *(f"{m[k]:.3f}" if k in m else "-" for k in keys.values()))
+        table.add_row(name, *(f"{m[f'{r.key}_hits_at_1']:.3f} / {m[f'{r.key}_mrr']:.3f}" if f"{r.key}_mrr" in m
+                              else "-" for r in shown))
     Console(width=140).print(table)
     summary = Path(config.out) / "ablate" / "summary.json"
     summary.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -147,19 +147,19 @@ def _finetune(run: Path) -> str | None:
 def _final(run: Path) -> str | None:
     import matplotlib.pyplot as plt
 
+    from kgtok.llm.rankers import MEASURES, rankers
+
     metrics = _read(run / "evaluate" / "metrics.json")
     if metrics is None or "retriever" not in metrics:
         return None
-    keys = ["mrr", "hits_at_1", "hits_at_3", "hits_at_10"]
-    labels = {"retriever": "stage 1 (retriever)", "dift": "LM pick (DIFT rule)", "rerank": "LM re-rank",
-              "fused_rerank": "LM + stage-1 prior (fused)", "dift_class": "LM pick + class constraint"}
-    rows = [[labels[name], *[metrics[name]["both"][k] for k in keys]] for name in labels if name in metrics]
+    keys = list(MEASURES)
+    rows = [[r.label, *[metrics[r.key]["both"][k] for k in keys]] for r in rankers() if r.key in metrics]
     for ablation in sorted((run / "ablate").glob("*/evaluate/metrics.json")) if (run / "ablate").exists() else []:
         other = _read(ablation)
-        for name in ("dift", "rerank", "fused_rerank"):
-            if name in other:
-                rows.append([f"ablation {ablation.parent.parent.name}: {labels[name]}",
-                             *[other[name]["both"][k] for k in keys]])
+        for r in rankers():
+            if r.key != "retriever" and r.key in other:  # an ablation keeps stage 1: only the LM's rankers differ
+                rows.append([f"ablation {ablation.parent.parent.name}: {r.label}",
+                             *[other[r.key]["both"][k] for k in keys]])
     parts = [f"<h2>Link prediction ({metrics['queries']} queries, filtered)</h2>", _table(["ranker", *keys], rows),
              f"<p>{metrics['queries_per_second']:.1f} queries/s; gold among the candidates: "
              f"{metrics['gold_in_candidates']:.1%}</p>"]

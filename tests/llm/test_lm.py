@@ -16,9 +16,11 @@ from kgtok.data.synthetic import SyntheticConfig, write_synthetic
 from kgtok.embed import EmbedConfig, run_embed
 from kgtok.llm import InstructConfig, run_instruct
 from kgtok.llm.backbone import TinyBackboneConfig, build_tiny, is_from_scratch
-from kgtok.llm.evaluate import (FUSION_GRID, EvaluateConfig, PrefixTrie, choose_fusion_weight, constrain_to_class,
-                                load_classes, log_prior, run_evaluate, score_batch, trie_greedy)
+from kgtok.llm.decoding import PrefixTrie, trie_greedy
+from kgtok.llm.evaluate import EvaluateConfig, load_classes, run_evaluate
 from kgtok.llm.finetune import IGNORE_INDEX, FinetuneConfig, encode_example, run_finetune
+from kgtok.llm.rankers import FUSION_GRID, choose_fusion_weight, constrain_to_class, log_prior
+from kgtok.llm.scoring import score_batch
 from kgtok.llm.vocab import extend_vocabulary
 from kgtok.quantize import QuantizeConfig, run_quantize
 
@@ -251,13 +253,13 @@ def test_vllm_backend_gives_the_same_scores(stages, finetuned, tmp_path, monkeyp
 
 
 def test_killed_evaluation_resumes_from_scored_queries(stages, finetuned, tmp_path, monkeypatch):
-    import kgtok.llm.evaluate as evaluate
+    import kgtok.llm.scoring as scoring
 
     instructions = stages[4]
     config = EvaluateConfig(max_queries=9, batch_size=3, fusion_weight=1.0)
     reference = run_evaluate(config, finetuned, instructions, tmp_path / "ref", progress=False, log=quiet)
     calls = {"n": 0, "die_at": 3}
-    score = evaluate.score_batch
+    score = scoring.score_batch
 
     def dying_score(model, prompts, *args):
         calls["n"] += 1
@@ -265,7 +267,7 @@ def test_killed_evaluation_resumes_from_scored_queries(stages, finetuned, tmp_pa
             raise KeyboardInterrupt  # killed while scoring the third batch
         return score(model, prompts, *args)
 
-    monkeypatch.setattr(evaluate, "score_batch", dying_score)
+    monkeypatch.setattr(scoring, "score_batch", dying_score)
     with pytest.raises(KeyboardInterrupt):
         run_evaluate(config, finetuned, instructions, tmp_path / "ev", progress=False, log=quiet)
     assert not (tmp_path / "ev").exists() and (tmp_path / "ev.work" / "predictions.partial.jsonl").exists()
@@ -279,14 +281,14 @@ def test_killed_evaluation_resumes_from_scored_queries(stages, finetuned, tmp_pa
 
 
 def test_resumed_evaluation_keeps_its_fusion_weight(stages, finetuned, tmp_path, monkeypatch):
-    import kgtok.llm.evaluate as evaluate
+    import kgtok.llm.scoring as scoring
 
     instructions = stages[4]
     config = EvaluateConfig(max_queries=9, batch_size=3)  # fusion weight chosen on LM-valid
     valid_batches = -(-len((instructions / "lm_valid.jsonl").read_text().splitlines()) // 3)
     reference = run_evaluate(config, finetuned, instructions, tmp_path / "ref", progress=False, log=quiet)
     calls = {"n": 0, "die_at": valid_batches + 3}
-    score = evaluate.score_batch
+    score = scoring.score_batch
 
     def dying_score(model, prompts, *args):
         calls["n"] += 1
@@ -294,7 +296,7 @@ def test_resumed_evaluation_keeps_its_fusion_weight(stages, finetuned, tmp_path,
             raise KeyboardInterrupt  # killed while scoring the third batch of test queries
         return score(model, prompts, *args)
 
-    monkeypatch.setattr(evaluate, "score_batch", dying_score)
+    monkeypatch.setattr(scoring, "score_batch", dying_score)
     with pytest.raises(KeyboardInterrupt):
         run_evaluate(config, finetuned, instructions, tmp_path / "ev", progress=False, log=quiet)
     calls.update(n=0, die_at=0)
@@ -391,7 +393,8 @@ def test_triple_classification_instructions_and_metrics(stages, finetuned, tmp_p
         assert record["answer"] == ("true" if record["label"] else "false")
     assert sum(r["label"] for r in test) == len(kg.test)
     # No prompt shows its own triple among the facts.
-    from kgtok.llm.instruct import entity_text, load_tokens, readable_relation
+    from kgtok.llm.instruct import load_tokens
+    from kgtok.llm.prompts import entity_text, readable_relation
 
     config, tokens = InstructConfig(task="classification"), load_tokens(codes, kg)
     for record in train:
@@ -461,3 +464,28 @@ def test_answer_loss_from_kept_logits_equals_the_full_loss(tmp_path):
             count += int((target != IGNORE_INDEX).sum())
     assert batch["logits_to_keep"].numel() == max(sum(t != IGNORE_INDEX for t in e["labels"]) for e in examples) + 1
     torch.testing.assert_close(kept, total / count, atol=1e-5, rtol=1e-5)
+
+
+def test_finetune_and_evaluate_print_only_their_own_lines(stages, tmp_path, capfd):
+    """No Trainer dictionaries, no library bars or deprecation warnings; progress off: plain lines via log."""
+    import warnings
+
+    kg, kg_dir, embed, codes, instructions, root = stages
+    config = FinetuneConfig(tiny=TINY, max_steps=2, batch_size=4, logging_steps=1, save_steps=1, threads=1)
+    lines: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ft = run_finetune(config, instructions, tmp_path / "ft", codes=codes, progress=False, log=lines.append)
+        run_evaluate(EvaluateConfig(max_queries=4, threads=1), ft, instructions, tmp_path / "ev", progress=False,
+                     log=lines.append)
+    assert capfd.readouterr() == ("", "")
+    assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert [line.split(":")[0] for line in lines if not line.startswith("#")] == [
+        "finetune", "finetune", "evaluate", "evaluate"]  # LM-valid loss, result; fusion weight, result
+    # Progress on: one bar for training (and one per LM-valid pass), one per scored split.
+    run_finetune(config, instructions, tmp_path / "ft2", codes=codes, progress=True, log=quiet)
+    run_evaluate(EvaluateConfig(max_queries=4, fusion_weight=1.0, threads=1), ft, instructions, tmp_path / "ev2",
+                 log=quiet)
+    out, err = capfd.readouterr()
+    assert out == "" and "finetune: 100%" in err and "evaluate: 100%" in err
+    assert "{'loss'" not in err and "Writing model shards" not in err and "Loading weights" not in err

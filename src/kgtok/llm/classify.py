@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 
 from kgtok.data.graph import KnowledgeGraph, _triple_keys
+from kgtok.llm.config import InstructConfig
+from kgtok.llm.neighbours import NeighbourIndex
+from kgtok.llm.prompts import classification_prompt
 
 
 def corrupt(kg: KnowledgeGraph, triples: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -33,10 +36,9 @@ def corrupt(kg: KnowledgeGraph, triples: np.ndarray, rng: np.random.Generator) -
 
 
 def classification_records(kg: KnowledgeGraph, triples: np.ndarray, split: str, tokens: list[str] | None,
-                           neighbours: Any, config: Any, rng: np.random.Generator) -> list[dict[str, Any]]:
+                           neighbours: NeighbourIndex, config: InstructConfig, rng: np.random.Generator
+                           ) -> list[dict[str, Any]]:
     """A true and a corrupted record per triple, in a shuffled order."""
-    from kgtok.llm.instruct import entity_text, readable_relation
-
     negatives = corrupt(kg, triples, rng)
     rows = np.concatenate([triples, negatives])  # (2n, 3)
     labels = np.concatenate([np.ones(len(triples), bool), np.zeros(len(triples), bool)])
@@ -47,18 +49,12 @@ def classification_records(kg: KnowledgeGraph, triples: np.ndarray, split: str, 
         h, r, t = (int(v) for v in rows[i])
         source = tuple(int(v) for v in sources[i])
         facts = [f for f in neighbours.for_query(h, r, True, source, config.neighbours + 1) if f != (h, r, t)]
-        facts = facts[: config.neighbours]
-        lines = [f"Is this triple true? ({entity_text(kg, h, tokens, config)}, "
-                 f"{readable_relation(kg.relation_names[r])}, {entity_text(kg, t, tokens, config)})"]
-        if config.use_neighbours and facts:
-            lines.append("Known facts: " + "; ".join(
-                f"({entity_text(kg, a, tokens, config)}, {readable_relation(kg.relation_names[b])}, "
-                f"{entity_text(kg, c, tokens, config)})" for a, b, c in facts) + ".")
-        lines.append("Answer true or false.")
         records.append({
             "id": f"{split}-{i}", "split": split, "task": "classification",
             "triple": [kg.entity_names[h], kg.relation_names[r], kg.entity_names[t]],
-            "label": bool(labels[i]), "prompt": "\n".join(lines), "answer": "true" if labels[i] else "false",
+            "label": bool(labels[i]),
+            "prompt": classification_prompt(kg, (h, r, t), facts[: config.neighbours], tokens, config),
+            "answer": "true" if labels[i] else "false",
         })
     return records
 

@@ -31,137 +31,19 @@ Output (``dest``): ``lm_train.jsonl``, ``lm_valid.jsonl``, ``test.jsonl`` and
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from kgtok.artifacts import artifact_dir, hash_inputs
-from kgtok.config import check_fields, format_config, in_range
+from kgtok.config import format_config
 from kgtok.data.graph import KnowledgeGraph, load_kg
 from kgtok.embed.ranking import RankedQueries
-from kgtok.llm.vocab import ENTITY_BEGIN, ENTITY_END
-
-
-@dataclass(frozen=True, kw_only=True)
-class InstructConfig:
-    """Stage 5a: which parts go into a prompt, and which queries become examples."""
-
-    task: str = "completion"  # completion (link prediction, DIFT) | classification (true/false, ReaLM)
-    top_k: int = 20  # candidates listed per prompt (at most what stage 1 exported)
-    neighbours: int = 10  # training-graph triples about the known entity
-    description_words: int = 50  # the known entity's description is cut to about this many words
-    use_codes: bool = True  # entity codes after names (GS-Quant); false: DIFT without codes
-    use_names: bool = True  # entity names; false: codes only (ablation)
-    use_descriptions: bool = True
-    use_neighbours: bool = True
-    train_from_train_queries: bool = False  # also turn training queries into examples (off: DIFT)
-    train_queries: int = 0  # with the above: at most this many training queries (0: all)
-    train_query_format: str = "dift"  # dift: the full prompt with a candidate list | query: ReaLM's short form,
-    # the query line and the answer, no list (from the training graph; no stage-1 candidates needed)
-    shuffle_train_query_candidates: bool = True  # dift form: lists in random order: stage 1 has seen these answers
-    # and ranks them first, so in stage-1 order they would teach the LM to copy rank 1; shuffled, they teach it
-    # to choose by content (a from-scratch LM needs that data; pretrained ones may not)
-    lm_valid_fraction: float = 0.1  # share of the validation queries kept for LM validation
-    confidence_threshold: float = 0.05  # LM-train keeps records with confidence above this
-    classification_train_triples: int = 5000  # classification: training triples sampled for LM-train (0: all)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_fields(self, [
-            ("task", lambda v: v in ("completion", "classification"), "completion or classification"),
-            ("train_query_format", lambda v: v in ("dift", "query"), "dift or query"),
-            ("classification_train_triples", in_range(0), ">= 0"),
-            ("train_queries", in_range(0), ">= 0"),
-            ("top_k", in_range(1), ">= 1"),
-            ("neighbours", in_range(0), ">= 0"),
-            ("description_words", in_range(0), ">= 0"),
-            ("lm_valid_fraction", in_range(0.0, 0.9), "in [0, 0.9]"),
-            ("confidence_threshold", in_range(0.0), ">= 0"),
-            ("seed", in_range(0), ">= 0"),
-            ("use_names", lambda v: v or self.use_codes, "names or codes (or both) must be used"),
-        ])
-
-
-def readable_relation(name: str) -> str:
-    """'/people/person/profession' -> 'people person profession'; '_hypernym' -> 'hypernym'."""
-    return re.sub(r"[\s_/.]+", " ", name).strip()
-
-
-def cut_words(text: str, words: int) -> str:
-    parts = text.split()
-    return " ".join(parts[:words]) + (" ..." if len(parts) > words else "")
-
-
-class NeighbourIndex:
-    """Training triples of each entity, ranked for a query relation by relation co-occurrence (DIFT).
-
-    Relations are directed: (e, r, x) counts as relation r, (x, r, e) as r⁻¹.
-    ``co[r, r']`` is the number of entities that have both; a query about
-    relation r lists the entity's triples with the highest ``co[r, r']`` first.
-    """
-
-    def __init__(self, kg: KnowledgeGraph) -> None:
-        from scipy.sparse import csr_matrix
-
-        train = kg.train.numpy()
-        h, r, t = train[:, 0], train[:, 1], train[:, 2]
-        num_r = kg.num_relations
-        # One row per (entity, directed relation, other entity, triple index), grouped by entity.
-        entity = np.concatenate([h, t])
-        relation = np.concatenate([r, r + num_r])
-        other = np.concatenate([t, h])
-        triple = np.concatenate([np.arange(len(train)), np.arange(len(train))])
-        order = np.argsort(entity, kind="stable")
-        self.entity, self.relation, self.other, self.triple = entity[order], relation[order], other[order], triple[order]
-        self.starts = np.searchsorted(self.entity, np.arange(kg.num_entities + 1))
-        incidence = csr_matrix((np.ones(len(entity)), (entity, relation)), shape=(kg.num_entities, 2 * num_r))
-        incidence.data[:] = 1.0  # presence, not counts
-        incidence.sum_duplicates()
-        incidence.data[:] = 1.0
-        self.co = np.asarray((incidence.T @ incidence).todense())  # (2R, 2R)
-        self.num_relations = num_r
-        self.train = train
-
-    def for_query(self, entity: int, relation: int, entity_is_head: bool, exclude: tuple[int, int, int] | None,
-                  limit: int) -> list[tuple[int, int, int]]:
-        """Up to ``limit`` training triples (h, r, t) around ``entity``, most related to the query first."""
-        rows = slice(self.starts[entity], self.starts[entity + 1])
-        relations, triples = self.relation[rows], self.triple[rows]
-        query = relation if entity_is_head else relation + self.num_relations
-        score = self.co[query, relations]
-        order = np.lexsort((triples, -score))  # by co-occurrence, then by triple index (deterministic)
-        out = []
-        for i in order:
-            h, r, t = (int(v) for v in self.train[triples[i]])
-            if exclude is not None and (h, r, t) == exclude:
-                continue
-            out.append((h, r, t))
-            if len(out) == limit:
-                break
-        return out
-
-
-def entity_text(kg: KnowledgeGraph, entity: int, tokens: list[str] | None, config: InstructConfig) -> str:
-    parts = []
-    if config.use_names:
-        parts.append(kg.labels[entity])
-    if config.use_codes and tokens is not None:
-        parts.append(f"{ENTITY_BEGIN}{tokens[entity]}{ENTITY_END}")
-    return " ".join(parts)
-
-
-def query_lines(relation_name: str, direction: int, known_text: str) -> tuple[str, str]:
-    """The query triple with its unknown side marked, and the question (first and last lines of a prompt)."""
-    relation = readable_relation(relation_name)
-    if direction == 0:
-        return (f"Here is a triple with the tail entity unknown: ({known_text}, {relation}, ?).",
-                "What is the tail entity?")
-    return (f"Here is a triple with the head entity unknown: (?, {relation}, {known_text}).",
-            "What is the head entity?")
+from kgtok.llm.classify import classification_records
+from kgtok.llm.config import InstructConfig  # here too: kgtok.llm.instruct.InstructConfig is public
+from kgtok.llm.neighbours import NeighbourIndex
+from kgtok.llm.prompts import dift_prompt, entity_text, query_prompt, write_jsonl
 
 
 def sampled_rows(rng: np.random.Generator, total: int, limit: int) -> np.ndarray | None:
@@ -180,35 +62,15 @@ def query_records(kg: KnowledgeGraph, rows: np.ndarray | None, tokens: list[str]
         h, r, t = (int(v) for v in train[i % n])
         direction = int(i >= n)
         known, gold = (h, t) if direction == 0 else (t, h)
-        query, question = query_lines(kg.relation_names[r], direction, entity_text(kg, known, tokens, config))
         records.append({
             "id": f"train-{i % n}-{'tail' if direction == 0 else 'head'}", "split": "train",
             "direction": "tail" if direction == 0 else "head",
             "triple": [kg.entity_names[h], kg.relation_names[r], kg.entity_names[t]],
             "known": known, "gold": gold,
-            "prompt": f"{query}\n{question}", "answer": entity_text(kg, gold, tokens, config),
+            "prompt": query_prompt(kg, r, direction, known, tokens, config),
+            "answer": entity_text(kg, gold, tokens, config),
         })
     return records
-
-
-def build_prompt(kg: KnowledgeGraph, triple: tuple[int, int, int], direction: int, candidates: list[int],
-                 neighbours: list[tuple[int, int, int]], tokens: list[str] | None, config: InstructConfig) -> str:
-    """The DIFT instruction (GS-Quant adds codes): query, known entity, its triples, the candidate list."""
-    h, r, t = triple
-    known = h if direction == 0 else t
-    known_text = entity_text(kg, known, tokens, config)
-    query, question = query_lines(kg.relation_names[r], direction, known_text)
-    lines = [query]
-    if config.use_descriptions and kg.descriptions[known]:
-        lines.append(f"About {known_text}: {cut_words(kg.descriptions[known], config.description_words)}")
-    if config.use_neighbours and neighbours:
-        facts = "; ".join(
-            f"({entity_text(kg, a, tokens, config)}, {readable_relation(kg.relation_names[b])}, "
-            f"{entity_text(kg, c, tokens, config)})" for a, b, c in neighbours)
-        lines.append(f"Known facts about {known_text}: {facts}.")
-    listed = "; ".join(entity_text(kg, c, tokens, config) for c in candidates)
-    lines.append(f"{question} Choose one of these candidates: {listed}.")
-    return "\n".join(lines)
 
 
 def load_tokens(quantize_artifact: str | Path | None, kg: KnowledgeGraph) -> list[str] | None:
@@ -256,7 +118,7 @@ def records_for_split(kg: KnowledgeGraph, ranked: RankedQueries, split: str, tok
             "known": known, "gold": gold, "candidates": candidates, "candidate_scores": scores,
             "candidate_text": [entity_text(kg, c, tokens, config) for c in candidates],
             "gold_in_candidates": in_list, "stage1_rank": rank, "confidence": confidence,
-            "prompt": build_prompt(kg, (h, r, t), direction, candidates, context, tokens, config),
+            "prompt": dift_prompt(kg, (h, r, t), direction, candidates, context, tokens, config),
             "answer": entity_text(kg, gold, tokens, config),
         })
     return records
@@ -273,15 +135,14 @@ def split_examples(records: list[dict[str, Any]], config: InstructConfig) -> tup
     candidates = [records[i] for i in order[:cut]]
     # With k = 20 the threshold alone drops every gold outside the list (1/21 < 0.05);
     # with a shorter list it would not, so that condition is stated explicitly.
-    train = [r for r in candidates if r["confidence"] > config.confidence_threshold and r["gold_in_candidates"]]
+    train = confident(candidates, config)
     valid = [records[i] for i in order[cut:]]
     return train, valid, len(candidates) - len(train)
 
 
-def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+def confident(records: list[dict[str, Any]], config: InstructConfig) -> list[dict[str, Any]]:
+    """The records LM-train keeps: confidence above the threshold and the gold in the list."""
+    return [r for r in records if r["confidence"] > config.confidence_threshold and r["gold_in_candidates"]]
 
 
 def run_instruct(
@@ -305,13 +166,8 @@ def run_instruct(
         raise ValueError("link-prediction instructions need a stage-1 artifact (embeddings)")
     embeddings = Path(embeddings)
     dift_train_queries = config.train_from_train_queries and config.train_query_format == "dift"
-    sources = ["valid", "test"] + (["train"] if dift_train_queries else [])
-    ranked = {}
-    for split in sources:
-        path = embeddings / "candidates" / f"{split}.npz"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: export {split} candidates in stage 1 (export_splits)")
-        ranked[split] = RankedQueries.load(path)
+    ranked = {split: _ranked_queries(embeddings, split)
+              for split in ["valid", "test"] + (["train"] if dift_train_queries else [])}
     neighbours = NeighbourIndex(kg)
     inputs = hash_inputs({"embeddings": embeddings, **({"codes": Path(codes)} if codes else {})})
     with artifact_dir(dest, stage="instruct", config=config, inputs=inputs) as writer:
@@ -323,7 +179,7 @@ def run_instruct(
             rows = sampled_rows(rng, len(ranked["train"].triples), config.train_queries)
             extra = records_for_split(kg, ranked["train"], "train", tokens, neighbours, config, rows=rows,
                                       shuffle=rng if config.shuffle_train_query_candidates else None)
-            lm_train += [r for r in extra if r["confidence"] > config.confidence_threshold and r["gold_in_candidates"]]
+            lm_train += confident(extra, config)
         elif config.train_from_train_queries:  # ReaLM's short form, straight from the training graph
             lm_train += query_records(kg, sampled_rows(rng, 2 * len(kg.train), config.train_queries), tokens, config)
         if config.train_from_train_queries:
@@ -341,11 +197,17 @@ def run_instruct(
     return Path(dest)
 
 
+def _ranked_queries(embeddings: Path, split: str) -> RankedQueries:
+    """Stage 1's candidate lists for ``split`` (both directions)."""
+    path = embeddings / "candidates" / f"{split}.npz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: export {split} candidates in stage 1 (export_splits)")
+    return RankedQueries.load(path)
+
+
 def _classification_instruct(config: InstructConfig, kg: KnowledgeGraph, tokens: list[str] | None, dest: Path,
                              codes: str | Path | None, log: Callable[[str], None]) -> Path:
     """True/false instructions (:mod:`kgtok.llm.classify`): a training-triple sample, valid, test."""
-    from kgtok.llm.classify import classification_records
-
     rng = np.random.default_rng(config.seed)
     neighbours = NeighbourIndex(kg)
     train = kg.train.numpy()
