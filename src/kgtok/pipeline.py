@@ -30,10 +30,10 @@ from kgtok.embed.config import EmbedConfig
 from kgtok.embed.stage import STAGE as EMBED
 from kgtok.hierarchy.config import HierarchyConfig
 from kgtok.hierarchy.stage import STAGE as HIERARCHY
-from kgtok.llm.evaluate import EvaluateConfig
-from kgtok.llm.finetune import FinetuneConfig
-from kgtok.llm.instruct import InstructConfig
-from kgtok.llm.stages import EVALUATE, FINETUNE, INSTRUCT
+from kgtok.llm.config import EvaluateConfig, FinetuneConfig, InstructConfig
+from kgtok.llm.evaluate import STAGE as EVALUATE
+from kgtok.llm.finetune import STAGE as FINETUNE
+from kgtok.llm.instruct import STAGE as INSTRUCT
 from kgtok.quantize.config import QuantizeConfig
 from kgtok.quantize.stage import STAGE as QUANTIZE
 from kgtok.stage import Context, Stage, StageResult, run_stage

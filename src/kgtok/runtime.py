@@ -12,9 +12,12 @@ import torch
 
 @contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
-    """Set torch's thread count for the block (0 = all cores) and restore it afterwards."""
+    """Set torch's thread count for the block and restore it afterwards.
+
+    0 = all cores, shared by the processes ``accelerate launch`` started on this machine.
+    """
     before = torch.get_num_threads()
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     try:
         yield
     finally:

@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from kgtok.artifacts import artifact_dir
+
 from kgtok.data import load_kg
 from kgtok.data.synthetic import SyntheticConfig, write_synthetic
 from kgtok.embed import EmbedConfig, run_embed
@@ -22,8 +24,9 @@ def inputs(tmp_path_factory):
                                   export_splits=("valid", "test")), kg, root / "embed", progress=False,
                       log=lambda *_: None)
     codes = root / "codes"
-    codes.mkdir()
-    (codes / "tokens.txt").write_text("".join(f"{i}\t{n}\t<a_{i % 7}><b_{i}>\n" for i, n in enumerate(kg.entity_names)))
+    with artifact_dir(codes, stage="quantize", config={}) as writer:  # a stage-4 artifact made by hand
+        (writer.path / "tokens.txt").write_text(
+            "".join(f"{i}\t{n}\t<a_{i % 7}><b_{i}>\n" for i, n in enumerate(kg.entity_names)))
     return kg, embed, codes, root
 
 
@@ -83,7 +86,7 @@ def test_prompt_contents_and_no_leakage(inputs, tmp_path):
     first = read(codes_only / "test.jsonl")[0]
     assert kg.labels[first["gold"]] not in first["answer"] and first["answer"].startswith("<ent><a_")
     assert "Known facts" not in first["prompt"]
-    with pytest.raises(ValueError, match="use_codes needs codes"):
+    with pytest.raises(ValueError, match="instruct needs --codes .*use_codes=false"):
         run_instruct(InstructConfig(), kg, embed, tmp_path / "x", log=lambda *_: None)
 
 

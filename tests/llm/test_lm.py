@@ -167,8 +167,10 @@ def test_finetune_trains_new_rows_and_lowers_the_loss(stages, finetuned):
 
 def test_evaluate_outputs_and_generate_agrees_with_trie(stages, finetuned, tmp_path):
     kg, kg_dir, embed, codes, instructions, root = stages
+    classes = tmp_path / "classes.tsv"  # the true top-level types, as a file of entity<TAB>class
+    classes.write_text("".join(f"{n}\tt{t}\n" for n, t in zip(kg.entity_names, kg.entity_types[:, 0])))
     dest = run_evaluate(EvaluateConfig(max_queries=12, batch_size=5, class_constraint=True, fusion_weight=1.0),
-                        finetuned, instructions, tmp_path / "ev", classes=kg.entity_types[:, 0], progress=False,
+                        finetuned, instructions, tmp_path / "ev", classes=classes, data=kg_dir, progress=False,
                         log=quiet)
     metrics = json.loads((dest / "metrics.json").read_text())
     predictions = [json.loads(line) for line in (dest / "predictions.jsonl").read_text().splitlines()]

@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-from kgtok.config import Check, check_fields, in_range
+from kgtok.config import Check, check_fields, in_range, machine, resumable
 
 Task = Literal["completion", "classification"]
 TrainQueryFormat = Literal["dift", "query"]
@@ -118,8 +118,8 @@ class FinetuneConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     gradient_checkpointing: bool = False  # trades compute for memory on big backbones
     logging_steps: int = 10  # steps between loss records in metrics.json
-    save_steps: int = 200  # checkpoint interval (resume point)
-    threads: int = 0  # torch threads on CPU; 0 = all cores (shared by the processes of accelerate launch)
+    save_steps: int = machine(200)  # checkpoint interval (resume point)
+    threads: int = machine(0)  # torch threads on CPU; 0 = all cores (shared by the processes of accelerate launch)
     seed: int = 0  # backbone init, new token rows, batch order, dropout
     tiny: TinyBackboneConfig = field(default_factory=TinyBackboneConfig)  # used when backbone is tiny
 
@@ -149,7 +149,7 @@ class EvaluateConfig:
     """Stage 5c: which queries, how candidates are scored and picked."""
 
     split: Split = "test"  # instructions file to evaluate: test | lm_valid
-    batch_size: int = 4  # queries per forward pass (x k candidate rows)
+    batch_size: int = machine(4)  # queries per forward pass (x k candidate rows)
     decode: Decode = "trie"  # trie (from the candidate scores) | generate (HF generate + prefix trie)
     backend: Backend = "hf"  # hf (transformers, shared KV cache) | vllm (the vllm package; in practice a GPU)
     score: SequenceScore = "sum"  # re-ranking by sequence score: sum of token log-probs | mean (length-normalised)
@@ -159,8 +159,8 @@ class EvaluateConfig:
     # different queries, and how much to trust each depends on backbone and data.  None: the FUSION_GRID value
     # with the best fused re-rank MRR on lm_valid.jsonl (scored as well), else 1.
     fusion_weight: float | None = None  # w of the fused rankers; 0: off; None: chosen on lm_valid.jsonl
-    max_queries: int = 0  # evaluate only the first n queries (0 = all)
-    threads: int = 0  # torch threads; 0 = all cores
+    max_queries: int = resumable(0)  # evaluate only the first n queries (0 = all)
+    threads: int = machine(0)  # torch threads; 0 = all cores
 
     def __post_init__(self) -> None:
         check_fields(self, [

@@ -26,17 +26,55 @@ both/head/tail and per relation; queries/s; the fusion weight) and
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from kgtok.artifacts import artifact_dir, hash_inputs, write_json_atomic
-from kgtok.config import format_config
+from kgtok.artifacts import write_json_atomic
 from kgtok.llm.config import EvaluateConfig  # here too: kgtok.llm.evaluate.EvaluateConfig is public
+from kgtok.llm.layout import EvaluateArtifact, FinetuneArtifact, InstructArtifact
 from kgtok.llm.prompts import read_jsonl, write_jsonl
+from kgtok.stage import Context, Input, Stage, run_stage
+
+
+def run(config: EvaluateConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -> dict[str, Any]:
+    """Stage 5c into ``dest``; scored queries (and the chosen fusion weight) kept in ``ctx.work``."""
+    from kgtok.llm.console import quiet_libraries
+    from kgtok.llm.scoring import CandidateScorer
+
+    path = InstructArtifact(inputs["instructions"]).split(config.split)
+    records = read_jsonl(path)[: config.max_queries or None]
+    if not records:
+        raise ValueError(f"{path}: no records")
+    entity_classes = None
+    if config.class_constraint:
+        if "classes" not in inputs:
+            raise ValueError("class_constraint needs --classes (a file of entity<TAB>class or a stage-3 artifact)")
+        names = ctx.kg.entity_names if (ctx.kg_dir or ctx._kg) and not inputs["classes"].is_dir() else []
+        entity_classes = np.asarray(load_classes(inputs["classes"], names))
+    model_dir = inputs["model"]
+    hf_dir = FinetuneArtifact(model_dir).model if (FinetuneArtifact(model_dir).model / "config.json").exists() \
+        else model_dir
+    with quiet_libraries():
+        scorer = CandidateScorer(hf_dir, config, ctx.progress)
+        if records[0].get("task") == "classification":
+            return _evaluate_classification(scorer, records, dest, ctx)
+        return _evaluate_ranking(config, scorer, records, InstructArtifact(inputs["instructions"]), dest,
+                                 entity_classes, ctx)
+
+
+STAGE = Stage(
+    name="evaluate", title="stage 5c: evaluation", config=EvaluateConfig, run=run, uses_kg=False,
+    inputs=(Input("model", "finetune", None, "a stage-5b artifact or a Hugging Face model directory"),
+            Input("instructions", "instruct", InstructArtifact, "a stage-5a directory"),
+            Input("classes", "hierarchy", None, "a file of entity<TAB>class or a stage-3 artifact "
+                  "(for class_constraint=true)")),
+    needs=lambda config: ("model", "instructions"),
+    summary=("retriever_hits_at_1", "dift_hits_at_1", "rerank_hits_at_1", "retriever_mrr", "dift_mrr", "rerank_mrr",
+             "queries_per_second"),
+)
 
 
 def run_evaluate(
@@ -45,56 +83,32 @@ def run_evaluate(
     instructions: str | Path,
     dest: str | Path,
     *,
-    classes: str | Path | np.ndarray | None = None,
-    entity_names: list[str] | None = None,
+    classes: str | Path | None = None,
+    data: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Stage 5c (see the module docstring).  ``model_dir``: a stage-5b artifact or any HF directory."""
-    from kgtok.llm.console import quiet_libraries
-    from kgtok.runtime import torch_threads
-
-    with torch_threads(config.threads), quiet_libraries():
-        return _evaluate(config, Path(model_dir), Path(instructions), Path(dest), classes, entity_names, progress,
-                         log)
+    """Stage 5c into ``dest`` (reused when current).  ``model_dir``: a stage-5b artifact or any HF directory;
+    ``data``: the KG, to read a ``classes`` file's entity names."""
+    return run_stage(STAGE, config, dest, data=data, progress=progress, log=log,
+                     inputs={"model": model_dir, "instructions": instructions, "classes": classes}).path
 
 
-def _evaluate(config: EvaluateConfig, model_dir: Path, instructions: Path, dest: Path,
-              classes: str | Path | np.ndarray | None, entity_names: list[str] | None, progress: bool,
-              log: Callable[[str], None]) -> Path:
-    from kgtok.llm.scoring import CandidateScorer
-
-    log(format_config(config))
-    path = instructions / f"{config.split}.jsonl"
-    records = read_jsonl(path)[: config.max_queries or None]
-    if not records:
-        raise ValueError(f"{path}: no records")
-    if config.class_constraint and classes is None:
-        raise ValueError("class_constraint needs classes (a file of entity<TAB>class or a hierarchy artifact)")
-    entity_classes = np.asarray(load_classes(classes, entity_names or [])) if config.class_constraint else None
-    hf_dir = model_dir / "model" if (model_dir / "model" / "config.json").exists() else model_dir
-    scorer = CandidateScorer(hf_dir, config, progress)
-    # Hashes of the model and the evaluated queries (a plain HF directory is hashed file by file: once).
-    inputs = hash_inputs({"model": model_dir, "instructions": path})
-    if records[0].get("task") == "classification":
-        return _evaluate_classification(config, scorer, records, inputs, dest, log)
-    return _evaluate_ranking(config, scorer, records, inputs, instructions, dest, entity_classes, log)
-
-
-def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[str, Any]], inputs: dict[str, str],
-                      instructions: Path, dest: Path, classes: np.ndarray | None, log: Callable[[str], None]) -> Path:
+def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[str, Any]],
+                      instructions: InstructArtifact, dest: Path, classes: np.ndarray | None,
+                      ctx: Context) -> dict[str, Any]:
     """Link prediction: score (resumably), store the LM's choices, rank with every ranker, write."""
     from kgtok.llm.rankers import MEASURES, prediction_row, rank_all, ranking_metrics
-    from kgtok.llm.scoring import PartialPredictions, resume_key
+    from kgtok.llm.scoring import PartialPredictions
 
-    work = Path(f"{dest}.work")
     fusable = all(r.get("candidate_scores") is not None for r in records)
-    fusion = _fusion_weight(config, scorer, fusable, instructions / "lm_valid.jsonl", work / "fusion.json",
-                            resume_key(config, inputs, None), log)
+    fusion = _fusion_weight(config, scorer, fusable, instructions.split("lm_valid"), ctx.work / "fusion.json",
+                            ctx.log)
     weight = fusion["weight"]
-    partial = PartialPredictions(work / "predictions.partial.jsonl", resume_key(config, inputs, weight))
+    partial = PartialPredictions(ctx.work / "predictions.partial.jsonl")
     if partial.rows:
-        log(f"evaluate: {len(partial.rows)} of {len(records)} queries already scored in {partial.path}; resuming")
+        ctx.log(f"evaluate: {len(partial.rows)} of {len(records)} queries already scored in {partial.path}; "
+                "resuming")
     todo = [r for r in records if r["id"] not in partial.rows]
     start = time.perf_counter()
     with partial.appending() as add:
@@ -102,6 +116,7 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
             add(prediction_row(query.record, query.answers, query.totals, scorer.pick(query), score=config.score,
                                fusion_weight=weight if fusable else 0.0, classes=classes))
     seconds = time.perf_counter() - start
+    ctx.timings["evaluate"] = seconds
     predictions = [partial.rows[r["id"]] for r in records]
     ranks = rank_all(predictions)
     metrics, per_relation = ranking_metrics(predictions, ranks)
@@ -113,29 +128,28 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
         "gold_in_candidates": float(np.mean([p["gold_index"] >= 0 for p in predictions])), "fusion_weight": weight,
         **{f"{key}_{measure}": metrics[key]["both"][measure] for key in ranks for measure in MEASURES},
     }
-    _write_evaluation(config, inputs, dest, predictions,
-                      {**summary, **metrics, "per_relation": per_relation, "fusion": fusion}, summary, seconds)
-    shutil.rmtree(work, ignore_errors=True)
-    log(f"evaluate: {len(predictions)} queries, {summary['queries_per_second']:.1f} queries/s; Hits@1 "
-        f"retriever {summary['retriever_hits_at_1']:.3f}, DIFT rule {summary['dift_hits_at_1']:.3f}, "
-        f"re-rank {summary['rerank_hits_at_1']:.3f} -> {dest}")
-    return dest
+    _write_evaluation(dest, predictions, {**summary, **metrics, "per_relation": per_relation, "fusion": fusion})
+    ctx.log(f"evaluate: {len(predictions)} queries, {summary['queries_per_second']:.1f} queries/s; Hits@1 "
+            f"retriever {summary['retriever_hits_at_1']:.3f}, DIFT rule {summary['dift_hits_at_1']:.3f}, "
+            f"re-rank {summary['rerank_hits_at_1']:.3f}")
+    return summary
 
 
 def _fusion_weight(config: EvaluateConfig, scorer: Any, fusable: bool, valid_path: Path, saved_path: Path,
-                   key: str, log: Callable[[str], None]) -> dict[str, Any]:
+                   log: Callable[[str], None]) -> dict[str, Any]:
     """``{"weight": w, ...}``: the configured weight, or the one chosen on LM-valid (1 when that cannot be done).
 
-    A chosen weight is saved under ``key`` in ``saved_path``: a resumed evaluation does not score LM-valid again.
+    A chosen weight is kept in the work folder (``saved_path``): a resumed evaluation does not score LM-valid
+    again.
     """
     from kgtok.llm.rankers import choose_fusion_weight, gold_position, log_prior
 
     if config.fusion_weight is not None:
         return {"weight": config.fusion_weight}
-    saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.exists() else {}
-    if saved.get("resume_key") == key:
-        log(f"evaluate: fusion weight {saved['fusion']['weight']} (chosen on LM-valid before the interruption)")
-        return saved["fusion"]
+    if saved_path.exists():
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+        log(f"evaluate: fusion weight {saved['weight']} (chosen on LM-valid before the interruption)")
+        return saved
     fusion: dict[str, Any] = {"weight": 1.0}
     valid = ([r for r in read_jsonl(valid_path) if r.get("candidate_scores") is not None]
              if fusable and config.split != "lm_valid" and valid_path.exists() else [])
@@ -146,12 +160,12 @@ def _fusion_weight(config: EvaluateConfig, scorer: Any, fusable: bool, valid_pat
                                       np.array([r["stage1_rank"] for r in valid]))
         log(f"evaluate: fusion weight {fusion['weight']} (fused re-rank MRR on {len(valid)} LM-valid "
             f"queries: {fusion['valid_mrr']})")
-    write_json_atomic(saved_path, {"resume_key": key, "fusion": fusion})  # creates the work dir
+    write_json_atomic(saved_path, fusion)
     return fusion
 
 
-def _evaluate_classification(config: EvaluateConfig, scorer: Any, records: list[dict[str, Any]],
-                             inputs: dict[str, str], dest: Path, log: Callable[[str], None]) -> Path:
+def _evaluate_classification(scorer: Any, records: list[dict[str, Any]], dest: Path,
+                             ctx: Context) -> dict[str, Any]:
     """Triple classification: the answer " true" or " false", whichever the LM finds likelier."""
     from kgtok.llm.classify import classification_metrics
 
@@ -159,6 +173,7 @@ def _evaluate_classification(config: EvaluateConfig, scorer: Any, records: list[
     margins = [float(query.totals[0] - query.totals[1])
                for query in scorer.score(records, "evaluate", answers_of=lambda _: ["true", "false"])]
     seconds = time.perf_counter() - start
+    ctx.timings["evaluate"] = seconds
     labels = np.array([r["label"] for r in records])
     predicted = np.array(margins) > 0
     metrics = {**classification_metrics(labels, predicted), "queries": len(records), "seconds": seconds,
@@ -166,21 +181,17 @@ def _evaluate_classification(config: EvaluateConfig, scorer: Any, records: list[
     predictions = [{"id": record["id"], "triple": record["triple"], "label": record["label"],
                     "predicted": bool(guess), "margin": round(margin, 4)}
                    for record, margin, guess in zip(records, margins, predicted)]
-    _write_evaluation(config, inputs, dest, predictions, metrics, metrics, seconds)
-    log(f"evaluate (classification): accuracy {metrics['accuracy']:.3f}, F1 {metrics['f1']:.3f} "
-        f"on {len(records)} triples -> {dest}")
-    return dest
+    _write_evaluation(dest, predictions, metrics)
+    ctx.log(f"evaluate (classification): accuracy {metrics['accuracy']:.3f}, F1 {metrics['f1']:.3f} "
+            f"on {len(records)} triples")
+    return metrics
 
 
-def _write_evaluation(config: EvaluateConfig, inputs: dict[str, str], dest: Path,
-                      predictions: list[dict[str, Any]], metrics: dict[str, Any], summary: dict[str, Any],
-                      seconds: float) -> None:
-    """The artifact: predictions.jsonl, metrics.json (``metrics``), manifest (``summary`` as its metrics)."""
-    with artifact_dir(dest, stage="evaluate", config=config, inputs=inputs) as writer:
-        write_jsonl(writer.path / "predictions.jsonl", predictions)
-        write_json_atomic(writer.path / "metrics.json", metrics)
-        writer.metrics.update(summary)
-        writer.timings["evaluate"] = seconds
+def _write_evaluation(dest: Path, predictions: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
+    """predictions.jsonl and metrics.json (the manifest gets the stage's summary)."""
+    out = EvaluateArtifact(dest)
+    write_jsonl(out.predictions, predictions)
+    write_json_atomic(out.metrics_path, metrics)
 
 
 def load_classes(source: str | Path | np.ndarray | None, entity_names: list[str]) -> np.ndarray | None:

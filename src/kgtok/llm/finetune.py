@@ -25,18 +25,18 @@ Artifact (``dest``): ``model/`` (HF model + tokenizer), ``manifest.json``,
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from kgtok.artifacts import artifact_dir, hash_inputs, write_json_atomic
-from kgtok.config import format_config
+from kgtok.artifacts import write_json_atomic
 from kgtok.llm.backbone import is_from_scratch, resolve_backbone
 from kgtok.llm.config import FinetuneConfig  # here too: kgtok.llm.finetune.FinetuneConfig is public
+from kgtok.llm.layout import FinetuneArtifact, InstructArtifact
 from kgtok.llm.prompts import encode_answer, encode_prompt, pad_left, read_jsonl, training_text, truncate_prompt
 from kgtok.llm.vocab import BOUNDARY_TOKENS, code_vocabulary, extend_vocabulary
+from kgtok.quantize.layout import QuantizeArtifact
+from kgtok.stage import Context, Input, Stage, run_stage
 
 IGNORE_INDEX = -100  # label of the prompt tokens: no loss there
 
@@ -113,26 +113,6 @@ def answer_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> An
     return loss / count
 
 
-def run_finetune(
-    config: FinetuneConfig,
-    instructions: str | Path,
-    dest: str | Path,
-    *,
-    codes: str | Path | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> Path:
-    """Stage 5b (see the module docstring).  ``codes``: the stage-4 artifact whose tokens the
-    instructions use (None for instructions without codes)."""
-    from kgtok.llm.console import quiet_libraries
-    from kgtok.runtime import torch_threads
-
-    # threads 0 = all cores, shared by the processes accelerate launch started on this machine.
-    threads = config.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    with torch_threads(threads), quiet_libraries():
-        return _finetune(config, Path(instructions), Path(dest), codes, progress, log)
-
-
 def uses_full_training(config: FinetuneConfig) -> bool:
     """Every weight trains (``adapter: full``, or ``auto`` with a from-scratch backbone); else LoRA."""
     return config.adapter == "full" or (config.adapter == "auto" and (
@@ -180,45 +160,48 @@ def make_trainer(config: FinetuneConfig, arguments: Any, model: Any, tokenizer: 
     return trainer
 
 
-def _finetune(config: FinetuneConfig, instructions: Path, dest: Path, codes: str | Path | None, progress: bool,
-              log: Callable[[str], None]) -> Path:
+def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -> dict[str, Any]:
+    """Stage 5b into ``dest``; Trainer checkpoints in ``ctx.work``, a killed run resumes from the newest."""
     from accelerate import PartialState
     from transformers import set_seed
 
-    train_records = read_jsonl(instructions / "lm_train.jsonl")
-    valid_records = read_jsonl(instructions / "lm_valid.jsonl")
+    from kgtok.llm.console import quiet_libraries
+
+    instructions = InstructArtifact(inputs["instructions"])
+    train_records = read_jsonl(instructions.split("lm_train"))
+    valid_records = read_jsonl(instructions.split("lm_valid"))
     if not train_records:
-        raise ValueError(f"{instructions / 'lm_train.jsonl'}: no training records")
+        raise ValueError(f"{instructions.split('lm_train')}: no training records")
     full = uses_full_training(config)
     learning_rate = config.learning_rate or (1e-3 if full else 2e-4)
-    work = dest.with_name(dest.name + ".work")
-    # TrainingArguments sets up the (possibly distributed) process state; everything after may use it.
-    arguments = training_arguments(config, work, learning_rate, bool(valid_records))
-    state = PartialState()
-    if state.is_main_process:
-        log(format_config(config))
-    set_seed(config.seed)
-    work.mkdir(parents=True, exist_ok=True)
-    with state.main_process_first():  # the tiny backbone is built once, by the main process
-        model, tokenizer, new_ids, backbone = load_backbone(
-            config, [training_text(r) for r in train_records + valid_records], work, codes)
-    model = wrap_trainable(model, config, full, new_ids)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    trainer = make_trainer(config, arguments, model, tokenizer, train_records, valid_records, progress, log)
+    with quiet_libraries():
+        # TrainingArguments sets up the (possibly distributed) process state; everything after may use it.
+        arguments = training_arguments(config, ctx.work, learning_rate, bool(valid_records))
+        state = PartialState()
+        set_seed(config.seed)
+        with state.main_process_first():  # the tiny backbone is built once, by the main process
+            model, tokenizer, new_ids, backbone = load_backbone(
+                config, [training_text(r) for r in train_records + valid_records], ctx.work, inputs.get("codes"))
+        model = wrap_trainable(model, config, full, new_ids)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trainer = make_trainer(config, arguments, model, tokenizer, train_records, valid_records, ctx.progress,
+                               ctx.log)
+        checkpoints = ctx.work / "checkpoints"
+        done_before = max((int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*")), default=0)
+        if done_before and state.is_main_process:
+            ctx.log(f"finetune: resuming from the newest checkpoint in {checkpoints}")
+        with ctx.timed("train"):
+            start = time.perf_counter()
+            result = trainer.train(resume_from_checkpoint=True if done_before else None)
+            seconds = time.perf_counter() - start
+        merged = trainer.model.merge_and_unload() if not full else trainer.model
+        merged.save_pretrained(FinetuneArtifact(dest).model)
+        tokenizer.save_pretrained(FinetuneArtifact(dest).model)
     train_set = trainer.train_dataset
-    done_before = max((int(p.name.split("-")[1]) for p in (work / "checkpoints").glob("checkpoint-*")), default=0)
-    if done_before and state.is_main_process:
-        log(f"finetune: resuming from the newest checkpoint in {work / 'checkpoints'}")
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=True if done_before else None)
-    seconds = time.perf_counter() - start
-    if not trainer.is_world_process_zero():
-        return dest
     # Tokens of the examples this run processed (steps since the checkpoint it resumed from).
     examples = ((result.global_step - done_before) * config.batch_size * config.gradient_accumulation_steps
                 * state.num_processes)
     eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
-    merged = trainer.model.merge_and_unload() if not full else trainer.model
     metrics = {
         "backbone": str(backbone), "adapter": "full" if full else "lora", "trainable_parameters": trainable,
         "parameters": sum(p.numel() for p in merged.parameters()), "new_tokens": len(new_ids),
@@ -228,21 +211,32 @@ def _finetune(config: FinetuneConfig, instructions: Path, dest: Path, codes: str
                                     / seconds if seconds else math.nan),
         "processes": state.num_processes, "learning_rate": learning_rate,
     }
-    inputs = hash_inputs({"instructions": instructions, **({"codes": Path(codes)} if codes else {})})
-    _write_artifact(dest, config, inputs, merged, tokenizer, metrics, list(trainer.state.log_history), seconds)
-    shutil.rmtree(work, ignore_errors=True)
-    log(f"finetune: {metrics['adapter']} training of {backbone.name}, {result.global_step} steps, "
-        f"train loss {result.training_loss:.3f}, valid loss {metrics['valid_loss']:.3f}, "
-        f"{metrics['train_tokens_per_second']:.0f} tokens/s -> {dest}")
-    return dest
+    write_json_atomic(FinetuneArtifact(dest).metrics_path, {**metrics, "history": list(trainer.state.log_history)})
+    ctx.log(f"finetune: {metrics['adapter']} training of {backbone.name}, {result.global_step} steps, "
+            f"train loss {result.training_loss:.3f}, valid loss {metrics['valid_loss']:.3f}, "
+            f"{metrics['train_tokens_per_second']:.0f} tokens/s")
+    return metrics
 
 
-def _write_artifact(dest: Path, config: FinetuneConfig, inputs: dict[str, str], model: Any, tokenizer: Any,
-                    metrics: dict[str, Any], history: list[dict[str, Any]], seconds: float) -> None:
-    """``model/`` (a plain HF directory), metrics.json (``metrics`` and the Trainer's log history), manifest."""
-    with artifact_dir(dest, stage="finetune", config=config, inputs=inputs) as writer:
-        model.save_pretrained(writer.path / "model")
-        tokenizer.save_pretrained(writer.path / "model")
-        writer.metrics.update(metrics)
-        writer.timings["train"] = seconds
-        write_json_atomic(writer.path / "metrics.json", {**metrics, "history": history})
+STAGE = Stage(
+    name="finetune", title="stage 5b: fine-tuning", config=FinetuneConfig, run=run, uses_kg=False,
+    inputs=(Input("instructions", "instruct", InstructArtifact, "a stage-5a directory"),
+            Input("codes", "quantize", QuantizeArtifact,
+                  "the stage-4 artifact whose code tokens the instructions use (omit for instructions without codes)")),
+    needs=lambda config: ("instructions",), summary=("steps", "train_loss", "valid_loss", "train_tokens_per_second"),
+)
+
+
+def run_finetune(
+    config: FinetuneConfig,
+    instructions: str | Path,
+    dest: str | Path,
+    *,
+    codes: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Stage 5b into ``dest`` (reused when current).  ``codes``: the stage-4 artifact whose tokens the
+    instructions use (None for instructions without codes)."""
+    return run_stage(STAGE, config, dest, inputs={"instructions": instructions, "codes": codes},
+                     progress=progress, log=log).path

@@ -36,14 +36,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kgtok.artifacts import artifact_dir, hash_inputs
-from kgtok.config import format_config
-from kgtok.data.graph import KnowledgeGraph, load_kg
+from kgtok.data.graph import KnowledgeGraph
+from kgtok.embed.layout import EmbedArtifact
 from kgtok.embed.ranking import RankedQueries
 from kgtok.llm.classify import classification_records
 from kgtok.llm.config import InstructConfig  # here too: kgtok.llm.instruct.InstructConfig is public
+from kgtok.llm.layout import InstructArtifact
 from kgtok.llm.neighbours import NeighbourIndex
 from kgtok.llm.prompts import dift_prompt, entity_text, query_prompt, write_jsonl
+from kgtok.quantize.layout import QuantizeArtifact
+from kgtok.stage import Context, Input, Stage, run_stage
 
 
 def sampled_rows(rng: np.random.Generator, total: int, limit: int) -> np.ndarray | None:
@@ -77,7 +79,7 @@ def load_tokens(quantize_artifact: str | Path | None, kg: KnowledgeGraph) -> lis
     """Token strings per entity from a stage-4 artifact's tokens.txt (checked against the KG's order)."""
     if quantize_artifact is None:
         return None
-    path = Path(quantize_artifact) / "tokens.txt"
+    path = QuantizeArtifact(quantize_artifact).tokens
     rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()]
     if [r[1] for r in rows] != kg.entity_names:
         raise ValueError(f"{path}: entity order differs from the KG's; was it made from another dataset?")
@@ -145,6 +147,56 @@ def confident(records: list[dict[str, Any]], config: InstructConfig) -> list[dic
     return [r for r in records if r["confidence"] > config.confidence_threshold and r["gold_in_candidates"]]
 
 
+def run(config: InstructConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -> dict[str, Any]:
+    """Stage 5a: write LM-train, LM-valid and test instructions into ``dest`` (see the module docstring)."""
+    kg = ctx.kg
+    tokens = load_tokens(inputs["codes"], kg) if config.use_codes else None
+    if config.task == "classification":
+        return _classification_instruct(config, kg, tokens, dest, ctx.log)
+    embeddings = EmbedArtifact(inputs["embeddings"])
+    dift_train_queries = config.train_from_train_queries and config.train_query_format == "dift"
+    ranked = {split: _ranked_queries(embeddings, split)
+              for split in ["valid", "test"] + (["train"] if dift_train_queries else [])}
+    neighbours = NeighbourIndex(kg)
+    valid_records = records_for_split(kg, ranked["valid"], "valid", tokens, neighbours, config)
+    lm_train, lm_valid, dropped = split_examples(valid_records, config)
+    from_validation = len(lm_train)
+    rng = np.random.default_rng(config.seed + 1)
+    if dift_train_queries:
+        rows = sampled_rows(rng, len(ranked["train"].triples), config.train_queries)
+        extra = records_for_split(kg, ranked["train"], "train", tokens, neighbours, config, rows=rows,
+                                  shuffle=rng if config.shuffle_train_query_candidates else None)
+        lm_train += confident(extra, config)
+    elif config.train_from_train_queries:  # ReaLM's short form, straight from the training graph
+        lm_train += query_records(kg, sampled_rows(rng, 2 * len(kg.train), config.train_queries), tokens, config)
+    if config.train_from_train_queries:
+        lm_train = [lm_train[i] for i in rng.permutation(len(lm_train))]
+    test = records_for_split(kg, ranked["test"], "test", tokens, neighbours, config)
+    out = InstructArtifact(dest)
+    for name, records in (("lm_train", lm_train), ("lm_valid", lm_valid), ("test", test)):
+        write_jsonl(out.split(name), records)
+    ctx.log(f"instruct: {len(lm_train)} LM-train, {len(lm_valid)} LM-valid, {len(test)} test records")
+    return {
+        "lm_train": len(lm_train), "lm_valid": len(lm_valid), "test": len(test),
+        "validation_queries": len(valid_records),
+        "lm_train_dropped": dropped, "lm_train_from_train_queries": len(lm_train) - from_validation,
+        "test_gold_in_candidates": float(np.mean([r["gold_in_candidates"] for r in test])) if test else 0.0,
+    }
+
+
+def _needs(config: InstructConfig) -> tuple[str, ...]:
+    return (("embeddings",) if config.task == "completion" else ()) + (("codes",) if config.use_codes else ())
+
+
+STAGE = Stage(
+    name="instruct", title="stage 5a: instructions", config=InstructConfig, run=run,
+    inputs=(Input("embeddings", "embed", EmbedArtifact, "a stage-1 artifact (candidates)"),
+            Input("codes", "quantize", QuantizeArtifact,
+                  "a stage-4 artifact (entity codes); use_codes=false writes DIFT without codes")),
+    needs=_needs, summary=("lm_train", "lm_valid", "test"),
+)
+
+
 def run_instruct(
     config: InstructConfig,
     data: str | Path | KnowledgeGraph,
@@ -154,59 +206,20 @@ def run_instruct(
     codes: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Stage 5a: write LM-train, LM-valid and test instructions (see the module docstring)."""
-    kg = data if isinstance(data, KnowledgeGraph) else load_kg(data)
-    tokens = load_tokens(codes, kg) if config.use_codes else None
-    if config.use_codes and tokens is None:
-        raise ValueError("use_codes needs codes (a stage-4 artifact); set use_codes=false for DIFT without codes")
-    log(format_config(config))
-    if config.task == "classification":
-        return _classification_instruct(config, kg, tokens, Path(dest), codes, log)
-    if embeddings is None:
-        raise ValueError("link-prediction instructions need a stage-1 artifact (embeddings)")
-    embeddings = Path(embeddings)
-    dift_train_queries = config.train_from_train_queries and config.train_query_format == "dift"
-    ranked = {split: _ranked_queries(embeddings, split)
-              for split in ["valid", "test"] + (["train"] if dift_train_queries else [])}
-    neighbours = NeighbourIndex(kg)
-    inputs = hash_inputs({"embeddings": embeddings, **({"codes": Path(codes)} if codes else {})})
-    with artifact_dir(dest, stage="instruct", config=config, inputs=inputs) as writer:
-        valid_records = records_for_split(kg, ranked["valid"], "valid", tokens, neighbours, config)
-        lm_train, lm_valid, dropped = split_examples(valid_records, config)
-        from_validation = len(lm_train)
-        rng = np.random.default_rng(config.seed + 1)
-        if dift_train_queries:
-            rows = sampled_rows(rng, len(ranked["train"].triples), config.train_queries)
-            extra = records_for_split(kg, ranked["train"], "train", tokens, neighbours, config, rows=rows,
-                                      shuffle=rng if config.shuffle_train_query_candidates else None)
-            lm_train += confident(extra, config)
-        elif config.train_from_train_queries:  # ReaLM's short form, straight from the training graph
-            lm_train += query_records(kg, sampled_rows(rng, 2 * len(kg.train), config.train_queries), tokens, config)
-        if config.train_from_train_queries:
-            lm_train = [lm_train[i] for i in rng.permutation(len(lm_train))]
-        test = records_for_split(kg, ranked["test"], "test", tokens, neighbours, config)
-        for name, records in (("lm_train", lm_train), ("lm_valid", lm_valid), ("test", test)):
-            write_jsonl(writer.path / f"{name}.jsonl", records)
-        writer.metrics.update({
-            "lm_train": len(lm_train), "lm_valid": len(lm_valid), "test": len(test),
-            "validation_queries": len(valid_records),
-            "lm_train_dropped": dropped, "lm_train_from_train_queries": len(lm_train) - from_validation,
-            "test_gold_in_candidates": float(np.mean([r["gold_in_candidates"] for r in test])) if test else 0.0,
-        })
-    log(f"instruct: {len(lm_train)} LM-train, {len(lm_valid)} LM-valid, {len(test)} test records -> {dest}")
-    return Path(dest)
+    """Stage 5a into ``dest`` (reused when current)."""
+    return run_stage(STAGE, config, dest, data=data, inputs={"embeddings": embeddings, "codes": codes}, log=log).path
 
 
-def _ranked_queries(embeddings: Path, split: str) -> RankedQueries:
+def _ranked_queries(embeddings: EmbedArtifact, split: str) -> RankedQueries:
     """Stage 1's candidate lists for ``split`` (both directions)."""
-    path = embeddings / "candidates" / f"{split}.npz"
+    path = embeddings.candidates(split)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: export {split} candidates in stage 1 (export_splits)")
     return RankedQueries.load(path)
 
 
 def _classification_instruct(config: InstructConfig, kg: KnowledgeGraph, tokens: list[str] | None, dest: Path,
-                             codes: str | Path | None, log: Callable[[str], None]) -> Path:
+                             log: Callable[[str], None]) -> dict[str, Any]:
     """True/false instructions (:mod:`kgtok.llm.classify`): a training-triple sample, valid, test."""
     rng = np.random.default_rng(config.seed)
     neighbours = NeighbourIndex(kg)
@@ -214,12 +227,10 @@ def _classification_instruct(config: InstructConfig, kg: KnowledgeGraph, tokens:
     if config.classification_train_triples and len(train) > config.classification_train_triples:
         train = train[np.sort(rng.choice(len(train), config.classification_train_triples, replace=False))]
     splits = {"lm_train": train, "lm_valid": kg.valid.numpy(), "test": kg.test.numpy()}
-    inputs = hash_inputs({**({"kg": Path(kg.source)} if kg.source else {}),
-                          **({"codes": Path(codes)} if codes else {})})
-    with artifact_dir(dest, stage="instruct", config=config, inputs=inputs) as writer:
-        for name, triples in splits.items():
-            records = classification_records(kg, triples, name, tokens, neighbours, config, rng)
-            write_jsonl(writer.path / f"{name}.jsonl", records)
-            writer.metrics[name] = len(records)
-    log(f"instruct (classification): {writer.metrics} records -> {dest}")
-    return dest
+    counts = {}
+    for name, triples in splits.items():
+        records = classification_records(kg, triples, name, tokens, neighbours, config, rng)
+        write_jsonl(InstructArtifact(dest).split(name), records)
+        counts[name] = len(records)
+    log(f"instruct (classification): {counts} records")
+    return counts

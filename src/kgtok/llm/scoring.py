@@ -14,7 +14,6 @@ a key of everything the rows depend on (:func:`resume_key`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from kgtok.config import config_to_dict
 from kgtok.llm.config import EvaluateConfig
 from kgtok.llm.decoding import generate_pick, trie_greedy
 from kgtok.llm.prompts import encode_answer, encode_prompt, jsonl_line, pad_left, truncate_prompt
@@ -174,32 +172,20 @@ class CandidateScorer:
         return generate_pick(self.model, query.prompt, query.answers, self.pad_id, self.tokenizer.eos_token_id)
 
 
-def resume_key(config: EvaluateConfig, inputs: dict[str, str], weight: float | None) -> str:
-    """What finished predictions depend on: the scoring settings, the model, the queries, the fusion weight."""
-    settings = {k: v for k, v in config_to_dict(config).items() if k not in ("threads", "batch_size", "max_queries")}
-    text = json.dumps({"settings": settings, "inputs": inputs, "weight": weight}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 class PartialPredictions:
-    """Rows of the queries already scored, in ``path``: its first line holds the key they were made under."""
+    """Rows of the queries already scored, in ``path`` (in the stage's work folder, whose record says whether
+    they were made under the same config and inputs)."""
 
-    def __init__(self, path: Path, key: str) -> None:
-        self.path, self.key = path, key
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self.rows = self._read()  # id -> row
 
     def _read(self) -> dict[str, dict[str, Any]]:
-        """Rows of an interrupted evaluation with the same key (a torn last line is dropped)."""
+        """Rows of an interrupted evaluation (a torn last line is dropped)."""
         if not self.path.exists():
             return {}
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        try:
-            if not lines or json.loads(lines[0]).get("resume_key") != self.key:
-                return {}
-        except json.JSONDecodeError:
-            return {}
         rows = {}
-        for line in lines[1:]:
+        for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
@@ -211,8 +197,7 @@ class PartialPredictions:
     def appending(self) -> Iterator[Callable[[dict[str, Any]], None]]:
         """Rewrite the file with the rows kept (a torn last line goes), then yield ``add(row)``: one line at once."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("".join(map(jsonl_line, [{"resume_key": self.key}, *self.rows.values()])),
-                             encoding="utf-8")
+        self.path.write_text("".join(map(jsonl_line, self.rows.values())), encoding="utf-8")
         with self.path.open("a", encoding="utf-8") as handle:
 
             def add(row: dict[str, Any]) -> None:
