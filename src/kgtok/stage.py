@@ -32,7 +32,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +45,7 @@ from kgtok.artifacts import (
     hash_inputs,
     manifest_matches,
     read_manifest,
+    timed,
     verify_files,
     write_json_atomic,
 )
@@ -131,14 +132,9 @@ class Context:
             self._kg = load_kg(self.kg_dir)
         return self._kg
 
-    @contextlib.contextmanager
-    def timed(self, name: str) -> Iterator[None]:
+    def timed(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Add the wall time of the block to the manifest's ``timings[name]`` (seconds)."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        return timed(self.timings, name)
 
     def for_stage(self, work: Path) -> Context:
         """A context for one stage: same KG, log and progress; its own work folder and timings."""
