@@ -328,6 +328,67 @@ def _read_types(
     return types, names_per_level
 
 
+def _kg_directory(path: str | Path) -> Path:
+    """The resolved KG directory, checked to hold the three split files."""
+    directory = Path(path).resolve()
+    if not directory.exists():
+        raise KGFormatError(directory, None, "no such directory; expected a folder with train.txt, valid.txt, test.txt")
+    if not directory.is_dir():
+        raise KGFormatError(directory, None, "is a file, not a directory; expected a folder with train.txt, "
+                            "valid.txt, test.txt")
+    missing = [f"{s}.txt" for s in SPLITS if not (directory / f"{s}.txt").exists()]
+    if missing:
+        present = sorted(p.name for p in directory.iterdir())[:20]
+        raise KGFormatError(
+            directory, None, f"missing split file(s) {missing}; a KG directory needs train.txt, valid.txt and "
+            f"test.txt (found: {present})",
+        )
+    return directory
+
+
+def _read_splits(directory: Path, report: LoadReport, *, skip_header: bool, strip_whitespace: bool) -> dict:
+    """The three split tables, with what was repaired on the way noted in ``report``."""
+    tables = {
+        s: read_table(directory / f"{s}.txt", (3,), "head<TAB>relation<TAB>tail", id_columns=3,
+                      is_header=looks_like_header, skip_header=skip_header, strip_whitespace=strip_whitespace)
+        for s in SPLITS
+    }
+    for split, table in tables.items():
+        report.blank_lines[split] = table.blank_lines
+        if table.crlf:
+            report.crlf_files.append(table.path.name)
+        if table.header_line is not None:
+            report.skipped_headers.append(table.path.name)
+        if table.stripped_ids:
+            report.stripped_ids[table.path.name] = table.stripped_ids
+    return tables
+
+
+def _drop_duplicates(raw: dict[str, np.ndarray], tables: dict, num_entities: int, num_relations: int,
+                     report: LoadReport) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per split: the first copy of each triple and its file line (a warning counts the dropped copies)."""
+    triples: dict[str, np.ndarray] = {}
+    line_numbers: dict[str, np.ndarray] = {}  # split -> (n,) file line of each kept triple
+    for split in SPLITS:
+        keep = _first_copies(raw[split], num_entities, num_relations)
+        triples[split], line_numbers[split] = raw[split][keep], tables[split].line_numbers[keep]
+        dropped = len(raw[split]) - len(keep)
+        report.duplicates[split] = dropped
+        if dropped:
+            warnings.warn(
+                f"{tables[split].path}: {dropped} duplicate triple(s); kept one copy of each",
+                DuplicateTripleWarning, stacklevel=3,
+            )
+    return triples, line_numbers
+
+
+def _names_by_id(name_to_id: dict[str, int]) -> list[str]:
+    names = [""] * len(name_to_id)
+    for name, index in name_to_id.items():
+        names[index] = name
+    return names
+
+
 def load_kg(
     path: str | Path, *, name: str | None = None, skip_header: bool = False, strip_whitespace: bool = False
 ) -> KnowledgeGraph:
@@ -351,33 +412,9 @@ def load_kg(
     strip_whitespace : strip whitespace around ids, with a
         :class:`~kgtok.data.errors.WhitespaceWarning`, instead of refusing them.
     """
-    directory = Path(path).resolve()
-    if not directory.exists():
-        raise KGFormatError(directory, None, "no such directory; expected a folder with train.txt, valid.txt, test.txt")
-    if not directory.is_dir():
-        raise KGFormatError(directory, None, "is a file, not a directory; expected a folder with train.txt, "
-                            "valid.txt, test.txt")
-    missing = [f"{s}.txt" for s in SPLITS if not (directory / f"{s}.txt").exists()]
-    if missing:
-        present = sorted(p.name for p in directory.iterdir())[:20]
-        raise KGFormatError(
-            directory, None, f"missing split file(s) {missing}; a KG directory needs train.txt, valid.txt and "
-            f"test.txt (found: {present})",
-        )
+    directory = _kg_directory(path)
     report = LoadReport()
-    tables = {
-        s: read_table(directory / f"{s}.txt", (3,), "head<TAB>relation<TAB>tail", id_columns=3,
-                      is_header=looks_like_header, skip_header=skip_header, strip_whitespace=strip_whitespace)
-        for s in SPLITS
-    }
-    for split, table in tables.items():
-        report.blank_lines[split] = table.blank_lines
-        if table.crlf:
-            report.crlf_files.append(table.path.name)
-        if table.header_line is not None:
-            report.skipped_headers.append(table.path.name)
-        if table.stripped_ids:
-            report.stripped_ids[table.path.name] = table.stripped_ids
+    tables = _read_splits(directory, report, skip_header=skip_header, strip_whitespace=strip_whitespace)
 
     entity_dict, relation_dict = directory / "entities.dict", directory / "relations.dict"
     has_dicts = entity_dict.exists() and relation_dict.exists()
@@ -392,29 +429,10 @@ def load_kg(
         for split in SPLITS
     }
 
-    num_entities, num_relations = len(entity_to_id), len(relation_to_id)
-    triples: dict[str, np.ndarray] = {}
-    line_numbers: dict[str, np.ndarray] = {}  # split -> (n,) file line of each kept triple
-    for split in SPLITS:
-        keep = _first_copies(raw[split], num_entities, num_relations)
-        triples[split], line_numbers[split] = raw[split][keep], tables[split].line_numbers[keep]
-        dropped = len(raw[split]) - len(keep)
-        report.duplicates[split] = dropped
-        if dropped:
-            warnings.warn(
-                f"{tables[split].path}: {dropped} duplicate triple(s); kept one copy of each",
-                DuplicateTripleWarning, stacklevel=2,
-            )
-
-    entity_names = [""] * num_entities
-    for entity, index in entity_to_id.items():
-        entity_names[index] = entity
-    relation_names = [""] * num_relations
-    for relation, index in relation_to_id.items():
-        relation_names[index] = relation
-
+    triples, line_numbers = _drop_duplicates(raw, tables, len(entity_to_id), len(relation_to_id), report)
+    entity_names, relation_names = _names_by_id(entity_to_id), _names_by_id(relation_to_id)
     _check_unseen(triples, line_numbers, entity_names, relation_names, report, directory)
-    _check_overlap(triples, num_entities, num_relations, report, directory)
+    _check_overlap(triples, len(entity_names), len(relation_names), report, directory)
 
     labels, descriptions = _read_text(directory, entity_to_id, report, strip_whitespace=strip_whitespace)
     report.missing_label = sum(label is None for label in labels)
