@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TEST, TRAIN, VALID
-from kgtok.cli import _setup_warnings, cli, describe_error
+from kgtok.cli import cli, describe_error
 from kgtok.data import KGFormatError, load_kg
 from kgtok.data.errors import HeaderLineWarning, UnseenEntityWarning, WhitespaceWarning
 
@@ -105,26 +105,22 @@ def test_skipped_header_adds_no_entity_or_relation(tmp_path):
     assert headed.counts() == plain.counts()
 
 
-def test_data_warnings_print_once_per_process(tmp_path, monkeypatch, capsys):
-    """kgtok run loads the KG in every stage: each data warning is shown once, not once per load.
+def test_kg_is_loaded_once_per_run_and_each_data_warning_shown_once(tmp_path, monkeypatch):
+    """kgtok run hands every stage the KG it loaded once, so a data warning is shown once, not once per stage."""
+    from kgtok.data import graph
+    from kgtok.embed import EmbedConfig
+    from kgtok.pipeline import RunConfig, run
 
-    The stages call load_kg from different modules, and Python's filters keep
-    a registry per calling module: the second load is made from another one.
-    """
     write_kg(tmp_path / "kg", {"valid.txt": [*lines(VALID), "a\tlikes\tzebra"]})
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
-    with warnings.catch_warnings():  # restores the filters and showwarning afterwards
-        warnings.simplefilter("default")
-        # pytest records warnings; print them to stderr as a terminal would
-        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
-            warnings.formatwarning(message, category, filename, lineno, line))
-        _setup_warnings()
-        load_kg("kg")  # as the data stage does, with the path typed by the user
-        stage = {"__name__": "another_stage", "load_kg": load_kg, "path": tmp_path / "kg"}
-        exec(compile("load_kg(path)", "another_stage.py", "exec"), stage)  # as a later stage, resolved path
-    shown = [line for line in capsys.readouterr().err.splitlines() if "UnseenEntityWarning" in line]
-    assert len(shown) == 1 and "'zebra'" in shown[0]
+    loads = []
+    load = graph.load_kg
+    monkeypatch.setattr(graph, "load_kg", lambda *a, **k: loads.append(a) or load(*a, **k))
+    logs: list[str] = []
+    config = RunConfig(data=str(tmp_path / "kg"), out=str(tmp_path / "run"), progress=False,
+                       embed=EmbedConfig(dim=4, max_steps=4, eval_every=2, threads=1, top_k=2))
+    run(config, until="embed", log=logs.append)
+    shown = [line for line in logs if "UnseenEntityWarning" in line]
+    assert len(loads) == 1 and len(shown) == 1 and "'zebra'" in shown[0]
 
 
 # ----------------------------------------------------------------------------

@@ -275,7 +275,9 @@ def _print_results(results: list[Any]) -> None:
     console.print(table)
     final = next((r for r in results if r.name == "evaluate" and r.path is not None), None)
     if final is not None:
-        metrics = json.loads((final.path / "metrics.json").read_text(encoding="utf-8"))
+        from kgtok.llm.layout import EvaluateArtifact
+
+        metrics = EvaluateArtifact(final.path).metrics()
         summary = Table(title=f"link prediction, {metrics['queries']} test queries (filtered)")
         for column in ("ranker", "MRR", "Hits@1", "Hits@3", "Hits@10"):
             summary.add_column(column)
@@ -646,6 +648,7 @@ def ablate_command(config_path: str | None, data: str | None, out: str | None, o
     from rich.console import Console
     from rich.table import Table
 
+    from kgtok.artifacts import write_json_atomic
     from kgtok.llm.rankers import rankers
     from kgtok.pipeline import ABLATIONS, ablate
 
@@ -661,33 +664,13 @@ def ablate_command(config_path: str | None, data: str | None, out: str | None, o
                               else "-" for r in shown))
     Console(width=140).print(table)
     summary = Path(config.out) / "ablate" / "summary.json"
-    summary.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(summary, results)
     click.echo(f"-> {summary}")
 
 
 def _setup_warnings() -> None:
-    """One line per warning; each data warning once per process.
-
-    Every stage of ``kgtok run`` loads the KG again, and each load warns from
-    another caller, so Python's filters (whose registries are per calling
-    module, even for "once") let the same words through again: the data
-    warnings are deduplicated here by category and text (load_kg words them
-    the same for ``kg`` and ``/abs/kg``).
-    """
-    from kgtok.data.errors import KGDataWarning
-
-    warnings.formatwarning = _format_warning  # type: ignore[assignment]  # one line per warning in a terminal
-    show, shown = warnings.showwarning, set()
-
-    def show_once(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                  file: Any = None, line: str | None = None) -> None:
-        if issubclass(category, KGDataWarning):
-            if (category, str(message)) in shown:
-                return
-            shown.add((category, str(message)))
-        show(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = show_once
+    """One line per warning (``kgtok run`` shows each distinct warning once: :class:`kgtok.pipeline.RunLog`)."""
+    warnings.formatwarning = _format_warning  # type: ignore[assignment]
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ stage and for the stage commands.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time

@@ -59,17 +59,33 @@ def _stage1(run: Path) -> str | None:
 
 
 def _quantizer(run: Path) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     quantized = QuantizeArtifact(run / "quantize")
     metrics = _read(quantized.metrics_path)
     if metrics is None:
         return None
-    parts = ["<h2>Stage 4: codes</h2>"]
     codes = np.load(quantized.codes)
+    parts = ["<h2>Stage 4: codes</h2>", "<h3>Codebook usage per level</h3>" + _usage_plot(codes, metrics)]
+    if metrics.get("history"):
+        parts.append("<h3>Training: losses and held-out entropy (dotted: selected checkpoint)</h3>"
+                     + _training_plot(metrics))
+    rows = [[level, metrics.get(f"nmi_hierarchy_level_{level}", float("nan")),
+             metrics.get(f"homogeneity_hierarchy_level_{level}", float("nan")),
+             metrics.get(f"nmi_types_level_{level}", "-"), metrics["entropy"][level - 1],
+             metrics["utilization"][level - 1]] for level in range(1, metrics["levels"] + 1)]
+    parts.append("<h3>Hierarchy alignment per level</h3>" + _table(
+        ["level", "NMI (hierarchy)", "homogeneity", "NMI (true types)", "entropy", "utilisation"], rows))
+    parts.append(_table(["collisions before fix", "after", "reconstruction cosine"],
+                        [[metrics["collision_rate_before"], metrics["collision_rate_after"],
+                          metrics["reconstruction_cosine"]]]))
+    fused = HierarchyArtifact(run / "hierarchy").fused_vectors
+    if fused.exists():
+        parts.append("<h3>Entity vectors by level-1 code</h3>" + _pca_plot(np.load(fused), codes))
+    return "".join(parts)
+
+
+def _usage_plot(codes: np.ndarray, metrics: dict[str, Any]) -> str:
+    import matplotlib.pyplot as plt
+
     levels = metrics["levels"]
     figure, axes = plt.subplots(1, levels, figsize=(3.2 * levels, 2.6), squeeze=False)
     for level in range(levels):
@@ -78,48 +94,38 @@ def _quantizer(run: Path) -> str | None:
         axes[0, level].set_title(f"level {level + 1}: {metrics['utilization'][level]:.0%} used")
         axes[0, level].set_xlabel("code (by frequency)")
     axes[0, 0].set_ylabel("entities")
-    parts.append("<h3>Codebook usage per level</h3>" + _png(figure))
-    history = metrics.get("history") or []
-    if history:
-        figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3))
-        for key in sorted({k for h in history for k in h if k.startswith("loss_")}):
-            points = [(h["epoch"], h[key]) for h in history if key in h]
-            left.plot(*zip(*points), label=key)
-        left.set_yscale("log")
-        left.set_xlabel("epoch")
-        left.legend(fontsize=7)
-        points = [(h["epoch"], h["heldout_entropy"]) for h in history if "heldout_entropy" in h]
-        if points:
-            right.plot(*zip(*points), marker=".")
-            right.axvline(metrics.get("best_epoch", 0), color="grey", linestyle=":")
-        right.set_xlabel("epoch")
-        right.set_ylabel("held-out code entropy (bits)")
-        parts.append("<h3>Training: losses and held-out entropy (dotted: selected checkpoint)</h3>" + _png(figure))
-    rows = []
-    for level in range(1, levels + 1):
-        row = [level, metrics.get(f"nmi_hierarchy_level_{level}", float("nan")),
-               metrics.get(f"homogeneity_hierarchy_level_{level}", float("nan")),
-               metrics.get(f"nmi_types_level_{level}", "-"), metrics["entropy"][level - 1],
-               metrics["utilization"][level - 1]]
-        rows.append(row)
-    parts.append("<h3>Hierarchy alignment per level</h3>" + _table(
-        ["level", "NMI (hierarchy)", "homogeneity", "NMI (true types)", "entropy", "utilisation"], rows))
-    parts.append(_table(["collisions before fix", "after", "reconstruction cosine"],
-                        [[metrics["collision_rate_before"], metrics["collision_rate_after"],
-                          metrics["reconstruction_cosine"]]]))
-    fused = HierarchyArtifact(run / "hierarchy").fused_vectors
-    if fused.exists():
-        from sklearn.decomposition import PCA
+    return _png(figure)
 
-        vectors = np.load(fused)
-        rng = np.random.default_rng(0)
-        shown = rng.choice(len(vectors), min(len(vectors), 5000), replace=False)
-        xy = PCA(n_components=2, random_state=0).fit_transform(vectors[shown])
-        figure, axis = plt.subplots(figsize=(5, 4.5))
-        axis.scatter(xy[:, 0], xy[:, 1], c=codes[shown, 0], cmap="tab20", s=4)
-        axis.set_title("fused entity vectors (PCA), colour = level-1 code")
-        parts.append("<h3>Entity vectors by level-1 code</h3>" + _png(figure))
-    return "".join(parts)
+
+def _training_plot(metrics: dict[str, Any]) -> str:
+    import matplotlib.pyplot as plt
+
+    history = metrics["history"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3))
+    for key in sorted({k for h in history for k in h if k.startswith("loss_")}):
+        left.plot(*zip(*[(h["epoch"], h[key]) for h in history if key in h]), label=key)
+    left.set_yscale("log")
+    left.set_xlabel("epoch")
+    left.legend(fontsize=7)
+    points = [(h["epoch"], h["heldout_entropy"]) for h in history if "heldout_entropy" in h]
+    if points:
+        right.plot(*zip(*points), marker=".")
+        right.axvline(metrics.get("best_epoch", 0), color="grey", linestyle=":")
+    right.set_xlabel("epoch")
+    right.set_ylabel("held-out code entropy (bits)")
+    return _png(figure)
+
+
+def _pca_plot(vectors: np.ndarray, codes: np.ndarray) -> str:
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    shown = np.random.default_rng(0).choice(len(vectors), min(len(vectors), 5000), replace=False)
+    xy = PCA(n_components=2, random_state=0).fit_transform(vectors[shown])
+    figure, axis = plt.subplots(figsize=(5, 4.5))
+    axis.scatter(xy[:, 0], xy[:, 1], c=codes[shown, 0], cmap="tab20", s=4)
+    axis.set_title("fused entity vectors (PCA), colour = level-1 code")
+    return _png(figure)
 
 
 def _finetune(run: Path) -> str | None:
@@ -149,12 +155,12 @@ def _final(run: Path) -> str | None:
 
     from kgtok.llm.rankers import MEASURES, rankers
 
-    metrics = _read(run / "evaluate" / "metrics.json")
+    metrics = _read(EvaluateArtifact(run / "evaluate").metrics_path)
     if metrics is None or "retriever" not in metrics:
         return None
     keys = list(MEASURES)
     rows = [[r.label, *[metrics[r.key]["both"][k] for k in keys]] for r in rankers() if r.key in metrics]
-    for ablation in sorted((run / "ablate").glob("*/evaluate/metrics.json")) if (run / "ablate").exists() else []:
+    for ablation in sorted(EvaluateArtifact(p).metrics_path for p in (run / "ablate").glob("*/evaluate")):
         other = _read(ablation)
         for r in rankers():
             if r.key != "retriever" and r.key in other:  # an ablation keeps stage 1: only the LM's rankers differ

@@ -205,6 +205,20 @@ def validation_mrr(model: KGEModel, kg: KnowledgeGraph, config: EmbedConfig, que
     return float(np.mean(1.0 / ranked.rank))
 
 
+def validate(model: KGEModel, kg: KnowledgeGraph, config: EmbedConfig, valid: torch.Tensor, state: TrainingState,
+             best_state: dict[str, Any], best_path: Path) -> dict[str, Any] | None:
+    """Validation MRR into ``state``; the new best weights (also saved to ``best_path``) when it improved."""
+    mrr = validation_mrr(model, kg, config, valid)
+    state.history.append({"step": state.step, "loss": state.last_loss, "valid_mrr": mrr})
+    if mrr <= state.best_mrr:
+        state.bad_evaluations += 1
+        return None
+    state.best_mrr, state.best_step, state.bad_evaluations = mrr, state.step, 0
+    best_state = copy.deepcopy(model.state_dict())
+    torch_save_atomic(best_state, best_path)
+    return best_state
+
+
 def train_model(
     kg: KnowledgeGraph,
     config: EmbedConfig,
@@ -262,21 +276,12 @@ def train_model(
         bar.update(1)
 
         if state.step % config.eval_every == 0 or state.step == config.max_steps:
-            mrr = validation_mrr(model, kg, config, valid)
-            state.history.append({"step": state.step, "loss": state.last_loss, "valid_mrr": mrr})
-            if mrr > state.best_mrr:
-                state.best_mrr, state.best_step, state.bad_evaluations = mrr, state.step, 0
-                best_state = copy.deepcopy(model.state_dict())
-                torch_save_atomic(best_state, best_path)
-            else:
-                state.bad_evaluations += 1
+            best_state = validate(model, kg, config, valid, state, best_state, best_path) or best_state
             save_checkpoint(last_path, model, optimizer, state)
-            message = (f"embed: step {state.step}  loss {state.last_loss:.4f}  valid MRR {mrr:.4f}  "
+            message = (f"embed: step {state.step}  loss {state.last_loss:.4f}  "
+                       f"valid MRR {state.history[-1]['valid_mrr']:.4f}  "
                        f"(best {state.best_mrr:.4f} at step {state.best_step})")
-            if progress:
-                tqdm.write(message)
-            else:
-                log(message)
+            (tqdm.write if progress else log)(message)
         elif state.step % config.checkpoint_every == 0:
             save_checkpoint(last_path, model, optimizer, state)
         bar.set_postfix(loss=f"{state.last_loss:.4f}", valid_mrr=f"{max(state.best_mrr, 0):.4f}")

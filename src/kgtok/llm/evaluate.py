@@ -36,6 +36,7 @@ from kgtok.artifacts import write_json_atomic
 from kgtok.llm.config import EvaluateConfig  # here too: kgtok.llm.evaluate.EvaluateConfig is public
 from kgtok.llm.layout import EvaluateArtifact, FinetuneArtifact, InstructArtifact
 from kgtok.llm.prompts import read_jsonl, write_jsonl
+from kgtok.llm.rankers import summary_keys
 from kgtok.stage import Context, Input, Stage, run_stage
 
 
@@ -72,8 +73,7 @@ STAGE = Stage(
             Input("classes", "hierarchy", None, "a file of entity<TAB>class or a stage-3 artifact "
                   "(for class_constraint=true)")),
     needs=lambda config: ("model", "instructions"),
-    summary=("retriever_hits_at_1", "dift_hits_at_1", "rerank_hits_at_1", "retriever_mrr", "dift_mrr", "rerank_mrr",
-             "queries_per_second"),
+    summary=(*summary_keys(("hits_at_1", "mrr")), "queries_per_second"),  # every registered ranker
 )
 
 
