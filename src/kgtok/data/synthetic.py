@@ -62,6 +62,7 @@ Layout written by ``write_synthetic`` (the standard kgtok dataset layout)::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -106,7 +107,7 @@ class SyntheticConfig:
         check_fields(
             self,
             [
-                ("num_entities", lambda n: _is_int(n) and 200 <= n <= 20000, "an integer in [200, 20000]"),
+                ("num_entities", lambda n: _is_int(n) and 200 <= n <= 2_000_000, "an integer in [200, 2000000]"),
                 ("branching", _is_branching, "a tuple of 1..5 integers, each in [2, 64]"),
                 (
                     "branching",
@@ -744,12 +745,23 @@ def generate(config: SyntheticConfig) -> SyntheticKG:
 # ----------------------------------------------------------------------------
 
 
+_WRITE_CHUNK = 65536  # rows turned into text at a time: bounded memory for millions of triples
+
+
 def _write_lines(path: Path, rows: Iterable[str]) -> None:
-    """Write ASCII lines ending in ``\\n`` (ASCII fails loudly on stray text)."""
+    """Write ASCII lines ending in ``\\n`` (ASCII fails loudly on stray text), a chunk of rows per write."""
+    rows = iter(rows)
     with open(path, "w", encoding="ascii", newline="\n") as f:
-        for row in rows:
-            f.write(row)
+        while chunk := list(itertools.islice(rows, _WRITE_CHUNK)):
+            f.write("\n".join(chunk))
             f.write("\n")
+
+
+def _triple_lines(triples: np.ndarray, entities: Sequence[str], relations: Sequence[str]) -> Iterable[str]:
+    """``head<TAB>relation<TAB>tail`` lines, converting a chunk of the (n, 3) array at a time."""
+    for start in range(0, len(triples), _WRITE_CHUNK):
+        for h, r, t in triples[start : start + _WRITE_CHUNK].tolist():
+            yield f"{entities[h]}\t{relations[r]}\t{entities[t]}"
 
 
 def _config_json(config: SyntheticConfig) -> str:
@@ -767,14 +779,13 @@ def write_kg_files(kg: SyntheticKG, config: SyntheticConfig, directory: Path) ->
     """The KG directory's files: splits, ``entity_text.tsv``, ``entity_types.tsv``, ``synthetic.json``."""
     ent, rel = kg.entity_names, kg.relation_names
     for split in ("train", "valid", "test"):
-        triples = getattr(kg, split).tolist()
-        _write_lines(directory / f"{split}.txt", (f"{ent[h]}\t{rel[r]}\t{ent[t]}" for h, r, t in triples))
+        _write_lines(directory / f"{split}.txt", _triple_lines(getattr(kg, split), ent, rel))
     _write_lines(
         directory / "entity_text.tsv",
         (f"{e}\t{label}\t{desc}" for e, label, desc in zip(ent, kg.labels, kg.descriptions)),
     )
     type_names = kg.type_names
-    paths = kg.types.tolist()
+    paths = kg.types.tolist()  # (N, levels): small next to the triples
     _write_lines(
         directory / "entity_types.tsv",
         ("\t".join([e] + [type_names[lvl][tid] for lvl, tid in enumerate(path)]) for e, path in zip(ent, paths)),
