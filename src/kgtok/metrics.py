@@ -46,12 +46,14 @@ def realistic_rank(
     (batch,) float64 ranks, 1 = best; half-integers arise from ties.
     """
     scores = torch.nan_to_num(scores.float(), nan=-torch.inf)
-    rows = torch.arange(scores.shape[0])
+    device = scores.device  # indices follow the scores (a GPU's, in stage 1 with device=cuda)
+    rows = torch.arange(scores.shape[0], device=device)
+    targets = torch.as_tensor(targets).to(device)
     true = scores[rows, targets].unsqueeze(1)  # (batch, 1)
     keep = torch.ones_like(scores, dtype=torch.bool)
     if filter_rows is not None and len(filter_rows):
-        filter_rows = torch.as_tensor(filter_rows, dtype=torch.long)
-        filter_cols = torch.as_tensor(filter_cols, dtype=torch.long)
+        filter_rows = torch.as_tensor(filter_rows, dtype=torch.long).to(device)
+        filter_cols = torch.as_tensor(filter_cols, dtype=torch.long).to(device)
         keep[filter_rows, filter_cols] = False
     keep[rows, targets] = True  # the answer itself is never filtered out
     better = ((scores > true) & keep).sum(dim=1)
@@ -74,12 +76,14 @@ def filtered_top_k(
     lower id so that exports are reproducible.
     """
     scores = torch.nan_to_num(scores.float(), nan=-torch.inf).clone()
+    device = scores.device
     if filter_rows is not None and len(filter_rows):
-        filter_rows = torch.as_tensor(filter_rows, dtype=torch.long)
-        filter_cols = torch.as_tensor(filter_cols, dtype=torch.long)
+        filter_rows = torch.as_tensor(filter_rows, dtype=torch.long).to(device)
+        filter_cols = torch.as_tensor(filter_cols, dtype=torch.long).to(device)
         saved = None
         if targets is not None:
-            rows = torch.arange(scores.shape[0])
+            targets = targets.to(device)
+            rows = torch.arange(scores.shape[0], device=device)
             saved = scores[rows, targets].clone()
         scores[filter_rows, filter_cols] = -torch.inf
         if targets is not None:

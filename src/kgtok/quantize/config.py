@@ -62,6 +62,7 @@ class QuantizeConfig:
     gsr: GSRConfig = field(default_factory=GSRConfig)
     realm_kmeans_iterations: int = 20  # faiss iterations per residual stage (realm)
     seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when present; GPU sums differ in the last bits
     threads: int = machine(0)  # 0 = all cores
 
     def __post_init__(self) -> None:
