@@ -478,23 +478,50 @@ def text_command(data: str, out: str | None, config_path: str | None, progress: 
 @cli.command("embed-import")
 @click.option("--data", required=True, type=click.Path(file_okay=False), callback=_check_kg_dir,
               help="KG directory.")
-@click.option("--entities", "entity_vectors", required=True, type=click.Path(dir_okay=False), help=".npy, one row per entity.")
-@click.option("--entity-order", required=True, type=click.Path(dir_okay=False),
-              help="Raw entity id of each row: one per line, or index<TAB>name (entities.dict).")
-@click.option("--relations", "relation_vectors", default=None, type=click.Path(dir_okay=False), help=".npy of relations.")
+@click.option("--format", "source_format", type=click.Choice(["npy", "pbg", "dglke"]), default="npy", show_default=True,
+              help="npy: --entities/--entity-order files; pbg: a PyTorch-BigGraph checkpoint; dglke: a DGL-KE save.")
+@click.option("--entities", "entity_vectors", default=None, type=click.Path(dir_okay=False),
+              help="npy: .npy, one row per entity.")
+@click.option("--entity-order", default=None, type=click.Path(dir_okay=False),
+              help="npy: raw entity id of each row: one per line, or index<TAB>name (entities.dict).")
+@click.option("--relations", "relation_vectors", default=None, type=click.Path(dir_okay=False),
+              help="npy: .npy of relations.")
 @click.option("--relation-order", default=None, type=click.Path(dir_okay=False))
+@click.option("--checkpoint", default=None, type=click.Path(file_okay=False),
+              help="pbg: PBG's checkpoint_path; dglke: DGL-KE's --save_path.")
+@click.option("--entity-path", default=None, type=click.Path(file_okay=False),
+              help="pbg: PBG's entity_path (entity_names_<type>_<part>.json); dglke: DGL-KE's --data_path "
+                   "(entities.tsv, relations.tsv).")
+@click.option("--entity-type", default="all", show_default=True, help="pbg: the entity type to read.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact directory to write.")
 @click.argument("overrides", nargs=-1)
 @_friendly_errors
-def embed_import_command(data: str, entity_vectors: str, entity_order: str, relation_vectors: str | None,
-                         relation_order: str | None, out: str, overrides: tuple[str, ...]) -> None:
-    """Turn embeddings trained elsewhere into a stage-1 artifact (e.g. model=rotate margin=6)."""
+def embed_import_command(data: str, source_format: str, entity_vectors: str | None, entity_order: str | None,
+                         relation_vectors: str | None, relation_order: str | None, checkpoint: str | None,
+                         entity_path: str | None, entity_type: str, out: str, overrides: tuple[str, ...]) -> None:
+    """Turn embeddings trained elsewhere into a stage-1 artifact (e.g. model=rotate margin=6).
+
+    Graphs too large for one machine train with PyTorch-BigGraph (--format pbg) or DGL-KE (--format dglke).
+    """
     from kgtok.config import load_config
-    from kgtok.embed.importer import ImportConfig, import_embeddings
+    from kgtok.embed.importer import ImportConfig, import_embeddings, import_foreign
 
     config = load_config(ImportConfig, None, overrides)
-    import_embeddings(data, entity_vectors, entity_order, out, relation_vectors=relation_vectors,
-                      relation_order=relation_order, config=config, log=click.echo)
+    needed = {"npy": {"--entities": entity_vectors, "--entity-order": entity_order},
+              "pbg": {"--checkpoint": checkpoint, "--entity-path": entity_path},
+              "dglke": {"--checkpoint": checkpoint, "--entity-path": entity_path}}[source_format]
+    missing = [flag for flag, value in needed.items() if value is None]
+    if missing:
+        raise click.UsageError(f"--format {source_format} needs {' and '.join(missing)}")
+    if source_format == "npy":
+        import_embeddings(data, entity_vectors, entity_order, out, relation_vectors=relation_vectors,
+                          relation_order=relation_order, config=config, log=click.echo)
+        return
+    from kgtok.embed.formats import read_dglke, read_pbg
+
+    foreign = (read_pbg(checkpoint, entity_path, entity_type=entity_type) if source_format == "pbg"
+               else read_dglke(checkpoint, entity_path))
+    import_foreign(data, foreign, out, config=config, log=click.echo)
 
 
 # ----------------------------------------------------------------------------
