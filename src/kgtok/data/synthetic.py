@@ -89,7 +89,7 @@ class SyntheticConfig:
     files (``write_synthetic``).
     """
 
-    num_entities: int = 2000  # 200..20000; 2000 keeps tests and the demo fast, 20000 (about WN18RR's half) is for timing the stages
+    num_entities: int = 2000  # 200..2000000; 2000 keeps tests and the demo fast, 20000 (about WN18RR's half) times the stages, 1M scales them (bench/scale.py)
     branching: tuple[int, ...] = (4, 4, 4)  # children per level (1..5 levels, 2..64 each); deeper trees test more code levels but need more entities per leaf (product <= num_entities / 2)
     num_relations: int = 24  # >= 1; r00 is the hierarchical one; more relations spread the triples thinner per relation
     triples_per_entity: float = 12.0  # average degree (head + tail mentions): about num_entities * this / 2 triples; train-only FB15k-237 ~ 37, WN18RR ~ 4.2; higher is easier to learn and slower
