@@ -66,6 +66,7 @@ class Processes:
 
     rank: int = 0
     world: int = 1
+    device: str = "cpu"  # where collectives' tensors live: this process's GPU with nccl
 
     @classmethod
     def start(cls, device: torch.device) -> Processes:
@@ -77,9 +78,11 @@ class Processes:
             return cls()
         import torch.distributed as dist
 
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # one GPU per process (LOCAL_RANK): nccl's communicator uses it
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(rank=dist.get_rank(), world=dist.get_world_size())
+        return cls(rank=dist.get_rank(), world=dist.get_world_size(), device=str(device))
 
     @property
     def main(self) -> bool:
@@ -133,9 +136,7 @@ class Processes:
         import torch.distributed as dist
 
         keys = sorted(values)
-        total = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            total = total.cuda()
+        total = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(total)
         return dict(zip(keys, total.cpu().tolist()))
 
