@@ -183,11 +183,21 @@ def main() -> None:
         args.result.write_text(json.dumps(data, indent=2) + "\n")  # after every size: a long run keeps its numbers
         if not args.keep:
             shutil.rmtree(args.work / f"n{n}", ignore_errors=True)
-    markdown = (f"# scale_synthetic\n\nSeconds and peak RSS (MB) per stage; slopes of log-log fits against the "
-                f"entity count (1 = linear).\n\n{table(data)}\n\nCommands: `{command()}`; each stage's command is in "
-                f"the JSON.\n")
-    args.result.with_suffix(".md").write_text(markdown)
+    write_markdown(data, args.result.with_suffix(".md"))
     print(table(data))
+
+
+def write_markdown(data: dict, path: Path) -> None:
+    """The table, and per size the command, the CPU and whether the machine was shared (load average >= 1)."""
+    runs = "".join(
+        f"- {int(n):,} entities: `{r['command']}`; {r['machine']['cpu']}, {r['machine']['cores']} cores, "
+        f"{r['threads']} threads; load average {r['load_before'][0]} before, {r['load_after'][0]} after: "
+        f"{'shared with other jobs' if r['shared_machine'] else 'quiet'}; {r['machine']['date']}\n"
+        for n, r in sorted(((k, v) for k, v in data.items() if k.isdigit()), key=lambda kv: int(kv[0])))
+    path.write_text(f"# scale_synthetic\n\nSeconds and peak RSS (MB) per stage, each stage a `kgtok` command under "
+                    f"GNU time; slopes of log-log fits against the entity count (1 = linear). Settings: "
+                    f"`bench/scale.py`'s docstring; each stage's command is in the JSON.\n\n{table(data)}\n\n"
+                    f"Runs:\n\n{runs}")
 
 
 if __name__ == "__main__":
