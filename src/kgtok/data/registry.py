@@ -483,6 +483,7 @@ def fetch(
     FileExistsError
         ``dest`` exists but its files are missing or do not verify.
     """
+    # Over 60 lines on purpose: download, verify, extract, rename: the steps in the order they must happen.
     info = name_or_info if isinstance(name_or_info, DatasetInfo) else get_dataset(name_or_info)
     dest = Path(dest).expanduser()
     if dest.exists():

@@ -94,6 +94,7 @@ def import_embeddings(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Write a stage-1 artifact from foreign vectors (see module docstring)."""
+    # 61 lines: align rows, then either store the vectors or rebuild the model and rank, as stage 1 does.
     kg = data if isinstance(data, KnowledgeGraph) else load_kg(data)
     entity_vectors = Path(entity_vectors)
     entities = align_rows(np.load(entity_vectors), read_order(entity_order), kg.entity_names,
