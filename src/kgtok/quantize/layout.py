@@ -11,7 +11,7 @@ class QuantizeArtifact(Artifact):
     codes.npy         (N, width) int64 codes in entity-id order (the disambiguation code last)
     tokens.txt        id<TAB>raw name<TAB>token string, one line per entity
     metrics.json      per-level code statistics, collisions, reconstruction, alignment, training history
-    tokenizer/        EntityTokenizer.save(): reload with EntityTokenizer.load
+    tokenizer/        EntityTokenizer.save_pretrained(): reload with EntityTokenizer.from_pretrained
     """
 
     stage = "quantize"

@@ -29,7 +29,7 @@ from kgtok.quantize.config import QuantizeConfig
 from kgtok.quantize.kmeans import kmeans
 from kgtok.quantize.metrics import code_usage
 from kgtok.quantize.model import RQVAE, Hierarchy, rqvae_losses
-from kgtok.quantize.quantizer import fit_residual_kmeans, residual_codes
+from kgtok.quantize.quantizer import distinct_codes, fit_residual_kmeans, residual_codes, sum_codewords
 from kgtok.runtime import torch_save_atomic
 
 CHECKPOINT_FORMAT = 2  # 2: per-level Codebook modules (1: one stacked codebook tensor; not resumed)
@@ -233,13 +233,32 @@ _REALM_SEARCH: dict[str, Any] = {"row_norms": False, "batch": 65536}
 
 def fit_realm(x: torch.Tensor, config: QuantizeConfig, levels: int, codebook_size: int, *,
               progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """ReaLM: greedy residual k-means, one codebook per stage. Returns (codebooks (m, K, d), codes (N, m))."""
+    """ReaLM: greedy residual k-means, one codebook per stage. Returns (codebooks (m, K, d), codes (N, m)).
+
+    With ``realm_assignment="distinct"`` the last level's codes are then
+    re-chosen so that entities sharing every earlier code differ there
+    (:func:`~kgtok.quantize.quantizer.distinct_codes`): the codebooks stay.
+    """
     with tqdm(total=levels, desc="realm stages", disable=not progress) as bar:
         def fit_level(level: int, residual: torch.Tensor) -> torch.Tensor:
             bar.update(1)
             return kmeans(residual, codebook_size, iterations=config.realm_kmeans_iterations, seed=config.seed + level)
 
-        return fit_residual_kmeans(x, levels, fit_level, **_REALM_SEARCH)
+        codebooks, codes = fit_residual_kmeans(x, levels, fit_level, **_REALM_SEARCH)
+    if config.realm_assignment == "distinct":
+        codes[:, -1] = distinct_last_level(x, codebooks, codes)
+    return codebooks, codes
+
+
+def distinct_last_level(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """(N,) last-level codes, distinct among entities whose earlier codes (N, m-1) are equal."""
+    prefix = codes[:, :-1]  # (N, m-1)
+    residual = x - sum_codewords(prefix, codebooks, x.shape[1])  # (N, d) r_{m-1}
+    if prefix.shape[1]:
+        groups = torch.unique(prefix, dim=0, return_inverse=True)[1].reshape(-1)
+    else:
+        groups = torch.zeros(len(x), dtype=torch.long)
+    return distinct_codes(residual, codebooks[-1], groups, **_REALM_SEARCH)
 
 
 def realm_codes(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
