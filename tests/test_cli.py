@@ -123,8 +123,8 @@ def test_run_caches_and_reruns_on_change(tmp_path):
 
     sources = re.findall(r'src="([^"]*)"', page)
     assert len(sources) >= 5 and all(s.startswith("data:image/png;base64,") for s in sources)
-    for heading in ("Stage 1", "Codebook usage", "Hierarchy alignment", "fine-tuning", "Link prediction",
-                    "Per-relation Hits@1"):
+    for heading in ("Stage 1", "Codebook usage", "Hierarchy alignment", "The code tree", "fine-tuning",
+                    "Link prediction", "Per-relation Hits@1"):
         assert heading in page
     retriever = json.loads((tmp_path / "run" / "evaluate" / "metrics.json").read_text())["retriever"]["both"]
     assert f"<td>{retriever['mrr']:.4f}</td>" in page
@@ -210,3 +210,15 @@ def test_run_until_stops_after_the_named_stage(tmp_path):
     assert [r.name for r in results] == ["synthetic", "data", "embed"] and not (tmp_path / "run" / "text").exists()
     with pytest.raises(ValueError, match="until='nothing'"):
         run(config, until="nothing", log=lambda *_: None)
+
+
+def test_report_code_tree_lists_the_largest_prefixes_with_members():
+    import numpy as np
+
+    from kgtok.report import code_tree
+
+    codes = np.array([[0, 1, 2], [0, 1, 3], [0, 2, 0], [1, 0, 0]])
+    tree = code_tree(codes, ["dog", "cat", "owl", "oak"], branches=1, depth=2)
+    # Level 1: <a_0> holds 3 entities (the largest); level 2 under it: <a_0><b_1> holds dog and cat.
+    assert tree == ("<ul><li><code>&lt;a_0&gt;</code> (3): dog, cat, owl<ul><li><code>&lt;a_0&gt;&lt;b_1&gt;</code> "
+                    "(2): dog, cat</li></ul></li></ul>")

@@ -440,6 +440,18 @@ def folder_lock(path: str | Path) -> Iterator[None]:
 # ----------------------------------------------------------------------------
 
 
+class File:
+    """A file of an artifact layout: ``codes = File("codes.npy")`` makes ``artifact.codes`` its path."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, artifact: Artifact | None, owner: type) -> Path:
+        if artifact is None:
+            return Path(self.name)  # on the class: the name relative to the artifact
+        return artifact.path / self.name
+
+
 class ArtifactError(ValueError):
     """A directory given as a stage's artifact is not one (or not of that stage)."""
 

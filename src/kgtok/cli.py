@@ -524,6 +524,40 @@ def embed_import_command(data: str, source_format: str, entity_vectors: str | No
     import_foreign(data, foreign, out, config=config, log=click.echo)
 
 
+@cli.group("dift")
+def dift_group() -> None:
+    """DIFT's candidate files: write kgtok's, read the papers' (GS-Quant and SSQR evaluate on DIFT's)."""
+
+
+@dift_group.command("export")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--embeddings", required=True, type=click.Path(file_okay=False), help="Stage-1 artifact.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for {split}.json.")
+@click.option("--splits", default="valid,test", show_default=True, help="Comma-separated candidate splits.")
+@_friendly_errors
+def dift_export(data: str, embeddings: str, out: str, splits: str) -> None:
+    """Write stage 1's candidates as DIFT's per-split JSON lists (its data_construct.py layout)."""
+    from kgtok.embed.dift import write_dift
+
+    for path in write_dift(embeddings, data, out, splits=tuple(splits.split(","))):
+        click.echo(f"-> {path}")
+
+
+@dift_group.command("import")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--dift", "dift_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder of DIFT's train.json, valid.json, test.json.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Stage-1 artifact to write.")
+@click.argument("overrides", nargs=-1)
+@_friendly_errors
+def dift_import(data: str, dift_dir: str, out: str, overrides: tuple[str, ...]) -> None:
+    """Read DIFT's candidate lists into a stage-1 artifact (candidates only) for `kgtok instruct --embeddings`."""
+    from kgtok.config import load_config
+    from kgtok.embed.dift import DiftImportConfig, import_dift
+
+    import_dift(data, dift_dir, out, config=load_config(DiftImportConfig, None, overrides), log=click.echo)
+
+
 # ----------------------------------------------------------------------------
 # kgtok hierarchy
 # ----------------------------------------------------------------------------

@@ -80,7 +80,48 @@ def _quantizer(run: Path) -> str | None:
     fused = HierarchyArtifact(run / "hierarchy").fused_vectors
     if fused.exists():
         parts.append("<h3>Entity vectors by level-1 code</h3>" + _pca_plot(np.load(fused), codes))
+    parts.append("<h3>The code tree: prefixes and example members</h3>" + code_tree(codes, _entity_labels(run)))
     return "".join(parts)
+
+
+def _entity_labels(run: Path) -> list[str] | None:
+    """Entity labels of the run's KG (from the data stage's record), or None when it is not at hand."""
+    from kgtok.data.layout import DataArtifact
+
+    kg_dir = DataArtifact(run / "data").manifest.get("metrics", {}).get("kg_dir")
+    if not kg_dir or not Path(kg_dir).is_dir():
+        return None
+    import warnings
+
+    from kgtok.data.graph import load_kg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the run already showed the data warnings
+        return load_kg(kg_dir).labels
+
+
+def code_tree(codes: np.ndarray, labels: list[str] | None, *, branches: int = 3, examples: int = 4,
+              depth: int = 3) -> str:
+    """Nested lists: the largest code prefixes level by level (``<a_3>`` → ``<a_3><b_17>`` → ...), each with
+    its entity count and a few members: what a semantic ID means, as users of such IDs ask to see."""
+    from kgtok.quantize.tokenizer import level_namespace
+
+    names = labels if labels is not None else [str(i) for i in range(len(codes))]
+
+    def level(rows: np.ndarray, l: int, prefix: str) -> str:
+        if l >= min(depth, codes.shape[1]) or len(rows) == 0:
+            return ""
+        values, counts = np.unique(codes[rows, l], return_counts=True)
+        items = []
+        for value in values[np.argsort(-counts, kind="stable")][:branches]:
+            members = rows[codes[rows, l] == value]
+            token = f"{prefix}<{level_namespace(l)}_{value}>"
+            shown = ", ".join(html.escape(names[i]) for i in members[:examples])
+            items.append(f"<li><code>{html.escape(token)}</code> ({len(members)}): {shown}"
+                         f"{level(members, l + 1, token)}</li>")
+        return "<ul>" + "".join(items) + "</ul>"
+
+    return level(np.arange(len(codes)), 0, "")
 
 
 def _usage_plot(codes: np.ndarray, metrics: dict[str, Any]) -> str:

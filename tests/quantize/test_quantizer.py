@@ -258,8 +258,8 @@ def test_realm_residual_kmeans_gets_closer_with_more_stages():
     x, _ = clustered(n=400, dim=24)
     errors = []
     for stages in (2, 8):
-        tokenizer = EntityTokenizer(config=QuantizeConfig(variant="realm", levels=stages, codebook_size=16)).fit(
-            x, None, progress=False)
+        config = QuantizeConfig(variant="realm", levels=stages, codebook_size=16, realm_assignment="nearest")
+        tokenizer = EntityTokenizer(config=config).fit(x, None, progress=False)
         rebuilt = tokenizer.vectors_of(tokenizer.codes_)
         errors.append(float(((rebuilt - x) ** 2).sum(1).mean()))
         if stages == 2:  # 16^2 tuples for 400 entities: collisions, so a disambiguation level
@@ -271,6 +271,50 @@ def test_realm_residual_kmeans_gets_closer_with_more_stages():
                 again = tokenizer.encode_new(x[:10])
         np.testing.assert_array_equal(again[:, :stages], tokenizer.base_codes_[:10])
     assert errors[1] < 0.5 * errors[0]
+
+
+def test_distinct_codes_differ_within_each_group_and_move_only_clashing_rows():
+    from kgtok.quantize.kmeans import nearest
+    from kgtok.quantize.quantizer import distinct_codes
+
+    rng = np.random.default_rng(0)
+    residual = torch.as_tensor(rng.normal(size=(300, 4)), dtype=torch.float32)
+    centroids = torch.as_tensor(rng.normal(size=(6, 4)), dtype=torch.float32)
+    groups = torch.as_tensor(np.r_[rng.integers(0, 60, 290), np.full(10, 99)])  # group 99: 10 rows > K = 6
+    code = distinct_codes(residual, centroids, groups)
+    closest = nearest(residual, centroids)
+    distances = torch.cdist(residual, centroids).pow(2)
+    for group in torch.unique(groups).tolist():
+        rows = torch.nonzero(groups == group).squeeze(1)
+        if len(rows) <= 6:
+            assert len(torch.unique(code[rows])) == len(rows)  # distinct within the group
+            pairs = {(int(c)) for c in closest[rows]}
+            for row in rows.tolist():
+                alone = int((closest[rows] == closest[row]).sum()) == 1
+                if alone:
+                    assert code[row] == closest[row]  # a row without a clash keeps its nearest code
+            # Of rows that clashed on a code, the nearest keeps it.
+            for c in pairs:
+                holders = rows[closest[rows] == c]
+                if len(holders) > 1:
+                    best = holders[distances[holders, c].argmin()]
+                    assert code[best] == c
+        else:
+            np.testing.assert_array_equal(code[rows], closest[rows])  # too big: left to disambiguation
+
+
+def test_realm_distinct_assignment_removes_collisions_the_nearest_codes_leave():
+    x, _ = clustered(n=400, dim=24)
+    rates, errors = {}, {}
+    for assignment in ("nearest", "distinct"):
+        config = QuantizeConfig(variant="realm", levels=3, codebook_size=16, realm_assignment=assignment, threads=1)
+        tokenizer = EntityTokenizer(config=config).fit(x, None, progress=False)
+        rates[assignment] = tokenizer.collision_rate_before_
+        errors[assignment] = float(((tokenizer.vectors_of(tokenizer.codes_) - x) ** 2).sum(1).mean())
+        if assignment == "distinct":  # same codebooks and first level; new vectors get their nearest codes
+            np.testing.assert_array_equal(tokenizer.encode_new(x)[:, 0], tokenizer.base_codes_[:, 0])
+    assert rates["nearest"] > 0.05 and rates["distinct"] == 0.0
+    assert errors["distinct"] < 1.05 * errors["nearest"]  # codes moved to near neighbours only
 
 
 def test_kmeans_initialisation_spreads_the_codes():

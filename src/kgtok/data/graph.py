@@ -412,6 +412,7 @@ def load_kg(
     strip_whitespace : strip whitespace around ids, with a
         :class:`~kgtok.data.errors.WhitespaceWarning`, instead of refusing them.
     """
+    # Over 60 lines with its docstring; the steps are helpers, what is left reads in load order.
     directory = _kg_directory(path)
     report = LoadReport()
     tables = _read_splits(directory, report, skip_header=skip_header, strip_whitespace=strip_whitespace)

@@ -65,9 +65,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
-import secrets
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +72,7 @@ from typing import Any
 
 import numpy as np
 
+from kgtok.artifacts import atomic_dir
 from kgtok.config import check_fields, config_to_dict, in_range
 
 __all__ = ["SyntheticConfig", "SyntheticKG", "generate", "oracle_ranks", "true_head_probabilities",
@@ -796,8 +794,8 @@ def write_kg_files(kg: SyntheticKG, config: SyntheticConfig, directory: Path) ->
 def write_synthetic(config: SyntheticConfig, dest: str | Path) -> Path:
     """Generate the KG and write it to the directory ``dest``, atomically.
 
-    Everything is written to a hidden sibling ``.{name}.tmp-<random>`` and then
-    renamed onto ``dest``, so a reader never sees half a dataset.
+    Everything is written to a hidden sibling (:func:`kgtok.artifacts.atomic_dir`)
+    and then renamed onto ``dest``, so a reader never sees half a dataset.
 
     Parameters
     ----------
@@ -830,21 +828,8 @@ def write_synthetic(config: SyntheticConfig, dest: str | Path) -> Path:
             )
     dest.parent.mkdir(parents=True, exist_ok=True)
     kg = generate(config)
-    tmp = dest.parent / f".{dest.name}.tmp-{secrets.token_hex(4)}"
-    try:
-        tmp.mkdir()
+    with atomic_dir(dest) as tmp:
         write_kg_files(kg, config, tmp)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            # Someone else wrote dest meanwhile; fine if it is the same dataset.
-            if _holds_config(dest, config):
-                shutil.rmtree(tmp, ignore_errors=True)
-                return dest
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

@@ -239,6 +239,7 @@ def train_model(
     The model is returned on ``config.device`` (:func:`kgtok.runtime.resolve_device`);
     batch orders and negatives are drawn on the CPU, so only the arithmetic moves.
     """
+    # Over 60 lines on purpose: the training loop written out top to bottom (STYLE: nanoGPT's recipes).
     work_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     model, optimizer = build(config, kg, device)

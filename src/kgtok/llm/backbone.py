@@ -23,12 +23,11 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from kgtok.artifacts import replace_dir
+from kgtok.artifacts import atomic_dir
 from kgtok.llm.config import TinyBackboneConfig  # here too: kgtok.llm.backbone.TinyBackboneConfig is public
 
 BUILTIN_BACKBONES = ("tiny", "smollm2-135m")
@@ -50,13 +49,10 @@ def is_from_scratch(path: str | Path) -> bool:
 
 def save_backbone(model: Any, tokenizer: Any, dest: Path, marker: dict[str, Any]) -> Path:
     """Model, tokenizer and ``kgtok_backbone.json`` (``marker``) into ``dest``, through a temporary sibling."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    replace_dir(tmp, dest)
+    with atomic_dir(dest) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
     return dest
 
 

@@ -8,6 +8,7 @@ from typing import Literal, get_args
 from kgtok.config import check_fields, in_range, machine
 
 Variant = Literal["gsquant", "rq", "realm", "flat"]
+RealmAssignment = Literal["nearest", "distinct"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +62,9 @@ class QuantizeConfig:
     gse: GSEConfig = field(default_factory=GSEConfig)
     gsr: GSRConfig = field(default_factory=GSRConfig)
     realm_kmeans_iterations: int = 20  # faiss iterations per residual stage (realm)
+    realm_assignment: RealmAssignment = "distinct"  # realm's last level: entities sharing every earlier code
+    #   take different codes (the nearest free one; collisions fell below semantic-id's on every set of
+    #   bench/results/quantizer_semantic_id.md); nearest: ReaLM's own, every code the nearest
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when present; GPU sums differ in the last bits
     threads: int = machine(0)  # 0 = all cores
@@ -82,6 +86,7 @@ class QuantizeConfig:
             ("holdout", in_range(0.0, 0.5), "in [0, 0.5]"),
             ("eval_every", in_range(1), ">= 1"),
             ("realm_kmeans_iterations", in_range(1), ">= 1"),
+            ("realm_assignment", lambda v: v in get_args(RealmAssignment), f"one of {', '.join(get_args(RealmAssignment))}"),
             ("gsr", lambda g: g.width % g.heads == 0 and g.layers >= 1, "gsr.width divisible by gsr.heads, layers >= 1"),
             ("seed", in_range(0), ">= 0"),
             ("threads", in_range(0), ">= 0"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,6 +79,76 @@ def fit_residual_kmeans(x: torch.Tensor, levels: int, fit_level: Callable[[int, 
 
     codes = [code for _, _, code, _ in residual_levels(x, levels, pick)]
     return torch.stack(books), torch.stack(codes, dim=1)
+
+
+def distinct_codes(residual: torch.Tensor, centroids: torch.Tensor, groups: torch.Tensor, *,
+                   row_norms: bool = True, batch: int = 65536) -> torch.Tensor:
+    """Codes (n,) of (n, d) residuals under (K, d) centroids, distinct within each group of <= K rows.
+
+    groups : (n,) int64 group of each row (at the last level of residual
+    k-means: the tuple of its earlier codes). Rows whose nearest code no other
+    row of their group has keep it. The others are placed greedily, in
+    rounds: each proposes its next nearest code not yet taken in its group,
+    and of rows proposing the same code the nearest wins (ties: the lower
+    row). A row that loses a round lost its candidate to another row of its
+    group, so group-size candidates per row suffice. Rows of a group larger
+    than K keep their nearest code (its collisions are left to the
+    disambiguation code).
+    """
+    k = len(centroids)
+    groups = torch.as_tensor(groups, dtype=torch.long)
+    code = nearest(residual, centroids, row_norms=row_norms, batch=batch)  # (n,)
+    _, inverse, counts = torch.unique(groups * k + code, return_inverse=True, return_counts=True)
+    _, group_inverse, group_counts = torch.unique(groups, return_inverse=True, return_counts=True)
+    small = group_counts[group_inverse] <= k
+    clash = torch.nonzero((counts[inverse] > 1) & small).squeeze(1)  # rows sharing (group, nearest code)
+    if len(clash) == 0:
+        return code
+    # Occupancy of the groups that have clashing rows: (G', K), True where the code is taken.
+    involved, local = torch.unique(groups[clash], return_inverse=True)
+    group_of = torch.full((int(groups.max()) + 1,), -1, dtype=torch.long)
+    group_of[involved] = torch.arange(len(involved))
+    taken = torch.zeros(len(involved), k, dtype=torch.bool)
+    settled = torch.ones(len(groups), dtype=torch.bool)
+    settled[clash] = False
+    keeps = settled & (group_of[groups] >= 0)  # rows of those groups whose code is already theirs alone
+    taken[group_of[groups[keeps]], code[keeps]] = True
+    group_sizes = torch.bincount(group_of[groups][group_of[groups] >= 0], minlength=len(involved))
+    width = int(min(k, int(group_sizes.max())))
+    candidates, candidate_distances = [], []  # (m, width) nearest codes first, their distances
+    for start in range(0, len(clash), batch):
+        rows = residual[clash[start : start + batch]]  # (b, d)
+        distances = rows.pow(2).sum(1, keepdim=True) - 2 * rows @ centroids.t() + centroids.pow(2).sum(1)
+        values, indices = torch.topk(distances, width, dim=1, largest=False)  # (b, width)
+        candidates.append(indices)
+        candidate_distances.append(values)
+    candidates, candidate_distances = torch.cat(candidates), torch.cat(candidate_distances)
+    pending = torch.arange(len(clash))  # positions in clash
+    rank = torch.zeros(len(clash), dtype=torch.long)  # each row's next candidate
+    while len(pending):
+        open_ = rank[pending] < width
+        pending = pending[open_]  # rows out of candidates keep their nearest code
+        if len(pending) == 0:
+            break
+        proposal = candidates[pending, rank[pending]]
+        group = local[pending]
+        free = ~taken[group, proposal]
+        # Among free proposals of the same (group, code): the nearest row wins, ties to the lower row.
+        contenders = pending[free]
+        key = group[free] * k + proposal[free]
+        distance = candidate_distances[contenders, rank[contenders]]
+        order = np.lexsort((contenders.numpy(), distance.numpy(), key.numpy()))
+        order = torch.from_numpy(order)
+        first = torch.ones(len(order), dtype=torch.bool)
+        first[1:] = key[order][1:] != key[order][:-1]
+        winners = contenders[order[first]]
+        code[clash[winners]] = candidates[winners, rank[winners]]
+        taken[local[winners], candidates[winners, rank[winners]]] = True
+        won = torch.zeros(len(clash), dtype=torch.bool)
+        won[winners] = True
+        rank[pending] += 1
+        pending = pending[~won[pending]]
+    return code
 
 
 def sum_codewords(codes: torch.Tensor, codebooks: list[torch.Tensor] | torch.Tensor, dim: int) -> torch.Tensor:

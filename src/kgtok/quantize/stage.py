@@ -9,7 +9,7 @@ Artifact layout::
     metrics.json      per-level entropy, utilisation, perplexity; collision rate before the fix;
                       reconstruction MSE and cosine; NMI with the hierarchy (and true types);
                       training history (losses, held-out entropy per evaluation)
-    tokenizer/        EntityTokenizer.save(): reload with EntityTokenizer.load
+    tokenizer/        EntityTokenizer.save_pretrained(): reload with EntityTokenizer.from_pretrained
 """
 
 from __future__ import annotations

@@ -5,13 +5,32 @@
     tok.decode(codes)             # entity ids (exact: every tuple is unique)
     tok.token_strings(codes)      # ['<a_17><b_903><c_4><d_250>', ...]
     tok.encode_new(vectors)       # codes of entities added after training (inductive)
-    tok.save(path); EntityTokenizer.load(path)
+    tok.save_pretrained(path); EntityTokenizer.from_pretrained(path)   # save / load: the same
+    ids = tok.extend(hf_model, hf_tokenizer, init="codebook")           # (N, width) token ids
 
 Uniqueness (defect 3 of the reference code): after training, entities sharing
 a tuple get one more, final *disambiguation* code (their rank in the group, 0
 for the first), as semantic-ID work does; the collision rate before the fix is
 kept in ``collision_rate_before_``.  The column exists only when needed.
 Each level has its own token namespace (defect 5): ``<a_..>``, ``<b_..>``, ...
+
+Saved layout (``save_pretrained``; ``format_version`` 1)::
+
+    tokenizer.json      format_version, kgtok_version, num_entities, levels, codebook_size,
+                        width (levels, +1 with the disambiguation column), in_dim,
+                        collision_rate_before, encoder (whether model.pt is there), the full
+                        QuantizeConfig, the training record; written last
+    codes.npy           (num_entities, width) int64 codes, row i = entity i
+    base_codes.npy      (num_entities, levels) int64 codes before the disambiguation column
+    codebooks.npy       (books, codebook_size, dim) float32 codewords (books = levels; 1 for flat)
+    vocab.txt           every code token, one a line: level 0's codes 0..K-1, level 1's, ...,
+                        then the disambiguation ranks (the order ``extend`` adds them in)
+    entity_tokens.txt   line i: entity i's token string, e.g. <a_17><b_903><c_4><d_250>
+    model.pt            RQ-VAE weights (encoder, codebooks, decoder) for encode_new; absent for realm
+
+``from_pretrained`` reads format 1 and directories written before the field
+existed (format 0: the same files less vocab.txt and entity_tokens.txt); any
+other version is refused with a :class:`FormatVersionError` naming the file.
 """
 
 from __future__ import annotations
@@ -26,6 +45,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from kgtok import __version__
 from kgtok.config import config_from_dict, config_to_dict
 from kgtok.quantize.config import QuantizeConfig
 from kgtok.quantize.metrics import collision_rate, tuple_groups
@@ -34,12 +54,20 @@ from kgtok.quantize.quantizer import sum_codewords
 from kgtok.quantize.train import TrainingRecord, fit_realm, realm_codes, train_rqvae
 
 
+FORMAT_VERSION = 1  # of the save_pretrained layout (module docstring); bump on any change to it
+CONFIG_FILE = "tokenizer.json"
+
+
 class CollisionWarning(UserWarning):
     """A new entity's code tuple equals an existing one and no disambiguation level exists."""
 
 
 class NotFittedError(ValueError, AttributeError):
     """The tokenizer was used before ``fit`` or ``load``."""
+
+
+class FormatVersionError(ValueError):
+    """A saved tokenizer's ``format_version`` is not one this kgtok reads."""
 
 
 def level_namespace(level: int) -> str:
@@ -237,49 +265,135 @@ class EntityTokenizer:
             tokens += [f"<{name}_{c}>" for c in range(int(self.codes_[:, -1].max()) + 1)]
         return tokens
 
+    # --- a Hugging Face model ------------------------------------------------------
+    def extend(self, hf_model: Any, hf_tokenizer: Any, *, init: str = "codebook",
+               names: list[str] | None = None, boundary: bool = True, seed: int = 0) -> np.ndarray:
+        """Add every code token (and ``<ent>``, ``</ent>``) to a transformers model and tokenizer.
+
+        Parameters
+        ----------
+        hf_model, hf_tokenizer : any causal LM and its tokenizer (resized in place).
+        init : ``codebook`` (ReaLM: codewords projected to the model width), ``mean``, or
+            ``names`` (each code token starts as the mean name embedding of the entities that
+            use it; needs ``names``). See :mod:`kgtok.quantize.hf`.
+        names : (N,) entity names, row i = entity i; only ``init="names"`` reads them.
+        boundary : also add the entity boundary tokens ``<ent>`` and ``</ent>``.
+        seed : the generator of the initialisation's noise and projection.
+
+        Returns
+        -------
+        (N, width) int64 token ids: row i spells entity i's code tuple, as
+        ``token_strings(encode([i]))`` does in text.
+        """
+        from kgtok.quantize.hf import BOUNDARY_TOKENS, extend_vocabulary
+
+        self._check_fitted()
+        if names is not None and len(names) != len(self.codes_):
+            raise ValueError(f"names has {len(names)} entries; this tokenizer has {len(self.codes_)} entities")
+        vocabulary = self.vocabulary()
+        tokens = vocabulary + (list(BOUNDARY_TOKENS) if boundary else [])
+        levels, books = self.base_codes_.shape[1], self.codebooks_.numpy()  # (books, K, dim)
+        codewords: list[np.ndarray | None] = [None] * len(tokens)
+        for i, (level, code) in enumerate(self._token_codes()):
+            if level < levels:  # the disambiguation rank has no codeword
+                codewords[i] = books[0 if len(books) == 1 else level][code]
+        token_entities = None
+        if init == "names":
+            token_entities = self._token_entities() + [None] * (len(tokens) - len(vocabulary))
+        ids = extend_vocabulary(hf_model, hf_tokenizer, tokens, init=init, codewords=codewords,
+                                token_entities=token_entities, entity_names=names, seed=seed)
+        lookup = np.asarray(ids[: len(vocabulary)], dtype=np.int64)
+        return lookup[self._token_index(self.codes_)]
+
+    def _token_codes(self) -> list[tuple[int, int]]:
+        """(level, code) of each token of :meth:`vocabulary`, in its order."""
+        levels = self.base_codes_.shape[1]
+        pairs = [(level, code) for level in range(levels) for code in range(self.codebook_size_)]
+        if self.width_ > levels:
+            pairs += [(levels, rank) for rank in range(int(self.codes_[:, -1].max()) + 1)]
+        return pairs
+
+    def _token_index(self, codes: np.ndarray) -> np.ndarray:
+        """(n, width) codes -> (n, width) positions of their tokens in :meth:`vocabulary`."""
+        offsets = np.arange(codes.shape[1]) * self.codebook_size_  # (width,) each level's first token
+        return np.asarray(codes, dtype=np.int64) + offsets
+
+    def _token_entities(self) -> list[np.ndarray]:
+        """Per token of :meth:`vocabulary`, the entities whose code at its level is its code."""
+        index = self._token_index(self.codes_).ravel()  # (N * width,)
+        entity = np.repeat(np.arange(len(self.codes_)), self.codes_.shape[1])
+        order = np.argsort(index, kind="stable")
+        bounds = np.searchsorted(index[order], np.arange(len(self._token_codes()) + 1))
+        return [entity[order[bounds[t]: bounds[t + 1]]] for t in range(len(bounds) - 1)]
+
     # --- persistence ----------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write config, codebooks, codes and encoder weights to a directory."""
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the tokenizer to a directory in the layout of the module docstring (``format_version`` 1)."""
         self._check_fitted()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         meta = {
-            "config": config_to_dict(self.config_), "levels": self.levels_, "codebook_size": self.codebook_size_,
-            "in_dim": self.in_dim_, "collision_rate_before": self.collision_rate_before_,
+            "format_version": FORMAT_VERSION, "kgtok_version": __version__,
+            "num_entities": int(len(self.codes_)), "levels": self.levels_, "codebook_size": self.codebook_size_,
+            "width": self.width_, "in_dim": self.in_dim_, "collision_rate_before": self.collision_rate_before_,
+            "encoder": self.model_ is not None, "config": config_to_dict(self.config_),
             "record": dataclasses.asdict(self.record_),
         }
-        (path / "tokenizer.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         np.save(path / "codes.npy", self.codes_)
         np.save(path / "base_codes.npy", self.base_codes_)
         np.save(path / "codebooks.npy", self.codebooks_.numpy())
+        (path / "vocab.txt").write_text("".join(t + "\n" for t in self.vocabulary()), encoding="utf-8")
+        (path / "entity_tokens.txt").write_text("".join(t + "\n" for t in self.token_strings(self.codes_)),
+                                                encoding="utf-8")
         if self.model_ is not None:
             torch.save(self.model_.state_dict(), path / "model.pt")
+        elif (path / "model.pt").exists():  # an earlier save's encoder would be read as this one's
+            (path / "model.pt").unlink()
+        # The config last: a save into a new directory that is cut short leaves no tokenizer.json.
+        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> EntityTokenizer:
-        """Read a directory written by :meth:`save`; a file that cannot be parsed is named in a ValueError."""
+    def from_pretrained(cls, path: str | Path) -> EntityTokenizer:
+        """Read a directory written by :meth:`save_pretrained` (or by ``save`` before format versions).
+
+        A file that cannot be parsed, or a ``format_version`` this kgtok does
+        not know, is named in a ValueError.
+        """
         path = Path(path)
-        tokenizer = _read(path / "tokenizer.json", cls._from_meta)
+        tokenizer, meta = _read(path / CONFIG_FILE, cls._from_meta)
         tokenizer.codes_ = _read(path / "codes.npy", np.load)
         tokenizer.base_codes_ = _read(path / "base_codes.npy", np.load)
         tokenizer.codebooks_ = torch.from_numpy(_read(path / "codebooks.npy", np.load))
         tokenizer.model_ = None
         if (path / "model.pt").exists():
             tokenizer.model_ = _read(path / "model.pt", tokenizer._load_model)
+        expected = (meta["num_entities"], meta["width"]) if "width" in meta else None  # None: format 0
+        if expected is not None and tokenizer.codes_.shape != expected:
+            raise ValueError(f"{path / 'codes.npy'}: shape {tokenizer.codes_.shape}; {path / CONFIG_FILE} "
+                             f"says {expected} (num_entities, width): the files are from different saves")
         tokenizer._build_index()
         return tokenizer
 
+    save = save_pretrained
+    load = from_pretrained
+
     @classmethod
-    def _from_meta(cls, file: Path) -> EntityTokenizer:
+    def _from_meta(cls, file: Path) -> tuple[EntityTokenizer, dict[str, Any]]:
         meta = json.loads(file.read_text(encoding="utf-8"))
+        version = meta.get("format_version", 0)  # 0: written by save() before the layout had a version
+        if version not in (0, FORMAT_VERSION):
+            raise FormatVersionError(
+                f"{file}: format_version {version!r} is not one this kgtok ({__version__}) reads "
+                f"(it reads {FORMAT_VERSION}, and files without the field); it was written by kgtok "
+                f"{meta.get('kgtok_version', '?')}: upgrade kgtok, or save the tokenizer again with this one")
         config = config_from_dict(QuantizeConfig, meta["config"])
         tokenizer = cls(config=config)
         tokenizer.config_ = config
         tokenizer.levels_, tokenizer.codebook_size_ = meta["levels"], meta["codebook_size"]
         tokenizer.in_dim_, tokenizer.collision_rate_before_ = meta["in_dim"], meta["collision_rate_before"]
         tokenizer.record_ = TrainingRecord(**meta["record"])
-        return tokenizer
+        return tokenizer, meta
 
     def _load_model(self, file: Path) -> RQVAE:
         model = RQVAE(self.in_dim_, self.config_, self.levels_, self.codebook_size_)
@@ -305,7 +419,7 @@ def _read(file: Path, read: Callable[[Path], Any]) -> Any:
     """``read(file)``; a parse error becomes a ValueError naming the file (a missing file stays an OSError)."""
     try:
         return read(file)
-    except OSError:
+    except (OSError, FormatVersionError):
         raise
     except Exception as e:
         raise ValueError(f"{file}: not a readable part of a saved EntityTokenizer ({type(e).__name__}: {e}); "

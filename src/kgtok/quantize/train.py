@@ -37,7 +37,13 @@ from kgtok.quantize.config import QuantizeConfig
 from kgtok.quantize.kmeans import kmeans
 from kgtok.quantize.metrics import code_usage
 from kgtok.quantize.model import RQVAE, Hierarchy, rqvae_losses
-from kgtok.quantize.quantizer import QuantizerOutput, fit_residual_kmeans, residual_codes
+from kgtok.quantize.quantizer import (
+    QuantizerOutput,
+    distinct_codes,
+    fit_residual_kmeans,
+    residual_codes,
+    sum_codewords,
+)
 from kgtok.runtime import resolve_device, torch_save_atomic
 
 CHECKPOINT_FORMAT = 2  # 2: per-level Codebook modules (1: one stacked codebook tensor; not resumed)
@@ -373,6 +379,9 @@ def fit_realm(x: torch.Tensor, config: QuantizeConfig, levels: int, codebook_siz
               progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """ReaLM: greedy residual k-means, one codebook per stage. Returns (codebooks (m, K, d), codes (N, m)).
 
+    With ``realm_assignment="distinct"`` the last level's codes are then
+    re-chosen so that entities sharing every earlier code differ there
+    (:func:`~kgtok.quantize.quantizer.distinct_codes`): the codebooks stay.
     The k-means is faiss's on the CPU; with ``config.device`` a GPU, the nearest-code searches run there.
     """
     device = resolve_device(config.device)
@@ -383,7 +392,21 @@ def fit_realm(x: torch.Tensor, config: QuantizeConfig, levels: int, codebook_siz
                           seed=config.seed + level).to(device)
 
         codebooks, codes = fit_residual_kmeans(x.to(device), levels, fit_level, **_REALM_SEARCH)
-    return codebooks.cpu(), codes.cpu()
+    codebooks, codes = codebooks.cpu(), codes.cpu()
+    if config.realm_assignment == "distinct":
+        codes[:, -1] = distinct_last_level(x, codebooks, codes)
+    return codebooks, codes
+
+
+def distinct_last_level(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """(N,) last-level codes, distinct among entities whose earlier codes (N, m-1) are equal."""
+    prefix = codes[:, :-1]  # (N, m-1)
+    residual = x - sum_codewords(prefix, codebooks, x.shape[1])  # (N, d) r_{m-1}
+    if prefix.shape[1]:
+        groups = torch.unique(prefix, dim=0, return_inverse=True)[1].reshape(-1)
+    else:
+        groups = torch.zeros(len(x), dtype=torch.long)
+    return distinct_codes(residual, codebooks[-1], groups, **_REALM_SEARCH)
 
 
 def realm_codes(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
