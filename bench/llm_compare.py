@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--run-dir", default=None, help="run directory for stages 0-4 (default runs/bench/run-<dataset>)")
     parser.add_argument("--backbone", default="tiny")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", default="codes,no_codes")
+    parser.add_argument("--variants", default="codes,random_ids,no_codes", help="of codes, random_ids, no_codes")
     parser.add_argument("--max-queries", type=int, default=0, help="evaluate only the first n test queries")
     parser.add_argument("--tag", default="")
     parser.add_argument("overrides", nargs="*", help="run.*, instruct.*, finetune.*, evaluate.* = value")
@@ -65,14 +65,14 @@ def main() -> None:
     kg_dir = json.loads((run_dir / "data" / "manifest.json").read_text())["metrics"]["kg_dir"]
     record: dict = {"backbone": args.backbone, "data": kg_dir, "upstream_seconds": round(upstream_seconds, 1)}
     for variant in args.variants.split(","):
-        use_codes = variant == "codes"
+        ids = {"codes": "codes", "random_ids": "random", "no_codes": "none"}[variant]
         out = run_dir / f"llm-{args.backbone.replace('/', '_')}{args.tag and '-' + args.tag}-{variant}"
-        instruct = load_config(InstructConfig, None, [f"use_codes={use_codes}", *groups["instruct"]])
+        instruct = load_config(InstructConfig, None, [f"ids={ids}", *groups["instruct"]])
         finetune = load_config(FinetuneConfig, None, [f"backbone={args.backbone}", f"threads={t}",
                                                       *groups["finetune"]])
         evaluate = load_config(EvaluateConfig, None, [f"threads={t}", f"max_queries={args.max_queries}",
                                                       *groups["evaluate"]])
-        codes = run_dir / "quantize" if use_codes else None
+        codes = run_dir / "quantize" if ids != "none" else None
         timings = {}
         begin = time.perf_counter()
         run_instruct(instruct, kg_dir, run_dir / "embed", out / "instruct", codes=codes, log=lambda *_: None)

@@ -568,7 +568,7 @@ def quantize_command(data: str, hierarchy: str | None, embeddings: str | None, o
 @_friendly_errors
 def instruct_command(data: str, embeddings: str, codes: str | None, out: str, config_path: str | None,
                      force: bool, overrides: tuple[str, ...]) -> None:
-    """Write DIFT-format instructions with codes (LM-train, LM-valid, test), e.g. use_codes=false."""
+    """Write DIFT-format instructions with codes (LM-train, LM-valid, test), e.g. ids=none or ids=random."""
     _stage_command("instruct", config_path, list(overrides), out, data=data, force=force,
                    inputs={"embeddings": embeddings, "codes": codes})
 
@@ -639,7 +639,7 @@ def report_command(run_dir: str, out: str | None, screenshot: str | None) -> Non
 
 @cli.command("ablate")
 @_run_options
-@click.option("--only", default=None, help="Comma-separated subset of: without_l1,without_l2,without_gsr,without_codes.")
+@click.option("--only", default=None, help="Comma-separated subset of: without_l1,without_l2,without_gsr,without_codes,random_ids.")
 @click.argument("overrides", nargs=-1)
 @_friendly_errors
 def ablate_command(config_path: str | None, data: str | None, out: str | None, only: str | None,

@@ -175,7 +175,8 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
     "without_l1": ("quantize.gse.l1=false",),
     "without_l2": ("quantize.gse.l2=false",),
     "without_gsr": ("quantize.gsr.enabled=false",),
-    "without_codes": ("instruct.use_codes=false",),
+    "without_codes": ("instruct.ids=none",),
+    "random_ids": ("instruct.ids=random",),  # unique IDs without the codes' content: do codes or uniqueness help?
 }
 
 

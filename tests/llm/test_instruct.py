@@ -78,7 +78,7 @@ def test_prompt_contents_and_no_leakage(inputs, tmp_path):
     # A training query never lists itself as a neighbour fact.
     h0, r0, t0 = (int(v) for v in kg.train[0])
     assert (h0, r0, t0) not in index.for_query(h0, r0, True, (h0, r0, t0), 1000)
-    no_codes = run_instruct(InstructConfig(top_k=8, use_codes=False), kg, embed, tmp_path / "n", log=lambda *_: None)
+    no_codes = run_instruct(InstructConfig(top_k=8, ids="none"), kg, embed, tmp_path / "n", log=lambda *_: None)
     assert all("<a_" not in r["prompt"] for r in read(no_codes / "test.jsonl"))
     codes_only = run_instruct(InstructConfig(top_k=8, use_names=False, use_descriptions=False,
                                              use_neighbours=False), kg, embed, tmp_path / "c", codes=codes,
@@ -86,7 +86,7 @@ def test_prompt_contents_and_no_leakage(inputs, tmp_path):
     first = read(codes_only / "test.jsonl")[0]
     assert kg.labels[first["gold"]] not in first["answer"] and first["answer"].startswith("<ent><a_")
     assert "Known facts" not in first["prompt"]
-    with pytest.raises(ValueError, match="instruct needs --codes .*use_codes=false"):
+    with pytest.raises(ValueError, match="instruct needs --codes .*ids=none"):
         run_instruct(InstructConfig(), kg, embed, tmp_path / "x", log=lambda *_: None)
 
 
@@ -115,7 +115,7 @@ def test_training_queries_are_sampled_and_shuffled(tmp_path):
     kg = load_kg(write_synthetic(SyntheticConfig(num_entities=200, seed=2), tmp_path / "kg"))
     embed = run_embed(EmbedConfig(dim=16, max_steps=40, eval_every=20, batch_size=256, threads=1, top_k=6),
                       kg, tmp_path / "embed", progress=False, log=lambda *_: None)
-    base = dict(top_k=6, use_codes=False, train_from_train_queries=True, train_queries=50)
+    base = dict(top_k=6, ids="none", train_from_train_queries=True, train_queries=50)
     ordered = run_instruct(InstructConfig(**base, shuffle_train_query_candidates=False), kg, embed,
                            tmp_path / "o", log=lambda *_: None)
     shuffled = run_instruct(InstructConfig(**base), kg, embed, tmp_path / "s", log=lambda *_: None)
@@ -173,3 +173,31 @@ def test_training_queries_in_realm_query_form(inputs, tmp_path):
     assert sum(r["split"] == "train" for r in read(limited / "lm_train.jsonl")) == 40
     with pytest.raises(ValueError, match="dift or query"):
         InstructConfig(train_query_format="short")
+
+
+def test_random_ids_have_the_codes_shape_and_tokens_but_not_their_content(inputs, tmp_path):
+    import re
+    from collections import Counter
+
+    from kgtok.llm.instruct import load_tokens
+
+    kg, embed, codes, _ = inputs
+    dest = run_instruct(InstructConfig(top_k=8, ids="random"), kg, embed, tmp_path / "r", codes=codes,
+                        log=lambda *_: None)
+    real = load_tokens(codes, kg)
+    shown = {}
+    for record in read(dest / "test.jsonl") + read(dest / "lm_valid.jsonl"):
+        for entity, text in zip(record["candidates"], record["candidate_text"]):
+            shown[entity] = re.search(r"<ent>(.*)</ent>", text).group(1)
+    assert len(set(shown.values())) == len(shown)  # unique per entity
+    levels = lambda t: re.findall(r"<[^<>]+>", t)  # noqa: E731
+    assert all(len(levels(shown[e])) == len(levels(real[e])) for e in shown)
+    assert sum(shown[e] != real[e] for e in shown) > 0.9 * len(shown)
+    from kgtok.llm.instruct import random_ids
+
+    drawn = random_ids(real, np.random.default_rng(0))
+    for level in range(len(levels(real[0]))):  # every level keeps its tokens and their counts
+        assert Counter(levels(t)[level] for t in drawn) == Counter(levels(t)[level] for t in real)
+    assert len(set(drawn)) == len(drawn)
+    with pytest.raises(ValueError, match="ids=random"):
+        random_ids(["<a_1><b_1>", "<a_1><b_1>"], np.random.default_rng(0), tries=5)

@@ -31,6 +31,7 @@ Output (``dest``): ``lm_train.jsonl``, ``lm_valid.jsonl``, ``test.jsonl`` and
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -84,6 +85,29 @@ def load_tokens(quantize_artifact: str | Path | None, kg: KnowledgeGraph) -> lis
     if [r[1] for r in rows] != kg.entity_names:
         raise ValueError(f"{path}: entity order differs from the KG's; was it made from another dataset?")
     return [r[2] for r in rows]
+
+
+def random_ids(tokens: list[str], rng: np.random.Generator, tries: int = 1000) -> list[str]:
+    """A random unique code per entity, of the codes' shape and vocabulary (the ``ids: random`` baseline).
+
+    Each level's tokens are permuted across the entities independently (among the codes of one length), so
+    every level keeps its tokens and their frequencies while an entity's tuple carries nothing of its own
+    codes or of its neighbours'; drawn again until no two entities share a tuple.
+    """
+    split = [re.findall(r"<[^<>]+>", t) for t in tokens]
+    lengths = np.array([len(s) for s in split])
+    for _ in range(tries):
+        shuffled = [list(s) for s in split]
+        for length in np.unique(lengths):
+            members = np.flatnonzero(lengths == length)
+            for level in range(int(length)):
+                column = [split[i][level] for i in members]
+                for i, j in zip(members, rng.permutation(len(members))):
+                    shuffled[i][level] = column[j]
+        out = ["".join(s) for s in shuffled]
+        if len(set(out)) == len(out):
+            return out
+    raise ValueError(f"ids=random: no unique random codes in {tries} draws (too few code combinations)")
 
 
 def records_for_split(kg: KnowledgeGraph, ranked: RankedQueries, split: str, tokens: list[str] | None,
@@ -151,6 +175,8 @@ def run(config: InstructConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     """Stage 5a: write LM-train, LM-valid and test instructions into ``dest`` (see the module docstring)."""
     kg = ctx.kg
     tokens = load_tokens(inputs["codes"], kg) if config.use_codes else None
+    if config.ids == "random":
+        tokens = random_ids(tokens, np.random.default_rng(config.seed + 2))
     if config.task == "classification":
         return _classification_instruct(config, kg, tokens, dest, ctx.log)
     embeddings = EmbedArtifact(inputs["embeddings"])
@@ -192,7 +218,7 @@ STAGE = Stage(
     name="instruct", title="stage 5a: instructions", config=InstructConfig, run=run,
     inputs=(Input("embeddings", "embed", EmbedArtifact, "a stage-1 artifact (candidates)"),
             Input("codes", "quantize", QuantizeArtifact,
-                  "a stage-4 artifact (entity codes); use_codes=false writes DIFT without codes")),
+                  "a stage-4 artifact (entity codes); ids=none writes DIFT without codes")),
     needs=_needs, summary=("lm_train", "lm_valid", "test"),
 )
 
