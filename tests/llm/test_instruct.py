@@ -201,3 +201,52 @@ def test_random_ids_have_the_codes_shape_and_tokens_but_not_their_content(inputs
     assert len(set(drawn)) == len(drawn)
     with pytest.raises(ValueError, match="ids=random"):
         random_ids(["<a_1><b_1>", "<a_1><b_1>"], np.random.default_rng(0), tries=5)
+
+
+def test_prompt_budget_keeps_query_question_and_every_candidate(inputs, tmp_path):
+    """ReaLM-style 32-level codes and long descriptions at 512 tokens: trimming takes facts, then description."""
+    import re
+
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from kgtok.llm.backbone import TinyBackboneConfig, build_tiny
+    from kgtok.llm.prompts import fit_prompt
+    from kgtok.llm.vocab import BOUNDARY_TOKENS
+
+    kg, embed, _, _ = inputs
+    rng = np.random.default_rng(0)
+    codes = tmp_path / "codes32"
+    with artifact_dir(codes, stage="quantize", config={}) as writer:
+        (writer.path / "tokens.txt").write_text("".join(
+            f"{i}\t{n}\t{''.join(f'<l{j}_{v}>' for j, v in enumerate(rng.integers(0, 64, 32)))}\n"
+            for i, n in enumerate(kg.entity_names)))
+    dest = run_instruct(InstructConfig(top_k=8, neighbours=10, description_words=200), kg, embed, tmp_path / "i",
+                        codes=codes, log=lambda *_: None)
+    records = read(dest / "test.jsonl")[:40]
+    path = build_tiny([r["prompt"] for r in records], tmp_path / "tiny",
+                      TinyBackboneConfig(vocab_size=400, hidden_size=32, layers=2, heads=2, intermediate_size=64))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    code_tokens = sorted({t for line in (codes / "tokens.txt").read_text().splitlines()
+                          for t in re.findall(r"<[^<>]+>", line.split("\t")[2])})
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in [*BOUNDARY_TOKENS, *code_tokens]])
+    squash = lambda text: re.sub(r"\s+", "", text)  # noqa: E731 (decoding spaces added tokens apart)
+    outcomes = []
+    for record in records:
+        ids, outcome = fit_prompt(tokenizer, record, 512)
+        outcomes.append(outcome)
+        text = squash(tokenizer.decode(ids))
+        query, *_, question = record["prompt"].split("\n")
+        assert squash(query) in text and squash(question) in text  # the query line, the question with its list
+        assert all(squash(c) in text for c in record["candidate_text"])
+        assert len(ids) <= 512 or outcome == "over"
+    assert outcomes.count("trimmed") > len(records) // 2  # the setting is over budget for most prompts
+    # Facts go before the description: a trimmed prompt keeps description words only when every fact fits.
+    record = next(r for r, o in zip(records, outcomes) if o == "trimmed")
+    ids, _ = fit_prompt(tokenizer, record, 512)
+    text = tokenizer.decode(ids)
+    if "Known facts" in text:
+        assert squash(record["prompt_parts"]["description"]) in squash(text)
+    # a budget smaller than the query and the list: kept whole, reported as over
+    ids, outcome = fit_prompt(tokenizer, records[0], 64)
+    assert outcome == "over" and all(squash(c) in squash(tokenizer.decode(ids)) for c in records[0]["candidate_text"])

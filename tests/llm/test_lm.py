@@ -85,12 +85,12 @@ def test_loss_on_answer_tokens_only_and_truncation(tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    example = encode_example(tokenizer, "alpha beta", "gamma", max_length=64)
+    example = encode_example(tokenizer, {"prompt": "alpha beta", "answer": "gamma"}, max_length=64)
     answer = tokenizer(" gamma", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     labelled = [t for t in example["labels"] if t != IGNORE_INDEX]
     assert labelled == answer and example["input_ids"][-len(answer):] == answer
     assert example["input_ids"][0] == tokenizer.bos_token_id
-    long = encode_example(tokenizer, "alpha beta " * 50, "gamma", max_length=20)
+    long = encode_example(tokenizer, {"prompt": "alpha beta " * 50, "answer": "gamma"}, max_length=20)
     assert len(long["input_ids"]) == 20 and long["input_ids"][0] == tokenizer.bos_token_id
     assert [t for t in long["labels"] if t != IGNORE_INDEX] == answer
 
@@ -452,8 +452,8 @@ def test_answer_loss_from_kept_logits_equals_the_full_loss(tmp_path):
 
     path = build_tiny(["alpha beta gamma delta epsilon"] * 10, tmp_path / "tiny", TINY)
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
-    examples = [encode_example(tokenizer, "alpha beta gamma delta", "epsilon gamma", 64),
-                encode_example(tokenizer, "beta", "alpha alpha beta delta", 64)]
+    examples = [encode_example(tokenizer, {"prompt": "alpha beta gamma delta", "answer": "epsilon gamma"}, 64),
+                encode_example(tokenizer, {"prompt": "beta", "answer": "alpha alpha beta delta"}, 64)]
     batch = PaddingCollator(tokenizer.pad_token_id)(examples)
     labels = batch.pop("labels")
     with torch.no_grad():

@@ -18,7 +18,7 @@ import numpy as np
 from kgtok.data.graph import KnowledgeGraph, _triple_keys
 from kgtok.llm.config import InstructConfig
 from kgtok.llm.neighbours import NeighbourIndex
-from kgtok.llm.prompts import classification_prompt
+from kgtok.llm.prompts import classification_prompt_parts, compose_prompt
 
 
 def corrupt(kg: KnowledgeGraph, triples: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -53,7 +53,9 @@ def classification_records(kg: KnowledgeGraph, triples: np.ndarray, split: str, 
             "id": f"{split}-{i}", "split": split, "task": "classification",
             "triple": [kg.entity_names[h], kg.relation_names[r], kg.entity_names[t]],
             "label": bool(labels[i]),
-            "prompt": classification_prompt(kg, (h, r, t), facts[: config.neighbours], tokens, config),
+            "prompt_parts": (parts := classification_prompt_parts(kg, (h, r, t), facts[: config.neighbours], tokens,
+                                                                  config)),
+            "prompt": compose_prompt(parts),
             "answer": "true" if labels[i] else "false",
         })
     return records

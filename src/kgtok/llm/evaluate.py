@@ -110,6 +110,7 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
         ctx.log(f"evaluate: {len(partial.rows)} of {len(records)} queries already scored in {partial.path}; "
                 "resuming")
     todo = [r for r in records if r["id"] not in partial.rows]
+    scorer.budget = dict.fromkeys(scorer.budget, 0)  # the test prompts' count (LM-valid's went before)
     start = time.perf_counter()
     with partial.appending() as add:
         for query in scorer.score(todo, "evaluate"):
@@ -126,9 +127,14 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
         "queries": len(predictions), "seconds": seconds, "queries_per_second": len(todo) / max(seconds, 1e-9),
         "resumed_queries": len(records) - len(todo),
         "gold_in_candidates": float(np.mean([p["gold_index"] >= 0 for p in predictions])), "fusion_weight": weight,
+        "prompts_trimmed": scorer.budget["trimmed"], "prompts_over": scorer.budget["over"],
         **{f"{key}_{measure}": metrics[key]["both"][measure] for key in ranks for measure in MEASURES},
     }
     _write_evaluation(dest, predictions, {**summary, **metrics, "per_relation": per_relation, "fusion": fusion})
+    if scorer.budget["trimmed"] or scorer.budget["over"]:
+        ctx.log(f"evaluate: {scorer.budget['trimmed']} of {len(todo)} prompts trimmed to max_prompt_tokens="
+                f"{config.max_prompt_tokens} (facts, then description); {scorer.budget['over']} over it with "
+                "query and list alone")
     ctx.log(f"evaluate: {len(predictions)} queries, {summary['queries_per_second']:.1f} queries/s; Hits@1 "
             f"retriever {summary['retriever_hits_at_1']:.3f}, DIFT rule {summary['dift_hits_at_1']:.3f}, "
             f"re-rank {summary['rerank_hits_at_1']:.3f}")

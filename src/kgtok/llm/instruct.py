@@ -44,7 +44,7 @@ from kgtok.llm.classify import classification_records
 from kgtok.llm.config import InstructConfig  # here too: kgtok.llm.instruct.InstructConfig is public
 from kgtok.llm.layout import InstructArtifact
 from kgtok.llm.neighbours import NeighbourIndex
-from kgtok.llm.prompts import dift_prompt, entity_text, query_prompt, write_jsonl
+from kgtok.llm.prompts import compose_prompt, dift_prompt_parts, entity_text, query_lines, write_jsonl
 from kgtok.quantize.layout import QuantizeArtifact
 from kgtok.stage import Context, Input, Stage, run_stage
 
@@ -65,15 +65,22 @@ def query_records(kg: KnowledgeGraph, rows: np.ndarray | None, tokens: list[str]
         h, r, t = (int(v) for v in train[i % n])
         direction = int(i >= n)
         known, gold = (h, t) if direction == 0 else (t, h)
+        query, question = query_lines(kg.relation_names[r], direction, entity_text(kg, known, tokens, config))
         records.append({
             "id": f"train-{i % n}-{'tail' if direction == 0 else 'head'}", "split": "train",
             "direction": "tail" if direction == 0 else "head",
             "triple": [kg.entity_names[h], kg.relation_names[r], kg.entity_names[t]],
             "known": known, "gold": gold,
-            "prompt": query_prompt(kg, r, direction, known, tokens, config),
+            **prompt_fields({"head": [query], "about": "", "description": "", "facts_about": "", "facts": [],
+                             "tail": [question]}),
             "answer": entity_text(kg, gold, tokens, config),
         })
     return records
+
+
+def prompt_fields(parts: dict[str, Any]) -> dict[str, Any]:
+    """A record's ``prompt`` (whole) and ``prompt_parts`` (what the token budget may trim: facts, description)."""
+    return {"prompt": compose_prompt(parts), "prompt_parts": parts}
 
 
 def load_tokens(quantize_artifact: str | Path | None, kg: KnowledgeGraph) -> list[str] | None:
@@ -144,7 +151,7 @@ def records_for_split(kg: KnowledgeGraph, ranked: RankedQueries, split: str, tok
             "known": known, "gold": gold, "candidates": candidates, "candidate_scores": scores,
             "candidate_text": [entity_text(kg, c, tokens, config) for c in candidates],
             "gold_in_candidates": in_list, "stage1_rank": rank, "confidence": confidence,
-            "prompt": dift_prompt(kg, (h, r, t), direction, candidates, context, tokens, config),
+            **prompt_fields(dift_prompt_parts(kg, (h, r, t), direction, candidates, context, tokens, config)),
             "answer": entity_text(kg, gold, tokens, config),
         })
     return records

@@ -25,7 +25,7 @@ import numpy as np
 
 from kgtok.llm.config import EvaluateConfig
 from kgtok.llm.decoding import generate_pick, trie_greedy
-from kgtok.llm.prompts import encode_answer, encode_prompt, jsonl_line, pad_left, truncate_prompt
+from kgtok.llm.prompts import encode_answer, fit_prompt, jsonl_line, pad_left
 
 
 def score_batch(model: Any, prompts: list[list[int]], candidates: list[list[list[int]]], pad_id: int
@@ -134,6 +134,7 @@ class CandidateScorer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.config, self.progress = config, progress
+        self.budget = {"fit": 0, "trimmed": 0, "over": 0}  # prompts scored, by what the budget did
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
@@ -145,8 +146,10 @@ class CandidateScorer:
                 self.model.cuda()
 
     def prompt_ids(self, record: dict[str, Any]) -> list[int]:
-        return truncate_prompt(self.tokenizer, encode_prompt(self.tokenizer, record["prompt"]),
-                               self.config.max_prompt_tokens)
+        """The record's prompt within ``max_prompt_tokens`` (:func:`fit_prompt`; counted in ``self.budget``)."""
+        ids, budget = fit_prompt(self.tokenizer, record, self.config.max_prompt_tokens)
+        self.budget[budget] += 1
+        return ids
 
     def score(self, records: list[dict[str, Any]], desc: str,
               answers_of: Callable[[dict[str, Any]], list[str]] = candidate_texts) -> Iterator[ScoredQuery]:
