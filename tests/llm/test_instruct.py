@@ -250,3 +250,20 @@ def test_prompt_budget_keeps_query_question_and_every_candidate(inputs, tmp_path
     # a budget smaller than the query and the list: kept whole, reported as over
     ids, outcome = fit_prompt(tokenizer, records[0], 64)
     assert outcome == "over" and all(squash(c) in squash(tokenizer.decode(ids)) for c in records[0]["candidate_text"])
+
+
+def test_lm_train_and_lm_valid_split_by_triple(inputs, tmp_path):
+    """A validation triple's head and tail queries land on the same side of the LM-train / LM-valid split."""
+    from kgtok.llm.instruct import split_examples, triple_key
+
+    kg, embed, codes, _ = inputs
+    config = InstructConfig(top_k=8, confidence_threshold=0.0, lm_valid_fraction=0.3)
+    dest = run_instruct(config, kg, embed, tmp_path / "i", codes=codes, log=lambda *_: None)
+    valid_keys = {triple_key(r) for r in read(dest / "lm_valid.jsonl")}
+    train_keys = {triple_key(r) for r in read(dest / "lm_train.jsonl")}
+    assert valid_keys and train_keys and not valid_keys & train_keys
+    records = [{"id": f"valid-{i}-{side}", "confidence": 1.0, "gold_in_candidates": True}
+               for side in ("tail", "head") for i in range(100)]
+    train, valid, dropped = split_examples(records, config)
+    assert len(valid) == 60 and len(train) == 140 and dropped == 0  # 30 of 100 triples, both queries each
+    assert not {triple_key(r) for r in train} & {triple_key(r) for r in valid}

@@ -2,10 +2,10 @@
 
 Where the examples come from (DIFT, METHOD.md stage 5): the stage-1 model's
 top-k lists for the *validation* queries, both directions, shuffled and split
-90% / 10% into LM-train / LM-valid; LM-train keeps a record only when its
-confidence 100·p(gold) + 1/rank (rank <= k; else 1/rank) exceeds 0.05, which
-drops every record whose gold is outside the list.  The test queries are the
-LM's test set.  (On training queries the stage-1 model has seen the answer, so
+90% / 10% *by triple* into LM-train / LM-valid (a triple's two queries on one
+side); LM-train keeps a record only when its confidence 100·p(gold) + 1/rank
+(rank <= k; else 1/rank) exceeds 0.05, which drops every record whose gold is
+outside the list.  The test queries are the LM's test set.  (On training queries the stage-1 model has seen the answer, so
 its lists would teach the LM to copy rank 1; they are an opt-in source.)
 Training queries come in one of two forms (``train_query_format``): the full
 DIFT prompt with the list in random order, or ReaLM's form, the query line
@@ -157,19 +157,28 @@ def records_for_split(kg: KnowledgeGraph, ranked: RankedQueries, split: str, tok
     return records
 
 
-def split_examples(records: list[dict[str, Any]], config: InstructConfig) -> tuple[list, list, int]:
-    """Shuffle, split into LM-train / LM-valid, filter LM-train by confidence (truncated sampling).
+def triple_key(record: dict[str, Any]) -> str:
+    """The triple a query record comes from (its head and tail queries share it): ``valid-17``."""
+    return record["id"].rsplit("-", 1)[0]
 
-    Returns (LM-train, LM-valid, number of LM-train records dropped by the filter).
+
+def split_examples(records: list[dict[str, Any]], config: InstructConfig) -> tuple[list, list, int]:
+    """Shuffle, split into LM-train / LM-valid *by triple*, filter LM-train by confidence (truncated sampling).
+
+    The head and the tail query of a triple go to the same side: split by query, about 90% of the LM-valid
+    queries had their twin (the same triple, the other side) in LM-train, an optimistic LM-valid that biased
+    what is chosen on it.  Returns (LM-train, LM-valid, number of LM-train records dropped by the filter).
     """
     rng = np.random.default_rng(config.seed)
+    keys = list(dict.fromkeys(triple_key(r) for r in records))
+    cut = int(round(len(keys) * (1.0 - config.lm_valid_fraction)))
+    to_train = set(np.asarray(keys, dtype=object)[rng.permutation(len(keys))[:cut]].tolist())
     order = rng.permutation(len(records))
-    cut = int(round(len(records) * (1.0 - config.lm_valid_fraction)))
-    candidates = [records[i] for i in order[:cut]]
+    candidates = [records[i] for i in order if triple_key(records[i]) in to_train]
     # With k = 20 the threshold alone drops every gold outside the list (1/21 < 0.05);
     # with a shorter list it would not, so that condition is stated explicitly.
     train = confident(candidates, config)
-    valid = [records[i] for i in order[cut:]]
+    valid = [records[i] for i in order if triple_key(records[i]) not in to_train]
     return train, valid, len(candidates) - len(train)
 
 
