@@ -5,8 +5,9 @@ top-k lists for the *validation* queries, both directions, shuffled and split
 90% / 10% *by triple* into LM-train / LM-valid (a triple's two queries on one
 side); LM-train keeps a record only when its confidence 100·p(gold) + 1/rank
 (rank <= k; else 1/rank) exceeds 0.05, which drops every record whose gold is
-outside the list.  The test queries are the LM's test set.  (On training queries the stage-1 model has seen the answer, so
-its lists would teach the LM to copy rank 1; they are an opt-in source.)
+outside the list.  The test queries are the LM's test set.  (On training
+queries the stage-1 model has seen the answer, so its lists would teach the
+LM to copy rank 1; they are an opt-in source.)
 Training queries come in one of two forms (``train_query_format``): the full
 DIFT prompt with the list in random order, or ReaLM's form, the query line
 alone ("(known entity <codes>, relation, ?)" -> the answer).  The second needs
