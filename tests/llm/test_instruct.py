@@ -267,3 +267,36 @@ def test_lm_train_and_lm_valid_split_by_triple(inputs, tmp_path):
     train, valid, dropped = split_examples(records, config)
     assert len(valid) == 60 and len(train) == 140 and dropped == 0  # 30 of 100 triples, both queries each
     assert not {triple_key(r) for r in train} & {triple_key(r) for r in valid}
+
+
+def test_training_lists_are_filtered_with_train_and_valid_only():
+    """LM-train's lists (stage 1's valid and train exports) keep test answers as negatives; test lists filter all."""
+    import torch
+
+    from kgtok.data.graph import KnowledgeGraph
+    from kgtok.embed.ranking import rank_splits
+
+    kg = KnowledgeGraph.from_arrays(entity_names=[f"e{i}" for i in range(6)], relation_names=["r"],
+                                    train=np.array([[0, 0, 1]]), valid=np.array([[0, 0, 2]]),
+                                    test=np.array([[0, 0, 3]]))
+    preference = torch.tensor([0.0, 5.0, 3.0, 9.0, 1.0, 0.5])  # entity 3 (a test answer) scores best
+
+    class Scores:  # a stand-in KGE model: every query scores the entities by ``preference``
+        num_entities = 6
+        entity = torch.zeros(1)
+
+        def eval(self):
+            return self
+
+        def score_all_tails(self, h, r):
+            return preference.expand(len(h), -1).clone()
+
+        def score_all_heads(self, r, t):
+            return preference.expand(len(t), -1).clone()
+
+    ranked, metrics = rank_splits(Scores(), kg, reciprocal=False, batch_size=8, top_k=3,
+                                  export_splits=("train", "valid", "test"))
+    assert ranked["valid"].candidates[0].tolist() == [3, 2, 4]  # tail query (0, r, ?) of the valid triple
+    assert ranked["train"].candidates[0].tolist() == [3, 1, 4]  # gold 1 kept; 2 (valid) filtered
+    assert ranked["test"].candidates[0].tolist() == [3, 4, 5]  # test: train, valid and test answers filtered
+    assert metrics["valid"]["tail"]["mrr"] == 1.0  # the valid metric stays the standard filtered one
