@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -491,3 +492,17 @@ def test_finetune_and_evaluate_print_only_their_own_lines(stages, tmp_path, capf
     out, err = capfd.readouterr()
     assert out == "" and "finetune: 100%" in err and "evaluate: 100%" in err
     assert "{'loss'" not in err and "Writing model shards" not in err and "Loading weights" not in err
+
+
+def test_flat_codebook_initialises_every_level(tmp_path):
+    """The flat variant's one shared codebook serves every level: <b_3> starts from codeword 3, as <a_3>."""
+    from kgtok.quantize.tokenizer import EntityTokenizer
+    from kgtok.llm.vocab import code_vocabulary, codeword_of
+
+    vectors = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
+    config = QuantizeConfig(variant="flat", levels=3, codebook_size=8, epochs=2, gse=dataclasses.replace(
+        QuantizeConfig().gse, l1=False, l2=False), gsr=dataclasses.replace(QuantizeConfig().gsr, enabled=False))
+    EntityTokenizer(config=config).fit(vectors, progress=False, log=quiet).save(tmp_path / "q" / "tokenizer")
+    tokens, codebooks = code_vocabulary(tmp_path / "q")
+    assert all(codeword_of(f"<{name}_3>", codebooks) is not None for name in "abc")
+    np.testing.assert_array_equal(codeword_of("<c_3>", codebooks), codeword_of("<a_3>", codebooks))
