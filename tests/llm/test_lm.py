@@ -197,8 +197,10 @@ def test_evaluate_outputs_and_generate_agrees_with_trie(stages, finetuned, tmp_p
     # fusion_weight None (the default): the weight is chosen on lm_valid.jsonl, never on the evaluated queries
     tuned = json.loads((generated / "metrics.json").read_text())["fusion"]
     valid = [json.loads(line) for line in (instructions / "lm_valid.jsonl").read_text().splitlines()]
-    assert tuned["weight"] in FUSION_GRID and tuned["valid_queries"] == len(valid)
+    assert tuned["weight"] in tuned["grid"] and set(FUSION_GRID) <= set(tuned["grid"])
+    assert tuned["valid_queries"] == len(valid) and tuned["chosen_on"] == f"LM-valid ({len(valid)} queries)"
     assert tuned["valid_mrr"] == max(tuned["curve"].values())
+    assert tuned["position"] in ("interior", "lm_only", "retriever_only")
 
 
 def fake_vllm(monkeypatch):
@@ -319,7 +321,7 @@ def test_fusion_weight_is_the_best_on_held_out_queries():
     gold, stage1 = np.array([0, 1]), np.array([1, 2])
     chosen = choose_fusion_weight(lm, priors, gold, stage1)
     # w = 0 and 1 leave query 1 at rank 2; w = 2 gets both right; w = 4 ties query 2 (rank 1.5)
-    assert chosen["weight"] == 2.0 and chosen["valid_mrr"] == 1.0
+    assert chosen["weight"] == 2.0 and chosen["valid_mrr"] == 1.0 and chosen["position"] == "interior"
     assert chosen["curve"]["0.0"] == 0.75 and chosen["curve"]["4.0"] < 1.0
     np.testing.assert_allclose(log_prior([1.0, 1.0]), np.log([0.5, 0.5]))
 

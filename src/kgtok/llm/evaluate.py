@@ -127,6 +127,8 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
         "queries": len(predictions), "seconds": seconds, "queries_per_second": len(todo) / max(seconds, 1e-9),
         "resumed_queries": len(records) - len(todo),
         "gold_in_candidates": float(np.mean([p["gold_index"] >= 0 for p in predictions])), "fusion_weight": weight,
+        "fusion_position": fusion.get("position", "configured"), "fusion_chosen_on": fusion.get(
+            "chosen_on", "configured"),
         "prompts_trimmed": scorer.budget["trimmed"], "prompts_over": scorer.budget["over"],
         **{f"{key}_{measure}": metrics[key]["both"][measure] for key in ranks for measure in MEASURES},
     }
@@ -148,24 +150,26 @@ def _fusion_weight(config: EvaluateConfig, scorer: Any, fusable: bool, valid_pat
     A chosen weight is kept in the work folder (``saved_path``): a resumed evaluation does not score LM-valid
     again.
     """
-    from kgtok.llm.rankers import choose_fusion_weight, gold_position, log_prior
+    from kgtok.llm.rankers import choose_fusion_weight, gold_position, log_prior, sequence_scores
 
     if config.fusion_weight is not None:
-        return {"weight": config.fusion_weight}
+        return {"weight": config.fusion_weight, "position": "configured", "chosen_on": "configured"}
     if saved_path.exists():
         saved = json.loads(saved_path.read_text(encoding="utf-8"))
         log(f"evaluate: fusion weight {saved['weight']} (chosen on LM-valid before the interruption)")
         return saved
-    fusion: dict[str, Any] = {"weight": 1.0}
+    fusion: dict[str, Any] = {"weight": 1.0, "position": "default (no LM-valid lists)", "chosen_on": "none"}
     valid = ([r for r in read_jsonl(valid_path) if r.get("candidate_scores") is not None]
              if fusable and config.split != "lm_valid" and valid_path.exists() else [])
     if valid:
-        totals = [query.totals for query in scorer.score(valid, "fusion weight")]
-        fusion = choose_fusion_weight(totals, [log_prior(r["candidate_scores"]) for r in valid],
+        scores = [sequence_scores(query.totals, query.answers, config.score)
+                  for query in scorer.score(valid, "fusion weight")]
+        fusion = choose_fusion_weight(scores, [log_prior(r["candidate_scores"]) for r in valid],
                                       np.array([gold_position(r) for r in valid]),
                                       np.array([r["stage1_rank"] for r in valid]))
-        log(f"evaluate: fusion weight {fusion['weight']} (fused re-rank MRR on {len(valid)} LM-valid "
-            f"queries: {fusion['valid_mrr']})")
+        fusion["chosen_on"] = f"LM-valid ({len(valid)} queries)"
+        log(f"evaluate: fusion weight {fusion['weight']} ({fusion['position']}; fused re-rank MRR on {len(valid)} "
+            f"LM-valid queries: {fusion['valid_mrr']})")
     write_json_atomic(saved_path, fusion)
     return fusion
 

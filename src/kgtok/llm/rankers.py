@@ -35,6 +35,7 @@ import numpy as np
 
 MEASURES = ("mrr", "hits_at_1", "hits_at_3", "hits_at_10")  # per ranker in the manifest: <key>_<measure>
 FUSION_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)  # 64: stage-1 order, LM breaks near-ties
+FUSION_GRID_LIMIT = 4096.0  # a best weight at the grid's top extends it (x4) up to here, else "retriever only"
 
 
 class PredictionRows:
@@ -186,21 +187,28 @@ def constrain_to_class(pick: int, scores: np.ndarray, candidate_classes: np.ndar
     return int(members[np.argmax(scores[members])])
 
 
+def sequence_scores(totals: np.ndarray, answers: list[list[int]], score: str) -> np.ndarray:
+    """(k,) candidate scores: the sum of each answer's token log-probs, or their mean (``score: mean``)."""
+    totals = np.asarray(totals, dtype=np.float64)
+    return totals if score == "sum" else totals / np.array([len(a) for a in answers])
+
+
 def prediction_row(record: dict[str, Any], answers: list[list[int]], totals: np.ndarray, pick: int, *,
                    score: str, fusion_weight: float, classes: np.ndarray | None) -> dict[str, Any]:
     """One line of predictions.jsonl: the query, the gold, and what each ranker needs of the LM's choices.
 
     ``answers``: candidate token ids; ``totals``: (k,) their sequence log-likelihoods; ``pick``: the
     constrained-generation choice; ``fusion_weight`` 0: no fused fields; ``classes`` None: no class pick.
+    The fused scores add the prior to the same sequence scores the re-rank uses (``score: mean`` included).
     """
-    scores = totals if score == "sum" else totals / np.array([len(a) for a in answers])
+    scores = sequence_scores(totals, answers, score)
     row = {"id": record["id"], "direction": record["direction"], "relation": record["triple"][1],
            "gold": record["gold"], "stage1_rank": record["stage1_rank"],
            "pick": record["candidates"][pick], "pick_position": pick + 1,
            "pick_text": record["candidate_text"][pick], "gold_index": gold_position(record),
            "scores": [round(float(s), 4) for s in scores]}
     if fusion_weight > 0:
-        fused = totals + fusion_weight * log_prior(record["candidate_scores"])
+        fused = scores + fusion_weight * log_prior(record["candidate_scores"])
         best = int(np.argmax(fused))
         row.update(fused_scores=[round(float(s), 4) for s in fused],
                    fused_pick=record["candidates"][best], fused_pick_position=best + 1)
@@ -210,20 +218,44 @@ def prediction_row(record: dict[str, Any], answers: list[list[int]], totals: np.
     return row
 
 
-def choose_fusion_weight(lm_totals: list[np.ndarray], priors: list[np.ndarray], gold_index: np.ndarray,
-                         stage1_ranks: np.ndarray, grid: tuple[float, ...] = FUSION_GRID) -> dict[str, Any]:
+def choose_fusion_weight(lm_scores: list[np.ndarray], priors: list[np.ndarray], gold_index: np.ndarray,
+                         stage1_ranks: np.ndarray, grid: tuple[float, ...] = FUSION_GRID,
+                         limit: float = FUSION_GRID_LIMIT) -> dict[str, Any]:
     """The grid weight whose fused re-rank MRR is highest on held-out queries (ties: the smaller weight).
 
     The LM and the retriever err on different queries; how much to trust each
     depends on the backbone and the data, so the weight is learnt on LM-valid
     rather than fixed (choosing it on test would report an optimistic number).
+    A best MRR at the top of the grid (alone or tied) is no optimum: the grid
+    grows (x4) until the top is worse than the best, or up to ``limit``, where
+    the answer is "retriever only" (its order, the LM breaking ties, is as
+    good as any weight; the weight kept is still the smallest best).
+    ``position`` says which: ``interior``, ``lm_only`` (w = 0 best, the grid's
+    other end) or ``retriever_only``.
     """
     from kgtok.metrics import rerank_rank
 
-    curve = {}
-    for w in grid:
-        fused = np.array([t + w * p for t, p in zip(lm_totals, priors)])
-        curve[w] = float(np.mean(1.0 / rerank_rank(fused, gold_index, stage1_ranks)))
-    best = max(grid, key=lambda w: (curve[w], -w))
-    return {"weight": best, "valid_mrr": round(curve[best], 4), "valid_queries": len(lm_totals),
+    grid = tuple(sorted(grid))
+    curve: dict[float, float] = {}
+
+    def mrr(w: float) -> float:
+        fused = np.array([t + w * p for t, p in zip(lm_scores, priors)])
+        return float(np.mean(1.0 / rerank_rank(fused, gold_index, stage1_ranks)))
+
+    while True:
+        for w in grid:
+            if w not in curve:
+                curve[w] = mrr(w)
+        best = max(grid, key=lambda w: (curve[w], -w))
+        if curve[grid[-1]] < curve[best] or grid[-1] * 4 > limit:
+            break
+        grid = (*grid, grid[-1] * 4)
+    if curve[grid[-1]] >= curve[best]:
+        position = "retriever_only"
+    elif best == grid[0]:
+        position = "lm_only" if best == 0 else "grid_bottom"
+    else:
+        position = "interior"
+    return {"weight": best, "position": position, "valid_mrr": round(curve[best], 4),
+            "valid_queries": len(lm_scores), "grid": list(grid),
             "curve": {str(w): round(v, 4) for w, v in curve.items()}}
