@@ -1,4 +1,4 @@
-"""Stage 5: retriever vs LM re-ranker vs re-ranker without codes, on one dataset and backbone.
+"""Stage 5: retriever vs LM re-ranker with codes, with random IDs and without IDs, on one dataset and backbone.
 
     python bench/llm_compare.py --dataset synthetic [--backbone tiny] [--threads 2] [finetune.key=value ...]
     python bench/llm_compare.py --dataset umls --run-dir runs/umls   # stages 0-4 from a kgtok run directory
@@ -10,7 +10,11 @@ Stages 0-4 come from ``kgtok.pipeline.run`` (the synthetic KG by default, or
 ``--data``); then, for each variant (codes / no codes), instructions,
 fine-tuning and evaluation.  Writes bench/results/llm_<dataset>[_<tag>].json
 and .md: Hits@1 and MRR of the retriever, the DIFT rule and the full
-re-rank; training tokens/s; evaluation queries/s; seconds per stage.
+re-rank; training tokens/s; evaluation queries/s; seconds per stage; then the
+comparison table of :mod:`kgtok.llm.compare` (every ranker of every variant
+against the retriever and against no_codes: paired difference, 95% bootstrap
+CI, p-value), the fusion weight each variant chose on LM-valid, and the
+differences with p < 0.05.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
 
+from ablation import comparison_text  # noqa: E402
+
 from kgtok.config import load_config  # noqa: E402
+from kgtok.llm.compare import comparison_rows, significant  # noqa: E402
 from kgtok.llm import InstructConfig, run_instruct  # noqa: E402
 from kgtok.llm.evaluate import EvaluateConfig, run_evaluate  # noqa: E402
 from kgtok.llm.finetune import FinetuneConfig, run_finetune  # noqa: E402
@@ -44,6 +51,7 @@ def main() -> None:
     parser.add_argument("--variants", default="codes,random_ids,no_codes", help="of codes, random_ids, no_codes")
     parser.add_argument("--max-queries", type=int, default=0, help="evaluate only the first n test queries")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--note", default="", help="recorded with the result (e.g. whether the machine was shared)")
     parser.add_argument("overrides", nargs="*", help="run.*, instruct.*, finetune.*, evaluate.* = value")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -94,6 +102,9 @@ def main() -> None:
             **{f"{variant}_{ranker}_{m}": metrics[f"{ranker}_{m}"] for ranker in ("fused_pick", "fused_rerank")
                for m in ("mrr", "hits_at_1") if f"{ranker}_{m}" in metrics},
             f"{variant}_fusion_weight": metrics.get("fusion_weight"),
+            f"{variant}_fusion": {k: metrics.get("fusion", {}).get(k) for k in ("weight", "position", "chosen_on",
+                                                                                 "grid")},
+            f"{variant}_prompts_trimmed": metrics.get("prompts_trimmed"),
             f"{variant}_train_tokens_per_second": trained["train_tokens_per_second"],
             f"{variant}_queries_per_second": metrics["queries_per_second"],
             f"{variant}_lm_train_examples": trained["train_examples"], f"{variant}_steps": trained["steps"],
@@ -104,6 +115,11 @@ def main() -> None:
               f"{metrics['rerank_hits_at_1']:.3f}, fused re-rank {metrics.get('fused_rerank_hits_at_1', float('nan')):.3f}"
               f" (w {metrics.get('fusion_weight')}; retriever {metrics['retriever_hits_at_1']:.3f})", flush=True)
     record["seconds"] = round(time.perf_counter() - start, 1)
+    variants = args.variants.split(",")
+    runs = {v: run_dir / f"llm-{args.backbone.replace('/', '_')}{args.tag and '-' + args.tag}-{v}" / "evaluate"
+            for v in variants}
+    rows = comparison_rows(runs, "no_codes" if "no_codes" in runs else None)
+    record.update(comparisons=rows, significant=significant(rows), note=args.note)
     record.update(command=command(), machine=machine(), threads=t)
     columns = ["backbone", "retriever_hits_at_1", *[f"{v}_{m}" for v in args.variants.split(",")
                                                     for m in ("dift_hits_at_1", "rerank_hits_at_1",
@@ -111,6 +127,10 @@ def main() -> None:
                "retriever_mrr", *[f"{v}_rerank_mrr" for v in args.variants.split(",")], "seconds"]
     name = f"llm_{args.dataset}" + (f"_{args.tag}" if args.tag else "")
     path = write_result(name, args.dataset, record, columns)
+    text = comparison_text(rows, {v: record[f"{v}_fusion"] for v in variants}, record)
+    with path.with_suffix(".md").open("a") as handle:
+        handle.write(text)
+    print(text)
     print(f"-> {path}")
 
 

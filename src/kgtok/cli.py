@@ -644,27 +644,34 @@ def report_command(run_dir: str, out: str | None, screenshot: str | None) -> Non
 @_friendly_errors
 def ablate_command(config_path: str | None, data: str | None, out: str | None, only: str | None,
                    overrides: tuple[str, ...]) -> None:
-    """The paper's ablation set on one run (stages 0-3 reused); one table."""
+    """The paper's ablation set on one run (stages 0-3 reused); one table.
+
+    Per run and ranker: Hits@1 and MRR, and the paired difference to the retriever and to the run without
+    IDs (without_codes) with its 95% bootstrap CI and p-value (kgtok.llm.compare).
+    """
     from rich.console import Console
     from rich.table import Table
 
     from kgtok.artifacts import write_json_atomic
-    from kgtok.llm.rankers import rankers
+    from kgtok.llm.compare import comparison_cells, comparison_header, comparison_rows
     from kgtok.pipeline import ABLATIONS, ablate
 
     config = _run_config(config_path, data, out, overrides)
     names = tuple(only.split(",")) if only else tuple(ABLATIONS)
     results = ablate(config, names, log=click.echo)
-    table = Table(title="ablations (test, filtered): Hits@1 / MRR per ranker")
-    shown = [r for r in rankers() if any(f"{r.key}_mrr" in m for m in results.values())]
-    for column in ("run", *(r.label for r in shown)):
+    run_dir = Path(config.out)
+    runs = {name: run_dir / "evaluate" if name == "full" else run_dir / "ablate" / name / "evaluate"
+            for name in results}
+    rows = comparison_rows(runs, "without_codes" if "without_codes" in runs else None)
+    table = Table(title=f"ablations (test, filtered, {rows[0]['queries']} queries): paired differences, "
+                        "95% bootstrap CI, p (McNemar / sign-flip permutation)")
+    for column in comparison_header():
         table.add_column(column)
-    for name, m in results.items():
-        table.add_row(name, *(f"{m[f'{r.key}_hits_at_1']:.3f} / {m[f'{r.key}_mrr']:.3f}" if f"{r.key}_mrr" in m
-                              else "-" for r in shown))
-    Console(width=140).print(table)
-    summary = Path(config.out) / "ablate" / "summary.json"
-    write_json_atomic(summary, results)
+    for row in rows:
+        table.add_row(row["run"], row["label"], *comparison_cells(row))
+    Console(width=220).print(table)
+    summary = run_dir / "ablate" / "summary.json"
+    write_json_atomic(summary, {"metrics": results, "comparisons": rows})
     click.echo(f"-> {summary}")
 
 
