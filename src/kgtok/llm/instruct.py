@@ -95,27 +95,42 @@ def load_tokens(quantize_artifact: str | Path | None, kg: KnowledgeGraph) -> lis
     return [r[2] for r in rows]
 
 
-def random_ids(tokens: list[str], rng: np.random.Generator, tries: int = 1000) -> list[str]:
+def random_ids(tokens: list[str], rng: np.random.Generator, tries: int = 100_000) -> list[str]:
     """A random unique code per entity, of the codes' shape and vocabulary (the ``ids: random`` baseline).
 
     Each level's tokens are permuted across the entities independently (among the codes of one length), so
-    every level keeps its tokens and their frequencies while an entity's tuple carries nothing of its own
-    codes or of its neighbours'; drawn again until no two entities share a tuple.
+    every level keeps its tokens and their counts while an entity's tuple carries nothing of its own codes or
+    of its neighbours'.  Entities left sharing a tuple then swap one level's token with a random entity of
+    the same length (counts kept) until every tuple is unique, at most ``tries`` swaps.
     """
     split = [re.findall(r"<[^<>]+>", t) for t in tokens]
     lengths = np.array([len(s) for s in split])
+    shuffled = [list(s) for s in split]
+    groups = {int(length): np.flatnonzero(lengths == length) for length in np.unique(lengths)}
+    for length, members in groups.items():
+        for level in range(length):
+            column = [split[i][level] for i in members]
+            for i, j in zip(members, rng.permutation(len(members))):
+                shuffled[i][level] = column[j]
+    owners: dict[tuple[str, ...], list[int]] = {}
+    for i, code in enumerate(shuffled):
+        owners.setdefault(tuple(code), []).append(i)
     for _ in range(tries):
-        shuffled = [list(s) for s in split]
-        for length in np.unique(lengths):
-            members = np.flatnonzero(lengths == length)
-            for level in range(int(length)):
-                column = [split[i][level] for i in members]
-                for i, j in zip(members, rng.permutation(len(members))):
-                    shuffled[i][level] = column[j]
-        out = ["".join(s) for s in shuffled]
-        if len(set(out)) == len(out):
-            return out
-    raise ValueError(f"ids=random: no unique random codes in {tries} draws (too few code combinations)")
+        clashing = [i for group in owners.values() if len(group) > 1 for i in group[1:]]
+        if not clashing:
+            return ["".join(code) for code in shuffled]
+        i = clashing[int(rng.integers(len(clashing)))]
+        members = groups[len(shuffled[i])]
+        j, level = int(members[rng.integers(len(members))]), int(rng.integers(len(shuffled[i])))
+        if j == i:
+            continue
+        for k in (i, j):
+            owners[tuple(shuffled[k])].remove(k)
+        shuffled[i][level], shuffled[j][level] = shuffled[j][level], shuffled[i][level]
+        for k in (i, j):
+            owners.setdefault(tuple(shuffled[k]), []).append(k)
+        owners = {code: group for code, group in owners.items() if group}
+    raise ValueError(f"ids=random: codes still shared after {tries} swaps (too few code combinations)")
 
 
 def records_for_split(kg: KnowledgeGraph, ranked: RankedQueries, split: str, tokens: list[str] | None,
