@@ -277,15 +277,24 @@ def _print_results(results: list[Any]) -> None:
     if final is not None:
         from kgtok.llm.layout import EvaluateArtifact
 
+        from kgtok.llm.compare import comparison_rows
+        from kgtok.metrics import format_difference
+
         metrics = EvaluateArtifact(final.path).metrics()
-        summary = Table(title=f"link prediction, {metrics['queries']} test queries (filtered)")
-        for column in ("ranker", "MRR", "Hits@1", "Hits@3", "Hits@10"):
+        versus = {row["ranker"]: row["vs_retriever"] for row in comparison_rows({"run": final.path})
+                  if row["vs_retriever"]} if "retriever" in metrics else {}
+        summary = Table(title=f"link prediction, {metrics['queries']} test queries (filtered); vs the retriever: "
+                              "paired difference [95% bootstrap CI] p")
+        for column in ("ranker", "MRR", "Hits@1", "Hits@3", "Hits@10", "Hits@1 - retriever", "MRR - retriever"):
             summary.add_column(column)
         for ranker in rankers():
             if ranker.key in metrics:
                 both = metrics[ranker.key]["both"]
-                summary.add_row(ranker.label, *(f"{both[m]:.3f}" for m in MEASURES))
-        console.print(summary)
+                pair = versus.get(ranker.key)
+                summary.add_row(ranker.label, *(f"{both[m]:.3f}" for m in MEASURES),
+                                *((format_difference(pair["hits_at_1"]), format_difference(pair["mrr"])) if pair
+                                  else ("-", "-")))
+        Console(width=max(console.width, 150)).print(summary)
 
 
 # ----------------------------------------------------------------------------
