@@ -570,16 +570,18 @@ def quantize_command(data: str, hierarchy: str | None, embeddings: str | None, o
               help="KG directory.")
 @click.option("--embeddings", required=True, type=click.Path(file_okay=False), help="Stage-1 artifact (candidates).")
 @click.option("--codes", default=None, type=click.Path(file_okay=False), help="Stage-4 artifact (entity codes).")
+@click.option("--negatives", default=None, type=click.Path(dir_okay=False),
+              help="task=classification: head<TAB>relation<TAB>tail test negatives (else corrupted test triples).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the JSONL files.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of an InstructConfig.")
 @click.argument("overrides", nargs=-1)
 @_force_option
 @_friendly_errors
-def instruct_command(data: str, embeddings: str, codes: str | None, out: str, config_path: str | None,
-                     force: bool, overrides: tuple[str, ...]) -> None:
+def instruct_command(data: str, embeddings: str, codes: str | None, negatives: str | None, out: str,
+                     config_path: str | None, force: bool, overrides: tuple[str, ...]) -> None:
     """Write DIFT-format instructions with codes (LM-train, LM-valid, test), e.g. ids=none or ids=random."""
     _stage_command("instruct", config_path, list(overrides), out, data=data, force=force,
-                   inputs={"embeddings": embeddings, "codes": codes})
+                   inputs={"embeddings": embeddings, "codes": codes, "negatives": negatives})
 
 
 # ----------------------------------------------------------------------------

@@ -413,7 +413,9 @@ def test_triple_classification_instructions_and_metrics(stages, finetuned, tmp_p
                       log=quiet)
     predictions = [json.loads(line) for line in (ev / "predictions.jsonl").read_text().splitlines()]
     metrics = json.loads((ev / "metrics.json").read_text())
-    assert len(predictions) == 20 and all(p["predicted"] == (p["margin"] > 0) for p in predictions)
+    threshold = metrics["threshold"]  # chosen on LM-valid (its triples, never the evaluated ones)
+    assert metrics["threshold_chosen_on"] == f"LM-valid ({2 * len(kg.valid)} triples)"
+    assert len(predictions) == 20 and all(p["predicted"] == (p["margin"] > threshold) for p in predictions)
     assert metrics["accuracy"] == pytest.approx(np.mean([p["predicted"] == p["label"] for p in predictions]))
     from kgtok.llm.classify import classification_metrics
 
@@ -508,3 +510,34 @@ def test_flat_codebook_initialises_every_level(tmp_path):
     tokens, codebooks = code_vocabulary(tmp_path / "q")
     assert all(codeword_of(f"<{name}_3>", codebooks) is not None for name in "abc")
     np.testing.assert_array_equal(codeword_of("<c_3>", codebooks), codeword_of("<a_3>", codebooks))
+
+
+def test_typed_negatives_given_negatives_and_threshold_on_valid(stages, tmp_path):
+    """Typed negatives use an entity seen with the relation in that position; a file's negatives are the test's."""
+    from kgtok.llm.classify import best_threshold, corrupt
+
+    kg = stages[0]
+    train = kg.train.numpy()
+    triples = kg.test.numpy()
+    typed = corrupt(kg, triples, np.random.default_rng(0), typed=True)
+    uniform = corrupt(kg, triples, np.random.default_rng(0), typed=False)
+
+    def in_position(rows):
+        seen = {(r, c): set(train[train[:, 1] == r, c].tolist()) for r in np.unique(train[:, 1]) for c in (0, 2)}
+        changed = [(row, 0 if row[0] != src[0] else 2) for row, src in zip(rows, triples)]
+        return np.mean([row[c] in seen.get((row[1], c), set()) for row, c in changed])
+
+    assert in_position(typed) > 0.95 and in_position(uniform) < in_position(typed)
+    known = {tuple(t) for t in kg.all_triples.tolist()}
+    assert not any(tuple(t) in known for t in typed.tolist())
+    path = tmp_path / "negatives.txt"
+    given = [(kg.entity_names[h], kg.relation_names[r], kg.entity_names[t]) for h, r, t in uniform[:7].tolist()]
+    path.write_text("".join("\t".join(g) + "\n" for g in given) + f"{given[0][0]}\t{given[0][1]}\t{given[0][2]}\t1\n")
+    dest = run_instruct(InstructConfig(task="classification", neighbours=2, classification_train_triples=20), kg,
+                        None, tmp_path / "cls", codes=stages[3], negatives=path, log=quiet)
+    test = [json.loads(line) for line in (dest / "test.jsonl").read_text().splitlines()]
+    negatives = sorted(tuple(r["triple"]) for r in test if not r["label"])
+    assert negatives == sorted(given) and sum(r["label"] for r in test) == len(kg.test)
+    # the threshold: best accuracy, ties broken toward 0
+    assert best_threshold(np.array([-2.0, -1.0, 1.0, 3.0]), np.array([False, True, True, True])) == -1.5
+    assert best_threshold(np.array([-1.0, 1.0]), np.array([False, True])) == 0.0

@@ -23,6 +23,7 @@ Decode = Literal["trie", "generate"]
 Backend = Literal["hf", "vllm"]
 SequenceScore = Literal["sum", "mean"]
 Ids = Literal["codes", "random", "none"]
+Negatives = Literal["typed", "uniform"]
 
 
 def choice_checks(config: object) -> list[Check]:
@@ -60,6 +61,7 @@ class InstructConfig:
     lm_valid_fraction: float = 0.1  # share of the validation queries kept for LM validation
     confidence_threshold: float = 0.05  # LM-train keeps records with confidence above this
     classification_train_triples: int = 5000  # classification: training triples sampled for LM-train (0: all)
+    negatives: Negatives = "typed"  # classification: typed (an entity seen with the relation there) | uniform (any)
     seed: int = 0  # validation split, training-query sample, candidate shuffles, classification negatives
 
     def __post_init__(self) -> None:
@@ -166,6 +168,8 @@ class EvaluateConfig:
     # different queries, and how much to trust each depends on backbone and data.  None: the FUSION_GRID value
     # with the best fused re-rank MRR on lm_valid.jsonl (scored as well), else 1.
     fusion_weight: float | None = None  # w of the fused rankers; 0: off; None: chosen on lm_valid.jsonl
+    # Triple classification predicts "true" when log p(true) - log p(false) > threshold.
+    threshold: float | None = None  # None: the best accuracy on lm_valid.jsonl (scored as well); else fixed
     max_queries: int = resumable(0)  # evaluate only the first n queries (0 = all)
     threads: int = machine(0)  # torch threads; 0 = all cores
 

@@ -61,7 +61,8 @@ def run(config: EvaluateConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     with quiet_libraries():
         scorer = CandidateScorer(hf_dir, config, ctx.progress)
         if records[0].get("task") == "classification":
-            return _evaluate_classification(scorer, records, dest, ctx)
+            return _evaluate_classification(config, scorer, records, InstructArtifact(inputs["instructions"]),
+                                            dest, ctx)
         return _evaluate_ranking(config, scorer, records, InstructArtifact(inputs["instructions"]), dest,
                                  entity_classes, ctx)
 
@@ -174,20 +175,44 @@ def _fusion_weight(config: EvaluateConfig, scorer: Any, fusable: bool, valid_pat
     return fusion
 
 
-def _evaluate_classification(scorer: Any, records: list[dict[str, Any]], dest: Path,
-                             ctx: Context) -> dict[str, Any]:
-    """Triple classification: the answer " true" or " false", whichever the LM finds likelier."""
-    from kgtok.llm.classify import classification_metrics
+def _margins(scorer: Any, records: list[dict[str, Any]], desc: str) -> list[float]:
+    """log p(" true") - log p(" false") per record."""
+    return [float(query.totals[0] - query.totals[1])
+            for query in scorer.score(records, desc, answers_of=lambda _: ["true", "false"])]
 
+
+def _evaluate_classification(config: EvaluateConfig, scorer: Any, records: list[dict[str, Any]],
+                             instructions: InstructArtifact, dest: Path, ctx: Context) -> dict[str, Any]:
+    """Triple classification: "true" when log p(" true") - log p(" false") exceeds the threshold, which is
+    configured or chosen on LM-valid (kept in the work folder, never chosen on the evaluated triples)."""
+    from kgtok.llm.classify import best_threshold, classification_metrics
+
+    threshold = {"threshold": config.threshold, "chosen_on": "configured"} if config.threshold is not None \
+        else None
+    saved = ctx.work / "threshold.json"
+    if threshold is None and saved.exists():
+        threshold = json.loads(saved.read_text(encoding="utf-8"))
+    valid_path = instructions.split("lm_valid")
+    if threshold is None:
+        threshold = {"threshold": 0.0, "chosen_on": "none (no LM-valid records)"}
+        valid = read_jsonl(valid_path) if config.split != "lm_valid" and valid_path.exists() else []
+        if valid:
+            margins = _margins(scorer, valid, "threshold")
+            threshold = {"threshold": best_threshold(np.array(margins), np.array([r["label"] for r in valid])),
+                         "chosen_on": f"LM-valid ({len(valid)} triples)"}
+            ctx.log(f"evaluate: threshold {threshold['threshold']:.4f} (best accuracy on {len(valid)} LM-valid "
+                    "triples)")
+        write_json_atomic(saved, threshold)
     start = time.perf_counter()
-    margins = [float(query.totals[0] - query.totals[1])
-               for query in scorer.score(records, "evaluate", answers_of=lambda _: ["true", "false"])]
+    margins = _margins(scorer, records, "evaluate")
     seconds = time.perf_counter() - start
     ctx.timings["evaluate"] = seconds
     labels = np.array([r["label"] for r in records])
-    predicted = np.array(margins) > 0
+    predicted = np.array(margins) > threshold["threshold"]
     metrics = {**classification_metrics(labels, predicted), "queries": len(records), "seconds": seconds,
-               "queries_per_second": len(records) / seconds}
+               "queries_per_second": len(records) / seconds, "threshold": threshold["threshold"],
+               "threshold_chosen_on": threshold["chosen_on"],
+               "accuracy_at_zero": float(np.mean((np.array(margins) > 0) == labels))}
     predictions = [{"id": record["id"], "triple": record["triple"], "label": record["label"],
                     "predicted": bool(guess), "margin": round(margin, 4)}
                    for record, margin, guess in zip(records, margins, predicted)]

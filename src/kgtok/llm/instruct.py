@@ -210,7 +210,7 @@ def run(config: InstructConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     if config.ids == "random":
         tokens = random_ids(tokens, np.random.default_rng(config.seed + 2))
     if config.task == "classification":
-        return _classification_instruct(config, kg, tokens, dest, ctx.log)
+        return _classification_instruct(config, kg, tokens, dest, ctx.log, inputs.get("negatives"))
     embeddings = EmbedArtifact(inputs["embeddings"])
     dift_train_queries = config.train_from_train_queries and config.train_query_format == "dift"
     ranked = {split: _ranked_queries(embeddings, split)
@@ -250,7 +250,9 @@ STAGE = Stage(
     name="instruct", title="stage 5a: instructions", config=InstructConfig, run=run,
     inputs=(Input("embeddings", "embed", EmbedArtifact, "a stage-1 artifact (candidates)"),
             Input("codes", "quantize", QuantizeArtifact,
-                  "a stage-4 artifact (entity codes); ids=none writes DIFT without codes")),
+                  "a stage-4 artifact (entity codes); ids=none writes DIFT without codes"),
+            Input("negatives", None, None, "task=classification: a file of head<TAB>relation<TAB>tail test "
+                  "negatives (else corrupted test triples)")),
     needs=_needs, summary=("lm_train", "lm_valid", "test"),
 )
 
@@ -262,10 +264,12 @@ def run_instruct(
     dest: str | Path,
     *,
     codes: str | Path | None = None,
+    negatives: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Stage 5a into ``dest`` (reused when current)."""
-    return run_stage(STAGE, config, dest, data=data, inputs={"embeddings": embeddings, "codes": codes}, log=log).path
+    """Stage 5a into ``dest`` (reused when current); ``negatives``: a file of test negatives (classification)."""
+    return run_stage(STAGE, config, dest, data=data, log=log,
+                     inputs={"embeddings": embeddings, "codes": codes, "negatives": negatives}).path
 
 
 def _ranked_queries(embeddings: EmbedArtifact, split: str) -> RankedQueries:
@@ -277,8 +281,11 @@ def _ranked_queries(embeddings: EmbedArtifact, split: str) -> RankedQueries:
 
 
 def _classification_instruct(config: InstructConfig, kg: KnowledgeGraph, tokens: list[str] | None, dest: Path,
-                             log: Callable[[str], None]) -> dict[str, Any]:
-    """True/false instructions (:mod:`kgtok.llm.classify`): a training-triple sample, valid, test."""
+                             log: Callable[[str], None], negatives: Path | None = None) -> dict[str, Any]:
+    """True/false instructions (:mod:`kgtok.llm.classify`): a training-triple sample, valid, test (its
+    negatives from the ``negatives`` file when given)."""
+    from kgtok.llm.classify import read_negatives
+
     rng = np.random.default_rng(config.seed)
     neighbours = NeighbourIndex(kg)
     train = kg.train.numpy()
@@ -287,7 +294,8 @@ def _classification_instruct(config: InstructConfig, kg: KnowledgeGraph, tokens:
     splits = {"lm_train": train, "lm_valid": kg.valid.numpy(), "test": kg.test.numpy()}
     counts = {}
     for name, triples in splits.items():
-        records = classification_records(kg, triples, name, tokens, neighbours, config, rng)
+        given = read_negatives(negatives, kg) if negatives is not None and name == "test" else None
+        records = classification_records(kg, triples, name, tokens, neighbours, config, rng, given)
         write_jsonl(InstructArtifact(dest).split(name), records)
         counts[name] = len(records)
     log(f"instruct (classification): {counts} records")
