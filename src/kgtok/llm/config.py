@@ -122,7 +122,7 @@ class FinetuneConfig:
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 8  # per device
     gradient_accumulation_steps: int = 1  # batches summed per optimiser step
-    max_length: int = 512  # tokens; longer prompts lose their beginning, never the answer
+    max_length: int = 512  # tokens; longer prompts lose neighbour facts, then description words (never query, list, answer)
     warmup_ratio: float = 0.03  # share of the steps with a rising learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     gradient_checkpointing: bool = False  # trades compute for memory on big backbones
@@ -162,7 +162,7 @@ class EvaluateConfig:
     decode: Decode = "trie"  # trie (from the candidate scores) | generate (HF generate + prefix trie)
     backend: Backend = "hf"  # hf (transformers, shared KV cache) | vllm (the vllm package; in practice a GPU)
     score: SequenceScore = "sum"  # re-ranking by sequence score: sum of token log-probs | mean (length-normalised)
-    max_prompt_tokens: int = 512  # longer prompts lose their beginning (as in training)
+    max_prompt_tokens: int = 512  # longer prompts lose facts, then description words (as in training)
     class_constraint: bool = False  # ReaLM's ontology constraint (needs classes)
     # Fused rankers score LM log-likelihood + w x log softmax(stage-1 scores): the LM and the retriever err on
     # different queries, and how much to trust each depends on backbone and data.  None: the FUSION_GRID value

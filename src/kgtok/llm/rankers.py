@@ -7,7 +7,8 @@ Per query, :func:`prediction_row` stores what the LM chose (METHOD.md stage 5):
 - ``fused_scores``, ``fused_pick``: LM log-likelihood + w x log softmax of the
   stage-1 scores (:func:`log_prior`; w from ``fusion_weight``, or chosen on
   LM-valid by :func:`choose_fusion_weight`);
-- ``class_pick``: ReaLM's ontology constraint (:func:`constrain_to_class`).
+- ``class_pick``: a class constraint from the candidates' own scores (:func:`constrain_to_class`; not yet
+  ReaLM's, where the LM predicts the class).
 
 After the last query every registered ranker turns the rows into ranks: a
 pick by the DIFT rule (:func:`kgtok.metrics.dift_rank`), scores by re-ranking
@@ -121,7 +122,7 @@ def fused_rerank(rows: PredictionRows) -> np.ndarray | None:
     return rows.reranked("fused_scores")
 
 
-@ranker("dift_class", "LM pick + class constraint")
+@ranker("dift_class", "LM pick + class constraint (candidate mass)")
 def dift_class(rows: PredictionRows) -> np.ndarray | None:
     return rows.picked("class_pick")
 
@@ -170,9 +171,11 @@ def log_prior(candidate_scores: list[float] | np.ndarray) -> np.ndarray:
 
 
 def constrain_to_class(pick: int, scores: np.ndarray, candidate_classes: np.ndarray) -> int:
-    """ReaLM: keep the pick if its class has the most candidate probability mass, else the best of that class.
+    """Keep the pick if its class has the most candidate probability mass, else the best of that class.
 
-    The predicted class is the one with the most mass under the softmax of the candidates' sequence scores.
+    The "predicted class" is the one with the most mass under the softmax of the candidates' sequence scores:
+    the LM never predicts a class here, so this is *not* ReaLM's constraint (where the LM generates the
+    target's class before the entity, trained as part of the answer); issue 14 item 6 keeps that open.
     """
     known = candidate_classes >= 0
     if not known.any():
