@@ -570,6 +570,8 @@ def quantize_command(data: str, hierarchy: str | None, embeddings: str | None, o
               help="KG directory.")
 @click.option("--embeddings", required=True, type=click.Path(file_okay=False), help="Stage-1 artifact (candidates).")
 @click.option("--codes", default=None, type=click.Path(file_okay=False), help="Stage-4 artifact (entity codes).")
+@click.option("--classes", default=None, type=click.Path(),
+              help="class_prefix=true: entity<TAB>class file or stage-3 artifact (level-1 clusters).")
 @click.option("--negatives", default=None, type=click.Path(dir_okay=False),
               help="task=classification: head<TAB>relation<TAB>tail test negatives (else corrupted test triples).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the JSONL files.")
@@ -577,11 +579,11 @@ def quantize_command(data: str, hierarchy: str | None, embeddings: str | None, o
 @click.argument("overrides", nargs=-1)
 @_force_option
 @_friendly_errors
-def instruct_command(data: str, embeddings: str, codes: str | None, negatives: str | None, out: str,
-                     config_path: str | None, force: bool, overrides: tuple[str, ...]) -> None:
+def instruct_command(data: str, embeddings: str, codes: str | None, classes: str | None, negatives: str | None,
+                     out: str, config_path: str | None, force: bool, overrides: tuple[str, ...]) -> None:
     """Write DIFT-format instructions with codes (LM-train, LM-valid, test), e.g. ids=none or ids=random."""
     _stage_command("instruct", config_path, list(overrides), out, data=data, force=force,
-                   inputs={"embeddings": embeddings, "codes": codes, "negatives": negatives})
+                   inputs={"embeddings": embeddings, "codes": codes, "negatives": negatives, "classes": classes})
 
 
 # ----------------------------------------------------------------------------

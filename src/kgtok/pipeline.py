@@ -91,6 +91,7 @@ class RunConfig:
         """Stage ``name``'s inputs: each declared input wired to ``<out>/<stage that makes it>``."""
         out = Path(self.out)
         unused = {("instruct", "codes"), ("finetune", "codes")} if not self.instruct.use_codes else set()
+        unused |= {("instruct", "classes")} if not self.instruct.class_prefix else set()
         return {i.name: out / i.stage for i in STAGES[name].inputs
                 if i.stage is not None and i.stage in self.stages() and (name, i.name) not in unused}
 

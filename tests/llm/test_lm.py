@@ -541,3 +541,38 @@ def test_typed_negatives_given_negatives_and_threshold_on_valid(stages, tmp_path
     # the threshold: best accuracy, ties broken toward 0
     assert best_threshold(np.array([-2.0, -1.0, 1.0, 3.0]), np.array([False, True, True, True])) == -1.5
     assert best_threshold(np.array([-1.0, 1.0]), np.array([False, True])) == 0.0
+
+
+def test_realm_class_prediction_trained_as_part_of_the_answer(stages, tmp_path):
+    """class_prefix: answers start with the class token; 5c reads the LM's class off it and constrains the pick."""
+    from kgtok.llm.rankers import predicted_class_pick
+
+    # by hand: the LM's likeliest class token is class 1's; the pick (class 0) moves to class 1's best candidate
+    predicted, picked = predicted_class_pick(0, np.array([-1.0, -3.0, -2.0]), np.array([0, 1, 1]),
+                                             np.array([-0.5, -0.2, -0.2]))
+    assert (predicted, picked) == (1, 2)
+    assert predicted_class_pick(1, np.array([-1.0, -3.0, -2.0]), np.array([0, 1, 1]), np.array([-2.0, -0.1, -0.1]))\
+        == (1, 1)
+    kg, kg_dir, embed, codes, _, root = stages
+    classes = tmp_path / "classes.tsv"
+    classes.write_text("".join(f"{name}\t{kg.entity_types[i, 0]}\n" for i, name in enumerate(kg.entity_names)))
+    dest = run_instruct(InstructConfig(top_k=6, neighbours=2, description_words=8, class_prefix=True), kg, embed,
+                        tmp_path / "inst", codes=codes, classes=classes, log=quiet)
+    record = json.loads((dest / "test.jsonl").read_text().splitlines()[0])
+    ids = load_classes(classes, kg.entity_names)  # class names numbered in order of appearance
+    assert record["answer"].startswith(f"<cls_{ids[record['gold']]}> ") and record["gold_class"] == ids[record["gold"]]
+    assert record["candidate_answers"][0] == f"<cls_{record['candidate_classes'][0]}> {record['candidate_text'][0]}"
+    with pytest.raises(ValueError, match="instruct needs --classes"):
+        run_instruct(InstructConfig(top_k=6, class_prefix=True), kg, embed, tmp_path / "x", codes=codes, log=quiet)
+    model = run_finetune(FinetuneConfig(tiny=TINY, max_steps=4, batch_size=4, threads=1), dest, tmp_path / "ft",
+                         codes=codes, progress=False, log=quiet)
+    ev = run_evaluate(EvaluateConfig(max_queries=10, batch_size=2, fusion_weight=0.0), model, dest, tmp_path / "ev",
+                      progress=False, log=quiet)
+    rows = [json.loads(line) for line in (ev / "predictions.jsonl").read_text().splitlines()]
+    metrics = json.loads((ev / "metrics.json").read_text())
+    records = {r["id"]: r for r in map(json.loads, (dest / "test.jsonl").read_text().splitlines())}
+    for row in rows:
+        candidates = records[row["id"]]["candidates"]
+        assert records[row["id"]]["candidate_classes"][candidates.index(row["class_pick"])] == row["predicted_class"]
+    assert metrics["class_accuracy"] == pytest.approx(np.mean([r["predicted_class"] == r["gold_class"] for r in rows]))
+    assert "dift_class" in metrics

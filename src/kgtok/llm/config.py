@@ -51,6 +51,7 @@ class InstructConfig:
     use_names: bool = True  # entity names; false: codes only (ablation)
     use_descriptions: bool = True  # the known entity's description (cut to description_words)
     use_neighbours: bool = True  # training-graph facts about the known entity (DIFT)
+    class_prefix: bool = False  # ReaLM: answers start with the target's class token (needs classes); 5c reads it
     train_from_train_queries: bool = False  # also turn training queries into examples (off: DIFT)
     train_queries: int = 0  # with the above: at most this many training queries (0: all)
     # The query form needs no stage-1 candidates and is ~10x shorter: a from-scratch LM sees every training triple.

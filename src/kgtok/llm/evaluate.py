@@ -13,9 +13,13 @@ The recipe, one module each:
 
 The fusion weight (``fusion_weight: null``) is chosen first, on LM-valid,
 and kept in ``<dest>.work/fusion.json`` so a resumed run does not score
-LM-valid again.  ReaLM's ontology constraint (``class_constraint``) needs
-classes: a file of entity<TAB>class, else a stage-3 artifact's level-1
-clusters, else the synthetic KG's true types.  Triple-classification
+LM-valid again.  ReaLM's class constraint: instructions written with
+``class_prefix`` make the LM generate the target's class token before the
+entity; the predicted class is the candidates' class whose token the LM finds
+likeliest, and a pick outside it is replaced by the best candidate of that
+class (``class_pick``; ``class_accuracy`` in the metrics).  Without class
+prefixes, ``class_constraint`` takes the class with the most candidate mass
+instead (classes from a file of entity<TAB>class or a stage-3 artifact).  Triple-classification
 instructions are answered by comparing " true" with " false".
 
 Artifact (``dest``): ``predictions.jsonl``, ``metrics.json`` (every ranker:
@@ -33,6 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kgtok.artifacts import write_json_atomic
+from kgtok.llm.classes import load_classes  # here too: kgtok.llm.evaluate.load_classes is public
 from kgtok.llm.config import EvaluateConfig  # here too: kgtok.llm.evaluate.EvaluateConfig is public
 from kgtok.llm.layout import EvaluateArtifact, FinetuneArtifact, InstructArtifact
 from kgtok.llm.prompts import read_jsonl, write_jsonl
@@ -116,7 +121,8 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
     with partial.appending() as add:
         for query in scorer.score(todo, "evaluate"):
             add(prediction_row(query.record, query.answers, query.totals, scorer.pick(query), score=config.score,
-                               fusion_weight=weight if fusable else 0.0, classes=classes))
+                               fusion_weight=weight if fusable else 0.0, classes=classes,
+                               class_scores=scorer.class_scores(query)))
     seconds = time.perf_counter() - start
     ctx.timings["evaluate"] = seconds
     predictions = [partial.rows[r["id"]] for r in records]
@@ -128,6 +134,8 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
         "queries": len(predictions), "seconds": seconds, "queries_per_second": len(todo) / max(seconds, 1e-9),
         "resumed_queries": len(records) - len(todo),
         "gold_in_candidates": float(np.mean([p["gold_index"] >= 0 for p in predictions])), "fusion_weight": weight,
+        **({"class_accuracy": float(np.mean([p["predicted_class"] == p["gold_class"] for p in predictions]))}
+           if all("predicted_class" in p for p in predictions) else {}),
         "fusion_position": fusion.get("position", "configured"), "fusion_chosen_on": fusion.get(
             "chosen_on", "configured"),
         "prompts_trimmed": scorer.budget["trimmed"], "prompts_over": scorer.budget["over"],
@@ -227,28 +235,3 @@ def _write_evaluation(dest: Path, predictions: list[dict[str, Any]], metrics: di
     out = EvaluateArtifact(dest)
     write_jsonl(out.predictions, predictions)
     write_json_atomic(out.metrics_path, metrics)
-
-
-def load_classes(source: str | Path | np.ndarray | None, entity_names: list[str]) -> np.ndarray | None:
-    """(N,) class id per entity from an array, a file of entity<TAB>class, or a stage-3 artifact."""
-    if source is None or isinstance(source, np.ndarray):
-        return source
-    path = Path(source)
-    if path.is_dir():
-        from kgtok.hierarchy.stage import load_hierarchy
-
-        hierarchy = load_hierarchy(path)
-        return np.asarray(hierarchy["paths"])[:, 0]
-    index = {name: i for i, name in enumerate(entity_names)}
-    classes = np.full(len(entity_names), -1, dtype=np.int64)
-    names: dict[str, int] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != 2:
-            raise ValueError(f"{path}:{number}: expected entity<TAB>class, got {len(fields)} field(s)")
-        if fields[0] not in index:
-            raise ValueError(f"{path}:{number}: unknown entity {fields[0]!r}")
-        classes[index[fields[0]]] = names.setdefault(fields[1], len(names))
-    return classes

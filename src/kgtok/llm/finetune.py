@@ -55,6 +55,13 @@ def budget_counts(examples: list[dict[str, Any]]) -> dict[str, int]:
     return {key: sum(e["budget"] == key for e in examples) for key in ("trimmed", "over")}
 
 
+def class_tokens(texts: list[str]) -> list[str]:
+    """The class tokens (``<cls_N>``, ``<cls_none>``) the training texts use, sorted."""
+    import re
+
+    return sorted({token for text in texts for token in re.findall(r"<cls_[^<>\s]+>", text)})
+
+
 def load_backbone(config: FinetuneConfig, texts: list[str], work: Path, codes: str | Path | None
                   ) -> tuple[Any, Any, list[int], Path]:
     """Model and tokenizer with the code vocabulary added; returns (model, tokenizer, new token ids, path)."""
@@ -67,6 +74,7 @@ def load_backbone(config: FinetuneConfig, texts: list[str], work: Path, codes: s
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokens, codebooks = (code_vocabulary(codes) if codes is not None else ([], None))
+    tokens = tokens + class_tokens(texts)  # class_prefix answers: one token per class (rows from the mean)
     new_ids = extend_vocabulary(model, tokenizer, list(BOUNDARY_TOKENS) + tokens, init=config.embedding_init,
                                 codebooks=codebooks, seed=config.seed)
     return model, tokenizer, new_ids, path

@@ -41,6 +41,7 @@ import numpy as np
 from kgtok.data.graph import KnowledgeGraph
 from kgtok.embed.layout import EmbedArtifact
 from kgtok.embed.ranking import RankedQueries
+from kgtok.llm.classes import class_token, load_classes
 from kgtok.llm.classify import classification_records
 from kgtok.llm.config import InstructConfig  # here too: kgtok.llm.instruct.InstructConfig is public
 from kgtok.llm.layout import InstructArtifact
@@ -82,6 +83,17 @@ def query_records(kg: KnowledgeGraph, rows: np.ndarray | None, tokens: list[str]
 def prompt_fields(parts: dict[str, Any]) -> dict[str, Any]:
     """A record's ``prompt`` (whole) and ``prompt_parts`` (what the token budget may trim: facts, description)."""
     return {"prompt": compose_prompt(parts), "prompt_parts": parts}
+
+
+def add_class_prefix(records: list[dict[str, Any]], classes: np.ndarray) -> None:
+    """ReaLM's class prediction: each answer (and candidate answer) starts with its entity's class token."""
+    for record in records:
+        record["gold_class"] = int(classes[record["gold"]])
+        record["answer"] = f"{class_token(record['gold_class'])} {record['answer']}"
+        if "candidates" in record:
+            record["candidate_classes"] = [int(classes[c]) for c in record["candidates"]]
+            record["candidate_answers"] = [f"{class_token(k)} {text}" for k, text in
+                                           zip(record["candidate_classes"], record["candidate_text"])]
 
 
 def load_tokens(quantize_artifact: str | Path | None, kg: KnowledgeGraph) -> list[str] | None:
@@ -230,6 +242,12 @@ def run(config: InstructConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     if config.train_from_train_queries:
         lm_train = [lm_train[i] for i in rng.permutation(len(lm_train))]
     test = records_for_split(kg, ranked["test"], "test", tokens, neighbours, config)
+    if config.class_prefix:
+        if inputs.get("classes") is None:
+            raise ValueError("class_prefix needs --classes (a file of entity<TAB>class or a stage-3 artifact)")
+        classes = load_classes(inputs["classes"], kg.entity_names)
+        for records in (lm_train, lm_valid, test):
+            add_class_prefix(records, classes)
     out = InstructArtifact(dest)
     for name, records in (("lm_train", lm_train), ("lm_valid", lm_valid), ("test", test)):
         write_jsonl(out.split(name), records)
@@ -243,7 +261,8 @@ def run(config: InstructConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
 
 
 def _needs(config: InstructConfig) -> tuple[str, ...]:
-    return (("embeddings",) if config.task == "completion" else ()) + (("codes",) if config.use_codes else ())
+    return ((("embeddings",) if config.task == "completion" else ()) + (("codes",) if config.use_codes else ())
+            + (("classes",) if config.class_prefix else ()))
 
 
 STAGE = Stage(
@@ -251,6 +270,8 @@ STAGE = Stage(
     inputs=(Input("embeddings", "embed", EmbedArtifact, "a stage-1 artifact (candidates)"),
             Input("codes", "quantize", QuantizeArtifact,
                   "a stage-4 artifact (entity codes); ids=none writes DIFT without codes"),
+            Input("classes", "hierarchy", None, "class_prefix: a file of entity<TAB>class or a stage-3 artifact "
+                  "(level-1 clusters)"),
             Input("negatives", None, None, "task=classification: a file of head<TAB>relation<TAB>tail test "
                   "negatives (else corrupted test triples)")),
     needs=_needs, summary=("lm_train", "lm_valid", "test"),
@@ -265,11 +286,13 @@ def run_instruct(
     *,
     codes: str | Path | None = None,
     negatives: str | Path | None = None,
+    classes: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Stage 5a into ``dest`` (reused when current); ``negatives``: a file of test negatives (classification)."""
+    """Stage 5a into ``dest`` (reused when current); ``negatives``: a file of test negatives (classification);
+    ``classes``: entity<TAB>class file or stage-3 artifact (class_prefix)."""
     return run_stage(STAGE, config, dest, data=data, log=log,
-                     inputs={"embeddings": embeddings, "codes": codes, "negatives": negatives}).path
+                     inputs={"embeddings": embeddings, "codes": codes, "negatives": negatives, "classes": classes}).path
 
 
 def _ranked_queries(embeddings: EmbedArtifact, split: str) -> RankedQueries:

@@ -122,7 +122,7 @@ def fused_rerank(rows: PredictionRows) -> np.ndarray | None:
     return rows.reranked("fused_scores")
 
 
-@ranker("dift_class", "LM pick + class constraint (candidate mass)")
+@ranker("dift_class", "LM pick + class constraint")
 def dift_class(rows: PredictionRows) -> np.ndarray | None:
     return rows.picked("class_pick")
 
@@ -196,12 +196,27 @@ def sequence_scores(totals: np.ndarray, answers: list[list[int]], score: str) ->
     return totals if score == "sum" else totals / np.array([len(a) for a in answers])
 
 
+def predicted_class_pick(pick: int, scores: np.ndarray, candidate_classes: np.ndarray, class_scores: np.ndarray
+                         ) -> tuple[int, int]:
+    """ReaLM: (predicted class, pick).  The LM's class is the one whose class token it finds likeliest
+    (``class_scores``, among the candidates' classes); a pick of another class is replaced by the
+    best-scored candidate of the predicted class."""
+    predicted = int(candidate_classes[int(np.argmax(class_scores))])
+    if candidate_classes[pick] == predicted:
+        return predicted, pick
+    members = np.flatnonzero(candidate_classes == predicted)
+    return predicted, int(members[np.argmax(scores[members])])
+
+
 def prediction_row(record: dict[str, Any], answers: list[list[int]], totals: np.ndarray, pick: int, *,
-                   score: str, fusion_weight: float, classes: np.ndarray | None) -> dict[str, Any]:
+                   score: str, fusion_weight: float, classes: np.ndarray | None,
+                   class_scores: np.ndarray | None = None) -> dict[str, Any]:
     """One line of predictions.jsonl: the query, the gold, and what each ranker needs of the LM's choices.
 
     ``answers``: candidate token ids; ``totals``: (k,) their sequence log-likelihoods; ``pick``: the
-    constrained-generation choice; ``fusion_weight`` 0: no fused fields; ``classes`` None: no class pick.
+    constrained-generation choice; ``fusion_weight`` 0: no fused fields; ``class_scores`` (class_prefix
+    records): ReaLM's class pick from the LM's predicted class; else ``classes`` (None: no class pick): the
+    candidate-mass constraint.
     The fused scores add the prior to the same sequence scores the re-rank uses (``score: mean`` included).
     """
     scores = sequence_scores(totals, answers, score)
@@ -215,7 +230,12 @@ def prediction_row(record: dict[str, Any], answers: list[list[int]], totals: np.
         best = int(np.argmax(fused))
         row.update(fused_scores=[round(float(s), 4) for s in fused],
                    fused_pick=record["candidates"][best], fused_pick_position=best + 1)
-    if classes is not None:
+    if class_scores is not None:
+        predicted, picked = predicted_class_pick(pick, scores, np.asarray(record["candidate_classes"]),
+                                                 class_scores)
+        row.update(class_pick=record["candidates"][picked], class_pick_position=picked + 1,
+                   predicted_class=predicted, gold_class=record["gold_class"])
+    elif classes is not None:
         picked = constrain_to_class(pick, scores, classes[np.asarray(record["candidates"])])
         row.update(class_pick=record["candidates"][picked], class_pick_position=picked + 1)
     return row

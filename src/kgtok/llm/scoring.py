@@ -123,7 +123,8 @@ class ScoredQuery:
 
 
 def candidate_texts(record: dict[str, Any]) -> list[str]:
-    return record["candidate_text"]
+    """The answers scored per candidate: with class_prefix, class token then entity; else the entity."""
+    return record.get("candidate_answers", record["candidate_text"])
 
 
 class CandidateScorer:
@@ -167,6 +168,20 @@ class CandidateScorer:
                 yield from map(ScoredQuery, batch, prompts, answers, scores)
                 bar.update(len(batch))
         bar.close()
+
+    def class_scores(self, query: ScoredQuery) -> np.ndarray | None:
+        """(k,) log-prob of each candidate's class token and what precedes it in its answer (class_prefix
+        records; None otherwise): the LM's belief in that class before any entity token."""
+        answers = query.record.get("candidate_answers")
+        if answers is None or "candidate_classes" not in query.record:
+            return None
+        out = []
+        for ids, logprobs, text in zip(query.answers, query.token_logprobs, answers):
+            token = self.tokenizer.convert_tokens_to_ids(text.split(" ", 1)[0])
+            if token not in ids:
+                raise ValueError(f"{query.record['id']}: class token of {text!r} is not one token of the model")
+            out.append(float(np.sum(logprobs[: ids.index(token) + 1])))
+        return np.array(out)
 
     def pick(self, query: ScoredQuery) -> int:
         """Constrained generation (``decode``): trie decoding from the scores, or Hugging Face ``generate``."""
