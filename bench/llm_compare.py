@@ -32,13 +32,21 @@ from _common import command, machine, write_result  # noqa: E402
 from ablation import comparison_text  # noqa: E402
 
 from kgtok.config import load_config  # noqa: E402
-from kgtok.llm.compare import comparison_rows, significant  # noqa: E402
+from kgtok.llm.compare import comparison_rows, evaluation_ranks, significant  # noqa: E402
+from kgtok.metrics import format_difference, paired_comparison  # noqa: E402
 from kgtok.llm import InstructConfig, run_instruct  # noqa: E402
 from kgtok.llm.evaluate import EvaluateConfig, run_evaluate  # noqa: E402
 from kgtok.llm.finetune import FinetuneConfig, run_finetune  # noqa: E402
 from kgtok.pipeline import RunConfig, run  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def class_effect(evaluate_dir: Path) -> dict:
+    """ReaLM's class constraint vs the same ranker without it, in the same run (pick, re-rank): paired
+    difference, CI, p."""
+    _, ranks = evaluation_ranks(evaluate_dir)
+    return {key: paired_comparison(ranks[f"{key}_class"], ranks[key]) for key in ("dift", "rerank")}
 
 
 def main() -> None:
@@ -48,7 +56,10 @@ def main() -> None:
     parser.add_argument("--run-dir", default=None, help="run directory for stages 0-4 (default runs/bench/run-<dataset>)")
     parser.add_argument("--backbone", default="tiny")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", default="codes,random_ids,no_codes", help="of codes, random_ids, no_codes")
+    parser.add_argument("--variants", default="codes,random_ids,no_codes",
+                        help="of codes, random_ids, no_codes, codes_classes (ReaLM's class prefix; needs --classes)")
+    parser.add_argument("--classes", default=None,
+                        help="entity<TAB>class file for codes_classes, or 'types': the synthetic KG's level-0 types")
     parser.add_argument("--max-queries", type=int, default=0, help="evaluate only the first n test queries")
     parser.add_argument("--tag", default="")
     parser.add_argument("--note", default="", help="recorded with the result (e.g. whether the machine was shared)")
@@ -72,10 +83,22 @@ def main() -> None:
     upstream_seconds = time.perf_counter() - start
     kg_dir = json.loads((run_dir / "data" / "manifest.json").read_text())["metrics"]["kg_dir"]
     record: dict = {"backbone": args.backbone, "data": kg_dir, "upstream_seconds": round(upstream_seconds, 1)}
+    classes = None
+    if args.classes == "types":  # the generator's true types (level 0) as the classes
+        from kgtok.data import load_kg
+
+        kg = load_kg(kg_dir)
+        classes = run_dir / "classes_types.tsv"
+        classes.write_text("".join(f"{name}\t{kg.entity_types[i, 0]}\n" for i, name in enumerate(kg.entity_names)))
+    elif args.classes:
+        classes = Path(args.classes)
     for variant in args.variants.split(","):
-        ids = {"codes": "codes", "random_ids": "random", "no_codes": "none"}[variant]
+        ids = {"codes": "codes", "random_ids": "random", "no_codes": "none", "codes_classes": "codes"}[variant]
+        prefix = ["class_prefix=true"] if variant == "codes_classes" else []
+        if prefix and classes is None:
+            raise SystemExit("variant codes_classes needs --classes")
         out = run_dir / f"llm-{args.backbone.replace('/', '_')}{args.tag and '-' + args.tag}-{variant}"
-        instruct = load_config(InstructConfig, None, [f"ids={ids}", *groups["instruct"]])
+        instruct = load_config(InstructConfig, None, [f"ids={ids}", *prefix, *groups["instruct"]])
         finetune = load_config(FinetuneConfig, None, [f"backbone={args.backbone}", f"threads={t}",
                                                       *groups["finetune"]])
         evaluate = load_config(EvaluateConfig, None, [f"threads={t}", f"max_queries={args.max_queries}",
@@ -83,7 +106,8 @@ def main() -> None:
         codes = run_dir / "quantize" if ids != "none" else None
         timings = {}
         begin = time.perf_counter()
-        run_instruct(instruct, kg_dir, run_dir / "embed", out / "instruct", codes=codes, log=lambda *_: None)
+        run_instruct(instruct, kg_dir, run_dir / "embed", out / "instruct", codes=codes,
+                     classes=classes if prefix else None, log=lambda *_: None)
         timings["instruct"] = time.perf_counter() - begin
         begin = time.perf_counter()
         run_finetune(finetune, out / "instruct", out / "finetune", codes=codes, progress=False, log=print)
@@ -105,6 +129,10 @@ def main() -> None:
             f"{variant}_fusion": {k: metrics.get("fusion", {}).get(k) for k in ("weight", "position", "chosen_on",
                                                                                  "grid")},
             f"{variant}_prompts_trimmed": metrics.get("prompts_trimmed"),
+            **({f"{variant}_class_accuracy": metrics["class_accuracy"],
+                f"{variant}_dift_class_hits_at_1": metrics["dift_class_hits_at_1"],
+                f"{variant}_class_constraint_vs_without": class_effect(out / "evaluate")} if "class_accuracy" in metrics
+               else {}),
             f"{variant}_train_tokens_per_second": trained["train_tokens_per_second"],
             f"{variant}_queries_per_second": metrics["queries_per_second"],
             f"{variant}_lm_train_examples": trained["train_examples"], f"{variant}_steps": trained["steps"],
@@ -128,6 +156,13 @@ def main() -> None:
     name = f"llm_{args.dataset}" + (f"_{args.tag}" if args.tag else "")
     path = write_result(name, args.dataset, record, columns)
     text = comparison_text(rows, {v: record[f"{v}_fusion"] for v in variants}, record)
+    for v in variants:
+        if f"{v}_class_accuracy" in record:
+            effect = record[f"{v}_class_constraint_vs_without"]
+            text += f"\n{v}: class accuracy {record[f'{v}_class_accuracy']:.3f} (LM's predicted class = gold's)\n"
+            for key, name in (("dift", "LM pick"), ("rerank", "LM re-rank")):
+                text += (f"- {name} with the class constraint minus without: Hits@1 "
+                         f"{format_difference(effect[key]['hits_at_1'])}, MRR {format_difference(effect[key]['mrr'])}\n")
     with path.with_suffix(".md").open("a") as handle:
         handle.write(text)
     print(text)

@@ -575,4 +575,8 @@ def test_realm_class_prediction_trained_as_part_of_the_answer(stages, tmp_path):
         candidates = records[row["id"]]["candidates"]
         assert records[row["id"]]["candidate_classes"][candidates.index(row["class_pick"])] == row["predicted_class"]
     assert metrics["class_accuracy"] == pytest.approx(np.mean([r["predicted_class"] == r["gold_class"] for r in rows]))
-    assert "dift_class" in metrics
+    assert "dift_class" in metrics and "rerank_class" in metrics
+    for row in rows:  # the constrained re-rank puts the predicted class first
+        classes_of = records[row["id"]]["candidate_classes"]
+        best = int(np.argmax(row["class_scores"]))
+        assert classes_of[best] == row["predicted_class"]

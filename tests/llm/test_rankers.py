@@ -26,7 +26,8 @@ def rows() -> list[dict]:
 
 
 def test_registered_rankers_and_their_summary_keys():
-    assert [r.key for r in rankers()] == ["retriever", "dift", "rerank", "fused_pick", "fused_rerank", "dift_class"]
+    assert [r.key for r in rankers()] == ["retriever", "dift", "rerank", "fused_pick", "fused_rerank", "dift_class",
+                                          "rerank_class"]
     assert all(r.label for r in rankers())
     assert summary_keys(("hits_at_1", "mrr"))[:3] == ["retriever_hits_at_1", "dift_hits_at_1", "rerank_hits_at_1"]
     assert len(summary_keys()) == len(MEASURES) * len(rankers())

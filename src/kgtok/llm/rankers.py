@@ -36,6 +36,7 @@ import numpy as np
 
 MEASURES = ("mrr", "hits_at_1", "hits_at_3", "hits_at_10")  # per ranker in the manifest: <key>_<measure>
 FUSION_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)  # 64: stage-1 order, LM breaks near-ties
+CLASS_PENALTY = 1e4  # class_scores: candidates outside the predicted class rank below every one inside
 FUSION_GRID_LIMIT = 4096.0  # a best weight at the grid's top extends it (x4) up to here, else "retriever only"
 
 
@@ -125,6 +126,12 @@ def fused_rerank(rows: PredictionRows) -> np.ndarray | None:
 @ranker("dift_class", "LM pick + class constraint")
 def dift_class(rows: PredictionRows) -> np.ndarray | None:
     return rows.picked("class_pick")
+
+
+@ranker("rerank_class", "LM re-rank + class constraint")
+def rerank_class(rows: PredictionRows) -> np.ndarray | None:
+    """The re-rank with the LM's predicted class first (class_prefix runs; trie picks already keep to it)."""
+    return rows.reranked("class_scores")
 
 
 def rank_all(predictions: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -233,8 +240,10 @@ def prediction_row(record: dict[str, Any], answers: list[list[int]], totals: np.
     if class_scores is not None:
         predicted, picked = predicted_class_pick(pick, scores, np.asarray(record["candidate_classes"]),
                                                  class_scores)
+        inside = np.asarray(record["candidate_classes"]) == predicted
         row.update(class_pick=record["candidates"][picked], class_pick_position=picked + 1,
-                   predicted_class=predicted, gold_class=record["gold_class"])
+                   predicted_class=predicted, gold_class=record["gold_class"],
+                   class_scores=[round(float(s), 4) for s in np.where(inside, scores, scores - CLASS_PENALTY)])
     elif classes is not None:
         picked = constrain_to_class(pick, scores, classes[np.asarray(record["candidates"])])
         row.update(class_pick=record["candidates"][picked], class_pick_position=picked + 1)
