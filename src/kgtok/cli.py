@@ -277,15 +277,24 @@ def _print_results(results: list[Any]) -> None:
     if final is not None:
         from kgtok.llm.layout import EvaluateArtifact
 
+        from kgtok.llm.compare import comparison_rows
+        from kgtok.metrics import format_difference
+
         metrics = EvaluateArtifact(final.path).metrics()
-        summary = Table(title=f"link prediction, {metrics['queries']} test queries (filtered)")
-        for column in ("ranker", "MRR", "Hits@1", "Hits@3", "Hits@10"):
+        versus = {row["ranker"]: row["vs_retriever"] for row in comparison_rows({"run": final.path})
+                  if row["vs_retriever"]} if "retriever" in metrics else {}
+        summary = Table(title=f"link prediction, {metrics['queries']} test queries (filtered); vs the retriever: "
+                              "paired difference [95% bootstrap CI] p")
+        for column in ("ranker", "MRR", "Hits@1", "Hits@3", "Hits@10", "Hits@1 - retriever", "MRR - retriever"):
             summary.add_column(column)
         for ranker in rankers():
             if ranker.key in metrics:
                 both = metrics[ranker.key]["both"]
-                summary.add_row(ranker.label, *(f"{both[m]:.3f}" for m in MEASURES))
-        console.print(summary)
+                pair = versus.get(ranker.key)
+                summary.add_row(ranker.label, *(f"{both[m]:.3f}" for m in MEASURES),
+                                *((format_difference(pair["hits_at_1"]), format_difference(pair["mrr"])) if pair
+                                  else ("-", "-")))
+        Console(width=max(console.width, 150)).print(summary)
 
 
 # ----------------------------------------------------------------------------
@@ -622,16 +631,20 @@ def quantize_command(data: str, hierarchy: str | None, embeddings: str | None, o
               help="KG directory.")
 @click.option("--embeddings", required=True, type=click.Path(file_okay=False), help="Stage-1 artifact (candidates).")
 @click.option("--codes", default=None, type=click.Path(file_okay=False), help="Stage-4 artifact (entity codes).")
+@click.option("--classes", default=None, type=click.Path(),
+              help="class_prefix=true: entity<TAB>class file or stage-3 artifact (level-1 clusters).")
+@click.option("--negatives", default=None, type=click.Path(dir_okay=False),
+              help="task=classification: head<TAB>relation<TAB>tail test negatives (else corrupted test triples).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the JSONL files.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of an InstructConfig.")
 @click.argument("overrides", nargs=-1)
 @_force_option
 @_friendly_errors
-def instruct_command(data: str, embeddings: str, codes: str | None, out: str, config_path: str | None,
-                     force: bool, overrides: tuple[str, ...]) -> None:
-    """Write DIFT-format instructions with codes (LM-train, LM-valid, test), e.g. use_codes=false."""
+def instruct_command(data: str, embeddings: str, codes: str | None, classes: str | None, negatives: str | None,
+                     out: str, config_path: str | None, force: bool, overrides: tuple[str, ...]) -> None:
+    """Write DIFT-format instructions with codes (LM-train, LM-valid, test), e.g. ids=none or ids=random."""
     _stage_command("instruct", config_path, list(overrides), out, data=data, force=force,
-                   inputs={"embeddings": embeddings, "codes": codes})
+                   inputs={"embeddings": embeddings, "codes": codes, "negatives": negatives, "classes": classes})
 
 
 # ----------------------------------------------------------------------------
@@ -700,32 +713,39 @@ def report_command(run_dir: str, out: str | None, screenshot: str | None) -> Non
 
 @cli.command("ablate")
 @_run_options
-@click.option("--only", default=None, help="Comma-separated subset of: without_l1,without_l2,without_gsr,without_codes.")
+@click.option("--only", default=None, help="Comma-separated subset of: without_l1,without_l2,without_gsr,without_codes,random_ids.")
 @click.argument("overrides", nargs=-1)
 @_friendly_errors
 def ablate_command(config_path: str | None, data: str | None, out: str | None, only: str | None,
                    overrides: tuple[str, ...]) -> None:
-    """The paper's ablation set on one run (stages 0-3 reused); one table."""
+    """The paper's ablation set on one run (stages 0-3 reused); one table.
+
+    Per run and ranker: Hits@1 and MRR, and the paired difference to the retriever and to the run without
+    IDs (without_codes) with its 95% bootstrap CI and p-value (kgtok.llm.compare).
+    """
     from rich.console import Console
     from rich.table import Table
 
     from kgtok.artifacts import write_json_atomic
-    from kgtok.llm.rankers import rankers
+    from kgtok.llm.compare import comparison_cells, comparison_header, comparison_rows
     from kgtok.pipeline import ABLATIONS, ablate
 
     config = _run_config(config_path, data, out, overrides)
     names = tuple(only.split(",")) if only else tuple(ABLATIONS)
     results = ablate(config, names, log=click.echo)
-    table = Table(title="ablations (test, filtered): Hits@1 / MRR per ranker")
-    shown = [r for r in rankers() if any(f"{r.key}_mrr" in m for m in results.values())]
-    for column in ("run", *(r.label for r in shown)):
+    run_dir = Path(config.out)
+    runs = {name: run_dir / "evaluate" if name == "full" else run_dir / "ablate" / name / "evaluate"
+            for name in results}
+    rows = comparison_rows(runs, "without_codes" if "without_codes" in runs else None)
+    table = Table(title=f"ablations (test, filtered, {rows[0]['queries']} queries): paired differences, "
+                        "95% bootstrap CI, p (McNemar / sign-flip permutation)")
+    for column in comparison_header():
         table.add_column(column)
-    for name, m in results.items():
-        table.add_row(name, *(f"{m[f'{r.key}_hits_at_1']:.3f} / {m[f'{r.key}_mrr']:.3f}" if f"{r.key}_mrr" in m
-                              else "-" for r in shown))
-    Console(width=140).print(table)
-    summary = Path(config.out) / "ablate" / "summary.json"
-    write_json_atomic(summary, results)
+    for row in rows:
+        table.add_row(row["run"], row["label"], *comparison_cells(row))
+    Console(width=220).print(table)
+    summary = run_dir / "ablate" / "summary.json"
+    write_json_atomic(summary, {"metrics": results, "comparisons": rows})
     click.echo(f"-> {summary}")
 
 

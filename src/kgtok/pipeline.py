@@ -91,6 +91,7 @@ class RunConfig:
         """Stage ``name``'s inputs: each declared input wired to ``<out>/<stage that makes it>``."""
         out = Path(self.out)
         unused = {("instruct", "codes"), ("finetune", "codes")} if not self.instruct.use_codes else set()
+        unused |= {("instruct", "classes")} if not self.instruct.class_prefix else set()
         return {i.name: out / i.stage for i in STAGES[name].inputs
                 if i.stage is not None and i.stage in self.stages() and (name, i.name) not in unused}
 
@@ -175,7 +176,8 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
     "without_l1": ("quantize.gse.l1=false",),
     "without_l2": ("quantize.gse.l2=false",),
     "without_gsr": ("quantize.gsr.enabled=false",),
-    "without_codes": ("instruct.use_codes=false",),
+    "without_codes": ("instruct.ids=none",),
+    "random_ids": ("instruct.ids=random",),  # unique IDs without the codes' content: do codes or uniqueness help?
 }
 
 

@@ -141,18 +141,31 @@ def rank_splits(
     export_splits: tuple[str, ...],
     progress: bool = False,
 ) -> tuple[dict[str, RankedQueries], dict[str, dict]]:
-    """Rank valid, test and every exported split once; metrics of valid and test.
+    """Rank valid, test and every exported split; metrics of valid and test.
 
-    Candidates (top-k) are kept only for the exported splits.
+    Candidates (top-k) are kept only for the exported splits.  Metrics filter with train ∪ valid ∪ test (the
+    standard); exported train and valid lists, stage 5's training material, with train ∪ valid only, as any
+    honest training set (a test answer may be a negative there): those splits are ranked again for it.
     """
     ranked: dict[str, RankedQueries] = {}
     metrics: dict[str, dict] = {}
+    seen = None  # train ∪ valid, built when a training list is exported
     for split in dict.fromkeys(("valid", "test", *export_splits)):
-        ranked[split] = rank_triples(
-            model, kg.triples[split], kg.filter_index, reciprocal=reciprocal, num_base_relations=kg.num_relations,
-            batch_size=batch_size, top_k=top_k if split in export_splits else 0, progress=progress,
-            description=f"rank {split}",
-        )
+        training_list = split in export_splits and split != "test"
         if split in ("valid", "test"):
+            ranked[split] = rank_triples(
+                model, kg.triples[split], kg.filter_index, reciprocal=reciprocal,
+                num_base_relations=kg.num_relations, batch_size=batch_size,
+                top_k=top_k if split in export_splits and not training_list else 0, progress=progress,
+                description=f"rank {split}",
+            )
             metrics[split] = ranked[split].evaluator().compute()
+        if training_list:
+            if seen is None:
+                seen = FilterIndex(np.concatenate([kg.train.numpy(), kg.valid.numpy()]), kg.num_entities,
+                                   kg.num_relations)
+            ranked[split] = rank_triples(
+                model, kg.triples[split], seen, reciprocal=reciprocal, num_base_relations=kg.num_relations,
+                batch_size=batch_size, top_k=top_k, progress=progress, description=f"rank {split} (train ∪ valid)",
+            )
     return ranked, metrics

@@ -22,6 +22,8 @@ Split = Literal["test", "lm_valid"]
 Decode = Literal["trie", "generate"]
 Backend = Literal["hf", "vllm"]
 SequenceScore = Literal["sum", "mean"]
+Ids = Literal["codes", "random", "none"]
+Negatives = Literal["typed", "uniform"]
 
 
 def choice_checks(config: object) -> list[Check]:
@@ -44,10 +46,12 @@ class InstructConfig:
     top_k: int = 20  # candidates listed per prompt (at most what stage 1 exported)
     neighbours: int = 10  # training-graph triples about the known entity
     description_words: int = 50  # the known entity's description is cut to about this many words
-    use_codes: bool = True  # entity codes after names (GS-Quant); false: DIFT without codes
+    # Names are ambiguous (WN18RR: 12,873 entities share 4,477 names): "random" tells "codes help" from "unique IDs help".
+    ids: Ids = "codes"  # after names: codes (GS-Quant) | random (a random unique tuple, the codes' shape and tokens) | none (DIFT)
     use_names: bool = True  # entity names; false: codes only (ablation)
     use_descriptions: bool = True  # the known entity's description (cut to description_words)
     use_neighbours: bool = True  # training-graph facts about the known entity (DIFT)
+    class_prefix: bool = False  # ReaLM: answers start with the target's class token (needs classes); 5c reads it
     train_from_train_queries: bool = False  # also turn training queries into examples (off: DIFT)
     train_queries: int = 0  # with the above: at most this many training queries (0: all)
     # The query form needs no stage-1 candidates and is ~10x shorter: a from-scratch LM sees every training triple.
@@ -58,6 +62,7 @@ class InstructConfig:
     lm_valid_fraction: float = 0.1  # share of the validation queries kept for LM validation
     confidence_threshold: float = 0.05  # LM-train keeps records with confidence above this
     classification_train_triples: int = 5000  # classification: training triples sampled for LM-train (0: all)
+    negatives: Negatives = "typed"  # classification: typed (an entity seen with the relation there) | uniform (any)
     seed: int = 0  # validation split, training-query sample, candidate shuffles, classification negatives
 
     def __post_init__(self) -> None:
@@ -71,8 +76,13 @@ class InstructConfig:
             ("lm_valid_fraction", in_range(0.0, 0.9), "in [0, 0.9]"),
             ("confidence_threshold", in_range(0.0), ">= 0"),
             ("seed", in_range(0), ">= 0"),
-            ("use_names", lambda v: v or self.use_codes, "names or codes (or both) must be used"),
+            ("use_names", lambda v: v or self.use_codes, "names or ids (or both) must be used"),
         ])
+
+    @property
+    def use_codes(self) -> bool:
+        """Entities carry code tokens (their codes or random ones): the stage-4 artifact is needed."""
+        return self.ids != "none"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,7 +123,7 @@ class FinetuneConfig:
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 8  # per device
     gradient_accumulation_steps: int = 1  # batches summed per optimiser step
-    max_length: int = 512  # tokens; longer prompts lose their beginning, never the answer
+    max_length: int = 512  # tokens; longer prompts lose neighbour facts, then description words (never query, list, answer)
     warmup_ratio: float = 0.03  # share of the steps with a rising learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     gradient_checkpointing: bool = False  # trades compute for memory on big backbones
@@ -153,12 +163,14 @@ class EvaluateConfig:
     decode: Decode = "trie"  # trie (from the candidate scores) | generate (HF generate + prefix trie)
     backend: Backend = "hf"  # hf (transformers, shared KV cache) | vllm (the vllm package; in practice a GPU)
     score: SequenceScore = "sum"  # re-ranking by sequence score: sum of token log-probs | mean (length-normalised)
-    max_prompt_tokens: int = 512  # longer prompts lose their beginning (as in training)
+    max_prompt_tokens: int = 512  # longer prompts lose facts, then description words (as in training)
     class_constraint: bool = False  # ReaLM's ontology constraint (needs classes)
     # Fused rankers score LM log-likelihood + w x log softmax(stage-1 scores): the LM and the retriever err on
     # different queries, and how much to trust each depends on backbone and data.  None: the FUSION_GRID value
     # with the best fused re-rank MRR on lm_valid.jsonl (scored as well), else 1.
     fusion_weight: float | None = None  # w of the fused rankers; 0: off; None: chosen on lm_valid.jsonl
+    # Triple classification predicts "true" when log p(true) - log p(false) > threshold.
+    threshold: float | None = None  # None: the best accuracy on lm_valid.jsonl (scored as well); else fixed
     max_queries: int = resumable(0)  # evaluate only the first n queries (0 = all)
     threads: int = machine(0)  # torch threads; 0 = all cores
 

@@ -13,9 +13,13 @@ The recipe, one module each:
 
 The fusion weight (``fusion_weight: null``) is chosen first, on LM-valid,
 and kept in ``<dest>.work/fusion.json`` so a resumed run does not score
-LM-valid again.  ReaLM's ontology constraint (``class_constraint``) needs
-classes: a file of entity<TAB>class, else a stage-3 artifact's level-1
-clusters, else the synthetic KG's true types.  Triple-classification
+LM-valid again.  ReaLM's class constraint: instructions written with
+``class_prefix`` make the LM generate the target's class token before the
+entity; the predicted class is the candidates' class whose token the LM finds
+likeliest, and a pick outside it is replaced by the best candidate of that
+class (``class_pick``; ``class_accuracy`` in the metrics).  Without class
+prefixes, ``class_constraint`` takes the class with the most candidate mass
+instead (classes from a file of entity<TAB>class or a stage-3 artifact).  Triple-classification
 instructions are answered by comparing " true" with " false".
 
 Artifact (``dest``): ``predictions.jsonl``, ``metrics.json`` (every ranker:
@@ -33,6 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kgtok.artifacts import write_json_atomic
+from kgtok.llm.classes import load_classes  # here too: kgtok.llm.evaluate.load_classes is public
 from kgtok.llm.config import EvaluateConfig  # here too: kgtok.llm.evaluate.EvaluateConfig is public
 from kgtok.llm.layout import EvaluateArtifact, FinetuneArtifact, InstructArtifact
 from kgtok.llm.prompts import read_jsonl, write_jsonl
@@ -61,7 +66,8 @@ def run(config: EvaluateConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     with quiet_libraries():
         scorer = CandidateScorer(hf_dir, config, ctx.progress)
         if records[0].get("task") == "classification":
-            return _evaluate_classification(scorer, records, dest, ctx)
+            return _evaluate_classification(config, scorer, records, InstructArtifact(inputs["instructions"]),
+                                            dest, ctx)
         return _evaluate_ranking(config, scorer, records, InstructArtifact(inputs["instructions"]), dest,
                                  entity_classes, ctx)
 
@@ -110,11 +116,13 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
         ctx.log(f"evaluate: {len(partial.rows)} of {len(records)} queries already scored in {partial.path}; "
                 "resuming")
     todo = [r for r in records if r["id"] not in partial.rows]
+    scorer.budget = dict.fromkeys(scorer.budget, 0)  # the test prompts' count (LM-valid's went before)
     start = time.perf_counter()
     with partial.appending() as add:
         for query in scorer.score(todo, "evaluate"):
             add(prediction_row(query.record, query.answers, query.totals, scorer.pick(query), score=config.score,
-                               fusion_weight=weight if fusable else 0.0, classes=classes))
+                               fusion_weight=weight if fusable else 0.0, classes=classes,
+                               class_scores=scorer.class_scores(query)))
     seconds = time.perf_counter() - start
     ctx.timings["evaluate"] = seconds
     predictions = [partial.rows[r["id"]] for r in records]
@@ -126,9 +134,18 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
         "queries": len(predictions), "seconds": seconds, "queries_per_second": len(todo) / max(seconds, 1e-9),
         "resumed_queries": len(records) - len(todo),
         "gold_in_candidates": float(np.mean([p["gold_index"] >= 0 for p in predictions])), "fusion_weight": weight,
+        **({"class_accuracy": float(np.mean([p["predicted_class"] == p["gold_class"] for p in predictions]))}
+           if all("predicted_class" in p for p in predictions) else {}),
+        "fusion_position": fusion.get("position", "configured"), "fusion_chosen_on": fusion.get(
+            "chosen_on", "configured"),
+        "prompts_trimmed": scorer.budget["trimmed"], "prompts_over": scorer.budget["over"],
         **{f"{key}_{measure}": metrics[key]["both"][measure] for key in ranks for measure in MEASURES},
     }
     _write_evaluation(dest, predictions, {**summary, **metrics, "per_relation": per_relation, "fusion": fusion})
+    if scorer.budget["trimmed"] or scorer.budget["over"]:
+        ctx.log(f"evaluate: {scorer.budget['trimmed']} of {len(todo)} prompts trimmed to max_prompt_tokens="
+                f"{config.max_prompt_tokens} (facts, then description); {scorer.budget['over']} over it with "
+                "query and list alone")
     ctx.log(f"evaluate: {len(predictions)} queries, {summary['queries_per_second']:.1f} queries/s; Hits@1 "
             f"retriever {summary['retriever_hits_at_1']:.3f}, DIFT rule {summary['dift_hits_at_1']:.3f}, "
             f"re-rank {summary['rerank_hits_at_1']:.3f}")
@@ -142,42 +159,68 @@ def _fusion_weight(config: EvaluateConfig, scorer: Any, fusable: bool, valid_pat
     A chosen weight is kept in the work folder (``saved_path``): a resumed evaluation does not score LM-valid
     again.
     """
-    from kgtok.llm.rankers import choose_fusion_weight, gold_position, log_prior
+    from kgtok.llm.rankers import choose_fusion_weight, gold_position, log_prior, sequence_scores
 
     if config.fusion_weight is not None:
-        return {"weight": config.fusion_weight}
+        return {"weight": config.fusion_weight, "position": "configured", "chosen_on": "configured"}
     if saved_path.exists():
         saved = json.loads(saved_path.read_text(encoding="utf-8"))
         log(f"evaluate: fusion weight {saved['weight']} (chosen on LM-valid before the interruption)")
         return saved
-    fusion: dict[str, Any] = {"weight": 1.0}
+    fusion: dict[str, Any] = {"weight": 1.0, "position": "default (no LM-valid lists)", "chosen_on": "none"}
     valid = ([r for r in read_jsonl(valid_path) if r.get("candidate_scores") is not None]
              if fusable and config.split != "lm_valid" and valid_path.exists() else [])
     if valid:
-        totals = [query.totals for query in scorer.score(valid, "fusion weight")]
-        fusion = choose_fusion_weight(totals, [log_prior(r["candidate_scores"]) for r in valid],
+        scores = [sequence_scores(query.totals, query.answers, config.score)
+                  for query in scorer.score(valid, "fusion weight")]
+        fusion = choose_fusion_weight(scores, [log_prior(r["candidate_scores"]) for r in valid],
                                       np.array([gold_position(r) for r in valid]),
                                       np.array([r["stage1_rank"] for r in valid]))
-        log(f"evaluate: fusion weight {fusion['weight']} (fused re-rank MRR on {len(valid)} LM-valid "
-            f"queries: {fusion['valid_mrr']})")
+        fusion["chosen_on"] = f"LM-valid ({len(valid)} queries)"
+        log(f"evaluate: fusion weight {fusion['weight']} ({fusion['position']}; fused re-rank MRR on {len(valid)} "
+            f"LM-valid queries: {fusion['valid_mrr']})")
     write_json_atomic(saved_path, fusion)
     return fusion
 
 
-def _evaluate_classification(scorer: Any, records: list[dict[str, Any]], dest: Path,
-                             ctx: Context) -> dict[str, Any]:
-    """Triple classification: the answer " true" or " false", whichever the LM finds likelier."""
-    from kgtok.llm.classify import classification_metrics
+def _margins(scorer: Any, records: list[dict[str, Any]], desc: str) -> list[float]:
+    """log p(" true") - log p(" false") per record."""
+    return [float(query.totals[0] - query.totals[1])
+            for query in scorer.score(records, desc, answers_of=lambda _: ["true", "false"])]
 
+
+def _evaluate_classification(config: EvaluateConfig, scorer: Any, records: list[dict[str, Any]],
+                             instructions: InstructArtifact, dest: Path, ctx: Context) -> dict[str, Any]:
+    """Triple classification: "true" when log p(" true") - log p(" false") exceeds the threshold, which is
+    configured or chosen on LM-valid (kept in the work folder, never chosen on the evaluated triples)."""
+    from kgtok.llm.classify import best_threshold, classification_metrics
+
+    threshold = {"threshold": config.threshold, "chosen_on": "configured"} if config.threshold is not None \
+        else None
+    saved = ctx.work / "threshold.json"
+    if threshold is None and saved.exists():
+        threshold = json.loads(saved.read_text(encoding="utf-8"))
+    valid_path = instructions.split("lm_valid")
+    if threshold is None:
+        threshold = {"threshold": 0.0, "chosen_on": "none (no LM-valid records)"}
+        valid = read_jsonl(valid_path) if config.split != "lm_valid" and valid_path.exists() else []
+        if valid:
+            margins = _margins(scorer, valid, "threshold")
+            threshold = {"threshold": best_threshold(np.array(margins), np.array([r["label"] for r in valid])),
+                         "chosen_on": f"LM-valid ({len(valid)} triples)"}
+            ctx.log(f"evaluate: threshold {threshold['threshold']:.4f} (best accuracy on {len(valid)} LM-valid "
+                    "triples)")
+        write_json_atomic(saved, threshold)
     start = time.perf_counter()
-    margins = [float(query.totals[0] - query.totals[1])
-               for query in scorer.score(records, "evaluate", answers_of=lambda _: ["true", "false"])]
+    margins = _margins(scorer, records, "evaluate")
     seconds = time.perf_counter() - start
     ctx.timings["evaluate"] = seconds
     labels = np.array([r["label"] for r in records])
-    predicted = np.array(margins) > 0
+    predicted = np.array(margins) > threshold["threshold"]
     metrics = {**classification_metrics(labels, predicted), "queries": len(records), "seconds": seconds,
-               "queries_per_second": len(records) / seconds}
+               "queries_per_second": len(records) / seconds, "threshold": threshold["threshold"],
+               "threshold_chosen_on": threshold["chosen_on"],
+               "accuracy_at_zero": float(np.mean((np.array(margins) > 0) == labels))}
     predictions = [{"id": record["id"], "triple": record["triple"], "label": record["label"],
                     "predicted": bool(guess), "margin": round(margin, 4)}
                    for record, margin, guess in zip(records, margins, predicted)]
@@ -192,28 +235,3 @@ def _write_evaluation(dest: Path, predictions: list[dict[str, Any]], metrics: di
     out = EvaluateArtifact(dest)
     write_jsonl(out.predictions, predictions)
     write_json_atomic(out.metrics_path, metrics)
-
-
-def load_classes(source: str | Path | np.ndarray | None, entity_names: list[str]) -> np.ndarray | None:
-    """(N,) class id per entity from an array, a file of entity<TAB>class, or a stage-3 artifact."""
-    if source is None or isinstance(source, np.ndarray):
-        return source
-    path = Path(source)
-    if path.is_dir():
-        from kgtok.hierarchy.stage import load_hierarchy
-
-        hierarchy = load_hierarchy(path)
-        return np.asarray(hierarchy["paths"])[:, 0]
-    index = {name: i for i, name in enumerate(entity_names)}
-    classes = np.full(len(entity_names), -1, dtype=np.int64)
-    names: dict[str, int] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != 2:
-            raise ValueError(f"{path}:{number}: expected entity<TAB>class, got {len(fields)} field(s)")
-        if fields[0] not in index:
-            raise ValueError(f"{path}:{number}: unknown entity {fields[0]!r}")
-        classes[index[fields[0]]] = names.setdefault(fields[1], len(names))
-    return classes

@@ -33,7 +33,7 @@ from kgtok.artifacts import write_json_atomic
 from kgtok.llm.backbone import is_from_scratch, resolve_backbone
 from kgtok.llm.config import FinetuneConfig  # here too: kgtok.llm.finetune.FinetuneConfig is public
 from kgtok.llm.layout import FinetuneArtifact, InstructArtifact
-from kgtok.llm.prompts import encode_answer, encode_prompt, pad_left, read_jsonl, training_text, truncate_prompt
+from kgtok.llm.prompts import encode_answer, fit_prompt, pad_left, read_jsonl, training_text
 from kgtok.llm.vocab import BOUNDARY_TOKENS, code_vocabulary, extend_vocabulary
 from kgtok.quantize.layout import QuantizeArtifact
 from kgtok.stage import Context, Input, Stage, run_stage
@@ -41,11 +41,25 @@ from kgtok.stage import Context, Input, Stage, run_stage
 IGNORE_INDEX = -100  # label of the prompt tokens: no loss there
 
 
-def encode_example(tokenizer: Any, prompt: str, answer: str, max_length: int) -> dict[str, list[int]]:
-    """input_ids and labels (prompt masked); an over-long prompt loses its beginning, after BOS."""
-    answer_ids = encode_answer(tokenizer, answer)
-    prompt_ids = truncate_prompt(tokenizer, encode_prompt(tokenizer, prompt), max_length - len(answer_ids))
-    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
+def encode_example(tokenizer: Any, record: dict[str, Any], max_length: int) -> dict[str, Any]:
+    """input_ids and labels (prompt masked) of a record; an over-long prompt is trimmed by
+    :func:`kgtok.llm.prompts.fit_prompt` (``budget``: fit, trimmed or over)."""
+    answer_ids = encode_answer(tokenizer, record["answer"])
+    prompt_ids, budget = fit_prompt(tokenizer, record, max_length - len(answer_ids))
+    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
+            "budget": budget}
+
+
+def budget_counts(examples: list[dict[str, Any]]) -> dict[str, int]:
+    """How many encoded examples the prompt budget trimmed, and how many stayed over it (query and list alone)."""
+    return {key: sum(e["budget"] == key for e in examples) for key in ("trimmed", "over")}
+
+
+def class_tokens(texts: list[str]) -> list[str]:
+    """The class tokens (``<cls_N>``, ``<cls_none>``) the training texts use, sorted."""
+    import re
+
+    return sorted({token for text in texts for token in re.findall(r"<cls_[^<>\s]+>", text)})
 
 
 def load_backbone(config: FinetuneConfig, texts: list[str], work: Path, codes: str | Path | None
@@ -60,6 +74,7 @@ def load_backbone(config: FinetuneConfig, texts: list[str], work: Path, codes: s
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokens, codebooks = (code_vocabulary(codes) if codes is not None else ([], None))
+    tokens = tokens + class_tokens(texts)  # class_prefix answers: one token per class (rows from the mean)
     new_ids = extend_vocabulary(model, tokenizer, list(BOUNDARY_TOKENS) + tokens, init=config.embedding_init,
                                 codebooks=codebooks, seed=config.seed)
     return model, tokenizer, new_ids, path
@@ -151,8 +166,13 @@ def make_trainer(config: FinetuneConfig, arguments: Any, model: Any, tokenizer: 
 
     from kgtok.llm.console import TrainingConsole
 
-    train_set = [encode_example(tokenizer, r["prompt"], r["answer"], config.max_length) for r in train_records]
-    valid_set = [encode_example(tokenizer, r["prompt"], r["answer"], config.max_length) for r in valid_records]
+    train_set = [encode_example(tokenizer, r, config.max_length) for r in train_records]
+    valid_set = [encode_example(tokenizer, r, config.max_length) for r in valid_records]
+    for name, examples in (("LM-train", train_set), ("LM-valid", valid_set)):
+        counts = budget_counts(examples)
+        if counts["trimmed"] or counts["over"]:
+            log(f"finetune: {counts['trimmed']} of {len(examples)} {name} prompts trimmed to max_length="
+                f"{config.max_length} (facts, then description); {counts['over']} over it with query and list alone")
     trainer = Trainer(model=model, args=arguments, train_dataset=train_set, eval_dataset=valid_set or None,
                       data_collator=PaddingCollator(tokenizer.pad_token_id), compute_loss_func=answer_loss)
     trainer.remove_callback(PrinterCallback)  # a dictionary per logging step
@@ -210,6 +230,7 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
         "train_tokens_per_second": (examples * sum(len(e["input_ids"]) for e in train_set) / len(train_set)
                                     / seconds if seconds else math.nan),
         "processes": state.num_processes, "learning_rate": learning_rate,
+        **{f"prompts_{key}": n for key, n in budget_counts(train_set).items()},
     }
     write_json_atomic(FinetuneArtifact(dest).metrics_path, {**metrics, "history": list(trainer.state.log_history)})
     ctx.log(f"finetune: {metrics['adapter']} training of {backbone.name}, {result.global_step} steps, "

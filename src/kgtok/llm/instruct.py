@@ -2,11 +2,12 @@
 
 Where the examples come from (DIFT, METHOD.md stage 5): the stage-1 model's
 top-k lists for the *validation* queries, both directions, shuffled and split
-90% / 10% into LM-train / LM-valid; LM-train keeps a record only when its
-confidence 100·p(gold) + 1/rank (rank <= k; else 1/rank) exceeds 0.05, which
-drops every record whose gold is outside the list.  The test queries are the
-LM's test set.  (On training queries the stage-1 model has seen the answer, so
-its lists would teach the LM to copy rank 1; they are an opt-in source.)
+90% / 10% *by triple* into LM-train / LM-valid (a triple's two queries on one
+side); LM-train keeps a record only when its confidence 100·p(gold) + 1/rank
+(rank <= k; else 1/rank) exceeds 0.05, which drops every record whose gold is
+outside the list.  The test queries are the LM's test set.  (On training
+queries the stage-1 model has seen the answer, so its lists would teach the
+LM to copy rank 1; they are an opt-in source.)
 Training queries come in one of two forms (``train_query_format``): the full
 DIFT prompt with the list in random order, or ReaLM's form, the query line
 alone ("(known entity <codes>, relation, ?)" -> the answer).  The second needs
@@ -31,6 +32,7 @@ Output (``dest``): ``lm_train.jsonl``, ``lm_valid.jsonl``, ``test.jsonl`` and
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,11 +41,12 @@ import numpy as np
 from kgtok.data.graph import KnowledgeGraph
 from kgtok.embed.layout import EmbedArtifact
 from kgtok.embed.ranking import RankedQueries
+from kgtok.llm.classes import class_token, load_classes
 from kgtok.llm.classify import classification_records
 from kgtok.llm.config import InstructConfig  # here too: kgtok.llm.instruct.InstructConfig is public
 from kgtok.llm.layout import InstructArtifact
 from kgtok.llm.neighbours import NeighbourIndex
-from kgtok.llm.prompts import dift_prompt, entity_text, query_prompt, write_jsonl
+from kgtok.llm.prompts import compose_prompt, dift_prompt_parts, entity_text, query_lines, write_jsonl
 from kgtok.quantize.layout import QuantizeArtifact
 from kgtok.stage import Context, Input, Stage, run_stage
 
@@ -64,15 +67,33 @@ def query_records(kg: KnowledgeGraph, rows: np.ndarray | None, tokens: list[str]
         h, r, t = (int(v) for v in train[i % n])
         direction = int(i >= n)
         known, gold = (h, t) if direction == 0 else (t, h)
+        query, question = query_lines(kg.relation_names[r], direction, entity_text(kg, known, tokens, config))
         records.append({
             "id": f"train-{i % n}-{'tail' if direction == 0 else 'head'}", "split": "train",
             "direction": "tail" if direction == 0 else "head",
             "triple": [kg.entity_names[h], kg.relation_names[r], kg.entity_names[t]],
             "known": known, "gold": gold,
-            "prompt": query_prompt(kg, r, direction, known, tokens, config),
+            **prompt_fields({"head": [query], "about": "", "description": "", "facts_about": "", "facts": [],
+                             "tail": [question]}),
             "answer": entity_text(kg, gold, tokens, config),
         })
     return records
+
+
+def prompt_fields(parts: dict[str, Any]) -> dict[str, Any]:
+    """A record's ``prompt`` (whole) and ``prompt_parts`` (what the token budget may trim: facts, description)."""
+    return {"prompt": compose_prompt(parts), "prompt_parts": parts}
+
+
+def add_class_prefix(records: list[dict[str, Any]], classes: np.ndarray) -> None:
+    """ReaLM's class prediction: each answer (and candidate answer) starts with its entity's class token."""
+    for record in records:
+        record["gold_class"] = int(classes[record["gold"]])
+        record["answer"] = f"{class_token(record['gold_class'])} {record['answer']}"
+        if "candidates" in record:
+            record["candidate_classes"] = [int(classes[c]) for c in record["candidates"]]
+            record["candidate_answers"] = [f"{class_token(k)} {text}" for k, text in
+                                           zip(record["candidate_classes"], record["candidate_text"])]
 
 
 def load_tokens(quantize_artifact: str | Path | None, kg: KnowledgeGraph) -> list[str] | None:
@@ -84,6 +105,44 @@ def load_tokens(quantize_artifact: str | Path | None, kg: KnowledgeGraph) -> lis
     if [r[1] for r in rows] != kg.entity_names:
         raise ValueError(f"{path}: entity order differs from the KG's; was it made from another dataset?")
     return [r[2] for r in rows]
+
+
+def random_ids(tokens: list[str], rng: np.random.Generator, tries: int = 100_000) -> list[str]:
+    """A random unique code per entity, of the codes' shape and vocabulary (the ``ids: random`` baseline).
+
+    Each level's tokens are permuted across the entities independently (among the codes of one length), so
+    every level keeps its tokens and their counts while an entity's tuple carries nothing of its own codes or
+    of its neighbours'.  Entities left sharing a tuple then swap one level's token with a random entity of
+    the same length (counts kept) until every tuple is unique, at most ``tries`` swaps.
+    """
+    split = [re.findall(r"<[^<>]+>", t) for t in tokens]
+    lengths = np.array([len(s) for s in split])
+    shuffled = [list(s) for s in split]
+    groups = {int(length): np.flatnonzero(lengths == length) for length in np.unique(lengths)}
+    for length, members in groups.items():
+        for level in range(length):
+            column = [split[i][level] for i in members]
+            for i, j in zip(members, rng.permutation(len(members))):
+                shuffled[i][level] = column[j]
+    owners: dict[tuple[str, ...], list[int]] = {}
+    for i, code in enumerate(shuffled):
+        owners.setdefault(tuple(code), []).append(i)
+    for _ in range(tries):
+        clashing = [i for group in owners.values() if len(group) > 1 for i in group[1:]]
+        if not clashing:
+            return ["".join(code) for code in shuffled]
+        i = clashing[int(rng.integers(len(clashing)))]
+        members = groups[len(shuffled[i])]
+        j, level = int(members[rng.integers(len(members))]), int(rng.integers(len(shuffled[i])))
+        if j == i:
+            continue
+        for k in (i, j):
+            owners[tuple(shuffled[k])].remove(k)
+        shuffled[i][level], shuffled[j][level] = shuffled[j][level], shuffled[i][level]
+        for k in (i, j):
+            owners.setdefault(tuple(shuffled[k]), []).append(k)
+        owners = {code: group for code, group in owners.items() if group}
+    raise ValueError(f"ids=random: codes still shared after {tries} swaps (too few code combinations)")
 
 
 def records_for_split(kg: KnowledgeGraph, ranked: RankedQueries, split: str, tokens: list[str] | None,
@@ -120,25 +179,34 @@ def records_for_split(kg: KnowledgeGraph, ranked: RankedQueries, split: str, tok
             "known": known, "gold": gold, "candidates": candidates, "candidate_scores": scores,
             "candidate_text": [entity_text(kg, c, tokens, config) for c in candidates],
             "gold_in_candidates": in_list, "stage1_rank": rank, "confidence": confidence,
-            "prompt": dift_prompt(kg, (h, r, t), direction, candidates, context, tokens, config),
+            **prompt_fields(dift_prompt_parts(kg, (h, r, t), direction, candidates, context, tokens, config)),
             "answer": entity_text(kg, gold, tokens, config),
         })
     return records
 
 
-def split_examples(records: list[dict[str, Any]], config: InstructConfig) -> tuple[list, list, int]:
-    """Shuffle, split into LM-train / LM-valid, filter LM-train by confidence (truncated sampling).
+def triple_key(record: dict[str, Any]) -> str:
+    """The triple a query record comes from (its head and tail queries share it): ``valid-17``."""
+    return record["id"].rsplit("-", 1)[0]
 
-    Returns (LM-train, LM-valid, number of LM-train records dropped by the filter).
+
+def split_examples(records: list[dict[str, Any]], config: InstructConfig) -> tuple[list, list, int]:
+    """Shuffle, split into LM-train / LM-valid *by triple*, filter LM-train by confidence (truncated sampling).
+
+    The head and the tail query of a triple go to the same side: split by query, about 90% of the LM-valid
+    queries had their twin (the same triple, the other side) in LM-train, an optimistic LM-valid that biased
+    what is chosen on it.  Returns (LM-train, LM-valid, number of LM-train records dropped by the filter).
     """
     rng = np.random.default_rng(config.seed)
+    keys = list(dict.fromkeys(triple_key(r) for r in records))
+    cut = int(round(len(keys) * (1.0 - config.lm_valid_fraction)))
+    to_train = set(np.asarray(keys, dtype=object)[rng.permutation(len(keys))[:cut]].tolist())
     order = rng.permutation(len(records))
-    cut = int(round(len(records) * (1.0 - config.lm_valid_fraction)))
-    candidates = [records[i] for i in order[:cut]]
+    candidates = [records[i] for i in order if triple_key(records[i]) in to_train]
     # With k = 20 the threshold alone drops every gold outside the list (1/21 < 0.05);
     # with a shorter list it would not, so that condition is stated explicitly.
     train = confident(candidates, config)
-    valid = [records[i] for i in order[cut:]]
+    valid = [records[i] for i in order if triple_key(records[i]) not in to_train]
     return train, valid, len(candidates) - len(train)
 
 
@@ -151,8 +219,10 @@ def run(config: InstructConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     """Stage 5a: write LM-train, LM-valid and test instructions into ``dest`` (see the module docstring)."""
     kg = ctx.kg
     tokens = load_tokens(inputs["codes"], kg) if config.use_codes else None
+    if config.ids == "random":
+        tokens = random_ids(tokens, np.random.default_rng(config.seed + 2))
     if config.task == "classification":
-        return _classification_instruct(config, kg, tokens, dest, ctx.log)
+        return _classification_instruct(config, kg, tokens, dest, ctx.log, inputs.get("negatives"))
     embeddings = EmbedArtifact(inputs["embeddings"])
     dift_train_queries = config.train_from_train_queries and config.train_query_format == "dift"
     ranked = {split: _ranked_queries(embeddings, split)
@@ -172,6 +242,12 @@ def run(config: InstructConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     if config.train_from_train_queries:
         lm_train = [lm_train[i] for i in rng.permutation(len(lm_train))]
     test = records_for_split(kg, ranked["test"], "test", tokens, neighbours, config)
+    if config.class_prefix:
+        if inputs.get("classes") is None:
+            raise ValueError("class_prefix needs --classes (a file of entity<TAB>class or a stage-3 artifact)")
+        classes = load_classes(inputs["classes"], kg.entity_names)
+        for records in (lm_train, lm_valid, test):
+            add_class_prefix(records, classes)
     out = InstructArtifact(dest)
     for name, records in (("lm_train", lm_train), ("lm_valid", lm_valid), ("test", test)):
         write_jsonl(out.split(name), records)
@@ -185,14 +261,19 @@ def run(config: InstructConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
 
 
 def _needs(config: InstructConfig) -> tuple[str, ...]:
-    return (("embeddings",) if config.task == "completion" else ()) + (("codes",) if config.use_codes else ())
+    return ((("embeddings",) if config.task == "completion" else ()) + (("codes",) if config.use_codes else ())
+            + (("classes",) if config.class_prefix else ()))
 
 
 STAGE = Stage(
     name="instruct", title="stage 5a: instructions", config=InstructConfig, run=run,
     inputs=(Input("embeddings", "embed", EmbedArtifact, "a stage-1 artifact (candidates)"),
             Input("codes", "quantize", QuantizeArtifact,
-                  "a stage-4 artifact (entity codes); use_codes=false writes DIFT without codes")),
+                  "a stage-4 artifact (entity codes); ids=none writes DIFT without codes"),
+            Input("classes", "hierarchy", None, "class_prefix: a file of entity<TAB>class or a stage-3 artifact "
+                  "(level-1 clusters)"),
+            Input("negatives", None, None, "task=classification: a file of head<TAB>relation<TAB>tail test "
+                  "negatives (else corrupted test triples)")),
     needs=_needs, summary=("lm_train", "lm_valid", "test"),
 )
 
@@ -204,10 +285,14 @@ def run_instruct(
     dest: str | Path,
     *,
     codes: str | Path | None = None,
+    negatives: str | Path | None = None,
+    classes: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Stage 5a into ``dest`` (reused when current)."""
-    return run_stage(STAGE, config, dest, data=data, inputs={"embeddings": embeddings, "codes": codes}, log=log).path
+    """Stage 5a into ``dest`` (reused when current); ``negatives``: a file of test negatives (classification);
+    ``classes``: entity<TAB>class file or stage-3 artifact (class_prefix)."""
+    return run_stage(STAGE, config, dest, data=data, log=log,
+                     inputs={"embeddings": embeddings, "codes": codes, "negatives": negatives, "classes": classes}).path
 
 
 def _ranked_queries(embeddings: EmbedArtifact, split: str) -> RankedQueries:
@@ -219,8 +304,11 @@ def _ranked_queries(embeddings: EmbedArtifact, split: str) -> RankedQueries:
 
 
 def _classification_instruct(config: InstructConfig, kg: KnowledgeGraph, tokens: list[str] | None, dest: Path,
-                             log: Callable[[str], None]) -> dict[str, Any]:
-    """True/false instructions (:mod:`kgtok.llm.classify`): a training-triple sample, valid, test."""
+                             log: Callable[[str], None], negatives: Path | None = None) -> dict[str, Any]:
+    """True/false instructions (:mod:`kgtok.llm.classify`): a training-triple sample, valid, test (its
+    negatives from the ``negatives`` file when given)."""
+    from kgtok.llm.classify import read_negatives
+
     rng = np.random.default_rng(config.seed)
     neighbours = NeighbourIndex(kg)
     train = kg.train.numpy()
@@ -229,7 +317,8 @@ def _classification_instruct(config: InstructConfig, kg: KnowledgeGraph, tokens:
     splits = {"lm_train": train, "lm_valid": kg.valid.numpy(), "test": kg.test.numpy()}
     counts = {}
     for name, triples in splits.items():
-        records = classification_records(kg, triples, name, tokens, neighbours, config, rng)
+        given = read_negatives(negatives, kg) if negatives is not None and name == "test" else None
+        records = classification_records(kg, triples, name, tokens, neighbours, config, rng, given)
         write_jsonl(InstructArtifact(dest).split(name), records)
         counts[name] = len(records)
     log(f"instruct (classification): {counts} records")

@@ -84,31 +84,105 @@ def query_prompt(kg: KnowledgeGraph, relation: int, direction: int, known: int, 
     return f"{query}\n{question}"
 
 
-def dift_prompt(kg: KnowledgeGraph, triple: Triple, direction: int, candidates: list[int],
-                neighbours: list[Triple], tokens: list[str] | None, config: InstructConfig) -> str:
-    """The DIFT instruction (GS-Quant adds codes): query, known entity, its triples, the candidate list."""
+def dift_prompt_parts(kg: KnowledgeGraph, triple: Triple, direction: int, candidates: list[int],
+                      neighbours: list[Triple], tokens: list[str] | None, config: InstructConfig) -> dict[str, Any]:
+    """The DIFT instruction (GS-Quant adds codes) in parts (:func:`compose_prompt`): query, the known entity's
+    description, its triples, the question with the candidate list."""
     h, r, t = triple
     known = h if direction == 0 else t
     known_text = entity_text(kg, known, tokens, config)
     query, question = query_lines(kg.relation_names[r], direction, known_text)
-    lines = [query]
-    if config.use_descriptions and kg.descriptions[known]:
-        lines.append(f"About {known_text}: {cut_words(kg.descriptions[known], config.description_words)}")
-    if config.use_neighbours and neighbours:
-        lines.append(f"Known facts about {known_text}: {facts_text(kg, neighbours, tokens, config)}.")
     listed = "; ".join(entity_text(kg, c, tokens, config) for c in candidates)
-    lines.append(f"{question} Choose one of these candidates: {listed}.")
-    return "\n".join(lines)
+    has_description = config.use_descriptions and bool(kg.descriptions[known])
+    return {
+        "head": [query],
+        "about": f"About {known_text}: ",
+        "description": cut_words(kg.descriptions[known], config.description_words) if has_description else "",
+        "facts_about": f"Known facts about {known_text}: ",
+        "facts": [triple_text(kg, f, tokens, config) for f in neighbours] if config.use_neighbours else [],
+        "tail": [f"{question} Choose one of these candidates: {listed}."],
+    }
+
+
+def dift_prompt(kg: KnowledgeGraph, triple: Triple, direction: int, candidates: list[int],
+                neighbours: list[Triple], tokens: list[str] | None, config: InstructConfig) -> str:
+    """The DIFT instruction as one text (:func:`dift_prompt_parts`, nothing trimmed)."""
+    return compose_prompt(dift_prompt_parts(kg, triple, direction, candidates, neighbours, tokens, config))
+
+
+def classification_prompt_parts(kg: KnowledgeGraph, triple: Triple, facts: list[Triple],
+                                tokens: list[str] | None, config: InstructConfig) -> dict[str, Any]:
+    """Triple classification (ReaLM) in parts: the triple, facts about its head, the two answers."""
+    return {"head": [f"Is this triple true? {triple_text(kg, triple, tokens, config)}"],
+            "about": "", "description": "", "facts_about": "Known facts: ",
+            "facts": [triple_text(kg, f, tokens, config) for f in facts] if config.use_neighbours else [],
+            "tail": ["Answer true or false."]}
 
 
 def classification_prompt(kg: KnowledgeGraph, triple: Triple, facts: list[Triple], tokens: list[str] | None,
                           config: InstructConfig) -> str:
-    """Triple classification (ReaLM): the triple, facts about its head, the two answers."""
-    lines = [f"Is this triple true? {triple_text(kg, triple, tokens, config)}"]
-    if config.use_neighbours and facts:
-        lines.append(f"Known facts: {facts_text(kg, facts, tokens, config)}.")
-    lines.append("Answer true or false.")
-    return "\n".join(lines)
+    return compose_prompt(classification_prompt_parts(kg, triple, facts, tokens, config))
+
+
+# ----------------------------------------------------------------------------
+# The prompt budget: trim context, never the query, the question or a candidate
+# ----------------------------------------------------------------------------
+
+
+def compose_prompt(parts: dict[str, Any], facts: int | None = None, description_words: int | None = None) -> str:
+    """A prompt from its parts, with at most ``facts`` neighbour facts and ``description_words`` words of the
+    description (None: all; 0 words drops the description line)."""
+    lines = list(parts["head"])
+    description = parts["description"]
+    if description_words is not None and description:
+        words = description.split()
+        description = " ".join(words[:description_words]) + (" ..." if len(words) > description_words else "")
+        description = "" if description_words == 0 else description
+    if description:
+        lines.append(parts["about"] + description)
+    listed = parts["facts"][:facts] if facts is not None else parts["facts"]
+    if listed:
+        lines.append(parts["facts_about"] + "; ".join(listed) + ".")
+    return "\n".join(lines + list(parts["tail"]))
+
+
+def _largest(fits: Any, high: int) -> int:
+    """The largest n in [0, high] with fits(n), given fits is monotone (-1 when even 0 does not fit)."""
+    low, best = 0, -1
+    while low <= high:
+        middle = (low + high) // 2
+        if fits(middle):
+            best, low = middle, middle + 1
+        else:
+            high = middle - 1
+    return best
+
+
+def fit_prompt(tokenizer: Any, record: dict[str, Any], room: int) -> tuple[list[int], str]:
+    """Token ids of a record's prompt in at most ``room`` ids, and what that took: ``fit`` | ``trimmed`` | ``over``.
+
+    An over-long prompt loses neighbour facts first (from the last), then words of the description (from the
+    end), never the query line, the question or a candidate: when those alone exceed ``room`` they are kept
+    whole (``over``; the sequence is then longer than the budget).  Records without ``prompt_parts`` (written
+    before the budget existed) lose their beginning as before.
+    """
+    ids = encode_prompt(tokenizer, record["prompt"])
+    if len(ids) <= room:
+        return ids, "fit"
+    parts = record.get("prompt_parts")
+    if parts is None:
+        return truncate_prompt(tokenizer, ids, room), "trimmed"
+
+    def encoded(facts: int, words: int | None) -> list[int]:
+        return encode_prompt(tokenizer, compose_prompt(parts, facts, words))
+
+    facts = _largest(lambda n: len(encoded(n, None)) <= room, len(parts["facts"]))
+    if facts >= 0:
+        return encoded(facts, None), "trimmed"
+    words = _largest(lambda n: len(encoded(0, n)) <= room, len(parts["description"].split()))
+    if words >= 0:
+        return encoded(0, words), "trimmed"
+    return encoded(0, 0), "over"
 
 
 def training_text(record: dict[str, Any]) -> str:
@@ -134,7 +208,8 @@ def encode_answer(tokenizer: Any, answer: str) -> list[int]:
 
 
 def truncate_prompt(tokenizer: Any, prompt_ids: list[int], room: int) -> list[int]:
-    """At most ``room`` ids: an over-long prompt loses its beginning, after BOS (training and scoring alike)."""
+    """At most ``room`` ids: an over-long prompt loses its beginning, after BOS (records without parts only:
+    :func:`fit_prompt` keeps the query)."""
     if len(prompt_ids) <= room:
         return prompt_ids
     head = 1 if tokenizer.bos_token_id is not None else 0

@@ -7,7 +7,8 @@ Per query, :func:`prediction_row` stores what the LM chose (METHOD.md stage 5):
 - ``fused_scores``, ``fused_pick``: LM log-likelihood + w x log softmax of the
   stage-1 scores (:func:`log_prior`; w from ``fusion_weight``, or chosen on
   LM-valid by :func:`choose_fusion_weight`);
-- ``class_pick``: ReaLM's ontology constraint (:func:`constrain_to_class`).
+- ``class_pick``: a class constraint from the candidates' own scores (:func:`constrain_to_class`; not yet
+  ReaLM's, where the LM predicts the class).
 
 After the last query every registered ranker turns the rows into ranks: a
 pick by the DIFT rule (:func:`kgtok.metrics.dift_rank`), scores by re-ranking
@@ -35,6 +36,8 @@ import numpy as np
 
 MEASURES = ("mrr", "hits_at_1", "hits_at_3", "hits_at_10")  # per ranker in the manifest: <key>_<measure>
 FUSION_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)  # 64: stage-1 order, LM breaks near-ties
+CLASS_PENALTY = 1e4  # class_scores: candidates outside the predicted class rank below every one inside
+FUSION_GRID_LIMIT = 4096.0  # a best weight at the grid's top extends it (x4) up to here, else "retriever only"
 
 
 class PredictionRows:
@@ -125,6 +128,12 @@ def dift_class(rows: PredictionRows) -> np.ndarray | None:
     return rows.picked("class_pick")
 
 
+@ranker("rerank_class", "LM re-rank + class constraint")
+def rerank_class(rows: PredictionRows) -> np.ndarray | None:
+    """The re-rank with the LM's predicted class first (class_prefix runs; trie picks already keep to it)."""
+    return rows.reranked("class_scores")
+
+
 def rank_all(predictions: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Ranks of the gold per registered ranker that this run's rows support."""
     rows = PredictionRows(predictions)
@@ -169,9 +178,11 @@ def log_prior(candidate_scores: list[float] | np.ndarray) -> np.ndarray:
 
 
 def constrain_to_class(pick: int, scores: np.ndarray, candidate_classes: np.ndarray) -> int:
-    """ReaLM: keep the pick if its class has the most candidate probability mass, else the best of that class.
+    """Keep the pick if its class has the most candidate probability mass, else the best of that class.
 
-    The predicted class is the one with the most mass under the softmax of the candidates' sequence scores.
+    The "predicted class" is the one with the most mass under the softmax of the candidates' sequence scores:
+    the LM never predicts a class here, so this is *not* ReaLM's constraint (where the LM generates the
+    target's class before the entity, trained as part of the answer); issue 14 item 6 keeps that open.
     """
     known = candidate_classes >= 0
     if not known.any():
@@ -186,44 +197,97 @@ def constrain_to_class(pick: int, scores: np.ndarray, candidate_classes: np.ndar
     return int(members[np.argmax(scores[members])])
 
 
+def sequence_scores(totals: np.ndarray, answers: list[list[int]], score: str) -> np.ndarray:
+    """(k,) candidate scores: the sum of each answer's token log-probs, or their mean (``score: mean``)."""
+    totals = np.asarray(totals, dtype=np.float64)
+    return totals if score == "sum" else totals / np.array([len(a) for a in answers])
+
+
+def predicted_class_pick(pick: int, scores: np.ndarray, candidate_classes: np.ndarray, class_scores: np.ndarray
+                         ) -> tuple[int, int]:
+    """ReaLM: (predicted class, pick).  The LM's class is the one whose class token it finds likeliest
+    (``class_scores``, among the candidates' classes); a pick of another class is replaced by the
+    best-scored candidate of the predicted class."""
+    predicted = int(candidate_classes[int(np.argmax(class_scores))])
+    if candidate_classes[pick] == predicted:
+        return predicted, pick
+    members = np.flatnonzero(candidate_classes == predicted)
+    return predicted, int(members[np.argmax(scores[members])])
+
+
 def prediction_row(record: dict[str, Any], answers: list[list[int]], totals: np.ndarray, pick: int, *,
-                   score: str, fusion_weight: float, classes: np.ndarray | None) -> dict[str, Any]:
+                   score: str, fusion_weight: float, classes: np.ndarray | None,
+                   class_scores: np.ndarray | None = None) -> dict[str, Any]:
     """One line of predictions.jsonl: the query, the gold, and what each ranker needs of the LM's choices.
 
     ``answers``: candidate token ids; ``totals``: (k,) their sequence log-likelihoods; ``pick``: the
-    constrained-generation choice; ``fusion_weight`` 0: no fused fields; ``classes`` None: no class pick.
+    constrained-generation choice; ``fusion_weight`` 0: no fused fields; ``class_scores`` (class_prefix
+    records): ReaLM's class pick from the LM's predicted class; else ``classes`` (None: no class pick): the
+    candidate-mass constraint.
+    The fused scores add the prior to the same sequence scores the re-rank uses (``score: mean`` included).
     """
-    scores = totals if score == "sum" else totals / np.array([len(a) for a in answers])
+    scores = sequence_scores(totals, answers, score)
     row = {"id": record["id"], "direction": record["direction"], "relation": record["triple"][1],
            "gold": record["gold"], "stage1_rank": record["stage1_rank"],
            "pick": record["candidates"][pick], "pick_position": pick + 1,
            "pick_text": record["candidate_text"][pick], "gold_index": gold_position(record),
            "scores": [round(float(s), 4) for s in scores]}
     if fusion_weight > 0:
-        fused = totals + fusion_weight * log_prior(record["candidate_scores"])
+        fused = scores + fusion_weight * log_prior(record["candidate_scores"])
         best = int(np.argmax(fused))
         row.update(fused_scores=[round(float(s), 4) for s in fused],
                    fused_pick=record["candidates"][best], fused_pick_position=best + 1)
-    if classes is not None:
+    if class_scores is not None:
+        predicted, picked = predicted_class_pick(pick, scores, np.asarray(record["candidate_classes"]),
+                                                 class_scores)
+        inside = np.asarray(record["candidate_classes"]) == predicted
+        row.update(class_pick=record["candidates"][picked], class_pick_position=picked + 1,
+                   predicted_class=predicted, gold_class=record["gold_class"],
+                   class_scores=[round(float(s), 4) for s in np.where(inside, scores, scores - CLASS_PENALTY)])
+    elif classes is not None:
         picked = constrain_to_class(pick, scores, classes[np.asarray(record["candidates"])])
         row.update(class_pick=record["candidates"][picked], class_pick_position=picked + 1)
     return row
 
 
-def choose_fusion_weight(lm_totals: list[np.ndarray], priors: list[np.ndarray], gold_index: np.ndarray,
-                         stage1_ranks: np.ndarray, grid: tuple[float, ...] = FUSION_GRID) -> dict[str, Any]:
+def choose_fusion_weight(lm_scores: list[np.ndarray], priors: list[np.ndarray], gold_index: np.ndarray,
+                         stage1_ranks: np.ndarray, grid: tuple[float, ...] = FUSION_GRID,
+                         limit: float = FUSION_GRID_LIMIT) -> dict[str, Any]:
     """The grid weight whose fused re-rank MRR is highest on held-out queries (ties: the smaller weight).
 
     The LM and the retriever err on different queries; how much to trust each
     depends on the backbone and the data, so the weight is learnt on LM-valid
     rather than fixed (choosing it on test would report an optimistic number).
+    A best MRR at the top of the grid (alone or tied) is no optimum: the grid
+    grows (x4) until the top is worse than the best, or up to ``limit``, where
+    the answer is "retriever only" (its order, the LM breaking ties, is as
+    good as any weight; the weight kept is still the smallest best).
+    ``position`` says which: ``interior``, ``lm_only`` (w = 0 best, the grid's
+    other end) or ``retriever_only``.
     """
     from kgtok.metrics import rerank_rank
 
-    curve = {}
-    for w in grid:
-        fused = np.array([t + w * p for t, p in zip(lm_totals, priors)])
-        curve[w] = float(np.mean(1.0 / rerank_rank(fused, gold_index, stage1_ranks)))
-    best = max(grid, key=lambda w: (curve[w], -w))
-    return {"weight": best, "valid_mrr": round(curve[best], 4), "valid_queries": len(lm_totals),
+    grid = tuple(sorted(grid))
+    curve: dict[float, float] = {}
+
+    def mrr(w: float) -> float:
+        fused = np.array([t + w * p for t, p in zip(lm_scores, priors)])
+        return float(np.mean(1.0 / rerank_rank(fused, gold_index, stage1_ranks)))
+
+    while True:
+        for w in grid:
+            if w not in curve:
+                curve[w] = mrr(w)
+        best = max(grid, key=lambda w: (curve[w], -w))
+        if curve[grid[-1]] < curve[best] or grid[-1] * 4 > limit:
+            break
+        grid = (*grid, grid[-1] * 4)
+    if curve[grid[-1]] >= curve[best]:
+        position = "retriever_only"
+    elif best == grid[0]:
+        position = "lm_only" if best == 0 else "grid_bottom"
+    else:
+        position = "interior"
+    return {"weight": best, "position": position, "valid_mrr": round(curve[best], 4),
+            "valid_queries": len(lm_scores), "grid": list(grid),
             "curve": {str(w): round(v, 4) for w, v in curve.items()}}

@@ -25,7 +25,7 @@ import numpy as np
 
 from kgtok.llm.config import EvaluateConfig
 from kgtok.llm.decoding import generate_pick, trie_greedy
-from kgtok.llm.prompts import encode_answer, encode_prompt, jsonl_line, pad_left, truncate_prompt
+from kgtok.llm.prompts import encode_answer, fit_prompt, jsonl_line, pad_left
 
 
 def score_batch(model: Any, prompts: list[list[int]], candidates: list[list[list[int]]], pad_id: int
@@ -123,7 +123,8 @@ class ScoredQuery:
 
 
 def candidate_texts(record: dict[str, Any]) -> list[str]:
-    return record["candidate_text"]
+    """The answers scored per candidate: with class_prefix, class token then entity; else the entity."""
+    return record.get("candidate_answers", record["candidate_text"])
 
 
 class CandidateScorer:
@@ -134,6 +135,7 @@ class CandidateScorer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.config, self.progress = config, progress
+        self.budget = {"fit": 0, "trimmed": 0, "over": 0}  # prompts scored, by what the budget did
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
@@ -145,8 +147,10 @@ class CandidateScorer:
                 self.model.cuda()
 
     def prompt_ids(self, record: dict[str, Any]) -> list[int]:
-        return truncate_prompt(self.tokenizer, encode_prompt(self.tokenizer, record["prompt"]),
-                               self.config.max_prompt_tokens)
+        """The record's prompt within ``max_prompt_tokens`` (:func:`fit_prompt`; counted in ``self.budget``)."""
+        ids, budget = fit_prompt(self.tokenizer, record, self.config.max_prompt_tokens)
+        self.budget[budget] += 1
+        return ids
 
     def score(self, records: list[dict[str, Any]], desc: str,
               answers_of: Callable[[dict[str, Any]], list[str]] = candidate_texts) -> Iterator[ScoredQuery]:
@@ -164,6 +168,20 @@ class CandidateScorer:
                 yield from map(ScoredQuery, batch, prompts, answers, scores)
                 bar.update(len(batch))
         bar.close()
+
+    def class_scores(self, query: ScoredQuery) -> np.ndarray | None:
+        """(k,) log-prob of each candidate's class token and what precedes it in its answer (class_prefix
+        records; None otherwise): the LM's belief in that class before any entity token."""
+        answers = query.record.get("candidate_answers")
+        if answers is None or "candidate_classes" not in query.record:
+            return None
+        out = []
+        for ids, logprobs, text in zip(query.answers, query.token_logprobs, answers):
+            token = self.tokenizer.convert_tokens_to_ids(text.split(" ", 1)[0])
+            if token not in ids:
+                raise ValueError(f"{query.record['id']}: class token of {text!r} is not one token of the model")
+            out.append(float(np.sum(logprobs[: ids.index(token) + 1])))
+        return np.array(out)
 
     def pick(self, query: ScoredQuery) -> int:
         """Constrained generation (``decode``): trie decoding from the scores, or Hugging Face ``generate``."""

@@ -19,11 +19,22 @@ from kgtok.quantize.hf import BOUNDARY_TOKENS, ENTITY_BEGIN, ENTITY_END  # noqa:
 
 
 def code_vocabulary(quantize_artifact: str | Path) -> tuple[list[str], np.ndarray | None]:
-    """Every code token of a stage-4 artifact, and (levels, K, dim) codebooks when saved."""
+    """Every code token of a stage-4 artifact, and (levels, K, dim) codebooks when saved.
+
+    The ``flat`` variant saves one codebook that every level shares: it is repeated per level here, so that
+    ``<b_17>`` starts from codeword 17 as ``<a_17>`` does (not from the mean, as levels past the first did).
+    """
     from kgtok.quantize.tokenizer import EntityTokenizer
 
     tokenizer = EntityTokenizer.load(Path(quantize_artifact) / "tokenizer")
-    return tokenizer.vocabulary(), tokenizer.codebooks_.numpy()
+    return tokenizer.vocabulary(), shared_per_level(tokenizer.codebooks_.numpy(), tokenizer.base_codes_.shape[1])
+
+
+def shared_per_level(codebooks: np.ndarray, levels: int) -> np.ndarray:
+    """(levels, K, dim): one book per code level, a single shared book repeated (disambiguation has none)."""
+    if codebooks.shape[0] == 1 and levels > 1:
+        return np.repeat(codebooks, levels, axis=0)
+    return codebooks
 
 
 def codeword_of(token: str, codebooks: np.ndarray | None) -> np.ndarray | None:
