@@ -1,4 +1,4 @@
-"""Stage 5: retriever vs LM re-ranker vs re-ranker without codes, on one dataset and backbone.
+"""Stage 5: retriever vs LM re-ranker with codes, with random IDs and without IDs, on one dataset and backbone.
 
     python bench/llm_compare.py --dataset synthetic [--backbone tiny] [--threads 2] [finetune.key=value ...]
     python bench/llm_compare.py --dataset umls --run-dir runs/umls   # stages 0-4 from a kgtok run directory
@@ -10,7 +10,11 @@ Stages 0-4 come from ``kgtok.pipeline.run`` (the synthetic KG by default, or
 ``--data``); then, for each variant (codes / no codes), instructions,
 fine-tuning and evaluation.  Writes bench/results/llm_<dataset>[_<tag>].json
 and .md: Hits@1 and MRR of the retriever, the DIFT rule and the full
-re-rank; training tokens/s; evaluation queries/s; seconds per stage.
+re-rank; training tokens/s; evaluation queries/s; seconds per stage; then the
+comparison table of :mod:`kgtok.llm.compare` (every ranker of every variant
+against the retriever and against no_codes: paired difference, 95% bootstrap
+CI, p-value), the fusion weight each variant chose on LM-valid, and the
+differences with p < 0.05.
 """
 
 from __future__ import annotations
@@ -25,13 +29,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
 
+from ablation import comparison_text  # noqa: E402
+
 from kgtok.config import load_config  # noqa: E402
+from kgtok.llm.compare import comparison_rows, evaluation_ranks, significant  # noqa: E402
+from kgtok.metrics import format_difference, paired_comparison  # noqa: E402
 from kgtok.llm import InstructConfig, run_instruct  # noqa: E402
 from kgtok.llm.evaluate import EvaluateConfig, run_evaluate  # noqa: E402
 from kgtok.llm.finetune import FinetuneConfig, run_finetune  # noqa: E402
 from kgtok.pipeline import RunConfig, run  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def class_effect(evaluate_dir: Path) -> dict:
+    """ReaLM's class constraint vs the same ranker without it, in the same run (pick, re-rank): paired
+    difference, CI, p."""
+    _, ranks = evaluation_ranks(evaluate_dir)
+    return {key: paired_comparison(ranks[f"{key}_class"], ranks[key]) for key in ("dift", "rerank")}
 
 
 def main() -> None:
@@ -41,9 +56,13 @@ def main() -> None:
     parser.add_argument("--run-dir", default=None, help="run directory for stages 0-4 (default runs/bench/run-<dataset>)")
     parser.add_argument("--backbone", default="tiny")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", default="codes,no_codes")
+    parser.add_argument("--variants", default="codes,random_ids,no_codes",
+                        help="of codes, random_ids, no_codes, codes_classes (ReaLM's class prefix; needs --classes)")
+    parser.add_argument("--classes", default=None,
+                        help="entity<TAB>class file for codes_classes, or 'types': the synthetic KG's level-0 types")
     parser.add_argument("--max-queries", type=int, default=0, help="evaluate only the first n test queries")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--note", default="", help="recorded with the result (e.g. whether the machine was shared)")
     parser.add_argument("overrides", nargs="*", help="run.*, instruct.*, finetune.*, evaluate.* = value")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -64,18 +83,31 @@ def main() -> None:
     upstream_seconds = time.perf_counter() - start
     kg_dir = json.loads((run_dir / "data" / "manifest.json").read_text())["metrics"]["kg_dir"]
     record: dict = {"backbone": args.backbone, "data": kg_dir, "upstream_seconds": round(upstream_seconds, 1)}
+    classes = None
+    if args.classes == "types":  # the generator's true types (level 0) as the classes
+        from kgtok.data import load_kg
+
+        kg = load_kg(kg_dir)
+        classes = run_dir / "classes_types.tsv"
+        classes.write_text("".join(f"{name}\t{kg.entity_types[i, 0]}\n" for i, name in enumerate(kg.entity_names)))
+    elif args.classes:
+        classes = Path(args.classes)
     for variant in args.variants.split(","):
-        use_codes = variant == "codes"
+        ids = {"codes": "codes", "random_ids": "random", "no_codes": "none", "codes_classes": "codes"}[variant]
+        prefix = ["class_prefix=true"] if variant == "codes_classes" else []
+        if prefix and classes is None:
+            raise SystemExit("variant codes_classes needs --classes")
         out = run_dir / f"llm-{args.backbone.replace('/', '_')}{args.tag and '-' + args.tag}-{variant}"
-        instruct = load_config(InstructConfig, None, [f"use_codes={use_codes}", *groups["instruct"]])
+        instruct = load_config(InstructConfig, None, [f"ids={ids}", *prefix, *groups["instruct"]])
         finetune = load_config(FinetuneConfig, None, [f"backbone={args.backbone}", f"threads={t}",
                                                       *groups["finetune"]])
         evaluate = load_config(EvaluateConfig, None, [f"threads={t}", f"max_queries={args.max_queries}",
                                                       *groups["evaluate"]])
-        codes = run_dir / "quantize" if use_codes else None
+        codes = run_dir / "quantize" if ids != "none" else None
         timings = {}
         begin = time.perf_counter()
-        run_instruct(instruct, kg_dir, run_dir / "embed", out / "instruct", codes=codes, log=lambda *_: None)
+        run_instruct(instruct, kg_dir, run_dir / "embed", out / "instruct", codes=codes,
+                     classes=classes if prefix else None, log=lambda *_: None)
         timings["instruct"] = time.perf_counter() - begin
         begin = time.perf_counter()
         run_finetune(finetune, out / "instruct", out / "finetune", codes=codes, progress=False, log=print)
@@ -94,6 +126,13 @@ def main() -> None:
             **{f"{variant}_{ranker}_{m}": metrics[f"{ranker}_{m}"] for ranker in ("fused_pick", "fused_rerank")
                for m in ("mrr", "hits_at_1") if f"{ranker}_{m}" in metrics},
             f"{variant}_fusion_weight": metrics.get("fusion_weight"),
+            f"{variant}_fusion": {k: metrics.get("fusion", {}).get(k) for k in ("weight", "position", "chosen_on",
+                                                                                 "grid")},
+            f"{variant}_prompts_trimmed": metrics.get("prompts_trimmed"),
+            **({f"{variant}_class_accuracy": metrics["class_accuracy"],
+                f"{variant}_dift_class_hits_at_1": metrics["dift_class_hits_at_1"],
+                f"{variant}_class_constraint_vs_without": class_effect(out / "evaluate")} if "class_accuracy" in metrics
+               else {}),
             f"{variant}_train_tokens_per_second": trained["train_tokens_per_second"],
             f"{variant}_queries_per_second": metrics["queries_per_second"],
             f"{variant}_lm_train_examples": trained["train_examples"], f"{variant}_steps": trained["steps"],
@@ -104,6 +143,11 @@ def main() -> None:
               f"{metrics['rerank_hits_at_1']:.3f}, fused re-rank {metrics.get('fused_rerank_hits_at_1', float('nan')):.3f}"
               f" (w {metrics.get('fusion_weight')}; retriever {metrics['retriever_hits_at_1']:.3f})", flush=True)
     record["seconds"] = round(time.perf_counter() - start, 1)
+    variants = args.variants.split(",")
+    runs = {v: run_dir / f"llm-{args.backbone.replace('/', '_')}{args.tag and '-' + args.tag}-{v}" / "evaluate"
+            for v in variants}
+    rows = comparison_rows(runs, "no_codes" if "no_codes" in runs else None)
+    record.update(comparisons=rows, significant=significant(rows), note=args.note)
     record.update(command=command(), machine=machine(), threads=t)
     columns = ["backbone", "retriever_hits_at_1", *[f"{v}_{m}" for v in args.variants.split(",")
                                                     for m in ("dift_hits_at_1", "rerank_hits_at_1",
@@ -111,6 +155,17 @@ def main() -> None:
                "retriever_mrr", *[f"{v}_rerank_mrr" for v in args.variants.split(",")], "seconds"]
     name = f"llm_{args.dataset}" + (f"_{args.tag}" if args.tag else "")
     path = write_result(name, args.dataset, record, columns)
+    text = comparison_text(rows, {v: record[f"{v}_fusion"] for v in variants}, record)
+    for v in variants:
+        if f"{v}_class_accuracy" in record:
+            effect = record[f"{v}_class_constraint_vs_without"]
+            text += f"\n{v}: class accuracy {record[f'{v}_class_accuracy']:.3f} (LM's predicted class = gold's)\n"
+            for key, name in (("dift", "LM pick"), ("rerank", "LM re-rank")):
+                text += (f"- {name} with the class constraint minus without: Hits@1 "
+                         f"{format_difference(effect[key]['hits_at_1'])}, MRR {format_difference(effect[key]['mrr'])}\n")
+    with path.with_suffix(".md").open("a") as handle:
+        handle.write(text)
+    print(text)
     print(f"-> {path}")
 
 

@@ -101,3 +101,73 @@ def test_replace_dir_over_a_symlink_replaces_the_link_only(tmp_path):
     assert not link.is_symlink() and (link / "fresh.txt").read_text() == "y"
     assert (target / "keep.txt").read_text() == "x"  # what the link pointed to is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact", "partial"]  # nothing left aside
+
+
+def test_folder_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from kgtok.artifacts import LockedError, StaleLockWarning, folder_lock
+
+    dest = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        import socket
+
+        lock = tmp_path / "run.lock"
+        lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": "earlier"}))
+        with pytest.raises(LockedError, match=rf"in use by another kgtok process \(pid {holder.pid}"):
+            with folder_lock(dest):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.warns(StaleLockWarning, match=f"process {holder.pid}, which no longer runs"):
+        with folder_lock(dest):
+            assert json.loads(lock.read_text())["pid"] == os.getpid()
+            with folder_lock(dest):  # re-entrant in one process (kgtok run, then each stage)
+                pass
+    assert not lock.exists()
+
+
+def test_two_processes_on_one_output_folder(tmp_path, make_kg):
+    """The second of two concurrent stage runs on one --out stops with a message naming the first."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from kgtok.artifacts import folder_lock\n"
+            "with folder_lock(sys.argv[1]):\n    print('holding', flush=True); time.sleep(20)")
+    first = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "holding"
+        second = subprocess.run([sys.executable, "-m", "kgtok", "text", "--data", str(make_kg()),
+                                 "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2
+    assert "in use by another kgtok process" in second.stderr and str(first.pid) in second.stderr
+
+
+def test_emptied_artifact_file_is_noticed(tmp_path):
+    from kgtok.artifacts import verify_files
+
+    with artifact_dir(tmp_path / "q", stage="quantize", config=StageConfig()) as writer:
+        (writer.path / "codes.npy").write_bytes(b"x" * 100)
+        (writer.path / "sub").mkdir()
+        (writer.path / "sub" / "a.txt").write_text("a")
+    assert verify_files(tmp_path / "q") == []
+    (tmp_path / "q" / "codes.npy").write_bytes(b"")
+    (tmp_path / "q" / "sub" / "a.txt").write_text("b")
+    assert verify_files(tmp_path / "q") == ["codes.npy", "sub/a.txt"]
+
+
+def test_leftover_temporary_folders_of_a_killed_writer_are_removed(tmp_path):
+    from kgtok.artifacts import clean_leftovers
+
+    (tmp_path / ".embed.tmp-abc").mkdir()
+    (tmp_path / ".embed.old-1-2").mkdir()
+    (tmp_path / ".text.tmp-abc").mkdir()
+    clean_leftovers(tmp_path, "embed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".text.tmp-abc"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
 import pytest
 import subprocess
@@ -22,6 +24,7 @@ from kgtok.llm.evaluate import EvaluateConfig
 from kgtok.llm.finetune import FinetuneConfig
 from kgtok.llm.instruct import InstructConfig
 from kgtok.pipeline import STAGE_ORDER, RunConfig, run
+from kgtok.stage import ArtifactChangedWarning
 
 FAST_EMBED = EmbedConfig(dim=16, batch_size=256, max_steps=40, eval_every=20, threads=1, top_k=5)
 FAST = dict(embed=FAST_EMBED, text=TextConfig(mode="joint", threads=1), hierarchy=HierarchyConfig(levels=3, threads=1),
@@ -91,9 +94,13 @@ def test_run_caches_and_reruns_on_change(tmp_path):
     config = RunConfig(out=str(tmp_path / "run"), synthetic=SyntheticConfig(num_entities=300), **FAST)
     results = run(config, log=logs.append)
     assert [r.name for r in results] == list(STAGE_ORDER)
-    assert results[0].status == "ran" and results[0].metrics["entities"] == 300
-    assert {r.status for r in results[1:]} == {"ran"}
+    assert results[1].name == "data" and results[1].status == "ran" and results[1].metrics["entities"] == 300
+    assert {r.status for r in results} == {"ran"}
     assert results[-1].metrics["retriever_hits_at_1"] >= 0 and "rerank_mrr" in results[-1].metrics
+    stage_lines = [line for line in logs if not line.startswith("warning")]
+    assert len(stage_lines) == len(STAGE_ORDER) and "data: ran" in stage_lines[1]  # one line each; rest in run.log
+    log_file = (tmp_path / "run" / "run.log").read_text()
+    assert "synthetic:" in log_file and "# EmbedConfig" in log_file  # the resolved configs
     again = run(config, log=logs.append)
     assert [r.status for r in again] == ["cached"] * len(STAGE_ORDER)
     # Another thread count computes the same things: nothing re-runs.
@@ -102,19 +109,12 @@ def test_run_caches_and_reruns_on_change(tmp_path):
     threaded = config_from_dict(RunConfig, _merge(config_to_dict(config), parse_overrides(
         ["embed.threads=2", "quantize.threads=2", "finetune.threads=2", "evaluate.threads=2"])))
     assert [r.status for r in run(threaded, log=logs.append)] == ["cached"] * len(STAGE_ORDER)
-    assert again[1].metrics == results[1].metrics and results[1].metrics["test_mrr"] > 0.05
-    # A changed input file re-runs the stage.
-    with open(tmp_path / "run" / "synthetic_kg" / "test.txt", "a") as handle:
-        handle.write("e00000\tr00_belongs_to\te00001\n")
-    changed = run(config, log=logs.append)
-    assert changed[0].status == "ran" and changed[0].metrics["test"] == results[0].metrics["test"] + 1
-    assert {r.status for r in changed[1:]} == {"ran"}  # a changed input re-runs every later stage
-    # A changed setting of stage 1 re-runs stage 1, not the data stage.
+    assert again[2].metrics == results[2].metrics and results[2].metrics["test_mrr"] > 0.05
     # A changed setting of stage 4 re-runs stage 4 and the stages after it, nothing before.
-    longer = run(RunConfig(out=config.out, synthetic=config.synthetic,
-                           **{**FAST, "quantize": QuantizeConfig(**{**FAST["quantize"].__dict__, "epochs": 2})}),
-                 log=logs.append)
-    assert [r.status for r in longer] == ["cached"] * 4 + ["ran"] * 4
+    longer_config = RunConfig(out=config.out, synthetic=config.synthetic,
+                              **{**FAST, "quantize": QuantizeConfig(**{**FAST["quantize"].__dict__, "epochs": 2})})
+    longer = run(longer_config, log=logs.append)
+    assert [r.status for r in longer] == ["cached"] * 5 + ["ran"] * 4
     # The report is one self-contained page: every image inline, every stage's section present.
     result = invoke("report", str(tmp_path / "run"))
     assert result.exit_code == 0, result.output
@@ -123,13 +123,11 @@ def test_run_caches_and_reruns_on_change(tmp_path):
 
     sources = re.findall(r'src="([^"]*)"', page)
     assert len(sources) >= 5 and all(s.startswith("data:image/png;base64,") for s in sources)
-    for heading in ("Stage 1", "Codebook usage", "Hierarchy alignment", "fine-tuning", "Link prediction",
-                    "Per-relation Hits@1"):
+    for heading in ("Stage 1", "Codebook usage", "Hierarchy alignment", "The code tree", "fine-tuning",
+                    "Link prediction", "Per-relation Hits@1"):
         assert heading in page
     retriever = json.loads((tmp_path / "run" / "evaluate" / "metrics.json").read_text())["retriever"]["both"]
     assert f"<td>{retriever['mrr']:.4f}</td>" in page
-    import shutil
-
     if shutil.which("chromium"):  # it renders: the screenshot is not a blank page
         from kgtok.report import screenshot
 
@@ -138,7 +136,21 @@ def test_run_caches_and_reruns_on_change(tmp_path):
         pixels = matplotlib.image.imread(screenshot(tmp_path / "run" / "report.html", tmp_path / "shot.png",
                                                     height=1500))
         assert pixels.shape[:2] == (1500, 1200) and pixels[..., :3].std() > 0.05
-    assert longer[4].metrics["collision_rate_before"] >= 0
+    assert longer[5].metrics["collision_rate_before"] >= 0
+    # An artifact file changed by hand is noticed (size and hash in the manifest): the stage runs again.
+    generated = tmp_path / "run" / "synthetic" / "test.txt"
+    generated.write_text(generated.read_text() + "e00000\tr00_belongs_to\te00001\n")
+    repaired = run(longer_config, until="embed", log=logs.append)
+    assert any(ArtifactChangedWarning.__name__ in line and "test.txt changed" in line for line in logs)
+    assert [r.status for r in repaired] == ["ran", "cached", "cached"]  # regenerated: the same KG again
+    # A changed input file re-runs every later stage.
+    copy = tmp_path / "kg"
+    shutil.copytree(tmp_path / "run" / "synthetic", copy)
+    with open(copy / "test.txt", "a") as handle:
+        handle.write("e00000\tr00_belongs_to\te00001\n")
+    changed = run(dataclasses.replace(longer_config, data=str(copy)), until="embed", log=logs.append)
+    assert [r.status for r in changed] == ["ran", "ran"]
+    assert changed[0].metrics["test"] == results[1].metrics["test"] + 1
 
 
 def test_run_command_prints_table(tmp_path):
@@ -150,7 +162,8 @@ def test_run_command_prints_table(tmp_path):
                     "finetune.tiny.layers=1", "finetune.tiny.heads=2", "evaluate.max_queries=6",
                     "evaluate.threads=1")
     assert result.exit_code == 0, result.output
-    assert "synthetic:" in result.output  # the resolved config is echoed
+    assert "run.log" in result.output  # the resolved config and the stages' messages are there
+    assert "synthetic:" in (tmp_path / "r" / "run.log").read_text()
     assert "data" in result.output and "ran" in result.output and "test_mrr" in result.output
     assert "LM re-rank" in result.output and "stage 1 (retriever)" in result.output
 
@@ -176,8 +189,8 @@ def test_ablate_reuses_upstream_stages(tmp_path):
     assert list(results) == ["full", "without_gsr", "without_codes"]
     for name in ("without_gsr", "without_codes"):
         out = tmp_path / "run" / "ablate" / name
-        assert [json.loads((out / ".cache" / f"{s}.json").read_text()) for s in ("embed", "hierarchy")] == [
-            json.loads((tmp_path / "run" / ".cache" / f"{s}.json").read_text()) for s in ("embed", "hierarchy")]
+        for stage in ("embed", "hierarchy"):  # the full run's artifacts, linked and current
+            assert (out / stage).resolve() == (tmp_path / "run" / stage).resolve()
         # Stage 1-3 reused; the retriever is the same run's, so its metrics agree exactly.
         assert results[name]["retriever_mrr"] == results["full"]["retriever_mrr"]
     assert any("embed: cached" in line for line in logs) and any("hierarchy: cached" in line for line in logs)
@@ -194,6 +207,18 @@ def test_ablate_reuses_upstream_stages(tmp_path):
 def test_run_until_stops_after_the_named_stage(tmp_path):
     config = RunConfig(out=str(tmp_path / "run"), synthetic=SyntheticConfig(num_entities=200), **FAST)
     results = run(config, until="embed", log=lambda *_: None)
-    assert [r.name for r in results] == ["data", "embed"] and not (tmp_path / "run" / "text").exists()
+    assert [r.name for r in results] == ["synthetic", "data", "embed"] and not (tmp_path / "run" / "text").exists()
     with pytest.raises(ValueError, match="until='nothing'"):
         run(config, until="nothing", log=lambda *_: None)
+
+
+def test_report_code_tree_lists_the_largest_prefixes_with_members():
+    import numpy as np
+
+    from kgtok.report import code_tree
+
+    codes = np.array([[0, 1, 2], [0, 1, 3], [0, 2, 0], [1, 0, 0]])
+    tree = code_tree(codes, ["dog", "cat", "owl", "oak"], branches=1, depth=2)
+    # Level 1: <a_0> holds 3 entities (the largest); level 2 under it: <a_0><b_1> holds dog and cat.
+    assert tree == ("<ul><li><code>&lt;a_0&gt;</code> (3): dog, cat, owl<ul><li><code>&lt;a_0&gt;&lt;b_1&gt;</code> "
+                    "(2): dog, cat</li></ul></li></ul>")

@@ -82,3 +82,47 @@ def test_rank_metrics_and_evaluator():
     assert per_relation["r0"]["mrr"] == 1.0 and per_relation["r1"]["count"] == 2
     with pytest.raises(ValueError, match="side must be"):
         evaluator.process("both", np.array([1.0]), np.array([0]))
+
+
+def test_paired_comparison_against_hand_computation():
+    from kgtok.metrics import format_difference, paired_comparison
+
+    # Hits@1: A hits queries 0-3, B hits 0 and 4: discordant 3 (A only) vs 1 (B only).
+    a = np.array([1.0, 1.0, 1.0, 1.0, 2.0, 4.0])
+    b = np.array([1.0, 2.0, 2.0, 2.0, 1.0, 4.0])
+    out = paired_comparison(a, b, resamples=2000)
+    hits = out["hits_at_1"]
+    assert hits["a"] == pytest.approx(4 / 6) and hits["b"] == pytest.approx(2 / 6)
+    assert hits["difference"] == pytest.approx(2 / 6)
+    # exact McNemar: 2 * P(X >= 3 | X ~ Bin(4, 1/2)) = 2 * 5/16
+    assert hits["p_value"] == pytest.approx(0.625)
+    assert hits["ci_low"] <= hits["difference"] <= hits["ci_high"]
+    # MRR: reciprocal-rank differences 0, .5, .5, .5, -.5, 0; all 16 sign flips of the four non-zero ones,
+    # |mean| >= .25 (the observed) when |sum of signs| >= 2: 16 - C(4,2) = 10 patterns.
+    d = np.array([0.5, 0.5, 0.5, -0.5])
+    patterns = [np.array(s) for s in np.ndindex(2, 2, 2, 2)]
+    extreme = sum(abs(((1 - 2 * s) * d).mean()) >= 0.25 - 1e-12 for s in patterns)
+    assert extreme == 10
+    assert out["mrr"]["p_value"] == pytest.approx(10 / 16)
+    assert out["mrr"]["difference"] == pytest.approx(1.0 / 6)
+    # a constant difference: the bootstrap interval is that point; no discordant query: p = 1
+    same = paired_comparison(np.ones(50), np.ones(50), resamples=200)
+    assert same["hits_at_1"]["p_value"] == 1.0 and same["mrr"]["ci_low"] == same["mrr"]["ci_high"] == 0.0
+    assert format_difference(hits).startswith("+0.333 [")
+
+
+def test_paired_comparison_interval_matches_normal_approximation():
+    from kgtok.metrics import paired_comparison
+
+    rng = np.random.default_rng(1)
+    a = rng.integers(1, 5, size=4000).astype(float)
+    b = rng.integers(1, 5, size=4000).astype(float)
+    out = paired_comparison(a, b, resamples=4000)
+    diff = (1 / a) - (1 / b)
+    half = 1.96 * diff.std(ddof=1) / np.sqrt(diff.size)
+    assert out["mrr"]["ci_low"] == pytest.approx(diff.mean() - half, abs=0.15 * half)
+    assert out["mrr"]["ci_high"] == pytest.approx(diff.mean() + half, abs=0.15 * half)
+    assert 0.0 < out["mrr"]["p_value"] <= 1.0
+    # a real difference is found: B's ranks one worse
+    worse = paired_comparison(a, a + 1, resamples=2000)
+    assert worse["mrr"]["p_value"] < 0.001 and worse["hits_at_1"]["p_value"] < 1e-10

@@ -262,14 +262,9 @@ class ArtifactWriter:
     timings: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @contextlib.contextmanager
-    def timed(self, name: str) -> Iterator[None]:
+    def timed(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Add the wall time of the block to ``timings[name]`` (seconds)."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        return timed(self.timings, name)
 
     def manifest(self) -> dict[str, Any]:
         versions = package_versions()
@@ -286,6 +281,16 @@ class ArtifactWriter:
             "files": file_records(self.path),
             **self.extra,
         }
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall time of the block to ``timings[name]`` (seconds)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 @contextlib.contextmanager
@@ -433,6 +438,18 @@ def folder_lock(path: str | Path) -> Iterator[None]:
 # ----------------------------------------------------------------------------
 # Artifact layouts: each stage's files, read through typed accessors
 # ----------------------------------------------------------------------------
+
+
+class File:
+    """A file of an artifact layout: ``codes = File("codes.npy")`` makes ``artifact.codes`` its path."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, artifact: Artifact | None, owner: type) -> Path:
+        if artifact is None:
+            return Path(self.name)  # on the class: the name relative to the artifact
+        return artifact.path / self.name
 
 
 class ArtifactError(ValueError):

@@ -2,17 +2,22 @@
 
 Heavy imports (torch, transformers, faiss) happen inside the commands so that
 ``kgtok --help`` answers at once.  Errors meant for people (bad input files,
-bad configs) print one line and exit with status 2; set ``KGTOK_DEBUG=1`` for
-the traceback.
+bad configs, file-system faults such as a full disk) print one line and exit
+with status 2; set ``KGTOK_DEBUG=1`` for the traceback.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
+import re
+import shutil
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -24,20 +29,160 @@ def _format_warning(message: Warning | str, category: type[Warning], *_: Any, **
     return f"warning ({category.__name__}): {message}\n"
 
 
+# What an OSError's errno means, in words, and what to do about it.
+OS_ERRORS = {
+    errno.ENOSPC: ("disk full (no space left on device)", "free some space or write elsewhere (--out)"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or write elsewhere (--out)"),
+    errno.EROFS: ("read-only file system", "choose a writable location (--out)"),
+    errno.EACCES: ("permission denied", "check the permissions or choose another location"),
+    errno.EPERM: ("operation not permitted", "check the permissions or choose another location"),
+    errno.ENOTDIR: ("not a directory (a part of the path is a file)", "choose a path whose parents are folders"),
+    errno.ENOENT: ("no such file or directory", "check the path"),
+    errno.EEXIST: ("already exists", "remove it or choose another path"),
+    errno.EISDIR: ("is a directory, expected a file", "give a file path"),
+    errno.ENAMETOOLONG: ("file name too long", "choose a shorter path"),
+    errno.EIO: ("input/output error", "check the disk"),
+}
+DISK_FULL_BYTES = 1 << 20  # after a failed torch write, less free space than this means the disk filled up
+
+
+def describe_error(error: BaseException) -> str | None:
+    """The one-line message for an error meant for people; None for a bug (keep the traceback).
+
+    OSErrors are named by path and cause in words (``runs/x: disk full``);
+    torch's RuntimeError from a failed checkpoint write (``[enforce fail at
+    inline_container.cc:672] . unexpected pos``) is told apart from other
+    RuntimeErrors and described the same way.
+    """
+    if isinstance(error, OSError):
+        return _describe_os_error(error)
+    if isinstance(error, RuntimeError) and re.search(r"inline_container\.cc|PytorchStreamWriter", str(error)):
+        return _describe_torch_write_error(error)
+    if isinstance(error, (ValueError, RuntimeError)):
+        return str(error)
+    return None
+
+
+def _describe_os_error(error: OSError) -> str:
+    if error.errno not in OS_ERRORS:
+        return str(error) if error.errno is None else f"{_error_path(error)}{error.strerror or error}"
+    cause, advice = OS_ERRORS[error.errno]
+    if error.errno == errno.EEXIST and error.filename is not None and _in_traceback(error, ("mkdir", "makedirs")) \
+            and os.path.isfile(error.filename):  # mkdir -p through a file: Path("afile/run").mkdir(parents=True)
+        cause, advice = "is a file, so no folder can be made there", "remove it or choose another path (--out)"
+    return f"{_error_path(error)}{cause}; {advice}"
+
+
+def _in_traceback(error: BaseException, functions: tuple[str, ...]) -> bool:
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in functions:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _error_path(error: OSError) -> str:
+    """``path: `` of an OSError (``a -> b: `` for a rename), or of the file the traceback was writing."""
+    path = error.filename if error.filename is not None else _written_file(error.__traceback__)
+    if path is None:
+        return ""
+    other = f" -> {os.fsdecode(error.filename2)}" if error.filename2 is not None else ""
+    return f"{os.fsdecode(path)}{other}: "
+
+
+def _written_file(tb: Any) -> str | None:
+    """The file a failed write went to, when the OSError does not carry it.
+
+    ``f.write`` on a full disk raises ENOSPC without a file name; the open file
+    (or the target of ``torch.save``) is still a local of a frame on the way.
+    """
+    found = None
+    while tb is not None:
+        frame = tb.tb_frame
+        code = frame.f_code
+        if code.co_name == "save" and code.co_filename.endswith(os.path.join("torch", "serialization.py")):
+            target = frame.f_locals.get("f")
+            if isinstance(target, (str, os.PathLike)):
+                found = os.fspath(target)
+        for value in frame.f_locals.values():
+            name = getattr(value, "name", None) if isinstance(value, io.IOBase) else None
+            if isinstance(name, str) and not name.startswith("<"):
+                found = name  # the innermost open file wins
+        tb = tb.tb_next
+    return found
+
+
+def _describe_torch_write_error(error: RuntimeError) -> str:
+    """torch.save's C++ errors: the open failed (with a strerror), or a short write (full disk)."""
+    target = _written_file(error.__traceback__)
+    where = f"{target}: " if target else ""
+    reason = re.search(r"strerror: ([^,]+)", str(error))
+    if reason:
+        words = reason.group(1).strip()
+        known = {os.strerror(code).lower(): pair for code, pair in OS_ERRORS.items()}
+        cause, advice = known.get(words.lower(), (words.lower(), "choose another location (--out)"))
+        return f"{where}could not write the checkpoint: {cause}; {advice}"
+    if target is not None:
+        try:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(target))).free
+        except OSError:
+            free = None
+        if free is not None and free < DISK_FULL_BYTES:
+            cause, advice = OS_ERRORS[errno.ENOSPC]
+            return f"{where}could not write the checkpoint: {cause}, {free:,} bytes free; {advice}"
+    return f"{where}could not write the checkpoint (torch: {str(error).strip()}); check free space and the disk"
+
+
+@contextmanager
+def _error_boundary() -> Iterator[None]:
+    """Errors meant for people become one red line and exit status 2; bugs keep their traceback."""
+    if os.environ.get("KGTOK_DEBUG"):
+        yield
+        return
+    try:
+        yield
+    except Exception as e:
+        message = describe_error(e)
+        if message is None:
+            raise
+        click.secho(f"error: {message}", fg="red", err=True)
+        sys.exit(2)
+
+
 def _friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user-facing errors into one red line and exit status 2."""
+    """Run a command inside the CLI's error boundary (see :func:`describe_error`)."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if os.environ.get("KGTOK_DEBUG"):
+        with _error_boundary():
             return func(*args, **kwargs)
-        try:
-            return func(*args, **kwargs)
-        except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-            click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(2)
 
     return wrapper
+
+
+def _check_kg_dir(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--data``: an existing folder with train.txt, valid.txt and test.txt, checked before anything runs."""
+    if value is None:
+        return None
+    problem = _kg_dir_problem(value)
+    if problem:
+        raise click.BadParameter(problem, ctx=ctx, param=param)
+    return value
+
+
+def _kg_dir_problem(value: str) -> str | None:
+    path = Path(value)
+    if not path.exists():
+        return f"{value}: no such directory; expected a KG folder with train.txt, valid.txt and test.txt"
+    if not path.is_dir():
+        return f"{value}: is a file; expected a KG folder with train.txt, valid.txt and test.txt"
+    missing = [f"{s}.txt" for s in ("train", "valid", "test") if not (path / f"{s}.txt").is_file()]
+    if missing:
+        found = sorted(p.name for p in path.iterdir())[:10]
+        return f"{value}: no {', '.join(missing)} in this folder (found: {found}); a KG folder needs train.txt, " \
+               "valid.txt and test.txt"
+    return None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,7 +221,7 @@ def _force_option(func: Callable[..., Any]) -> Callable[..., Any]:
 def _run_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--config, --data, --out: what kgtok run and kgtok ablate share."""
     func = click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: runs/default).")(func)
-    func = click.option("--data", type=click.Path(file_okay=False),
+    func = click.option("--data", type=click.Path(file_okay=False), callback=_check_kg_dir,
                         help="KG directory (default: the bundled synthetic KG).")(func)
     return click.option("--config", "config_path", type=click.Path(dir_okay=False),
                         help="YAML file of a RunConfig.")(func)
@@ -87,7 +232,11 @@ def _run_config(config_path: str | None, data: str | None, out: str | None, over
     from kgtok.pipeline import RunConfig
 
     extra = [*overrides, *([f"data={data}"] if data else []), *([f"out={out}"] if out else [])]
-    return load_config(RunConfig, config_path, extra)
+    config = load_config(RunConfig, config_path, extra)
+    problem = _kg_dir_problem(config.data) if config.data is not None else None
+    if problem:  # data= from an override or the YAML: checked before the config is printed
+        raise ValueError(f"data (--data): {problem}")
+    return config
 
 
 @cli.command("run")
@@ -113,6 +262,8 @@ def _print_results(results: list[Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from kgtok.llm.rankers import MEASURES, rankers
+
     table = Table(title="kgtok run")
     table.add_column("stage")
     table.add_column("status")
@@ -124,17 +275,26 @@ def _print_results(results: list[Any]) -> None:
     console.print(table)
     final = next((r for r in results if r.name == "evaluate" and r.path is not None), None)
     if final is not None:
-        metrics = json.loads((final.path / "metrics.json").read_text(encoding="utf-8"))
-        summary = Table(title=f"link prediction, {metrics['queries']} test queries (filtered)")
-        for column in ("ranker", "MRR", "Hits@1", "Hits@3", "Hits@10"):
+        from kgtok.llm.layout import EvaluateArtifact
+
+        from kgtok.llm.compare import comparison_rows
+        from kgtok.metrics import format_difference
+
+        metrics = EvaluateArtifact(final.path).metrics()
+        versus = {row["ranker"]: row["vs_retriever"] for row in comparison_rows({"run": final.path})
+                  if row["vs_retriever"]} if "retriever" in metrics else {}
+        summary = Table(title=f"link prediction, {metrics['queries']} test queries (filtered); vs the retriever: "
+                              "paired difference [95% bootstrap CI] p")
+        for column in ("ranker", "MRR", "Hits@1", "Hits@3", "Hits@10", "Hits@1 - retriever", "MRR - retriever"):
             summary.add_column(column)
-        for key, label in (("retriever", "stage 1 (retriever)"), ("dift", "LM pick (DIFT rule)"),
-                           ("rerank", "LM re-rank"), ("fused_rerank", "LM + stage-1 prior (fused)"),
-                           ("dift_class", "LM pick + class constraint")):
-            if key in metrics:
-                both = metrics[key]["both"]
-                summary.add_row(label, *(f"{both[m]:.3f}" for m in ("mrr", "hits_at_1", "hits_at_3", "hits_at_10")))
-        console.print(summary)
+        for ranker in rankers():
+            if ranker.key in metrics:
+                both = metrics[ranker.key]["both"]
+                pair = versus.get(ranker.key)
+                summary.add_row(ranker.label, *(f"{both[m]:.3f}" for m in MEASURES),
+                                *((format_difference(pair["hits_at_1"]), format_difference(pair["mrr"])) if pair
+                                  else ("-", "-")))
+        Console(width=max(console.width, 150)).print(summary)
 
 
 # ----------------------------------------------------------------------------
@@ -172,15 +332,18 @@ def data_list() -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--relations/--no-relations", default=False, help="Also list every relation.")
+@click.option("--skip-header", is_flag=True,
+              help="Skip a header line (head<TAB>relation<TAB>tail) instead of refusing it.")
+@click.option("--strip-whitespace", is_flag=True, help="Strip spaces around ids instead of refusing them.")
 @_friendly_errors
-def data_info(directory: str, as_json: bool, relations: bool) -> None:
+def data_info(directory: str, as_json: bool, relations: bool, skip_header: bool, strip_whitespace: bool) -> None:
     """Counts, unseen entities, and relation statistics of the KG in DIRECTORY."""
     from kgtok.data.graph import load_kg
     from kgtok.data.stats import summarize
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        summary = summarize(load_kg(directory))
+        summary = summarize(load_kg(directory, skip_header=skip_header, strip_whitespace=strip_whitespace))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -275,7 +438,8 @@ def data_subset(source: str, dest: str, entities: int, seed: int) -> None:
 
 
 @cli.command("embed")
-@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), callback=_check_kg_dir,
+              help="KG directory.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Artifact directory (default: runs/embed-<data>).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of an EmbedConfig.")
 @click.option("--model", default=None, help="Shortcut for model=...")
@@ -302,7 +466,8 @@ def embed_command(data: str, out: str | None, config_path: str | None, model: st
 
 
 @cli.command("text")
-@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), callback=_check_kg_dir,
+              help="KG directory.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Artifact directory (default: runs/text-<data>).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a TextConfig.")
 @click.option("--progress/--no-progress", default=True)
@@ -320,24 +485,86 @@ def text_command(data: str, out: str | None, config_path: str | None, progress: 
 
 
 @cli.command("embed-import")
-@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
-@click.option("--entities", "entity_vectors", required=True, type=click.Path(dir_okay=False), help=".npy, one row per entity.")
-@click.option("--entity-order", required=True, type=click.Path(dir_okay=False),
-              help="Raw entity id of each row: one per line, or index<TAB>name (entities.dict).")
-@click.option("--relations", "relation_vectors", default=None, type=click.Path(dir_okay=False), help=".npy of relations.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), callback=_check_kg_dir,
+              help="KG directory.")
+@click.option("--format", "source_format", type=click.Choice(["npy", "pbg", "dglke"]), default="npy", show_default=True,
+              help="npy: --entities/--entity-order files; pbg: a PyTorch-BigGraph checkpoint; dglke: a DGL-KE save.")
+@click.option("--entities", "entity_vectors", default=None, type=click.Path(dir_okay=False),
+              help="npy: .npy, one row per entity.")
+@click.option("--entity-order", default=None, type=click.Path(dir_okay=False),
+              help="npy: raw entity id of each row: one per line, or index<TAB>name (entities.dict).")
+@click.option("--relations", "relation_vectors", default=None, type=click.Path(dir_okay=False),
+              help="npy: .npy of relations.")
 @click.option("--relation-order", default=None, type=click.Path(dir_okay=False))
+@click.option("--checkpoint", default=None, type=click.Path(file_okay=False),
+              help="pbg: PBG's checkpoint_path; dglke: DGL-KE's --save_path.")
+@click.option("--entity-path", default=None, type=click.Path(file_okay=False),
+              help="pbg: PBG's entity_path (entity_names_<type>_<part>.json); dglke: DGL-KE's --data_path "
+                   "(entities.tsv, relations.tsv).")
+@click.option("--entity-type", default="all", show_default=True, help="pbg: the entity type to read.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact directory to write.")
 @click.argument("overrides", nargs=-1)
 @_friendly_errors
-def embed_import_command(data: str, entity_vectors: str, entity_order: str, relation_vectors: str | None,
-                         relation_order: str | None, out: str, overrides: tuple[str, ...]) -> None:
-    """Turn embeddings trained elsewhere into a stage-1 artifact (e.g. model=rotate margin=6)."""
+def embed_import_command(data: str, source_format: str, entity_vectors: str | None, entity_order: str | None,
+                         relation_vectors: str | None, relation_order: str | None, checkpoint: str | None,
+                         entity_path: str | None, entity_type: str, out: str, overrides: tuple[str, ...]) -> None:
+    """Turn embeddings trained elsewhere into a stage-1 artifact (e.g. model=rotate margin=6).
+
+    Graphs too large for one machine train with PyTorch-BigGraph (--format pbg) or DGL-KE (--format dglke).
+    """
     from kgtok.config import load_config
-    from kgtok.embed.importer import ImportConfig, import_embeddings
+    from kgtok.embed.importer import ImportConfig, import_embeddings, import_foreign
 
     config = load_config(ImportConfig, None, overrides)
-    import_embeddings(data, entity_vectors, entity_order, out, relation_vectors=relation_vectors,
-                      relation_order=relation_order, config=config, log=click.echo)
+    needed = {"npy": {"--entities": entity_vectors, "--entity-order": entity_order},
+              "pbg": {"--checkpoint": checkpoint, "--entity-path": entity_path},
+              "dglke": {"--checkpoint": checkpoint, "--entity-path": entity_path}}[source_format]
+    missing = [flag for flag, value in needed.items() if value is None]
+    if missing:
+        raise click.UsageError(f"--format {source_format} needs {' and '.join(missing)}")
+    if source_format == "npy":
+        import_embeddings(data, entity_vectors, entity_order, out, relation_vectors=relation_vectors,
+                          relation_order=relation_order, config=config, log=click.echo)
+        return
+    from kgtok.embed.formats import read_dglke, read_pbg
+
+    foreign = (read_pbg(checkpoint, entity_path, entity_type=entity_type) if source_format == "pbg"
+               else read_dglke(checkpoint, entity_path))
+    import_foreign(data, foreign, out, config=config, log=click.echo)
+
+
+@cli.group("dift")
+def dift_group() -> None:
+    """DIFT's candidate files: write kgtok's, read the papers' (GS-Quant and SSQR evaluate on DIFT's)."""
+
+
+@dift_group.command("export")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--embeddings", required=True, type=click.Path(file_okay=False), help="Stage-1 artifact.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for {split}.json.")
+@click.option("--splits", default="valid,test", show_default=True, help="Comma-separated candidate splits.")
+@_friendly_errors
+def dift_export(data: str, embeddings: str, out: str, splits: str) -> None:
+    """Write stage 1's candidates as DIFT's per-split JSON lists (its data_construct.py layout)."""
+    from kgtok.embed.dift import write_dift
+
+    for path in write_dift(embeddings, data, out, splits=tuple(splits.split(","))):
+        click.echo(f"-> {path}")
+
+
+@dift_group.command("import")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--dift", "dift_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder of DIFT's train.json, valid.json, test.json.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Stage-1 artifact to write.")
+@click.argument("overrides", nargs=-1)
+@_friendly_errors
+def dift_import(data: str, dift_dir: str, out: str, overrides: tuple[str, ...]) -> None:
+    """Read DIFT's candidate lists into a stage-1 artifact (candidates only) for `kgtok instruct --embeddings`."""
+    from kgtok.config import load_config
+    from kgtok.embed.dift import DiftImportConfig, import_dift
+
+    import_dift(data, dift_dir, out, config=load_config(DiftImportConfig, None, overrides), log=click.echo)
 
 
 # ----------------------------------------------------------------------------
@@ -346,7 +573,8 @@ def embed_import_command(data: str, entity_vectors: str, entity_order: str, rela
 
 
 @cli.command("hierarchy")
-@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), callback=_check_kg_dir,
+              help="KG directory.")
 @click.option("--embeddings", default=None, type=click.Path(file_okay=False), help="Stage-1 artifact (graph vectors).")
 @click.option("--text", default=None, type=click.Path(file_okay=False), help="Stage-2 artifact (text vectors).")
 @click.option("--tree", default=None, type=click.Path(dir_okay=False),
@@ -370,7 +598,8 @@ def hierarchy_command(data: str, embeddings: str | None, text: str | None, tree:
 
 
 @cli.command("quantize")
-@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), callback=_check_kg_dir,
+              help="KG directory.")
 @click.option("--hierarchy", default=None, type=click.Path(file_okay=False),
               help="Stage-3 artifact (fused vectors, tree): gsquant, rq, flat.")
 @click.option("--embeddings", default=None, type=click.Path(file_okay=False), help="Stage-1 artifact: realm.")
@@ -398,19 +627,24 @@ def quantize_command(data: str, hierarchy: str | None, embeddings: str | None, o
 
 
 @cli.command("instruct")
-@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), callback=_check_kg_dir,
+              help="KG directory.")
 @click.option("--embeddings", required=True, type=click.Path(file_okay=False), help="Stage-1 artifact (candidates).")
 @click.option("--codes", default=None, type=click.Path(file_okay=False), help="Stage-4 artifact (entity codes).")
+@click.option("--classes", default=None, type=click.Path(),
+              help="class_prefix=true: entity<TAB>class file or stage-3 artifact (level-1 clusters).")
+@click.option("--negatives", default=None, type=click.Path(dir_okay=False),
+              help="task=classification: head<TAB>relation<TAB>tail test negatives (else corrupted test triples).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the JSONL files.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of an InstructConfig.")
 @click.argument("overrides", nargs=-1)
 @_force_option
 @_friendly_errors
-def instruct_command(data: str, embeddings: str, codes: str | None, out: str, config_path: str | None,
-                     force: bool, overrides: tuple[str, ...]) -> None:
-    """Write DIFT-format instructions with codes (LM-train, LM-valid, test), e.g. use_codes=false."""
+def instruct_command(data: str, embeddings: str, codes: str | None, classes: str | None, negatives: str | None,
+                     out: str, config_path: str | None, force: bool, overrides: tuple[str, ...]) -> None:
+    """Write DIFT-format instructions with codes (LM-train, LM-valid, test), e.g. ids=none or ids=random."""
     _stage_command("instruct", config_path, list(overrides), out, data=data, force=force,
-                   inputs={"embeddings": embeddings, "codes": codes})
+                   inputs={"embeddings": embeddings, "codes": codes, "negatives": negatives, "classes": classes})
 
 
 # ----------------------------------------------------------------------------
@@ -446,7 +680,8 @@ def finetune_command(instructions: str, codes: str | None, out: str, config_path
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact directory.")
 @click.option("--classes", default=None, type=click.Path(),
               help="entity<TAB>class file or stage-3 artifact (for class_constraint=true).")
-@click.option("--data", default=None, type=click.Path(file_okay=False), help="KG directory (to read --classes).")
+@click.option("--data", default=None, type=click.Path(file_okay=False), callback=_check_kg_dir,
+              help="KG directory (to read --classes).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of an EvaluateConfig.")
 @click.option("--progress/--no-progress", default=True)
 @click.argument("overrides", nargs=-1)
@@ -478,37 +713,51 @@ def report_command(run_dir: str, out: str | None, screenshot: str | None) -> Non
 
 @cli.command("ablate")
 @_run_options
-@click.option("--only", default=None, help="Comma-separated subset of: without_l1,without_l2,without_gsr,without_codes.")
+@click.option("--only", default=None, help="Comma-separated subset of: without_l1,without_l2,without_gsr,without_codes,random_ids.")
 @click.argument("overrides", nargs=-1)
 @_friendly_errors
 def ablate_command(config_path: str | None, data: str | None, out: str | None, only: str | None,
                    overrides: tuple[str, ...]) -> None:
-    """The paper's ablation set on one run (stages 0-3 reused); one table."""
+    """The paper's ablation set on one run (stages 0-3 reused); one table.
+
+    Per run and ranker: Hits@1 and MRR, and the paired difference to the retriever and to the run without
+    IDs (without_codes) with its 95% bootstrap CI and p-value (kgtok.llm.compare).
+    """
     from rich.console import Console
     from rich.table import Table
 
+    from kgtok.artifacts import write_json_atomic
+    from kgtok.llm.compare import comparison_cells, comparison_header, comparison_rows
     from kgtok.pipeline import ABLATIONS, ablate
 
     config = _run_config(config_path, data, out, overrides)
     names = tuple(only.split(",")) if only else tuple(ABLATIONS)
     results = ablate(config, names, log=click.echo)
-    table = Table(title="ablations (test, filtered)")
-    keys = {"LM pick MRR": "dift_mrr", "LM pick Hits@1": "dift_hits_at_1", "re-rank MRR": "rerank_mrr",
-            "re-rank Hits@1": "rerank_hits_at_1", "fused re-rank Hits@1": "fused_rerank_hits_at_1",
-            "retriever Hits@1": "retriever_hits_at_1"}
-    for column in ("run", *keys):
+    run_dir = Path(config.out)
+    runs = {name: run_dir / "evaluate" if name == "full" else run_dir / "ablate" / name / "evaluate"
+            for name in results}
+    rows = comparison_rows(runs, "without_codes" if "without_codes" in runs else None)
+    table = Table(title=f"ablations (test, filtered, {rows[0]['queries']} queries): paired differences, "
+                        "95% bootstrap CI, p (McNemar / sign-flip permutation)")
+    for column in comparison_header():
         table.add_column(column)
-    for name, m in results.items():
-        table.add_row(name, *(f"{m[k]:.3f}" if k in m else "-" for k in keys.values()))
-    Console(width=140).print(table)
-    summary = Path(config.out) / "ablate" / "summary.json"
-    summary.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    for row in rows:
+        table.add_row(row["run"], row["label"], *comparison_cells(row))
+    Console(width=220).print(table)
+    summary = run_dir / "ablate" / "summary.json"
+    write_json_atomic(summary, {"metrics": results, "comparisons": rows})
     click.echo(f"-> {summary}")
 
 
+def _setup_warnings() -> None:
+    """One line per warning (``kgtok run`` shows each distinct warning once: :class:`kgtok.pipeline.RunLog`)."""
+    warnings.formatwarning = _format_warning  # type: ignore[assignment]
+
+
 def main() -> None:
-    warnings.formatwarning = _format_warning  # type: ignore[assignment]  # one line per warning in a terminal
-    cli(prog_name="kgtok")
+    _setup_warnings()
+    with _error_boundary():
+        cli(prog_name="kgtok")
 
 
 if __name__ == "__main__":

@@ -154,6 +154,7 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against annotation ``tp``; allow only lossless conversions."""
+    # Over 60 lines on purpose: one branch per kind of annotation, the whole type check in one place.
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -295,6 +296,14 @@ def load_config(
             ) from e
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        except UnicodeDecodeError as e:
+            data = path.read_bytes()
+            line = data.count(b"\n", 0, e.start) + 1
+            column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+            raise ConfigError(
+                f"config file {path}:{line}: byte 0x{data[e.start]:02x} at column {column} is not valid UTF-8; "
+                "save the file as UTF-8"
+            ) from None
         if loaded is None:
             loaded = {}
         if section is not None:

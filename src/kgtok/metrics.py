@@ -46,12 +46,14 @@ def realistic_rank(
     (batch,) float64 ranks, 1 = best; half-integers arise from ties.
     """
     scores = torch.nan_to_num(scores.float(), nan=-torch.inf)
-    rows = torch.arange(scores.shape[0])
+    device = scores.device  # indices follow the scores (a GPU's, in stage 1 with device=cuda)
+    rows = torch.arange(scores.shape[0], device=device)
+    targets = torch.as_tensor(targets).to(device)
     true = scores[rows, targets].unsqueeze(1)  # (batch, 1)
     keep = torch.ones_like(scores, dtype=torch.bool)
     if filter_rows is not None and len(filter_rows):
-        filter_rows = torch.as_tensor(filter_rows, dtype=torch.long)
-        filter_cols = torch.as_tensor(filter_cols, dtype=torch.long)
+        filter_rows = torch.as_tensor(filter_rows, dtype=torch.long).to(device)
+        filter_cols = torch.as_tensor(filter_cols, dtype=torch.long).to(device)
         keep[filter_rows, filter_cols] = False
     keep[rows, targets] = True  # the answer itself is never filtered out
     better = ((scores > true) & keep).sum(dim=1)
@@ -74,12 +76,14 @@ def filtered_top_k(
     lower id so that exports are reproducible.
     """
     scores = torch.nan_to_num(scores.float(), nan=-torch.inf).clone()
+    device = scores.device
     if filter_rows is not None and len(filter_rows):
-        filter_rows = torch.as_tensor(filter_rows, dtype=torch.long)
-        filter_cols = torch.as_tensor(filter_cols, dtype=torch.long)
+        filter_rows = torch.as_tensor(filter_rows, dtype=torch.long).to(device)
+        filter_cols = torch.as_tensor(filter_cols, dtype=torch.long).to(device)
         saved = None
         if targets is not None:
-            rows = torch.arange(scores.shape[0])
+            targets = targets.to(device)
+            rows = torch.arange(scores.shape[0], device=device)
             saved = scores[rows, targets].clone()
         scores[filter_rows, filter_cols] = -torch.inf
         if targets is not None:
@@ -180,3 +184,87 @@ def rerank_rank(scores: np.ndarray, gold_index: np.ndarray, stage1_rank: np.ndar
         ranks = realistic_rank(torch.as_tensor(np.asarray(scores)[inside]), torch.as_tensor(gold_index[inside]))
         out[inside] = ranks.numpy()
     return out
+
+
+# ----------------------------------------------------------------------------
+# Paired comparison of two rankers (or runs) on the same queries
+# ----------------------------------------------------------------------------
+
+COMPARED = ("hits_at_1", "mrr")  # measures that every A-vs-B table reports
+_CHUNK = 500  # resamples per array (memory: _CHUNK x n)
+
+
+def paired_comparison(ranks_a: np.ndarray, ranks_b: np.ndarray, *, resamples: int = 10_000, seed: int = 0,
+                      confidence: float = 0.95) -> dict[str, dict[str, float]]:
+    """A - B on the same queries, per measure in :data:`COMPARED`: difference, bootstrap CI, paired p-value.
+
+    ``ranks_a``, ``ranks_b``: (n,) ranks of the same n queries, in the same order.
+    Per measure, ``{"a", "b", "difference", "ci_low", "ci_high", "p_value", "test"}``:
+
+    - the confidence interval is the percentile bootstrap over queries
+      (``resamples`` draws of n queries with replacement, one set of draws for
+      both measures);
+    - Hits@1's p-value is the exact McNemar test: of the queries where exactly
+      one of A and B hits, how unlikely is a split this uneven if either is
+      equally likely (two-sided binomial test, ``scipy.stats.binomtest``);
+    - MRR's p-value is the paired sign-flip permutation test of the per-query
+      reciprocal-rank differences (all 2^m flips when that is at most
+      ``resamples``, m the number of non-zero differences; else ``resamples``
+      random flips, with the +1 correction).
+    """
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(ranks_a, dtype=np.float64), np.asarray(ranks_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired ranks need the same (n,) shape, got {a.shape} and {b.shape}")
+    n = a.size
+    rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, n, size=(min(_CHUNK, resamples - i), n)) for i in range(0, resamples, _CHUNK)] \
+        if n else []
+    tail = (1.0 - confidence) / 2.0
+    out = {}
+    for measure in COMPARED:
+        va, vb = (a <= 1.0, b <= 1.0) if measure == "hits_at_1" else (1.0 / a, 1.0 / b)
+        diff = va.astype(np.float64) - vb.astype(np.float64)
+        if n == 0:
+            out[measure] = {"a": float("nan"), "b": float("nan"), "difference": float("nan"),
+                            "ci_low": float("nan"), "ci_high": float("nan"), "p_value": float("nan"), "test": ""}
+            continue
+        boot = np.concatenate([diff[chunk].mean(axis=1) for chunk in draws])
+        low, high = np.quantile(boot, [tail, 1.0 - tail])
+        if measure == "hits_at_1":
+            only_a, only_b = int(np.sum(va & ~vb)), int(np.sum(vb & ~va))
+            p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+            test = "exact McNemar"
+        else:
+            p, test = sign_flip_p_value(diff, resamples, rng), "paired sign-flip permutation"
+        out[measure] = {"a": float(va.mean()), "b": float(vb.mean()), "difference": float(diff.mean()),
+                        "ci_low": float(low), "ci_high": float(high), "p_value": float(p), "test": test}
+    return out
+
+
+def sign_flip_p_value(diff: np.ndarray, resamples: int, rng: np.random.Generator) -> float:
+    """Two-sided p-value of mean(diff) = 0 under random signs of the paired differences."""
+    d = diff[diff != 0]
+    m = d.size
+    if m == 0:
+        return 1.0
+    observed = abs(d.mean()) - 1e-12  # equal means count as at least as extreme (float noise)
+    if 2 ** m <= resamples:  # exact: every sign pattern
+        signs = 1 - 2 * ((np.arange(2 ** m)[:, None] >> np.arange(m)) & 1)
+        return float(np.mean(np.abs((signs * d).mean(axis=1)) >= observed))
+    extreme = 0
+    for begin in range(0, resamples, _CHUNK):
+        signs = rng.choice(np.array([-1.0, 1.0]), size=(min(_CHUNK, resamples - begin), m))
+        extreme += int(np.sum(np.abs((signs * d).mean(axis=1)) >= observed))
+    return float((1 + extreme) / (resamples + 1))
+
+
+def format_difference(row: dict[str, float], digits: int = 3) -> str:
+    """``+0.012 [-0.010, +0.034] p=0.31`` (one measure of :func:`paired_comparison`)."""
+    if not np.isfinite(row["difference"]):
+        return "-"
+    p = row["p_value"]
+    p_text = f"p={p:.2g}" if p >= 0.001 else "p<0.001"
+    return (f"{row['difference']:+.{digits}f} [{row['ci_low']:+.{digits}f}, {row['ci_high']:+.{digits}f}] "
+            f"{p_text}")

@@ -11,7 +11,6 @@ stage and for the stage commands.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -30,10 +29,10 @@ from kgtok.embed.config import EmbedConfig
 from kgtok.embed.stage import STAGE as EMBED
 from kgtok.hierarchy.config import HierarchyConfig
 from kgtok.hierarchy.stage import STAGE as HIERARCHY
-from kgtok.llm.evaluate import EvaluateConfig
-from kgtok.llm.finetune import FinetuneConfig
-from kgtok.llm.instruct import InstructConfig
-from kgtok.llm.stages import EVALUATE, FINETUNE, INSTRUCT
+from kgtok.llm.config import EvaluateConfig, FinetuneConfig, InstructConfig
+from kgtok.llm.evaluate import STAGE as EVALUATE
+from kgtok.llm.finetune import STAGE as FINETUNE
+from kgtok.llm.instruct import STAGE as INSTRUCT
 from kgtok.quantize.config import QuantizeConfig
 from kgtok.quantize.stage import STAGE as QUANTIZE
 from kgtok.stage import Context, Stage, StageResult, run_stage
@@ -92,6 +91,7 @@ class RunConfig:
         """Stage ``name``'s inputs: each declared input wired to ``<out>/<stage that makes it>``."""
         out = Path(self.out)
         unused = {("instruct", "codes"), ("finetune", "codes")} if not self.instruct.use_codes else set()
+        unused |= {("instruct", "classes")} if not self.instruct.class_prefix else set()
         return {i.name: out / i.stage for i in STAGES[name].inputs
                 if i.stage is not None and i.stage in self.stages() and (name, i.name) not in unused}
 
@@ -176,7 +176,8 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
     "without_l1": ("quantize.gse.l1=false",),
     "without_l2": ("quantize.gse.l2=false",),
     "without_gsr": ("quantize.gsr.enabled=false",),
-    "without_codes": ("instruct.use_codes=false",),
+    "without_codes": ("instruct.ids=none",),
+    "random_ids": ("instruct.ids=random",),  # unique IDs without the codes' content: do codes or uniqueness help?
 }
 
 

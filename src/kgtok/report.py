@@ -59,17 +59,74 @@ def _stage1(run: Path) -> str | None:
 
 
 def _quantizer(run: Path) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     quantized = QuantizeArtifact(run / "quantize")
     metrics = _read(quantized.metrics_path)
     if metrics is None:
         return None
-    parts = ["<h2>Stage 4: codes</h2>"]
     codes = np.load(quantized.codes)
+    parts = ["<h2>Stage 4: codes</h2>", "<h3>Codebook usage per level</h3>" + _usage_plot(codes, metrics)]
+    if metrics.get("history"):
+        parts.append("<h3>Training: losses and held-out entropy (dotted: selected checkpoint)</h3>"
+                     + _training_plot(metrics))
+    rows = [[level, metrics.get(f"nmi_hierarchy_level_{level}", float("nan")),
+             metrics.get(f"homogeneity_hierarchy_level_{level}", float("nan")),
+             metrics.get(f"nmi_types_level_{level}", "-"), metrics["entropy"][level - 1],
+             metrics["utilization"][level - 1]] for level in range(1, metrics["levels"] + 1)]
+    parts.append("<h3>Hierarchy alignment per level</h3>" + _table(
+        ["level", "NMI (hierarchy)", "homogeneity", "NMI (true types)", "entropy", "utilisation"], rows))
+    parts.append(_table(["collisions before fix", "after", "reconstruction cosine"],
+                        [[metrics["collision_rate_before"], metrics["collision_rate_after"],
+                          metrics["reconstruction_cosine"]]]))
+    fused = HierarchyArtifact(run / "hierarchy").fused_vectors
+    if fused.exists():
+        parts.append("<h3>Entity vectors by level-1 code</h3>" + _pca_plot(np.load(fused), codes))
+    parts.append("<h3>The code tree: prefixes and example members</h3>" + code_tree(codes, _entity_labels(run)))
+    return "".join(parts)
+
+
+def _entity_labels(run: Path) -> list[str] | None:
+    """Entity labels of the run's KG (from the data stage's record), or None when it is not at hand."""
+    from kgtok.data.layout import DataArtifact
+
+    kg_dir = DataArtifact(run / "data").manifest.get("metrics", {}).get("kg_dir")
+    if not kg_dir or not Path(kg_dir).is_dir():
+        return None
+    import warnings
+
+    from kgtok.data.graph import load_kg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the run already showed the data warnings
+        return load_kg(kg_dir).labels
+
+
+def code_tree(codes: np.ndarray, labels: list[str] | None, *, branches: int = 3, examples: int = 4,
+              depth: int = 3) -> str:
+    """Nested lists: the largest code prefixes level by level (``<a_3>`` → ``<a_3><b_17>`` → ...), each with
+    its entity count and a few members: what a semantic ID means, as users of such IDs ask to see."""
+    from kgtok.quantize.tokenizer import level_namespace
+
+    names = labels if labels is not None else [str(i) for i in range(len(codes))]
+
+    def level(rows: np.ndarray, l: int, prefix: str) -> str:
+        if l >= min(depth, codes.shape[1]) or len(rows) == 0:
+            return ""
+        values, counts = np.unique(codes[rows, l], return_counts=True)
+        items = []
+        for value in values[np.argsort(-counts, kind="stable")][:branches]:
+            members = rows[codes[rows, l] == value]
+            token = f"{prefix}<{level_namespace(l)}_{value}>"
+            shown = ", ".join(html.escape(names[i]) for i in members[:examples])
+            items.append(f"<li><code>{html.escape(token)}</code> ({len(members)}): {shown}"
+                         f"{level(members, l + 1, token)}</li>")
+        return "<ul>" + "".join(items) + "</ul>"
+
+    return level(np.arange(len(codes)), 0, "")
+
+
+def _usage_plot(codes: np.ndarray, metrics: dict[str, Any]) -> str:
+    import matplotlib.pyplot as plt
+
     levels = metrics["levels"]
     figure, axes = plt.subplots(1, levels, figsize=(3.2 * levels, 2.6), squeeze=False)
     for level in range(levels):
@@ -78,48 +135,38 @@ def _quantizer(run: Path) -> str | None:
         axes[0, level].set_title(f"level {level + 1}: {metrics['utilization'][level]:.0%} used")
         axes[0, level].set_xlabel("code (by frequency)")
     axes[0, 0].set_ylabel("entities")
-    parts.append("<h3>Codebook usage per level</h3>" + _png(figure))
-    history = metrics.get("history") or []
-    if history:
-        figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3))
-        for key in sorted({k for h in history for k in h if k.startswith("loss_")}):
-            points = [(h["epoch"], h[key]) for h in history if key in h]
-            left.plot(*zip(*points), label=key)
-        left.set_yscale("log")
-        left.set_xlabel("epoch")
-        left.legend(fontsize=7)
-        points = [(h["epoch"], h["heldout_entropy"]) for h in history if "heldout_entropy" in h]
-        if points:
-            right.plot(*zip(*points), marker=".")
-            right.axvline(metrics.get("best_epoch", 0), color="grey", linestyle=":")
-        right.set_xlabel("epoch")
-        right.set_ylabel("held-out code entropy (bits)")
-        parts.append("<h3>Training: losses and held-out entropy (dotted: selected checkpoint)</h3>" + _png(figure))
-    rows = []
-    for level in range(1, levels + 1):
-        row = [level, metrics.get(f"nmi_hierarchy_level_{level}", float("nan")),
-               metrics.get(f"homogeneity_hierarchy_level_{level}", float("nan")),
-               metrics.get(f"nmi_types_level_{level}", "-"), metrics["entropy"][level - 1],
-               metrics["utilization"][level - 1]]
-        rows.append(row)
-    parts.append("<h3>Hierarchy alignment per level</h3>" + _table(
-        ["level", "NMI (hierarchy)", "homogeneity", "NMI (true types)", "entropy", "utilisation"], rows))
-    parts.append(_table(["collisions before fix", "after", "reconstruction cosine"],
-                        [[metrics["collision_rate_before"], metrics["collision_rate_after"],
-                          metrics["reconstruction_cosine"]]]))
-    fused = HierarchyArtifact(run / "hierarchy").fused_vectors
-    if fused.exists():
-        from sklearn.decomposition import PCA
+    return _png(figure)
 
-        vectors = np.load(fused)
-        rng = np.random.default_rng(0)
-        shown = rng.choice(len(vectors), min(len(vectors), 5000), replace=False)
-        xy = PCA(n_components=2, random_state=0).fit_transform(vectors[shown])
-        figure, axis = plt.subplots(figsize=(5, 4.5))
-        axis.scatter(xy[:, 0], xy[:, 1], c=codes[shown, 0], cmap="tab20", s=4)
-        axis.set_title("fused entity vectors (PCA), colour = level-1 code")
-        parts.append("<h3>Entity vectors by level-1 code</h3>" + _png(figure))
-    return "".join(parts)
+
+def _training_plot(metrics: dict[str, Any]) -> str:
+    import matplotlib.pyplot as plt
+
+    history = metrics["history"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3))
+    for key in sorted({k for h in history for k in h if k.startswith("loss_")}):
+        left.plot(*zip(*[(h["epoch"], h[key]) for h in history if key in h]), label=key)
+    left.set_yscale("log")
+    left.set_xlabel("epoch")
+    left.legend(fontsize=7)
+    points = [(h["epoch"], h["heldout_entropy"]) for h in history if "heldout_entropy" in h]
+    if points:
+        right.plot(*zip(*points), marker=".")
+        right.axvline(metrics.get("best_epoch", 0), color="grey", linestyle=":")
+    right.set_xlabel("epoch")
+    right.set_ylabel("held-out code entropy (bits)")
+    return _png(figure)
+
+
+def _pca_plot(vectors: np.ndarray, codes: np.ndarray) -> str:
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    shown = np.random.default_rng(0).choice(len(vectors), min(len(vectors), 5000), replace=False)
+    xy = PCA(n_components=2, random_state=0).fit_transform(vectors[shown])
+    figure, axis = plt.subplots(figsize=(5, 4.5))
+    axis.scatter(xy[:, 0], xy[:, 1], c=codes[shown, 0], cmap="tab20", s=4)
+    axis.set_title("fused entity vectors (PCA), colour = level-1 code")
+    return _png(figure)
 
 
 def _finetune(run: Path) -> str | None:
@@ -147,19 +194,19 @@ def _finetune(run: Path) -> str | None:
 def _final(run: Path) -> str | None:
     import matplotlib.pyplot as plt
 
-    metrics = _read(run / "evaluate" / "metrics.json")
+    from kgtok.llm.rankers import MEASURES, rankers
+
+    metrics = _read(EvaluateArtifact(run / "evaluate").metrics_path)
     if metrics is None or "retriever" not in metrics:
         return None
-    keys = ["mrr", "hits_at_1", "hits_at_3", "hits_at_10"]
-    labels = {"retriever": "stage 1 (retriever)", "dift": "LM pick (DIFT rule)", "rerank": "LM re-rank",
-              "fused_rerank": "LM + stage-1 prior (fused)", "dift_class": "LM pick + class constraint"}
-    rows = [[labels[name], *[metrics[name]["both"][k] for k in keys]] for name in labels if name in metrics]
-    for ablation in sorted((run / "ablate").glob("*/evaluate/metrics.json")) if (run / "ablate").exists() else []:
+    keys = list(MEASURES)
+    rows = [[r.label, *[metrics[r.key]["both"][k] for k in keys]] for r in rankers() if r.key in metrics]
+    for ablation in sorted(EvaluateArtifact(p).metrics_path for p in (run / "ablate").glob("*/evaluate")):
         other = _read(ablation)
-        for name in ("dift", "rerank", "fused_rerank"):
-            if name in other:
-                rows.append([f"ablation {ablation.parent.parent.name}: {labels[name]}",
-                             *[other[name]["both"][k] for k in keys]])
+        for r in rankers():
+            if r.key != "retriever" and r.key in other:  # an ablation keeps stage 1: only the LM's rankers differ
+                rows.append([f"ablation {ablation.parent.parent.name}: {r.label}",
+                             *[other[r.key]["both"][k] for k in keys]])
     parts = [f"<h2>Link prediction ({metrics['queries']} queries, filtered)</h2>", _table(["ranker", *keys], rows),
              f"<p>{metrics['queries_per_second']:.1f} queries/s; gold among the candidates: "
              f"{metrics['gold_in_candidates']:.1%}</p>"]

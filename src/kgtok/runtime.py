@@ -12,9 +12,12 @@ import torch
 
 @contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
-    """Set torch's thread count for the block (0 = all cores) and restore it afterwards."""
+    """Set torch's thread count for the block and restore it afterwards.
+
+    0 = all cores, shared by the processes ``accelerate launch`` started on this machine.
+    """
     before = torch.get_num_threads()
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     try:
         yield
     finally:
@@ -33,3 +36,19 @@ def torch_save_atomic(obj: object, path: Path) -> None:
 def torch_threads_if_set(threads: int) -> AbstractContextManager[None]:
     """:func:`torch_threads` when ``threads`` > 0; otherwise torch's own setting stays."""
     return torch_threads(threads) if threads else nullcontext()
+
+
+def resolve_device(device: str) -> torch.device:
+    """A stage's ``device`` setting as a torch device: ``auto`` is ``cuda`` when a GPU is present, else ``cpu``.
+
+    Under ``accelerate launch`` each process takes the GPU of its ``LOCAL_RANK``.
+    ``cuda`` without a GPU is an error (a silent fall-back would hide a broken set-up).
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device={device!r}: expected auto, cpu or cuda")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("device=cuda but torch sees no GPU (torch.cuda.is_available() is False); "
+                         "use device=auto or device=cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,7 @@ from kgtok.artifacts import (
     hash_inputs,
     manifest_matches,
     read_manifest,
+    timed,
     verify_files,
     write_json_atomic,
 )
@@ -130,14 +132,9 @@ class Context:
             self._kg = load_kg(self.kg_dir)
         return self._kg
 
-    @contextlib.contextmanager
-    def timed(self, name: str) -> Iterator[None]:
+    def timed(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Add the wall time of the block to the manifest's ``timings[name]`` (seconds)."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        return timed(self.timings, name)
 
     def for_stage(self, work: Path) -> Context:
         """A context for one stage: same KG, log and progress; its own work folder and timings."""
@@ -286,6 +283,8 @@ def run_stage(
         raise ValueError(f"{stage.name} reads a KG: give --data (a KG directory)")
     given = check_inputs(stage, config, inputs or {})
     started = time.perf_counter()
+    if not is_main_process():
+        return _run_as_helper_process(stage, config, given, dest, ctx)
     with folder_lock(dest):
         hashes = input_record(stage, given, ctx.kg_dir, fingerprint)
         if reuse and is_current(dest, stage, config, hashes):
@@ -304,6 +303,27 @@ def run_stage(
         shutil.rmtree(work, ignore_errors=True)
     return StageResult(stage.name, dest, "ran", read_manifest(dest).get("metrics", {}),
                        time.perf_counter() - started)
+
+
+def is_main_process() -> bool:
+    """False in the second and later processes of ``accelerate launch`` (``RANK`` > 0)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _run_as_helper_process(stage: Stage, config: Any, inputs: dict[str, Path], dest: Path,
+                           ctx: Context) -> StageResult:
+    """A non-main process of a distributed stage: it computes with the others (same work folder, which the
+    main process keeps), writes its copy of the outputs to a private folder, and leaves ``dest`` alone."""
+    import tempfile
+
+    from kgtok.runtime import torch_threads
+
+    work = work_dir(dest)
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.rank{os.environ.get('RANK')}-", dir=dest.parent) as tmp:
+        with torch_threads(getattr(config, "threads", 0)):
+            stage.run(config, inputs, Path(tmp), ctx.for_stage(work))
+    return StageResult(stage.name, dest, "helper")
 
 
 def check_kg_dir(data: str | Path) -> Path:

@@ -6,13 +6,15 @@ import warnings
 
 import pytest
 
-from conftest import TRAIN, write_lines
+from conftest import TEST, TRAIN, VALID, write_lines
 from kgtok.data import KGFormatError, load_kg
 from kgtok.data.errors import (
     DuplicateTripleWarning,
+    HeaderLineWarning,
     LineEndingWarning,
     SplitOverlapWarning,
     UnseenEntityWarning,
+    WhitespaceWarning,
 )
 
 
@@ -55,8 +57,11 @@ def test_missing_split(make_kg):
 
 
 def test_not_a_directory(tmp_path):
-    with pytest.raises(KGFormatError, match="not a directory"):
+    with pytest.raises(KGFormatError, match="nowhere: no such directory"):
         load_kg(tmp_path / "nowhere")
+    (tmp_path / "afile").write_text("x\n")
+    with pytest.raises(KGFormatError, match="afile: is a file, not a directory"):
+        load_kg(tmp_path / "afile")
 
 
 def test_undecodable_bytes(make_kg):
@@ -135,3 +140,82 @@ def test_cli_reports_bad_input_without_traceback(make_kg):
     assert result.exit_code == 2
     assert "train.txt:1: expected 3 tab-separated fields" in result.output
     assert "Traceback" not in result.output
+
+
+# ----------------------------------------------------------------------------
+# Issue 18: header lines, empty fields, whitespace around ids, unseen names
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header", ["head\trelation\ttail", "head relation tail", "Subject\tPredicate\tObject",
+                                    "# h r t"])
+def test_header_line_is_refused_with_its_line(make_kg, header):
+    directory = make_kg(train=[header, *TRAIN])
+    with pytest.raises(KGFormatError) as err:
+        load_kg(directory)
+    assert err.value.path == directory / "train.txt" and err.value.line == 1
+    assert "looks like a column header" in str(err.value) and "skip_header=True" in str(err.value)
+
+
+def test_header_line_after_blank_lines_is_named_by_its_line(make_kg):
+    directory = make_kg(valid=["", "head\trelation\ttail", *map("\t".join, VALID)])
+    with pytest.raises(KGFormatError, match=r"valid.txt:2: 'head\\trelation\\ttail' looks like a column header"):
+        load_kg(directory)
+
+
+def test_skip_header_drops_it_with_a_warning(make_kg):
+    plain = load_kg(make_kg(name="plain"))
+    directory = make_kg(train=["head\trelation\ttail", *TRAIN], test=["h\tr\tt", *TEST], name="headed")
+    with pytest.warns(HeaderLineWarning, match=r"train.txt:1: skipped the header line"):
+        kg = load_kg(directory, skip_header=True)
+    assert kg.entity_names == plain.entity_names and kg.relation_names == plain.relation_names
+    assert kg.counts() == plain.counts()
+    assert kg.report.skipped_headers == ["train.txt", "test.txt"]
+
+
+def test_a_first_triple_with_one_column_word_is_data(make_kg):
+    kg = load_kg(make_kg(train=[("head", "part_of", "body"), *TRAIN]))
+    assert "head" in kg.entity_names and "part_of" in kg.relation_names
+
+
+@pytest.mark.parametrize("line, column", [("\tlikes\tb", "head"), ("a\t\tb", "relation"), ("a\tlikes\t", "tail")])
+def test_empty_field_is_an_error_with_its_line(make_kg, line, column):
+    directory = make_kg(train=[*TRAIN[:2], line, *TRAIN[2:]])
+    with pytest.raises(KGFormatError) as err:
+        load_kg(directory)
+    assert err.value.line == 3 and f"{column} is empty" in str(err.value)
+
+
+@pytest.mark.parametrize("bad", ["a ", " a", "a\u00a0"])
+def test_whitespace_around_an_id_is_an_error_naming_it(make_kg, bad):
+    directory = make_kg(valid=[("b", "likes", "c"), (bad, "likes", "c")])
+    with pytest.raises(KGFormatError) as err:
+        load_kg(directory)
+    assert err.value.path.name == "valid.txt" and err.value.line == 2
+    assert f"head {bad!r} has leading or trailing whitespace" in str(err.value)
+
+
+def test_strip_whitespace_strips_with_a_warning(make_kg):
+    directory = make_kg(valid=[("b", "hates", "c"), ("a ", " likes", "c")], entity_text__tsv=["a \tAlpha", "b\tBeta"])
+    with pytest.warns(WhitespaceWarning, match=r"valid.txt:2: stripped whitespace around 2 id field\(s\), e.g. 'a '"):
+        kg = load_kg(directory, strip_whitespace=True)
+    assert kg.num_entities == 4 and kg.num_relations == 2  # 'a ' is 'a', ' likes' is 'likes'
+    assert kg.labels[:2] == ["Alpha", "Beta"]
+    assert kg.report.stripped_ids == {"valid.txt": 2}
+
+
+def test_whitespace_in_text_and_dict_ids_is_refused(make_kg):
+    directory = make_kg(entity_text__tsv=["a\tAlpha", "b \tBeta"])
+    with pytest.raises(KGFormatError, match=r"entity_text.tsv:2: id 'b ' has leading or trailing whitespace"):
+        load_kg(directory)
+
+
+def test_unseen_warning_names_the_entities(make_kg):
+    directory = make_kg(valid=[("b", "likes", "c"), ("q", "hates", "a")], test=[("a", "fears", "zz")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kg = load_kg(directory)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UnseenEntityWarning)]
+    assert "valid.txt: 1 entit(ies)" in messages[0] and "e.g. entity 'q' (line 2)" in messages[0]
+    assert "e.g. relation 'fears' (line 1), entity 'zz' (line 1)" in messages[1]
+    assert kg.num_entities == 6

@@ -188,3 +188,10 @@ def test_kgfit_labels_are_matched_and_ambiguity_counted(synthetic, tmp_path):
     assert report["matched_by_label"] == len(set(kg.labels))
     assert report["ambiguous_label_matches"] == len(duplicated)
     assert report["missing_entities"] == 0  # every entity of a repeated label is kept, by id
+
+
+def test_two_entities_build_a_tree_instead_of_a_silhouette_error():
+    # Silhouette is undefined for 2 clusters of 2 points (scikit-learn: "Number of labels is 2"); the level-1
+    # count is then chosen without it.
+    hierarchy = SemanticHierarchy(HierarchyConfig(levels=3)).fit(np.random.default_rng(0).normal(size=(2, 8)))
+    assert hierarchy.paths_.shape == (2, 3) and hierarchy.counts_[0] == 2

@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from kgtok.artifacts import artifact_dir
+
 from kgtok.data import load_kg
 from kgtok.data.synthetic import SyntheticConfig, write_synthetic
 from kgtok.embed import EmbedConfig, run_embed
@@ -22,8 +24,9 @@ def inputs(tmp_path_factory):
                                   export_splits=("valid", "test")), kg, root / "embed", progress=False,
                       log=lambda *_: None)
     codes = root / "codes"
-    codes.mkdir()
-    (codes / "tokens.txt").write_text("".join(f"{i}\t{n}\t<a_{i % 7}><b_{i}>\n" for i, n in enumerate(kg.entity_names)))
+    with artifact_dir(codes, stage="quantize", config={}) as writer:  # a stage-4 artifact made by hand
+        (writer.path / "tokens.txt").write_text(
+            "".join(f"{i}\t{n}\t<a_{i % 7}><b_{i}>\n" for i, n in enumerate(kg.entity_names)))
     return kg, embed, codes, root
 
 
@@ -75,7 +78,7 @@ def test_prompt_contents_and_no_leakage(inputs, tmp_path):
     # A training query never lists itself as a neighbour fact.
     h0, r0, t0 = (int(v) for v in kg.train[0])
     assert (h0, r0, t0) not in index.for_query(h0, r0, True, (h0, r0, t0), 1000)
-    no_codes = run_instruct(InstructConfig(top_k=8, use_codes=False), kg, embed, tmp_path / "n", log=lambda *_: None)
+    no_codes = run_instruct(InstructConfig(top_k=8, ids="none"), kg, embed, tmp_path / "n", log=lambda *_: None)
     assert all("<a_" not in r["prompt"] for r in read(no_codes / "test.jsonl"))
     codes_only = run_instruct(InstructConfig(top_k=8, use_names=False, use_descriptions=False,
                                              use_neighbours=False), kg, embed, tmp_path / "c", codes=codes,
@@ -83,7 +86,7 @@ def test_prompt_contents_and_no_leakage(inputs, tmp_path):
     first = read(codes_only / "test.jsonl")[0]
     assert kg.labels[first["gold"]] not in first["answer"] and first["answer"].startswith("<ent><a_")
     assert "Known facts" not in first["prompt"]
-    with pytest.raises(ValueError, match="use_codes needs codes"):
+    with pytest.raises(ValueError, match="instruct needs --codes .*ids=none"):
         run_instruct(InstructConfig(), kg, embed, tmp_path / "x", log=lambda *_: None)
 
 
@@ -112,7 +115,7 @@ def test_training_queries_are_sampled_and_shuffled(tmp_path):
     kg = load_kg(write_synthetic(SyntheticConfig(num_entities=200, seed=2), tmp_path / "kg"))
     embed = run_embed(EmbedConfig(dim=16, max_steps=40, eval_every=20, batch_size=256, threads=1, top_k=6),
                       kg, tmp_path / "embed", progress=False, log=lambda *_: None)
-    base = dict(top_k=6, use_codes=False, train_from_train_queries=True, train_queries=50)
+    base = dict(top_k=6, ids="none", train_from_train_queries=True, train_queries=50)
     ordered = run_instruct(InstructConfig(**base, shuffle_train_query_candidates=False), kg, embed,
                            tmp_path / "o", log=lambda *_: None)
     shuffled = run_instruct(InstructConfig(**base), kg, embed, tmp_path / "s", log=lambda *_: None)
@@ -170,3 +173,130 @@ def test_training_queries_in_realm_query_form(inputs, tmp_path):
     assert sum(r["split"] == "train" for r in read(limited / "lm_train.jsonl")) == 40
     with pytest.raises(ValueError, match="dift or query"):
         InstructConfig(train_query_format="short")
+
+
+def test_random_ids_have_the_codes_shape_and_tokens_but_not_their_content(inputs, tmp_path):
+    import re
+    from collections import Counter
+
+    from kgtok.llm.instruct import load_tokens
+
+    kg, embed, codes, _ = inputs
+    dest = run_instruct(InstructConfig(top_k=8, ids="random"), kg, embed, tmp_path / "r", codes=codes,
+                        log=lambda *_: None)
+    real = load_tokens(codes, kg)
+    shown = {}
+    for record in read(dest / "test.jsonl") + read(dest / "lm_valid.jsonl"):
+        for entity, text in zip(record["candidates"], record["candidate_text"]):
+            shown[entity] = re.search(r"<ent>(.*)</ent>", text).group(1)
+    assert len(set(shown.values())) == len(shown)  # unique per entity
+    levels = lambda t: re.findall(r"<[^<>]+>", t)  # noqa: E731
+    assert all(len(levels(shown[e])) == len(levels(real[e])) for e in shown)
+    assert sum(shown[e] != real[e] for e in shown) > 0.9 * len(shown)
+    from kgtok.llm.instruct import random_ids
+
+    drawn = random_ids(real, np.random.default_rng(0))
+    for level in range(len(levels(real[0]))):  # every level keeps its tokens and their counts
+        assert Counter(levels(t)[level] for t in drawn) == Counter(levels(t)[level] for t in real)
+    assert len(set(drawn)) == len(drawn)
+    with pytest.raises(ValueError, match="ids=random"):
+        random_ids(["<a_1><b_1>", "<a_1><b_1>"], np.random.default_rng(0), tries=50)
+
+
+def test_prompt_budget_keeps_query_question_and_every_candidate(inputs, tmp_path):
+    """ReaLM-style 32-level codes and long descriptions at 512 tokens: trimming takes facts, then description."""
+    import re
+
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from kgtok.llm.backbone import TinyBackboneConfig, build_tiny
+    from kgtok.llm.prompts import fit_prompt
+    from kgtok.llm.vocab import BOUNDARY_TOKENS
+
+    kg, embed, _, _ = inputs
+    rng = np.random.default_rng(0)
+    codes = tmp_path / "codes32"
+    with artifact_dir(codes, stage="quantize", config={}) as writer:
+        (writer.path / "tokens.txt").write_text("".join(
+            f"{i}\t{n}\t{''.join(f'<l{j}_{v}>' for j, v in enumerate(rng.integers(0, 64, 32)))}\n"
+            for i, n in enumerate(kg.entity_names)))
+    dest = run_instruct(InstructConfig(top_k=8, neighbours=10, description_words=200), kg, embed, tmp_path / "i",
+                        codes=codes, log=lambda *_: None)
+    records = read(dest / "test.jsonl")[:40]
+    path = build_tiny([r["prompt"] for r in records], tmp_path / "tiny",
+                      TinyBackboneConfig(vocab_size=400, hidden_size=32, layers=2, heads=2, intermediate_size=64))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    code_tokens = sorted({t for line in (codes / "tokens.txt").read_text().splitlines()
+                          for t in re.findall(r"<[^<>]+>", line.split("\t")[2])})
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in [*BOUNDARY_TOKENS, *code_tokens]])
+    squash = lambda text: re.sub(r"\s+", "", text)  # noqa: E731 (decoding spaces added tokens apart)
+    outcomes = []
+    for record in records:
+        ids, outcome = fit_prompt(tokenizer, record, 512)
+        outcomes.append(outcome)
+        text = squash(tokenizer.decode(ids))
+        query, *_, question = record["prompt"].split("\n")
+        assert squash(query) in text and squash(question) in text  # the query line, the question with its list
+        assert all(squash(c) in text for c in record["candidate_text"])
+        assert len(ids) <= 512 or outcome == "over"
+    assert outcomes.count("trimmed") > len(records) // 2  # the setting is over budget for most prompts
+    # Facts go before the description: a trimmed prompt keeps description words only when every fact fits.
+    record = next(r for r, o in zip(records, outcomes) if o == "trimmed")
+    ids, _ = fit_prompt(tokenizer, record, 512)
+    text = tokenizer.decode(ids)
+    if "Known facts" in text:
+        assert squash(record["prompt_parts"]["description"]) in squash(text)
+    # a budget smaller than the query and the list: kept whole, reported as over
+    ids, outcome = fit_prompt(tokenizer, records[0], 64)
+    assert outcome == "over" and all(squash(c) in squash(tokenizer.decode(ids)) for c in records[0]["candidate_text"])
+
+
+def test_lm_train_and_lm_valid_split_by_triple(inputs, tmp_path):
+    """A validation triple's head and tail queries land on the same side of the LM-train / LM-valid split."""
+    from kgtok.llm.instruct import split_examples, triple_key
+
+    kg, embed, codes, _ = inputs
+    config = InstructConfig(top_k=8, confidence_threshold=0.0, lm_valid_fraction=0.3)
+    dest = run_instruct(config, kg, embed, tmp_path / "i", codes=codes, log=lambda *_: None)
+    valid_keys = {triple_key(r) for r in read(dest / "lm_valid.jsonl")}
+    train_keys = {triple_key(r) for r in read(dest / "lm_train.jsonl")}
+    assert valid_keys and train_keys and not valid_keys & train_keys
+    records = [{"id": f"valid-{i}-{side}", "confidence": 1.0, "gold_in_candidates": True}
+               for side in ("tail", "head") for i in range(100)]
+    train, valid, dropped = split_examples(records, config)
+    assert len(valid) == 60 and len(train) == 140 and dropped == 0  # 30 of 100 triples, both queries each
+    assert not {triple_key(r) for r in train} & {triple_key(r) for r in valid}
+
+
+def test_training_lists_are_filtered_with_train_and_valid_only():
+    """LM-train's lists (stage 1's valid and train exports) keep test answers as negatives; test lists filter all."""
+    import torch
+
+    from kgtok.data.graph import KnowledgeGraph
+    from kgtok.embed.ranking import rank_splits
+
+    kg = KnowledgeGraph.from_arrays(entity_names=[f"e{i}" for i in range(6)], relation_names=["r"],
+                                    train=np.array([[0, 0, 1]]), valid=np.array([[0, 0, 2]]),
+                                    test=np.array([[0, 0, 3]]))
+    preference = torch.tensor([0.0, 5.0, 3.0, 9.0, 1.0, 0.5])  # entity 3 (a test answer) scores best
+
+    class Scores:  # a stand-in KGE model: every query scores the entities by ``preference``
+        num_entities = 6
+        entity = torch.zeros(1)
+
+        def eval(self):
+            return self
+
+        def score_all_tails(self, h, r):
+            return preference.expand(len(h), -1).clone()
+
+        def score_all_heads(self, r, t):
+            return preference.expand(len(t), -1).clone()
+
+    ranked, metrics = rank_splits(Scores(), kg, reciprocal=False, batch_size=8, top_k=3,
+                                  export_splits=("train", "valid", "test"))
+    assert ranked["valid"].candidates[0].tolist() == [3, 2, 4]  # tail query (0, r, ?) of the valid triple
+    assert ranked["train"].candidates[0].tolist() == [3, 1, 4]  # gold 1 kept; 2 (valid) filtered
+    assert ranked["test"].candidates[0].tolist() == [3, 4, 5]  # test: train, valid and test answers filtered
+    assert metrics["valid"]["tail"]["mrr"] == 1.0  # the valid metric stays the standard filtered one

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,9 +17,11 @@ from kgtok.data.synthetic import SyntheticConfig, write_synthetic
 from kgtok.embed import EmbedConfig, run_embed
 from kgtok.llm import InstructConfig, run_instruct
 from kgtok.llm.backbone import TinyBackboneConfig, build_tiny, is_from_scratch
-from kgtok.llm.evaluate import (FUSION_GRID, EvaluateConfig, PrefixTrie, choose_fusion_weight, constrain_to_class,
-                                load_classes, log_prior, run_evaluate, score_batch, trie_greedy)
+from kgtok.llm.decoding import PrefixTrie, trie_greedy
+from kgtok.llm.evaluate import EvaluateConfig, load_classes, run_evaluate
 from kgtok.llm.finetune import IGNORE_INDEX, FinetuneConfig, encode_example, run_finetune
+from kgtok.llm.rankers import FUSION_GRID, choose_fusion_weight, constrain_to_class, log_prior
+from kgtok.llm.scoring import score_batch
 from kgtok.llm.vocab import extend_vocabulary
 from kgtok.quantize import QuantizeConfig, run_quantize
 
@@ -83,12 +86,12 @@ def test_loss_on_answer_tokens_only_and_truncation(tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    example = encode_example(tokenizer, "alpha beta", "gamma", max_length=64)
+    example = encode_example(tokenizer, {"prompt": "alpha beta", "answer": "gamma"}, max_length=64)
     answer = tokenizer(" gamma", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     labelled = [t for t in example["labels"] if t != IGNORE_INDEX]
     assert labelled == answer and example["input_ids"][-len(answer):] == answer
     assert example["input_ids"][0] == tokenizer.bos_token_id
-    long = encode_example(tokenizer, "alpha beta " * 50, "gamma", max_length=20)
+    long = encode_example(tokenizer, {"prompt": "alpha beta " * 50, "answer": "gamma"}, max_length=20)
     assert len(long["input_ids"]) == 20 and long["input_ids"][0] == tokenizer.bos_token_id
     assert [t for t in long["labels"] if t != IGNORE_INDEX] == answer
 
@@ -165,8 +168,10 @@ def test_finetune_trains_new_rows_and_lowers_the_loss(stages, finetuned):
 
 def test_evaluate_outputs_and_generate_agrees_with_trie(stages, finetuned, tmp_path):
     kg, kg_dir, embed, codes, instructions, root = stages
+    classes = tmp_path / "classes.tsv"  # the true top-level types, as a file of entity<TAB>class
+    classes.write_text("".join(f"{n}\tt{t}\n" for n, t in zip(kg.entity_names, kg.entity_types[:, 0])))
     dest = run_evaluate(EvaluateConfig(max_queries=12, batch_size=5, class_constraint=True, fusion_weight=1.0),
-                        finetuned, instructions, tmp_path / "ev", classes=kg.entity_types[:, 0], progress=False,
+                        finetuned, instructions, tmp_path / "ev", classes=classes, data=kg_dir, progress=False,
                         log=quiet)
     metrics = json.loads((dest / "metrics.json").read_text())
     predictions = [json.loads(line) for line in (dest / "predictions.jsonl").read_text().splitlines()]
@@ -192,8 +197,10 @@ def test_evaluate_outputs_and_generate_agrees_with_trie(stages, finetuned, tmp_p
     # fusion_weight None (the default): the weight is chosen on lm_valid.jsonl, never on the evaluated queries
     tuned = json.loads((generated / "metrics.json").read_text())["fusion"]
     valid = [json.loads(line) for line in (instructions / "lm_valid.jsonl").read_text().splitlines()]
-    assert tuned["weight"] in FUSION_GRID and tuned["valid_queries"] == len(valid)
+    assert tuned["weight"] in tuned["grid"] and set(FUSION_GRID) <= set(tuned["grid"])
+    assert tuned["valid_queries"] == len(valid) and tuned["chosen_on"] == f"LM-valid ({len(valid)} queries)"
     assert tuned["valid_mrr"] == max(tuned["curve"].values())
+    assert tuned["position"] in ("interior", "lm_only", "retriever_only")
 
 
 def fake_vllm(monkeypatch):
@@ -251,13 +258,13 @@ def test_vllm_backend_gives_the_same_scores(stages, finetuned, tmp_path, monkeyp
 
 
 def test_killed_evaluation_resumes_from_scored_queries(stages, finetuned, tmp_path, monkeypatch):
-    import kgtok.llm.evaluate as evaluate
+    import kgtok.llm.scoring as scoring
 
     instructions = stages[4]
     config = EvaluateConfig(max_queries=9, batch_size=3, fusion_weight=1.0)
     reference = run_evaluate(config, finetuned, instructions, tmp_path / "ref", progress=False, log=quiet)
     calls = {"n": 0, "die_at": 3}
-    score = evaluate.score_batch
+    score = scoring.score_batch
 
     def dying_score(model, prompts, *args):
         calls["n"] += 1
@@ -265,7 +272,7 @@ def test_killed_evaluation_resumes_from_scored_queries(stages, finetuned, tmp_pa
             raise KeyboardInterrupt  # killed while scoring the third batch
         return score(model, prompts, *args)
 
-    monkeypatch.setattr(evaluate, "score_batch", dying_score)
+    monkeypatch.setattr(scoring, "score_batch", dying_score)
     with pytest.raises(KeyboardInterrupt):
         run_evaluate(config, finetuned, instructions, tmp_path / "ev", progress=False, log=quiet)
     assert not (tmp_path / "ev").exists() and (tmp_path / "ev.work" / "predictions.partial.jsonl").exists()
@@ -279,14 +286,14 @@ def test_killed_evaluation_resumes_from_scored_queries(stages, finetuned, tmp_pa
 
 
 def test_resumed_evaluation_keeps_its_fusion_weight(stages, finetuned, tmp_path, monkeypatch):
-    import kgtok.llm.evaluate as evaluate
+    import kgtok.llm.scoring as scoring
 
     instructions = stages[4]
     config = EvaluateConfig(max_queries=9, batch_size=3)  # fusion weight chosen on LM-valid
     valid_batches = -(-len((instructions / "lm_valid.jsonl").read_text().splitlines()) // 3)
     reference = run_evaluate(config, finetuned, instructions, tmp_path / "ref", progress=False, log=quiet)
     calls = {"n": 0, "die_at": valid_batches + 3}
-    score = evaluate.score_batch
+    score = scoring.score_batch
 
     def dying_score(model, prompts, *args):
         calls["n"] += 1
@@ -294,7 +301,7 @@ def test_resumed_evaluation_keeps_its_fusion_weight(stages, finetuned, tmp_path,
             raise KeyboardInterrupt  # killed while scoring the third batch of test queries
         return score(model, prompts, *args)
 
-    monkeypatch.setattr(evaluate, "score_batch", dying_score)
+    monkeypatch.setattr(scoring, "score_batch", dying_score)
     with pytest.raises(KeyboardInterrupt):
         run_evaluate(config, finetuned, instructions, tmp_path / "ev", progress=False, log=quiet)
     calls.update(n=0, die_at=0)
@@ -314,7 +321,7 @@ def test_fusion_weight_is_the_best_on_held_out_queries():
     gold, stage1 = np.array([0, 1]), np.array([1, 2])
     chosen = choose_fusion_weight(lm, priors, gold, stage1)
     # w = 0 and 1 leave query 1 at rank 2; w = 2 gets both right; w = 4 ties query 2 (rank 1.5)
-    assert chosen["weight"] == 2.0 and chosen["valid_mrr"] == 1.0
+    assert chosen["weight"] == 2.0 and chosen["valid_mrr"] == 1.0 and chosen["position"] == "interior"
     assert chosen["curve"]["0.0"] == 0.75 and chosen["curve"]["4.0"] < 1.0
     np.testing.assert_allclose(log_prior([1.0, 1.0]), np.log([0.5, 0.5]))
 
@@ -391,7 +398,8 @@ def test_triple_classification_instructions_and_metrics(stages, finetuned, tmp_p
         assert record["answer"] == ("true" if record["label"] else "false")
     assert sum(r["label"] for r in test) == len(kg.test)
     # No prompt shows its own triple among the facts.
-    from kgtok.llm.instruct import entity_text, load_tokens, readable_relation
+    from kgtok.llm.instruct import load_tokens
+    from kgtok.llm.prompts import entity_text, readable_relation
 
     config, tokens = InstructConfig(task="classification"), load_tokens(codes, kg)
     for record in train:
@@ -405,7 +413,9 @@ def test_triple_classification_instructions_and_metrics(stages, finetuned, tmp_p
                       log=quiet)
     predictions = [json.loads(line) for line in (ev / "predictions.jsonl").read_text().splitlines()]
     metrics = json.loads((ev / "metrics.json").read_text())
-    assert len(predictions) == 20 and all(p["predicted"] == (p["margin"] > 0) for p in predictions)
+    threshold = metrics["threshold"]  # chosen on LM-valid (its triples, never the evaluated ones)
+    assert metrics["threshold_chosen_on"] == f"LM-valid ({2 * len(kg.valid)} triples)"
+    assert len(predictions) == 20 and all(p["predicted"] == (p["margin"] > threshold) for p in predictions)
     assert metrics["accuracy"] == pytest.approx(np.mean([p["predicted"] == p["label"] for p in predictions]))
     from kgtok.llm.classify import classification_metrics
 
@@ -447,8 +457,8 @@ def test_answer_loss_from_kept_logits_equals_the_full_loss(tmp_path):
 
     path = build_tiny(["alpha beta gamma delta epsilon"] * 10, tmp_path / "tiny", TINY)
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
-    examples = [encode_example(tokenizer, "alpha beta gamma delta", "epsilon gamma", 64),
-                encode_example(tokenizer, "beta", "alpha alpha beta delta", 64)]
+    examples = [encode_example(tokenizer, {"prompt": "alpha beta gamma delta", "answer": "epsilon gamma"}, 64),
+                encode_example(tokenizer, {"prompt": "beta", "answer": "alpha alpha beta delta"}, 64)]
     batch = PaddingCollator(tokenizer.pad_token_id)(examples)
     labels = batch.pop("labels")
     with torch.no_grad():
@@ -461,3 +471,112 @@ def test_answer_loss_from_kept_logits_equals_the_full_loss(tmp_path):
             count += int((target != IGNORE_INDEX).sum())
     assert batch["logits_to_keep"].numel() == max(sum(t != IGNORE_INDEX for t in e["labels"]) for e in examples) + 1
     torch.testing.assert_close(kept, total / count, atol=1e-5, rtol=1e-5)
+
+
+def test_finetune_and_evaluate_print_only_their_own_lines(stages, tmp_path, capfd):
+    """No Trainer dictionaries, no library bars or deprecation warnings; progress off: plain lines via log."""
+    import warnings
+
+    kg, kg_dir, embed, codes, instructions, root = stages
+    config = FinetuneConfig(tiny=TINY, max_steps=2, batch_size=4, logging_steps=1, save_steps=1, threads=1)
+    lines: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ft = run_finetune(config, instructions, tmp_path / "ft", codes=codes, progress=False, log=lines.append)
+        run_evaluate(EvaluateConfig(max_queries=4, threads=1), ft, instructions, tmp_path / "ev", progress=False,
+                     log=lines.append)
+    assert capfd.readouterr() == ("", "")
+    assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert [line.split(":")[0] for line in lines if not line.startswith("#")] == [
+        "finetune", "finetune", "evaluate", "evaluate"]  # LM-valid loss, result; fusion weight, result
+    # Progress on: one bar for training (and one per LM-valid pass), one per scored split.
+    run_finetune(config, instructions, tmp_path / "ft2", codes=codes, progress=True, log=quiet)
+    run_evaluate(EvaluateConfig(max_queries=4, fusion_weight=1.0, threads=1), ft, instructions, tmp_path / "ev2",
+                 log=quiet)
+    out, err = capfd.readouterr()
+    assert out == "" and "finetune: 100%" in err and "evaluate: 100%" in err
+    assert "{'loss'" not in err and "Writing model shards" not in err and "Loading weights" not in err
+
+
+def test_flat_codebook_initialises_every_level(tmp_path):
+    """The flat variant's one shared codebook serves every level: <b_3> starts from codeword 3, as <a_3>."""
+    from kgtok.quantize.tokenizer import EntityTokenizer
+    from kgtok.llm.vocab import code_vocabulary, codeword_of
+
+    vectors = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
+    config = QuantizeConfig(variant="flat", levels=3, codebook_size=8, epochs=2, gse=dataclasses.replace(
+        QuantizeConfig().gse, l1=False, l2=False), gsr=dataclasses.replace(QuantizeConfig().gsr, enabled=False))
+    EntityTokenizer(config=config).fit(vectors, progress=False, log=quiet).save(tmp_path / "q" / "tokenizer")
+    tokens, codebooks = code_vocabulary(tmp_path / "q")
+    assert all(codeword_of(f"<{name}_3>", codebooks) is not None for name in "abc")
+    np.testing.assert_array_equal(codeword_of("<c_3>", codebooks), codeword_of("<a_3>", codebooks))
+
+
+def test_typed_negatives_given_negatives_and_threshold_on_valid(stages, tmp_path):
+    """Typed negatives use an entity seen with the relation in that position; a file's negatives are the test's."""
+    from kgtok.llm.classify import best_threshold, corrupt
+
+    kg = stages[0]
+    train = kg.train.numpy()
+    triples = kg.test.numpy()
+    typed = corrupt(kg, triples, np.random.default_rng(0), typed=True)
+    uniform = corrupt(kg, triples, np.random.default_rng(0), typed=False)
+
+    def in_position(rows):
+        seen = {(r, c): set(train[train[:, 1] == r, c].tolist()) for r in np.unique(train[:, 1]) for c in (0, 2)}
+        changed = [(row, 0 if row[0] != src[0] else 2) for row, src in zip(rows, triples)]
+        return np.mean([row[c] in seen.get((row[1], c), set()) for row, c in changed])
+
+    assert in_position(typed) > 0.95 and in_position(uniform) < in_position(typed)
+    known = {tuple(t) for t in kg.all_triples.tolist()}
+    assert not any(tuple(t) in known for t in typed.tolist())
+    path = tmp_path / "negatives.txt"
+    given = [(kg.entity_names[h], kg.relation_names[r], kg.entity_names[t]) for h, r, t in uniform[:7].tolist()]
+    path.write_text("".join("\t".join(g) + "\n" for g in given) + f"{given[0][0]}\t{given[0][1]}\t{given[0][2]}\t1\n")
+    dest = run_instruct(InstructConfig(task="classification", neighbours=2, classification_train_triples=20), kg,
+                        None, tmp_path / "cls", codes=stages[3], negatives=path, log=quiet)
+    test = [json.loads(line) for line in (dest / "test.jsonl").read_text().splitlines()]
+    negatives = sorted(tuple(r["triple"]) for r in test if not r["label"])
+    assert negatives == sorted(given) and sum(r["label"] for r in test) == len(kg.test)
+    # the threshold: best accuracy, ties broken toward 0
+    assert best_threshold(np.array([-2.0, -1.0, 1.0, 3.0]), np.array([False, True, True, True])) == -1.5
+    assert best_threshold(np.array([-1.0, 1.0]), np.array([False, True])) == 0.0
+
+
+def test_realm_class_prediction_trained_as_part_of_the_answer(stages, tmp_path):
+    """class_prefix: answers start with the class token; 5c reads the LM's class off it and constrains the pick."""
+    from kgtok.llm.rankers import predicted_class_pick
+
+    # by hand: the LM's likeliest class token is class 1's; the pick (class 0) moves to class 1's best candidate
+    predicted, picked = predicted_class_pick(0, np.array([-1.0, -3.0, -2.0]), np.array([0, 1, 1]),
+                                             np.array([-0.5, -0.2, -0.2]))
+    assert (predicted, picked) == (1, 2)
+    assert predicted_class_pick(1, np.array([-1.0, -3.0, -2.0]), np.array([0, 1, 1]), np.array([-2.0, -0.1, -0.1]))\
+        == (1, 1)
+    kg, kg_dir, embed, codes, _, root = stages
+    classes = tmp_path / "classes.tsv"
+    classes.write_text("".join(f"{name}\t{kg.entity_types[i, 0]}\n" for i, name in enumerate(kg.entity_names)))
+    dest = run_instruct(InstructConfig(top_k=6, neighbours=2, description_words=8, class_prefix=True), kg, embed,
+                        tmp_path / "inst", codes=codes, classes=classes, log=quiet)
+    record = json.loads((dest / "test.jsonl").read_text().splitlines()[0])
+    ids = load_classes(classes, kg.entity_names)  # class names numbered in order of appearance
+    assert record["answer"].startswith(f"<cls_{ids[record['gold']]}> ") and record["gold_class"] == ids[record["gold"]]
+    assert record["candidate_answers"][0] == f"<cls_{record['candidate_classes'][0]}> {record['candidate_text'][0]}"
+    with pytest.raises(ValueError, match="instruct needs --classes"):
+        run_instruct(InstructConfig(top_k=6, class_prefix=True), kg, embed, tmp_path / "x", codes=codes, log=quiet)
+    model = run_finetune(FinetuneConfig(tiny=TINY, max_steps=4, batch_size=4, threads=1), dest, tmp_path / "ft",
+                         codes=codes, progress=False, log=quiet)
+    ev = run_evaluate(EvaluateConfig(max_queries=10, batch_size=2, fusion_weight=0.0), model, dest, tmp_path / "ev",
+                      progress=False, log=quiet)
+    rows = [json.loads(line) for line in (ev / "predictions.jsonl").read_text().splitlines()]
+    metrics = json.loads((ev / "metrics.json").read_text())
+    records = {r["id"]: r for r in map(json.loads, (dest / "test.jsonl").read_text().splitlines())}
+    for row in rows:
+        candidates = records[row["id"]]["candidates"]
+        assert records[row["id"]]["candidate_classes"][candidates.index(row["class_pick"])] == row["predicted_class"]
+    assert metrics["class_accuracy"] == pytest.approx(np.mean([r["predicted_class"] == r["gold_class"] for r in rows]))
+    assert "dift_class" in metrics and "rerank_class" in metrics
+    for row in rows:  # the constrained re-rank puts the predicted class first
+        classes_of = records[row["id"]]["candidate_classes"]
+        best = int(np.argmax(row["class_scores"]))
+        assert classes_of[best] == row["predicted_class"]

@@ -42,3 +42,11 @@ class SplitOverlapWarning(KGDataWarning):
 
 class MissingTextWarning(KGDataWarning):
     """Entities without a label or description; their id stands in for the label."""
+
+
+class HeaderLineWarning(KGDataWarning):
+    """A header line (``head<TAB>relation<TAB>tail``) was skipped because ``skip_header`` was set."""
+
+
+class WhitespaceWarning(KGDataWarning):
+    """Whitespace around ids was stripped because ``strip_whitespace`` was set."""

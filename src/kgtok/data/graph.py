@@ -38,6 +38,25 @@ SPLITS = ("train", "valid", "test")
 LABEL_FILES = ("entity2label.txt", "entity2text.txt", "entity2name.txt")
 DESCRIPTION_FILES = ("entity2textlong.txt", "entity2description.txt", "entity2desc.txt", "entity2des.txt")
 
+# Column names seen in header lines of triple files (pandas/CSV exports, RDF tooling, PyKEEN's TSVs).
+HEADER_WORDS = frozenset({
+    "head", "relation", "tail", "h", "r", "t", "subject", "predicate", "object", "s", "p", "o", "sub", "pred", "obj",
+    "rel", "head_id", "relation_id", "tail_id", "head_label", "relation_label", "tail_label", "head_entity",
+    "tail_entity", "source", "target", "src", "dst", "entity1", "entity2", "e1", "e2",
+})
+
+
+def looks_like_header(line: str) -> bool:
+    """Is this first line of a split a column header (``head<TAB>relation<TAB>tail``, ``# s p o``)?
+
+    A line starting with ``#``, or three fields (tab- or space-separated) that
+    are all column words, counts as one.
+    """
+    if line.lstrip().startswith("#"):
+        return True
+    words = line.split("\t") if "\t" in line else line.split()
+    return len(words) == 3 and all(w.strip().lower() in HEADER_WORDS for w in words)
+
 
 @dataclass
 class LoadReport:
@@ -53,6 +72,8 @@ class LoadReport:
     missing_label: int = 0  # entities whose label fell back to their id
     missing_description: int = 0
     text_unknown_entities: int = 0  # text lines naming entities absent from the triples
+    skipped_headers: list[str] = field(default_factory=list)  # files whose header line was skipped
+    stripped_ids: dict[str, int] = field(default_factory=dict)  # file -> id fields stripped of whitespace
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -171,9 +192,9 @@ class KnowledgeGraph:
 # ----------------------------------------------------------------------------
 
 
-def _read_dict(path: Path) -> dict[str, int]:
+def _read_dict(path: Path, *, strip_whitespace: bool = False) -> dict[str, int]:
     """Read ``id<TAB>name`` lines; ids must be 0..n-1, each once; names unique."""
-    table = read_table(path, (2,), "id<TAB>name")
+    table = read_table(path, (2,), "id<TAB>name", id_columns=2, strip_whitespace=strip_whitespace)
     raw_ids, names = table.columns
     ids = np.empty(len(raw_ids), dtype=np.int64)
     for i, raw in enumerate(raw_ids):  # dictionary files are small (one line per entity)
@@ -231,14 +252,13 @@ def _encode_table(
     return ids
 
 
-def _dedupe(triples: np.ndarray, num_entities: int, num_relations: int) -> tuple[np.ndarray, int]:
-    """Keep the first copy of every triple (file order preserved); count the rest."""
+def _first_copies(triples: np.ndarray, num_entities: int, num_relations: int) -> np.ndarray:
+    """Sorted row indices of the first copy of every triple (file order preserved)."""
     if len(triples) == 0:
-        return triples, 0
+        return np.arange(0, dtype=np.int64)
     key = _triple_keys(triples, num_entities, num_relations)
     _, first = np.unique(key, return_index=True)
-    keep = np.sort(first)
-    return triples[keep], len(triples) - len(keep)
+    return np.sort(first)
 
 
 def _triple_keys(triples: np.ndarray, num_entities: int, num_relations: int) -> np.ndarray:
@@ -249,7 +269,7 @@ def _triple_keys(triples: np.ndarray, num_entities: int, num_relations: int) -> 
 
 
 def _read_text(
-    directory: Path, entity_to_id: dict[str, int], report: LoadReport
+    directory: Path, entity_to_id: dict[str, int], report: LoadReport, *, strip_whitespace: bool = False
 ) -> tuple[list[str | None], list[str | None]]:
     """Labels and descriptions from whichever text files the directory has."""
     n = len(entity_to_id)
@@ -269,18 +289,23 @@ def _read_text(
 
     tsv = directory / "entity_text.tsv"
     if tsv.exists():
-        assign(read_table(tsv, (2, 3), "id<TAB>label<TAB>description"), {1: labels, 2: descriptions})
+        assign(read_table(tsv, (2, 3), "id<TAB>label<TAB>description", id_columns=1,
+                          strip_whitespace=strip_whitespace), {1: labels, 2: descriptions})
         return labels, descriptions
     label_file = next((directory / f for f in LABEL_FILES if (directory / f).exists()), None)
     if label_file is not None:
-        assign(read_table(label_file, (2,), "id<TAB>label"), {1: labels})
+        assign(read_table(label_file, (2,), "id<TAB>label", id_columns=1, strip_whitespace=strip_whitespace),
+               {1: labels})
     description_file = next((directory / f for f in DESCRIPTION_FILES if (directory / f).exists()), None)
     if description_file is not None:
-        assign(read_table(description_file, (2,), "id<TAB>description"), {1: descriptions})
+        assign(read_table(description_file, (2,), "id<TAB>description", id_columns=1,
+                          strip_whitespace=strip_whitespace), {1: descriptions})
     return labels, descriptions
 
 
-def _read_types(directory: Path, entity_to_id: dict[str, int]) -> tuple[np.ndarray, list[list[str]]] | None:
+def _read_types(
+    directory: Path, entity_to_id: dict[str, int], *, strip_whitespace: bool = False
+) -> tuple[np.ndarray, list[list[str]]] | None:
     """Ground-truth type paths from ``entity_types.tsv`` (id<TAB>level-1 type<TAB>...)."""
     path = directory / "entity_types.tsv"
     if not path.exists():
@@ -290,7 +315,8 @@ def _read_types(directory: Path, entity_to_id: dict[str, int]) -> tuple[np.ndarr
     width = first.count("\t") + 1
     if width < 2:
         raise KGFormatError(path, 1, "expected id<TAB>type[<TAB>subtype...]")
-    table = read_table(path, (width,), f"id followed by {width - 1} type column(s)")
+    table = read_table(path, (width,), f"id followed by {width - 1} type column(s)", id_columns=1,
+                       strip_whitespace=strip_whitespace)
     types = np.full((len(entity_to_id), width - 1), -1, dtype=np.int64)
     rows = np.fromiter((entity_to_id.get(n, -1) for n in table.columns[0]), dtype=np.int64)
     known = rows >= 0
@@ -302,17 +328,14 @@ def _read_types(directory: Path, entity_to_id: dict[str, int]) -> tuple[np.ndarr
     return types, names_per_level
 
 
-def load_kg(path: str | Path, *, name: str | None = None) -> KnowledgeGraph:
-    """Load a KG directory (see module docstring for the layouts).
-
-    Raises :class:`KGFormatError` naming the file and line of any bad input;
-    warns (:class:`~kgtok.data.errors.KGDataWarning` subclasses) about
-    duplicate triples, CRLF endings, and valid/test entities unseen in train,
-    which are kept and ranked like any other id.
-    """
-    directory = Path(path)
+def _kg_directory(path: str | Path) -> Path:
+    """The resolved KG directory, checked to hold the three split files."""
+    directory = Path(path).resolve()
+    if not directory.exists():
+        raise KGFormatError(directory, None, "no such directory; expected a folder with train.txt, valid.txt, test.txt")
     if not directory.is_dir():
-        raise KGFormatError(directory, None, "not a directory; expected a folder with train.txt, valid.txt, test.txt")
+        raise KGFormatError(directory, None, "is a file, not a directory; expected a folder with train.txt, "
+                            "valid.txt, test.txt")
     missing = [f"{s}.txt" for s in SPLITS if not (directory / f"{s}.txt").exists()]
     if missing:
         present = sorted(p.name for p in directory.iterdir())[:20]
@@ -320,19 +343,86 @@ def load_kg(path: str | Path, *, name: str | None = None) -> KnowledgeGraph:
             directory, None, f"missing split file(s) {missing}; a KG directory needs train.txt, valid.txt and "
             f"test.txt (found: {present})",
         )
-    report = LoadReport()
-    tables = {s: read_table(directory / f"{s}.txt", (3,), "head<TAB>relation<TAB>tail") for s in SPLITS}
+    return directory
+
+
+def _read_splits(directory: Path, report: LoadReport, *, skip_header: bool, strip_whitespace: bool) -> dict:
+    """The three split tables, with what was repaired on the way noted in ``report``."""
+    tables = {
+        s: read_table(directory / f"{s}.txt", (3,), "head<TAB>relation<TAB>tail", id_columns=3,
+                      is_header=looks_like_header, skip_header=skip_header, strip_whitespace=strip_whitespace)
+        for s in SPLITS
+    }
     for split, table in tables.items():
         report.blank_lines[split] = table.blank_lines
         if table.crlf:
             report.crlf_files.append(table.path.name)
+        if table.header_line is not None:
+            report.skipped_headers.append(table.path.name)
+        if table.stripped_ids:
+            report.stripped_ids[table.path.name] = table.stripped_ids
+    return tables
+
+
+def _drop_duplicates(raw: dict[str, np.ndarray], tables: dict, num_entities: int, num_relations: int,
+                     report: LoadReport) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per split: the first copy of each triple and its file line (a warning counts the dropped copies)."""
+    triples: dict[str, np.ndarray] = {}
+    line_numbers: dict[str, np.ndarray] = {}  # split -> (n,) file line of each kept triple
+    for split in SPLITS:
+        keep = _first_copies(raw[split], num_entities, num_relations)
+        triples[split], line_numbers[split] = raw[split][keep], tables[split].line_numbers[keep]
+        dropped = len(raw[split]) - len(keep)
+        report.duplicates[split] = dropped
+        if dropped:
+            warnings.warn(
+                f"{tables[split].path}: {dropped} duplicate triple(s); kept one copy of each",
+                DuplicateTripleWarning, stacklevel=3,
+            )
+    return triples, line_numbers
+
+
+def _names_by_id(name_to_id: dict[str, int]) -> list[str]:
+    names = [""] * len(name_to_id)
+    for name, index in name_to_id.items():
+        names[index] = name
+    return names
+
+
+def load_kg(
+    path: str | Path, *, name: str | None = None, skip_header: bool = False, strip_whitespace: bool = False
+) -> KnowledgeGraph:
+    """Load a KG directory (see module docstring for the layouts).
+
+    Raises :class:`KGFormatError` naming the file and line of any bad input:
+    a wrong field count, an empty field, an id with leading or trailing
+    whitespace, a header line (``head<TAB>relation<TAB>tail``); warns
+    (:class:`~kgtok.data.errors.KGDataWarning` subclasses) about duplicate
+    triples, CRLF endings, and valid/test entities unseen in train, which are
+    kept and ranked like any other id.
+
+    Parameters
+    ----------
+    path : the KG directory.  Messages name its files by their resolved path,
+        so loading the same KG as ``kg`` and as ``/abs/kg`` warns in the same words
+        (the CLI then shows each warning once per run).
+    name : the KG's name (default: the directory's name).
+    skip_header : drop a header-like first line of a split file, with a
+        :class:`~kgtok.data.errors.HeaderLineWarning`, instead of refusing it.
+    strip_whitespace : strip whitespace around ids, with a
+        :class:`~kgtok.data.errors.WhitespaceWarning`, instead of refusing them.
+    """
+    # Over 60 lines with its docstring; the steps are helpers, what is left reads in load order.
+    directory = _kg_directory(path)
+    report = LoadReport()
+    tables = _read_splits(directory, report, skip_header=skip_header, strip_whitespace=strip_whitespace)
 
     entity_dict, relation_dict = directory / "entities.dict", directory / "relations.dict"
     has_dicts = entity_dict.exists() and relation_dict.exists()
     if entity_dict.exists() != relation_dict.exists():
         raise KGFormatError(directory, None, "entities.dict and relations.dict must come together (found only one)")
-    entity_to_id = _read_dict(entity_dict) if has_dicts else {}
-    relation_to_id = _read_dict(relation_dict) if has_dicts else {}
+    entity_to_id = _read_dict(entity_dict, strip_whitespace=strip_whitespace) if has_dicts else {}
+    relation_to_id = _read_dict(relation_dict, strip_whitespace=strip_whitespace) if has_dicts else {}
 
     # Train first: without dictionaries, train's entities get the smallest ids.
     raw = {
@@ -340,28 +430,12 @@ def load_kg(path: str | Path, *, name: str | None = None) -> KnowledgeGraph:
         for split in SPLITS
     }
 
-    num_entities, num_relations = len(entity_to_id), len(relation_to_id)
-    triples: dict[str, np.ndarray] = {}
-    for split in SPLITS:
-        triples[split], dropped = _dedupe(raw[split], num_entities, num_relations)
-        report.duplicates[split] = dropped
-        if dropped:
-            warnings.warn(
-                f"{tables[split].path}: {dropped} duplicate triple(s); kept one copy of each",
-                DuplicateTripleWarning, stacklevel=2,
-            )
+    triples, line_numbers = _drop_duplicates(raw, tables, len(entity_to_id), len(relation_to_id), report)
+    entity_names, relation_names = _names_by_id(entity_to_id), _names_by_id(relation_to_id)
+    _check_unseen(triples, line_numbers, entity_names, relation_names, report, directory)
+    _check_overlap(triples, len(entity_names), len(relation_names), report, directory)
 
-    _check_unseen(triples, num_entities, num_relations, report, directory)
-    _check_overlap(triples, num_entities, num_relations, report, directory)
-
-    entity_names = [""] * num_entities
-    for entity, index in entity_to_id.items():
-        entity_names[index] = entity
-    relation_names = [""] * num_relations
-    for relation, index in relation_to_id.items():
-        relation_names[index] = relation
-
-    labels, descriptions = _read_text(directory, entity_to_id, report)
+    labels, descriptions = _read_text(directory, entity_to_id, report, strip_whitespace=strip_whitespace)
     report.missing_label = sum(label is None for label in labels)
     report.missing_description = sum(d is None for d in descriptions)
     has_text = any(label is not None for label in labels) or any(d is not None for d in descriptions)
@@ -370,10 +444,10 @@ def load_kg(path: str | Path, *, name: str | None = None) -> KnowledgeGraph:
             f"{directory}: {report.missing_label} entities have no label; their id stands in",
             MissingTextWarning, stacklevel=2,
         )
-    types = _read_types(directory, entity_to_id)
+    types = _read_types(directory, entity_to_id, strip_whitespace=strip_whitespace)
 
     return KnowledgeGraph(
-        name=name or directory.resolve().name,
+        name=name or directory.name,
         entity_names=entity_names,
         relation_names=relation_names,
         triples={s: torch.from_numpy(np.ascontiguousarray(a)) for s, a in triples.items()},
@@ -386,10 +460,19 @@ def load_kg(path: str | Path, *, name: str | None = None) -> KnowledgeGraph:
     )
 
 
+UNSEEN_SHOWN = 3  # unseen names quoted per split in the warning
+
+
 def _check_unseen(
-    triples: dict[str, np.ndarray], num_entities: int, num_relations: int, report: LoadReport, directory: Path
+    triples: dict[str, np.ndarray], line_numbers: dict[str, np.ndarray], entity_names: list[str],
+    relation_names: list[str], report: LoadReport, directory: Path,
 ) -> None:
-    """Count valid/test entities and relations never seen in train (kept, as PyKEEN and LibKGE do)."""
+    """Count valid/test entities and relations never seen in train (kept, as PyKEEN and LibKGE do).
+
+    The warning quotes the first few unseen names with their line: a
+    misspelt id (``'c '`` for ``'c'``) shows up as itself, not only as a count.
+    """
+    num_entities, num_relations = len(entity_names), len(relation_names)
     train = triples["train"]
     seen_entities = np.zeros(num_entities, dtype=bool)
     seen_entities[train[:, 0]] = True
@@ -406,11 +489,36 @@ def _check_unseen(
         report.unseen_relations[split] = unseen_r
         report.unseen_entity_triples[split] = int(touching.sum())
         if unseen_e or unseen_r:
+            path = directory / f"{split}.txt"
+            examples = _unseen_examples(t, line_numbers[split], seen_entities, seen_relations,
+                                        entity_names, relation_names)
             warnings.warn(
-                f"{directory / (split + '.txt')}: {unseen_e} entit(ies) and {unseen_r} relation(s) do not occur "
-                f"in train ({int(touching.sum())} triples); kept and ranked as ordinary ids",
+                f"{path}: {unseen_e} entit(ies) and {unseen_r} relation(s) do not occur in train "
+                f"({int(touching.sum())} triples), e.g. {examples}; kept and ranked as ordinary ids",
                 UnseenEntityWarning, stacklevel=3,
             )
+
+
+def _unseen_examples(
+    triples: np.ndarray, line_numbers: np.ndarray, seen_entities: np.ndarray, seen_relations: np.ndarray,
+    entity_names: list[str], relation_names: list[str],
+) -> str:
+    """``entity 'c ' (line 4), relation 'fears' (line 7)``: the first unseen names in file order."""
+    shown: dict[tuple[str, int], int] = {}  # (kind, id) -> line, in order of first appearance
+    unseen_rows = np.flatnonzero(~seen_entities[triples[:, 0]] | ~seen_relations[triples[:, 1]]
+                                 | ~seen_entities[triples[:, 2]])
+    for row in unseen_rows:
+        h, r, t = (int(x) for x in triples[row])
+        for key, seen in ((("entity", h), seen_entities[h]), (("relation", r), seen_relations[r]),
+                          (("entity", t), seen_entities[t])):
+            if not seen and key not in shown and len(shown) < UNSEEN_SHOWN:
+                shown[key] = int(line_numbers[row])
+        if len(shown) >= UNSEEN_SHOWN:
+            break
+    return ", ".join(
+        f"{kind} {(entity_names if kind == 'entity' else relation_names)[index]!r} (line {line})"
+        for (kind, index), line in shown.items()
+    )
 
 
 def _check_overlap(

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from kgtok.artifacts import Artifact
+from kgtok.artifacts import Artifact, File
 
 
 class DataArtifact(Artifact):
@@ -12,7 +10,4 @@ class DataArtifact(Artifact):
 
     stage = "data"
     title = "data"
-
-    @property
-    def summary(self) -> Path:
-        return self.path / "summary.json"
+    summary = File("summary.json")

@@ -7,12 +7,13 @@ so that later checks (unknown entity, bad id) can still name the line.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from kgtok.data.errors import KGFormatError, LineEndingWarning
+from kgtok.data.errors import HeaderLineWarning, KGFormatError, LineEndingWarning, WhitespaceWarning
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class Table:
     line_numbers: np.ndarray  # (rows,) int64, 1-based line of each row
     crlf: bool
     blank_lines: int
+    header_line: int | None = None  # 1-based line of a header that was skipped
+    stripped_ids: int = 0  # id fields whose surrounding whitespace was stripped
 
     def __len__(self) -> int:
         return len(self.line_numbers)
@@ -62,15 +65,34 @@ def read_text(path: Path) -> tuple[str, bool]:
     return text, crlf
 
 
-def read_table(path: str | Path, fields: tuple[int, ...], what: str) -> Table:
+def read_table(
+    path: str | Path,
+    fields: tuple[int, ...],
+    what: str,
+    *,
+    id_columns: int = 0,
+    is_header: Callable[[str], bool] | None = None,
+    skip_header: bool = False,
+    strip_whitespace: bool = False,
+) -> Table:
     """Read a tab-separated file whose rows have one of the allowed field counts.
 
     Parameters
     ----------
     path : the file.
     fields : allowed numbers of tab-separated fields per row, e.g. ``(3,)``.
-    what : what a row should look like, for the error message.
+    what : what a row should look like, for the error message; its
+        ``<TAB>``-separated words name the columns (``head<TAB>relation<TAB>tail``).
+    id_columns : the first ``id_columns`` fields are ids: an empty one is an
+        error, and so is one with leading or trailing whitespace (``'a '`` and
+        ``'a'`` would otherwise be two entities), unless ``strip_whitespace``.
+    is_header : predicate on the first non-blank line: does it look like a
+        column header (``head<TAB>relation<TAB>tail``)?  Such a line is an
+        error naming it, or is dropped with a warning when ``skip_header``.
+    strip_whitespace : strip whitespace around ids, with a warning, instead of
+        refusing them.
     """
+    # Over 60 lines on purpose: one pass over the file, every check naming file:line as it meets the line.
     path = Path(path)
     if not path.exists():
         raise KGFormatError(path, None, "file not found")
@@ -85,6 +107,20 @@ def read_table(path: str | Path, fields: tuple[int, ...], what: str) -> Table:
     if blank.any():  # blank lines carry no triple; skip them but count them
         lines = [line for line, b in zip(lines, blank) if not b]
         numbers = numbers[~blank]
+    header_line = None
+    if is_header is not None and is_header(lines[0]):
+        header_line = int(numbers[0])
+        if not skip_header:
+            raise KGFormatError(
+                path, header_line,
+                f"{lines[0][:120]!r} looks like a column header, not a row of {what}; delete the line, "
+                "or skip it with skip_header=True in load_kg (--skip-header in kgtok data info)",
+            )
+        warnings.warn(f"{path}:{header_line}: skipped the header line {lines[0][:120]!r}", HeaderLineWarning,
+                      stacklevel=3)
+        lines, numbers = lines[1:], numbers[1:]
+        if not lines:
+            raise KGFormatError(path, None, f"file holds only a header line; expected lines of {what}")
     rows = [line.split("\t") for line in lines]
     counts = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
     bad = ~np.isin(counts, fields)
@@ -104,4 +140,58 @@ def read_table(path: str | Path, fields: tuple[int, ...], what: str) -> Table:
     if len(fields) > 1:  # pad short rows (e.g. a text line without description)
         rows = [row + [""] * (width - len(row)) for row in rows]
     columns = [list(col) for col in zip(*rows)]
-    return Table(path=path, columns=columns, line_numbers=numbers, crlf=crlf, blank_lines=int(blank.sum()))
+    stripped = _check_ids(path, columns[:id_columns], numbers, lines, what, strip_whitespace)
+    return Table(path=path, columns=columns, line_numbers=numbers, crlf=crlf, blank_lines=int(blank.sum()),
+                 header_line=header_line, stripped_ids=stripped)
+
+
+def _column_names(what: str, count: int) -> list[str]:
+    """Names of the first ``count`` columns: the words of ``what`` when it spells them out."""
+    words = what.split("<TAB>")
+    return words[:count] if len(words) >= count else [f"field {j + 1}" for j in range(count)]
+
+
+def _check_ids(
+    path: Path, columns: list[list[str]], numbers: np.ndarray, lines: list[str], what: str, strip: bool
+) -> int:
+    """Refuse empty ids and ids with surrounding whitespace (or strip them); return how many were stripped.
+
+    Checks each distinct value once, so a 300k-line split costs a set of a
+    few thousand names, not a pass over every field.
+    """
+    names = _column_names(what, len(columns))
+    stripped = 0
+    first_stripped: tuple[int, str] | None = None  # (row, value) of the first one, for the warning
+    for j, column in enumerate(columns):
+        padded = {value for value in set(column) if value != value.strip()}
+        if padded and strip:
+            fixed = {value: value.strip() for value in padded}
+            row = next(i for i, value in enumerate(column) if value in padded)
+            if first_stripped is None or row < first_stripped[0]:
+                first_stripped = (row, column[row])
+            stripped += sum(value in padded for value in column)
+            column[:] = [fixed.get(value, value) for value in column]
+            padded = set()
+        if "" in column:
+            row = column.index("")
+            raise KGFormatError(
+                path, int(numbers[row]),
+                f"{names[j]} is empty (field {j + 1} of {what}): {lines[row][:120]!r}; fill it in or delete the line",
+            )
+        if padded:
+            row = next(i for i, value in enumerate(column) if value in padded)
+            others = sum(value in padded for value in column) - 1
+            raise KGFormatError(
+                path, int(numbers[row]),
+                f"{names[j]} {column[row]!r} has leading or trailing whitespace"
+                + (f" ({others} more such field(s) in this column)" if others else "")
+                + "; remove it, or strip ids with strip_whitespace=True in load_kg "
+                "(--strip-whitespace in kgtok data info)",
+            )
+    if stripped and first_stripped is not None:
+        row, value = first_stripped
+        warnings.warn(
+            f"{path}:{int(numbers[row])}: stripped whitespace around {stripped} id field(s), e.g. {value!r}",
+            WhitespaceWarning, stacklevel=4,
+        )
+    return stripped

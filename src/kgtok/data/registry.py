@@ -38,13 +38,11 @@ import datetime as _dt
 import hashlib
 import http.client
 import json
-import os
 import posixpath
 import re
 import shutil
 import sys
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -52,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Literal, get_args
 
-from kgtok.artifacts import sha256_file
+from kgtok.artifacts import atomic_dir, sha256_file
 
 __all__ = [
     "DATASETS",
@@ -483,6 +481,7 @@ def fetch(
     FileExistsError
         ``dest`` exists but its files are missing or do not verify.
     """
+    # Over 60 lines on purpose: download, verify, extract, rename: the steps in the order they must happen.
     info = name_or_info if isinstance(name_or_info, DatasetInfo) else get_dataset(name_or_info)
     dest = Path(dest).expanduser()
     if dest.exists():
@@ -496,9 +495,7 @@ def fetch(
         _say(f"{dest} already holds a verified copy of {info.name}; nothing downloaded")
         return dest
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         source = _download_any(info, tmp, timeout=timeout, progress=progress)
         hashes, matched_by = {}, {}
         for f in info.files:
@@ -526,10 +523,6 @@ def fetch(
             "not_fetched": not_fetched,
         }
         (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _say(f"{info.name}: {len(matched_by)} file(s) verified in {dest}")
     return dest
 

@@ -12,14 +12,12 @@ as clean as a benchmark (no unseen-entity warnings).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
-from kgtok.artifacts import replace_dir
+from kgtok.artifacts import atomic_dir
 from kgtok.data.graph import SPLITS, KnowledgeGraph, load_kg
 
 
@@ -79,9 +77,7 @@ def write_subset(source: str | Path, dest: str | Path, *, entities: int, seed: i
     used = np.unique(triples["train"][:, [0, 2]])
     names, relations = np.asarray(kg.entity_names, dtype=object), np.asarray(kg.relation_names, dtype=object)
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         for split, t in triples.items():
             lines = [f"{h}\t{r}\t{tl}\n" for h, r, tl in zip(names[t[:, 0]], relations[t[:, 1]], names[t[:, 2]])]
             (tmp / f"{split}.txt").write_text("".join(lines), encoding="utf-8")
@@ -92,10 +88,6 @@ def write_subset(source: str | Path, dest: str | Path, *, entities: int, seed: i
             f"Snowball subset of {Path(source).resolve()}: {len(used)} of {kg.num_entities} entities, seed {seed}; "
             f"triples train {len(triples['train'])}, valid {len(triples['valid'])}, test {len(triples['test'])}.\n",
             encoding="utf-8")
-        replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

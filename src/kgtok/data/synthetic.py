@@ -62,11 +62,9 @@ Layout written by ``write_synthetic`` (the standard kgtok dataset layout)::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
-import os
-import secrets
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +72,7 @@ from typing import Any
 
 import numpy as np
 
+from kgtok.artifacts import atomic_dir
 from kgtok.config import check_fields, config_to_dict, in_range
 
 __all__ = ["SyntheticConfig", "SyntheticKG", "generate", "oracle_ranks", "true_head_probabilities",
@@ -88,7 +87,7 @@ class SyntheticConfig:
     files (``write_synthetic``).
     """
 
-    num_entities: int = 2000  # 200..20000; 2000 keeps tests and the demo fast, 20000 (about WN18RR's half) is for timing the stages
+    num_entities: int = 2000  # 200..2000000; 2000 keeps tests and the demo fast, 20000 (about WN18RR's half) times the stages, 1M scales them (bench/scale.py)
     branching: tuple[int, ...] = (4, 4, 4)  # children per level (1..5 levels, 2..64 each); deeper trees test more code levels but need more entities per leaf (product <= num_entities / 2)
     num_relations: int = 24  # >= 1; r00 is the hierarchical one; more relations spread the triples thinner per relation
     triples_per_entity: float = 12.0  # average degree (head + tail mentions): about num_entities * this / 2 triples; train-only FB15k-237 ~ 37, WN18RR ~ 4.2; higher is easier to learn and slower
@@ -106,7 +105,7 @@ class SyntheticConfig:
         check_fields(
             self,
             [
-                ("num_entities", lambda n: _is_int(n) and 200 <= n <= 20000, "an integer in [200, 20000]"),
+                ("num_entities", lambda n: _is_int(n) and 200 <= n <= 2_000_000, "an integer in [200, 2000000]"),
                 ("branching", _is_branching, "a tuple of 1..5 integers, each in [2, 64]"),
                 (
                     "branching",
@@ -744,12 +743,23 @@ def generate(config: SyntheticConfig) -> SyntheticKG:
 # ----------------------------------------------------------------------------
 
 
+_WRITE_CHUNK = 65536  # rows turned into text at a time: bounded memory for millions of triples
+
+
 def _write_lines(path: Path, rows: Iterable[str]) -> None:
-    """Write ASCII lines ending in ``\\n`` (ASCII fails loudly on stray text)."""
+    """Write ASCII lines ending in ``\\n`` (ASCII fails loudly on stray text), a chunk of rows per write."""
+    rows = iter(rows)
     with open(path, "w", encoding="ascii", newline="\n") as f:
-        for row in rows:
-            f.write(row)
+        while chunk := list(itertools.islice(rows, _WRITE_CHUNK)):
+            f.write("\n".join(chunk))
             f.write("\n")
+
+
+def _triple_lines(triples: np.ndarray, entities: Sequence[str], relations: Sequence[str]) -> Iterable[str]:
+    """``head<TAB>relation<TAB>tail`` lines, converting a chunk of the (n, 3) array at a time."""
+    for start in range(0, len(triples), _WRITE_CHUNK):
+        for h, r, t in triples[start : start + _WRITE_CHUNK].tolist():
+            yield f"{entities[h]}\t{relations[r]}\t{entities[t]}"
 
 
 def _config_json(config: SyntheticConfig) -> str:
@@ -767,14 +777,13 @@ def write_kg_files(kg: SyntheticKG, config: SyntheticConfig, directory: Path) ->
     """The KG directory's files: splits, ``entity_text.tsv``, ``entity_types.tsv``, ``synthetic.json``."""
     ent, rel = kg.entity_names, kg.relation_names
     for split in ("train", "valid", "test"):
-        triples = getattr(kg, split).tolist()
-        _write_lines(directory / f"{split}.txt", (f"{ent[h]}\t{rel[r]}\t{ent[t]}" for h, r, t in triples))
+        _write_lines(directory / f"{split}.txt", _triple_lines(getattr(kg, split), ent, rel))
     _write_lines(
         directory / "entity_text.tsv",
         (f"{e}\t{label}\t{desc}" for e, label, desc in zip(ent, kg.labels, kg.descriptions)),
     )
     type_names = kg.type_names
-    paths = kg.types.tolist()
+    paths = kg.types.tolist()  # (N, levels): small next to the triples
     _write_lines(
         directory / "entity_types.tsv",
         ("\t".join([e] + [type_names[lvl][tid] for lvl, tid in enumerate(path)]) for e, path in zip(ent, paths)),
@@ -785,8 +794,8 @@ def write_kg_files(kg: SyntheticKG, config: SyntheticConfig, directory: Path) ->
 def write_synthetic(config: SyntheticConfig, dest: str | Path) -> Path:
     """Generate the KG and write it to the directory ``dest``, atomically.
 
-    Everything is written to a hidden sibling ``.{name}.tmp-<random>`` and then
-    renamed onto ``dest``, so a reader never sees half a dataset.
+    Everything is written to a hidden sibling (:func:`kgtok.artifacts.atomic_dir`)
+    and then renamed onto ``dest``, so a reader never sees half a dataset.
 
     Parameters
     ----------
@@ -819,21 +828,8 @@ def write_synthetic(config: SyntheticConfig, dest: str | Path) -> Path:
             )
     dest.parent.mkdir(parents=True, exist_ok=True)
     kg = generate(config)
-    tmp = dest.parent / f".{dest.name}.tmp-{secrets.token_hex(4)}"
-    try:
-        tmp.mkdir()
+    with atomic_dir(dest) as tmp:
         write_kg_files(kg, config, tmp)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            # Someone else wrote dest meanwhile; fine if it is the same dataset.
-            if _holds_config(dest, config):
-                shutil.rmtree(tmp, ignore_errors=True)
-                return dest
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

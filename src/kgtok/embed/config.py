@@ -9,6 +9,7 @@ from kgtok.config import check_fields, in_range, machine, resumable
 
 ModelName = Literal["rotate", "transe", "distmult", "complex"]
 LossName = Literal["auto", "nssa", "1vsall"]
+Device = Literal["auto", "cpu", "cuda"]  # where stages 1, 3 and 4 compute (kgtok.runtime.resolve_device)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +49,7 @@ class EmbedConfig:
     top_k: int = resumable(20)  # candidates exported per query (stage 5 lists these)
     export_splits: tuple[str, ...] = resumable(("train", "valid", "test"))  # candidate files to write
     # --- machine ---
+    device: Device = "auto"  # auto: cuda when a GPU is present, else cpu. Not a machine field: GPU sums differ in the last bits
     threads: int = machine(0)  # torch threads; 0 = all cores. Use 1 per process when tests run in parallel
     seed: int = 0  # one seed for init, batch order and negatives
 

@@ -8,7 +8,7 @@ and the artifact gets metrics and candidates exactly as a trained one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -69,7 +69,8 @@ def read_order(path: str | Path) -> list[str]:
     return [str(n) for n in ordered]
 
 
-def align_rows(vectors: np.ndarray, order: list[str], names: list[str], *, what: str, source: Path) -> np.ndarray:
+def align_rows(vectors: np.ndarray, order: list[str], names: list[str], *, what: str,
+               source: str | Path) -> np.ndarray:
     """Reorder ``vectors`` (one row per name of ``order``) to the KG's id order ``names``."""
     if len(vectors) != len(order):
         raise ValueError(f"{source}: {len(vectors)} rows but the order file lists {len(order)} {what}s")
@@ -79,6 +80,23 @@ def align_rows(vectors: np.ndarray, order: list[str], names: list[str], *, what:
         missing = [names[i] for i in np.flatnonzero(rows < 0)[:5]]
         raise ValueError(f"{source}: {int((rows < 0).sum())} {what}(s) of the KG have no vector, e.g. {missing}")
     return vectors[rows]
+
+
+@dataclass
+class ForeignEmbeddings:
+    """Vectors trained by another engine, with the raw name of every row (read by :mod:`kgtok.embed.formats`).
+
+    ``model`` is the kgtok scoring function the relation vectors are laid out
+    for (None: none matches, or unknown; the entity vectors still import).
+    """
+
+    entity_vectors: np.ndarray  # (N, D)
+    entity_names: list[str]  # raw name of each row
+    relation_vectors: np.ndarray | None = None  # (R, D_r), or (2R, D_r) with reciprocal relations
+    relation_names: list[str] | None = None  # None: rows already in the KG's relation order
+    model: str | None = None
+    files: dict[str, Path] = field(default_factory=dict)  # what was read: hashed into the manifest
+    source: str = "entity vectors"  # for messages: "PyTorch-BigGraph", "DGL-KE"
 
 
 def import_embeddings(
@@ -93,27 +111,55 @@ def import_embeddings(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Write a stage-1 artifact from foreign vectors (see module docstring)."""
-    kg = data if isinstance(data, KnowledgeGraph) else load_kg(data)
+    """Write a stage-1 artifact from foreign ``.npy`` vectors and their row orders (see module docstring)."""
     entity_vectors = Path(entity_vectors)
-    entities = align_rows(np.load(entity_vectors), read_order(entity_order), kg.entity_names,
-                          what="entity", source=entity_vectors)
-    relations = None
+    files = {"entity_vectors": entity_vectors}
+    relations = relation_names = None
     if relation_vectors is not None:
         relation_vectors = Path(relation_vectors)
-        matrix = np.load(relation_vectors)
+        files["relation_vectors"] = relation_vectors
+        relations = np.load(relation_vectors)
+        relation_names = read_order(relation_order) if relation_order is not None else None
+    foreign = ForeignEmbeddings(entity_vectors=np.load(entity_vectors), entity_names=read_order(entity_order),
+                                relation_vectors=relations, relation_names=relation_names, files=files,
+                                source=str(entity_vectors))
+    return import_foreign(data, foreign, dest, config=config, progress=progress, log=log)
+
+
+def import_foreign(
+    data: str | Path | KnowledgeGraph,
+    foreign: ForeignEmbeddings,
+    dest: str | Path,
+    *,
+    config: ImportConfig = ImportConfig(),
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Write a stage-1 artifact from vectors trained elsewhere: rows reordered to the KG's ids; with
+    ``config.model`` the scoring function is rebuilt and every split ranked, as after training."""
+    # 63 lines: align rows, then either store the vectors or rebuild the model and rank, as stage 1 does.
+    kg = data if isinstance(data, KnowledgeGraph) else load_kg(data)
+    relation_source = next((str(p) for k, p in foreign.files.items() if "relation" in k), foreign.source)
+    entities = align_rows(foreign.entity_vectors, foreign.entity_names, kg.entity_names,
+                          what="entity", source=foreign.source)
+    relations = None
+    if foreign.relation_vectors is not None:
+        matrix = foreign.relation_vectors
         names = list(kg.relation_names)
-        if relation_order is not None:
-            order = read_order(relation_order)
+        if foreign.relation_names is not None:
+            order = list(foreign.relation_names)
             if config.reciprocal:  # inverse rows follow the originals in the same order
                 order = order + [f"{n}\u207b\u00b9" for n in order]
                 names = names + [f"{n}\u207b\u00b9" for n in names]
-            relations = align_rows(matrix, order, names, what="relation", source=relation_vectors)
+            relations = align_rows(matrix, order, names, what="relation", source=relation_source)
         else:
             relations = matrix
     if config.model is not None and relations is None:
         raise ValueError("ranking imported vectors needs relation_vectors as well as model")
-    inputs = hash_inputs({"entity_vectors": entity_vectors, **({"relation_vectors": relation_vectors} if relation_vectors else {})})
+    if config.model is not None and foreign.model is not None and config.model != foreign.model:
+        raise ValueError(f"{foreign.source}: its relation parameters score as model={foreign.model}, not "
+                         f"model={config.model}")
+    inputs = hash_inputs(foreign.files)
     with torch_threads(config.threads), artifact_dir(dest, stage="embed", config=config, inputs=inputs) as writer:
         if config.model is None:
             out = EmbedArtifact(writer.path)
@@ -127,7 +173,7 @@ def import_embeddings(
         model = build_model(config.model, kg.num_entities, relations.shape[0], dim, margin=config.margin)
         expected = tuple(model.relation.shape)
         if relations.shape != expected:
-            raise ValueError(f"{relation_vectors}: relation matrix has shape {relations.shape}; {config.model} "
+            raise ValueError(f"{relation_source}: relation matrix has shape {relations.shape}; {config.model} "
                              f"with these entity vectors expects {expected}")
         with torch.no_grad():
             model.entity.copy_(torch.as_tensor(entities, dtype=torch.float32))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kgtok.artifacts import Artifact
+from kgtok.artifacts import Artifact, File
 
 
 class EmbedArtifact(Artifact):
@@ -20,30 +20,12 @@ class EmbedArtifact(Artifact):
 
     stage = "embed"
     title = "stage-1 (embed)"
-
-    @property
-    def entity_embeddings(self) -> Path:
-        return self.path / "entity_embeddings.npy"
-
-    @property
-    def relation_embeddings(self) -> Path:
-        return self.path / "relation_embeddings.npy"
-
-    @property
-    def entities(self) -> Path:
-        return self.path / "entities.tsv"
-
-    @property
-    def relations(self) -> Path:
-        return self.path / "relations.tsv"
-
-    @property
-    def model(self) -> Path:
-        return self.path / "model.pt"
-
-    @property
-    def config_yaml(self) -> Path:
-        return self.path / "config.yaml"
+    entity_embeddings = File("entity_embeddings.npy")
+    relation_embeddings = File("relation_embeddings.npy")
+    entities = File("entities.tsv")
+    relations = File("relations.tsv")
+    model = File("model.pt")
+    config_yaml = File("config.yaml")
 
     def candidates(self, split: str) -> Path:
         return self.path / "candidates" / f"{split}.npz"

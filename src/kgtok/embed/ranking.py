@@ -85,6 +85,7 @@ def rank_triples(
 ) -> RankedQueries:
     """Filtered realistic ranks (and optionally top-k candidates) for both sides of every triple."""
     model.eval()
+    device = model.entity.device  # scores and filtering on the model's device; results come back as numpy
     triples = torch.as_tensor(triples, dtype=torch.long)
     n = triples.shape[0]
     k = min(top_k, model.num_entities)
@@ -95,27 +96,28 @@ def rank_triples(
     candidate_scores = np.empty((2 * n, k), dtype=np.float32) if k else None
     batches = [(d, side, start) for d, side in enumerate(SIDES) for start in range(0, n, batch_size)]
     for d, side, start in tqdm(batches, desc=description, disable=not progress, leave=False):
-        batch = triples[start : start + batch_size]
-        scores = score_side(model, batch, side, reciprocal=reciprocal, num_base_relations=num_base_relations).float()
+        batch = triples[start : start + batch_size]  # (batch, 3) on the CPU: the filter index reads numpy
+        scores = score_side(model, batch.to(device), side, reciprocal=reciprocal,
+                            num_base_relations=num_base_relations).float()  # (batch, N) on the device
         h, r, t = batch.numpy().T
         if side == "tail":
             rows, cols = filter_index.tail_pairs(h, r)
-            gold = batch[:, 2]
+            gold = batch[:, 2].to(device)
         else:
             rows, cols = filter_index.head_pairs(r, t)
-            gold = batch[:, 0]
+            gold = batch[:, 0].to(device)
         out = slice(d * n + start, d * n + start + len(batch))
-        rank[out] = realistic_rank(scores, gold, rows, cols).numpy()
+        rank[out] = realistic_rank(scores, gold, rows, cols).cpu().numpy()
         true = scores.gather(1, gold.unsqueeze(1)).squeeze(1)
-        gold_score[out] = true.numpy()
+        gold_score[out] = true.cpu().numpy()
         masked = scores.clone()
-        masked[torch.as_tensor(rows), torch.as_tensor(cols)] = -torch.inf
-        masked[torch.arange(len(batch)), gold] = true
-        gold_probability[out] = torch.exp(true - torch.logsumexp(masked, dim=1)).numpy()
+        masked[torch.as_tensor(rows).to(device), torch.as_tensor(cols).to(device)] = -torch.inf
+        masked[torch.arange(len(batch), device=device), gold] = true
+        gold_probability[out] = torch.exp(true - torch.logsumexp(masked, dim=1)).cpu().numpy()
         if k:
             ids, values = filtered_top_k(scores, k, rows, cols, targets=gold)
-            candidates[out] = ids.numpy()
-            candidate_scores[out] = values.numpy()
+            candidates[out] = ids.cpu().numpy()
+            candidate_scores[out] = values.cpu().numpy()
     triples_np = triples.numpy()
     return RankedQueries(
         triples=np.concatenate([triples_np, triples_np]),
@@ -139,18 +141,31 @@ def rank_splits(
     export_splits: tuple[str, ...],
     progress: bool = False,
 ) -> tuple[dict[str, RankedQueries], dict[str, dict]]:
-    """Rank valid, test and every exported split once; metrics of valid and test.
+    """Rank valid, test and every exported split; metrics of valid and test.
 
-    Candidates (top-k) are kept only for the exported splits.
+    Candidates (top-k) are kept only for the exported splits.  Metrics filter with train ∪ valid ∪ test (the
+    standard); exported train and valid lists, stage 5's training material, with train ∪ valid only, as any
+    honest training set (a test answer may be a negative there): those splits are ranked again for it.
     """
     ranked: dict[str, RankedQueries] = {}
     metrics: dict[str, dict] = {}
+    seen = None  # train ∪ valid, built when a training list is exported
     for split in dict.fromkeys(("valid", "test", *export_splits)):
-        ranked[split] = rank_triples(
-            model, kg.triples[split], kg.filter_index, reciprocal=reciprocal, num_base_relations=kg.num_relations,
-            batch_size=batch_size, top_k=top_k if split in export_splits else 0, progress=progress,
-            description=f"rank {split}",
-        )
+        training_list = split in export_splits and split != "test"
         if split in ("valid", "test"):
+            ranked[split] = rank_triples(
+                model, kg.triples[split], kg.filter_index, reciprocal=reciprocal,
+                num_base_relations=kg.num_relations, batch_size=batch_size,
+                top_k=top_k if split in export_splits and not training_list else 0, progress=progress,
+                description=f"rank {split}",
+            )
             metrics[split] = ranked[split].evaluator().compute()
+        if training_list:
+            if seen is None:
+                seen = FilterIndex(np.concatenate([kg.train.numpy(), kg.valid.numpy()]), kg.num_entities,
+                                   kg.num_relations)
+            ranked[split] = rank_triples(
+                model, kg.triples[split], seen, reciprocal=reciprocal, num_base_relations=kg.num_relations,
+                batch_size=batch_size, top_k=top_k, progress=progress, description=f"rank {split} (train ∪ valid)",
+            )
     return ranked, metrics

@@ -30,7 +30,7 @@ from kgtok.embed.config import EmbedConfig
 from kgtok.embed.layout import EmbedArtifact
 from kgtok.embed.models import KGEModel, build_model
 from kgtok.embed.ranking import RankedQueries, rank_triples
-from kgtok.runtime import torch_save_atomic
+from kgtok.runtime import resolve_device, torch_save_atomic
 
 
 def _seeded(*parts: int) -> torch.Generator:
@@ -57,12 +57,15 @@ class TrainingState:
     last_loss: float = float("nan")
 
 
-def build(config: EmbedConfig, kg: KnowledgeGraph) -> tuple[KGEModel, torch.optim.Optimizer]:
+def build(config: EmbedConfig, kg: KnowledgeGraph, device: torch.device | str = "cpu"
+          ) -> tuple[KGEModel, torch.optim.Optimizer]:
+    """Model and optimizer on ``device``; the initial weights are drawn on the CPU, so they match on any device."""
     reciprocal = config.resolved_reciprocal
     relations = kg.num_relations * (2 if reciprocal else 1)
     model = build_model(config.model, kg.num_entities, relations, config.dim, margin=config.margin)
     generator = _seeded(config.seed, 0)
     model.reset_parameters(generator, scale=config.init_scale if config.resolved_loss == "1vsall" else None)
+    model.to(device)  # before the optimizer, whose state (Adagrad's sums) is made on the parameters' device
     if config.resolved_optimizer == "adagrad":
         optimizer: torch.optim.Optimizer = torch.optim.Adagrad(model.parameters(), lr=config.resolved_lr)
     else:
@@ -163,8 +166,9 @@ def training_step(
     if config.resolved_loss == "1vsall":
         loss, factors = one_vs_all_loss(model, batch, config.label_smoothing)
     else:
-        generator = _seeded(config.seed, 3, step)
+        generator = _seeded(config.seed, 3, step)  # a CPU generator: the same negatives on every device
         negatives = torch.randint(model.num_entities, (len(batch), config.num_negatives), generator=generator)
+        negatives = negatives.to(batch.device)  # (batch, num_negatives)
         corrupt_head = (not config.resolved_reciprocal) and step % 2 == 1  # alternate sides, as the RotatE code
         loss = nssa_loss(model, batch, weights, negatives, corrupt_head, config.adversarial_temperature)
     if config.resolved_regularizer_weight > 0:
@@ -205,6 +209,20 @@ def validation_mrr(model: KGEModel, kg: KnowledgeGraph, config: EmbedConfig, que
     return float(np.mean(1.0 / ranked.rank))
 
 
+def validate(model: KGEModel, kg: KnowledgeGraph, config: EmbedConfig, valid: torch.Tensor, state: TrainingState,
+             best_state: dict[str, Any], best_path: Path) -> dict[str, Any] | None:
+    """Validation MRR into ``state``; the new best weights (also saved to ``best_path``) when it improved."""
+    mrr = validation_mrr(model, kg, config, valid)
+    state.history.append({"step": state.step, "loss": state.last_loss, "valid_mrr": mrr})
+    if mrr <= state.best_mrr:
+        state.bad_evaluations += 1
+        return None
+    state.best_mrr, state.best_step, state.bad_evaluations = mrr, state.step, 0
+    best_state = copy.deepcopy(model.state_dict())
+    torch_save_atomic(best_state, best_path)
+    return best_state
+
+
 def train_model(
     kg: KnowledgeGraph,
     config: EmbedConfig,
@@ -218,9 +236,13 @@ def train_model(
 
     ``work_dir`` keeps ``last.pt`` (resumable) and ``best.pt``.  ``stop_after``
     ends the process's work after that many steps, as a kill would (tests).
+    The model is returned on ``config.device`` (:func:`kgtok.runtime.resolve_device`);
+    batch orders and negatives are drawn on the CPU, so only the arithmetic moves.
     """
+    # Over 60 lines on purpose: the training loop written out top to bottom (STYLE: nanoGPT's recipes).
     work_dir.mkdir(parents=True, exist_ok=True)
-    model, optimizer = build(config, kg)
+    device = resolve_device(config.device)
+    model, optimizer = build(config, kg, device)
     state = TrainingState()
     last_path, best_path = work_dir / "last.pt", work_dir / "best.pt"
     if last_path.exists():
@@ -233,6 +255,8 @@ def train_model(
         subsampling_weights(examples, kg.num_entities, examples[:, 1].max().item() + 1)
         if config.resolved_loss == "nssa" and config.subsampling else None
     )
+    examples = examples.to(device)
+    weights = None if weights is None else weights.to(device)
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     valid = kg.valid
     if config.eval_max_queries and len(valid) > config.eval_max_queries:
@@ -251,7 +275,7 @@ def train_model(
         step = state.step
         if step // steps_per_epoch != epoch:
             epoch = step // steps_per_epoch
-            order = torch.randperm(len(examples), generator=_seeded(config.seed, 2, epoch))
+            order = torch.randperm(len(examples), generator=_seeded(config.seed, 2, epoch)).to(device)
         within = step % steps_per_epoch
         index = order[within * config.batch_size : (within + 1) * config.batch_size]
         loss = training_step(model, optimizer, examples[index], config, step,
@@ -262,21 +286,12 @@ def train_model(
         bar.update(1)
 
         if state.step % config.eval_every == 0 or state.step == config.max_steps:
-            mrr = validation_mrr(model, kg, config, valid)
-            state.history.append({"step": state.step, "loss": state.last_loss, "valid_mrr": mrr})
-            if mrr > state.best_mrr:
-                state.best_mrr, state.best_step, state.bad_evaluations = mrr, state.step, 0
-                best_state = copy.deepcopy(model.state_dict())
-                torch_save_atomic(best_state, best_path)
-            else:
-                state.bad_evaluations += 1
+            best_state = validate(model, kg, config, valid, state, best_state, best_path) or best_state
             save_checkpoint(last_path, model, optimizer, state)
-            message = (f"embed: step {state.step}  loss {state.last_loss:.4f}  valid MRR {mrr:.4f}  "
+            message = (f"embed: step {state.step}  loss {state.last_loss:.4f}  "
+                       f"valid MRR {state.history[-1]['valid_mrr']:.4f}  "
                        f"(best {state.best_mrr:.4f} at step {state.best_step})")
-            if progress:
-                tqdm.write(message)
-            else:
-                log(message)
+            (tqdm.write if progress else log)(message)
         elif state.step % config.checkpoint_every == 0:
             save_checkpoint(last_path, model, optimizer, state)
         bar.set_postfix(loss=f"{state.last_loss:.4f}", valid_mrr=f"{max(state.best_mrr, 0):.4f}")
@@ -300,6 +315,7 @@ def export(
 ) -> None:
     """Write the files of the artifact layout (:class:`kgtok.embed.layout.EmbedArtifact`)."""
     out = EmbedArtifact(path)
+    model = model.cpu()  # the artifact's files never depend on where the model trained
     np.save(out.entity_embeddings, model.entity_embeddings().numpy().astype(np.float32))
     np.save(out.relation_embeddings, model.relation_embeddings().numpy().astype(np.float32))
     write_id_order(out.entities, kg.entity_names)

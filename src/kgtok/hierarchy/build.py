@@ -10,6 +10,8 @@ learned state ends in ``_``):
   O(N²) memory: for graphs up to ``agglomerative_max_entities``.
 * ``kmeans``: recursive k-means (faiss): level 1 by silhouette, then every
   cluster is split into children in proportion to its size.  O(N) memory.
+  With ``device=cuda`` the k-means runs on the GPU (faiss-gpu when installed,
+  else :func:`torch_kmeans`); on the CPU it is faiss, as always.
 
 The tree is keyed by entity id throughout (never by label: WN18RR has 12,873
 entities sharing a name, and KG-FIT's code lost them by keying on labels).
@@ -19,9 +21,14 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from kgtok.hierarchy.config import HierarchyConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -73,25 +80,100 @@ def level_counts(num_entities: int, top: int, levels: int, leaf_size: int) -> li
 def _silhouette(x: np.ndarray, labels: np.ndarray, sample: int, seed: int) -> float:
     from sklearn.metrics import silhouette_score
 
-    if len(np.unique(labels)) < 2:
-        return -1.0
     size = min(sample, len(x))
+    if not 2 <= len(np.unique(labels)) <= size - 1:  # silhouette is defined for 2..n-1 clusters only
+        return -1.0
     return float(silhouette_score(x, labels, metric="cosine", sample_size=size, random_state=seed))
 
 
-def _kmeans(x: np.ndarray, k: int, iterations: int, seed: int, restarts: int = 3) -> np.ndarray:
-    """Cluster assignments of k-means on unit rows (spherical, via faiss)."""
+def _kmeans(x: np.ndarray, k: int, iterations: int, seed: int, restarts: int = 3,
+            device: torch.device | None = None) -> np.ndarray:
+    """Cluster assignments of k-means on unit rows (spherical): faiss on the CPU, or on ``device`` (a GPU)."""
     import faiss
 
     k = max(1, min(k, len(x)))
     if k == 1:
         return np.zeros(len(x), dtype=np.int64)
+    if device is not None and device.type != "cpu":
+        if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:  # faiss-gpu: the same algorithm as on the CPU
+            km = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, spherical=True, verbose=False,
+                              nredo=restarts, min_points_per_centroid=1, max_points_per_centroid=1 << 30, gpu=True)
+            km.train(np.ascontiguousarray(x, dtype=np.float32))
+            _, assignment = km.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+            return assignment[:, 0].astype(np.int64)
+        return torch_kmeans(x, k, iterations=iterations, seed=seed, restarts=restarts, device=device)
     # Several restarts: one unlucky start splits a true cluster and merges two others.
     km = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, spherical=True, verbose=False, nredo=restarts,
                       min_points_per_centroid=1, max_points_per_centroid=1 << 30)
     km.train(np.ascontiguousarray(x, dtype=np.float32))
     _, assignment = km.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
     return assignment[:, 0].astype(np.int64)
+
+
+def torch_kmeans(x: np.ndarray, k: int, *, iterations: int = 25, seed: int = 0, restarts: int = 3,
+                 device: torch.device | str = "cpu", batch: int = 65536) -> np.ndarray:
+    """(N,) assignments of spherical k-means on (N, D) unit rows, computed with torch on ``device``.
+
+    The GPU path of the hierarchy (faiss-gpu is not on PyPI): k-means++
+    starts (Arthur & Vassilvitskii 2007), ``iterations`` Lloyd steps on
+    cosine similarity, centroids renormalised; an empty cluster takes the
+    worst-fitted points. The best of ``restarts`` runs (highest total
+    similarity) is kept. Starts are drawn by a CPU generator seeded by
+    ``seed``, so CPU and GPU runs start alike; ``batch`` rows per product
+    bound the memory of the (rows, k) similarities.
+    """
+    import torch
+
+    device = torch.device(device)
+    points = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)).to(device)  # (N, D)
+    n = len(points)
+    k = max(1, min(k, n))
+    generator = torch.Generator().manual_seed(int(seed))
+
+    def assign(centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        best, score = [], []
+        for start in range(0, n, batch):
+            similarity = points[start : start + batch] @ centroids.t()  # (rows, k)
+            value, index = similarity.max(dim=1)
+            best.append(index)
+            score.append(value)
+        return torch.cat(best), torch.cat(score)
+
+    best_labels, best_total = None, -float("inf")
+    for _ in range(max(1, restarts)):
+        centroids = _kmeans_plus_plus(points, k, generator)  # (k, D)
+        for _ in range(iterations):
+            labels, score = assign(centroids)
+            sums = torch.zeros_like(centroids).index_add_(0, labels, points)  # (k, D)
+            counts = torch.bincount(labels, minlength=k)
+            empty = torch.nonzero(counts == 0).squeeze(1)
+            if len(empty):  # re-seed empty clusters with the worst-fitted points
+                sums[empty] = points[torch.argsort(score)[: len(empty)]]
+            centroids = torch.nn.functional.normalize(sums, dim=1)
+        labels, score = assign(centroids)
+        total = float(score.sum())
+        if total > best_total:
+            best_labels, best_total = labels, total
+    return best_labels.cpu().numpy().astype(np.int64)
+
+
+def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k starting centroids of (N, D) unit rows: each next one drawn with probability ∝ its squared distance
+    (2 - 2 cos) to the nearest chosen so far. Draws on the CPU ``generator``; distances on the points' device."""
+    import torch
+
+    first = int(torch.randint(len(points), (1,), generator=generator))
+    chosen = [first]
+    nearest = 2.0 - 2.0 * (points @ points[first])  # (N,) squared distance to the nearest centroid
+    for _ in range(1, k):
+        weights = nearest.clamp(min=0).double().cpu()
+        if float(weights.sum()) <= 0:  # every point sits on a centroid: any unchosen row will do
+            weights = torch.ones(len(points), dtype=torch.float64)
+            weights[chosen] = 0
+        pick = int(torch.multinomial(weights, 1, generator=generator))
+        chosen.append(pick)
+        nearest = torch.minimum(nearest, 2.0 - 2.0 * (points @ points[pick]))
+    return points[torch.as_tensor(chosen, device=points.device)]
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
@@ -204,7 +286,10 @@ class SemanticHierarchy:
         return best
 
     def _fit_kmeans(self, x: np.ndarray) -> np.ndarray:
+        from kgtok.runtime import resolve_device
+
         config = self.config
+        device = resolve_device(config.device)
         rng = np.random.default_rng(config.seed)
         if config.clusters_per_level is None:
             sample = x[rng.choice(len(x), min(len(x), config.silhouette_sample), replace=False)]
@@ -212,7 +297,7 @@ class SemanticHierarchy:
             if len(candidates) > 24:  # a grid is enough for k-means, whose fit costs more than a cut
                 candidates = sorted(set(np.unique(np.geomspace(candidates[0], candidates[-1], 24).round().astype(int))))
             self.top_silhouettes_ = {
-                int(k): _silhouette(sample, _kmeans(sample, int(k), config.kmeans_iterations, config.seed, 10),
+                int(k): _silhouette(sample, _kmeans(sample, int(k), config.kmeans_iterations, config.seed, 10, device),
                                     config.silhouette_sample, config.seed)
                 for k in candidates
             }
@@ -222,18 +307,22 @@ class SemanticHierarchy:
             top = config.clusters_per_level[0]
         counts = self._counts(len(x), top)
         paths = np.zeros((len(x), len(counts)), dtype=np.int64)
-        paths[:, 0] = _kmeans(x, counts[0], config.kmeans_iterations, config.seed, 10)  # the level that matters most
+        paths[:, 0] = _kmeans(x, counts[0], config.kmeans_iterations, config.seed, 10, device)  # matters most
         for level in range(1, len(counts)):
             parent = paths[:, level - 1]
             sizes = np.bincount(parent)
             # Children per parent in proportion to its size, so the level holds ~counts[level] clusters.
             children = np.maximum(1, np.round(sizes * counts[level] / len(x)).astype(int))
+            # Members of every cluster from one stable sort (ascending ids within a cluster), not a scan
+            # of all N entities per cluster: that scan was O(N x clusters), hours at 1M entities.
+            by_cluster = np.argsort(parent, kind="stable")
+            ends = np.cumsum(sizes)
             offset = 0
             for cluster in np.flatnonzero(sizes):  # a loop over clusters, not entities
-                members = np.flatnonzero(parent == cluster)
+                members = by_cluster[ends[cluster] - sizes[cluster] : ends[cluster]]
                 k = int(min(children[cluster], len(members)))
                 paths[members, level] = offset + _kmeans(x[members], k, config.kmeans_iterations,
-                                                         config.seed + level)
+                                                         config.seed + level, device=device)
                 offset += k
         return paths
 

@@ -29,6 +29,8 @@ class HierarchyConfig:
     neighbours: int = 5  # neighbouring clusters kept per cluster (siblings first, then nearest)
     top_labels: int = 10  # member labels shown per cluster in hierarchy.json
     seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # k-means of the kmeans builder: cpu = faiss (as always); cuda =
+    #   faiss-gpu when installed, else a torch k-means on the GPU (other float sums: not a machine field)
     threads: int = machine(0)  # 0 = all cores
 
     def __post_init__(self) -> None:

@@ -49,6 +49,7 @@ def import_kgfit_tree(
     path: str | Path, kg: KnowledgeGraph, fused: np.ndarray, levels: int
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """(N, levels) paths from a KG-FIT tree, and a report of how entities were matched."""
+    # Over 60 lines on purpose: one walk over KG-FIT's tree format, matching and reporting as it goes.
     path = Path(path)
     try:
         tree = json.loads(path.read_text(encoding="utf-8"))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from kgtok.artifacts import Artifact
+from kgtok.artifacts import Artifact, File
 
 
 class HierarchyArtifact(Artifact):
@@ -18,19 +16,7 @@ class HierarchyArtifact(Artifact):
 
     stage = "hierarchy"
     title = "stage-3 (hierarchy)"
-
-    @property
-    def fused_vectors(self) -> Path:
-        return self.path / "fused_vectors.npy"
-
-    @property
-    def arrays(self) -> Path:
-        return self.path / "hierarchy.npz"
-
-    @property
-    def tree_json(self) -> Path:
-        return self.path / "hierarchy.json"
-
-    @property
-    def entities(self) -> Path:
-        return self.path / "entities.tsv"
+    fused_vectors = File("fused_vectors.npy")
+    arrays = File("hierarchy.npz")
+    tree_json = File("hierarchy.json")
+    entities = File("entities.tsv")

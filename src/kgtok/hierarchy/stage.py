@@ -30,12 +30,9 @@ from kgtok.stage import Context, Input, Stage, run_stage
 from kgtok.text.layout import TextArtifact
 
 
-def top_words(texts: list[str], labels: np.ndarray, k: int, count: int = 8) -> list[list[str]]:
-    """Words most over-represented in each cluster's texts (lift over the whole KG).
-
-    Kept sparse: a dense (clusters x vocabulary) matrix is GBs at WN18RR's finest level.
-    """
-    from scipy.sparse import csr_matrix
+def word_matrix(texts: list[str]) -> tuple[Any, np.ndarray] | None:
+    """(N, V) sparse binary word occurrences of the entities' texts and the vocabulary; None: no word
+    occurs twice. Built once and read by every level's :func:`top_words`."""
     from sklearn.feature_extraction.text import CountVectorizer
 
     vectorizer = CountVectorizer(stop_words="english", min_df=2, token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z]+\b",
@@ -43,8 +40,23 @@ def top_words(texts: list[str], labels: np.ndarray, k: int, count: int = 8) -> l
     try:
         words = vectorizer.fit_transform(texts)
     except ValueError:  # no word occurs twice
+        return None
+    return words, np.asarray(vectorizer.get_feature_names_out())
+
+
+def top_words(texts: list[str] | tuple[Any, np.ndarray] | None, labels: np.ndarray, k: int,
+              count: int = 8) -> list[list[str]]:
+    """Words most over-represented in each cluster's texts (lift over the whole KG).
+
+    ``texts``: the texts, or their :func:`word_matrix` (one vectorizer pass for all levels).
+    Kept sparse: a dense (clusters x vocabulary) matrix is GBs at WN18RR's finest level.
+    """
+    from scipy.sparse import csr_matrix
+
+    matrix = word_matrix(texts) if isinstance(texts, list) else texts
+    if matrix is None:
         return [[] for _ in range(k)]
-    vocabulary = np.asarray(vectorizer.get_feature_names_out())
+    words, vocabulary = matrix
     indicator = csr_matrix((np.ones(len(labels)), (labels, np.arange(len(labels)))), shape=(k, len(labels)))
     per_cluster = (indicator @ words).tocsr()  # (k, V) sparse: documents containing the word
     sizes = np.asarray(indicator.sum(axis=1)).ravel()
@@ -63,7 +75,7 @@ def top_words(texts: list[str], labels: np.ndarray, k: int, count: int = 8) -> l
 
 def describe(hierarchy: SemanticHierarchy, vectors: np.ndarray, kg: KnowledgeGraph, top_labels: int) -> dict[str, Any]:
     """The readable tree: level-1 clusters with nested children, labels nearest their centroid."""
-    texts = [f"{label} {description}" for label, description in zip(kg.labels, kg.descriptions)]
+    texts = word_matrix([f"{label} {description}" for label, description in zip(kg.labels, kg.descriptions)])
     levels = []
     for level, k in enumerate(hierarchy.counts_):
         labels = hierarchy.paths_[:, level]

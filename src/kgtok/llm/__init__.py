@@ -1,18 +1,26 @@
-"""Stage 5: code tokens in a language model: instructions, fine-tuning, constrained decoding, evaluation."""
+"""Stage 5: code tokens in a language model: instructions, fine-tuning, constrained decoding, evaluation.
 
-from kgtok.llm.instruct import InstructConfig, run_instruct
+Modules: ``config`` (the three stage configs), ``prompts`` (templates, answer
+prefix, token ids, JSONL), ``instruct`` (5a; ``neighbours`` and ``classify``
+feed it), ``backbone`` and ``vocab`` (the LM and its code tokens),
+``finetune`` (5b), ``scoring``, ``decoding``, ``rankers`` and ``evaluate``
+(5c), ``console`` (what 5b/5c print).
+"""
+
+from kgtok.llm.config import EvaluateConfig, FinetuneConfig, InstructConfig
+from kgtok.llm.instruct import run_instruct
 
 __all__ = ["InstructConfig", "run_instruct", "FinetuneConfig", "run_finetune", "EvaluateConfig", "run_evaluate"]
 
 
 def __getattr__(name: str):
-    # transformers is imported only when stage 5b/5c is used.
-    if name in ("FinetuneConfig", "run_finetune"):
-        from kgtok.llm import finetune
+    # The 5b/5c modules are imported when first used.
+    if name == "run_finetune":
+        from kgtok.llm.finetune import run_finetune
 
-        return getattr(finetune, name)
-    if name in ("EvaluateConfig", "run_evaluate"):
-        from kgtok.llm import evaluate
+        return run_finetune
+    if name == "run_evaluate":
+        from kgtok.llm.evaluate import run_evaluate
 
-        return getattr(evaluate, name)
+        return run_evaluate
     raise AttributeError(name)

@@ -23,13 +23,12 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from kgtok.artifacts import replace_dir
-from kgtok.config import check_fields, in_range
+from kgtok.artifacts import atomic_dir
+from kgtok.llm.config import TinyBackboneConfig  # here too: kgtok.llm.backbone.TinyBackboneConfig is public
 
 BUILTIN_BACKBONES = ("tiny", "smollm2-135m")
 MARKER = "kgtok_backbone.json"
@@ -39,28 +38,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CODE_TOKEN = re.compile(r"</?[a-z]+(?:_\d+)?>")
 
 
-@dataclass(frozen=True, kw_only=True)
-class TinyBackboneConfig:
-    """Size of the from-scratch ``tiny`` Llama (defaults: ~1.3M weights besides embeddings)."""
-
-    vocab_size: int = 3000  # BPE merges learned on the KG's text (code tokens come on top)
-    hidden_size: int = 128
-    layers: int = 4
-    heads: int = 4
-    intermediate_size: int = 384
-    max_position_embeddings: int = 2048
-
-    def __post_init__(self) -> None:
-        check_fields(self, [
-            ("vocab_size", in_range(300), ">= 300 (the 256 bytes plus merges)"),
-            ("hidden_size", in_range(8), ">= 8"),
-            ("layers", in_range(1), ">= 1"),
-            ("heads", lambda v: v >= 1 and self.hidden_size % v == 0, "a divisor of hidden_size"),
-            ("intermediate_size", in_range(1), ">= 1"),
-            ("max_position_embeddings", in_range(64), ">= 64"),
-        ])
-
-
 def cache_root() -> Path:
     return Path(os.environ.get("KGTOK_CACHE_DIR", Path.home() / ".cache" / "kgtok"))
 
@@ -68,6 +45,15 @@ def cache_root() -> Path:
 def is_from_scratch(path: str | Path) -> bool:
     marker = Path(path) / MARKER
     return marker.exists() and bool(json.loads(marker.read_text(encoding="utf-8")).get("from_scratch"))
+
+
+def save_backbone(model: Any, tokenizer: Any, dest: Path, marker: dict[str, Any]) -> Path:
+    """Model, tokenizer and ``kgtok_backbone.json`` (``marker``) into ``dest``, through a temporary sibling."""
+    with atomic_dir(dest) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+    return dest
 
 
 def build_tiny(texts: Iterable[str], dest: str | Path, config: TinyBackboneConfig, *, seed: int = 0) -> Path:
@@ -95,13 +81,7 @@ def build_tiny(texts: Iterable[str], dest: str | Path, config: TinyBackboneConfi
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(model_config)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / MARKER).write_text(json.dumps({"name": "tiny", "from_scratch": True}) + "\n", encoding="utf-8")
-    replace_dir(tmp, dest)
-    return dest
+    return save_backbone(model, tokenizer, dest, {"name": "tiny", "from_scratch": True})
 
 
 def smollm2_gguf() -> Path:
@@ -133,15 +113,7 @@ def convert_smollm2(dest: str | Path | None = None) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / MARKER).write_text(json.dumps({"name": "smollm2-135m", "from_scratch": False,
-                                          "source": str(gguf)}) + "\n", encoding="utf-8")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    replace_dir(tmp, dest)
-    return dest
+    return save_backbone(model, tokenizer, dest, {"name": "smollm2-135m", "from_scratch": False, "source": str(gguf)})
 
 
 def resolve_backbone(spec: str, texts: Iterable[str], work: Path, config: TinyBackboneConfig, *,

@@ -1,7 +1,13 @@
 """Triple classification (ReaLM, SSQR): is (h, r, t) true?  Instructions and metrics.
 
-Negatives corrupt the head or the tail (half each) with a uniformly drawn
-entity, redrawn until the triple is unknown in train ∪ valid ∪ test.  Each
+Negatives corrupt the head or the tail (half each), redrawn until the triple
+is unknown in train ∪ valid ∪ test, with (``negatives``) an entity seen with
+that relation in the same position in the training graph (``typed``: a
+negative of the right type, the hard case), or any entity (``uniform``: most
+are absurd and easy).  Test negatives may instead come from a file
+(``--negatives``: head<TAB>relation<TAB>tail lines, as benchmarks such as
+WN11 / FB13 ship them).  Evaluation's decision threshold is chosen on LM-valid
+(:func:`best_threshold`).  Each
 prompt shows the triple (names and codes) and training-graph facts about its
 head; the source triple itself is never shown (for a negative, neither is the
 true triple it was made from), so training prompts look like test prompts.
@@ -11,54 +17,114 @@ The fine-tuned LM answers by comparing the likelihoods of " true" and " false".
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kgtok.data.graph import KnowledgeGraph, _triple_keys
+from kgtok.llm.config import InstructConfig
+from kgtok.llm.neighbours import NeighbourIndex
+from kgtok.llm.prompts import classification_prompt_parts, compose_prompt
 
 
-def corrupt(kg: KnowledgeGraph, triples: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One corrupted copy of each triple (head or tail replaced), never a known true triple."""
+TYPED_ROUNDS = 50  # draws from a relation's own heads/tails before a triple falls back to any entity
+
+
+def corrupt(kg: KnowledgeGraph, triples: np.ndarray, rng: np.random.Generator, typed: bool = False) -> np.ndarray:
+    """One corrupted copy of each triple (head or tail replaced), never a known true triple.
+
+    ``typed``: the replacement is an entity seen with the triple's relation in that position in the training
+    graph (uniform over those entities); a triple whose pool yields no unknown triple in ``TYPED_ROUNDS``
+    draws falls back to any entity.
+    """
     known = _triple_keys(kg.all_triples, kg.num_entities, kg.num_relations)
     out = triples.copy()
     pending = np.arange(len(out))
     side = rng.integers(0, 2, len(out)) * 2  # column 0 (head) or 2 (tail)
+    pools = _position_pools(kg) if typed else {}
+    rounds = 0
     while len(pending):  # a few rounds: a random entity rarely makes a true triple
-        out[pending, side[pending]] = rng.integers(0, kg.num_entities, len(pending))
+        if typed and rounds < TYPED_ROUNDS:
+            for i in pending:  # one draw per pending triple from its relation's pool
+                pool = pools.get((int(out[i, 1]), int(side[i])))
+                out[i, side[i]] = pool[rng.integers(len(pool))] if pool is not None else rng.integers(
+                    kg.num_entities)
+        else:
+            out[pending, side[pending]] = rng.integers(0, kg.num_entities, len(pending))
         keys = _triple_keys(out[pending], kg.num_entities, kg.num_relations)
         clash = np.isin(keys, known) | (out[pending, 0] == out[pending, 2])
         pending = pending[clash]
+        rounds += 1
     return out
 
 
-def classification_records(kg: KnowledgeGraph, triples: np.ndarray, split: str, tokens: list[str] | None,
-                           neighbours: Any, config: Any, rng: np.random.Generator) -> list[dict[str, Any]]:
-    """A true and a corrupted record per triple, in a shuffled order."""
-    from kgtok.llm.instruct import entity_text, readable_relation
+def _position_pools(kg: KnowledgeGraph) -> dict[tuple[int, int], np.ndarray]:
+    """(relation, column 0 or 2) -> the entities the training graph has there."""
+    train = kg.train.numpy()
+    return {(int(r), column): np.unique(train[train[:, 1] == r, column])
+            for r in np.unique(train[:, 1]) for column in (0, 2)}
 
-    negatives = corrupt(kg, triples, rng)
-    rows = np.concatenate([triples, negatives])  # (2n, 3)
-    labels = np.concatenate([np.ones(len(triples), bool), np.zeros(len(triples), bool)])
-    sources = np.concatenate([triples, triples])
+
+def read_negatives(path: str | Path, kg: KnowledgeGraph) -> np.ndarray:
+    """(n, 3) id triples from head<TAB>relation<TAB>tail lines (entity and relation names as in the KG);
+    a 4th column, if any, is a label: lines labelled 1 (true) are skipped, -1 or 0 kept."""
+    entities = {name: i for i, name in enumerate(kg.entity_names)}
+    relations = {name: i for i, name in enumerate(kg.relation_names)}
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) not in (3, 4):
+            raise ValueError(f"{path}:{number}: expected head<TAB>relation<TAB>tail[<TAB>label], got "
+                             f"{len(fields)} field(s)")
+        if len(fields) == 4 and fields[3].strip() == "1":
+            continue
+        h, r, t = fields[:3]
+        for name, table, what in ((h, entities, "entity"), (r, relations, "relation"), (t, entities, "entity")):
+            if name not in table:
+                raise ValueError(f"{path}:{number}: unknown {what} {name!r}")
+        rows.append((entities[h], relations[r], entities[t]))
+    return np.array(rows, dtype=np.int64).reshape(-1, 3)
+
+
+def best_threshold(margins: np.ndarray, labels: np.ndarray) -> float:
+    """The margin threshold (predict true when margin > threshold) with the best accuracy; ties: nearest 0."""
+    margins, labels = np.asarray(margins, dtype=np.float64), np.asarray(labels, dtype=bool)
+    values = np.unique(margins)
+    cuts = np.concatenate([[values[0] - 1.0], (values[:-1] + values[1:]) / 2.0, [values[-1] + 1.0], [0.0]])
+    accuracy = np.array([np.mean((margins > c) == labels) for c in cuts])
+    best = np.flatnonzero(accuracy == accuracy.max())
+    return float(cuts[best[np.argmin(np.abs(cuts[best]))]])
+
+
+def classification_records(kg: KnowledgeGraph, triples: np.ndarray, split: str, tokens: list[str] | None,
+                           neighbours: NeighbourIndex, config: InstructConfig, rng: np.random.Generator,
+                           given: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """A true and a corrupted record per triple (or the ``given`` negatives), in a shuffled order."""
+    if given is None:
+        negatives = corrupt(kg, triples, rng, typed=config.negatives == "typed")
+        sources = np.concatenate([triples, triples])
+    else:  # a given negative was made from no triple we know: it hides only itself
+        negatives = given
+        sources = np.concatenate([triples, given])
+    rows = np.concatenate([triples, negatives])  # (n + m, 3)
+    labels = np.concatenate([np.ones(len(triples), bool), np.zeros(len(negatives), bool)])
     order = rng.permutation(len(rows))
     records = []
     for i in order:  # building text: one pass per record
         h, r, t = (int(v) for v in rows[i])
         source = tuple(int(v) for v in sources[i])
         facts = [f for f in neighbours.for_query(h, r, True, source, config.neighbours + 1) if f != (h, r, t)]
-        facts = facts[: config.neighbours]
-        lines = [f"Is this triple true? ({entity_text(kg, h, tokens, config)}, "
-                 f"{readable_relation(kg.relation_names[r])}, {entity_text(kg, t, tokens, config)})"]
-        if config.use_neighbours and facts:
-            lines.append("Known facts: " + "; ".join(
-                f"({entity_text(kg, a, tokens, config)}, {readable_relation(kg.relation_names[b])}, "
-                f"{entity_text(kg, c, tokens, config)})" for a, b, c in facts) + ".")
-        lines.append("Answer true or false.")
         records.append({
             "id": f"{split}-{i}", "split": split, "task": "classification",
             "triple": [kg.entity_names[h], kg.relation_names[r], kg.entity_names[t]],
-            "label": bool(labels[i]), "prompt": "\n".join(lines), "answer": "true" if labels[i] else "false",
+            "label": bool(labels[i]),
+            "prompt_parts": (parts := classification_prompt_parts(kg, (h, r, t), facts[: config.neighbours], tokens,
+                                                                  config)),
+            "prompt": compose_prompt(parts),
+            "answer": "true" if labels[i] else "false",
         })
     return records
 

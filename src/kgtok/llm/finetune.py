@@ -24,117 +24,46 @@ Artifact (``dest``): ``model/`` (HF model + tokenizer), ``manifest.json``,
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kgtok.artifacts import artifact_dir, hash_inputs, write_json_atomic
-from kgtok.config import check_fields, format_config, in_range
-from kgtok.llm.backbone import TinyBackboneConfig, is_from_scratch, resolve_backbone
+from kgtok.artifacts import write_json_atomic
+from kgtok.llm.backbone import is_from_scratch, resolve_backbone
+from kgtok.llm.config import FinetuneConfig  # here too: kgtok.llm.finetune.FinetuneConfig is public
+from kgtok.llm.layout import FinetuneArtifact, InstructArtifact
+from kgtok.llm.prompts import encode_answer, fit_prompt, pad_left, read_jsonl, training_text
 from kgtok.llm.vocab import BOUNDARY_TOKENS, code_vocabulary, extend_vocabulary
+from kgtok.quantize.layout import QuantizeArtifact
+from kgtok.stage import Context, Input, Stage, run_stage
 
-ANSWER_PREFIX = "\nAnswer:"  # between prompt and answer; training and scoring both use it
-IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True, kw_only=True)
-class FinetuneConfig:
-    """Stage 5b: backbone, trainable parts, optimisation."""
-
-    backbone: str = "tiny"  # tiny | smollm2-135m | a local Hugging Face model directory
-    adapter: str = "auto"  # auto (full for from-scratch backbones, else lora) | lora | full
-    r: int = 64  # LoRA rank (PEFT names; reference values)
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    embedding_init: str = "codebook"  # new token rows: codebook (ReaLM, projected) | mean
-    learning_rate: float | None = None  # None: 2e-4 with LoRA (reference), 1e-3 for full training
-    epochs: float = 3.0
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 8  # per device
-    gradient_accumulation_steps: int = 1
-    max_length: int = 512  # tokens; longer prompts lose their beginning, never the answer
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    gradient_checkpointing: bool = False  # trades compute for memory on big backbones
-    logging_steps: int = 10
-    save_steps: int = 200  # checkpoint interval (resume point)
-    threads: int = 0  # torch threads on CPU; 0 = leave torch's default
-    seed: int = 0
-    tiny: TinyBackboneConfig = field(default_factory=TinyBackboneConfig)  # used when backbone is tiny
-
-    def __post_init__(self) -> None:
-        check_fields(self, [
-            ("backbone", lambda v: bool(str(v).strip()), "tiny, smollm2-135m or a model directory"),
-            ("adapter", lambda v: v in ("auto", "lora", "full"), "auto, lora or full"),
-            ("r", in_range(1), ">= 1"),
-            ("lora_alpha", in_range(1), ">= 1"),
-            ("lora_dropout", in_range(0.0, 0.99), "in [0, 0.99]"),
-            ("target_modules", lambda v: len(v) > 0, "at least one module name"),
-            ("embedding_init", lambda v: v in ("codebook", "mean"), "codebook or mean"),
-            ("learning_rate", lambda v: v is None or v > 0, "> 0 (or null for the default)"),
-            ("epochs", lambda v: v > 0, "> 0"),
-            ("batch_size", in_range(1), ">= 1"),
-            ("gradient_accumulation_steps", in_range(1), ">= 1"),
-            ("max_length", in_range(16), ">= 16"),
-            ("warmup_ratio", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-            ("logging_steps", in_range(1), ">= 1"),
-            ("save_steps", in_range(1), ">= 1"),
-            ("threads", in_range(0), ">= 0"),
-            ("seed", in_range(0), ">= 0"),
-        ])
+IGNORE_INDEX = -100  # label of the prompt tokens: no loss there
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not a JSON record ({error.msg})") from error
-    return records
+def encode_example(tokenizer: Any, record: dict[str, Any], max_length: int) -> dict[str, Any]:
+    """input_ids and labels (prompt masked) of a record; an over-long prompt is trimmed by
+    :func:`kgtok.llm.prompts.fit_prompt` (``budget``: fit, trimmed or over)."""
+    answer_ids = encode_answer(tokenizer, record["answer"])
+    prompt_ids, budget = fit_prompt(tokenizer, record, max_length - len(answer_ids))
+    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
+            "budget": budget}
 
 
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """Token ids of a prompt up to the answer (BOS first when the tokenizer has one)."""
-    ids = tokenizer(prompt + ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+def budget_counts(examples: list[dict[str, Any]]) -> dict[str, int]:
+    """How many encoded examples the prompt budget trimmed, and how many stayed over it (query and list alone)."""
+    return {key: sum(e["budget"] == key for e in examples) for key in ("trimmed", "over")}
 
 
-def encode_answer(tokenizer: Any, answer: str) -> list[int]:
-    """Token ids of an answer, EOS last: prompt and answer are tokenised apart so that a
-    candidate's ids are the same whatever prompt precedes it."""
-    return tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def class_tokens(texts: list[str]) -> list[str]:
+    """The class tokens (``<cls_N>``, ``<cls_none>``) the training texts use, sorted."""
+    import re
+
+    return sorted({token for text in texts for token in re.findall(r"<cls_[^<>\s]+>", text)})
 
 
-def truncate_prompt(tokenizer: Any, prompt_ids: list[int], room: int) -> list[int]:
-    """At most ``room`` ids: an over-long prompt loses its beginning, after BOS (training and scoring alike)."""
-    if len(prompt_ids) <= room:
-        return prompt_ids
-    head = 1 if tokenizer.bos_token_id is not None else 0
-    return prompt_ids[:head] + prompt_ids[len(prompt_ids) - (room - head):]
-
-
-def encode_example(tokenizer: Any, prompt: str, answer: str, max_length: int) -> dict[str, list[int]]:
-    """input_ids and labels (prompt masked); an over-long prompt loses its beginning, after BOS."""
-    answer_ids = encode_answer(tokenizer, answer)
-    prompt_ids = truncate_prompt(tokenizer, encode_prompt(tokenizer, prompt), max_length - len(answer_ids))
-    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
-
-
-def instruction_texts(records: list[dict[str, Any]]) -> list[str]:
-    """Text the ``tiny`` tokenizer learns from: prompts (KG labels, descriptions, template) and answers."""
-    return [r["prompt"] + ANSWER_PREFIX + " " + r["answer"] for r in records]
-
-
-def load_backbone(config: FinetuneConfig, texts: list[str], work: Path, codes: str | Path | None):
+def load_backbone(config: FinetuneConfig, texts: list[str], work: Path, codes: str | Path | None
+                  ) -> tuple[Any, Any, list[int], Path]:
     """Model and tokenizer with the code vocabulary added; returns (model, tokenizer, new token ids, path)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -145,6 +74,7 @@ def load_backbone(config: FinetuneConfig, texts: list[str], work: Path, codes: s
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokens, codebooks = (code_vocabulary(codes) if codes is not None else ([], None))
+    tokens = tokens + class_tokens(texts)  # class_prefix answers: one token per class (rows from the mean)
     new_ids = extend_vocabulary(model, tokenizer, list(BOUNDARY_TOKENS) + tokens, init=config.embedding_init,
                                 codebooks=codebooks, seed=config.seed)
     return model, tokenizer, new_ids, path
@@ -160,19 +90,6 @@ def wrap_trainable(model: Any, config: FinetuneConfig, full: bool, new_ids: list
                       target_modules=list(config.target_modules), task_type="CAUSAL_LM",
                       trainable_token_indices={"embed_tokens": list(new_ids)} if new_ids else None)
     return get_peft_model(model, lora)
-
-
-def pad_left(sequences: list[list[int]], value: int) -> tuple[Any, Any]:
-    """(rows, width) int64 ids left-padded with ``value``, and the (rows, width) mask of real tokens."""
-    import torch
-
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), value, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):  # a batch of rows
-        ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        mask[i, width - len(seq):] = 1
-    return ids, mask
 
 
 class PaddingCollator:
@@ -211,6 +128,126 @@ def answer_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> An
     return loss / count
 
 
+def uses_full_training(config: FinetuneConfig) -> bool:
+    """Every weight trains (``adapter: full``, or ``auto`` with a from-scratch backbone); else LoRA."""
+    return config.adapter == "full" or (config.adapter == "auto" and (
+        config.backbone == "tiny" or is_from_scratch(config.backbone)))
+
+
+def training_arguments(config: FinetuneConfig, work: Path, learning_rate: float, validate: bool) -> Any:
+    """The Trainer's arguments: device and precision from the machine (or accelerate launch), cosine schedule,
+    checkpoints in ``work``, LM-valid loss each epoch when ``validate``, no console output of its own."""
+    import torch
+    from transformers import TrainingArguments
+
+    use_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(work / "checkpoints"), per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_train_epochs=config.epochs, max_steps=config.max_steps, learning_rate=learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps,
+        save_total_limit=2, eval_strategy="epoch" if validate else "no", report_to=[], seed=config.seed,
+        use_cpu=not use_gpu, bf16=use_gpu and torch.cuda.is_bf16_supported(),
+        fp16=use_gpu and not torch.cuda.is_bf16_supported(), activation_checkpointing=config.gradient_checkpointing,
+        dataloader_num_workers=0, remove_unused_columns=False,
+        disable_tqdm=True,  # the Trainer's printer is replaced by TrainingConsole
+        ddp_find_unused_parameters=False,  # CPU processes under accelerate launch use gloo
+        # batches of similar length: short and long examples are not padded together
+        train_sampling_strategy="group_by_length",
+    )
+
+
+def make_trainer(config: FinetuneConfig, arguments: Any, model: Any, tokenizer: Any,
+                 train_records: list[dict[str, Any]], valid_records: list[dict[str, Any]], progress: bool,
+                 log: Callable[[str], None]) -> Any:
+    """The Hugging Face Trainer on the encoded records: answer-only loss, left padding, our console."""
+    from transformers import PrinterCallback, Trainer
+
+    from kgtok.llm.console import TrainingConsole
+
+    train_set = [encode_example(tokenizer, r, config.max_length) for r in train_records]
+    valid_set = [encode_example(tokenizer, r, config.max_length) for r in valid_records]
+    for name, examples in (("LM-train", train_set), ("LM-valid", valid_set)):
+        counts = budget_counts(examples)
+        if counts["trimmed"] or counts["over"]:
+            log(f"finetune: {counts['trimmed']} of {len(examples)} {name} prompts trimmed to max_length="
+                f"{config.max_length} (facts, then description); {counts['over']} over it with query and list alone")
+    trainer = Trainer(model=model, args=arguments, train_dataset=train_set, eval_dataset=valid_set or None,
+                      data_collator=PaddingCollator(tokenizer.pad_token_id), compute_loss_func=answer_loss)
+    trainer.remove_callback(PrinterCallback)  # a dictionary per logging step
+    trainer.add_callback(TrainingConsole(progress, log))
+    return trainer
+
+
+def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -> dict[str, Any]:
+    """Stage 5b into ``dest``; Trainer checkpoints in ``ctx.work``, a killed run resumes from the newest."""
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    from kgtok.llm.console import quiet_libraries
+
+    instructions = InstructArtifact(inputs["instructions"])
+    train_records = read_jsonl(instructions.split("lm_train"))
+    valid_records = read_jsonl(instructions.split("lm_valid"))
+    if not train_records:
+        raise ValueError(f"{instructions.split('lm_train')}: no training records")
+    full = uses_full_training(config)
+    learning_rate = config.learning_rate or (1e-3 if full else 2e-4)
+    with quiet_libraries():
+        # TrainingArguments sets up the (possibly distributed) process state; everything after may use it.
+        arguments = training_arguments(config, ctx.work, learning_rate, bool(valid_records))
+        state = PartialState()
+        set_seed(config.seed)
+        with state.main_process_first():  # the tiny backbone is built once, by the main process
+            model, tokenizer, new_ids, backbone = load_backbone(
+                config, [training_text(r) for r in train_records + valid_records], ctx.work, inputs.get("codes"))
+        model = wrap_trainable(model, config, full, new_ids)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trainer = make_trainer(config, arguments, model, tokenizer, train_records, valid_records, ctx.progress,
+                               ctx.log)
+        checkpoints = ctx.work / "checkpoints"
+        done_before = max((int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*")), default=0)
+        if done_before and state.is_main_process:
+            ctx.log(f"finetune: resuming from the newest checkpoint in {checkpoints}")
+        with ctx.timed("train"):
+            start = time.perf_counter()
+            result = trainer.train(resume_from_checkpoint=True if done_before else None)
+            seconds = time.perf_counter() - start
+        merged = trainer.model.merge_and_unload() if not full else trainer.model
+        merged.save_pretrained(FinetuneArtifact(dest).model)
+        tokenizer.save_pretrained(FinetuneArtifact(dest).model)
+    train_set = trainer.train_dataset
+    # Tokens of the examples this run processed (steps since the checkpoint it resumed from).
+    examples = ((result.global_step - done_before) * config.batch_size * config.gradient_accumulation_steps
+                * state.num_processes)
+    eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    metrics = {
+        "backbone": str(backbone), "adapter": "full" if full else "lora", "trainable_parameters": trainable,
+        "parameters": sum(p.numel() for p in merged.parameters()), "new_tokens": len(new_ids),
+        "train_examples": len(train_set), "steps": result.global_step, "train_loss": result.training_loss,
+        "valid_loss": eval_losses[-1] if eval_losses else math.nan,
+        "train_tokens_per_second": (examples * sum(len(e["input_ids"]) for e in train_set) / len(train_set)
+                                    / seconds if seconds else math.nan),
+        "processes": state.num_processes, "learning_rate": learning_rate,
+        **{f"prompts_{key}": n for key, n in budget_counts(train_set).items()},
+    }
+    write_json_atomic(FinetuneArtifact(dest).metrics_path, {**metrics, "history": list(trainer.state.log_history)})
+    ctx.log(f"finetune: {metrics['adapter']} training of {backbone.name}, {result.global_step} steps, "
+            f"train loss {result.training_loss:.3f}, valid loss {metrics['valid_loss']:.3f}, "
+            f"{metrics['train_tokens_per_second']:.0f} tokens/s")
+    return metrics
+
+
+STAGE = Stage(
+    name="finetune", title="stage 5b: fine-tuning", config=FinetuneConfig, run=run, uses_kg=False,
+    inputs=(Input("instructions", "instruct", InstructArtifact, "a stage-5a directory"),
+            Input("codes", "quantize", QuantizeArtifact,
+                  "the stage-4 artifact whose code tokens the instructions use (omit for instructions without codes)")),
+    needs=lambda config: ("instructions",), summary=("steps", "train_loss", "valid_loss", "train_tokens_per_second"),
+)
+
+
 def run_finetune(
     config: FinetuneConfig,
     instructions: str | Path,
@@ -220,93 +257,7 @@ def run_finetune(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Stage 5b (see the module docstring).  ``codes``: the stage-4 artifact whose tokens the
+    """Stage 5b into ``dest`` (reused when current).  ``codes``: the stage-4 artifact whose tokens the
     instructions use (None for instructions without codes)."""
-    import torch
-
-    from kgtok.runtime import torch_threads_if_set
-
-    with torch_threads_if_set(0 if torch.cuda.is_available() else config.threads):
-        return _finetune(config, Path(instructions), Path(dest), codes, progress, log)
-
-
-def _finetune(config: FinetuneConfig, instructions: Path, dest: Path, codes: str | Path | None, progress: bool,
-              log: Callable[[str], None]) -> Path:
-    import torch
-    from accelerate import PartialState
-    from transformers import Trainer, TrainingArguments, set_seed
-
-    train_records = read_jsonl(instructions / "lm_train.jsonl")
-    valid_records = read_jsonl(instructions / "lm_valid.jsonl")
-    if not train_records:
-        raise ValueError(f"{instructions / 'lm_train.jsonl'}: no training records")
-    full = config.adapter == "full" or (config.adapter == "auto" and (
-        config.backbone == "tiny" or is_from_scratch(config.backbone)))
-    learning_rate = config.learning_rate or (1e-3 if full else 2e-4)
-    use_gpu = torch.cuda.is_available()
-    work = dest.with_name(dest.name + ".work")
-    # TrainingArguments sets up the (possibly distributed) process state; everything after may use it.
-    arguments = TrainingArguments(
-        output_dir=str(work / "checkpoints"), per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
-        num_train_epochs=config.epochs, max_steps=config.max_steps, learning_rate=learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay,
-        logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps,
-        save_total_limit=2, eval_strategy="epoch" if valid_records else "no", report_to=[], seed=config.seed,
-        use_cpu=not use_gpu, bf16=use_gpu and torch.cuda.is_bf16_supported(),
-        fp16=use_gpu and not torch.cuda.is_bf16_supported(), activation_checkpointing=config.gradient_checkpointing,
-        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not progress,
-        ddp_find_unused_parameters=False,  # CPU processes under accelerate launch use gloo
-        # batches of similar length: short and long examples are not padded together
-        train_sampling_strategy="group_by_length",
-    )
-    state = PartialState()
-    if state.is_main_process:
-        log(format_config(config))
-    set_seed(config.seed)
-    work.mkdir(parents=True, exist_ok=True)
-    texts = instruction_texts(train_records + valid_records)
-    with state.main_process_first():  # the tiny backbone is built once, by the main process
-        model, tokenizer, new_ids, backbone = load_backbone(config, texts, work, codes)
-    model = wrap_trainable(model, config, full, new_ids)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    train_set = [encode_example(tokenizer, r["prompt"], r["answer"], config.max_length) for r in train_records]
-    valid_set = [encode_example(tokenizer, r["prompt"], r["answer"], config.max_length) for r in valid_records]
-    trainer = Trainer(model=model, args=arguments, train_dataset=train_set, eval_dataset=valid_set or None,
-                      data_collator=PaddingCollator(tokenizer.pad_token_id), compute_loss_func=answer_loss)
-    done_before = max((int(p.name.split("-")[1]) for p in (work / "checkpoints").glob("checkpoint-*")), default=0)
-    resume = done_before > 0
-    if resume and state.is_main_process:
-        log(f"finetune: resuming from the newest checkpoint in {work / 'checkpoints'}")
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
-    seconds = time.perf_counter() - start
-    if not trainer.is_world_process_zero():
-        return dest
-    # Tokens of the examples this run processed (steps since the checkpoint it resumed from).
-    examples = ((result.global_step - done_before) * config.batch_size * config.gradient_accumulation_steps
-                * state.num_processes)
-    tokens_seen = examples * sum(len(e["input_ids"]) for e in train_set) / len(train_set)
-    merged = trainer.model.merge_and_unload() if not full else trainer.model
-    history = list(trainer.state.log_history)
-    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
-    inputs = hash_inputs({"instructions": instructions, **({"codes": Path(codes)} if codes else {})})
-    with artifact_dir(dest, stage="finetune", config=config, inputs=inputs) as writer:
-        merged.save_pretrained(writer.path / "model")
-        tokenizer.save_pretrained(writer.path / "model")
-        metrics = {
-            "backbone": str(backbone), "adapter": "full" if full else "lora", "trainable_parameters": trainable,
-            "parameters": sum(p.numel() for p in merged.parameters()), "new_tokens": len(new_ids),
-            "train_examples": len(train_set), "steps": result.global_step, "train_loss": result.training_loss,
-            "valid_loss": eval_losses[-1] if eval_losses else math.nan,
-            "train_tokens_per_second": tokens_seen / seconds if seconds else math.nan,
-            "processes": state.num_processes, "learning_rate": learning_rate,
-        }
-        writer.metrics.update(metrics)
-        writer.timings["train"] = seconds
-        write_json_atomic(writer.path / "metrics.json", {**metrics, "history": history})
-    shutil.rmtree(work, ignore_errors=True)
-    log(f"finetune: {metrics['adapter']} training of {backbone.name}, {result.global_step} steps, "
-        f"train loss {result.training_loss:.3f}, valid loss {metrics['valid_loss']:.3f}, "
-        f"{metrics['train_tokens_per_second']:.0f} tokens/s -> {dest}")
-    return dest
+    return run_stage(STAGE, config, dest, inputs={"instructions": instructions, "codes": codes},
+                     progress=progress, log=log).path

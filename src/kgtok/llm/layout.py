@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kgtok.artifacts import Artifact
+from kgtok.artifacts import Artifact, File
 
 
 class InstructArtifact(Artifact):
@@ -22,10 +22,7 @@ class FinetuneArtifact(Artifact):
 
     stage = "finetune"
     title = "stage-5b (finetune)"
-
-    @property
-    def model(self) -> Path:
-        return self.path / "model"
+    model = File("model")
 
 
 class EvaluateArtifact(Artifact):
@@ -33,7 +30,4 @@ class EvaluateArtifact(Artifact):
 
     stage = "evaluate"
     title = "stage-5c (evaluate)"
-
-    @property
-    def predictions(self) -> Path:
-        return self.path / "predictions.jsonl"
+    predictions = File("predictions.jsonl")

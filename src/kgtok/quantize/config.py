@@ -67,6 +67,7 @@ class QuantizeConfig:
     #   (nearest: 3-25%, semantic-id: 1-22%) for 0.2-20% more reconstruction error and no measurable time;
     #   training entities' last code may then not be their nearest (encode_new picks the nearest)
     seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when present; GPU sums differ in the last bits
     threads: int = machine(0)  # 0 = all cores
 
     def __post_init__(self) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from kgtok.artifacts import Artifact
+from kgtok.artifacts import Artifact, File
 
 
 class QuantizeArtifact(Artifact):
@@ -18,15 +16,6 @@ class QuantizeArtifact(Artifact):
 
     stage = "quantize"
     title = "stage-4 (quantize)"
-
-    @property
-    def codes(self) -> Path:
-        return self.path / "codes.npy"
-
-    @property
-    def tokens(self) -> Path:
-        return self.path / "tokens.txt"
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.path / "tokenizer"
+    codes = File("codes.npy")
+    tokens = File("tokens.txt")
+    tokenizer = File("tokenizer")

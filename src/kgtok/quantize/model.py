@@ -63,6 +63,11 @@ class Hierarchy:
     centroids: list[torch.Tensor]  # levels x (k_l, in_dim)
     neighbours: list[torch.Tensor]  # levels x (k_l, n)
 
+    def to(self, device: torch.device | str) -> Hierarchy:
+        """The same tree with its tensors on ``device``."""
+        return Hierarchy(clusters=self.clusters.to(device), centroids=[c.to(device) for c in self.centroids],
+                         neighbours=[n.to(device) for n in self.neighbours])
+
     @classmethod
     def from_arrays(cls, arrays: dict[str, Any], levels: int) -> Hierarchy:
         depth = arrays["paths"].shape[1]

@@ -153,7 +153,7 @@ def distinct_codes(residual: torch.Tensor, centroids: torch.Tensor, groups: torc
 
 def sum_codewords(codes: torch.Tensor, codebooks: list[torch.Tensor] | torch.Tensor, dim: int) -> torch.Tensor:
     """(n, levels) codes -> (n, dim) sum of their codewords; codebooks[l] is level l's (K, dim)."""
-    out = torch.zeros(codes.shape[0], dim)
+    out = torch.zeros(codes.shape[0], dim, device=codebooks[0].device)
     for level in range(codes.shape[1]):
         out += codebooks[level][codes[:, level]]
     return out
@@ -194,8 +194,8 @@ class Codebook(nn.Module):
         error = (residual - codeword).pow(2).sum(1)  # (batch,)
         picks = residual[torch.argsort(error, descending=True)[: len(dead)]]
         if len(picks) < len(dead):  # a batch smaller than the dead set: sample with repetition
-            picks = picks[torch.randint(len(picks), (len(dead),), generator=generator)]
-        noise = 0.01 * picks.std() * torch.randn(picks.shape, generator=generator)
+            picks = picks[torch.randint(len(picks), (len(dead),), generator=generator).to(picks.device)]
+        noise = 0.01 * picks.std() * torch.randn(picks.shape, generator=generator).to(picks.device)  # CPU draws
         self.weight.data[dead] = picks + noise
         self.last_used[dead] = step
         return len(dead)

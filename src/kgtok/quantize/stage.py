@@ -14,6 +14,7 @@ Artifact layout::
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -70,6 +71,9 @@ def run(config: QuantizeConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
                                                        checkpoint=ctx.work / "train.pt")
     codes = tokenizer.codes_
     metrics = tokenizer_metrics(tokenizer, vectors)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:  # trained data-parallel under accelerate launch / torchrun (kgtok.quantize.train.Processes)
+        metrics["processes"] = processes
     metrics.update(alignment(tokenizer.base_codes_, arrays["paths"] if arrays is not None else None, "hierarchy"))
     metrics.update(alignment(tokenizer.base_codes_, kg.entity_types, "types"))
     np.save(out.codes, codes)

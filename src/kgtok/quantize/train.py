@@ -6,6 +6,14 @@ entropy on held-out entities; the state with the highest entropy is kept
 (GS-Quant's checkpoint selection), and training stops after ``patience``
 evaluations without a higher entropy (the entropy plateaus well before the
 epoch budget: on WN18RR the best of 60 epochs was epoch 24).
+
+Devices and processes: ``config.device`` places the model and the vectors
+(``auto``: the GPU when present); every random draw stays on a CPU generator,
+so a GPU run takes the same batches and restarts. Under ``accelerate launch``
+(or ``torchrun``) with N processes, each process computes the loss of its
+1/N of every batch and the gradients are averaged across processes before
+each step (data parallelism, written out in :class:`Processes`), so every
+process holds the same model throughout; only the first one saves checkpoints.
 """
 
 from __future__ import annotations
@@ -29,8 +37,14 @@ from kgtok.quantize.config import QuantizeConfig
 from kgtok.quantize.kmeans import kmeans
 from kgtok.quantize.metrics import code_usage
 from kgtok.quantize.model import RQVAE, Hierarchy, rqvae_losses
-from kgtok.quantize.quantizer import distinct_codes, fit_residual_kmeans, residual_codes, sum_codewords
-from kgtok.runtime import torch_save_atomic
+from kgtok.quantize.quantizer import (
+    QuantizerOutput,
+    distinct_codes,
+    fit_residual_kmeans,
+    residual_codes,
+    sum_codewords,
+)
+from kgtok.runtime import resolve_device, torch_save_atomic
 
 CHECKPOINT_FORMAT = 2  # 2: per-level Codebook modules (1: one stacked codebook tensor; not resumed)
 
@@ -43,6 +57,94 @@ class TrainingRecord:
     best_seconds: float = 0.0  # wall time from the start of training to the selected checkpoint
     stopped_epoch: int = 0  # last epoch trained (< epochs when stopped early)
     restarted_codes: int = 0
+
+
+@dataclass(frozen=True)
+class Processes:
+    """The processes training one model together (``torch.distributed``); one process: rank 0 of 1.
+
+    Each step every process takes its slice of the global batch (``share``),
+    weighs its loss by its slice's share of the batch and ``reduce_gradients``
+    sums the gradients: the result is the gradient of the whole batch's mean
+    loss, as in one process. Codes and residuals of the whole batch, which
+    usage tracking and dead-code restarts read, come back with ``gather``.
+    """
+
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"  # where collectives' tensors live: this process's GPU with nccl
+
+    @classmethod
+    def start(cls, device: torch.device) -> Processes:
+        """Join the process group that ``accelerate launch``/``torchrun`` describe (``WORLD_SIZE`` > 1), else one."""
+        import os
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # one GPU per process (LOCAL_RANK): nccl's communicator uses it
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(rank=dist.get_rank(), world=dist.get_world_size(), device=str(device))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, index: torch.Tensor) -> torch.Tensor:
+        """This process's contiguous slice of a batch's entity ids."""
+        return torch.tensor_split(index, self.world)[self.rank] if self.world > 1 else index
+
+    def broadcast(self, module: torch.nn.Module) -> None:
+        """Every process takes the first one's weights and buffers (after k-means, whose threads may differ)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            for tensor in module.state_dict().values():
+                dist.broadcast(tensor, 0)
+
+    def reduce_gradients(self, module: torch.nn.Module) -> None:
+        """Sum every parameter's gradient over the processes (one flat all-reduce)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        parameters = [p for p in module.parameters() if p.requires_grad]
+        for p in parameters:
+            if p.grad is None:  # a process whose slice was empty
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in parameters])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in parameters:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+    def gather(self, rows: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """The rows of every process's slice, in batch order (``sizes``: each slice's length)."""
+        if self.world == 1:
+            return rows
+        import torch.distributed as dist
+
+        padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
+        padded[: len(rows)] = rows
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+    def sum(self, values: dict[str, float]) -> dict[str, float]:
+        """Each key's sum over the processes."""
+        if self.world == 1 or not values:
+            return values
+        import torch.distributed as dist
+
+        keys = sorted(values)
+        total = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return dict(zip(keys, total.cpu().tolist()))
 
 
 @dataclass
@@ -61,6 +163,7 @@ class Training:
     codebook_size: int
     best_state: dict[str, Any]
     started: float  # perf_counter() at the start of training (moved back by the time before a resume)
+    processes: Processes = field(default_factory=Processes)
     record: TrainingRecord = field(default_factory=TrainingRecord)
     epoch: int = 0  # epochs finished
     step: int = 0  # optimizer steps taken
@@ -71,8 +174,9 @@ class Training:
         return bool(self.config.patience) and self.bad_evaluations >= self.config.patience
 
 
-def setup(x: torch.Tensor, config: QuantizeConfig, hierarchy: Hierarchy | None) -> Training:
-    """Seeded model, held-out split and optimizer."""
+def setup(x: torch.Tensor, config: QuantizeConfig, hierarchy: Hierarchy | None,
+          device: torch.device | str = "cpu", processes: Processes = Processes()) -> Training:
+    """Seeded model (drawn on the CPU, then moved to ``device``), held-out split and optimizer."""
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # module initialisation draws from the global generator
     n = len(x)
@@ -82,7 +186,9 @@ def setup(x: torch.Tensor, config: QuantizeConfig, hierarchy: Hierarchy | None) 
     if hierarchy is not None and len(hierarchy.clusters) != n:
         raise ValueError(f"the hierarchy has paths for {len(hierarchy.clusters)} entities; "
                          f"the vectors are {n} entities")
-    model = RQVAE(x.shape[1], config, levels, codebook_size)
+    model = RQVAE(x.shape[1], config, levels, codebook_size).to(device)
+    x = x.to(device)
+    hierarchy = hierarchy.to(device) if hierarchy is not None else None
     order = torch.randperm(n, generator=generator)
     held = max(1, int(round(n * config.holdout))) if config.holdout > 0 else 0
     held_out, train_ids = order[:held], order[held:]
@@ -92,14 +198,14 @@ def setup(x: torch.Tensor, config: QuantizeConfig, hierarchy: Hierarchy | None) 
     return Training(x=x, config=config, hierarchy=hierarchy, model=model, optimizer=optimizer, generator=generator,
                     train_ids=train_ids, held_out=held_out, batch_size=config.resolved_batch_size(n),
                     codebook_size=codebook_size, best_state=copy.deepcopy(model.state_dict()),
-                    started=time.perf_counter())
+                    started=time.perf_counter(), processes=processes)
 
 
 def checkpoint_key(x: torch.Tensor, config: QuantizeConfig) -> str:
     """What a checkpoint must match to be resumed: the config and the input vectors."""
     settings = {k: v for k, v in config_to_dict(config).items() if k != "threads"}  # threads change no number
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    digest.update(np.ascontiguousarray(x.numpy()).tobytes())
+    digest.update(np.ascontiguousarray(x.cpu().numpy()).tobytes())
     return digest.hexdigest()
 
 
@@ -131,7 +237,9 @@ def resume(path: Path, key: str, run: Training, log: Callable[[str], None]) -> N
 def initialise_codebooks(run: Training) -> None:
     """k-means on the encoded residuals of a sample of training entities seeds every codebook."""
     sample = torch.randperm(len(run.train_ids), generator=run.generator)[: max(20 * run.codebook_size, 4096)]
-    run.model.quantizer.kmeans_init(run.model.encoder(run.x[run.train_ids[sample]]), seed=run.config.seed)
+    rows = run.train_ids[sample].to(run.x.device)
+    run.model.quantizer.kmeans_init(run.model.encoder(run.x[rows]), seed=run.config.seed)
+    run.processes.broadcast(run.model)
 
 
 def train_epoch(run: Training, bar: tqdm) -> dict[str, float]:
@@ -147,29 +255,38 @@ def train_epoch(run: Training, bar: tqdm) -> dict[str, float]:
         with torch.no_grad():
             centre_codes = [model.encoder(c) for c in run.hierarchy.centroids]
     totals: dict[str, float] = {}
+    processes, device = run.processes, run.x.device
     for start in range(0, len(permutation), run.batch_size):
-        index = permutation[start : start + run.batch_size]
-        clusters = run.hierarchy.clusters[index] if run.hierarchy is not None else None  # (batch, levels)
-        terms, out = rqvae_losses(model, config, run.x[index], clusters, run.hierarchy, centre_codes)
-        loss = sum(terms.values())
+        batch = permutation[start : start + run.batch_size]  # the global batch (every process alike)
+        index = processes.share(batch).to(device)  # this process's slice (all of it in one process)
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if len(index):
+            clusters = run.hierarchy.clusters[index] if run.hierarchy is not None else None  # (batch, levels)
+            terms, out = rqvae_losses(model, config, run.x[index], clusters, run.hierarchy, centre_codes)
+            loss = sum(terms.values())
+            if processes.world > 1:  # slices weigh by their size: summed, the whole batch's mean
+                loss = loss * (len(index) / len(batch))
+            loss.backward()
+        processes.reduce_gradients(model)
         run.optimizer.step()
         run.step += 1
+        if processes.world > 1:  # usage and restarts read the whole batch, so every process stays alike
+            out, terms = _whole_batch(processes, batch, out if len(index) else _empty_output(model, config),
+                                      terms if len(index) else dict.fromkeys(_loss_terms(config), 0.0), len(index))
         model.quantizer.mark_used(out.codes, run.step)
         if config.dead_code_restart and run.step % config.dead_after == 0:  # periodic: let codes settle
             run.record.restarted_codes += model.quantizer.restart_dead_codes(out, run.step, config.dead_after,
                                                                              run.generator)
         for key, value in terms.items():
-            totals[key] = totals.get(key, 0.0) + float(value.detach()) * len(index)
+            totals[key] = totals.get(key, 0.0) + float(value.detach()) * len(batch)
         bar.update(1)
     return {f"loss_{k}": v / len(run.train_ids) for k, v in totals.items()}
 
 
 def evaluate(run: Training, entry: dict[str, float]) -> None:
     """Held-out mean code entropy and reconstruction into ``entry``; keeps the state of the highest entropy."""
-    held_out = run.x[run.held_out]  # (held, in_dim)
-    codes = run.model.encode(held_out).numpy()
+    held_out = run.x[run.held_out.to(run.x.device)]  # (held, in_dim)
+    codes = run.model.encode(held_out).cpu().numpy()
     entry["heldout_entropy"] = float(np.mean(code_usage(codes, run.codebook_size)["entropy"]))
     entry["heldout_rec_mse"] = float((run.model.reconstruct(held_out) - held_out).pow(2).sum(1).mean())
     entry["seconds"] = time.perf_counter() - run.started
@@ -197,7 +314,9 @@ def train_rqvae(
     and a matching file found at the start is resumed: the same epochs follow
     as in an uninterrupted run (the tests check the codes are identical).
     """
-    run = setup(x, config, hierarchy)
+    device = resolve_device(config.device)
+    processes = Processes.start(device)
+    run = setup(x, config, hierarchy, device, processes)
     key = checkpoint_key(x, config) if checkpoint is not None else ""
     if checkpoint is not None and checkpoint.exists():
         resume(checkpoint, key, run, log)
@@ -215,7 +334,7 @@ def train_rqvae(
                             entropy=f"{entry['heldout_entropy']:.3f}")
         run.record.history.append(entry)
         run.record.stopped_epoch = run.epoch = epoch
-        if checkpoint is not None and "heldout_entropy" in entry:
+        if checkpoint is not None and "heldout_entropy" in entry and processes.main:
             save_checkpoint(checkpoint, key, run)
         if run.patience_spent:
             log(f"quantize: held-out entropy has not risen for {run.bad_evaluations} evaluations; "
@@ -224,7 +343,32 @@ def train_rqvae(
     bar.close()
     run.model.load_state_dict(run.best_state)
     run.model.eval()
-    return run.model, run.record
+    return run.model.cpu(), run.record  # on the CPU: what the tokenizer keeps never depends on the device
+
+
+def _loss_terms(config: QuantizeConfig) -> list[str]:
+    """The names of the loss terms ``rqvae_losses`` returns for ``config``."""
+    return ["rec", "vq", *(["gse"] if config.uses_gse else []), *(["gsr"] if config.uses_gsr else [])]
+
+
+def _whole_batch(processes: Processes, batch: torch.Tensor, local: QuantizerOutput, terms: dict[str, Any],
+                 rows: int) -> tuple[QuantizerOutput, dict[str, torch.Tensor]]:
+    """Codes, residuals and codewords of the whole batch, and its mean loss terms, from every process's slice."""
+    sizes = [len(part) for part in torch.tensor_split(batch, processes.world)]
+    whole = dataclasses.replace(local, **{name: processes.gather(getattr(local, name), sizes)
+                                          for name in ("codes", "residuals", "codewords")})
+    summed = processes.sum({k: float(v) * rows for k, v in terms.items()})
+    return whole, {k: torch.tensor(v / len(batch)) for k, v in summed.items()}
+
+
+def _empty_output(model: RQVAE, config: QuantizeConfig) -> Any:
+    """A zero-row stand-in for the output of a process whose slice of the batch was empty."""
+    levels, dim = model.quantizer.levels, config.code_dim
+    device = next(model.parameters()).device
+    empty = torch.zeros(0, levels, dim, device=device)
+    return QuantizerOutput(codes=torch.zeros(0, levels, dtype=torch.long, device=device),
+                           quantized=torch.zeros(0, dim, device=device), prefixes=[], surrogates=empty,
+                           codewords=empty, residuals=empty, vq_loss=torch.zeros((), device=device))
 
 
 # ReaLM's nearest-code search: without the per-row ||r||², in blocks of 65,536 rows (see kmeans.nearest).
@@ -238,13 +382,17 @@ def fit_realm(x: torch.Tensor, config: QuantizeConfig, levels: int, codebook_siz
     With ``realm_assignment="distinct"`` the last level's codes are then
     re-chosen so that entities sharing every earlier code differ there
     (:func:`~kgtok.quantize.quantizer.distinct_codes`): the codebooks stay.
+    The k-means is faiss's on the CPU; with ``config.device`` a GPU, the nearest-code searches run there.
     """
+    device = resolve_device(config.device)
     with tqdm(total=levels, desc="realm stages", disable=not progress) as bar:
         def fit_level(level: int, residual: torch.Tensor) -> torch.Tensor:
             bar.update(1)
-            return kmeans(residual, codebook_size, iterations=config.realm_kmeans_iterations, seed=config.seed + level)
+            return kmeans(residual, codebook_size, iterations=config.realm_kmeans_iterations,
+                          seed=config.seed + level).to(device)
 
-        codebooks, codes = fit_residual_kmeans(x, levels, fit_level, **_REALM_SEARCH)
+        codebooks, codes = fit_residual_kmeans(x.to(device), levels, fit_level, **_REALM_SEARCH)
+    codebooks, codes = codebooks.cpu(), codes.cpu()
     if config.realm_assignment == "distinct":
         codes[:, -1] = distinct_last_level(x, codebooks, codes)
     return codebooks, codes

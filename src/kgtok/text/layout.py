@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from kgtok.artifacts import Artifact
+from kgtok.artifacts import Artifact, File
 
 
 class TextArtifact(Artifact):
@@ -18,23 +16,8 @@ class TextArtifact(Artifact):
 
     stage = "text"
     title = "stage-2 (text)"
-
-    @property
-    def text_embeddings(self) -> Path:
-        return self.path / "text_embeddings.npy"
-
-    @property
-    def label_embeddings(self) -> Path:
-        return self.path / "label_embeddings.npy"
-
-    @property
-    def description_embeddings(self) -> Path:
-        return self.path / "description_embeddings.npy"
-
-    @property
-    def entities(self) -> Path:
-        return self.path / "entities.tsv"
-
-    @property
-    def config_yaml(self) -> Path:
-        return self.path / "config.yaml"
+    text_embeddings = File("text_embeddings.npy")
+    label_embeddings = File("label_embeddings.npy")
+    description_embeddings = File("description_embeddings.npy")
+    entities = File("entities.tsv")
+    config_yaml = File("config.yaml")

@@ -1,0 +1,122 @@
+"""A-vs-B tables of stage 5c runs: every ranker's metric with its paired difference, 95% CI and p-value.
+
+Each row is one ranker of one run (a stage-5c artifact) on the test queries.
+Two comparisons per row, on the same queries (paired: matched by query id):
+
+- against the retriever (stage 1's order of the same run);
+- against the same ranker of the run without IDs (``ids: none``), when there
+  is one: does an entity ID (codes, or random unique ones) help?
+
+Both come from :func:`kgtok.metrics.paired_comparison` (bootstrap CI over
+queries; exact McNemar for Hits@1, paired sign-flip permutation for MRR), the
+one statistics function of the project.  ``kgtok ablate``,
+``bench/llm_compare.py`` and ``bench/ablation.py`` print these rows.  numpy and
+scipy only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kgtok.llm.rankers import rank_all, rankers
+from kgtok.metrics import COMPARED, format_difference, paired_comparison
+
+NAMES = {"hits_at_1": "Hits@1", "mrr": "MRR"}
+
+
+def evaluation_ranks(evaluate_dir: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Query ids and the gold's rank per ranker, recomputed from a stage-5c artifact's predictions.jsonl."""
+    path = Path(evaluate_dir) / "predictions.jsonl"
+    predictions = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if predictions and "stage1_rank" not in predictions[0]:
+        raise ValueError(f"{path}: not a link-prediction evaluation (triple classification has no ranks)")
+    return [p["id"] for p in predictions], rank_all(predictions)
+
+
+def _aligned(ids: list[str], ranks: np.ndarray, common: list[str]) -> np.ndarray:
+    """``ranks`` (in ``ids`` order) re-ordered to ``common``."""
+    index = {q: i for i, q in enumerate(ids)}
+    return ranks[[index[q] for q in common]]
+
+
+def comparison_rows(runs: dict[str, str | Path], no_ids: str | None = None, *, resamples: int = 10_000,
+                    seed: int = 0) -> list[dict[str, Any]]:
+    """One row per (run, ranker): metrics and the paired comparisons (see the module docstring).
+
+    ``runs``: name -> stage-5c artifact, in the order shown; ``no_ids``: the name of the run without IDs
+    (None: no such column).  Only queries present in every run are compared (``queries`` in each row).
+    Row: ``run``, ``ranker``, ``label``, ``queries``, per measure ``<measure>`` and ``vs_retriever`` /
+    ``vs_no_ids`` (``{measure: paired_comparison row}``; None where it does not apply).
+    """
+    loaded = {name: evaluation_ranks(path) for name, path in runs.items()}
+    common_set = set.intersection(*(set(ids) for ids, _ in loaded.values()))
+    first_ids = next(iter(loaded.values()))[0]
+    common = [q for q in first_ids if q in common_set]
+    ranks = {name: {key: _aligned(ids, values, common) for key, values in by_ranker.items()}
+             for name, (ids, by_ranker) in loaded.items()}
+    labels = {r.key: r.label for r in rankers()}
+    rows = []
+    first = next(iter(ranks))
+    retriever = ranks[first]["retriever"]
+    rows.append({"run": first, "ranker": "retriever", "label": labels["retriever"], "queries": len(common),
+                 **_measures(retriever), "vs_retriever": None, "vs_no_ids": None})
+    for name, by_ranker in ranks.items():
+        for key, values in by_ranker.items():
+            if key == "retriever":
+                continue
+            base = no_ids is not None and name != no_ids and key in ranks[no_ids]
+            rows.append({
+                "run": name, "ranker": key, "label": labels.get(key, key), "queries": len(common), **_measures(values),
+                "vs_retriever": paired_comparison(values, by_ranker["retriever"], resamples=resamples, seed=seed),
+                "vs_no_ids": (paired_comparison(values, ranks[no_ids][key], resamples=resamples, seed=seed)
+                              if base else None),
+            })
+    return rows
+
+
+def _measures(ranks: np.ndarray) -> dict[str, float]:
+    return {"hits_at_1": float(np.mean(ranks <= 1.0)), "mrr": float(np.mean(1.0 / ranks))}
+
+
+def comparison_cells(row: dict[str, Any]) -> list[str]:
+    """The table cells of a row after run and ranker: per measure, value, vs retriever, vs no IDs."""
+    cells = []
+    for measure in COMPARED:
+        cells.append(f"{row[measure]:.3f}")
+        for other in ("vs_retriever", "vs_no_ids"):
+            cells.append(format_difference(row[other][measure]) if row[other] else "-")
+    return cells
+
+
+def comparison_header() -> list[str]:
+    return ["run", "ranker", *[cell for measure in COMPARED for cell in
+                               (NAMES[measure], f"{NAMES[measure]} - retriever [95% CI] p",
+                                f"{NAMES[measure]} - no IDs [95% CI] p")]]
+
+
+def comparison_markdown(rows: list[dict[str, Any]]) -> str:
+    """The rows as a markdown table, with a line on the tests used."""
+    header = comparison_header()
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join([row["run"], row["label"], *comparison_cells(row)]) + " |")
+    queries = rows[0]["queries"] if rows else 0
+    return ("\n".join(lines) + f"\n\nDifferences are paired over the same {queries} test queries: 95% percentile "
+            "bootstrap CI (10,000 resamples of queries); p: exact McNemar test (Hits@1), paired sign-flip "
+            "permutation test (MRR).\n")
+
+
+def significant(rows: list[dict[str, Any]], alpha: float = 0.05) -> list[str]:
+    """Sentences naming every difference with p < alpha (for a benchmark's note)."""
+    out = []
+    for row in rows:
+        for other, against in (("vs_retriever", "the retriever"), ("vs_no_ids", "no IDs")):
+            for measure in COMPARED:
+                if row[other] and row[other][measure]["p_value"] < alpha:
+                    out.append(f"{row['run']} {row['label']}: {NAMES[measure]} vs {against} "
+                               f"{format_difference(row[other][measure])}")
+    return out

@@ -1,0 +1,186 @@
+"""Stage 5 configs: InstructConfig (5a), FinetuneConfig with its TinyBackboneConfig (5b), EvaluateConfig (5c).
+
+Every default lives here with a trailing comment on its trade-off (the README's
+config reference is generated from those comments).  Choice fields are typed
+``Literal[...]``: a YAML file or an override with another value is refused
+while loading, and ``__post_init__`` refuses it in Python from the same list.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+from kgtok.config import Check, check_fields, in_range, machine, resumable
+
+Task = Literal["completion", "classification"]
+TrainQueryFormat = Literal["dift", "query"]
+Adapter = Literal["auto", "lora", "full"]
+EmbeddingInit = Literal["codebook", "mean"]
+Split = Literal["test", "lm_valid"]
+Decode = Literal["trie", "generate"]
+Backend = Literal["hf", "vllm"]
+SequenceScore = Literal["sum", "mean"]
+Ids = Literal["codes", "random", "none"]
+Negatives = Literal["typed", "uniform"]
+
+
+def choice_checks(config: object) -> list[Check]:
+    """One ``check_fields`` row per ``Literal`` field of ``config``: the value must be one of the listed."""
+    hints = typing.get_type_hints(type(config))
+    checks = []
+    for f in fields(config):  # type: ignore[arg-type]
+        if typing.get_origin(hints[f.name]) is Literal:
+            options = typing.get_args(hints[f.name])
+            expected = ", ".join(options[:-1]) + " or " + options[-1]
+            checks.append((f.name, lambda v, options=options: v in options, expected))
+    return checks
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstructConfig:
+    """Stage 5a: which parts go into a prompt, and which queries become examples."""
+
+    task: Task = "completion"  # completion (link prediction, DIFT) | classification (true/false, ReaLM)
+    top_k: int = 20  # candidates listed per prompt (at most what stage 1 exported)
+    neighbours: int = 10  # training-graph triples about the known entity
+    description_words: int = 50  # the known entity's description is cut to about this many words
+    # Names are ambiguous (WN18RR: 12,873 entities share 4,477 names): "random" tells "codes help" from "unique IDs help".
+    ids: Ids = "codes"  # after names: codes (GS-Quant) | random (a random unique tuple, the codes' shape and tokens) | none (DIFT)
+    use_names: bool = True  # entity names; false: codes only (ablation)
+    use_descriptions: bool = True  # the known entity's description (cut to description_words)
+    use_neighbours: bool = True  # training-graph facts about the known entity (DIFT)
+    class_prefix: bool = False  # ReaLM: answers start with the target's class token (needs classes); 5c reads it
+    train_from_train_queries: bool = False  # also turn training queries into examples (off: DIFT)
+    train_queries: int = 0  # with the above: at most this many training queries (0: all)
+    # The query form needs no stage-1 candidates and is ~10x shorter: a from-scratch LM sees every training triple.
+    train_query_format: TrainQueryFormat = "dift"  # dift: full prompt with a candidate list | query: ReaLM's (no list)
+    # Stage 1 has seen the answers of training queries and ranks them first: in its order a list would teach the
+    # LM to copy rank 1; shuffled, it teaches it to choose by content (pretrained LMs may not need it).
+    shuffle_train_query_candidates: bool = True  # dift form: list the candidates of training queries in random order
+    lm_valid_fraction: float = 0.1  # share of the validation queries kept for LM validation
+    confidence_threshold: float = 0.05  # LM-train keeps records with confidence above this
+    classification_train_triples: int = 5000  # classification: training triples sampled for LM-train (0: all)
+    negatives: Negatives = "typed"  # classification: typed (an entity seen with the relation there) | uniform (any)
+    seed: int = 0  # validation split, training-query sample, candidate shuffles, classification negatives
+
+    def __post_init__(self) -> None:
+        check_fields(self, [
+            *choice_checks(self),
+            ("classification_train_triples", in_range(0), ">= 0"),
+            ("train_queries", in_range(0), ">= 0"),
+            ("top_k", in_range(1), ">= 1"),
+            ("neighbours", in_range(0), ">= 0"),
+            ("description_words", in_range(0), ">= 0"),
+            ("lm_valid_fraction", in_range(0.0, 0.9), "in [0, 0.9]"),
+            ("confidence_threshold", in_range(0.0), ">= 0"),
+            ("seed", in_range(0), ">= 0"),
+            ("use_names", lambda v: v or self.use_codes, "names or ids (or both) must be used"),
+        ])
+
+    @property
+    def use_codes(self) -> bool:
+        """Entities carry code tokens (their codes or random ones): the stage-4 artifact is needed."""
+        return self.ids != "none"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TinyBackboneConfig:
+    """Size of the from-scratch ``tiny`` Llama (defaults: ~1.3M weights besides embeddings)."""
+
+    vocab_size: int = 3000  # BPE merges learned on the KG's text (code tokens come on top)
+    hidden_size: int = 128  # model width
+    layers: int = 4  # transformer blocks
+    heads: int = 4  # attention heads (a divisor of hidden_size)
+    intermediate_size: int = 384  # MLP width
+    max_position_embeddings: int = 2048  # longest sequence the model can take
+
+    def __post_init__(self) -> None:
+        check_fields(self, [
+            ("vocab_size", in_range(300), ">= 300 (the 256 bytes plus merges)"),
+            ("hidden_size", in_range(8), ">= 8"),
+            ("layers", in_range(1), ">= 1"),
+            ("heads", lambda v: v >= 1 and self.hidden_size % v == 0, "a divisor of hidden_size"),
+            ("intermediate_size", in_range(1), ">= 1"),
+            ("max_position_embeddings", in_range(64), ">= 64"),
+        ])
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    """Stage 5b: backbone, trainable parts, optimisation."""
+
+    backbone: str = "tiny"  # tiny | smollm2-135m | a local Hugging Face model directory
+    adapter: Adapter = "auto"  # auto (full for from-scratch backbones, else lora) | lora | full
+    r: int = 64  # LoRA rank (PEFT names; reference values)
+    lora_alpha: int = 32  # LoRA scaling numerator (the update is scaled by lora_alpha / r)
+    lora_dropout: float = 0.1  # dropout on the LoRA path
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # modules that get LoRA adapters
+    embedding_init: EmbeddingInit = "codebook"  # new token rows: codebook (ReaLM, projected) | mean
+    learning_rate: float | None = None  # None: 2e-4 with LoRA (reference), 1e-3 for full training
+    epochs: float = 3.0  # passes over LM-train (cosine schedule over them)
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 8  # per device
+    gradient_accumulation_steps: int = 1  # batches summed per optimiser step
+    max_length: int = 512  # tokens; longer prompts lose neighbour facts, then description words (never query, list, answer)
+    warmup_ratio: float = 0.03  # share of the steps with a rising learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    gradient_checkpointing: bool = False  # trades compute for memory on big backbones
+    logging_steps: int = 10  # steps between loss records in metrics.json
+    save_steps: int = machine(200)  # checkpoint interval (resume point)
+    threads: int = machine(0)  # torch threads on CPU; 0 = all cores (shared by the processes of accelerate launch)
+    seed: int = 0  # backbone init, new token rows, batch order, dropout
+    tiny: TinyBackboneConfig = field(default_factory=TinyBackboneConfig)  # used when backbone is tiny
+
+    def __post_init__(self) -> None:
+        check_fields(self, [
+            *choice_checks(self),
+            ("backbone", lambda v: bool(str(v).strip()), "tiny, smollm2-135m or a model directory"),
+            ("r", in_range(1), ">= 1"),
+            ("lora_alpha", in_range(1), ">= 1"),
+            ("lora_dropout", in_range(0.0, 0.99), "in [0, 0.99]"),
+            ("target_modules", lambda v: len(v) > 0, "at least one module name"),
+            ("learning_rate", lambda v: v is None or v > 0, "> 0 (or null for the default)"),
+            ("epochs", lambda v: v > 0, "> 0"),
+            ("batch_size", in_range(1), ">= 1"),
+            ("gradient_accumulation_steps", in_range(1), ">= 1"),
+            ("max_length", in_range(16), ">= 16"),
+            ("warmup_ratio", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+            ("logging_steps", in_range(1), ">= 1"),
+            ("save_steps", in_range(1), ">= 1"),
+            ("threads", in_range(0), ">= 0"),
+            ("seed", in_range(0), ">= 0"),
+        ])
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    """Stage 5c: which queries, how candidates are scored and picked."""
+
+    split: Split = "test"  # instructions file to evaluate: test | lm_valid
+    batch_size: int = machine(4)  # queries per forward pass (x k candidate rows)
+    decode: Decode = "trie"  # trie (from the candidate scores) | generate (HF generate + prefix trie)
+    backend: Backend = "hf"  # hf (transformers, shared KV cache) | vllm (the vllm package; in practice a GPU)
+    score: SequenceScore = "sum"  # re-ranking by sequence score: sum of token log-probs | mean (length-normalised)
+    max_prompt_tokens: int = 512  # longer prompts lose facts, then description words (as in training)
+    class_constraint: bool = False  # ReaLM's ontology constraint (needs classes)
+    # Fused rankers score LM log-likelihood + w x log softmax(stage-1 scores): the LM and the retriever err on
+    # different queries, and how much to trust each depends on backbone and data.  None: the FUSION_GRID value
+    # with the best fused re-rank MRR on lm_valid.jsonl (scored as well), else 1.
+    fusion_weight: float | None = None  # w of the fused rankers; 0: off; None: chosen on lm_valid.jsonl
+    # Triple classification predicts "true" when log p(true) - log p(false) > threshold.
+    threshold: float | None = None  # None: the best accuracy on lm_valid.jsonl (scored as well); else fixed
+    max_queries: int = resumable(0)  # evaluate only the first n queries (0 = all)
+    threads: int = machine(0)  # torch threads; 0 = all cores
+
+    def __post_init__(self) -> None:
+        check_fields(self, [
+            *choice_checks(self),
+            ("batch_size", in_range(1), ">= 1"),
+            ("decode", lambda v: not (v == "generate" and self.backend == "vllm"), "trie with backend vllm"),
+            ("max_prompt_tokens", in_range(16), ">= 16"),
+            ("max_queries", in_range(0), ">= 0"),
+            ("fusion_weight", lambda v: v is None or v >= 0, "null or >= 0"),
+            ("threads", in_range(0), ">= 0"),
+        ])

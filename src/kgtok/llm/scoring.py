@@ -1,0 +1,226 @@
+"""Stage 5c's scorer: the log-probability of every candidate answer, batch by batch, and resumable.
+
+One forward pass per batch of queries scores every candidate: the prompt runs
+once, its key/value cache is copied to each of the k candidates, and every
+candidate's answer tokens (EOS included) get their log-probabilities
+(:func:`score_batch`).  ``backend: vllm`` computes the same numbers with vLLM
+(prompt log-probs, prefix caching; :class:`VLLMScorer`).  Everything after the
+scores (picks, rankers, metrics) is shared.
+
+A killed evaluation resumes: each finished query's row is appended at once to
+``<dest>.work/predictions.partial.jsonl`` (:class:`PartialPredictions`), under
+a key of everything the rows depend on (:func:`resume_key`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kgtok.llm.config import EvaluateConfig
+from kgtok.llm.decoding import generate_pick, trie_greedy
+from kgtok.llm.prompts import encode_answer, fit_prompt, jsonl_line, pad_left
+
+
+def score_batch(model: Any, prompts: list[list[int]], candidates: list[list[list[int]]], pad_id: int
+                ) -> list[list[np.ndarray]]:
+    """Per-token log-probs of every candidate answer after its prompt.
+
+    Prompts are left-padded and run once; the cache rows are repeated for the
+    candidates, which are right-padded.  Returns, per query, one array per
+    candidate of length len(candidate).
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    batch = len(prompts)
+    ids, mask = pad_left(prompts, pad_id)  # (batch, width)
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (batch, V)
+    counts = [len(c) for c in candidates]
+    owner = torch.repeat_interleave(torch.arange(batch), torch.tensor(counts)).to(device)  # (rows,)
+    flat = [seq for group in candidates for seq in group]
+    length = max(len(s) for s in flat)
+    cand = torch.full((len(flat), length), pad_id, dtype=torch.long)
+    cand_mask = torch.zeros((len(flat), length), dtype=torch.long)
+    for i, seq in enumerate(flat):
+        cand[i, :len(seq)] = torch.tensor(seq)
+        cand_mask[i, :len(seq)] = 1
+    cand, cand_mask = cand.to(device), cand_mask.to(device)
+    cache = out.past_key_values
+    cache.batch_select_indices(owner)
+    cand_positions = mask.sum(1)[owner].unsqueeze(1) + torch.arange(length, device=device)  # (rows, length)
+    out = model(input_ids=cand, attention_mask=torch.cat([mask[owner], cand_mask], 1), position_ids=cand_positions,
+                past_key_values=cache, use_cache=False)
+    logits = out.logits[:, :-1].float()  # (rows, length-1, V): predicts tokens 1..length-1
+    rest = logits.gather(2, cand[:, 1:, None]).squeeze(2) - torch.logsumexp(logits, dim=-1)
+    token_lp = torch.cat([first[owner].gather(1, cand[:, :1]), rest], 1) * cand_mask  # (rows, length)
+    token_lp = token_lp.cpu().numpy()
+    result, row = [], 0
+    for group in candidates:
+        result.append([token_lp[row + j, :len(seq)] for j, seq in enumerate(group)])
+        row += len(group)
+    return result
+
+
+class VLLMScorer:
+    """``score_batch`` through vLLM: one request per (query, candidate), prompt log-probs of the answer.
+
+    vLLM returns, for a request with ``prompt_logprobs=0``, one entry per
+    prompt position (None for the first, else a dict token id -> Logprob that
+    holds the token actually there); the answer's entries are read off the end.
+    Prefix caching lets the k requests of a query share the prompt's work.
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        try:
+            import vllm
+        except ImportError as e:  # pragma: no cover - depends on the machine
+            raise RuntimeError("evaluate backend 'vllm' needs the vllm package (pip install vllm; a GPU machine)"
+                               ) from e
+        self.llm = vllm.LLM(model=str(model_dir), enable_prefix_caching=True)
+        self.params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0)
+
+    def __call__(self, model: Any, prompts: list[list[int]], candidates: list[list[list[int]]], pad_id: int
+                 ) -> list[list[np.ndarray]]:
+        from vllm.inputs import TokensPrompt
+
+        requests = [TokensPrompt(prompt_token_ids=list(prompt) + list(answer))
+                    for prompt, group in zip(prompts, candidates) for answer in group]
+        outputs = self.llm.generate(requests, self.params, use_tqdm=False)
+        result, row = [], 0
+        for prompt, group in zip(prompts, candidates):
+            scores = []
+            for answer in group:
+                entries = outputs[row].prompt_logprobs[len(prompt):]
+                scores.append(np.array([entries[j][token].logprob for j, token in enumerate(answer)]))
+                row += 1
+            result.append(scores)
+        return result
+
+
+@dataclass
+class ScoredQuery:
+    """One instruction record with its candidates scored."""
+
+    record: dict[str, Any]
+    prompt: list[int]  # prompt token ids (truncated as in training)
+    answers: list[list[int]]  # token ids of each candidate answer, EOS last
+    token_logprobs: list[np.ndarray]  # per candidate: (len(answer),) log-probs
+
+    @property
+    def totals(self) -> np.ndarray:
+        """(k,) sequence log-likelihood of each candidate."""
+        return np.array([lp.sum() for lp in self.token_logprobs])
+
+
+def candidate_texts(record: dict[str, Any]) -> list[str]:
+    """The answers scored per candidate: with class_prefix, class token then entity; else the entity."""
+    return record.get("candidate_answers", record["candidate_text"])
+
+
+class CandidateScorer:
+    """The LM of stage 5c: a Hugging Face directory loaded with transformers (or vLLM), scoring answers."""
+
+    def __init__(self, model_dir: Path, config: EvaluateConfig, progress: bool) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config, self.progress = config, progress
+        self.budget = {"fit": 0, "trimmed": 0, "over": 0}  # prompts scored, by what the budget did
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else self.tokenizer.eos_token_id
+        self.vllm = VLLMScorer(model_dir) if config.backend == "vllm" else None
+        self.model = None
+        if self.vllm is None:
+            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            if torch.cuda.is_available():
+                self.model.cuda()
+
+    def prompt_ids(self, record: dict[str, Any]) -> list[int]:
+        """The record's prompt within ``max_prompt_tokens`` (:func:`fit_prompt`; counted in ``self.budget``)."""
+        ids, budget = fit_prompt(self.tokenizer, record, self.config.max_prompt_tokens)
+        self.budget[budget] += 1
+        return ids
+
+    def score(self, records: list[dict[str, Any]], desc: str,
+              answers_of: Callable[[dict[str, Any]], list[str]] = candidate_texts) -> Iterator[ScoredQuery]:
+        """Each record with its answers (default: its candidates) scored, ``batch_size`` records per pass."""
+        import torch
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(records), desc=desc, unit="query", disable=not self.progress)
+        with torch.no_grad():
+            for begin in range(0, len(records), self.config.batch_size):
+                batch = records[begin: begin + self.config.batch_size]
+                prompts = [self.prompt_ids(r) for r in batch]
+                answers = [[encode_answer(self.tokenizer, text) for text in answers_of(r)] for r in batch]
+                scores = (self.vllm or score_batch)(self.model, prompts, answers, self.pad_id)
+                yield from map(ScoredQuery, batch, prompts, answers, scores)
+                bar.update(len(batch))
+        bar.close()
+
+    def class_scores(self, query: ScoredQuery) -> np.ndarray | None:
+        """(k,) log-prob of each candidate's class token and what precedes it in its answer (class_prefix
+        records; None otherwise): the LM's belief in that class before any entity token."""
+        answers = query.record.get("candidate_answers")
+        if answers is None or "candidate_classes" not in query.record:
+            return None
+        out = []
+        for ids, logprobs, text in zip(query.answers, query.token_logprobs, answers):
+            token = self.tokenizer.convert_tokens_to_ids(text.split(" ", 1)[0])
+            if token not in ids:
+                raise ValueError(f"{query.record['id']}: class token of {text!r} is not one token of the model")
+            out.append(float(np.sum(logprobs[: ids.index(token) + 1])))
+        return np.array(out)
+
+    def pick(self, query: ScoredQuery) -> int:
+        """Constrained generation (``decode``): trie decoding from the scores, or Hugging Face ``generate``."""
+        if self.config.decode == "trie":
+            return trie_greedy(query.answers, query.token_logprobs)
+        return generate_pick(self.model, query.prompt, query.answers, self.pad_id, self.tokenizer.eos_token_id)
+
+
+class PartialPredictions:
+    """Rows of the queries already scored, in ``path`` (in the stage's work folder, whose record says whether
+    they were made under the same config and inputs)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows = self._read()  # id -> row
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        """Rows of an interrupted evaluation (a torn last line is dropped)."""
+        if not self.path.exists():
+            return {}
+        rows = {}
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # killed while writing this line
+            rows[row["id"]] = row
+        return rows
+
+    @contextmanager
+    def appending(self) -> Iterator[Callable[[dict[str, Any]], None]]:
+        """Rewrite the file with the rows kept (a torn last line goes), then yield ``add(row)``: one line at once."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(map(jsonl_line, self.rows.values())), encoding="utf-8")
+        with self.path.open("a", encoding="utf-8") as handle:
+
+            def add(row: dict[str, Any]) -> None:
+                self.rows[row["id"]] = row
+                handle.write(jsonl_line(row))
+                handle.flush()
+
+            yield add

@@ -1,0 +1,147 @@
+"""PyTorch-BigGraph and DGL-KE outputs, written here in their layouts, import as stage-1 artifacts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kgtok.cli import cli
+from kgtok.data import load_kg
+from kgtok.data.synthetic import SyntheticConfig, write_synthetic
+from kgtok.embed import load_model
+from kgtok.embed.formats import read_dglke, read_pbg
+from kgtok.embed.importer import ImportConfig, import_foreign
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def kg(tmp_path_factory):
+    return load_kg(write_synthetic(SyntheticConfig(num_entities=200, seed=4), tmp_path_factory.mktemp("kg") / "kg"))
+
+
+def complex_vectors(kg, dim=6, seed=0):
+    """Random ComplEx entity rows [re | im] (N, 2 dim) and relation rows (R, 2 dim)."""
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(kg.num_entities, 2 * dim)).astype(np.float32),
+            rng.normal(size=(kg.num_relations, 2 * dim)).astype(np.float32))
+
+
+def write_pbg(kg, root, entities, real, imag, *, parts=2, version=3):
+    """A PBG training's checkpoint_path and entity_path, as PBG writes them (two partitions, dynamic relations)."""
+    h5py = pytest.importorskip("h5py")
+    checkpoint, entity_path = root / "model", root / "data"
+    checkpoint.mkdir(parents=True)
+    entity_path.mkdir(parents=True)
+    order = np.random.default_rng(1).permutation(kg.num_entities)  # PBG's own row order
+    for part, rows in enumerate(np.array_split(order, parts)):
+        with h5py.File(checkpoint / f"embeddings_all_{part}.v{version}.h5", "w") as f:
+            f.attrs["format_version"] = 1
+            f.create_dataset("embeddings", data=entities[rows])
+        (entity_path / f"entity_names_all_{part}.json").write_text(json.dumps([kg.entity_names[i] for i in rows]))
+        (entity_path / f"entity_count_all_{part}.txt").write_text(f"{len(rows)}\n")
+    relation_order = np.random.default_rng(2).permutation(kg.num_relations)
+    with h5py.File(checkpoint / f"model.v{version}.h5", "w") as f:
+        f.attrs["format_version"] = 1
+        group = f.create_group("model")
+        group.create_dataset("relations/0/operator/rhs/real", data=real[relation_order])
+        group.create_dataset("relations/0/operator/rhs/imag", data=imag[relation_order])
+        group.create_dataset("relations/0/operator/lhs/real", data=np.zeros_like(real))
+        group.create_dataset("relations/0/operator/lhs/imag", data=np.zeros_like(imag))
+    (entity_path / "dynamic_rel_names.json").write_text(json.dumps([kg.relation_names[i] for i in relation_order]))
+    (checkpoint / "config.json").write_text(json.dumps({
+        "entity_path": str(entity_path), "checkpoint_path": str(checkpoint), "dynamic_relations": True,
+        "comparator": "dot", "relations": [{"name": "all_edges", "lhs": "all", "rhs": "all",
+                                            "operator": "complex_diagonal"}]}))
+    (checkpoint / "checkpoint_version.txt").write_text(f"{version}\n")
+    return checkpoint, entity_path
+
+
+def test_pbg_checkpoint_imports_with_its_scores(kg, tmp_path):
+    dim = 6
+    entities, _ = complex_vectors(kg, dim)
+    rng = np.random.default_rng(3)
+    real, imag = rng.normal(size=(2, kg.num_relations, dim)).astype(np.float32)
+    checkpoint, entity_path = write_pbg(kg, tmp_path, entities, real, imag)
+    foreign = read_pbg(checkpoint, entity_path)
+    assert foreign.model == "complex" and len(foreign.entity_names) == kg.num_entities
+    dest = import_foreign(kg, foreign, tmp_path / "imported", progress=False, log=quiet,
+                          config=ImportConfig(model="complex", top_k=5, export_splits=("test",), threads=1))
+    np.testing.assert_allclose(np.load(dest / "entity_embeddings.npy"), entities)
+    # PBG's score: dot(h, op_r(t)) with op_r(t) = r * t (complex product, on the tail side).
+    model, _ = load_model(dest)
+    triples = kg.test[:20]
+    h, r, t = (triples[:, i].numpy() for i in range(3))
+    t_re, t_im = entities[t, :dim], entities[t, dim:]
+    product = np.concatenate([t_re * real[r] - t_im * imag[r], t_re * imag[r] + t_im * real[r]], axis=1)
+    pbg_scores = (entities[h] * product).sum(1)
+    ours = model.score_triples(torch.as_tensor(triples)).detach().numpy()
+    np.testing.assert_allclose(ours, pbg_scores, rtol=1e-5, atol=1e-5)
+    metrics = json.loads((dest / "metrics.json").read_text())
+    assert 0 < metrics["test"]["both"]["mrr"] <= 1
+    with pytest.raises(ValueError, match="score as model=complex, not model=distmult"):
+        import_foreign(kg, foreign, tmp_path / "wrong", config=ImportConfig(model="distmult"), log=quiet)
+
+
+def test_pbg_errors_name_the_missing_file(kg, tmp_path):
+    pytest.importorskip("h5py")
+    entities, _ = complex_vectors(kg)
+    checkpoint, entity_path = write_pbg(kg, tmp_path, entities, *np.ones((2, kg.num_relations, 6), np.float32))
+    (entity_path / "entity_names_all_1.json").unlink()
+    with pytest.raises(FileNotFoundError, match="entity_names_all_1.json"):
+        read_pbg(checkpoint, entity_path)
+    with pytest.raises(FileNotFoundError, match="entity type 'user'"):
+        read_pbg(checkpoint, entity_path, entity_type="user")
+
+
+def write_dglke(kg, root, entities, relations, model_name="ComplEx", dataset="mykg"):
+    """DGL-KE's --save_path (<dataset>_<model>_entity.npy, _relation.npy) and --data_path (entities.tsv, ...)."""
+    save, data = root / "ckpts" / f"{model_name}_{dataset}_0", root / "data"
+    save.mkdir(parents=True)
+    data.mkdir(parents=True)
+    order = np.random.default_rng(5).permutation(kg.num_entities)  # DGL-KE's ids are its own
+    np.save(save / f"{dataset}_{model_name}_entity.npy", entities[order])
+    np.save(save / f"{dataset}_{model_name}_relation.npy", relations)
+    (data / "entities.tsv").write_text("".join(f"{i}\t{kg.entity_names[e]}\n" for i, e in enumerate(order)))
+    (data / "relations.tsv").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(kg.relation_names)))
+    return save, data
+
+
+def test_dglke_save_imports_and_ranks_like_the_vectors(kg, tmp_path):
+    entities, relations = complex_vectors(kg, seed=7)
+    save, data = write_dglke(kg, tmp_path, entities, relations)
+    foreign = read_dglke(save, data)
+    assert foreign.model == "complex"
+    dest = import_foreign(kg, foreign, tmp_path / "imported", progress=False, log=quiet,
+                          config=ImportConfig(model="complex", top_k=5, export_splits=("test",), threads=1))
+    np.testing.assert_allclose(np.load(dest / "entity_embeddings.npy"), entities)
+    np.testing.assert_allclose(np.load(dest / "relation_embeddings.npy"), relations)
+    assert (dest / "candidates" / "test.npz").exists()
+
+
+def test_embed_import_command_reads_both_formats(kg, tmp_path):
+    entities, relations = complex_vectors(kg, seed=8)
+    save, data = write_dglke(kg, tmp_path, entities, relations, model_name="DistMult")
+    runner = CliRunner()
+    done = runner.invoke(cli, ["embed-import", "--data", str(kg.source), "--format", "dglke", "--checkpoint",
+                               str(save), "--entity-path", str(data), "--out", str(tmp_path / "dgl"), "threads=1"])
+    assert done.exit_code == 0, done.output
+    np.testing.assert_allclose(np.load(tmp_path / "dgl" / "entity_embeddings.npy"), entities)
+    done = runner.invoke(cli, ["embed-import", "--data", str(kg.source), "--format", "pbg", "--out",
+                               str(tmp_path / "x")])
+    assert done.exit_code == 2 and "--format pbg needs --checkpoint and --entity-path" in done.output
+    pytest.importorskip("h5py")
+    ones = np.ones((kg.num_relations, 6), np.float32)
+    checkpoint, entity_path = write_pbg(kg, tmp_path / "pbg", entities, ones, ones)
+    done = runner.invoke(cli, ["embed-import", "--data", str(kg.source), "--format", "pbg", "--checkpoint",
+                               str(checkpoint), "--entity-path", str(entity_path), "--out", str(tmp_path / "pbg-out"),
+                               "threads=1"])
+    assert done.exit_code == 0, done.output
+    np.testing.assert_allclose(np.load(tmp_path / "pbg-out" / "entity_embeddings.npy"), entities)
+    assert np.load(tmp_path / "pbg-out" / "relation_embeddings.npy").shape == (kg.num_relations, 12)

@@ -1,0 +1,45 @@
+"""A-vs-B tables of stage 5c runs: paired by query id, each difference from metrics.paired_comparison."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from kgtok.llm.compare import comparison_markdown, comparison_rows, significant
+from kgtok.metrics import paired_comparison
+
+
+def write_run(path, ids, stage1, picks):
+    """A stage-5c artifact's predictions.jsonl: gold 0 at stage-1 rank ``stage1``; ``picks``: LM pick positions."""
+    path.mkdir(parents=True)
+    rows = [{"id": q, "direction": "tail", "relation": "r", "gold": 0, "stage1_rank": float(s),
+             "pick": 0 if p == s else 99, "pick_position": int(p), "gold_index": int(s) - 1 if s <= 3 else -1,
+             "scores": [0.0 if j == p - 1 else -1.0 for j in range(3)]}
+            for q, s, p in zip(ids, stage1, picks)]
+    (path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_rows_are_paired_by_query_and_use_the_one_statistics_function(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 200
+    ids = [f"test-{i}-tail" for i in range(n)]
+    stage1 = rng.integers(1, 4, n)
+    good = np.where(rng.random(n) < 0.8, stage1, 1)  # picks the gold (its stage-1 position) 80% of the time
+    bad = np.where(rng.random(n) < 0.3, stage1, 1)
+    write_run(tmp_path / "codes", ids, stage1, good)
+    write_run(tmp_path / "none", ids[::-1], stage1[::-1], bad[::-1])  # another order: pairing is by id
+    rows = comparison_rows({"codes": tmp_path / "codes", "none": tmp_path / "none"}, "none", resamples=500)
+    assert rows[0]["ranker"] == "retriever" and rows[0]["vs_retriever"] is None
+    codes_dift = next(r for r in rows if r["run"] == "codes" and r["ranker"] == "dift")
+    none_dift = next(r for r in rows if r["run"] == "none" and r["ranker"] == "dift")
+    assert none_dift["vs_no_ids"] is None and codes_dift["queries"] == n
+    dift_codes = np.where(good == stage1, 1.0, stage1 + (good > stage1))
+    dift_none = np.where(bad == stage1, 1.0, stage1 + (bad > stage1))
+    assert codes_dift["hits_at_1"] == np.mean(dift_codes <= 1)
+    assert codes_dift["vs_no_ids"] == paired_comparison(dift_codes, dift_none, resamples=500)
+    assert codes_dift["vs_retriever"] == paired_comparison(dift_codes, stage1.astype(float), resamples=500)
+    assert codes_dift["vs_no_ids"]["hits_at_1"]["p_value"] < 1e-6  # 80% vs 30% right picks
+    table = comparison_markdown(rows)
+    assert "Hits@1 - no IDs [95% CI] p" in table and "| codes | LM pick (DIFT rule) |" in table
+    assert any("codes LM pick (DIFT rule): Hits@1 vs no IDs" in s for s in significant(rows))

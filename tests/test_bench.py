@@ -1,0 +1,75 @@
+"""The scaling benchmark and the GPU check run end to end at tiny sizes on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def environment(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "KGTOK_CACHE_DIR": str(tmp_path / "cache"), "PYTHON": sys.executable}
+
+
+def test_scale_slopes_are_log_log_fits():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from scale import slopes
+    finally:
+        sys.path.remove(str(BENCH))
+    data = {str(n): {"stages": {"embed": {"seconds": 2.0 * n, "peak_rss_mb": 100.0 + 0 * n},
+                                "text": {"skipped": "too big"} if n >= 100 else {"seconds": 1.0, "peak_rss_mb": 1.0}}}
+            for n in (10, 100, 1000)}
+    fitted = slopes(data)
+    assert fitted["embed"]["seconds"] == pytest.approx(1.0) and fitted["embed"]["peak_rss_mb"] == pytest.approx(0.0)
+    assert "text" not in fitted  # one measured size: no slope
+
+
+@pytest.mark.slow
+def test_scale_bench_measures_every_stage(tmp_path):
+    result = tmp_path / "scale.json"
+    done = subprocess.run([sys.executable, str(BENCH / "scale.py"), "--sizes", "300", "--threads", "1", "--work",
+                           str(tmp_path / "work"), "--result", str(result)], env=environment(tmp_path),
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    record = json.loads(result.read_text())["300"]
+    for stage in ("synthetic", "data", "embed", "text", "hierarchy", "quantize"):
+        assert record["stages"][stage]["seconds"] > 0
+        assert record["stages"][stage]["peak_rss_mb"] is None or record["stages"][stage]["peak_rss_mb"] > 10
+    assert record["stages"]["quantize"]["collisions_after"] == 0.0
+    assert record["kg"]["entities"] == 300 and "shared_machine" in record
+    assert result.with_suffix(".md").exists() and not (tmp_path / "work" / "n300").exists()
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_stage(tmp_path):
+    result = tmp_path / "gpu_check.json"
+    done = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path / "run"),
+                           "--result", str(result)], env=environment(tmp_path), capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads(result.read_text())
+    assert record["finished"] and record["device"] == "cpu"
+    assert set(record["stages"]) == {"embed", "text", "hierarchy", "quantize", "instruct", "finetune", "evaluate"}
+    assert all(s["finished"] and s["seconds"] >= 0 for s in record["stages"].values())
+    assert 0 < record["stages"]["embed"]["test_mrr"] <= 1
+    assert record["stages"]["quantize"]["collision_rate_after"] == 0.0
+    # The run's stages really took the device setting.
+    manifest = json.loads((tmp_path / "run" / "quantize" / "manifest.json").read_text())
+    assert manifest["config"]["device"] == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the check would run")
+def test_gpu_check_refuses_to_run_without_a_gpu(tmp_path, make_kg):
+    done = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--data", str(make_kg()), "--out",
+                           str(tmp_path / "run"), "--result", str(tmp_path / "r.json")], env=environment(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "torch sees no GPU" in done.stderr
+    assert not (tmp_path / "r.json").exists()
