@@ -78,7 +78,7 @@ def test_dift_files_feed_the_instructions(stage1, tmp_path):
     ranked = RankedQueries.load(art / "candidates" / "test.npz")
     assert ranked.triples.tolist() == [[h, r, t], [h, r, t]] and ranked.direction.tolist() == [0, 1]
     assert ranked.candidates[0].tolist() == [t, *(e.index(o) for o in others)]
-    out = run_instruct(InstructConfig(use_codes=False, top_k=3, neighbours=1), kg, art, tmp_path / "inst", log=quiet)
+    out = run_instruct(InstructConfig(ids="none", top_k=3, neighbours=1), kg, art, tmp_path / "inst", log=quiet)
     records = [json.loads(line) for line in (out / "test.jsonl").read_text().splitlines()]
     assert [rec["gold"] for rec in records] == [t, h] and all(rec["stage1_rank"] == 1 for rec in records)
 

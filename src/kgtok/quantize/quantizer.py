@@ -95,6 +95,7 @@ def distinct_codes(residual: torch.Tensor, centroids: torch.Tensor, groups: torc
     than K keep their nearest code (its collisions are left to the
     disambiguation code).
     """
+    # Over 60 lines on purpose: one greedy pass over the colliding groups, written out with its shapes.
     k = len(centroids)
     groups = torch.as_tensor(groups, dtype=torch.long)
     code = nearest(residual, centroids, row_norms=row_norms, batch=batch)  # (n,)
