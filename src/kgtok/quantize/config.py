@@ -63,9 +63,9 @@ class QuantizeConfig:
     gsr: GSRConfig = field(default_factory=GSRConfig)
     realm_kmeans_iterations: int = 20  # faiss iterations per residual stage (realm)
     realm_assignment: RealmAssignment = "distinct"  # realm's last level: distinct (codes differ where earlier ones agree) or nearest (ReaLM)
-    #   distinct, chosen on bench/results/quantizer_semantic_id.md: collisions before the fix 0 on all three sets
-    #   (nearest: 3-25%, semantic-id: 1-22%) for 0.2-20% more reconstruction error and no measurable time;
-    #   training entities' last code may then not be their nearest (encode_new picks the nearest)
+    #   distinct, chosen on bench/results/quantizer_semantic_id.md: collisions before the fix 0 on the three sets
+    #   compared with semantic-id (nearest 3-25%, semantic-id 1-22%; a 200k mixture 5.4%, nearest 25%), for
+    #   0.2-20% more reconstruction error and no measurable time; a training entity's last code may not be its nearest
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when present; GPU sums differ in the last bits
     threads: int = machine(0)  # 0 = all cores
