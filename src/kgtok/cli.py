@@ -172,17 +172,10 @@ def _check_kg_dir(ctx: click.Context, param: click.Parameter, value: str | None)
 
 
 def _kg_dir_problem(value: str) -> str | None:
-    path = Path(value)
-    if not path.exists():
-        return f"{value}: no such directory; expected a KG folder with train.txt, valid.txt and test.txt"
-    if not path.is_dir():
-        return f"{value}: is a file; expected a KG folder with train.txt, valid.txt and test.txt"
-    missing = [f"{s}.txt" for s in ("train", "valid", "test") if not (path / f"{s}.txt").is_file()]
-    if missing:
-        found = sorted(p.name for p in path.iterdir())[:10]
-        return f"{value}: no {', '.join(missing)} in this folder (found: {found}); a KG folder needs train.txt, " \
-               "valid.txt and test.txt"
-    return None
+    from kgtok.data.graph import kg_dir_problem
+
+    problem = kg_dir_problem(value)
+    return f"{value}: {problem}" if problem else None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

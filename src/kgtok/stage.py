@@ -327,12 +327,10 @@ def _run_as_helper_process(stage: Stage, config: Any, inputs: dict[str, Path], d
 
 
 def check_kg_dir(data: str | Path) -> Path:
-    """``--data``: an existing directory holding a KG's splits (checked before any work starts)."""
-    path = Path(data)
-    if not path.exists():
-        raise FileNotFoundError(f"--data {path}: no such directory (expected a KG directory with train.txt, "
-                                "valid.txt, test.txt)")
-    if not path.is_dir():
-        raise NotADirectoryError(f"--data {path}: a file, not a KG directory (expected train.txt, valid.txt, "
-                                 "test.txt inside)")
-    return path
+    """``--data``: a KG directory (checked before any work starts)."""
+    from kgtok.data.graph import kg_dir_problem
+
+    problem = kg_dir_problem(data)
+    if problem:
+        raise ValueError(f"--data {data}: {problem}")
+    return Path(data)

@@ -328,21 +328,30 @@ def _read_types(
     return types, names_per_level
 
 
+def kg_dir_problem(path: str | Path) -> str | None:
+    """What keeps ``path`` from being a KG directory, in words (None when it is one).
+
+    The one check behind ``load_kg``, ``--data`` on the command line and the stage executor.
+    """
+    path = Path(path)
+    if not path.exists():
+        return "no such directory; expected a folder with train.txt, valid.txt, test.txt"
+    if not path.is_dir():
+        return "is a file, not a directory; expected a folder with train.txt, valid.txt, test.txt"
+    missing = [f"{s}.txt" for s in SPLITS if not (path / f"{s}.txt").is_file()]
+    if missing:
+        present = sorted(p.name for p in path.iterdir())[:20]
+        return (f"no {', '.join(missing)} in this folder (missing split file(s) {missing}; found: {present}); "
+                "a KG directory needs train.txt, valid.txt and test.txt")
+    return None
+
+
 def _kg_directory(path: str | Path) -> Path:
     """The resolved KG directory, checked to hold the three split files."""
     directory = Path(path).resolve()
-    if not directory.exists():
-        raise KGFormatError(directory, None, "no such directory; expected a folder with train.txt, valid.txt, test.txt")
-    if not directory.is_dir():
-        raise KGFormatError(directory, None, "is a file, not a directory; expected a folder with train.txt, "
-                            "valid.txt, test.txt")
-    missing = [f"{s}.txt" for s in SPLITS if not (directory / f"{s}.txt").exists()]
-    if missing:
-        present = sorted(p.name for p in directory.iterdir())[:20]
-        raise KGFormatError(
-            directory, None, f"missing split file(s) {missing}; a KG directory needs train.txt, valid.txt and "
-            f"test.txt (found: {present})",
-        )
+    problem = kg_dir_problem(directory)
+    if problem:
+        raise KGFormatError(directory, None, problem)
     return directory
 
 
