@@ -170,15 +170,18 @@ def load_entity_vectors(path: str | Path, entity_names: list[str]) -> Any:
     return vectors
 
 
-def read_manifest(artifact: str | Path) -> dict[str, Any] | None:
-    """The manifest of an artifact directory, or None when there is none (or it cannot be read)."""
-    path = Path(artifact) / MANIFEST
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content, or None when it is missing or cannot be read (torn, foreign)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError, NotADirectoryError):
-        return None  # a torn or foreign file: the artifact is not finished, so it is made again
+
+
+def read_manifest(artifact: str | Path) -> dict[str, Any] | None:
+    """The manifest of an artifact directory, or None when there is none or it is unreadable: then the
+    artifact is not finished, and is made again."""
+    return read_json(Path(artifact) / MANIFEST)
 
 
 def manifest_matches(

@@ -27,7 +27,6 @@ every stage and for both ``kgtok <stage>`` and ``kgtok run``:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import time
@@ -44,6 +43,7 @@ from kgtok.artifacts import (
     folder_lock,
     hash_inputs,
     manifest_matches,
+    read_json,
     read_manifest,
     timed,
     verify_files,
@@ -170,10 +170,6 @@ class StageResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
-    @property
-    def summary(self) -> dict[str, Any]:
-        return self.metrics
-
 
 def check_inputs(stage: Stage, config: Any, inputs: Mapping[str, str | Path | None]) -> dict[str, Path]:
     """The inputs the config needs, each checked to exist and (for artifacts) to be of the declared stage."""
@@ -195,7 +191,7 @@ def check_inputs(stage: Stage, config: Any, inputs: Mapping[str, str | Path | No
     return given
 
 
-def open_work(work: Path, record: dict[str, Any], config: Any, log: Callable[[str], None]) -> Path:
+def open_work(work: Path, record: dict[str, Any], config: Any) -> Path:
     """The stage's work folder, kept when its saved record allows a resume, else emptied (with a warning).
 
     The record is ``{stage, config, inputs}``; a resume is allowed when the
@@ -222,13 +218,6 @@ def open_work(work: Path, record: dict[str, Any], config: Any, log: Callable[[st
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(saved_path, record)
     return work
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
 
 
 def _dotted(data: Mapping[str, Any], key: str) -> Any:
@@ -292,7 +281,7 @@ def run_stage(
         clean_leftovers(dest.parent, dest.name)
         record = {"stage": stage.name, "config": config_to_dict(config), "inputs": hashes}
         ctx.log(format_config(config))
-        work = open_work(work_dir(dest), record, config, ctx.log)
+        work = open_work(work_dir(dest), record, config)
         stage_ctx = ctx.for_stage(work)
         with torch_threads(getattr(config, "threads", 0)):
             with artifact_dir(dest, stage=stage.name, config=config, inputs=hashes) as writer:
