@@ -34,7 +34,7 @@ def small_run(tmp_path_factory) -> RunConfig:
 
 def stage_call(config: RunConfig, name: str, dest: Path, **kwargs):
     return run_stage(STAGES[name], config.stage_config(name), dest, inputs=config.wired(name),
-                     ctx=Context(log=lambda *_: None, progress=False, kg_dir=Path(config.out) / "synthetic"), **kwargs)
+                     ctx=Context(log=lambda *_: None, progress=False, kg_dir=config.kg_dir()), **kwargs)
 
 
 def data_files(dest: Path) -> dict[str, str]:

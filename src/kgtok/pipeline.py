@@ -83,6 +83,10 @@ class RunConfig:
             config = dataclasses.replace(config, seed=self.seed)
         return config
 
+    def kg_dir(self) -> Path:
+        """The KG directory the stages read: ``data``, else the synthetic stage's artifact."""
+        return Path(self.data) if self.data is not None else Path(self.out) / "synthetic"
+
     def stages(self) -> tuple[str, ...]:
         """The stages this run has: the synthetic KG only when no KG directory is given."""
         return tuple(n for n in STAGE_ORDER if n != "synthetic" or self.data is None)
@@ -126,15 +130,12 @@ class RunLog:
 @contextmanager
 def _run_log(run_dir: Path, console: Callable[[str], None]) -> Iterator[RunLog]:
     log = RunLog(run_dir / "run.log", console)
-    before = warnings.showwarning
-    warnings.showwarning = log.warn  # type: ignore[assignment]
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # restores the filters and showwarning afterwards
             warnings.simplefilter("default")
             warnings.showwarning = log.warn  # type: ignore[assignment]
             yield log
     finally:
-        warnings.showwarning = before
         log.close()
 
 
@@ -153,8 +154,7 @@ def run(config: RunConfig, *, until: str | None = None, log: Callable[[str], Non
         write_json_atomic(run_dir / "run_config.json", config_to_dict(config))
         run_log.file(f"--- kgtok run {time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()}) ---")
         run_log.file(format_config(config))
-        kg_dir = Path(config.data) if config.data is not None else run_dir / "synthetic"
-        ctx = Context(log=run_log.file, progress=config.progress and sys.stderr.isatty(), kg_dir=kg_dir)
+        ctx = Context(log=run_log.file, progress=config.progress and sys.stderr.isatty(), kg_dir=config.kg_dir())
         for name in config.stages():
             stage = STAGES[name]
             result = run_stage(stage, config.stage_config(name), run_dir / name, inputs=config.wired(name), ctx=ctx)
@@ -198,13 +198,12 @@ def ablate(config: RunConfig, names: tuple[str, ...] = tuple(ABLATIONS), *,
         raise ValueError(f"unknown ablation(s) {unknown}; expected some of {sorted(ABLATIONS)}")
     run(config, log=log)
     run_dir = Path(config.out)
-    kg_dir = Path(config.data) if config.data is not None else run_dir / "synthetic"
     results = {"full": read_manifest(run_dir / "evaluate")["metrics"]}
     base = config_to_dict(config)
     for name in names:
         out = run_dir / "ablate" / name
         out.mkdir(parents=True, exist_ok=True)
-        variant = config_from_dict(RunConfig, _merge({**base, "out": str(out), "data": str(kg_dir)},
+        variant = config_from_dict(RunConfig, _merge({**base, "out": str(out), "data": str(config.kg_dir())},
                                                      parse_overrides(ABLATIONS[name])))
         for stage in ("data", "embed", "text", "hierarchy", "quantize"):  # shared until the first changed stage
             if config_to_dict(variant.stage_config(stage)) != config_to_dict(config.stage_config(stage)):
