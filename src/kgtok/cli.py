@@ -438,11 +438,14 @@ def data_subset(source: str, dest: str, entities: int, seed: int) -> None:
 @click.option("--model", default=None, help="Shortcut for model=...")
 @click.option("--dim", default=None, type=int, help="Shortcut for dim=...")
 @click.option("--progress/--no-progress", default=True)
+@click.option("--tune", "tune_budget", default=None, type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="First search dim, batch size, N3 weight and learning rate on validation MRR for this many "
+                   "seconds (Optuna); the chosen config is written beside the artifact (<out>.tune.yaml) and trained.")
 @click.argument("overrides", nargs=-1)
 @_force_option
 @_friendly_errors
 def embed_command(data: str, out: str | None, config_path: str | None, model: str | None, dim: int | None,
-                  progress: bool, force: bool, overrides: tuple[str, ...]) -> None:
+                  progress: bool, tune_budget: float | None, force: bool, overrides: tuple[str, ...]) -> None:
     """Train KG embeddings on DATA, rank filtered, export candidates (stage 1).
 
     OVERRIDES are dotted key=value pairs, e.g. max_steps=5000 regularizer_weight=0.1.
@@ -450,7 +453,28 @@ def embed_command(data: str, out: str | None, config_path: str | None, model: st
     """
     extra = list(overrides) + ([f"model={model}"] if model else []) + ([f"dim={dim}"] if dim else [])
     dest = Path(out) if out else Path("runs") / f"embed-{Path(data).resolve().name}"
+    if tune_budget is not None:
+        config_path, extra = str(_tune_embed(data, config_path, extra, dest, tune_budget)), []
     _stage_command("embed", config_path, extra, dest, data=data, progress=progress, force=force)
+
+
+def _tune_embed(data: str, config_path: str | None, overrides: list[str], dest: Path, budget: float) -> Path:
+    """Run the search; write ``<dest>.tune.yaml`` (the chosen EmbedConfig) and ``<dest>.tune.json`` (trials)."""
+    from kgtok.artifacts import write_json_atomic, write_text_atomic
+    from kgtok.config import format_config, load_config
+    from kgtok.data import load_kg
+    from kgtok.embed.config import EmbedConfig
+    from kgtok.embed.tune import TuneConfig, tune
+
+    base = load_config(EmbedConfig, config_path, overrides)
+    result = tune(load_kg(data), base, TuneConfig(budget=budget, seed=base.seed), log=click.echo)
+    chosen = dest.parent / f"{dest.name}.tune.yaml"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(chosen, format_config(result.chosen))
+    write_json_atomic(dest.parent / f"{dest.name}.tune.json", result.record())
+    click.echo(f"tune: chose valid MRR {result.chosen_valid_mrr:.4f} (given config {result.given_valid_mrr:.4f}) "
+               f"from {len(result.trials)} trials in {result.seconds:.0f} s -> {chosen}")
+    return chosen
 
 
 # ----------------------------------------------------------------------------

@@ -230,12 +230,15 @@ def train_model(
     *,
     progress: bool = True,
     stop_after: int | None = None,
+    on_validate: Callable[[TrainingState], bool] | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[KGEModel, TrainingState]:
     """Train with early stopping; returns the model holding the best weights.
 
     ``work_dir`` keeps ``last.pt`` (resumable) and ``best.pt``.  ``stop_after``
     ends the process's work after that many steps, as a kill would (tests).
+    ``on_validate(state)`` is called after each validation; True ends training
+    there (the tuner's pruning and time budget).
     The model is returned on ``config.device`` (:func:`kgtok.runtime.resolve_device`);
     batch orders and negatives are drawn on the CPU, so only the arithmetic moves.
     """
@@ -292,6 +295,8 @@ def train_model(
                        f"valid MRR {state.history[-1]['valid_mrr']:.4f}  "
                        f"(best {state.best_mrr:.4f} at step {state.best_step})")
             (tqdm.write if progress else log)(message)
+            if on_validate is not None and on_validate(state):
+                break
         elif state.step % config.checkpoint_every == 0:
             save_checkpoint(last_path, model, optimizer, state)
         bar.set_postfix(loss=f"{state.last_loss:.4f}", valid_mrr=f"{max(state.best_mrr, 0):.4f}")

@@ -1,0 +1,72 @@
+"""`kgtok embed --tune`: the search starts from the given config, chooses on validation, writes its choice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from kgtok.cli import cli
+from kgtok.data import load_kg
+from kgtok.data.synthetic import SyntheticConfig, write_synthetic
+from kgtok.embed import EmbedConfig
+from kgtok.embed.train import train_model
+from kgtok.embed.tune import TuneConfig, trial_config, tune
+
+pytest.importorskip("optuna")
+
+
+@pytest.fixture(scope="module")
+def kg_dir(tmp_path_factory) -> Path:
+    return write_synthetic(SyntheticConfig(num_entities=200, seed=2), tmp_path_factory.mktemp("kg") / "synthetic")
+
+
+def quiet(*_):
+    pass
+
+
+def test_on_validate_true_ends_training_at_that_validation(kg_dir, tmp_path):
+    kg = load_kg(kg_dir)
+    config = EmbedConfig(dim=8, batch_size=256, max_steps=100, eval_every=10, threads=1)
+    calls = []
+    _, state = train_model(kg, config, tmp_path, progress=False, log=quiet,
+                           on_validate=lambda s: calls.append(s.step) or len(calls) == 2)
+    assert calls == [10, 20] and state.step == 20 and len(state.history) == 2
+
+
+def test_trial_schedule_validates_once_per_epoch(kg_dir):
+    kg = load_kg(kg_dir)
+    params = {"dim": 50, "batch_size": 100, "regularizer_weight": 0.01, "lr": 0.1}
+    config = trial_config(EmbedConfig(model="rotate"), params, kg, TuneConfig(trial_epochs=5, patience=2))
+    epoch = -(-2 * len(kg.train) // 100)
+    assert (config.model, config.resolved_loss, config.eval_every, config.max_steps, config.patience) == (
+        "complex", "1vsall", epoch, 5 * epoch, 2)
+
+
+def test_tune_tries_the_given_config_first_and_never_chooses_worse(kg_dir):
+    kg = load_kg(kg_dir)
+    base = EmbedConfig(dim=50, batch_size=250, regularizer_weight=0.01, lr=0.1, threads=1, seed=3)
+    result = tune(kg, base, TuneConfig(budget=600, trial_epochs=4, max_trials=3), log=quiet)
+    first = result.trials[0]
+    assert (first["dim"], first["batch_size"], first["regularizer_weight"], first["lr"]) == (50, 250, 0.01, 0.1)
+    assert len(result.trials) == 3
+    finished = [t["valid_mrr"] for t in result.trials if t["state"] == "complete"]
+    assert result.chosen_valid_mrr == max(finished) >= result.given_valid_mrr == first["valid_mrr"]
+    # Only the searched fields change; the rest of the given config is kept.
+    assert result.chosen.seed == 3 and result.chosen.threads == 1 and result.chosen.dim in (50, 100, 200, 400)
+
+
+def test_cli_tune_writes_the_chosen_config_and_trains_it(kg_dir, tmp_path):
+    out = tmp_path / "embed"
+    result = CliRunner().invoke(cli, ["embed", "--data", str(kg_dir), "--out", str(out), "--tune", "1",
+                                      "--no-progress", "threads=1", "max_steps=30", "eval_every=10", "top_k=5"])
+    assert result.exit_code == 0, result.output
+    chosen = yaml.safe_load((tmp_path / "embed.tune.yaml").read_text())
+    record = json.loads((tmp_path / "embed.tune.json").read_text())
+    assert record["chosen"] == chosen and record["chosen_on"].startswith("valid")
+    assert (chosen["max_steps"], chosen["eval_every"]) == (30, 10)  # the user's schedule stays for the final run
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["dim"] == chosen["dim"] and manifest["config"]["lr"] == chosen["lr"]
