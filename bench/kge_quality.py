@@ -2,6 +2,7 @@
 
     python bench/kge_quality.py --dataset wn18rr [--config embed_wn18rr] [key=value ...]
     python bench/kge_quality.py --dataset wn18rr --artifact runs/wn18rr/embed   # a finished stage-1 artifact
+    python bench/kge_quality.py --dataset wn18rr --fresh --result kge_timed   # one timed run from scratch
 
 Writes bench/results/kge_<dataset>.json (and .md) and keeps the artifact under
 runs/bench/embed-<dataset> (its candidates feed stage 5).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -33,12 +35,22 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--artifact", default=None,
                         help="report this finished stage-1 artifact (e.g. a kgtok run's embed/) instead of training")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete the artifact and its work folder first: a timed run from scratch")
+    parser.add_argument("--result", default=None, help="result name (default kge_<dataset>), e.g. kge_timed")
+    parser.add_argument("--note", default="", help="recorded with the result (e.g. the machine's load)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     data = Path(args.data) if args.data else DATA / args.dataset
     config = load_config(EmbedConfig, args.config or f"embed_{args.dataset}", args.overrides)
     out = Path(args.out) if args.out else Path("runs/bench") / f"embed-{args.dataset}"
     warnings.simplefilter("ignore")
+    if args.fresh and not args.artifact:
+        import shutil
+
+        for path in (out, out.with_name(out.name + ".work")):
+            shutil.rmtree(path, ignore_errors=True)
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     if args.artifact:  # its own config, not the preset's: the record says what was measured
         dest = Path(args.artifact)
@@ -56,12 +68,15 @@ def main() -> None:
         "seconds": round(seconds, 1) if seconds is not None else None, "artifact": str(dest), "train_seconds": round(manifest["timings"]["train"], 1),
         "evaluate_export_seconds": round(manifest["timings"]["evaluate"], 1),
         "steps": manifest["metrics"]["steps"], "best_step": manifest["metrics"]["best_step"],
+        "stopped_by": "max_steps" if manifest["metrics"]["steps"] >= config.max_steps else "patience",
+        "from_scratch": bool(args.fresh), "load_average_1m": [load_before, os.getloadavg()[0]], "note": args.note,
         "head": metrics["test"]["head"], "tail": metrics["test"]["tail"],
         "history": metrics["history"], "config": config_to_dict(config),
         "command": command(), "machine": machine(),
     }
-    path = write_result(f"kge_{args.dataset}", args.dataset, record,
-                        ["model", "dim", "mrr", "hits_at_1", "hits_at_3", "hits_at_10", "seconds", "best_step"])
+    path = write_result(args.result or f"kge_{args.dataset}", args.dataset, record,
+                        ["model", "dim", "mrr", "hits_at_1", "hits_at_3", "hits_at_10", "seconds", "best_step",
+                         "stopped_by"])
     print(f"{args.dataset}: test MRR {test['mrr']:.4f} -> {path}")
 
 
