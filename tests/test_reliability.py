@@ -219,6 +219,21 @@ def test_cli_bad_arguments(cli_folder, case, args, phrase):
     assert "# RunConfig" not in result.output  # refused before the config dump
 
 
+def test_evaluate_model_that_is_no_model_folder(cli_folder):
+    """--model pointing at a folder that is neither a stage-5b artifact nor a HF model: one line naming the flag."""
+    instructions = cli_folder / "inst"
+    instructions.mkdir()
+    (instructions / "manifest.json").write_text('{"stage": "instruct", "files": {}}')
+    (instructions / "test.jsonl").write_text('{"prompt": "(a, likes, ?)", "answer": "b"}\n')
+    model = cli_folder / "not-a-model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"\0")
+    result = invoke("evaluate", "--model", model, "--instructions", instructions, "--out", cli_folder / "ev",
+                    "--no-progress")
+    assert_one_line_error(result, f"--model {model}: neither a stage-5b (finetune) artifact")
+    assert "Hugging Face model folder (no config.json)" in result.output
+
+
 def test_out_under_a_file_names_the_cause(cli_folder):
     result = invoke("run", "--data", cli_folder / "kg", "--out", cli_folder / "afile" / "run", "--until", "data",
                     "progress=false")
