@@ -163,6 +163,10 @@ def test_stage_commands_take_the_loading_options(tmp_path):
     assert result.exit_code == 0, result.output
     assert "embed: ran" in result.output
     assert "embed: cached" in invoke(*args, "--skip-header", "--strip-whitespace").output
+    for command in (["text"], ["hierarchy"], ["quantize"], ["instruct"], ["evaluate"], ["embed-import"],
+                    ["dift", "export"], ["dift", "import"]):  # every command that reads a KG
+        shown = invoke(*command, "--help").output
+        assert "--skip-header" in shown and "--strip-whitespace" in shown, command
 
 
 # ----------------------------------------------------------------------------

@@ -522,10 +522,12 @@ def text_command(data: str, out: str | None, config_path: str | None, progress: 
 @click.option("--entity-type", default="all", show_default=True, help="pbg: the entity type to read.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact directory to write.")
 @click.argument("overrides", nargs=-1)
+@_load_options
 @_friendly_errors
 def embed_import_command(data: str, source_format: str, entity_vectors: str | None, entity_order: str | None,
                          relation_vectors: str | None, relation_order: str | None, checkpoint: str | None,
-                         entity_path: str | None, entity_type: str, out: str, overrides: tuple[str, ...]) -> None:
+                         entity_path: str | None, entity_type: str, out: str, overrides: tuple[str, ...],
+                         load: DataConfig) -> None:
     """Turn embeddings trained elsewhere into a stage-1 artifact (e.g. model=rotate margin=6).
 
     Graphs too large for one machine train with PyTorch-BigGraph (--format pbg) or DGL-KE (--format dglke).
@@ -540,15 +542,16 @@ def embed_import_command(data: str, source_format: str, entity_vectors: str | No
     missing = [flag for flag, value in needed.items() if value is None]
     if missing:
         raise click.UsageError(f"--format {source_format} needs {' and '.join(missing)}")
+    kg = load.load(data)
     if source_format == "npy":
-        import_embeddings(data, entity_vectors, entity_order, out, relation_vectors=relation_vectors,
+        import_embeddings(kg, entity_vectors, entity_order, out, relation_vectors=relation_vectors,
                           relation_order=relation_order, config=config, log=click.echo)
         return
     from kgtok.embed.formats import read_dglke, read_pbg
 
     foreign = (read_pbg(checkpoint, entity_path, entity_type=entity_type) if source_format == "pbg"
                else read_dglke(checkpoint, entity_path))
-    import_foreign(data, foreign, out, config=config, log=click.echo)
+    import_foreign(kg, foreign, out, config=config, log=click.echo)
 
 
 @cli.group("dift")
@@ -561,12 +564,13 @@ def dift_group() -> None:
 @click.option("--embeddings", required=True, type=click.Path(file_okay=False), help="Stage-1 artifact.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for {split}.json.")
 @click.option("--splits", default="valid,test", show_default=True, help="Comma-separated candidate splits.")
+@_load_options
 @_friendly_errors
-def dift_export(data: str, embeddings: str, out: str, splits: str) -> None:
+def dift_export(data: str, embeddings: str, out: str, splits: str, load: DataConfig) -> None:
     """Write stage 1's candidates as DIFT's per-split JSON lists (its data_construct.py layout)."""
     from kgtok.embed.dift import write_dift
 
-    for path in write_dift(embeddings, data, out, splits=tuple(splits.split(","))):
+    for path in write_dift(embeddings, load.load(data), out, splits=tuple(splits.split(","))):
         click.echo(f"-> {path}")
 
 
@@ -576,13 +580,14 @@ def dift_export(data: str, embeddings: str, out: str, splits: str) -> None:
               help="Folder of DIFT's train.json, valid.json, test.json.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Stage-1 artifact to write.")
 @click.argument("overrides", nargs=-1)
+@_load_options
 @_friendly_errors
-def dift_import(data: str, dift_dir: str, out: str, overrides: tuple[str, ...]) -> None:
+def dift_import(data: str, dift_dir: str, out: str, overrides: tuple[str, ...], load: DataConfig) -> None:
     """Read DIFT's candidate lists into a stage-1 artifact (candidates only) for `kgtok instruct --embeddings`."""
     from kgtok.config import load_config
     from kgtok.embed.dift import DiftImportConfig, import_dift
 
-    import_dift(data, dift_dir, out, config=load_config(DiftImportConfig, None, overrides), log=click.echo)
+    import_dift(load.load(data), dift_dir, out, config=load_config(DiftImportConfig, None, overrides), log=click.echo)
 
 
 # ----------------------------------------------------------------------------
