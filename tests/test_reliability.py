@@ -155,7 +155,7 @@ def test_loading_options_reach_every_stage_through_kgtok_run(tmp_path):
 
 def test_stage_commands_take_the_loading_options(tmp_path):
     kg = write_kg(tmp_path / "kg", {"train.txt": ["head\trelation\ttail", *lines(TRAIN)],
-                                    "valid.txt": [*lines(VALID), " b\tlikes\tc"]})
+                                    "valid.txt": [*lines(VALID), " b\thates\ta"]})
     args = ["embed", "--data", kg, "--out", tmp_path / "embed", "--no-progress", "dim=4", "max_steps=4",
             "eval_every=2", "threads=1", "top_k=2"]
     assert_one_line_error(invoke(*args, "--skip-header"), "--strip-whitespace in kgtok data info and the stage")
