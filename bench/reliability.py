@@ -16,7 +16,11 @@ from its exit status and output:
 
 The full-disk and read-only cases mount small tmpfs folders, so they need
 root; elsewhere they are skipped (counted under ``skipped``), except that a
-chmod 555 folder stands in for the read-only file system.
+chmod 555 folder stands in for the read-only file system.  Three cases
+prepare a state first (:class:`Prepared`): a run still holding its output
+folder when a second starts on it, the lock a killed run left behind, and a
+finished small run whose ``quantize/codes.npy`` was emptied (its rerun must
+say so and compute the stage again, not report it cached).
 
 Writes bench/results/reliability.json (integer counts) and reliability.md
 (one row per case).  ``--baseline SRC`` replays the same cases against
@@ -29,10 +33,13 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,6 +54,14 @@ TEST = ["c\tlikes\td", "d\thates\tb"]
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """What a case's setup leaves: values for the placeholders of its phrase (``{pid}``), and how to undo it."""
+
+    fill: dict[str, str] = field(default_factory=dict)
+    cleanup: Callable[[], None] = lambda: None
+
+
+@dataclass(frozen=True)
 class Case:
     """One bad input or fault: the kgtok arguments and what a person must be told.
 
@@ -58,6 +73,8 @@ class Case:
     expect: str  # "error" or "warning"
     phrase: str
     needs: str | None = None  # "full" or "readonly": a folder the case writes into
+    setup: Callable[[Path, dict[str, str]], Prepared] | None = None  # the state the case starts from
+    absent: str | None = None  # said on a good exit, the answer is silently wrong (e.g. "quantize: cached")
 
 
 def kg_case(name: str, expect: str, phrase: str, *extra: str) -> Case:
@@ -127,6 +144,76 @@ CASES = [
 ]
 
 
+KGTOK = (sys.executable, "-m", "kgtok")
+# A small run up to stage 4 (about 30 s on one core); its quantize/codes.npy is emptied for the stale-artifact case.
+SMALL_RUN = ("run", "--out", "{w}/small", "--until", "quantize", "progress=false", "synthetic.num_entities=200",
+             "embed.dim=16", "embed.max_steps=40", "embed.eval_every=20", "embed.threads=1", "embed.top_k=5",
+             "text.mode=joint", "text.threads=1", "hierarchy.levels=3", "hierarchy.threads=1", "quantize.levels=3",
+             "quantize.codebook_size=16", "quantize.code_dim=16", "quantize.encoder_hidden=[32]",
+             "quantize.epochs=2", "quantize.threads=1")
+# A run that holds its folder for long: stage 1 on the tiny good KG with no end in sight.
+ENDLESS_RUN = ("run", "--data", "{w}/good", "--out", "{w}/{name}", "progress=false", "embed.max_steps=100000000",
+               "embed.eval_every=100000000", "embed.threads=1")
+
+
+def _start_holding(work: Path, env: dict[str, str], name: str) -> subprocess.Popen:
+    """Start ENDLESS_RUN on ``{w}/name`` and return once it holds ``{w}/name.lock`` (or after a minute without
+    one: a kgtok without locks, replayed by --baseline, is judged on what it then does)."""
+    args = [a.replace("{w}", str(work)).replace("{name}", name) for a in ENDLESS_RUN]
+    first = subprocess.Popen([*KGTOK, *args], env=env, cwd=work, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    lock, deadline = work / f"{name}.lock", time.monotonic() + 60
+    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return first
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def busy_folder(work: Path, env: dict[str, str]) -> Prepared:
+    """A first run still working on ``{w}/busy`` when the case starts a second run there."""
+    first = _start_holding(work, env, "busy")
+    return Prepared({"pid": str(first.pid)}, lambda: _stop(first))
+
+
+def killed_run(work: Path, env: dict[str, str]) -> Prepared:
+    """The lock of a run killed (SIGKILL) while it held ``{w}/stale``: its process is gone, its lock stays."""
+    first = _start_holding(work, env, "stale")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    return Prepared({"pid": str(first.pid)})
+
+
+def emptied_artifact(work: Path, env: dict[str, str]) -> Prepared:
+    """A finished small run whose stage-4 codes file was then emptied (a full disk, a careless ``: >``)."""
+    subprocess.run([*KGTOK, *(a.replace("{w}", str(work)) for a in SMALL_RUN)], env=env, cwd=work,
+                   capture_output=True, timeout=900)
+    codes = work / "small" / "quantize" / "codes.npy"
+    if codes.exists():  # else the run failed: the case's own run then shows why
+        codes.write_bytes(b"")
+    return Prepared()
+
+
+CASES += [
+    Case("second run on a busy --out", ("run", "--data", "{w}/good", "--out", "{w}/busy", "--until", "data",
+                                        "progress=false"), "error",
+         "{w}/busy is in use by another kgtok process (pid {pid}", setup=busy_folder),
+    Case("stale lock of a killed run", ("run", "--data", "{w}/good", "--out", "{w}/stale", "--until", "data",
+                                        "progress=false"), "warning",
+         "{w}/stale.lock: taking over the lock of process {pid}, which no longer runs", setup=killed_run),
+    Case("emptied artifact file", SMALL_RUN, "warning",
+         "{w}/small/quantize: codes.npy changed since the artifact was written", setup=emptied_artifact,
+         absent="quantize: cached"),
+]
+
+
 def prepare(work: Path) -> None:
     """The good and bad KG folders, an empty folder, a file, two configs."""
     for name, files in KG_FILES.items():
@@ -179,6 +266,8 @@ def judge(case: Case, returncode: int, output: str) -> str:
     if "Traceback (most recent call last)" in output:
         return "traceback"
     said = case.phrase in output
+    if returncode == 0 and case.absent is not None and case.absent in output:
+        return "silent_wrong"
     if case.expect == "warning":
         return "clear" if returncode == 0 and said else ("silent_wrong" if returncode == 0 else "unclear")
     if returncode == 0:
@@ -203,15 +292,21 @@ def replay(src: Path) -> list[dict[str, object]]:
                     rows.append({"case": case.name, "outcome": "skipped", "message": "needs root to mount a tmpfs"})
                     continue
                 args = [a.replace("{w}", str(work)) for a in case.args]
-                filled = Case(case.name, tuple(args), case.expect, case.phrase.replace("{w}", str(work)))
-                done = subprocess.run([sys.executable, "-m", "kgtok", *args], capture_output=True, text=True,
-                                      env=env, cwd=work, timeout=300)
+                prepared = case.setup(work, env) if case.setup else Prepared()
+                try:
+                    done = subprocess.run([*KGTOK, *args], capture_output=True, text=True, env=env, cwd=work,
+                                          timeout=300)
+                finally:
+                    prepared.cleanup()
+                fill = {"w": str(work), **prepared.fill}
+                filled = Case(case.name, tuple(args), case.expect, _filled(case.phrase, fill), absent=case.absent)
                 output = done.stdout + done.stderr
                 outcome = judge(filled, done.returncode, output)
                 message = _shown_line(output, filled.phrase)
+                for key, value in fill.items():  # the table shows placeholders, not this replay's folder and pids
+                    message = message.replace(value, "{" + key + "}")
                 rows.append({"case": case.name, "command": "kgtok " + " ".join(case.args), "expect": case.expect,
-                             "outcome": outcome, "returncode": done.returncode,
-                             "message": message.replace(str(work), "{w}")[:200]})
+                             "outcome": outcome, "returncode": done.returncode, "message": message[:200]})
                 print(f"{outcome:>12}  {case.name}: {rows[-1]['message']}", flush=True)
                 if case.needs:
                     _unmount(work / case.needs, mounted)
@@ -221,6 +316,12 @@ def replay(src: Path) -> list[dict[str, object]]:
             for folder in list(mounted):
                 _unmount(folder, mounted)
     return rows
+
+
+def _filled(text: str, fill: dict[str, str]) -> str:
+    for key, value in fill.items():
+        text = text.replace("{" + key + "}", value)
+    return text
 
 
 def _shown_line(output: str, phrase: str) -> str:

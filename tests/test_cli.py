@@ -6,6 +6,7 @@ import dataclasses
 import json
 import shutil
 
+import numpy as np
 import pytest
 import subprocess
 import sys
@@ -222,3 +223,43 @@ def test_report_code_tree_lists_the_largest_prefixes_with_members():
     # Level 1: <a_0> holds 3 entities (the largest); level 2 under it: <a_0><b_1> holds dog and cat.
     assert tree == ("<ul><li><code>&lt;a_0&gt;</code> (3): dog, cat, owl<ul><li><code>&lt;a_0&gt;&lt;b_1&gt;</code> "
                     "(2): dog, cat</li></ul></li></ul>")
+
+
+def test_run_takes_the_users_classes_and_negatives_files(tmp_path):
+    """classes=FILE feeds ReaLM's class prefix (and the class constraint), negatives=FILE the classification test."""
+    from kgtok.data import load_kg
+
+    config = RunConfig(out=str(tmp_path / "run"), synthetic=SyntheticConfig(num_entities=300), **FAST)
+    run(config, until="data", log=lambda *_: None)
+    kg = load_kg(tmp_path / "run" / "synthetic")
+    classes = tmp_path / "classes.tsv"
+    classes.write_text("".join(f"{name}\t{'odd' if i % 2 else 'even'}\n" for i, name in enumerate(kg.entity_names)))
+    missing = invoke("run", "--out", str(tmp_path / "run"), f"classes={tmp_path / 'nowhere.tsv'}",
+                     "instruct.class_prefix=true")
+    assert missing.exit_code == 2 and f"classes={tmp_path / 'nowhere.tsv'}: no such file" in missing.output
+    prefixed = dataclasses.replace(config, classes=str(classes),
+                                   instruct=dataclasses.replace(FAST["instruct"], class_prefix=True))
+    assert prefixed.wired("instruct")["classes"] == prefixed.wired("evaluate")["classes"] == classes
+    run(prefixed, until="instruct", log=lambda *_: None)
+    records = [json.loads(line) for split in ("lm_train", "test")
+               for line in (tmp_path / "run" / "instruct" / f"{split}.jsonl").read_text().splitlines()]
+    assert records and all(r["gold_class"] == r["gold"] % 2 for r in records)  # even: class 0, odd: class 1
+    assert all(r["answer"].startswith(f"<cls_{r['gold'] % 2}> ") for r in records)
+    # Without the file, class_prefix keeps its fallback: the hierarchy's level-1 clusters.
+    fallback = dataclasses.replace(prefixed, classes=None)
+    assert fallback.wired("instruct")["classes"] == tmp_path / "run" / "hierarchy"
+
+    rng = np.random.default_rng(0)
+    known = {tuple(t) for t in kg.all_triples.tolist()}
+    given = [(h, r, int(t)) for h, r, _ in kg.test.numpy()[:6].tolist()
+             for t in rng.permutation(kg.num_entities)[:1] if (h, r, int(t)) not in known]
+    negatives = tmp_path / "negatives.tsv"
+    negatives.write_text("".join(f"{kg.entity_names[h]}\t{kg.relation_names[r]}\t{kg.entity_names[t]}\n"
+                                 for h, r, t in given))
+    classification = dataclasses.replace(config, negatives=str(negatives),
+                                         instruct=dataclasses.replace(FAST["instruct"], task="classification"))
+    results = run(classification, until="instruct", log=lambda *_: None)
+    assert [r.status for r in results][-2:] == ["cached", "ran"]
+    test = [json.loads(line) for line in (tmp_path / "run" / "instruct" / "test.jsonl").read_text().splitlines()]
+    named = {(kg.entity_names[h], kg.relation_names[r], kg.entity_names[t]) for h, r, t in given}
+    assert sorted(tuple(r["triple"]) for r in test if not r["label"]) == sorted(named)

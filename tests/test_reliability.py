@@ -10,6 +10,7 @@ directory (a read-only tmpfs as root, chmod 555 otherwise) and a full disk
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -123,6 +124,51 @@ def test_kg_is_loaded_once_per_run_and_each_data_warning_shown_once(tmp_path, mo
     assert len(loads) == 1 and len(shown) == 1 and "'zebra'" in shown[0]
 
 
+def test_loading_options_reach_every_stage_through_kgtok_run(tmp_path):
+    """load.skip_header / load.strip_whitespace: the run's one KG load uses them, and they count in the cache
+    record of every stage that reads the KG (a rerun with other options is no cache hit)."""
+    from kgtok.data.stage import DataConfig
+    from kgtok.embed import EmbedConfig
+    from kgtok.pipeline import RunConfig, run
+
+    kg = write_kg(tmp_path / "kg", {"train.txt": ["head\trelation\ttail", *lines(TRAIN)],
+                                    "test.txt": [*lines(TEST), "a\tlikes\tc "]})
+    config = RunConfig(data=str(kg), out=str(tmp_path / "run"), progress=False,
+                       embed=EmbedConfig(dim=4, max_steps=4, eval_every=2, threads=1, top_k=2))
+    with pytest.raises(KGFormatError, match="load.skip_header=true in kgtok run"):
+        run(config, until="embed", log=lambda *_: None)
+    both = dataclasses.replace(config, load=DataConfig(skip_header=True, strip_whitespace=True))
+    assert both.stage_config("data") == both.load
+    logs: list[str] = []
+    results = run(both, until="embed", log=logs.append)
+    assert [r.status for r in results] == ["ran", "ran"]
+    assert results[0].metrics["train"] == len(TRAIN) and results[0].metrics["entities"] == 4
+    assert any("HeaderLineWarning" in line for line in logs) and any("WhitespaceWarning" in line for line in logs)
+    assert [r.status for r in run(both, until="embed", log=logs.append)] == ["cached", "cached"]
+    # A KG that needs neither option: turning one on changes the record, so the stages run again.
+    clean = write_kg(tmp_path / "clean", {})
+    plain = dataclasses.replace(config, data=str(clean), out=str(tmp_path / "clean-run"))
+    assert [r.status for r in run(plain, until="embed", log=logs.append)] == ["ran", "ran"]
+    stripped = dataclasses.replace(plain, load=DataConfig(strip_whitespace=True))
+    assert [r.status for r in run(stripped, until="embed", log=logs.append)] == ["ran", "ran"]
+
+
+def test_stage_commands_take_the_loading_options(tmp_path):
+    kg = write_kg(tmp_path / "kg", {"train.txt": ["head\trelation\ttail", *lines(TRAIN)],
+                                    "valid.txt": [*lines(VALID), " b\thates\ta"]})
+    args = ["embed", "--data", kg, "--out", tmp_path / "embed", "--no-progress", "dim=4", "max_steps=4",
+            "eval_every=2", "threads=1", "top_k=2"]
+    assert_one_line_error(invoke(*args, "--skip-header"), "--strip-whitespace in kgtok data info and the stage")
+    result = invoke(*args, "--skip-header", "--strip-whitespace")
+    assert result.exit_code == 0, result.output
+    assert "embed: ran" in result.output
+    assert "embed: cached" in invoke(*args, "--skip-header", "--strip-whitespace").output
+    for command in (["text"], ["hierarchy"], ["quantize"], ["instruct"], ["evaluate"], ["embed-import"],
+                    ["dift", "export"], ["dift", "import"]):  # every command that reads a KG
+        shown = invoke(*command, "--help").output
+        assert "--skip-header" in shown and "--strip-whitespace" in shown, command
+
+
 # ----------------------------------------------------------------------------
 # The CLI: bad arguments, named before any work or config dump
 # ----------------------------------------------------------------------------
@@ -175,6 +221,21 @@ def test_cli_bad_arguments(cli_folder, case, args, phrase):
     result = invoke(*map(fill, args))
     assert_one_line_error(result, fill(phrase))
     assert "# RunConfig" not in result.output  # refused before the config dump
+
+
+def test_evaluate_model_that_is_no_model_folder(cli_folder):
+    """--model pointing at a folder that is neither a stage-5b artifact nor a HF model: one line naming the flag."""
+    instructions = cli_folder / "inst"
+    instructions.mkdir()
+    (instructions / "manifest.json").write_text('{"stage": "instruct", "files": {}}')
+    (instructions / "test.jsonl").write_text('{"prompt": "(a, likes, ?)", "answer": "b"}\n')
+    model = cli_folder / "not-a-model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"\0")
+    result = invoke("evaluate", "--model", model, "--instructions", instructions, "--out", cli_folder / "ev",
+                    "--no-progress")
+    assert_one_line_error(result, f"--model {model}: neither a stage-5b (finetune) artifact")
+    assert "Hugging Face model folder (no config.json)" in result.output
 
 
 def test_out_under_a_file_names_the_cause(cli_folder):

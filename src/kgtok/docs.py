@@ -21,6 +21,7 @@ BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 
 
 def _sections() -> list[tuple[str, type]]:
+    from kgtok.data.stage import DataConfig
     from kgtok.data.synthetic import SyntheticConfig
     from kgtok.embed.config import EmbedConfig
     from kgtok.hierarchy.config import HierarchyConfig
@@ -31,7 +32,8 @@ def _sections() -> list[tuple[str, type]]:
     from kgtok.quantize.config import QuantizeConfig
     from kgtok.text.config import TextConfig
 
-    return [("run (`kgtok run`)", RunConfig), ("synthetic", SyntheticConfig), ("embed (stage 1)", EmbedConfig),
+    return [("run (`kgtok run`)", RunConfig), ("synthetic", SyntheticConfig),
+            ("load (stage 0: loading the KG)", DataConfig), ("embed (stage 1)", EmbedConfig),
             ("text (stage 2)", TextConfig), ("hierarchy (stage 3)", HierarchyConfig),
             ("quantize (stage 4)", QuantizeConfig), ("instruct (stage 5a)", InstructConfig),
             ("finetune (stage 5b)", FinetuneConfig), ("evaluate (stage 5c)", EvaluateConfig)]

@@ -50,6 +50,7 @@ class RunConfig:
     """Configuration of a whole run (``kgtok run``)."""
 
     data: str | None = None  # KG directory; None generates the bundled synthetic KG (offline demo)
+    load: DataConfig = field(default_factory=DataConfig)  # stage 0: how the KG is loaded (header line, whitespace)
     out: str = "runs/default"  # run directory: one artifact subdirectory per stage, and run.log
     seed: int | None = None  # when set, replaces the seed of every stage (and of the synthetic KG)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # used only when data is None
@@ -68,17 +69,24 @@ class RunConfig:
     finetune: FinetuneConfig = field(  # stage 5b (tiny backbone by default): here epochs 2
         default_factory=lambda: FinetuneConfig(epochs=2))
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)  # stage 5c
+    # Files of the user, in place of what the run makes (kgtok instruct --classes, --negatives):
+    classes: str | None = None  # entity<TAB>class file (class_prefix, class_constraint); None: hierarchy level 1
+    negatives: str | None = None  # head<TAB>relation<TAB>tail test negatives (classification); None: corrupted
     progress: bool = True  # progress bars of the long stages (drawn only on a terminal)
 
     def __post_init__(self) -> None:
         check_fields(self, [
             ("out", lambda v: bool(str(v).strip()), "a non-empty directory path"),
             ("seed", lambda v: v is None or v >= 0, "null or a non-negative integer"),
+            ("classes", lambda v: v is None or self.instruct.class_prefix or self.evaluate.class_constraint,
+             "null unless instruct.class_prefix or evaluate.class_constraint is true (nothing else reads it)"),
+            ("negatives", lambda v: v is None or self.instruct.task == "classification",
+             "null unless instruct.task is classification (nothing else reads it)"),
         ])
 
     def stage_config(self, name: str) -> Any:
         """The config of stage ``name`` in this run (with ``seed`` applied when it is set)."""
-        config = DataConfig() if name == "data" else getattr(self, name)
+        config = self.load if name == "data" else getattr(self, name)
         if self.seed is not None and any(f.name == "seed" for f in dataclasses.fields(config)):
             config = dataclasses.replace(config, seed=self.seed)
         return config
@@ -87,17 +95,28 @@ class RunConfig:
         """The KG directory the stages read: ``data``, else the synthetic stage's artifact."""
         return Path(self.data) if self.data is not None else Path(self.out) / "synthetic"
 
+    def check_files(self) -> None:
+        """The user's files (``classes``, ``negatives``) exist: checked before any stage runs."""
+        for name in ("classes", "negatives"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).exists():
+                raise FileNotFoundError(f"{name}={value}: no such file (the run config's {name} field)")
+
     def stages(self) -> tuple[str, ...]:
         """The stages this run has: the synthetic KG only when no KG directory is given."""
         return tuple(n for n in STAGE_ORDER if n != "synthetic" or self.data is None)
 
     def wired(self, name: str) -> dict[str, Path]:
-        """Stage ``name``'s inputs: each declared input wired to ``<out>/<stage that makes it>``."""
+        """Stage ``name``'s inputs: each declared input wired to ``<out>/<stage that makes it>``, or to the
+        user's file of the same name (``classes``, ``negatives``) when the run config gives one."""
         out = Path(self.out)
         unused = {("instruct", "codes"), ("finetune", "codes")} if not self.instruct.use_codes else set()
         unused |= {("instruct", "classes")} if not self.instruct.class_prefix else set()
-        return {i.name: out / i.stage for i in STAGES[name].inputs
-                if i.stage is not None and i.stage in self.stages() and (name, i.name) not in unused}
+        files = {key: Path(value) for key, value in (("classes", self.classes), ("negatives", self.negatives))
+                 if value is not None}
+        return {i.name: files.get(i.name, out / str(i.stage)) for i in STAGES[name].inputs
+                if (i.name in files or (i.stage is not None and i.stage in self.stages()))
+                and (name, i.name) not in unused}
 
 
 class RunLog:
@@ -147,6 +166,7 @@ def run(config: RunConfig, *, until: str | None = None, log: Callable[[str], Non
     """
     if until is not None and until not in STAGE_ORDER:
         raise ValueError(f"until={until!r}: expected one of {', '.join(STAGE_ORDER)}")
+    config.check_files()
     run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -154,7 +174,8 @@ def run(config: RunConfig, *, until: str | None = None, log: Callable[[str], Non
         write_json_atomic(run_dir / "run_config.json", config_to_dict(config))
         run_log.file(f"--- kgtok run {time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()}) ---")
         run_log.file(format_config(config))
-        ctx = Context(log=run_log.file, progress=config.progress and sys.stderr.isatty(), kg_dir=config.kg_dir())
+        ctx = Context(log=run_log.file, progress=config.progress and sys.stderr.isatty(), kg_dir=config.kg_dir(),
+                      kg_options=config.load)
         for name in config.stages():
             stage = STAGES[name]
             result = run_stage(stage, config.stage_config(name), run_dir / name, inputs=config.wired(name), ctx=ctx)

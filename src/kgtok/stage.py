@@ -53,6 +53,7 @@ from kgtok.config import config_changes, config_to_dict
 
 if TYPE_CHECKING:
     from kgtok.data.graph import KnowledgeGraph
+    from kgtok.data.stage import DataConfig
 
 KG_SUFFIXES = (".txt", ".tsv", ".dict")  # the files of a KG directory that stages read
 
@@ -110,14 +111,15 @@ def work_dir(dest: str | Path) -> Path:
 class Context:
     """What a stage's run function gets besides its config and inputs.
 
-    ``kg`` is loaded once and shared by every stage of a run; ``work`` is the
-    stage's resumable folder; ``log`` and ``progress`` say where messages go
-    and whether bars are drawn.
+    ``kg`` is loaded once (with the options ``kg_options``) and shared by every
+    stage of a run; ``work`` is the stage's resumable folder; ``log`` and
+    ``progress`` say where messages go and whether bars are drawn.
     """
 
     log: Callable[[str], None] = print
     progress: bool = True
     kg_dir: Path | None = None
+    kg_options: DataConfig | None = None  # how the KG is loaded (skip_header, strip_whitespace); None: defaults
     work: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
     _kg: KnowledgeGraph | None = None
@@ -127,9 +129,9 @@ class Context:
         if self._kg is None:
             if self.kg_dir is None:
                 raise ValueError("this stage reads a KG: give --data (a KG directory)")
-            from kgtok.data.graph import load_kg
+            from kgtok.data.stage import DataConfig
 
-            self._kg = load_kg(self.kg_dir)
+            self._kg = (self.kg_options or DataConfig()).load(self.kg_dir)
         return self._kg
 
     def timed(self, name: str) -> contextlib.AbstractContextManager[None]:
@@ -138,7 +140,8 @@ class Context:
 
     def for_stage(self, work: Path) -> Context:
         """A context for one stage: same KG, log and progress; its own work folder and timings."""
-        return Context(log=self.log, progress=self.progress, kg_dir=self.kg_dir, work=work, _kg=self._kg)
+        return Context(log=self.log, progress=self.progress, kg_dir=self.kg_dir, kg_options=self.kg_options,
+                       work=work, _kg=self._kg)
 
 
 def kg_hashes(kg_dir: Path | None) -> dict[str, str]:
@@ -150,12 +153,13 @@ def kg_hashes(kg_dir: Path | None) -> dict[str, str]:
 
 
 def input_record(stage: Stage, inputs: Mapping[str, Path], kg_dir: Path | None,
-                 fingerprint: Mapping[str, str]) -> dict[str, str]:
-    """The hashes that decide whether ``dest`` is current: every input, the KG's files if it reads them,
-    and the stage's fingerprint of what its config points to."""
+                 fingerprint: Mapping[str, str], kg_options: DataConfig | None = None) -> dict[str, str]:
+    """The hashes that decide whether ``dest`` is current: every input, the KG's files and loading options
+    if it reads them, and the stage's fingerprint of what its config points to."""
     hashes = hash_inputs(inputs)
     if stage.uses_kg:
         hashes.update(kg_hashes(kg_dir))
+        hashes.update(kg_options.record() if kg_options is not None else {})
     hashes.update(fingerprint)
     return hashes
 
@@ -246,6 +250,7 @@ def run_stage(
     *,
     inputs: Mapping[str, str | Path | None] | None = None,
     data: str | Path | KnowledgeGraph | None = None,
+    load: DataConfig | None = None,
     ctx: Context | None = None,
     reuse: bool = True,
     progress: bool = True,
@@ -253,19 +258,22 @@ def run_stage(
 ) -> StageResult:
     """Run ``stage`` with ``config`` on ``inputs`` into ``dest``, or reuse ``dest`` when it is current.
 
-    ``data`` is the KG (a directory, or a loaded KnowledgeGraph); a pipeline
+    ``data`` is the KG (a directory, or a loaded KnowledgeGraph), ``load``
+    how a directory is loaded (skip_header, strip_whitespace); a pipeline
     passes its shared ``ctx`` instead, which holds the KG loaded once.
     """
     from kgtok.config import format_config
     from kgtok.data.graph import KnowledgeGraph
+    from kgtok.data.stage import DataConfig
     from kgtok.runtime import torch_threads
 
     dest = Path(dest)
     fingerprint = stage.fingerprint(config) if stage.fingerprint is not None else {}  # may refuse the config
     if ctx is None:
-        ctx = Context(log=log, progress=progress)
+        ctx = Context(log=log, progress=progress, kg_options=load)
         if isinstance(data, KnowledgeGraph):
             ctx._kg, ctx.kg_dir = data, Path(data.source) if data.source else None
+            ctx.kg_options = DataConfig.of(data)
         elif data is not None:
             ctx.kg_dir = check_kg_dir(data)
     if stage.uses_kg and ctx.kg_dir is None and ctx._kg is None:
@@ -275,7 +283,7 @@ def run_stage(
     if not is_main_process():
         return _run_as_helper_process(stage, config, given, dest, ctx)
     with folder_lock(dest):
-        hashes = input_record(stage, given, ctx.kg_dir, fingerprint)
+        hashes = input_record(stage, given, ctx.kg_dir, fingerprint, ctx.kg_options)
         if reuse and is_current(dest, stage, config, hashes):
             return StageResult(stage.name, dest, "cached", read_manifest(dest).get("metrics", {}))
         clean_leftovers(dest.parent, dest.name)

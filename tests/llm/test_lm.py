@@ -361,6 +361,9 @@ def test_finetune_resumes_from_checkpoint(stages, tmp_path, monkeypatch):
     assert resumed.keys() == reference.keys()
     for key in reference:
         torch.testing.assert_close(resumed[key], reference[key])
+    # ... and its train_loss is the mean over all 4 steps, not over the 2 after the checkpoint.
+    whole_loss = json.loads((whole / "metrics.json").read_text())["train_loss"]
+    assert metrics["train_loss"] == pytest.approx(whole_loss, rel=1e-4)
 
 
 def test_finetune_under_accelerate_two_cpu_processes(stages, tmp_path):

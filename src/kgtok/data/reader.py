@@ -114,7 +114,8 @@ def read_table(
             raise KGFormatError(
                 path, header_line,
                 f"{lines[0][:120]!r} looks like a column header, not a row of {what}; delete the line, "
-                "or skip it with skip_header=True in load_kg (--skip-header in kgtok data info)",
+                "or skip it with skip_header=True in load_kg (--skip-header in kgtok data info and the stage "
+                "commands, load.skip_header=true in kgtok run)",
             )
         warnings.warn(f"{path}:{header_line}: skipped the header line {lines[0][:120]!r}", HeaderLineWarning,
                       stacklevel=3)
@@ -186,7 +187,8 @@ def _check_ids(
                 f"{names[j]} {column[row]!r} has leading or trailing whitespace"
                 + (f" ({others} more such field(s) in this column)" if others else "")
                 + "; remove it, or strip ids with strip_whitespace=True in load_kg "
-                "(--strip-whitespace in kgtok data info)",
+                "(--strip-whitespace in kgtok data info and the stage commands, load.strip_whitespace=true "
+                "in kgtok run)",
             )
     if stripped and first_stripped is not None:
         row, value = first_stripped

@@ -4,15 +4,42 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kgtok.data.synthetic import SyntheticConfig
 from kgtok.stage import Context, Stage
 
+if TYPE_CHECKING:
+    from kgtok.data.graph import KnowledgeGraph
+
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """The data stage has no settings: it loads the KG (every file check of the loader) and summarises it."""
+    """How the KG is loaded (:func:`kgtok.data.graph.load_kg`), for the data stage and every stage after it.
+
+    Both options change what the stages see, so a stage that reads the KG
+    counts them in its cache record (:meth:`record`).
+    """
+
+    skip_header: bool = False  # skip a header line (head<TAB>relation<TAB>tail) of a split file instead of refusing it
+    strip_whitespace: bool = False  # strip whitespace around ids instead of refusing them
+
+    def load(self, path: str | Path) -> KnowledgeGraph:
+        """The KG directory ``path`` loaded with these options."""
+        from kgtok.data.graph import load_kg
+
+        return load_kg(path, skip_header=self.skip_header, strip_whitespace=self.strip_whitespace)
+
+    def record(self) -> dict[str, str]:
+        """The options' entry in a stage's cache record; none with the defaults, so artifacts made before
+        these options existed stay current."""
+        on = [name for name in ("skip_header", "strip_whitespace") if getattr(self, name)]
+        return {"kg/load": ",".join(on)} if on else {}
+
+    @classmethod
+    def of(cls, kg: KnowledgeGraph) -> DataConfig:
+        """The options that matter for a KG loaded elsewhere: those its load report shows took effect."""
+        return cls(skip_header=bool(kg.report.skipped_headers), strip_whitespace=bool(kg.report.stripped_ids))
 
 
 def run_synthetic(config: SyntheticConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -> dict[str, Any]:
@@ -31,7 +58,9 @@ def run_data(config: DataConfig, inputs: dict[str, Path], dest: Path, ctx: Conte
     from kgtok.data.stats import summarize
 
     ctx.log(f"data: loading {ctx.kg_dir}")
-    summary = summarize(ctx.kg)
+    # run_stage(DATA, DataConfig(skip_header=True), ...) alone: the stage's own options decide how it loads.
+    kg = ctx.kg if (ctx.kg_options or DataConfig()) == config or ctx.kg_dir is None else config.load(ctx.kg_dir)
+    summary = summarize(kg)
     write_json_atomic(DataArtifact(dest).summary, summary)
     return {**summary["counts"], "kg_dir": str(Path(ctx.kg_dir).resolve()) if ctx.kg_dir else None}
 

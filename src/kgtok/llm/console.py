@@ -40,6 +40,16 @@ def quiet_libraries() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+class LossAtCheckpoints(TrainerCallback):
+    """A loss record at every checkpoint's step: a run resumed from the checkpoint then finds in its log history
+    the loss of every step before it, and reports the mean over all steps (:func:`kgtok.llm.finetune.mean_train_loss`)."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if control.should_save:  # set by the Trainer's flow callback, which runs before this one
+            control.should_log = True
+        return control
+
+
 class TrainingConsole(TrainerCallback):
     """In place of the Trainer's printer: one bar of steps with the loss beside it and one bar per LM-valid
     pass; with ``progress`` off, one line per LM-valid pass through ``log``."""

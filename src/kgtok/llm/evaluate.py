@@ -50,6 +50,7 @@ def run(config: EvaluateConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     from kgtok.llm.console import quiet_libraries
     from kgtok.llm.scoring import CandidateScorer
 
+    hf_dir = model_folder(inputs["model"])
     path = InstructArtifact(inputs["instructions"]).split(config.split)
     records = read_jsonl(path)[: config.max_queries or None]
     if not records:
@@ -60,9 +61,6 @@ def run(config: EvaluateConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
             raise ValueError("class_constraint needs --classes (a file of entity<TAB>class or a stage-3 artifact)")
         names = ctx.kg.entity_names if (ctx.kg_dir or ctx._kg) and not inputs["classes"].is_dir() else []
         entity_classes = np.asarray(load_classes(inputs["classes"], names))
-    model_dir = inputs["model"]
-    hf_dir = FinetuneArtifact(model_dir).model if (FinetuneArtifact(model_dir).model / "config.json").exists() \
-        else model_dir
     with quiet_libraries():
         scorer = CandidateScorer(hf_dir, config, ctx.progress)
         if records[0].get("task") == "classification":
@@ -70,6 +68,20 @@ def run(config: EvaluateConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
                                             dest, ctx)
         return _evaluate_ranking(config, scorer, records, InstructArtifact(inputs["instructions"]), dest,
                                  entity_classes, ctx)
+
+
+def model_folder(model: Path) -> Path:
+    """The Hugging Face folder of ``--model``: a stage-5b artifact's ``model/``, or ``model`` itself.
+
+    Anything else is refused here in one line; transformers' own message
+    would name neither the flag nor what it expects.
+    """
+    for folder in (FinetuneArtifact(model).model, model):
+        if (folder / "config.json").is_file():
+            return folder
+    raise ValueError(f"--model {model}: neither a stage-5b (finetune) artifact (no model/config.json) nor a "
+                     "Hugging Face model folder (no config.json); give the --out folder of kgtok finetune, or a "
+                     "folder written by save_pretrained")
 
 
 STAGE = Stage(

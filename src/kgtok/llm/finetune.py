@@ -164,7 +164,7 @@ def make_trainer(config: FinetuneConfig, arguments: Any, model: Any, tokenizer: 
     """The Hugging Face Trainer on the encoded records: answer-only loss, left padding, our console."""
     from transformers import PrinterCallback, Trainer
 
-    from kgtok.llm.console import TrainingConsole
+    from kgtok.llm.console import LossAtCheckpoints, TrainingConsole
 
     train_set = [encode_example(tokenizer, r, config.max_length) for r in train_records]
     valid_set = [encode_example(tokenizer, r, config.max_length) for r in valid_records]
@@ -177,7 +177,28 @@ def make_trainer(config: FinetuneConfig, arguments: Any, model: Any, tokenizer: 
                       data_collator=PaddingCollator(tokenizer.pad_token_id), compute_loss_func=answer_loss)
     trainer.remove_callback(PrinterCallback)  # a dictionary per logging step
     trainer.add_callback(TrainingConsole(progress, log))
+    trainer.add_callback(LossAtCheckpoints())
     return trainer
+
+
+def mean_train_loss(history: list[dict[str, Any]], done_before: int, run_loss: float, steps: int) -> float:
+    """The mean training loss over all ``steps``, also when this run resumed at step ``done_before``.
+
+    The Trainer's ``training_loss`` (``run_loss``) averages the steps of this
+    run only; the steps before the checkpoint come from its log history, each
+    logged loss weighted by the steps it covers (:class:`LossAtCheckpoints`
+    logs at every checkpoint, so the records reach ``done_before``).
+    """
+    if not done_before:
+        return run_loss
+    logged = [(h["step"], h["loss"]) for h in history if "loss" in h and h["step"] <= done_before]
+    spans = [step - previous for previous, step in zip([0] + [s for s, _ in logged], [s for s, _ in logged])]
+    covered = sum(spans)
+    if not covered:
+        return run_loss
+    # Checkpoints of an older kgtok need not end on a loss record: their mean stands for the steps not covered.
+    before = sum(loss * span for (_, loss), span in zip(logged, spans)) * done_before / covered
+    return (before + run_loss * (steps - done_before)) / steps
 
 
 def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -> dict[str, Any]:
@@ -222,10 +243,11 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     examples = ((result.global_step - done_before) * config.batch_size * config.gradient_accumulation_steps
                 * state.num_processes)
     eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    train_loss = mean_train_loss(trainer.state.log_history, done_before, result.training_loss, result.global_step)
     metrics = {
         "backbone": str(backbone), "adapter": "full" if full else "lora", "trainable_parameters": trainable,
         "parameters": sum(p.numel() for p in merged.parameters()), "new_tokens": len(new_ids),
-        "train_examples": len(train_set), "steps": result.global_step, "train_loss": result.training_loss,
+        "train_examples": len(train_set), "steps": result.global_step, "train_loss": train_loss,
         "valid_loss": eval_losses[-1] if eval_losses else math.nan,
         "train_tokens_per_second": (examples * sum(len(e["input_ids"]) for e in train_set) / len(train_set)
                                     / seconds if seconds else math.nan),
@@ -234,7 +256,7 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     }
     write_json_atomic(FinetuneArtifact(dest).metrics_path, {**metrics, "history": list(trainer.state.log_history)})
     ctx.log(f"finetune: {metrics['adapter']} training of {backbone.name}, {result.global_step} steps, "
-            f"train loss {result.training_loss:.3f}, valid loss {metrics['valid_loss']:.3f}, "
+            f"train loss {train_loss:.3f}, valid loss {metrics['valid_loss']:.3f}, "
             f"{metrics['train_tokens_per_second']:.0f} tokens/s")
     return metrics
 
