@@ -336,3 +336,24 @@ def test_cli_subprocess_has_no_traceback(tmp_path):
                            "num_entities=200"], capture_output=True, text=True, env=env)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"{tmp_path / 'afile'}: is a file" in done.stderr
+
+
+def test_checkpoint_write_checks_free_space_first(tmp_path, monkeypatch):
+    """A checkpoint that replaces a bigger one than the free space is refused before torch.save starts."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    torch = pytest.importorskip("torch")
+    from kgtok.runtime import torch_save_atomic
+
+    path = tmp_path / "last.pt"
+    torch_save_atomic(torch.zeros(1000), path)
+    before = path.read_bytes()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**6, 10**6 - 4096, 4096))
+    with pytest.raises(OSError) as err:
+        torch_save_atomic(torch.ones(1000), path)
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
+    assert describe_error(err.value).startswith(f"{path}: disk full")
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

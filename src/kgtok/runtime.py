@@ -29,8 +29,25 @@ def torch_save_atomic(obj: object, path: Path) -> None:
     and two processes never share a temporary name."""
     from kgtok.artifacts import atomic_path
 
+    check_free_space(path)
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def check_free_space(path: Path, margin: int = 1 << 20) -> None:
+    """Refuse a checkpoint write that cannot fit, before it starts: the size of the checkpoint it replaces
+    (plus ``margin``) must be free. A first checkpoint has no estimate and is only caught if it fails."""
+    import errno
+    import shutil
+
+    path = Path(path)
+    if not path.exists():
+        return
+    needed = path.stat().st_size + margin
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"disk full: {free:,} bytes free, about {needed:,} needed for the checkpoint",
+                      str(path))
 
 
 def torch_threads_if_set(threads: int) -> AbstractContextManager[None]:
