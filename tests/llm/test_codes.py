@@ -132,7 +132,10 @@ def test_alignment_records_counts_formats_and_reproducibility(stages, tmp_path):
         mine = [r for r in aligned if r["align_task"] == task]
         assert len(mine) == min(round(0.5 * len(plain)), kg.num_entities)
         assert len({r["entity"] for r in mine}) == len(mine)  # each entity at most once per task
-    assert json.loads((dest / "manifest.json").read_text())["metrics"]["lm_train_alignment"] == len(aligned)
+    counts = json.loads((dest / "manifest.json").read_text())["metrics"]
+    assert counts["lm_train_alignment"] == len(aligned) and counts["lm_train"] == len(train)
+    assert counts["lm_train_from_train_queries"] == json.loads((instructions / "manifest.json").read_text())[
+        "metrics"]["lm_train_from_train_queries"]
     assert read(dest / "lm_valid.jsonl") == read(instructions / "lm_valid.jsonl")  # LM-valid untouched
     entities = read(dest / "entities.jsonl")
     for r in aligned:

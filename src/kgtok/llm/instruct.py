@@ -318,7 +318,8 @@ def run(config: InstructConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
         **({"lm_train_alignment": len(alignment)} if config.align_tasks else {}),
         "lm_train": len(lm_train), "lm_valid": len(lm_valid), "test": len(test),
         "validation_queries": len(valid_records),
-        "lm_train_dropped": dropped, "lm_train_from_train_queries": len(lm_train) - from_validation,
+        "lm_train_dropped": dropped,
+        "lm_train_from_train_queries": len(lm_train) - len(alignment) - from_validation,
         "test_gold_in_candidates": float(np.mean([r["gold_in_candidates"] for r in test])) if test else 0.0,
     }
 
