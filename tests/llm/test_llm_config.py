@@ -19,7 +19,7 @@ def test_choice_fields_are_literals_checked_when_loading_and_when_built():
     with pytest.raises(ValueError) as error:
         FinetuneConfig(adapter="qlora", embedding_init="zeros")
     assert "adapter='qlora': expected auto, lora or full" in str(error.value)
-    assert "embedding_init='zeros': expected codebook or mean" in str(error.value)
+    assert "embedding_init='zeros': expected codebook, mean or names" in str(error.value)
     with pytest.raises(ValueError, match="completion or classification"):
         InstructConfig(task="qa")
     assert load_config(EvaluateConfig, overrides=["split=lm_valid", "score=mean"]).score == "mean"

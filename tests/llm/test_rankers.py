@@ -27,12 +27,22 @@ def rows() -> list[dict]:
 
 def test_registered_rankers_and_their_summary_keys():
     assert [r.key for r in rankers()] == ["retriever", "dift", "rerank", "fused_pick", "fused_rerank", "dift_class",
-                                          "rerank_class"]
+                                          "rerank_class", "generative"]
     assert all(r.label for r in rankers())
     assert summary_keys(("hits_at_1", "mrr"))[:3] == ["retriever_hits_at_1", "dift_hits_at_1", "rerank_hits_at_1"]
     assert len(summary_keys()) == len(MEASURES) * len(rankers())
     with pytest.raises(ValueError, match="twice"):
         ranker("dift", "again")(lambda r: None)
+
+
+def test_generative_ranks_are_the_beam_positions_and_zero_outside():
+    with_beam = [{**row, "generative_rank": rank} for row, rank in zip(rows(), [1.0, None, 3.0])]
+    ranks = rank_all(with_beam)
+    np.testing.assert_array_equal(ranks["generative"], [1.0, np.inf, 3.0])
+    metrics, _ = ranking_metrics(with_beam, ranks)
+    assert metrics["generative"]["both"]["mrr"] == pytest.approx((1 + 0 + 1 / 3) / 3)
+    assert metrics["generative"]["both"]["hits_at_1"] == pytest.approx(1 / 3)
+    assert "generative" not in rank_all(rows())  # off: no section
 
 
 def test_rankers_rank_from_the_rows_and_skip_what_the_run_lacks():

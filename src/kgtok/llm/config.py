@@ -17,13 +17,14 @@ from kgtok.config import Check, check_fields, in_range, machine, resumable
 Task = Literal["completion", "classification"]
 TrainQueryFormat = Literal["dift", "query"]
 Adapter = Literal["auto", "lora", "full"]
-EmbeddingInit = Literal["codebook", "mean"]
+EmbeddingInit = Literal["codebook", "mean", "names"]
 Split = Literal["test", "lm_valid"]
 Decode = Literal["trie", "generate"]
 Backend = Literal["hf", "vllm"]
 SequenceScore = Literal["sum", "mean"]
 Ids = Literal["codes", "random", "none"]
 Negatives = Literal["typed", "uniform"]
+ALIGN_TASKS = ("codes_to_name", "name_to_codes")  # InstructConfig.align_tasks: the alignment tasks there are
 
 
 def choice_checks(config: object) -> list[Check]:
@@ -63,11 +64,22 @@ class InstructConfig:
     confidence_threshold: float = 0.05  # LM-train keeps records with confidence above this
     classification_train_triples: int = 5000  # classification: training triples sampled for LM-train (0: all)
     negatives: Negatives = "typed"  # classification: typed (an entity seen with the relation there) | uniform (any)
-    seed: int = 0  # validation split, training-query sample, candidate shuffles, classification negatives
+    # LC-Rec teaches an LLM its item IDs with tasks that translate IDs to text and back: here entity ids <->
+    # names, as plain instruction records in LM-train (fine-tuning needs no change).  More alignment examples
+    # teach the code tokens sooner but take steps from the link-prediction examples.
+    align_tasks: tuple[str, ...] = ()  # codes_to_name (ids -> name) | name_to_codes (name, description -> ids)
+    align_ratio: float = 0.5  # per task: alignment examples per LM-train example (<= one per entity; sampled)
+    seed: int = 0  # validation split, training-query sample, candidate shuffles, negatives, alignment sample
 
     def __post_init__(self) -> None:
         check_fields(self, [
             *choice_checks(self),
+            ("align_tasks", lambda v: all(t in ALIGN_TASKS for t in v) and len(set(v)) == len(v),
+             "distinct names among " + ", ".join(ALIGN_TASKS)),
+            ("align_tasks", lambda v: not v or self.use_codes, "empty with ids=none (alignment teaches ids)"),
+            ("align_tasks", lambda v: not v or self.use_names, "empty with use_names=false (it pairs ids and names)"),
+            ("align_tasks", lambda v: not v or self.task == "completion", "empty with task=classification"),
+            ("align_ratio", in_range(0.0), ">= 0"),
             ("classification_train_triples", in_range(0), ">= 0"),
             ("train_queries", in_range(0), ">= 0"),
             ("top_k", in_range(1), ">= 1"),
@@ -117,7 +129,12 @@ class FinetuneConfig:
     lora_alpha: int = 32  # LoRA scaling numerator (the update is scaled by lora_alpha / r)
     lora_dropout: float = 0.1  # dropout on the LoRA path
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # modules that get LoRA adapters
-    embedding_init: EmbeddingInit = "codebook"  # new token rows: codebook (ReaLM, projected) | mean
+    # names: the row of <level l, code k> is the mean input row of the names of the entities with code k at level l
+    # (needs names, from the instructions' entities.jsonl); the LM starts by reading a code as what it groups.
+    embedding_init: EmbeddingInit = "codebook"  # new token rows: codebook (ReaLM, projected) | mean | names
+    # New rows start far from what the backbone knows and are few: a larger rate moves them sooner (LoRA: their
+    # own optimiser group; full training: their rows' update scaled after each step); too large and they diverge.
+    new_token_lr_multiplier: float = 1.0  # learning rate of the new token rows = this x learning_rate (0 freezes them)
     learning_rate: float | None = None  # None: 2e-4 with LoRA (reference), 1e-3 for full training
     epochs: float = 3.0  # passes over LM-train (cosine schedule over them)
     max_steps: int = -1  # > 0 overrides epochs
@@ -142,6 +159,7 @@ class FinetuneConfig:
             ("lora_dropout", in_range(0.0, 0.99), "in [0, 0.99]"),
             ("target_modules", lambda v: len(v) > 0, "at least one module name"),
             ("learning_rate", lambda v: v is None or v > 0, "> 0 (or null for the default)"),
+            ("new_token_lr_multiplier", in_range(0.0), ">= 0"),
             ("epochs", lambda v: v > 0, "> 0"),
             ("batch_size", in_range(1), ">= 1"),
             ("gradient_accumulation_steps", in_range(1), ">= 1"),
@@ -171,6 +189,9 @@ class EvaluateConfig:
     fusion_weight: float | None = None  # w of the fused rankers; 0: off; None: chosen on lm_valid.jsonl
     # Triple classification predicts "true" when log p(true) - log p(false) > threshold.
     threshold: float | None = None  # None: the best accuracy on lm_valid.jsonl (scored as well); else fixed
+    # Generative retrieval: the LM writes the answer under a prefix trie of every entity's answer (name and ids),
+    # beam search; its own ranker, not limited to stage 1's list.  Costs a beam search per query; ids needed.
+    generative_beams: int = 0  # beams of the generative ranker (its list has this many entities); 0: off
     max_queries: int = resumable(0)  # evaluate only the first n queries (0 = all)
     threads: int = machine(0)  # torch threads; 0 = all cores
 
@@ -181,6 +202,8 @@ class EvaluateConfig:
             ("decode", lambda v: not (v == "generate" and self.backend == "vllm"), "trie with backend vllm"),
             ("max_prompt_tokens", in_range(16), ">= 16"),
             ("max_queries", in_range(0), ">= 0"),
+            ("generative_beams", in_range(0), ">= 0"),
+            ("generative_beams", lambda v: v == 0 or self.backend == "hf", "0 with backend vllm (beam search: hf)"),
             ("fusion_weight", lambda v: v is None or v >= 0, "null or >= 0"),
             ("threads", in_range(0), ">= 0"),
         ])

@@ -89,12 +89,16 @@ class TrainingConsole(TrainerCallback):
             self.valid = None
         if not state.is_world_process_zero or not metrics or "eval_loss" not in metrics:
             return
+        codes = metrics.get("eval_code_token_loss")
         if self.steps is not None:
             self.losses["valid_loss"] = f"{metrics['eval_loss']:.3f}"
+            if codes is not None:
+                self.losses["valid_code_loss"] = f"{codes:.3f}"
             self.steps.set_postfix(self.losses)
         else:
             self.log(f"finetune: step {state.global_step} of {state.max_steps}, epoch {state.epoch:.2f}, "
-                     f"LM-valid loss {metrics['eval_loss']:.3f}")
+                     f"LM-valid loss {metrics['eval_loss']:.3f}"
+                     + (f" (code tokens {codes:.3f})" if codes is not None else ""))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.steps is not None:

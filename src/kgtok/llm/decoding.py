@@ -7,6 +7,10 @@ prefixes still alive; those are exactly the per-token scores
 decodes from them without running the model again.  :func:`generate_pick`
 runs Hugging Face ``generate`` with ``prefix_allowed_tokens_fn`` instead
 (``decode: generate``; slower; the tests check both agree).
+
+Generative retrieval (``generative_beams``) is not limited to a list: beam
+search under an :class:`EntityTrie` of every entity's answer tokens
+(:func:`beam_entities`) returns the entities the LM writes, best first.
 """
 
 from __future__ import annotations
@@ -68,3 +72,62 @@ def generate_pick(model: Any, prompt: list[int], sequences: list[list[int]], pad
                          prefix_allowed_tokens_fn=lambda _, tokens: trie.allowed(tokens[start:].tolist()))
     found = trie.lookup(out[0, start:].tolist())
     return found if found >= 0 else 0
+
+
+class EntityTrie:
+    """Every entity's answer token sequence (EOS last) as one map from each prefix to the tokens that may
+    follow, built once with numpy (per depth, the unique (prefix, next token) rows), and from each complete
+    sequence to its entity.  Each lookup during beam search is then one dictionary access."""
+
+    def __init__(self, sequences: list[list[int]]) -> None:
+        lengths = np.array([len(s) for s in sequences])
+        self.width = int(lengths.max())
+        ids = np.full((len(sequences), self.width), -1, dtype=np.int64)  # (N, width), -1 past the end
+        for i, seq in enumerate(sequences):  # one copy per entity
+            ids[i, :len(seq)] = seq
+        self.allowed: dict[tuple[int, ...], list[int]] = {}
+        for depth in range(self.width):
+            pairs = np.unique(ids[lengths > depth, :depth + 1], axis=0)  # (unique prefixes+next, depth + 1)
+            change = np.flatnonzero(np.any(pairs[1:, :depth] != pairs[:-1, :depth], axis=1)) + 1
+            for begin, end in zip(np.r_[0, change], np.r_[change, len(pairs)]):  # one group per prefix
+                self.allowed[tuple(pairs[begin, :depth].tolist())] = pairs[begin:end, depth].tolist()
+        self.entity = {tuple(seq): i for i, seq in enumerate(sequences)}
+
+    def lookup(self, sequence: list[int]) -> int:
+        """The entity of a complete sequence; -1 if it is none."""
+        return self.entity.get(tuple(sequence), -1)
+
+
+def beam_entities(model: Any, prompt: list[int], trie: EntityTrie, beams: int, pad_id: int, eos_id: int,
+                  length_penalty: float = 0.0) -> list[int]:
+    """The entities beam search writes after ``prompt`` under ``trie``, best first (at most ``beams``).
+
+    ``length_penalty`` 0 ranks by the sum of token log-probs (``score: sum``), 1 by their mean.  A beam
+    that leaves the trie (only when fewer prefixes than beams are alive) is closed with EOS and dropped.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
+    start = len(prompt)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=beams,
+                         num_return_sequences=beams, max_new_tokens=trie.width, pad_token_id=pad_id,
+                         eos_token_id=eos_id, length_penalty=length_penalty, early_stopping=False,
+                         prefix_allowed_tokens_fn=lambda _, tokens: trie.allowed.get(
+                             tuple(tokens[start:].tolist()), [eos_id]))
+    found: list[int] = []
+    for row in out[:, start:].tolist():
+        end = row.index(eos_id) + 1 if eos_id in row else len(row)
+        entity = trie.lookup(row[:end])
+        if entity >= 0 and entity not in found:
+            found.append(entity)
+    return found
+
+
+def filtered_position(entities: list[int], gold: int, known: set[int]) -> float:
+    """The gold's filtered rank in a generated list: 1 + the entities before it that are not other known
+    answers; infinite (reciprocal rank 0) when the list lacks it."""
+    if gold not in entities:
+        return float("inf")
+    before = entities[: entities.index(gold)]
+    return 1.0 + sum(e not in known for e in before)

@@ -22,6 +22,13 @@ prefixes, ``class_constraint`` takes the class with the most candidate mass
 instead (classes from a file of entity<TAB>class or a stage-3 artifact).  Triple-classification
 instructions are answered by comparing " true" with " false".
 
+Generative retrieval (``generative_beams`` > 0): the LM also writes each
+query's answer by beam search under a prefix trie of every entity's answer
+(the instructions' ``entities.jsonl``: ids codes or random), not only the
+listed candidates; the gold's filtered position in the beam (other true
+answers of train ∪ valid ∪ test removed, from the KG: ``--data``) is the
+``generative`` ranker's rank, none there an infinite one (reciprocal rank 0).
+
 Artifact (``dest``): ``predictions.jsonl``, ``metrics.json`` (every ranker:
 both/head/tail and per relation; queries/s; the fusion weight) and
 ``manifest.json``.
@@ -128,13 +135,16 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
         ctx.log(f"evaluate: {len(partial.rows)} of {len(records)} queries already scored in {partial.path}; "
                 "resuming")
     todo = [r for r in records if r["id"] not in partial.rows]
+    generative = _generative_retriever(config, scorer, records, instructions, ctx) if config.generative_beams \
+        else None
     scorer.budget = dict.fromkeys(scorer.budget, 0)  # the test prompts' count (LM-valid's went before)
     start = time.perf_counter()
     with partial.appending() as add:
         for query in scorer.score(todo, "evaluate"):
-            add(prediction_row(query.record, query.answers, query.totals, scorer.pick(query), score=config.score,
-                               fusion_weight=weight if fusable else 0.0, classes=classes,
-                               class_scores=scorer.class_scores(query)))
+            row = prediction_row(query.record, query.answers, query.totals, scorer.pick(query), score=config.score,
+                                 fusion_weight=weight if fusable else 0.0, classes=classes,
+                                 class_scores=scorer.class_scores(query))
+            add({**row, **generative(query)} if generative is not None else row)
     seconds = time.perf_counter() - start
     ctx.timings["evaluate"] = seconds
     predictions = [partial.rows[r["id"]] for r in records]
@@ -160,8 +170,48 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
                 "query and list alone")
     ctx.log(f"evaluate: {len(predictions)} queries, {summary['queries_per_second']:.1f} queries/s; Hits@1 "
             f"retriever {summary['retriever_hits_at_1']:.3f}, DIFT rule {summary['dift_hits_at_1']:.3f}, "
-            f"re-rank {summary['rerank_hits_at_1']:.3f}")
+            f"re-rank {summary['rerank_hits_at_1']:.3f}"
+            + (f", generative {summary['generative_hits_at_1']:.3f}" if "generative" in ranks else ""))
     return summary
+
+
+def _generative_retriever(config: EvaluateConfig, scorer: Any, records: list[dict[str, Any]],
+                          instructions: InstructArtifact, ctx: Context) -> Callable[[Any], dict[str, Any]]:
+    """``query -> {"generative": entities, "generative_rank": filtered position or None}`` (``generative_beams``).
+
+    The trie holds every entity's answer as the prompts write it (``entities.jsonl``), tokenised as the
+    candidates are; the filter is the KG's train ∪ valid ∪ test answers of the query, the gold excepted.
+    """
+    from kgtok.llm.decoding import EntityTrie, beam_entities, filtered_position
+    from kgtok.llm.prompts import encode_answer
+
+    if not instructions.entities.exists():
+        raise ValueError(f"generative_beams needs every entity's ids: {instructions.entities} not found (instruct "
+                         "writes it with ids=codes or random; run instruct again)")
+    if any("gold_class" in r for r in records):
+        raise ValueError("generative_beams: instructions with class_prefix are not supported (answers start with "
+                         "a class token the entity trie does not hold)")
+    if ctx.kg_dir is None and ctx._kg is None:
+        raise ValueError("generative_beams needs --data (the KG): the filtered rank removes the query's other "
+                         "known answers")
+    kg = ctx.kg
+    relation = {name: i for i, name in enumerate(kg.relation_names)}
+    entities = read_jsonl(instructions.entities)
+    trie = EntityTrie([encode_answer(scorer.tokenizer, e["answer"]) for e in entities])
+    length_penalty = 0.0 if config.score == "sum" else 1.0
+    eos = scorer.tokenizer.eos_token_id
+
+    def generate(query: Any) -> dict[str, Any]:
+        record = query.record
+        r = relation[record["triple"][1]]
+        known = (kg.filter_index.true_tails(record["known"], r) if record["direction"] == "tail"
+                 else kg.filter_index.true_heads(r, record["known"]))
+        found = beam_entities(scorer.model, query.prompt, trie, config.generative_beams, scorer.pad_id, eos,
+                              length_penalty)
+        rank = filtered_position(found, record["gold"], set(np.asarray(known).tolist()) - {record["gold"]})
+        return {"generative": found, "generative_rank": None if np.isinf(rank) else rank}
+
+    return generate
 
 
 def _fusion_weight(config: EvaluateConfig, scorer: Any, fusable: bool, valid_path: Path, saved_path: Path,

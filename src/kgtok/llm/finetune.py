@@ -62,9 +62,11 @@ def class_tokens(texts: list[str]) -> list[str]:
     return sorted({token for text in texts for token in re.findall(r"<cls_[^<>\s]+>", text)})
 
 
-def load_backbone(config: FinetuneConfig, texts: list[str], work: Path, codes: str | Path | None
-                  ) -> tuple[Any, Any, list[int], Path]:
-    """Model and tokenizer with the code vocabulary added; returns (model, tokenizer, new token ids, path)."""
+def load_backbone(config: FinetuneConfig, texts: list[str], work: Path, codes: str | Path | None,
+                  entities: list[dict[str, Any]] | None = None) -> tuple[Any, Any, list[int], Path]:
+    """Model and tokenizer with the code vocabulary added; returns (model, tokenizer, new token ids, path).
+
+    ``entities``: the instructions' ``entities.jsonl`` rows, for ``embedding_init: names``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,8 +78,17 @@ def load_backbone(config: FinetuneConfig, texts: list[str], work: Path, codes: s
     tokens, codebooks = (code_vocabulary(codes) if codes is not None else ([], None))
     tokens = tokens + class_tokens(texts)  # class_prefix answers: one token per class (rows from the mean)
     new_ids = extend_vocabulary(model, tokenizer, list(BOUNDARY_TOKENS) + tokens, init=config.embedding_init,
-                                codebooks=codebooks, seed=config.seed)
+                                codebooks=codebooks, entities=entities, seed=config.seed)
     return model, tokenizer, new_ids, path
+
+
+def read_entities(instructions: InstructArtifact) -> list[dict[str, Any]]:
+    """The instructions' ``entities.jsonl`` (names and ids per entity), with a hint when it is missing."""
+    path = instructions.entities
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: embedding_init=names needs the entities' names and ids, "
+                                "which instruct writes with ids=codes or random (run instruct again)")
+    return read_jsonl(path)
 
 
 def wrap_trainable(model: Any, config: FinetuneConfig, full: bool, new_ids: list[int]) -> Any:
@@ -114,6 +125,122 @@ class PaddingCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask,
                 "position_ids": (mask.cumsum(1) - 1).clamp_min(0),
                 "logits_to_keep": torch.arange(width - answer - 1, width)}  # (answer + 1,) positions
+
+
+class NewTokenRate:
+    """The new token rows learn at ``multiplier`` x the learning rate (``new_token_lr_multiplier``).
+
+    LoRA: PEFT keeps the new rows in their own tensors (``trainable_tokens_delta``), which get their own
+    optimiser group.  Full training: the rows share the embedding matrix with the old ones, so no group can
+    hold them; after each optimiser step their update is scaled by ``multiplier`` (AdamW's step, decay
+    included, is linear in the learning rate, so this is the same as a learning rate of their own; the
+    schedule applies to both).  Output rows of an untied head are scaled alike.
+    """
+
+    def __init__(self, model: Any, new_ids: list[int], multiplier: float) -> None:
+        self.model, self.new_ids, self.multiplier = model, list(new_ids), multiplier
+        self.attached: Any = None
+
+    def attach(self, optimizer: Any) -> None:
+        """Give the new rows their rate in ``optimizer`` (once; nothing to do at multiplier 1 or without rows)."""
+        if self.multiplier == 1.0 or not self.new_ids or self.attached is optimizer:
+            return
+        self.attached = optimizer
+        deltas = [p for n, p in self.model.named_parameters() if "trainable_tokens_delta" in n and p.requires_grad]
+        if deltas:
+            self._own_group(optimizer, deltas)
+        else:
+            self._scaled_rows(optimizer)
+
+    def _own_group(self, optimizer: Any, deltas: list[Any]) -> None:
+        for group in list(optimizer.param_groups):
+            mine = [p for p in group["params"] if any(p is d for d in deltas)]
+            if mine:
+                group["params"] = [p for p in group["params"] if not any(p is d for d in deltas)]
+                optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
+                                           "params": mine, "lr": group["lr"] * self.multiplier})
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+
+    def _scaled_rows(self, optimizer: Any) -> None:
+        import torch
+
+        from kgtok.quantize.hf import embedding_matrices
+
+        rows = torch.tensor(self.new_ids, dtype=torch.long)
+        matrices = [w for w in embedding_matrices(self.model) if w.requires_grad]
+        before: list[Any] = []
+
+        def keep(*_: Any) -> None:
+            before[:] = [w.detach()[rows.to(w.device)].clone() for w in matrices]
+
+        def scale(*_: Any) -> None:
+            with torch.no_grad():
+                for w, old in zip(matrices, before):
+                    index = rows.to(w.device)
+                    w[index] = old + self.multiplier * (w[index] - old)
+
+        optimizer.register_step_pre_hook(keep)
+        optimizer.register_step_post_hook(scale)
+
+
+class AnswerLoss:
+    """:func:`answer_loss` as the Trainer's loss; in evaluation (no gradients) it also sums the loss of the
+    answers' code tokens alone (``code_ids``), read by :meth:`code_token_loss` after each LM-valid pass."""
+
+    def __init__(self, code_ids: list[int]) -> None:
+        self.code_ids = list(code_ids)
+        self.reset()
+
+    def reset(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def __call__(self, outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+        import torch
+
+        loss = answer_loss(outputs, labels, num_items_in_batch)
+        if self.code_ids and not torch.is_grad_enabled():
+            logits = outputs.logits[:, :-1].float()  # (batch, answer, V)
+            target = labels[:, -logits.shape[1]:]  # (batch, answer)
+            codes = torch.isin(target, torch.tensor(self.code_ids, device=target.device))
+            if codes.any():
+                self.total += float(torch.nn.functional.cross_entropy(logits[codes], target[codes], reduction="sum"))
+                self.count += int(codes.sum())
+        return loss
+
+    def code_token_loss(self, accelerator: Any) -> float:
+        """Mean loss of the code tokens since :meth:`reset`, summed over processes (nan when there were none)."""
+        import torch
+
+        sums = torch.tensor([self.total, float(self.count)], device=accelerator.device)
+        total, count = accelerator.reduce(sums, reduction="sum").tolist()
+        return total / count if count else math.nan
+
+
+def trainer_class() -> type:
+    """The Hugging Face Trainer plus the new rows' learning rate (:class:`NewTokenRate`) and, per LM-valid
+    pass, ``eval_code_token_loss`` (:class:`AnswerLoss`): when it stops falling the codes are learnt."""
+    from transformers import Trainer
+
+    class CodeTrainer(Trainer):
+        new_token_rate: NewTokenRate | None = None
+
+        def create_optimizer(self, model: Any = None) -> Any:
+            optimizer = super().create_optimizer(model)
+            if self.new_token_rate is not None:
+                self.new_token_rate.attach(optimizer)
+            return optimizer
+
+        def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+            loss = self.compute_loss_func
+            if isinstance(loss, AnswerLoss):
+                loss.reset()
+            output = super().evaluation_loop(*args, **kwargs)
+            if isinstance(loss, AnswerLoss) and loss.code_ids:
+                prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+                output.metrics[f"{prefix}_code_token_loss"] = loss.code_token_loss(self.accelerator)
+            return output
+
+    return CodeTrainer
 
 
 def answer_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
@@ -160,9 +287,10 @@ def training_arguments(config: FinetuneConfig, work: Path, learning_rate: float,
 
 def make_trainer(config: FinetuneConfig, arguments: Any, model: Any, tokenizer: Any,
                  train_records: list[dict[str, Any]], valid_records: list[dict[str, Any]], progress: bool,
-                 log: Callable[[str], None]) -> Any:
-    """The Hugging Face Trainer on the encoded records: answer-only loss, left padding, our console."""
-    from transformers import PrinterCallback, Trainer
+                 log: Callable[[str], None], new_ids: list[int] = (), code_ids: list[int] = ()) -> Any:
+    """The Hugging Face Trainer on the encoded records: answer-only loss, left padding, our console; the new
+    rows (``new_ids``) at their learning rate, the code tokens' (``code_ids``) LM-valid loss."""
+    from transformers import PrinterCallback
 
     from kgtok.llm.console import LossAtCheckpoints, TrainingConsole
 
@@ -173,8 +301,10 @@ def make_trainer(config: FinetuneConfig, arguments: Any, model: Any, tokenizer: 
         if counts["trimmed"] or counts["over"]:
             log(f"finetune: {counts['trimmed']} of {len(examples)} {name} prompts trimmed to max_length="
                 f"{config.max_length} (facts, then description); {counts['over']} over it with query and list alone")
-    trainer = Trainer(model=model, args=arguments, train_dataset=train_set, eval_dataset=valid_set or None,
-                      data_collator=PaddingCollator(tokenizer.pad_token_id), compute_loss_func=answer_loss)
+    trainer = trainer_class()(model=model, args=arguments, train_dataset=train_set, eval_dataset=valid_set or None,
+                              data_collator=PaddingCollator(tokenizer.pad_token_id),
+                              compute_loss_func=AnswerLoss(list(code_ids)))
+    trainer.new_token_rate = NewTokenRate(model, list(new_ids), config.new_token_lr_multiplier)
     trainer.remove_callback(PrinterCallback)  # a dictionary per logging step
     trainer.add_callback(TrainingConsole(progress, log))
     trainer.add_callback(LossAtCheckpoints())
@@ -220,13 +350,17 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
         arguments = training_arguments(config, ctx.work, learning_rate, bool(valid_records))
         state = PartialState()
         set_seed(config.seed)
+        entities = read_entities(instructions) if config.embedding_init == "names" else None
         with state.main_process_first():  # the tiny backbone is built once, by the main process
             model, tokenizer, new_ids, backbone = load_backbone(
-                config, [training_text(r) for r in train_records + valid_records], ctx.work, inputs.get("codes"))
+                config, [training_text(r) for r in train_records + valid_records], ctx.work, inputs.get("codes"),
+                entities)
+        code_ids = (tokenizer.convert_tokens_to_ids(code_vocabulary(inputs["codes"])[0])
+                    if inputs.get("codes") is not None else [])
         model = wrap_trainable(model, config, full, new_ids)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         trainer = make_trainer(config, arguments, model, tokenizer, train_records, valid_records, ctx.progress,
-                               ctx.log)
+                               ctx.log, new_ids=new_ids, code_ids=code_ids)
         checkpoints = ctx.work / "checkpoints"
         done_before = max((int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*")), default=0)
         if done_before and state.is_main_process:
@@ -244,6 +378,7 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
                 * state.num_processes)
     eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     train_loss = mean_train_loss(trainer.state.log_history, done_before, result.training_loss, result.global_step)
+    code_losses = [h["eval_code_token_loss"] for h in trainer.state.log_history if "eval_code_token_loss" in h]
     metrics = {
         "backbone": str(backbone), "adapter": "full" if full else "lora", "trainable_parameters": trainable,
         "parameters": sum(p.numel() for p in merged.parameters()), "new_tokens": len(new_ids),
@@ -253,6 +388,7 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
                                     / seconds if seconds else math.nan),
         "processes": state.num_processes, "learning_rate": learning_rate,
         **{f"prompts_{key}": n for key, n in budget_counts(train_set).items()},
+        **({"valid_code_token_loss": code_losses[-1]} if code_losses else {}),
     }
     write_json_atomic(FinetuneArtifact(dest).metrics_path, {**metrics, "history": list(trainer.state.log_history)})
     ctx.log(f"finetune: {metrics['adapter']} training of {backbone.name}, {result.global_step} steps, "

@@ -20,7 +20,16 @@ never the query triple itself; the gold is never added to a list that lacks
 it; names are not unique, so each candidate carries its entity id and the
 answer is resolved through the list, never by name.
 
-Output (``dest``): ``lm_train.jsonl``, ``lm_valid.jsonl``, ``test.jsonl`` and
+Alignment (``align_tasks``, LC-Rec's way of teaching an LLM its item IDs):
+records that translate an entity's ids to its name (``codes_to_name``) or its
+name and description to its ids (``name_to_codes``), ``align_ratio`` per
+LM-train example and task, each entity at most once per task, mixed into
+LM-train (``"align_task"`` says which; no candidates, so 5c never sees them).
+
+Output (``dest``): ``lm_train.jsonl``, ``lm_valid.jsonl``, ``test.jsonl``,
+with ids ``entities.jsonl`` (per entity: ``entity`` index, raw ``id``,
+``name``, ``ids`` tokens, ``answer`` text; the finetune stage's ``names``
+init and the evaluate stage's generative ranker read it) and
 ``manifest.json``.  One record per line::
 
     {"id": "valid-17-tail", "split": "valid", "direction": "tail",
@@ -46,7 +55,15 @@ from kgtok.llm.classify import classification_records
 from kgtok.llm.config import InstructConfig  # here too: kgtok.llm.instruct.InstructConfig is public
 from kgtok.llm.layout import InstructArtifact
 from kgtok.llm.neighbours import NeighbourIndex
-from kgtok.llm.prompts import compose_prompt, dift_prompt_parts, entity_text, query_lines, write_jsonl
+from kgtok.llm.prompts import (
+    compose_prompt,
+    cut_words,
+    dift_prompt_parts,
+    entity_text,
+    query_lines,
+    write_jsonl,
+)
+from kgtok.llm.vocab import ENTITY_BEGIN, ENTITY_END
 from kgtok.quantize.layout import QuantizeArtifact
 from kgtok.stage import Context, Input, Stage, run_stage
 
@@ -145,6 +162,42 @@ def random_ids(tokens: list[str], rng: np.random.Generator, tries: int = 100_000
     raise ValueError(f"ids=random: codes still shared after {tries} swaps (too few code combinations)")
 
 
+def entity_rows(kg: KnowledgeGraph, tokens: list[str], config: InstructConfig) -> list[dict[str, Any]]:
+    """``entities.jsonl``: per entity its index, raw id, name, id tokens and its answer text (as prompts show it)."""
+    return [{"entity": i, "id": kg.entity_names[i], "name": kg.labels[i], "ids": tokens[i],
+             "answer": entity_text(kg, i, tokens, config)} for i in range(kg.num_entities)]
+
+
+def alignment_records(kg: KnowledgeGraph, tokens: list[str], config: InstructConfig, examples: int,
+                      rng: np.random.Generator) -> list[dict[str, Any]]:
+    """LC-Rec's alignment tasks: per task in ``align_tasks``, round(align_ratio x ``examples``) entities (each
+    at most once, all of them at most) drawn from ``rng``, in entity order.
+
+    ``codes_to_name``: "What entity has the codes <ent>..</ent>?" -> its name; ``name_to_codes``: "What are
+    the codes of NAME?" (and its description, cut as the prompts' are) -> ``<ent>..</ent>``.  Prompt and
+    answer are split as every record's, so the loss falls on the answer alone.
+    """
+    records = []
+    for task in config.align_tasks:
+        count = min(int(round(config.align_ratio * examples)), kg.num_entities)
+        for entity in np.sort(rng.choice(kg.num_entities, count, replace=False)).tolist():
+            name, ids = kg.labels[entity], f"{ENTITY_BEGIN}{tokens[entity]}{ENTITY_END}"
+            if task == "codes_to_name":
+                parts = {"head": [f"What entity has the codes {ids}?"], "about": "", "description": "",
+                         "facts_about": "", "facts": [], "tail": []}
+                answer = name
+            else:
+                has_description = config.use_descriptions and bool(kg.descriptions[entity])
+                parts = {"head": [f"What are the codes of {name}?"], "about": f"About {name}: ",
+                         "description": (cut_words(kg.descriptions[entity], config.description_words)
+                                         if has_description else ""),
+                         "facts_about": "", "facts": [], "tail": []}
+                answer = ids
+            records.append({"id": f"align-{task}-{entity}", "split": "align", "align_task": task,
+                            "entity": entity, **prompt_fields(parts), "answer": answer})
+    return records
+
+
 def records_for_split(kg: KnowledgeGraph, ranked: RankedQueries, split: str, tokens: list[str] | None,
                       neighbours: NeighbourIndex, config: InstructConfig, rows: np.ndarray | None = None,
                       shuffle: np.random.Generator | None = None) -> list[dict[str, Any]]:
@@ -221,6 +274,8 @@ def run(config: InstructConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     tokens = load_tokens(inputs["codes"], kg) if config.use_codes else None
     if config.ids == "random":
         tokens = random_ids(tokens, np.random.default_rng(config.seed + 2))
+    if tokens is not None:
+        write_jsonl(InstructArtifact(dest).entities, entity_rows(kg, tokens, config))
     if config.task == "classification":
         return _classification_instruct(config, kg, tokens, dest, ctx.log, inputs.get("negatives"))
     embeddings = EmbedArtifact(inputs["embeddings"])
@@ -248,14 +303,23 @@ def run(config: InstructConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
         classes = load_classes(inputs["classes"], kg.entity_names)
         for records in (lm_train, lm_valid, test):
             add_class_prefix(records, classes)
+    alignment = []
+    if config.align_tasks:  # after the class prefix: alignment answers name an entity, not a query's target
+        align_rng = np.random.default_rng(config.seed + 3)
+        alignment = alignment_records(kg, tokens, config, len(lm_train), align_rng)
+        lm_train = lm_train + alignment
+        lm_train = [lm_train[i] for i in align_rng.permutation(len(lm_train))]
     out = InstructArtifact(dest)
     for name, records in (("lm_train", lm_train), ("lm_valid", lm_valid), ("test", test)):
         write_jsonl(out.split(name), records)
-    ctx.log(f"instruct: {len(lm_train)} LM-train, {len(lm_valid)} LM-valid, {len(test)} test records")
+    aligned = f" ({len(alignment)} alignment)" if config.align_tasks else ""
+    ctx.log(f"instruct: {len(lm_train)} LM-train{aligned}, {len(lm_valid)} LM-valid, {len(test)} test records")
     return {
+        **({"lm_train_alignment": len(alignment)} if config.align_tasks else {}),
         "lm_train": len(lm_train), "lm_valid": len(lm_valid), "test": len(test),
         "validation_queries": len(valid_records),
-        "lm_train_dropped": dropped, "lm_train_from_train_queries": len(lm_train) - from_validation,
+        "lm_train_dropped": dropped,
+        "lm_train_from_train_queries": len(lm_train) - len(alignment) - from_validation,
         "test_gold_in_candidates": float(np.mean([r["gold_in_candidates"] for r in test])) if test else 0.0,
     }
 

@@ -8,10 +8,12 @@ from kgtok.artifacts import Artifact, File
 
 
 class InstructArtifact(Artifact):
-    """``kgtok instruct`` output: one JSONL file per split (lm_train, lm_valid, test)."""
+    """``kgtok instruct`` output: one JSONL file per split (lm_train, lm_valid, test); with ids (codes or
+    random), ``entities.jsonl``: every entity's name, ids and answer text as the prompts show them."""
 
     stage = "instruct"
     title = "stage-5a (instruct)"
+    entities = File("entities.jsonl")
 
     def split(self, name: str) -> Path:
         return self.path / f"{name}.jsonl"

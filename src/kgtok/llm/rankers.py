@@ -134,6 +134,14 @@ def rerank_class(rows: PredictionRows) -> np.ndarray | None:
     return rows.reranked("class_scores")
 
 
+@ranker("generative", "LM generation over all entities (beam)")
+def generative(rows: PredictionRows) -> np.ndarray | None:
+    """The gold's filtered position in the LM's beam of entities (``generative_beams``); none there: inf."""
+    if not all("generative_rank" in p for p in rows.rows):
+        return None
+    return np.array([np.inf if p["generative_rank"] is None else p["generative_rank"] for p in rows.rows])
+
+
 def rank_all(predictions: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Ranks of the gold per registered ranker that this run's rows support."""
     rows = PredictionRows(predictions)

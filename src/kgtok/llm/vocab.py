@@ -5,7 +5,9 @@ embedding of a code relates to its codeword; a code tuple's tokens then sum to
 a projection of the entity's quantised vector) through a fixed random
 projection from code width to model width, rescaled to the norm of the
 existing rows; or from the mean of the existing rows plus small noise (the
-reference's choice, and the fallback for tokens without a codeword).
+reference's choice, and the fallback for tokens without a codeword); or from
+the names of the entities each token groups (``names``: the mean of their
+names' mean rows).
 """
 
 from __future__ import annotations
@@ -51,11 +53,36 @@ def codeword_of(token: str, codebooks: np.ndarray | None) -> np.ndarray | None:
     return None
 
 
+def token_entities(tokens: list[str], entity_ids: list[str]) -> list[np.ndarray | None]:
+    """Per token, the entities whose id tuple holds it (``names`` init), or None when none does.
+
+    ``entity_ids``: each entity's id tokens as one string (``<a_1><b_7>``).  Each level has its own token
+    namespace, so "holds <b_7>" is "has code 7 at level 1"; with ``ids: random`` the groups are the random
+    tuples' (the tokens the prompts show).
+    """
+    import re
+
+    owners: dict[str, list[int]] = {}
+    for entity, ids in enumerate(entity_ids):
+        for token in set(re.findall(r"<[^<>]+>", ids)):
+            owners.setdefault(token, []).append(entity)
+    return [np.array(sorted(owners[t])) if t in owners else None for t in tokens]
+
+
 def extend_vocabulary(model: Any, tokenizer: Any, tokens: list[str], *, init: str = "codebook",
-                      codebooks: np.ndarray | None = None, seed: int = 0) -> list[int]:
+                      codebooks: np.ndarray | None = None, entities: list[dict[str, Any]] | None = None,
+                      seed: int = 0) -> list[int]:
     """Add ``tokens`` (whole, never split) and initialise their rows (:func:`kgtok.quantize.hf.extend_vocabulary`,
-    the same maths as ``EntityTokenizer.extend``); returns their ids."""
+    the same maths as ``EntityTokenizer.extend``); returns their ids.
+
+    ``entities`` (``names`` init): the instructions' ``entities.jsonl`` rows (``name`` and ``ids`` per entity).
+    """
     from kgtok.quantize.hf import extend_vocabulary as extend
 
+    if init == "names" and entities is None:
+        raise ValueError("embedding_init=names needs the entities' names and ids (the instructions' entities.jsonl)")
     codewords = [codeword_of(token, codebooks) for token in tokens] if init == "codebook" else None
-    return extend(model, tokenizer, tokens, init=init, codewords=codewords, seed=seed)
+    groups = token_entities(tokens, [e["ids"] for e in entities]) if init == "names" else None
+    names = [e["name"] for e in entities] if init == "names" else None
+    return extend(model, tokenizer, tokens, init=init, codewords=codewords, token_entities=groups,
+                  entity_names=names, seed=seed)
