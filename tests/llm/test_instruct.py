@@ -199,8 +199,25 @@ def test_random_ids_have_the_codes_shape_and_tokens_but_not_their_content(inputs
     for level in range(len(levels(real[0]))):  # every level keeps its tokens and their counts
         assert Counter(levels(t)[level] for t in drawn) == Counter(levels(t)[level] for t in real)
     assert len(set(drawn)) == len(drawn)
-    with pytest.raises(ValueError, match="ids=random"):
-        random_ids(["<a_1><b_1>", "<a_1><b_1>"], np.random.default_rng(0), tries=50)
+    with pytest.raises(ValueError, match="ids=random: 2 entities .* only 1 different tuples"):
+        random_ids(["<a_1><b_1>", "<a_1><b_1>"], np.random.default_rng(0))
+
+
+def test_random_ids_fill_a_nearly_full_code_space():
+    """200 entities in 16 x 16 tuples with skewed levels: the swap-only version gave up after 100,000 swaps."""
+    import re
+
+    from kgtok.llm.instruct import random_ids
+
+    rng = np.random.default_rng(1)
+    pairs = rng.permutation(256)[:200]  # unique real codes, as the quantizer's distinct assignment leaves them
+    real = [f"<a_{p // 16}><b_{p % 16}>" for p in sorted(pairs, key=lambda p: (p % 7, p))]
+    drawn = random_ids(real, np.random.default_rng(0))
+    assert len(set(drawn)) == 200
+    levels = lambda t: re.findall(r"<[^<>]+>", t)  # noqa: E731
+    for level in (0, 1):
+        assert {levels(t)[level] for t in drawn} <= {levels(t)[level] for t in real}
+    assert sum(d == r for d, r in zip(drawn, real)) < 20  # not the real codes back
 
 
 def test_prompt_budget_keeps_query_question_and_every_candidate(inputs, tmp_path):

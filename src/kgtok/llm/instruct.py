@@ -41,6 +41,7 @@ init and the evaluate stage's generative ranker read it) and
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -124,42 +125,45 @@ def load_tokens(quantize_artifact: str | Path | None, kg: KnowledgeGraph) -> lis
     return [r[2] for r in rows]
 
 
-def random_ids(tokens: list[str], rng: np.random.Generator, tries: int = 100_000) -> list[str]:
+def random_ids(tokens: list[str], rng: np.random.Generator, rounds: int = 10_000) -> list[str]:
     """A random unique code per entity, of the codes' shape and vocabulary (the ``ids: random`` baseline).
 
     Each level's tokens are permuted across the entities independently (among the codes of one length), so
     every level keeps its tokens and their counts while an entity's tuple carries nothing of its own codes or
-    of its neighbours'.  Entities left sharing a tuple then swap one level's token with a random entity of
-    the same length (counts kept) until every tuple is unique, at most ``tries`` swaps.
+    of its neighbours'.  Entities left sharing a tuple (all but one of each group) then draw new tokens, level
+    by level, from that level's tokens as the other entities hold them (so counts barely move); after half
+    of ``rounds`` rounds, uniformly from the level's vocabulary, which finds the last free tuples of a nearly
+    full code space.  Only a code space smaller than the entities is refused.
     """
     split = [re.findall(r"<[^<>]+>", t) for t in tokens]
     lengths = np.array([len(s) for s in split])
-    shuffled = [list(s) for s in split]
-    groups = {int(length): np.flatnonzero(lengths == length) for length in np.unique(lengths)}
-    for length, members in groups.items():
-        for level in range(length):
-            column = [split[i][level] for i in members]
-            for i, j in zip(members, rng.permutation(len(members))):
-                shuffled[i][level] = column[j]
-    owners: dict[tuple[str, ...], list[int]] = {}
-    for i, code in enumerate(shuffled):
-        owners.setdefault(tuple(code), []).append(i)
-    for _ in range(tries):
-        clashing = [i for group in owners.values() if len(group) > 1 for i in group[1:]]
-        if not clashing:
-            return ["".join(code) for code in shuffled]
-        i = clashing[int(rng.integers(len(clashing)))]
-        members = groups[len(shuffled[i])]
-        j, level = int(members[rng.integers(len(members))]), int(rng.integers(len(shuffled[i])))
-        if j == i:
-            continue
-        for k in (i, j):
-            owners[tuple(shuffled[k])].remove(k)
-        shuffled[i][level], shuffled[j][level] = shuffled[j][level], shuffled[i][level]
-        for k in (i, j):
-            owners.setdefault(tuple(shuffled[k]), []).append(k)
-        owners = {code: group for code, group in owners.items() if group}
-    raise ValueError(f"ids=random: codes still shared after {tries} swaps (too few code combinations)")
+    drawn: list[str] = [""] * len(tokens)
+    for length in np.unique(lengths):
+        members = np.flatnonzero(lengths == length)
+        table = np.array([split[i] for i in members], dtype=object).reshape(len(members), int(length))
+        vocab, columns = zip(*(np.unique(table[:, level].astype(str), return_inverse=True)
+                               for level in range(length))) if length else ((), ())
+        codes = np.stack([rng.permutation(c) for c in columns], axis=1) if length else np.zeros((len(members), 0), int)
+        space = math.prod(len(v) for v in vocab)
+        if space < len(members):
+            raise ValueError(f"ids=random: {len(members)} entities with {length}-token codes, but only {space} "
+                             "different tuples of those tokens exist (too few code combinations)")
+        for round_ in range(rounds + 1):
+            _, first = np.unique(codes, axis=0, return_index=True)
+            clash = np.ones(len(members), dtype=bool)
+            clash[first] = False
+            if not clash.any():
+                break
+            if round_ == rounds:
+                raise ValueError(f"ids=random: {int(clash.sum())} codes still shared after {rounds} rounds")
+            n = int(clash.sum())
+            if round_ < rounds // 2:  # the tokens as held: counts kept in expectation
+                codes[clash] = codes[rng.integers(0, len(members), size=(n, int(length))), np.arange(length)]
+            else:
+                codes[clash] = np.stack([rng.integers(0, len(v), n) for v in vocab], axis=1)
+        for row, i in enumerate(members):
+            drawn[i] = "".join(vocab[level][codes[row, level]] for level in range(length))
+    return drawn
 
 
 def entity_rows(kg: KnowledgeGraph, tokens: list[str], config: InstructConfig) -> list[dict[str, Any]]:
