@@ -152,3 +152,12 @@ def test_shipped_configs_load():
     assert paths, "no embed configs shipped"
     for path in paths:
         assert isinstance(load_config(EmbedConfig, path), EmbedConfig)
+
+
+def test_eval_every_zero_validates_once_per_epoch(kg, tmp_path):
+    """The default (0) validates at each epoch's end, so small and large graphs get the same schedule."""
+    config = small(eval_every=0, batch_size=100, max_steps=10**6, patience=2)
+    _, state = train_model(kg, config, tmp_path, progress=False, log=quiet)
+    epoch = -(-2 * len(kg.train) // 100)  # reciprocal relations: a query per side
+    assert [h["step"] for h in state.history] == [epoch * (i + 1) for i in range(len(state.history))]
+    assert state.bad_evaluations == 2 and state.step < 10**6  # early stopping ended it

@@ -43,7 +43,7 @@ def test_trial_schedule_validates_once_per_epoch(kg_dir):
     config = trial_config(EmbedConfig(model="rotate"), params, kg, TuneConfig(trial_epochs=5, patience=2))
     epoch = -(-2 * len(kg.train) // 100)
     assert (config.model, config.resolved_loss, config.eval_every, config.max_steps, config.patience) == (
-        "complex", "1vsall", epoch, 5 * epoch, 2)
+        "complex", "1vsall", 0, 5 * epoch, 2)  # eval_every 0: once per epoch
 
 
 def test_tune_tries_the_given_config_first_and_never_chooses_worse(kg_dir):

@@ -261,6 +261,7 @@ def train_model(
     examples = examples.to(device)
     weights = None if weights is None else weights.to(device)
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
+    eval_every = config.eval_every or steps_per_epoch
     valid = kg.valid
     if config.eval_max_queries and len(valid) > config.eval_max_queries:
         pick = torch.randperm(len(valid), generator=_seeded(config.seed, 1))[: config.eval_max_queries]
@@ -288,7 +289,7 @@ def train_model(
         state.last_loss = loss
         bar.update(1)
 
-        if state.step % config.eval_every == 0 or state.step == config.max_steps:
+        if state.step % eval_every == 0 or state.step == config.max_steps:
             best_state = validate(model, kg, config, valid, state, best_state, best_path) or best_state
             save_checkpoint(last_path, model, optimizer, state)
             message = (f"embed: step {state.step}  loss {state.last_loss:.4f}  "

@@ -81,7 +81,7 @@ def trial_config(base: EmbedConfig, params: dict[str, Any], kg: KnowledgeGraph, 
     config = replace(base, model="complex", loss="1vsall", reciprocal=None, optimizer="adagrad", **params)
     examples = 2 * len(kg.train)  # reciprocal relations: a query per side
     epoch = max(1, math.ceil(examples / config.batch_size))
-    return replace(config, eval_every=epoch, max_steps=max(epoch, int(tune.trial_epochs * epoch)),
+    return replace(config, eval_every=0, max_steps=max(epoch, int(tune.trial_epochs * epoch)),
                    patience=tune.patience)
 
 
