@@ -100,6 +100,13 @@ def test_link_checker_sees_a_broken_link(tmp_path):
     assert links(page) == ["#a-title", "missing.md"] and anchors(page) == {"a-title"}
 
 
+def test_no_raw_html_tags_in_prose():
+    """``<TAB>`` or ``<a_3>`` outside code would be read as HTML and vanish from the page."""
+    found = [f"{page.relative_to(ROOT)}: {tag}" for page in markdown_files()
+             for tag in re.findall(r"<[A-Za-z_/][^>\n]*>", without_code(page.read_text(encoding="utf-8")))]
+    assert not found, found
+
+
 def test_every_docs_page_is_in_the_nav():
     import yaml
 

@@ -8,7 +8,8 @@ re-rank, class constraint, and ablations found under ``RUN_DIR/ablate``);
 per-relation Hits@1; and the stage-5 comparisons: every LM ranker's paired
 difference to the retriever (and to the run without IDs, when ``kgtok ablate``
 made one) with its 95% bootstrap CI drawn as an error bar, and a table with the
-p-values (:func:`stage5_comparisons`, from :mod:`kgtok.llm.compare`).
+p-values ([`stage5_comparisons`][kgtok.report.stage5_comparisons], from
+[`kgtok.llm.compare`][kgtok.llm.compare]).
 """
 
 from __future__ import annotations
@@ -244,7 +245,7 @@ def stage5_comparisons(run_dir: str | Path, *, resamples: int = 10_000, seed: in
     to the retriever in Hits@1 and MRR, with the 95% percentile-bootstrap CI as an error bar, and a
     table of the differences, CIs and p-values (exact McNemar for Hits@1, paired sign-flip
     permutation for MRR), also against the run without IDs (``without_codes``) when there is one.
-    The rows come from :func:`kgtok.llm.compare.comparison_rows`, as ``kgtok ablate`` prints them.
+    The rows come from [`comparison_rows`][kgtok.llm.compare.comparison_rows], as ``kgtok ablate`` prints them.
 
     Parameters
     ----------
