@@ -125,7 +125,7 @@ def test_run_caches_and_reruns_on_change(tmp_path):
     sources = re.findall(r'src="([^"]*)"', page)
     assert len(sources) >= 5 and all(s.startswith("data:image/png;base64,") for s in sources)
     for heading in ("Stage 1", "Codebook usage", "Hierarchy alignment", "The code tree", "fine-tuning",
-                    "Link prediction", "Per-relation Hits@1"):
+                    "Link prediction", "Per-relation Hits@1", "each ranker against the retriever"):
         assert heading in page
     retriever = json.loads((tmp_path / "run" / "evaluate" / "metrics.json").read_text())["retriever"]["both"]
     assert f"<td>{retriever['mrr']:.4f}</td>" in page

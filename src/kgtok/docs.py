@@ -1,11 +1,11 @@
-"""The README's config reference, generated from the config dataclasses (one table per stage).
+"""The config reference page (docs/configs.md), generated from the config dataclasses (one table per stage).
 
     python -m kgtok.docs            # print the markdown
-    python -m kgtok.docs --write    # replace the section between the markers in README.md
+    python -m kgtok.docs --write    # replace the section between the markers in docs/configs.md
 
 Each row comes from the field itself: name (dotted for nested sections), type,
 default, and the trailing comment on its line in the source, so the reference
-cannot drift from the code (a test checks the README is current).
+cannot drift from the code (a test checks the page is current).
 """
 
 from __future__ import annotations
@@ -91,22 +91,25 @@ def config_reference() -> str:
     return "\n".join(parts)
 
 
-def update_readme(readme: Path) -> bool:
-    """Rewrite the generated section; returns whether the file changed."""
-    text = readme.read_text(encoding="utf-8")
+REFERENCE_PAGE = Path("docs") / "configs.md"  # relative to the repository root
+
+
+def update_reference(page: Path) -> bool:
+    """Rewrite the generated section of ``page``; returns whether the file changed."""
+    text = page.read_text(encoding="utf-8")
     if BEGIN not in text or END not in text:
-        raise ValueError(f"{readme}: markers {BEGIN} ... {END} not found")
+        raise ValueError(f"{page}: markers {BEGIN} ... {END} not found")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     new = f"{head}{BEGIN}\n{config_reference()}\n{END}{tail}"
     if new != text:
-        readme.write_text(new, encoding="utf-8")
+        page.write_text(new, encoding="utf-8")
     return new != text
 
 
 if __name__ == "__main__":
     if "--write" in sys.argv:
-        path = Path(__file__).resolve().parents[2] / "README.md"
-        print(f"{path}: {'updated' if update_readme(path) else 'already current'}")
+        path = Path(__file__).resolve().parents[2] / REFERENCE_PAGE
+        print(f"{path}: {'updated' if update_reference(path) else 'already current'}")
     else:
         print(config_reference())

@@ -62,7 +62,7 @@ class RunConfig:
     hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)  # stage 3
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)  # stage 4
     # Up to 20,000 training queries in ReaLM's short form: an LM trained from scratch learns from them which
-    # entities a relation leads to (on the synthetic KG its fused re-rank rises above the retriever).
+    # entities a relation leads to (the DIFT examples alone are a few hundred).
     instruct: InstructConfig = field(  # stage 5a: here neighbours 3, description_words 15, 20,000 short train queries
         default_factory=lambda: InstructConfig(neighbours=3, description_words=15, train_from_train_queries=True,
                                                train_query_format="query", train_queries=20000))

@@ -4,8 +4,12 @@ Sections appear for the stages whose artifacts exist: stage-1 metrics; codebook
 usage per level; quantizer loss and held-out entropy curves; hierarchy
 alignment (NMI) per level; a 2-D PCA of the fused entity vectors coloured by
 level-1 code; fine-tuning loss; the final metrics table (retriever, DIFT rule,
-re-rank, class constraint, and ablations found under ``RUN_DIR/ablate``); and
-per-relation Hits@1.
+re-rank, class constraint, and ablations found under ``RUN_DIR/ablate``);
+per-relation Hits@1; and the stage-5 comparisons: every LM ranker's paired
+difference to the retriever (and to the run without IDs, when ``kgtok ablate``
+made one) with its 95% bootstrap CI drawn as an error bar, and a table with the
+p-values ([`stage5_comparisons`][kgtok.report.stage5_comparisons], from
+[`kgtok.llm.compare`][kgtok.llm.compare]).
 """
 
 from __future__ import annotations
@@ -225,8 +229,112 @@ def _final(run: Path) -> str | None:
     return "".join(parts)
 
 
+def _evaluate_runs(run: Path) -> dict[str, Path]:
+    """The run's link-prediction evaluation and its ablations' (``kgtok ablate``), by name, ``full`` first."""
+    runs = {"full": run / "evaluate"} if (run / "evaluate" / "predictions.jsonl").exists() else {}
+    if runs:
+        for predictions in sorted((run / "ablate").glob("*/evaluate/predictions.jsonl")):
+            runs[predictions.parent.parent.name] = predictions.parent
+    return runs
+
+
+def stage5_comparisons(run_dir: str | Path, *, resamples: int = 10_000, seed: int = 0) -> str | None:
+    """The report's section on stage 5's comparisons, or None when the run has no link-prediction evaluation.
+
+    Per LM ranker of the run (and of each ablation under ``RUN_DIR/ablate``): its paired difference
+    to the retriever in Hits@1 and MRR, with the 95% percentile-bootstrap CI as an error bar, and a
+    table of the differences, CIs and p-values (exact McNemar for Hits@1, paired sign-flip
+    permutation for MRR), also against the run without IDs (``without_codes``) when there is one.
+    The rows come from [`comparison_rows`][kgtok.llm.compare.comparison_rows], as ``kgtok ablate`` prints them.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        A ``kgtok run`` directory.
+    resamples : int, default 10000
+        Bootstrap resamples (and random sign flips) per comparison.
+    seed : int, default 0
+        Seed of the resampling.
+
+    Returns
+    -------
+    str or None
+        The HTML of the section (figure inlined as PNG).
+    """
+    from kgtok.llm.compare import comparison_rows
+
+    runs = _evaluate_runs(Path(run_dir))
+    if not runs:
+        return None
+    try:
+        rows = comparison_rows(runs, "without_codes" if "without_codes" in runs else None, resamples=resamples,
+                               seed=seed)
+    except ValueError:  # triple classification: no ranks to compare
+        return None
+    compared = [row for row in rows if row["vs_retriever"]]
+    if not compared:
+        return None
+    several = len(runs) > 1
+    names = [f"{row['run']}: {row['label']}" if several else row["label"] for row in compared]
+    versus_retriever = [[row["run"], row["label"], *_comparison_cells(row, "vs_retriever", with_value=True)]
+                        for row in compared]
+    versus_no_ids = [[row["run"], row["label"], *_comparison_cells(row, "vs_no_ids", with_value=False)]
+                     for row in compared if row["vs_no_ids"]]
+    retriever = rows[0]
+    parts = [f"<h2>Stage 5: each ranker against the retriever ({retriever['queries']} test queries, paired)</h2>",
+             _comparison_plot(names, compared),
+             f"<p>Retriever: Hits@1 {retriever['hits_at_1']:.4f}, MRR {retriever['mrr']:.4f}. Points: the "
+             f"ranker's mean minus the retriever's over the same queries; bars: 95% percentile bootstrap CI over "
+             f"the queries ({resamples:,} resamples). Green or red: the interval excludes 0; grey: no measurable "
+             "difference. p: exact McNemar test (Hits@1), paired sign-flip permutation test (MRR).</p>",
+             _table(["run", "ranker", "Hits@1", "- retriever", "95% CI", "p", "MRR", "- retriever", "95% CI", "p"],
+                    versus_retriever)]
+    if versus_no_ids:
+        parts += ["<h3>Against the same ranker without IDs (ablation without_codes)</h3>",
+                  _table(["run", "ranker", "Hits@1 - no IDs", "95% CI", "p", "MRR - no IDs", "95% CI", "p"],
+                         versus_no_ids)]
+    return "".join(parts)
+
+
+def _comparison_cells(row: dict[str, Any], other: str, *, with_value: bool) -> list[Any]:
+    """Per measure: (the ranker's value,) its difference to ``other``, the 95% CI and the p-value."""
+    cells: list[Any] = []
+    for measure in ("hits_at_1", "mrr"):
+        pair = row[other][measure]
+        cells += [row[measure]] if with_value else []
+        cells += [f"{pair['difference']:+.4f}", f"[{pair['ci_low']:+.4f}, {pair['ci_high']:+.4f}]",
+                  _p_value(pair["p_value"])]
+    return cells
+
+
+def _p_value(p: float) -> str:
+    return f"{p:.2g}" if p >= 0.001 else "<0.001"
+
+
+def _comparison_plot(names: list[str], rows: list[dict[str, Any]]) -> str:
+    """Horizontal error bars: per ranker, the difference to the retriever and its 95% CI, one panel per measure."""
+    import matplotlib.pyplot as plt
+
+    y = np.arange(len(names))
+    figure, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.4), sharey=True)
+    for axis, measure, title in zip(axes, ("hits_at_1", "mrr"), ("Hits@1", "MRR")):
+        pairs = [row["vs_retriever"][measure] for row in rows]
+        difference = np.array([p["difference"] for p in pairs])
+        errors = np.array([[p["difference"] - p["ci_low"] for p in pairs],
+                           [p["ci_high"] - p["difference"] for p in pairs]])  # (2, rankers)
+        colours = ["tab:green" if p["ci_low"] > 0 else "tab:red" if p["ci_high"] < 0 else "tab:grey" for p in pairs]
+        axis.axvline(0.0, color="black", linewidth=0.8)
+        for i in range(len(names)):
+            axis.errorbar(difference[i], y[i], xerr=errors[:, i: i + 1], fmt="o", color=colours[i], capsize=4)
+        axis.set_title(f"{title}: ranker - retriever (95% CI)")
+        axis.set_xlabel(f"difference in {title}")
+    axes[0].set_yticks(y, names, fontsize=8)
+    axes[0].invert_yaxis()
+    return _png(figure)
+
+
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
-table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}
 th{background:#f2f2f2}td:first-child{text-align:left}img{max-width:100%}"""
 
 
@@ -238,7 +346,8 @@ def write_report(run_dir: str | Path, dest: str | Path | None = None) -> Path:
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: not a run directory")
-    sections = [s for s in (_stage1(run), _quantizer(run), _finetune(run), _final(run)) if s]
+    sections = [s for s in (_stage1(run), _quantizer(run), _finetune(run), _final(run),
+                             stage5_comparisons(run)) if s]
     if not sections:
         raise ValueError(f"{run}: no stage artifacts found (expected embed/, quantize/, evaluate/ ...)")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>kgtok report: {html.escape(run.name)}"

@@ -1,4 +1,4 @@
-"""The EntityTokenizer outside kgtok's pipeline: save_pretrained layout, extending any HF model, README example."""
+"""The EntityTokenizer outside kgtok's pipeline: save_pretrained layout, extending any HF model, the docs' example."""
 
 from __future__ import annotations
 
@@ -179,23 +179,23 @@ def test_extending_twice_keeps_the_first_rows(backbone):
     torch.testing.assert_close(model.get_input_embeddings().weight, weight)
 
 
-# --- the README example -------------------------------------------------------------
+# --- the example of docs/stage4-codes.md ("The tokenizer for any model") ------------
 
 
-def readme_example() -> str:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = readme.split("<!-- example:any-model -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+def docs_example() -> str:
+    page = (ROOT / "docs" / "stage4-codes.md").read_text(encoding="utf-8")
+    block = page.split("<!-- example:any-model -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     return block
 
 
-def test_readme_example_runs(backbone, tmp_path, monkeypatch):
-    code = readme_example()
+def test_docs_tokenizer_example_runs(backbone, tmp_path, monkeypatch):
+    code = docs_example()
     assert len([line for line in code.splitlines() if line.strip()]) <= 10
     code, replaced = re.subn(r'^BACKBONE = .*$', f"BACKBONE = {str(backbone)!r}", code, flags=re.M)
     assert replaced == 1
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(code, "README.md example", "exec"), namespace)
+    exec(compile(code, "docs/stage4-codes.md example", "exec"), namespace)
     tok, ids, hf_tok, prompt = namespace["tok"], namespace["ids"], namespace["hf_tok"], namespace["prompt"]
     assert ids.shape == tok.codes_.shape
     encoded = hf_tok(prompt, add_special_tokens=False)["input_ids"]
