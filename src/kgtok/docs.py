@@ -62,9 +62,14 @@ def _default(field: dataclasses.Field) -> object:
     return "required"
 
 
+def _as_code(comment: str) -> str:
+    """Words holding ``<TAB>`` or ``<a_3>`` become code: as prose they would be read as HTML and vanish."""
+    return re.sub(r"(\S*<[A-Za-z_][^>\s]*>\S*)", r"`\1`", comment)
+
+
 def _rows(cls: type, prefix: str = "", skip_nested: bool = False) -> list[str]:
     hints = typing.get_type_hints(cls)
-    comments = _comments(cls)
+    comments = {name: _as_code(text) for name, text in _comments(cls).items()}
     rows = []
     for field in dataclasses.fields(cls):
         default = _default(field)
