@@ -1,7 +1,7 @@
 """Stage 5 configs: InstructConfig (5a), FinetuneConfig with its TinyBackboneConfig (5b), EvaluateConfig (5c).
 
-Every default lives here with a trailing comment on its trade-off (the README's
-config reference is generated from those comments).  Choice fields are typed
+Every default lives here with a trailing comment on its trade-off (the config
+reference, docs/configs.md, is generated from those comments).  Choice fields are typed
 ``Literal[...]``: a YAML file or an override with another value is refused
 while loading, and ``__post_init__`` refuses it in Python from the same list.
 """
