@@ -57,7 +57,8 @@ def main() -> None:
     run_dir = Path(args.out)
     runs = {name: run_dir / "evaluate" if name == "full" else run_dir / "ablate" / name / "evaluate"
             for name in results}
-    rows = comparison_rows(runs, "without_codes" if "without_codes" in runs else None)
+    rows = comparison_rows(runs, "without_codes" if "without_codes" in runs else None,
+                           random_ids="random_ids" if "random_ids" in runs else None)
     fusion = {name: {k: json.loads((path / "metrics.json").read_text())["fusion"].get(k)
                      for k in ("weight", "position", "chosen_on", "grid")} for name, path in runs.items()}
     record.update(comparisons=rows, significant=significant(rows), fusion=fusion, note=args.note,

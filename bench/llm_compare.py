@@ -146,7 +146,8 @@ def main() -> None:
     variants = args.variants.split(",")
     runs = {v: run_dir / f"llm-{args.backbone.replace('/', '_')}{args.tag and '-' + args.tag}-{v}" / "evaluate"
             for v in variants}
-    rows = comparison_rows(runs, "no_codes" if "no_codes" in runs else None)
+    rows = comparison_rows(runs, "no_codes" if "no_codes" in runs else None,
+                           random_ids="random_ids" if "random_ids" in runs else None)
     record.update(comparisons=rows, significant=significant(rows), note=args.note)
     record.update(command=command(), machine=machine(), threads=t)
     columns = ["backbone", "retriever_hits_at_1", *[f"{v}_{m}" for v in args.variants.split(",")

@@ -786,7 +786,7 @@ def ablate_command(config_path: str | None, data: str | None, out: str | None, o
     from rich.table import Table
 
     from kgtok.artifacts import write_json_atomic
-    from kgtok.llm.compare import comparison_cells, comparison_header, comparison_rows
+    from kgtok.llm.compare import comparison_cells, comparison_header, comparison_rows, compared_with
     from kgtok.pipeline import ABLATIONS, ablate
 
     config = _run_config(config_path, data, out, overrides)
@@ -795,13 +795,15 @@ def ablate_command(config_path: str | None, data: str | None, out: str | None, o
     run_dir = Path(config.out)
     runs = {name: run_dir / "evaluate" if name == "full" else run_dir / "ablate" / name / "evaluate"
             for name in results}
-    rows = comparison_rows(runs, "without_codes" if "without_codes" in runs else None)
+    rows = comparison_rows(runs, "without_codes" if "without_codes" in runs else None,
+                           random_ids="random_ids" if "random_ids" in runs else None)
+    others = compared_with(rows)
     table = Table(title=f"ablations (test, filtered, {rows[0]['queries']} queries): paired differences, "
                         "95% bootstrap CI, p (McNemar / sign-flip permutation)")
-    for column in comparison_header():
+    for column in comparison_header(others):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["run"], row["label"], *comparison_cells(row))
+        table.add_row(row["run"], row["label"], *comparison_cells(row, others))
     Console(width=220).print(table)
     summary = run_dir / "ablate" / "summary.json"
     write_json_atomic(summary, {"metrics": results, "comparisons": rows})

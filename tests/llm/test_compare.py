@@ -43,3 +43,26 @@ def test_rows_are_paired_by_query_and_use_the_one_statistics_function(tmp_path):
     table = comparison_markdown(rows)
     assert "Hits@1 - no IDs [95% CI] p" in table and "| codes | LM pick (DIFT rule) |" in table
     assert any("codes LM pick (DIFT rule): Hits@1 vs no IDs" in s for s in significant(rows))
+
+
+def test_random_ids_column_compares_codes_with_random_ids(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 150
+    ids = [f"test-{i}-tail" for i in range(n)]
+    stage1 = rng.integers(1, 4, n)
+    picks = {name: np.where(rng.random(n) < share, stage1, 1) for name, share in
+             (("codes", 0.8), ("random", 0.5), ("none", 0.3))}
+    for name, chosen in picks.items():
+        write_run(tmp_path / name, ids, stage1, chosen)
+    rows = comparison_rows({k: tmp_path / k for k in picks}, "none", random_ids="random", resamples=500)
+    by = {(r["run"], r["ranker"]): r for r in rows}
+    dift = {k: np.where(v == stage1, 1.0, stage1 + (v > stage1)) for k, v in picks.items()}
+    assert by["codes", "dift"]["vs_random_ids"] == paired_comparison(dift["codes"], dift["random"], resamples=500)
+    assert by["random", "dift"]["vs_random_ids"] is None and by["none", "dift"]["vs_random_ids"] is None
+    assert by["random", "dift"]["vs_no_ids"] is not None
+    table = comparison_markdown(rows)
+    assert "Hits@1 - random IDs [95% CI] p" in table
+    assert any("codes LM pick (DIFT rule): Hits@1 vs random IDs" in s for s in significant(rows))
+    # Without a random-ID run the table keeps its two comparison columns.
+    assert "random IDs" not in comparison_markdown(comparison_rows({k: tmp_path / k for k in ("codes", "none")},
+                                                                   "none", resamples=200))

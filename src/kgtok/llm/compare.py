@@ -43,14 +43,15 @@ def _aligned(ids: list[str], ranks: np.ndarray, common: list[str]) -> np.ndarray
     return ranks[[index[q] for q in common]]
 
 
-def comparison_rows(runs: dict[str, str | Path], no_ids: str | None = None, *, resamples: int = 10_000,
-                    seed: int = 0) -> list[dict[str, Any]]:
+def comparison_rows(runs: dict[str, str | Path], no_ids: str | None = None, *, random_ids: str | None = None,
+                    resamples: int = 10_000, seed: int = 0) -> list[dict[str, Any]]:
     """One row per (run, ranker): metrics and the paired comparisons (see the module docstring).
 
-    ``runs``: name -> stage-5c artifact, in the order shown; ``no_ids``: the name of the run without IDs
-    (None: no such column).  Only queries present in every run are compared (``queries`` in each row).
+    ``runs``: name -> stage-5c artifact, in the order shown; ``no_ids`` / ``random_ids``: the names of the
+    runs without IDs and with random IDs (None: no such column; codes vs random IDs tells "codes help" from
+    "unique IDs help").  Only queries present in every run are compared (``queries`` in each row).
     Row: ``run``, ``ranker``, ``label``, ``queries``, per measure ``<measure>`` and ``vs_retriever`` /
-    ``vs_no_ids`` (``{measure: paired_comparison row}``; None where it does not apply).
+    ``vs_no_ids`` / ``vs_random_ids`` (``{measure: paired_comparison row}``; None where it does not apply).
     """
     loaded = {name: evaluation_ranks(path) for name, path in runs.items()}
     common_set = set.intersection(*(set(ids) for ids, _ in loaded.values()))
@@ -63,17 +64,20 @@ def comparison_rows(runs: dict[str, str | Path], no_ids: str | None = None, *, r
     first = next(iter(ranks))
     retriever = ranks[first]["retriever"]
     rows.append({"run": first, "ranker": "retriever", "label": labels["retriever"], "queries": len(common),
-                 **_measures(retriever), "vs_retriever": None, "vs_no_ids": None})
+                 **_measures(retriever), "vs_retriever": None, "vs_no_ids": None, "vs_random_ids": None})
     for name, by_ranker in ranks.items():
         for key, values in by_ranker.items():
             if key == "retriever":
                 continue
-            base = no_ids is not None and name != no_ids and key in ranks[no_ids]
+            def versus(other: str | None) -> dict[str, Any] | None:
+                if other is None or name in (other, no_ids) or key not in ranks[other]:
+                    return None
+                return paired_comparison(values, ranks[other][key], resamples=resamples, seed=seed)
+
             rows.append({
                 "run": name, "ranker": key, "label": labels.get(key, key), "queries": len(common), **_measures(values),
                 "vs_retriever": paired_comparison(values, by_ranker["retriever"], resamples=resamples, seed=seed),
-                "vs_no_ids": (paired_comparison(values, ranks[no_ids][key], resamples=resamples, seed=seed)
-                              if base else None),
+                "vs_no_ids": versus(no_ids), "vs_random_ids": versus(random_ids),
             })
     return rows
 
@@ -82,28 +86,36 @@ def _measures(ranks: np.ndarray) -> dict[str, float]:
     return {"hits_at_1": float(np.mean(ranks <= 1.0)), "mrr": float(np.mean(1.0 / ranks))}
 
 
-def comparison_cells(row: dict[str, Any]) -> list[str]:
-    """The table cells of a row after run and ranker: per measure, value, vs retriever, vs no IDs."""
+AGAINST = {"vs_retriever": "retriever", "vs_no_ids": "no IDs", "vs_random_ids": "random IDs"}
+
+
+def compared_with(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The comparison columns the rows fill: retriever and no IDs always, random IDs when some row has it."""
+    return ("vs_retriever", "vs_no_ids", *(("vs_random_ids",) if any(r.get("vs_random_ids") for r in rows) else ()))
+
+
+def comparison_cells(row: dict[str, Any], others: tuple[str, ...] = ("vs_retriever", "vs_no_ids")) -> list[str]:
+    """The table cells of a row after run and ranker: per measure, the value and each difference in ``others``."""
     cells = []
     for measure in COMPARED:
         cells.append(f"{row[measure]:.3f}")
-        for other in ("vs_retriever", "vs_no_ids"):
-            cells.append(format_difference(row[other][measure]) if row[other] else "-")
+        for other in others:
+            cells.append(format_difference(row[other][measure]) if row.get(other) else "-")
     return cells
 
 
-def comparison_header() -> list[str]:
+def comparison_header(others: tuple[str, ...] = ("vs_retriever", "vs_no_ids")) -> list[str]:
     return ["run", "ranker", *[cell for measure in COMPARED for cell in
-                               (NAMES[measure], f"{NAMES[measure]} - retriever [95% CI] p",
-                                f"{NAMES[measure]} - no IDs [95% CI] p")]]
+                               (NAMES[measure], *[f"{NAMES[measure]} - {AGAINST[o]} [95% CI] p" for o in others])]]
 
 
 def comparison_markdown(rows: list[dict[str, Any]]) -> str:
     """The rows as a markdown table, with a line on the tests used."""
-    header = comparison_header()
+    others = compared_with(rows)
+    header = comparison_header(others)
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
-        lines.append("| " + " | ".join([row["run"], row["label"], *comparison_cells(row)]) + " |")
+        lines.append("| " + " | ".join([row["run"], row["label"], *comparison_cells(row, others)]) + " |")
     queries = rows[0]["queries"] if rows else 0
     return ("\n".join(lines) + f"\n\nDifferences are paired over the same {queries} test queries: 95% percentile "
             "bootstrap CI (10,000 resamples of queries); p: exact McNemar test (Hits@1), paired sign-flip "
@@ -114,9 +126,10 @@ def significant(rows: list[dict[str, Any]], alpha: float = 0.05) -> list[str]:
     """Sentences naming every difference with p < alpha (for a benchmark's note)."""
     out = []
     for row in rows:
-        for other, against in (("vs_retriever", "the retriever"), ("vs_no_ids", "no IDs")):
+        for other, against in (("vs_retriever", "the retriever"), ("vs_no_ids", "no IDs"),
+                               ("vs_random_ids", "random IDs")):
             for measure in COMPARED:
-                if row[other] and row[other][measure]["p_value"] < alpha:
+                if row.get(other) and row[other][measure]["p_value"] < alpha:
                     out.append(f"{row['run']} {row['label']}: {NAMES[measure]} vs {against} "
                                f"{format_difference(row[other][measure])}")
     return out
