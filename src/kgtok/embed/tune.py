@@ -85,6 +85,51 @@ def trial_config(base: EmbedConfig, params: dict[str, Any], kg: KnowledgeGraph, 
                    patience=tune.patience)
 
 
+def _given(base: EmbedConfig) -> dict[str, Any] | None:
+    """The given config's point in the searched space, or None when it lies outside (another model, say)."""
+    point = {"dim": base.dim, "batch_size": base.batch_size, "regularizer_weight": base.resolved_regularizer_weight,
+             "lr": base.resolved_lr}
+    inside = (base.model == "complex" and base.resolved_loss == "1vsall" and base.resolved_optimizer == "adagrad"
+              and base.dim in DIMS and base.batch_size in BATCH_SIZES
+              and REGULARIZER[0] <= point["regularizer_weight"] <= REGULARIZER[1]
+              and LEARNING_RATE[0] <= point["lr"] <= LEARNING_RATE[1])
+    return point if inside else None
+
+
+def _trial(trial: Any, kg: KnowledgeGraph, base: EmbedConfig, config: TuneConfig, deadline: float,
+           row: dict[str, Any], log: Callable[[str], None]) -> float:
+    """Train one trial, reporting each epoch's validation MRR for pruning; fills ``row``, returns its best MRR."""
+    import optuna
+
+    from kgtok.embed.train import train_model
+
+    params = _space(trial)
+    row.update(trial=trial.number, **params)
+    schedule = trial_config(base, params, kg, config)
+    seen: list[float] = []
+
+    def on_validate(state: Any) -> bool:
+        seen.append(state.history[-1]["valid_mrr"])
+        trial.report(seen[-1], len(seen))
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+        return time.monotonic() > deadline
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="kgtok-tune-") as work:
+            _, state = train_model(kg, schedule, Path(work), progress=False, on_validate=on_validate,
+                                   log=lambda *_: None)
+    except optuna.TrialPruned:
+        row.update(state="pruned", valid_mrr=max(seen), validations=len(seen))
+        log(f"tune: trial {trial.number}  pruned after {len(seen)} validations (best {max(seen):.4f})  {params}")
+        raise
+    cut = state.step < schedule.max_steps and state.bad_evaluations < schedule.patience  # stopped by the budget
+    row.update(state="cut by budget" if cut else "complete", valid_mrr=state.best_mrr,
+               validations=len(state.history), best_step=state.best_step)
+    log(f"tune: trial {trial.number}  valid MRR {state.best_mrr:.4f}  {params}")
+    return state.best_mrr
+
+
 def tune(kg: KnowledgeGraph, base: EmbedConfig, config: TuneConfig, *,
          log: Callable[[str], None] = print) -> TuneResult:
     """Search on validation MRR for ``config.budget`` seconds; returns ``base`` with the best trial's settings."""
@@ -92,54 +137,24 @@ def tune(kg: KnowledgeGraph, base: EmbedConfig, config: TuneConfig, *,
         import optuna
     except ImportError as error:  # an optional dependency: only --tune needs it
         raise RuntimeError("kgtok embed --tune needs Optuna: pip install 'kgtok[tune]'") from error
-    from kgtok.embed.train import train_model
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     start = time.monotonic()
     deadline = start + config.budget
-    given = {"dim": base.dim, "batch_size": base.batch_size, "regularizer_weight": base.resolved_regularizer_weight,
-             "lr": base.resolved_lr}
-    sampler = optuna.samplers.TPESampler(seed=config.seed)
-    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=3)
-    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
-    given_is_in_space = (base.model == "complex" and base.resolved_loss == "1vsall" and base.dim in DIMS
-                         and base.batch_size in BATCH_SIZES and base.resolved_optimizer == "adagrad"
-                         and REGULARIZER[0] <= given["regularizer_weight"] <= REGULARIZER[1]
-                         and LEARNING_RATE[0] <= given["lr"] <= LEARNING_RATE[1])
-    if given_is_in_space:
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=config.seed),
+                                pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=3))
+    given = _given(base)
+    if given is not None:
         study.enqueue_trial(given, skip_if_exists=True)
     trials: list[dict[str, Any]] = []
 
     def objective(trial: Any) -> float:
-        params = _space(trial)
-        trial_start = time.monotonic()
-        seen: list[float] = []
-
-        def on_validate(state: Any) -> bool:
-            seen.append(state.history[-1]["valid_mrr"])
-            trial.report(seen[-1], len(seen))
-            if trial.should_prune():
-                raise optuna.TrialPruned()
-            return time.monotonic() > deadline
-
-        row: dict[str, Any] = {"trial": trial.number, **params}
-        schedule = trial_config(base, params, kg, config)
+        row: dict[str, Any] = {}
+        began = time.monotonic()
         try:
-            with tempfile.TemporaryDirectory(prefix="kgtok-tune-") as work:
-                _, state = train_model(kg, schedule, Path(work), progress=False,
-                                       on_validate=on_validate, log=lambda *_: None)
-        except optuna.TrialPruned:
-            row.update(state="pruned", valid_mrr=max(seen), validations=len(seen))
-            log(f"tune: trial {trial.number}  pruned after {len(seen)} validations (best {max(seen):.4f})  {params}")
-            raise
+            return _trial(trial, kg, base, config, deadline, row, log)
         finally:
-            row["seconds"] = round(time.monotonic() - trial_start, 1)
-            trials.append(row)
-        cut = state.step < schedule.max_steps and state.bad_evaluations < schedule.patience  # stopped by the budget
-        row.update(state="cut by budget" if cut else "complete", valid_mrr=state.best_mrr,
-                   validations=len(state.history), best_step=state.best_step)
-        log(f"tune: trial {trial.number}  valid MRR {state.best_mrr:.4f}  {params}")
-        return state.best_mrr
+            trials.append({**row, "seconds": round(time.monotonic() - began, 1)})
 
     def out_of_time(study: Any, trial: Any) -> None:
         if time.monotonic() > deadline or (config.max_trials and len(study.trials) >= config.max_trials):
@@ -150,7 +165,7 @@ def tune(kg: KnowledgeGraph, base: EmbedConfig, config: TuneConfig, *,
     if not done:
         raise RuntimeError(f"tune: no trial finished within {config.budget:g} s; give a larger budget")
     best = max(done, key=lambda t: t.value)
-    given_mrr = study.trials[0].value if given_is_in_space and study.trials[0].value is not None else float("nan")
+    given_mrr = study.trials[0].value if given is not None and study.trials[0].value is not None else float("nan")
     chosen = replace(base, model="complex", loss="1vsall", optimizer="adagrad", reciprocal=None, **best.params)
     return TuneResult(chosen=chosen, chosen_valid_mrr=float(best.value), given_valid_mrr=float(given_mrr),
                       trials=trials, seconds=time.monotonic() - start)
