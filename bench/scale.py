@@ -60,7 +60,7 @@ def kgtok(*args: str) -> list[str]:
     return [sys.executable, "-m", "kgtok.cli", *args]
 
 
-def stage_commands(n: int, root: Path, threads: int) -> dict[str, list[str] | None]:
+def stage_commands(n: int, root: Path, threads: int, skip_text: bool = False) -> dict[str, list[str] | None]:
     """The command of each stage at ``n`` entities (None: skipped at this size)."""
     kg, t = root / "kg", f"threads={threads}"
     fraction = min(0.05, SPLIT_TRIPLES / (n * 6.0))  # the default generator makes about 6 triples per entity
@@ -74,7 +74,7 @@ def stage_commands(n: int, root: Path, threads: int) -> dict[str, list[str] | No
                        f"eval_every={steps}", "eval_max_queries=1000", "eval_batch_size=64", "export_splits=[test]",
                        "top_k=10", t),
         "text": (kgtok("text", "--data", str(kg), "--out", str(root / "text"), "--no-progress", "mode=joint", t)
-                 if n <= TEXT_MAX_ENTITIES else None),
+                 if n <= TEXT_MAX_ENTITIES and not skip_text else None),
         "hierarchy": kgtok("hierarchy", "--data", str(kg), "--embeddings", str(root / "embed"), "--out",
                            str(root / "hierarchy"), "builder=kmeans", "levels=4", t),
         "quantize": kgtok("quantize", "--data", str(kg), "--hierarchy", str(root / "hierarchy"), "--out",
@@ -100,18 +100,20 @@ def timed_run(argv: list[str], env: dict[str, str], log: Path) -> dict[str, floa
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak, 1) if peak is not None else None}
 
 
-def measure(n: int, work: Path, threads: int) -> dict:
+def measure(n: int, work: Path, threads: int, skip_text: bool = False) -> dict:
     """Run every stage at ``n`` entities in ``work``; the record of one size."""
     root = work / f"n{n}"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     env = {**os.environ, "KGTOK_CACHE_DIR": str(root / "cache"), "OMP_NUM_THREADS": str(threads)}
     record: dict = {"load_before": [round(x, 2) for x in os.getloadavg()], "stages": {}}
-    for name, argv in stage_commands(n, root, threads).items():
+    for name, argv in stage_commands(n, root, threads, skip_text).items():
         if argv is None:
-            record["stages"][name] = {"skipped": f"more than {TEXT_MAX_ENTITIES:,} entities: about a million "
-                                                f"sentence-encoder passes (~30 min on 2 cores); stage 3 reads "
-                                                f"graph vectors only at every size"}
+            record["stages"][name] = {"skipped": "--skip-text (stage 3 reads graph vectors only at every size)"
+                                      if skip_text and n <= TEXT_MAX_ENTITIES else
+                                      f"more than {TEXT_MAX_ENTITIES:,} entities: about a million "
+                                      f"sentence-encoder passes (~30 min on 2 cores); stage 3 reads "
+                                      f"graph vectors only at every size"}
             continue
         print(f"scale: {n:,} entities: {name} ...", flush=True)
         stage = timed_run(argv, env, root / "commands.log")
@@ -172,10 +174,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "kgtok-scale")
     parser.add_argument("--result", type=Path, default=RESULTS / "scale_synthetic.json")
     parser.add_argument("--keep", action="store_true", help="keep the work folders (KGs and artifacts)")
+    parser.add_argument("--skip-text", action="store_true",
+                        help="skip stage 2 at every size (it is the slowest stage and stage 3 does not read it here)")
     args = parser.parse_args()
     data = json.loads(args.result.read_text()) if args.result.exists() else {}
     for n in args.sizes:
-        record = measure(n, args.work, args.threads)
+        record = measure(n, args.work, args.threads, args.skip_text)
         record.update(command=command(), threads=args.threads, machine=machine())
         data[str(n)] = record
         data["slopes"] = slopes(data)
