@@ -345,18 +345,15 @@ def data_list() -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--relations/--no-relations", default=False, help="Also list every relation.")
-@click.option("--skip-header", is_flag=True,
-              help="Skip a header line (head<TAB>relation<TAB>tail) instead of refusing it.")
-@click.option("--strip-whitespace", is_flag=True, help="Strip spaces around ids instead of refusing them.")
+@_load_options
 @_friendly_errors
-def data_info(directory: str, as_json: bool, relations: bool, skip_header: bool, strip_whitespace: bool) -> None:
+def data_info(directory: str, as_json: bool, relations: bool, load: DataConfig) -> None:
     """Counts, unseen entities, and relation statistics of the KG in DIRECTORY."""
-    from kgtok.data.graph import load_kg
     from kgtok.data.stats import summarize
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        summary = summarize(load_kg(directory, skip_header=skip_header, strip_whitespace=strip_whitespace))
+        summary = summarize(load.load(directory))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -485,13 +482,11 @@ def _tune_embed(data: str, config_path: str | None, overrides: list[str], dest: 
     """Run the search; write ``<dest>.tune.yaml`` (the chosen EmbedConfig) and ``<dest>.tune.json`` (trials)."""
     from kgtok.artifacts import write_json_atomic, write_text_atomic
     from kgtok.config import format_config, load_config
-    from kgtok.data import load_kg
     from kgtok.embed.config import EmbedConfig
     from kgtok.embed.tune import TuneConfig, tune
 
     base = load_config(EmbedConfig, config_path, overrides)
-    kg = load_kg(data, skip_header=load.skip_header, strip_whitespace=load.strip_whitespace)
-    result = tune(kg, base, TuneConfig(budget=budget, seed=base.seed), log=click.echo)
+    result = tune(load.load(data), base, TuneConfig(budget=budget, seed=base.seed), log=click.echo)
     chosen = dest.parent / f"{dest.name}.tune.yaml"
     dest.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(chosen, format_config(result.chosen))
