@@ -67,7 +67,9 @@ def build(config: EmbedConfig, kg: KnowledgeGraph, device: torch.device | str = 
     model.reset_parameters(generator, scale=config.init_scale if config.resolved_loss == "1vsall" else None)
     model.to(device)  # before the optimizer, whose state (Adagrad's sums) is made on the parameters' device
     if config.resolved_optimizer == "adagrad":
-        optimizer: torch.optim.Optimizer = torch.optim.Adagrad(model.parameters(), lr=config.resolved_lr)
+        # Fused on the CPU: one pass over the table instead of five (about a tenth of a WN18RR step on 2 cores)
+        fused = torch.device(device).type == "cpu"
+        optimizer: torch.optim.Optimizer = torch.optim.Adagrad(model.parameters(), lr=config.resolved_lr, fused=fused)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=config.resolved_lr)
     return model, optimizer
