@@ -17,7 +17,7 @@ from kgtok.data.synthetic import SyntheticConfig, write_synthetic
 from kgtok.embed import EmbedConfig, run_embed
 from kgtok.llm import InstructConfig, run_instruct
 from kgtok.llm.backbone import TinyBackboneConfig, build_tiny
-from kgtok.llm.decoding import EntityTrie, PrefixTrie, filtered_position
+from kgtok.llm.decoding import PrefixTrie, filtered_position
 from kgtok.llm.evaluate import EvaluateConfig, run_evaluate
 from kgtok.llm.finetune import IGNORE_INDEX, FinetuneConfig, encode_example, load_backbone, run_finetune
 from kgtok.llm.vocab import extend_vocabulary
@@ -258,13 +258,13 @@ def test_code_token_loss_on_lm_valid(stages, tmp_path):
 # ----------------------------------------------------------------------------
 
 
-def test_entity_trie_and_filtered_position():
+def test_prefix_trie_and_filtered_position():
     sequences = [[5, 6, 9], [5, 7, 9], [8, 9], [5, 6, 10, 9]]
-    trie, plain = EntityTrie(sequences), PrefixTrie(sequences)
-    for prefix in ([], [5], [8], [5, 6], [5, 7], [5, 6, 10]):
-        assert trie.allowed[tuple(prefix)] == plain.allowed(prefix)
+    trie = PrefixTrie(sequences)
+    expected = {(): [5, 8], (5,): [6, 7], (8,): [9], (5, 6): [9, 10], (5, 7): [9], (5, 6, 10): [9]}
+    assert trie.children == expected  # complete sequences continue nowhere
     assert trie.width == 4 and trie.lookup([5, 6, 10, 9]) == 3 and trie.lookup([5, 6]) == -1
-    assert (5, 6, 9) not in trie.allowed  # complete sequences continue nowhere
+    assert PrefixTrie([]).children == {} and PrefixTrie([]).width == 0
     assert filtered_position([4, 7, 2, 9], gold=2, known={7}) == 2.0  # 7 is another true answer: filtered
     assert filtered_position([4, 7, 2, 9], gold=2, known=set()) == 3.0
     assert filtered_position([4, 7], gold=2, known=set()) == float("inf")

@@ -9,7 +9,7 @@ runs Hugging Face ``generate`` with ``prefix_allowed_tokens_fn`` instead
 (``decode: generate``; slower; the tests check both agree).
 
 Generative retrieval (``generative_beams``) is not limited to a list: beam
-search under an :class:`EntityTrie` of every entity's answer tokens
+search under a :class:`PrefixTrie` of every entity's answer tokens
 (:func:`beam_entities`) returns the entities the LM writes, best first.
 """
 
@@ -21,21 +21,36 @@ import numpy as np
 
 
 class PrefixTrie:
-    """Token sequences of the candidates; ``allowed(prefix)`` lists the tokens that may follow."""
+    """Token sequences as one map from each prefix to the tokens that may follow (``children``, sorted), and
+    from each complete sequence to its index (identical sequences resolve to the first listed).
+
+    Built once with numpy (per depth, the unique (prefix, next token) rows), so each step of constrained
+    decoding, over 20 candidates or every entity of the graph, is one dictionary access.
+    """
 
     def __init__(self, sequences: list[list[int]]) -> None:
-        self.children: dict[tuple[int, ...], set[int]] = {}
+        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+        self.width = int(lengths.max(initial=0))
+        ids = np.full((len(sequences), self.width), -1, dtype=np.int64)  # (N, width), -1 past the end
+        if lengths.sum():
+            starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+            ids[np.repeat(np.arange(len(sequences)), lengths), np.arange(lengths.sum()) - starts] = \
+                np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences if len(s)])
+        self.children: dict[tuple[int, ...], list[int]] = {}
+        for depth in range(self.width):
+            pairs = np.unique(ids[lengths > depth, :depth + 1], axis=0)  # (unique prefixes+next, depth + 1)
+            change = np.flatnonzero(np.any(pairs[1:, :depth] != pairs[:-1, :depth], axis=1)) + 1
+            for begin, end in zip(np.r_[0, change], np.r_[change, len(pairs)]):  # one group per prefix
+                self.children[tuple(pairs[begin, :depth].tolist())] = pairs[begin:end, depth].tolist()
         self.index: dict[tuple[int, ...], int] = {}
         for i, seq in enumerate(sequences):
-            for j in range(len(seq)):
-                self.children.setdefault(tuple(seq[:j]), set()).add(seq[j])
-            self.index.setdefault(tuple(seq), i)  # identical sequences resolve to the first listed
+            self.index.setdefault(tuple(seq), i)
 
     def allowed(self, prefix: list[int]) -> list[int]:
-        return sorted(self.children.get(tuple(prefix), ()))
+        return self.children.get(tuple(prefix), [])
 
     def lookup(self, sequence: list[int]) -> int:
-        """Candidate index of a complete sequence; -1 if it is not one."""
+        """Index of a complete sequence; -1 if it is not one."""
         return self.index.get(tuple(sequence), -1)
 
 
@@ -74,31 +89,7 @@ def generate_pick(model: Any, prompt: list[int], sequences: list[list[int]], pad
     return found if found >= 0 else 0
 
 
-class EntityTrie:
-    """Every entity's answer token sequence (EOS last) as one map from each prefix to the tokens that may
-    follow, built once with numpy (per depth, the unique (prefix, next token) rows), and from each complete
-    sequence to its entity.  Each lookup during beam search is then one dictionary access."""
-
-    def __init__(self, sequences: list[list[int]]) -> None:
-        lengths = np.array([len(s) for s in sequences])
-        self.width = int(lengths.max())
-        ids = np.full((len(sequences), self.width), -1, dtype=np.int64)  # (N, width), -1 past the end
-        for i, seq in enumerate(sequences):  # one copy per entity
-            ids[i, :len(seq)] = seq
-        self.allowed: dict[tuple[int, ...], list[int]] = {}
-        for depth in range(self.width):
-            pairs = np.unique(ids[lengths > depth, :depth + 1], axis=0)  # (unique prefixes+next, depth + 1)
-            change = np.flatnonzero(np.any(pairs[1:, :depth] != pairs[:-1, :depth], axis=1)) + 1
-            for begin, end in zip(np.r_[0, change], np.r_[change, len(pairs)]):  # one group per prefix
-                self.allowed[tuple(pairs[begin, :depth].tolist())] = pairs[begin:end, depth].tolist()
-        self.entity = {tuple(seq): i for i, seq in enumerate(sequences)}
-
-    def lookup(self, sequence: list[int]) -> int:
-        """The entity of a complete sequence; -1 if it is none."""
-        return self.entity.get(tuple(sequence), -1)
-
-
-def beam_entities(model: Any, prompt: list[int], trie: EntityTrie, beams: int, pad_id: int, eos_id: int,
+def beam_entities(model: Any, prompt: list[int], trie: PrefixTrie, beams: int, pad_id: int, eos_id: int,
                   length_penalty: float = 0.0) -> list[int]:
     """The entities beam search writes after ``prompt`` under ``trie``, best first (at most ``beams``).
 
@@ -113,7 +104,7 @@ def beam_entities(model: Any, prompt: list[int], trie: EntityTrie, beams: int, p
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=beams,
                          num_return_sequences=beams, max_new_tokens=trie.width, pad_token_id=pad_id,
                          eos_token_id=eos_id, length_penalty=length_penalty, early_stopping=False,
-                         prefix_allowed_tokens_fn=lambda _, tokens: trie.allowed.get(
+                         prefix_allowed_tokens_fn=lambda _, tokens: trie.children.get(
                              tuple(tokens[start:].tolist()), [eos_id]))
     found: list[int] = []
     for row in out[:, start:].tolist():

@@ -182,7 +182,7 @@ def _generative_retriever(config: EvaluateConfig, scorer: Any, records: list[dic
     The trie holds every entity's answer as the prompts write it (``entities.jsonl``), tokenised as the
     candidates are; the filter is the KG's train ∪ valid ∪ test answers of the query, the gold excepted.
     """
-    from kgtok.llm.decoding import EntityTrie, beam_entities, filtered_position
+    from kgtok.llm.decoding import PrefixTrie, beam_entities, filtered_position
     from kgtok.llm.prompts import encode_answer
 
     if not instructions.entities.exists():
@@ -197,7 +197,7 @@ def _generative_retriever(config: EvaluateConfig, scorer: Any, records: list[dic
     kg = ctx.kg
     relation = {name: i for i, name in enumerate(kg.relation_names)}
     entities = read_jsonl(instructions.entities)
-    trie = EntityTrie([encode_answer(scorer.tokenizer, e["answer"]) for e in entities])
+    trie = PrefixTrie([encode_answer(scorer.tokenizer, e["answer"]) for e in entities])
     length_penalty = 0.0 if config.score == "sum" else 1.0
     eos = scorer.tokenizer.eos_token_id
 
