@@ -45,19 +45,24 @@ def realistic_rank(
     -------
     (batch,) float64 ranks, 1 = best; half-integers arise from ties.
     """
-    scores = torch.nan_to_num(scores.float(), nan=-torch.inf)
+    scores = scores.float()
+    if torch.isnan(scores).any():  # a check reads the scores; a replacement would also write a copy
+        scores = torch.nan_to_num(scores, nan=-torch.inf)
     device = scores.device  # indices follow the scores (a GPU's, in stage 1 with device=cuda)
     rows = torch.arange(scores.shape[0], device=device)
     targets = torch.as_tensor(targets).to(device)
     true = scores[rows, targets].unsqueeze(1)  # (batch, 1)
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    if filter_rows is not None and len(filter_rows):
-        filter_rows = torch.as_tensor(filter_rows, dtype=torch.long).to(device)
-        filter_cols = torch.as_tensor(filter_cols, dtype=torch.long).to(device)
-        keep[filter_rows, filter_cols] = False
-    keep[rows, targets] = True  # the answer itself is never filtered out
-    better = ((scores > true) & keep).sum(dim=1)
-    tied = ((scores == true) & keep).sum(dim=1)  # includes the answer itself
+    if filter_rows is None or not len(filter_rows):  # nothing to filter: no mask to build and apply
+        # int32 sums: a plain bool .sum() first copies the mask to int64 (about 1.8x slower on a CPU)
+        better = (scores > true).sum(dim=1, dtype=torch.int32)
+        tied = (scores == true).sum(dim=1, dtype=torch.int32)  # includes the answer itself
+    else:
+        keep = torch.ones_like(scores, dtype=torch.bool)
+        keep[torch.as_tensor(filter_rows, dtype=torch.long).to(device),
+             torch.as_tensor(filter_cols, dtype=torch.long).to(device)] = False
+        keep[rows, targets] = True  # the answer itself is never filtered out
+        better = ((scores > true) & keep).sum(dim=1, dtype=torch.int32)
+        tied = ((scores == true) & keep).sum(dim=1, dtype=torch.int32)  # includes the answer itself
     optimistic = better + 1
     pessimistic = better + tied
     return (optimistic + pessimistic).double() / 2.0
@@ -75,9 +80,12 @@ def filtered_top_k(
     Returns (ids, scores), each (batch, k), best first; ties are broken by the
     lower id so that exports are reproducible.
     """
-    scores = torch.nan_to_num(scores.float(), nan=-torch.inf).clone()
+    scores = scores.float()
+    filtering = filter_rows is not None and len(filter_rows)
+    if filtering or torch.isnan(scores).any():  # a copy: the masking below stays local
+        scores = torch.nan_to_num(scores, nan=-torch.inf)
     device = scores.device
-    if filter_rows is not None and len(filter_rows):
+    if filtering:
         filter_rows = torch.as_tensor(filter_rows, dtype=torch.long).to(device)
         filter_cols = torch.as_tensor(filter_cols, dtype=torch.long).to(device)
         saved = None
@@ -94,8 +102,12 @@ def filtered_top_k(
     threshold = torch.topk(scores, k, dim=1).values[:, -1:]  # (batch, 1)
     above = scores > threshold
     at = scores == threshold
-    needed = k - above.sum(dim=1, keepdim=True)
-    chosen = above | (at & (torch.cumsum(at, dim=1) <= needed))  # exactly k per row
+    needed = k - above.sum(dim=1, keepdim=True, dtype=torch.int32)
+    chosen = above | at
+    spare = at.sum(dim=1, keepdim=True, dtype=torch.int32) > needed  # more ties at the k-th value than places
+    tied = torch.nonzero(spare.squeeze(1)).squeeze(1)
+    if len(tied):  # the cumulative count runs only over those rows (float scores rarely tie)
+        chosen[tied] = above[tied] | (at[tied] & (torch.cumsum(at[tied], dim=1) <= needed[tied]))  # exactly k
     ids = chosen.nonzero()[:, 1].view(-1, k)  # ascending id within each row
     values = scores.gather(1, ids)
     order = torch.argsort(-values, dim=1, stable=True)

@@ -9,7 +9,7 @@ import torch
 from kgtok.data.filter_index import FilterIndex
 from kgtok.embed.models import MODELS, build_model
 from kgtok.embed.ranking import rank_triples
-from kgtok.metrics import realistic_rank
+from kgtok.metrics import filtered_top_k, realistic_rank
 
 
 def make(name: str, entities: int = 13, relations: int = 4, dim: int = 6):
@@ -125,3 +125,35 @@ def test_one_gather_training_terms_equal_the_separate_ones(name):
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[0][2], grads[1][2], rtol=1e-5, atol=1e-6)
+
+
+def test_rank_triples_with_nan_golds_and_ties_matches_the_explicit_filter():
+    """rank_triples filters one copy of the scores in place (the other answers at -inf); a NaN gold would tie
+    with those, so its batch must rank as realistic_rank does with the explicit mask; tied candidates still
+    come out by id."""
+    base_relations = 3
+    model = make("complex", entities=17, relations=2 * base_relations)
+    with torch.no_grad():
+        model.entity[3] = float("nan")  # every score of entity 3 is NaN
+        model.entity[9] = model.entity[5]  # 5 and 9 tie everywhere
+        model.entity[11] = model.entity[5]
+    rng = np.random.default_rng(1)
+    triples = np.unique(np.stack([rng.integers(0, 17, 90), rng.integers(0, 3, 90), rng.integers(0, 17, 90)], 1), axis=0)
+    index = FilterIndex(triples, 17, base_relations)
+    test = torch.as_tensor(triples[:30])
+    assert 3 in test[:, 2].tolist() or 3 in test[:, 0].tolist()
+    ranked = rank_triples(model, test, index, reciprocal=True, num_base_relations=base_relations, batch_size=4,
+                          top_k=5)
+    entities = torch.arange(17)
+    with torch.no_grad():
+        for i, (h, r, t) in enumerate(test.tolist()):
+            for row, (query, relation, gold, known) in enumerate(
+                    [(h, r, t, index.true_tails(h, r)), (t, r + base_relations, h, index.true_heads(r, t))]):
+                scores = brute_scores(model, query, relation, entities)[None]
+                zeros = np.zeros(len(known), int)
+                want = realistic_rank(scores, torch.tensor([gold]), zeros, known)
+                ids, values = filtered_top_k(scores, 5, zeros, known, targets=torch.tensor([gold]))
+                at = row * len(test) + i
+                assert ranked.rank[at] == float(want[0])
+                assert ranked.candidates[at].tolist() == ids[0].tolist()
+    assert ranked.rank[(ranked.gold == 3)].min() > 1  # a NaN gold ranks last

@@ -161,3 +161,19 @@ def test_eval_every_zero_validates_once_per_epoch(kg, tmp_path):
     epoch = -(-2 * len(kg.train) // 100)  # reciprocal relations: a query per side
     assert [h["step"] for h in state.history] == [epoch * (i + 1) for i in range(len(state.history))]
     assert state.bad_evaluations == 2 and state.step < 10**6  # early stopping ended it
+
+
+def test_fused_adagrad_on_cpu_takes_the_plain_steps(kg):
+    """The CPU's fused Adagrad (one pass over the table) must move the weights as the plain one does."""
+    config = EmbedConfig(dim=8, batch_size=64, threads=1)
+    model, optimizer = embed_train.build(config, kg)
+    assert optimizer.defaults["fused"]
+    plain_model, _ = embed_train.build(config, kg)
+    plain = torch.optim.Adagrad(plain_model.parameters(), lr=config.resolved_lr)
+    examples = embed_train.training_examples(kg, reciprocal=True)
+    for step in range(3):
+        batch = examples[step * 64:(step + 1) * 64]
+        embed_train.training_step(model, optimizer, batch, config, step)
+        embed_train.training_step(plain_model, plain, batch, config, step)
+    torch.testing.assert_close(model.entity.detach(), plain_model.entity.detach(), rtol=1e-4, atol=1e-6)
+    assert not torch.equal(model.entity.detach(), embed_train.build(config, kg)[0].entity.detach())  # it moved

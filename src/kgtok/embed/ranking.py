@@ -107,15 +107,21 @@ def rank_triples(
             rows, cols = filter_index.head_pairs(r, t)
             gold = batch[:, 0].to(device)
         out = slice(d * n + start, d * n + start + len(batch))
-        rank[out] = realistic_rank(scores, gold, rows, cols).cpu().numpy()
         true = scores.gather(1, gold.unsqueeze(1)).squeeze(1)
         gold_score[out] = true.cpu().numpy()
-        masked = scores.clone()
+        # One filtered copy serves rank, probability and top-k: the other true answers at -inf, the gold kept.
+        # (A NaN or -inf gold would tie with them, so such a batch ranks with the explicit mask instead.)
+        worst = bool(torch.isneginf(true).any() or torch.isnan(true).any())
+        if worst:
+            rank[out] = realistic_rank(scores, gold, rows, cols).cpu().numpy()
+        masked = torch.nan_to_num_(scores, nan=-torch.inf)  # in place: the raw scores are not needed again
         masked[torch.as_tensor(rows).to(device), torch.as_tensor(cols).to(device)] = -torch.inf
-        masked[torch.arange(len(batch), device=device), gold] = true
+        masked[torch.arange(len(batch), device=device), gold] = torch.nan_to_num(true, nan=-torch.inf)  # as masked
+        if not worst:
+            rank[out] = realistic_rank(masked, gold).cpu().numpy()
         gold_probability[out] = torch.exp(true - torch.logsumexp(masked, dim=1)).cpu().numpy()
         if k:
-            ids, values = filtered_top_k(scores, k, rows, cols, targets=gold)
+            ids, values = filtered_top_k(masked, k)
             candidates[out] = ids.cpu().numpy()
             candidate_scores[out] = values.cpu().numpy()
     triples_np = triples.numpy()
