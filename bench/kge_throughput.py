@@ -33,6 +33,7 @@ MODELS = ("rotate", "transe", "distmult", "complex")
 
 
 def kgtok_training(kg, config: EmbedConfig, steps: int) -> float:
+    config = config.resolved_for(kg)  # the N3 weight train_model would use
     model, optimizer = build(config, kg)
     generator = torch.Generator().manual_seed(0)
     batches = [kg.train[torch.randint(len(kg.train), (config.batch_size,), generator=generator)] for _ in range(steps + 2)]

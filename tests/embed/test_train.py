@@ -177,3 +177,17 @@ def test_fused_adagrad_on_cpu_takes_the_plain_steps(kg):
         embed_train.training_step(plain_model, plain, batch, config, step)
     torch.testing.assert_close(model.entity.detach(), plain_model.entity.detach(), rtol=1e-4, atol=1e-6)
     assert not torch.equal(model.entity.detach(), embed_train.build(config, kg)[0].entity.detach())  # it moved
+
+
+def test_default_n3_weight_follows_the_graphs_density(kg, tmp_path):
+    """None: 0.2 / (training triples per entity) in [0.001, 0.1] for 1-vs-all; a given weight wins; nssa has none."""
+    config = EmbedConfig()
+    assert config.n3_weight(2.0) == pytest.approx(0.1) and config.n3_weight(40.0) == pytest.approx(0.005)
+    assert config.n3_weight(1.0) == 0.1 and config.n3_weight(1000.0) == 0.001
+    assert EmbedConfig(regularizer_weight=0.3).n3_weight(40.0) == 0.3
+    assert EmbedConfig(model="rotate").n3_weight(40.0) == 0.0
+    density = len(kg.triples["train"]) / kg.num_entities
+    assert config.resolved_for(kg).regularizer_weight == pytest.approx(0.2 / density)
+    logs: list[str] = []
+    train_model(kg, small(max_steps=2, eval_every=2), tmp_path / "w", progress=False, log=logs.append)
+    assert any(f"N3 weight {0.2 / density:.4g}" in line for line in logs)

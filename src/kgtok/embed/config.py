@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal
 
 from kgtok.config import check_fields, in_range, machine, resumable
+
+if TYPE_CHECKING:
+    from kgtok.data.graph import KnowledgeGraph
 
 ModelName = Literal["rotate", "transe", "distmult", "complex"]
 LossName = Literal["auto", "nssa", "1vsall"]
@@ -32,7 +35,7 @@ class EmbedConfig:
     adversarial_temperature: float = 1.0  # α: 0 gives uniform weights on negatives
     subsampling: bool = True  # weight triples by 1/sqrt(frequency of (h, r) and (r, t))
     # --- 1-vs-all (Lacroix et al. 2018) ---
-    regularizer_weight: float | None = None  # N3 weight λ; None: 0.05 for 1vsall, 0 for nssa (WN18RR likes ~0.1)
+    regularizer_weight: float | None = None  # N3 weight λ; None: 0.2 / (train triples per entity) in [0.001, 0.1] for 1vsall, 0 for nssa
     label_smoothing: float = 0.0  # spread this much probability over all entities
     # --- optimisation ---
     optimizer: Literal["auto", "adam", "adagrad"] = "auto"  # auto: adagrad for 1vsall (Lacroix et al.), adam for nssa
@@ -103,8 +106,20 @@ class EmbedConfig:
             return self.lr
         return 0.1 if self.resolved_optimizer == "adagrad" else 1e-3
 
-    @property
-    def resolved_regularizer_weight(self) -> float:
+    def n3_weight(self, triples_per_entity: float) -> float:
+        """λ: the given weight, else for 1vsall 0.2 / (training triples per entity) clipped to [0.001, 0.1].
+
+        Sparse graphs want strong N3 (WN18RR: 2.1 triples per entity, λ 0.094), small dense ones weak
+        (UMLS: 39, λ 0.005); one fixed λ was 0.01-0.15 validation MRR behind the tuned config on one kind
+        or the other. Chosen on validation over five graphs (bench/results/kge_defaults.json).
+        """
         if self.regularizer_weight is not None:
             return self.regularizer_weight
-        return 0.05 if self.resolved_loss == "1vsall" else 0.0
+        if self.resolved_loss != "1vsall":
+            return 0.0
+        return float(min(0.1, max(0.001, 0.2 / max(triples_per_entity, 1e-9))))
+
+    def resolved_for(self, kg: KnowledgeGraph) -> EmbedConfig:
+        """This config with its N3 weight made concrete for ``kg`` (what training uses)."""
+        density = len(kg.triples["train"]) / max(kg.num_entities, 1)
+        return replace(self, regularizer_weight=self.n3_weight(density))

@@ -173,8 +173,8 @@ def training_step(
         negatives = negatives.to(batch.device)  # (batch, num_negatives)
         corrupt_head = (not config.resolved_reciprocal) and step % 2 == 1  # alternate sides, as the RotatE code
         loss = nssa_loss(model, batch, weights, negatives, corrupt_head, config.adversarial_temperature)
-    if config.resolved_regularizer_weight > 0:
-        loss = loss + config.resolved_regularizer_weight * n3_penalty(model, batch, factors)
+    if config.regularizer_weight:  # None only when called directly: train_model resolves it (resolved_for)
+        loss = loss + config.regularizer_weight * n3_penalty(model, batch, factors)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -246,6 +246,10 @@ def train_model(
     """
     # Over 60 lines on purpose: the training loop written out top to bottom (STYLE: nanoGPT's recipes).
     work_dir.mkdir(parents=True, exist_ok=True)
+    if config.regularizer_weight is None:
+        config = config.resolved_for(kg)
+        log(f"embed: N3 weight {config.regularizer_weight:.4g} (0.2 / "
+            f"{len(kg.triples['train']) / kg.num_entities:.1f} training triples per entity)")
     device = resolve_device(config.device)
     model, optimizer = build(config, kg, device)
     state = TrainingState()

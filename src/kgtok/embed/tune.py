@@ -86,8 +86,10 @@ def trial_config(base: EmbedConfig, params: dict[str, Any], kg: KnowledgeGraph, 
 
 
 def _given(base: EmbedConfig) -> dict[str, Any] | None:
-    """The given config's point in the searched space, or None when it lies outside (another model, say)."""
-    point = {"dim": base.dim, "batch_size": base.batch_size, "regularizer_weight": base.resolved_regularizer_weight,
+    """The given config's point in the searched space, or None when it lies outside (another model, say).
+
+    ``base`` has its N3 weight resolved for the graph (:meth:`EmbedConfig.resolved_for`)."""
+    point = {"dim": base.dim, "batch_size": base.batch_size, "regularizer_weight": base.regularizer_weight,
              "lr": base.resolved_lr}
     inside = (base.model == "complex" and base.resolved_loss == "1vsall" and base.resolved_optimizer == "adagrad"
               and base.dim in DIMS and base.batch_size in BATCH_SIZES
@@ -143,7 +145,7 @@ def tune(kg: KnowledgeGraph, base: EmbedConfig, config: TuneConfig, *,
     deadline = start + config.budget
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=config.seed),
                                 pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=3))
-    given = _given(base)
+    given = _given(base.resolved_for(kg))  # trial 0: the given config, its N3 weight made concrete
     if given is not None:
         study.enqueue_trial(given, skip_if_exists=True)
     trials: list[dict[str, Any]] = []
