@@ -7,8 +7,13 @@
         --tag subset6k
 
 Stages 0-4 come from ``kgtok.pipeline.run`` (the synthetic KG by default, or
-``--data``); then, for each variant (codes / no codes), instructions,
-fine-tuning and evaluation.  Writes bench/results/llm_<dataset>[_<tag>].json
+``--data``); then, for each variant, instructions, fine-tuning and
+evaluation. Variants: ``codes`` (the run's codes, GS-Quant by default),
+``random_ids``, ``no_codes``, ``codes_classes`` (ReaLM's class prefix),
+``realm_codes`` (ReaLM's residual k-means codes, made here from the run's
+stage-1 vectors with ``quantize.variant=realm`` plus any ``realm.key=value``),
+and any ``codes_<name>``: the run's codes with the overrides given as
+``--variant codes_<name>:finetune.key=value`` (e.g. the switches of issue 15).  Writes bench/results/llm_<dataset>[_<tag>].json
 and .md: Hits@1 and MRR of the retriever, the DIFT rule and the full
 re-rank; training tokens/s; evaluation queries/s; seconds per stage; then the
 comparison table of :mod:`kgtok.llm.compare` (every ranker of every variant
@@ -38,6 +43,7 @@ from kgtok.llm import InstructConfig, run_instruct  # noqa: E402
 from kgtok.llm.evaluate import EvaluateConfig, run_evaluate  # noqa: E402
 from kgtok.llm.finetune import FinetuneConfig, run_finetune  # noqa: E402
 from kgtok.pipeline import RunConfig, run  # noqa: E402
+from kgtok.quantize import QuantizeConfig, run_quantize  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -49,6 +55,18 @@ def class_effect(evaluate_dir: Path) -> dict:
     return {key: paired_comparison(ranks[f"{key}_class"], ranks[key]) for key in ("dift", "rerank")}
 
 
+IDS = {"codes": "codes", "random_ids": "random", "no_codes": "none", "codes_classes": "codes", "realm_codes": "codes"}
+
+
+def paired_rankers(a: Path, b: Path) -> dict:
+    """Per LM ranker both runs have: A - B over their common test queries (difference, CI, p)."""
+    (ids_a, ranks_a), (ids_b, ranks_b) = evaluation_ranks(a), evaluation_ranks(b)
+    common = [q for q in ids_a if q in set(ids_b)]
+    pick = lambda ids, ranks: ranks[[{q: i for i, q in enumerate(ids)}[q] for q in common]]  # noqa: E731
+    return {r: paired_comparison(pick(ids_a, ranks_a[r]), pick(ids_b, ranks_b[r]))
+            for r in ("dift", "rerank", "fused_pick", "fused_rerank") if r in ranks_a and r in ranks_b}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="synthetic, or a folder name under ../shared/datasets")
@@ -57,21 +75,37 @@ def main() -> None:
     parser.add_argument("--backbone", default="tiny")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default="codes,random_ids,no_codes",
-                        help="of codes, random_ids, no_codes, codes_classes (ReaLM's class prefix; needs --classes)")
+                        help="of codes, random_ids, no_codes, codes_classes (ReaLM's class prefix; needs --classes), "
+                             "realm_codes, codes_<name>")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:GROUP.KEY=VALUE",
+                        help="an override of one variant only (instruct., finetune., evaluate.), e.g. "
+                             "codes_names:finetune.embedding_init=names; repeat for more")
     parser.add_argument("--classes", default=None,
                         help="entity<TAB>class file for codes_classes, or 'types': the synthetic KG's level-0 types")
     parser.add_argument("--max-queries", type=int, default=0, help="evaluate only the first n test queries")
     parser.add_argument("--tag", default="")
     parser.add_argument("--note", default="", help="recorded with the result (e.g. whether the machine was shared)")
-    parser.add_argument("overrides", nargs="*", help="run.*, instruct.*, finetune.*, evaluate.* = value")
+    parser.add_argument("overrides", nargs="*", help="run.*, instruct.*, finetune.*, evaluate.*, realm.* = value")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    groups: dict[str, list[str]] = {"run": [], "instruct": [], "finetune": [], "evaluate": []}
+    groups: dict[str, list[str]] = {"run": [], "instruct": [], "finetune": [], "evaluate": [], "realm": []}
     for item in args.overrides:
         group, _, rest = item.partition(".")
         if group not in groups:
-            raise SystemExit(f"override {item!r}: expected run./instruct./finetune./evaluate. prefix")
+            raise SystemExit(f"override {item!r}: expected run./instruct./finetune./evaluate./realm. prefix")
         groups[group].append(rest)
+    own: dict[str, dict[str, list[str]]] = {}  # variant -> group -> its own overrides
+    for item in args.variant:
+        name, _, rest = item.partition(":")
+        group, _, value = rest.partition(".")
+        if group not in ("instruct", "finetune", "evaluate") or not value:
+            raise SystemExit(f"--variant {item!r}: expected NAME:instruct./finetune./evaluate.KEY=VALUE")
+        own.setdefault(name, {}).setdefault(group, []).append(value)
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in IDS and not v.startswith("codes_")] + \
+        [v for v in own if v not in variants]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}: of {', '.join(IDS)} or codes_<name> in --variants")
     data = None if args.dataset == "synthetic" and args.data is None else str(args.data or DATA / args.dataset)
     run_dir = Path(args.run_dir or f"runs/bench/run-{args.dataset}")
     t = args.threads
@@ -92,18 +126,24 @@ def main() -> None:
         classes.write_text("".join(f"{name}\t{kg.entity_types[i, 0]}\n" for i, name in enumerate(kg.entity_names)))
     elif args.classes:
         classes = Path(args.classes)
-    for variant in args.variants.split(","):
-        ids = {"codes": "codes", "random_ids": "random", "no_codes": "none", "codes_classes": "codes"}[variant]
+    if "realm_codes" in variants:  # ReaLM's codes of the same stage-1 vectors
+        realm = load_config(QuantizeConfig, None, ["variant=realm", f"threads={t}", *groups["realm"]])
+        run_quantize(realm, kg_dir, run_dir / "quantize-realm", embeddings=run_dir / "embed", progress=False,
+                     log=lambda *_: None)
+    for variant in variants:
+        ids = IDS.get(variant, "codes")
         prefix = ["class_prefix=true"] if variant == "codes_classes" else []
         if prefix and classes is None:
             raise SystemExit("variant codes_classes needs --classes")
+        mine = own.get(variant, {})
         out = run_dir / f"llm-{args.backbone.replace('/', '_')}{args.tag and '-' + args.tag}-{variant}"
-        instruct = load_config(InstructConfig, None, [f"ids={ids}", *prefix, *groups["instruct"]])
+        instruct = load_config(InstructConfig, None, [f"ids={ids}", *prefix, *groups["instruct"],
+                                                      *mine.get("instruct", [])])
         finetune = load_config(FinetuneConfig, None, [f"backbone={args.backbone}", f"threads={t}",
-                                                      *groups["finetune"]])
+                                                      *groups["finetune"], *mine.get("finetune", [])])
         evaluate = load_config(EvaluateConfig, None, [f"threads={t}", f"max_queries={args.max_queries}",
-                                                      *groups["evaluate"]])
-        codes = run_dir / "quantize" if ids != "none" else None
+                                                      *groups["evaluate"], *mine.get("evaluate", [])])
+        codes = None if ids == "none" else run_dir / ("quantize-realm" if variant == "realm_codes" else "quantize")
         timings = {}
         begin = time.perf_counter()
         run_instruct(instruct, kg_dir, run_dir / "embed", out / "instruct", codes=codes,
@@ -137,18 +177,21 @@ def main() -> None:
             f"{variant}_queries_per_second": metrics["queries_per_second"],
             f"{variant}_lm_train_examples": trained["train_examples"], f"{variant}_steps": trained["steps"],
             f"{variant}_valid_loss": trained["valid_loss"],
+            f"{variant}_valid_code_token_loss": trained.get("valid_code_token_loss"),
+            f"{variant}_overrides": mine,
             f"{variant}_seconds": {k: round(v, 1) for k, v in timings.items()},
         })
         print(f"{variant}: DIFT Hits@1 {metrics['dift_hits_at_1']:.3f}, re-rank Hits@1 "
               f"{metrics['rerank_hits_at_1']:.3f}, fused re-rank {metrics.get('fused_rerank_hits_at_1', float('nan')):.3f}"
               f" (w {metrics.get('fusion_weight')}; retriever {metrics['retriever_hits_at_1']:.3f})", flush=True)
     record["seconds"] = round(time.perf_counter() - start, 1)
-    variants = args.variants.split(",")
     runs = {v: run_dir / f"llm-{args.backbone.replace('/', '_')}{args.tag and '-' + args.tag}-{v}" / "evaluate"
             for v in variants}
     rows = comparison_rows(runs, "no_codes" if "no_codes" in runs else None,
                            random_ids="random_ids" if "random_ids" in runs else None)
     record.update(comparisons=rows, significant=significant(rows), note=args.note)
+    if "codes" in runs and "realm_codes" in runs:  # GS-Quant vs ReaLM codes, reported either way
+        record["gsquant_vs_realm"] = paired_rankers(runs["codes"], runs["realm_codes"])
     record.update(command=command(), machine=machine(), threads=t)
     columns = ["backbone", "retriever_hits_at_1", *[f"{v}_{m}" for v in args.variants.split(",")
                                                     for m in ("dift_hits_at_1", "rerank_hits_at_1",
@@ -157,6 +200,10 @@ def main() -> None:
     name = f"llm_{args.dataset}" + (f"_{args.tag}" if args.tag else "")
     path = write_result(name, args.dataset, record, columns)
     text = comparison_text(rows, {v: record[f"{v}_fusion"] for v in variants}, record)
+    if "gsquant_vs_realm" in record:
+        text += "\nGS-Quant codes minus ReaLM codes (same test queries):\n"
+        for key, row in record["gsquant_vs_realm"].items():
+            text += f"- {key}: Hits@1 {format_difference(row['hits_at_1'])}, MRR {format_difference(row['mrr'])}\n"
     for v in variants:
         if f"{v}_class_accuracy" in record:
             effect = record[f"{v}_class_constraint_vs_without"]

@@ -73,3 +73,36 @@ def test_gpu_check_refuses_to_run_without_a_gpu(tmp_path, make_kg):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "torch sees no GPU" in done.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.slow
+def test_llm_compare_runs_realm_codes_and_a_switch_variant(tmp_path):
+    """The stage-5 bench of issue 15: ReaLM's codes made from the run's vectors, a codes_<name> variant with its
+    own overrides, and GS-Quant minus ReaLM paired per ranker."""
+    results = tmp_path / "results"
+    tiny = ["finetune.max_steps=2", "finetune.tiny.vocab_size=400", "finetune.tiny.hidden_size=32",
+            "finetune.tiny.layers=1", "finetune.tiny.heads=2"]
+    run = ["run.synthetic.num_entities=300", "run.embed.dim=16", "run.embed.max_steps=40", "run.embed.eval_every=20",
+           "run.text.mode=joint", "run.quantize.epochs=2", "run.quantize.codebook_size=16", "instruct.top_k=5"]
+    done = subprocess.run([sys.executable, str(BENCH / "llm_compare.py"), "--dataset", "synthetic", "--run-dir",
+                           str(tmp_path / "run"), "--threads", "1", "--max-queries", "8", "--tag", "t",
+                           "--variants", "codes,realm_codes,codes_names",
+                           "--variant", "codes_names:finetune.embedding_init=names", *run, *tiny,
+                           "realm.levels=3", "realm.codebook_size=8"],
+                          env={**environment(tmp_path), "KGTOK_BENCH_RESULTS": str(results)},
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads((results / "llm_synthetic_t.json").read_text())["synthetic"]
+    assert record["codes_names_overrides"] == {"finetune": ["embedding_init=names"]}
+    assert record["codes_overrides"] == {} and record["queries"] == 8
+    realm = json.loads((tmp_path / "run" / "quantize-realm" / "manifest.json").read_text())["config"]
+    assert realm["variant"] == "realm" and realm["levels"] == 3
+    assert {"dift", "rerank"} <= set(record["gsquant_vs_realm"])
+    assert -1 <= record["gsquant_vs_realm"]["dift"]["hits_at_1"]["difference"] <= 1
+    instructed = (tmp_path / "run" / "llm-tiny-t-realm_codes" / "instruct" / "test.jsonl").read_text()
+    assert "<" in instructed  # codes in the prompts
+    assert "GS-Quant codes minus ReaLM codes" in (results / "llm_synthetic_t.md").read_text()
+    bad = subprocess.run([sys.executable, str(BENCH / "llm_compare.py"), "--dataset", "synthetic", "--variants",
+                          "codes", "--variant", "codez_x:finetune.r=4"], env=environment(tmp_path),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "unknown variant(s) codez_x" in bad.stderr

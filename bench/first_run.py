@@ -1,0 +1,96 @@
+"""The first run a new user makes: ``kgtok run`` on the bundled synthetic KG, timed from an empty cache.
+
+    python bench/first_run.py --out runs/bench/first-run --tag default
+    python bench/first_run.py --out runs/bench/first-run-fast --tag fast \
+        --baseline runs/bench/first-run/evaluate finetune.batch_size=32 ...
+
+Runs ``python -m kgtok.cli run`` with the given overrides in a fresh run
+directory and a fresh ``KGTOK_CACHE_DIR`` (nothing reused), and records the
+wall time, each stage's seconds (from its manifest), the test Hits@1 and MRR
+of every ranker and, with ``--baseline`` (another run's stage-5c artifact),
+each ranker's paired difference to it over the same test queries (95%
+bootstrap CI, p-value). The LM-valid numbers (fine-tuning's valid loss, the
+fused MRR at the chosen weight) are recorded too: recipes are chosen on
+them, test only checks the choice. Writes bench/results/llm_synthetic_first_run.json
+(keyed by ``--tag``) and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command, machine, write_result  # noqa: E402
+
+from kgtok.llm.compare import evaluation_ranks  # noqa: E402
+from kgtok.metrics import format_difference, paired_comparison  # noqa: E402
+
+RANKERS = ("retriever", "dift", "rerank", "fused_pick", "fused_rerank")
+STAGES = ("synthetic", "data", "embed", "text", "hierarchy", "quantize", "instruct", "finetune", "evaluate")
+
+
+def aligned(ids: list[str], ranks, common: list[str]):
+    index = {q: i for i, q in enumerate(ids)}
+    return ranks[[index[q] for q in common]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="run directory (deleted first)")
+    parser.add_argument("--tag", required=True, help="the result's key, e.g. default or fast")
+    parser.add_argument("--baseline", default=None, help="stage-5c artifact of the run to compare with")
+    parser.add_argument("--note", default="")
+    parser.add_argument("overrides", nargs="*", help="kgtok run key=value")
+    args = parser.parse_args()
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="kgtok-cache-") as cache:
+        env = {**os.environ, "KGTOK_CACHE_DIR": cache}
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "kgtok.cli", "run", f"out={out}", "progress=false", *args.overrides],
+                       env=env, check=True)
+        wall = time.perf_counter() - start
+    seconds = {}
+    for stage in STAGES:
+        manifest = out / stage / "manifest.json"
+        if manifest.exists():
+            seconds[stage] = round(json.loads(manifest.read_text())["timings"]["total"], 1)
+    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
+    trained = json.loads((out / "finetune" / "metrics.json").read_text())
+    record = {
+        "wall_seconds": round(wall, 1), "stage_seconds": seconds, "overrides": args.overrides,
+        **{f"{r}_hits_at_1": metrics[f"{r}_hits_at_1"] for r in RANKERS},
+        **{f"{r}_mrr": metrics[f"{r}_mrr"] for r in RANKERS},
+        "queries": metrics["queries"], "fusion": metrics.get("fusion"),
+        "valid_loss": trained.get("valid_loss"), "train_examples": trained.get("train_examples"),
+        "steps": trained.get("steps"), "train_tokens_per_second": trained.get("train_tokens_per_second"),
+        "load_average_1m": [load_before, os.getloadavg()[0]], "note": args.note,
+    }
+    if args.baseline:
+        ids, ranks = evaluation_ranks(out / "evaluate")
+        base_ids, base_ranks = evaluation_ranks(args.baseline)
+        common = [q for q in ids if q in set(base_ids)]
+        record["baseline"] = args.baseline
+        record["vs_baseline"] = {
+            r: paired_comparison(aligned(ids, ranks[r], common), aligned(base_ids, base_ranks[r], common))
+            for r in RANKERS if r in ranks and r in base_ranks}
+        for r, row in record["vs_baseline"].items():
+            print(f"{r}: Hits@1 {format_difference(row['hits_at_1'])}, MRR {format_difference(row['mrr'])}")
+    record.update(command=command(), machine=machine())
+    write_result("llm_synthetic_first_run", args.tag, record,
+                 ["wall_seconds", "retriever_hits_at_1", "dift_hits_at_1", "rerank_hits_at_1",
+                  "fused_rerank_hits_at_1", "fused_rerank_mrr", "valid_loss"])
+    print(f"{args.tag}: {wall:.0f} s; stages {seconds}")
+
+
+if __name__ == "__main__":
+    main()
