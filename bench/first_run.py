@@ -30,16 +30,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
 
-from kgtok.llm.compare import evaluation_ranks  # noqa: E402
-from kgtok.metrics import format_difference, paired_comparison  # noqa: E402
+from kgtok.llm.compare import paired_runs  # noqa: E402
+from kgtok.metrics import format_difference  # noqa: E402
 
 RANKERS = ("retriever", "dift", "rerank", "fused_pick", "fused_rerank")
 STAGES = ("synthetic", "data", "embed", "text", "hierarchy", "quantize", "instruct", "finetune", "evaluate")
-
-
-def aligned(ids: list[str], ranks, common: list[str]):
-    index = {q: i for i, q in enumerate(ids)}
-    return ranks[[index[q] for q in common]]
 
 
 def main() -> None:
@@ -76,13 +71,8 @@ def main() -> None:
         "load_average_1m": [load_before, os.getloadavg()[0]], "note": args.note,
     }
     if args.baseline:
-        ids, ranks = evaluation_ranks(out / "evaluate")
-        base_ids, base_ranks = evaluation_ranks(args.baseline)
-        common = [q for q in ids if q in set(base_ids)]
         record["baseline"] = args.baseline
-        record["vs_baseline"] = {
-            r: paired_comparison(aligned(ids, ranks[r], common), aligned(base_ids, base_ranks[r], common))
-            for r in RANKERS if r in ranks and r in base_ranks}
+        record["vs_baseline"] = paired_runs(out / "evaluate", args.baseline, RANKERS)
         for r, row in record["vs_baseline"].items():
             print(f"{r}: Hits@1 {format_difference(row['hits_at_1'])}, MRR {format_difference(row['mrr'])}")
     record.update(command=command(), machine=machine())

@@ -37,7 +37,7 @@ from _common import command, machine, write_result  # noqa: E402
 from ablation import comparison_text  # noqa: E402
 
 from kgtok.config import load_config  # noqa: E402
-from kgtok.llm.compare import comparison_rows, evaluation_ranks, significant  # noqa: E402
+from kgtok.llm.compare import comparison_rows, evaluation_ranks, paired_runs, significant  # noqa: E402
 from kgtok.metrics import format_difference, paired_comparison  # noqa: E402
 from kgtok.llm import InstructConfig, run_instruct  # noqa: E402
 from kgtok.llm.evaluate import EvaluateConfig, run_evaluate  # noqa: E402
@@ -56,15 +56,6 @@ def class_effect(evaluate_dir: Path) -> dict:
 
 
 IDS = {"codes": "codes", "random_ids": "random", "no_codes": "none", "codes_classes": "codes", "realm_codes": "codes"}
-
-
-def paired_rankers(a: Path, b: Path) -> dict:
-    """Per LM ranker both runs have: A - B over their common test queries (difference, CI, p)."""
-    (ids_a, ranks_a), (ids_b, ranks_b) = evaluation_ranks(a), evaluation_ranks(b)
-    common = [q for q in ids_a if q in set(ids_b)]
-    pick = lambda ids, ranks: ranks[[{q: i for i, q in enumerate(ids)}[q] for q in common]]  # noqa: E731
-    return {r: paired_comparison(pick(ids_a, ranks_a[r]), pick(ids_b, ranks_b[r]))
-            for r in ("dift", "rerank", "fused_pick", "fused_rerank") if r in ranks_a and r in ranks_b}
 
 
 def main() -> None:
@@ -191,7 +182,8 @@ def main() -> None:
                            random_ids="random_ids" if "random_ids" in runs else None)
     record.update(comparisons=rows, significant=significant(rows), note=args.note)
     if "codes" in runs and "realm_codes" in runs:  # GS-Quant vs ReaLM codes, reported either way
-        record["gsquant_vs_realm"] = paired_rankers(runs["codes"], runs["realm_codes"])
+        record["gsquant_vs_realm"] = paired_runs(runs["codes"], runs["realm_codes"],
+                                                 ("dift", "rerank", "fused_pick", "fused_rerank"))
     record.update(command=command(), machine=machine(), threads=t)
     columns = ["backbone", "retriever_hits_at_1", *[f"{v}_{m}" for v in args.variants.split(",")
                                                     for m in ("dift_hits_at_1", "rerank_hits_at_1",

@@ -43,6 +43,17 @@ def _aligned(ids: list[str], ranks: np.ndarray, common: list[str]) -> np.ndarray
     return ranks[[index[q] for q in common]]
 
 
+def paired_runs(run_a: str | Path, run_b: str | Path, keys: tuple[str, ...] | None = None
+                ) -> dict[str, dict[str, dict[str, float]]]:
+    """Run A minus run B per ranker both have (``keys``: these only), over their common test queries:
+    :func:`kgtok.metrics.paired_comparison` rows (e.g. GS-Quant vs ReaLM codes, or a run vs a baseline)."""
+    (ids_a, ranks_a), (ids_b, ranks_b) = evaluation_ranks(run_a), evaluation_ranks(run_b)
+    in_b = set(ids_b)
+    common = [q for q in ids_a if q in in_b]
+    return {key: paired_comparison(_aligned(ids_a, ranks_a[key], common), _aligned(ids_b, ranks_b[key], common))
+            for key in (keys or ranks_a) if key in ranks_a and key in ranks_b}
+
+
 def comparison_rows(runs: dict[str, str | Path], no_ids: str | None = None, *, random_ids: str | None = None,
                     resamples: int = 10_000, seed: int = 0) -> list[dict[str, Any]]:
     """One row per (run, ranker): metrics and the paired comparisons (see the module docstring).
