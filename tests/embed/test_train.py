@@ -191,3 +191,14 @@ def test_default_n3_weight_follows_the_graphs_density(kg, tmp_path):
     logs: list[str] = []
     train_model(kg, small(max_steps=2, eval_every=2), tmp_path / "w", progress=False, log=logs.append)
     assert any(f"N3 weight {0.2 / density:.4g}" in line for line in logs)
+
+
+def test_the_density_rule_is_in_the_cache_record(kg, tmp_path):
+    """An artifact made under the former fixed N3 default must not be reused for regularizer_weight: null."""
+    from kgtok.embed.stage import default_rules
+
+    assert default_rules(EmbedConfig()) == {"embed/n3_weight": "0.2/density"}
+    assert default_rules(EmbedConfig(regularizer_weight=0.05)) == {} and default_rules(EmbedConfig(model="rotate")) == {}
+    dest = run_embed(small(max_steps=4, eval_every=2), kg, tmp_path / "e", progress=False, log=quiet)
+    record = json.loads((dest / "manifest.json").read_text())
+    assert "embed/n3_weight" in json.dumps(record)

@@ -36,8 +36,15 @@ def run(config: EmbedConfig, inputs: dict[str, Path], dest: Path, ctx: Context) 
     }
 
 
+def default_rules(config: EmbedConfig) -> dict[str, str]:
+    """Defaults the code computes from the graph: in the cache record, so that an artifact made under an
+    earlier rule (the fixed N3 weight 0.05 before the density rule) is not reused for ``regularizer_weight:
+    null``."""
+    return {"embed/n3_weight": "0.2/density"} if config.n3_weight(1.0) != config.n3_weight(100.0) else {}
+
+
 STAGE = Stage(name="embed", title="stage 1: KG embeddings and candidates", config=EmbedConfig, run=run,
-              summary=("test_mrr", "test_hits_at_1", "test_hits_at_10"))
+              fingerprint=default_rules, summary=("test_mrr", "test_hits_at_1", "test_hits_at_10"))
 
 
 def run_embed(config: EmbedConfig, data: str | Path | KnowledgeGraph, dest: str | Path, *,
