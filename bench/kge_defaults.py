@@ -34,14 +34,9 @@ from kgtok.metrics import paired_comparison  # noqa: E402
 
 
 def density_n3(kg_path: Path) -> float:
-    """N3 weight from the graph's density: 0.2 / (training triples per entity), clipped to [0.001, 0.1].
-
-    Sparse graphs (WN18RR: 2.1 triples per entity, whose preset uses 0.1)
-    want strong regularisation; the small dense ones (UMLS: 39) chose 0.007.
-    """
-    kg = load_kg(kg_path)
-    per_entity = len(kg.triples["train"]) / kg.num_entities
-    return float(min(0.1, max(0.001, 0.2 / per_entity)))
+    """The N3 weight of the density rule (0.2 / training triples per entity, in [0.001, 0.1]): the library's
+    own (:meth:`EmbedConfig.n3_weight`), here an explicit override so that each candidate states its value."""
+    return EmbedConfig().resolved_for(load_kg(kg_path)).regularizer_weight
 
 
 # name -> function of the graph's folder giving EmbedConfig overrides

@@ -117,6 +117,9 @@ def main() -> None:
         classes.write_text("".join(f"{name}\t{kg.entity_types[i, 0]}\n" for i, name in enumerate(kg.entity_names)))
     elif args.classes:
         classes = Path(args.classes)
+    def variant_dir(variant: str) -> Path:  # one folder per variant under the run, e.g. llm-tiny-t-codes
+        return run_dir / f"llm-{args.backbone.replace('/', '_')}{args.tag and '-' + args.tag}-{variant}"
+
     if "realm_codes" in variants:  # ReaLM's codes of the same stage-1 vectors
         realm = load_config(QuantizeConfig, None, ["variant=realm", f"threads={t}", *groups["realm"]])
         run_quantize(realm, kg_dir, run_dir / "quantize-realm", embeddings=run_dir / "embed", progress=False,
@@ -127,7 +130,7 @@ def main() -> None:
         if prefix and classes is None:
             raise SystemExit("variant codes_classes needs --classes")
         mine = own.get(variant, {})
-        out = run_dir / f"llm-{args.backbone.replace('/', '_')}{args.tag and '-' + args.tag}-{variant}"
+        out = variant_dir(variant)
         instruct = load_config(InstructConfig, None, [f"ids={ids}", *prefix, *groups["instruct"],
                                                       *mine.get("instruct", [])])
         finetune = load_config(FinetuneConfig, None, [f"backbone={args.backbone}", f"threads={t}",
@@ -176,8 +179,7 @@ def main() -> None:
               f"{metrics['rerank_hits_at_1']:.3f}, fused re-rank {metrics.get('fused_rerank_hits_at_1', float('nan')):.3f}"
               f" (w {metrics.get('fusion_weight')}; retriever {metrics['retriever_hits_at_1']:.3f})", flush=True)
     record["seconds"] = round(time.perf_counter() - start, 1)
-    runs = {v: run_dir / f"llm-{args.backbone.replace('/', '_')}{args.tag and '-' + args.tag}-{v}" / "evaluate"
-            for v in variants}
+    runs = {v: variant_dir(v) / "evaluate" for v in variants}
     rows = comparison_rows(runs, "no_codes" if "no_codes" in runs else None,
                            random_ids="random_ids" if "random_ids" in runs else None)
     record.update(comparisons=rows, significant=significant(rows), note=args.note)
@@ -185,10 +187,10 @@ def main() -> None:
         record["gsquant_vs_realm"] = paired_runs(runs["codes"], runs["realm_codes"],
                                                  ("dift", "rerank", "fused_pick", "fused_rerank"))
     record.update(command=command(), machine=machine(), threads=t)
-    columns = ["backbone", "retriever_hits_at_1", *[f"{v}_{m}" for v in args.variants.split(",")
+    columns = ["backbone", "retriever_hits_at_1", *[f"{v}_{m}" for v in variants
                                                     for m in ("dift_hits_at_1", "rerank_hits_at_1",
                                                               "fused_rerank_hits_at_1")],
-               "retriever_mrr", *[f"{v}_rerank_mrr" for v in args.variants.split(",")], "seconds"]
+               "retriever_mrr", *[f"{v}_rerank_mrr" for v in variants], "seconds"]
     name = f"llm_{args.dataset}" + (f"_{args.tag}" if args.tag else "")
     path = write_result(name, args.dataset, record, columns)
     text = comparison_text(rows, {v: record[f"{v}_fusion"] for v in variants}, record)
