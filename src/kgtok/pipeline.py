@@ -192,6 +192,21 @@ def _rounded(value: Any) -> Any:
     return round(value, 4) if isinstance(value, float) else value
 
 
+def link_unchanged(base: RunConfig, variant: RunConfig, stages: tuple[str, ...]) -> list[str]:
+    """Link ``base``'s artifacts of ``stages`` (in order) into ``variant``'s run directory up to the first stage
+    whose config differs: those are current for the variant, so :func:`run` reuses them.  Returns the linked."""
+    linked = []
+    for stage in stages:
+        if config_to_dict(variant.stage_config(stage)) != config_to_dict(base.stage_config(stage)):
+            break
+        link = Path(variant.out) / stage
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink((Path(base.out) / stage).resolve(), link)
+        linked.append(stage)
+    return linked
+
+
 # The paper's ablation set (GS-Quant, Table 4): name -> dotted overrides of the run config.
 ABLATIONS: dict[str, tuple[str, ...]] = {
     "without_l1": ("quantize.gse.l1=false",),
@@ -226,12 +241,7 @@ def ablate(config: RunConfig, names: tuple[str, ...] = tuple(ABLATIONS), *,
         out.mkdir(parents=True, exist_ok=True)
         variant = config_from_dict(RunConfig, _merge({**base, "out": str(out), "data": str(config.kg_dir())},
                                                      parse_overrides(ABLATIONS[name])))
-        for stage in ("data", "embed", "text", "hierarchy", "quantize"):  # shared until the first changed stage
-            if config_to_dict(variant.stage_config(stage)) != config_to_dict(config.stage_config(stage)):
-                break
-            link = out / stage
-            if not link.exists():
-                os.symlink((run_dir / stage).resolve(), link)
+        link_unchanged(config, variant, ("data", "embed", "text", "hierarchy", "quantize"))
         log(f"ablation {name}: {', '.join(ABLATIONS[name])}")
         run(variant, log=log)
         results[name] = read_manifest(out / "evaluate")["metrics"]

@@ -12,6 +12,8 @@ if TYPE_CHECKING:
 
 ModelName = Literal["rotate", "transe", "distmult", "complex"]
 LossName = Literal["auto", "nssa", "1vsall"]
+# Graphs from this size on train nssa with row updates by default (EmbedConfig.sparse; bench/scale.py).
+SPARSE_FROM = 100_000
 Device = Literal["auto", "cpu", "cuda"]  # where stages 1, 3 and 4 compute (kgtok.runtime.resolve_device)
 
 
@@ -40,6 +42,9 @@ class EmbedConfig:
     # --- optimisation ---
     optimizer: Literal["auto", "adam", "adagrad"] = "auto"  # auto: adagrad for 1vsall (Lacroix et al.), adam for nssa
     lr: float | None = None  # None: 0.1 for adagrad, 1e-3 for adam (RotatE's 5e-5 needs GPU-length runs)
+    # Dense updates cost a pass over every table row per step (and steps per epoch grow with the graph): O(n^2)
+    # per epoch count; row updates touch the batch's rows only, as DGL-KE and PyTorch-BigGraph do.
+    sparse: bool | None = None  # nssa: row gradients, lazy Adam / sparse Adagrad; None: on from 100,000 entities
     batch_size: int = 1000  # training examples per step (with reciprocal relations each triple gives two)
     max_steps: int = resumable(20000)  # upper bound; early stopping usually ends sooner
     # Per epoch, not per fixed step count: 1000 steps are 6 epochs of WN18RR but 300 of Nations.
@@ -80,6 +85,8 @@ class EmbedConfig:
             ("seed", in_range(0), ">= 0"),
             ("label_smoothing", lambda v: v < 1.0, "< 1"),
             ("loss", lambda v: not (v == "1vsall" and self.reciprocal is False), "1vsall needs reciprocal relations"),
+            ("sparse", lambda v: not (v and self.resolved_loss == "1vsall"),
+             "null or false with 1vsall (it scores the whole table every step)"),
         ])
 
     @property
@@ -105,6 +112,12 @@ class EmbedConfig:
         if self.lr is not None:
             return self.lr
         return 0.1 if self.resolved_optimizer == "adagrad" else 1e-3
+
+    def sparse_for(self, num_entities: int) -> bool:
+        """Row (sparse) updates: as given, else for nssa on graphs of at least SPARSE_FROM entities."""
+        if self.sparse is not None:
+            return self.sparse
+        return self.resolved_loss == "nssa" and num_entities >= SPARSE_FROM
 
     def n3_weight(self, triples_per_entity: float) -> float:
         """λ: the given weight, else for 1vsall 0.2 / (training triples per entity) clipped to [0.001, 0.1].

@@ -19,6 +19,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 # Distance scoring materialises (batch, chunk, width); keep it near this many floats.
 _CHUNK_FLOATS = 1 << 24
@@ -40,9 +41,19 @@ class KGEModel(nn.Module):
         self.entity = nn.Parameter(torch.empty(num_entities, width))
         self.relation = nn.Parameter(torch.empty(num_relations, self.relation_width))
 
+        # Row gradients (sparse=True in F.embedding) for sampled negatives on big graphs: a step then touches
+        # the rows of its batch, not the whole table (set by kgtok.embed.train.build; see EmbedConfig.sparse).
+        self.sparse = False
+
     @property
     def relation_width(self) -> int:
         return 2 * self.dim if self.complex_valued else self.dim
+
+    def entity_rows(self, index: torch.Tensor) -> torch.Tensor:
+        return F.embedding(index, self.entity, sparse=self.sparse)
+
+    def relation_rows(self, index: torch.Tensor) -> torch.Tensor:
+        return F.embedding(index, self.relation, sparse=self.sparse)
 
     def reset_parameters(self, generator: torch.Generator, *, scale: float | None = None) -> None:
         """Normal(0, scale) init (1-vs-all), or RotatE's uniform range when scale is None."""
@@ -72,7 +83,7 @@ class KGEModel(nn.Module):
 
     def factors(self, triples: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per-coordinate magnitudes of h, r, t for the N3 regulariser."""
-        h, r, t = self.entity[triples[:, 0]], self.relation[triples[:, 1]], self.entity[triples[:, 2]]
+        h, r, t = self.entity_rows(triples[:, 0]), self.relation_rows(triples[:, 1]), self.entity_rows(triples[:, 2])
         if self.complex_valued:
             return tuple(_modulus(x) for x in (h, r, t))
         return h.abs(), r.abs(), t.abs()
@@ -81,7 +92,7 @@ class KGEModel(nn.Module):
     def score_triples(self, triples: torch.Tensor) -> torch.Tensor:
         """(n, 3) -> (n,) scores of given triples."""
         q = self.tail_query(triples[:, 0], triples[:, 1])
-        return self.compare_each(q, self.entity[triples[:, 2]].unsqueeze(1)).squeeze(1)
+        return self.compare_each(q, self.entity_rows(triples[:, 2]).unsqueeze(1)).squeeze(1)
 
     def score_all_tails(self, heads: torch.Tensor, relations: torch.Tensor) -> torch.Tensor:
         return self.compare(self.tail_query(heads, relations), self.entity)
@@ -120,9 +131,9 @@ class _Bilinear(KGEModel):
         whole entity table (about a tenth of a WN18RR step).
         """
         n = len(triples)
-        rows = self.entity[torch.cat([triples[:, 0], triples[:, 2]])]
+        rows = self.entity_rows(torch.cat([triples[:, 0], triples[:, 2]]))
         h, t = rows[:n], rows[n:]
-        r = self.relation[triples[:, 1]]
+        r = self.relation_rows(triples[:, 1])
         magnitude = _modulus if self.complex_valued else torch.abs
         return self.compare(self.query_from(h, r), self.entity), (magnitude(h), magnitude(r), magnitude(t))
 
@@ -137,13 +148,13 @@ class DistMult(_Bilinear):
     """score = <h, r, t> (Yang et al. 2015)."""
 
     def tail_query(self, heads: torch.Tensor, relations: torch.Tensor) -> torch.Tensor:
-        return self.query_from(self.entity[heads], self.relation[relations])
+        return self.query_from(self.entity_rows(heads), self.relation_rows(relations))
 
     def query_from(self, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         return h * r
 
     def head_query(self, relations: torch.Tensor, tails: torch.Tensor) -> torch.Tensor:
-        return self.entity[tails] * self.relation[relations]
+        return self.entity_rows(tails) * self.relation_rows(relations)
 
 
 class ComplEx(_Bilinear):
@@ -152,7 +163,7 @@ class ComplEx(_Bilinear):
     complex_valued = True
 
     def tail_query(self, heads: torch.Tensor, relations: torch.Tensor) -> torch.Tensor:
-        return self.query_from(self.entity[heads], self.relation[relations])
+        return self.query_from(self.entity_rows(heads), self.relation_rows(relations))
 
     def query_from(self, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         h_re, h_im = _halves(h)
@@ -161,8 +172,8 @@ class ComplEx(_Bilinear):
         return torch.cat([h_re * r_re - h_im * r_im, h_re * r_im + h_im * r_re], dim=-1)
 
     def head_query(self, relations: torch.Tensor, tails: torch.Tensor) -> torch.Tensor:
-        r_re, r_im = _halves(self.relation[relations])
-        t_re, t_im = _halves(self.entity[tails])
+        r_re, r_im = _halves(self.relation_rows(relations))
+        t_re, t_im = _halves(self.entity_rows(tails))
         # Re(h a) with a = r conj(t) = h_re a_re - h_im a_im
         a_re = r_re * t_re + r_im * t_im
         a_im = r_im * t_re - r_re * t_im
@@ -197,10 +208,10 @@ class TransE(_Distance):
     """score = γ - ||h + r - t||_1 (Bordes et al. 2013)."""
 
     def tail_query(self, heads: torch.Tensor, relations: torch.Tensor) -> torch.Tensor:
-        return self.entity[heads] + self.relation[relations]
+        return self.entity_rows(heads) + self.relation_rows(relations)
 
     def head_query(self, relations: torch.Tensor, tails: torch.Tensor) -> torch.Tensor:
-        return self.entity[tails] - self.relation[relations]
+        return self.entity_rows(tails) - self.relation_rows(relations)
 
 
 class RotatE(_Distance):
@@ -215,7 +226,7 @@ class RotatE(_Distance):
     def phases(self, relations: torch.Tensor) -> torch.Tensor:
         # Stored like the RotatE code, on the entity init range, scaled to [-π, π].
         bound = (self.margin + 2.0) / self.dim
-        return self.relation[relations] / (bound / math.pi)
+        return self.relation_rows(relations) / (bound / math.pi)
 
     def _rotate(self, x: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
         re, im = _halves(x)
@@ -223,14 +234,14 @@ class RotatE(_Distance):
         return torch.cat([re * cos - im * sin, re * sin + im * cos], dim=-1)
 
     def tail_query(self, heads: torch.Tensor, relations: torch.Tensor) -> torch.Tensor:
-        return self._rotate(self.entity[heads], self.phases(relations))
+        return self._rotate(self.entity_rows(heads), self.phases(relations))
 
     def head_query(self, relations: torch.Tensor, tails: torch.Tensor) -> torch.Tensor:
         # |h r - t| = |h - t conj(r)| because |r| = 1.
-        return self._rotate(self.entity[tails], -self.phases(relations))
+        return self._rotate(self.entity_rows(tails), -self.phases(relations))
 
     def factors(self, triples: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        h, t = self.entity[triples[:, 0]], self.entity[triples[:, 2]]
+        h, t = self.entity_rows(triples[:, 0]), self.entity_rows(triples[:, 2])
         return _modulus(h), _modulus(t)
 
     def relation_embeddings(self) -> torch.Tensor:

@@ -39,8 +39,13 @@ def run(config: EmbedConfig, inputs: dict[str, Path], dest: Path, ctx: Context) 
 def default_rules(config: EmbedConfig) -> dict[str, str]:
     """Defaults the code computes from the graph: in the cache record, so that an artifact made under an
     earlier rule (the fixed N3 weight 0.05 before the density rule) is not reused for ``regularizer_weight:
-    null``."""
-    return {"embed/n3_weight": "0.2/density"} if config.n3_weight(1.0) != config.n3_weight(100.0) else {}
+    null``, nor one trained with dense updates for ``sparse: null``."""
+    from kgtok.embed.config import SPARSE_FROM
+
+    rules = {"embed/n3_weight": "0.2/density"} if config.n3_weight(1.0) != config.n3_weight(100.0) else {}
+    if config.sparse is None and config.resolved_loss == "nssa":
+        rules["embed/sparse"] = f"from {SPARSE_FROM} entities"
+    return rules
 
 
 STAGE = Stage(name="embed", title="stage 1: KG embeddings and candidates", config=EmbedConfig, run=run,

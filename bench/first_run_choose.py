@@ -1,0 +1,87 @@
+"""Choose the first run's stage-5 recipe on LM-valid: fine-tune and evaluate candidates on one run's stages 0-5a.
+
+    python bench/first_run_choose.py --base runs/bench/first-run --tag default
+    python bench/first_run_choose.py --base runs/bench/first-run --tag epochs1 finetune.epochs=1
+
+Each candidate is the base run's config with the given overrides; the base's
+artifacts up to the first stage the overrides change are linked, not rerun
+(:func:`kgtok.pipeline.link_unchanged`), and stage 5c scores the LM-valid
+queries (``evaluate.split=lm_valid``): test is not read.  Records each
+candidate's fine-tuning and evaluation seconds (time them with nothing else
+running), fine-tuning's valid loss, every ranker's LM-valid Hits@1 and MRR and,
+when a candidate tagged ``default`` exists, the paired difference to it.
+Writes bench/results/llm_synthetic_first_run_choice.json (keyed by ``--tag``)
+and .md; bench/first_run.py then times the chosen recipe from an empty cache
+and checks it on test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command, machine, write_result  # noqa: E402
+
+from kgtok.config import _merge, config_from_dict, config_to_dict, parse_overrides  # noqa: E402
+from kgtok.llm.compare import paired_runs  # noqa: E402
+from kgtok.metrics import format_difference  # noqa: E402
+from kgtok.pipeline import STAGE_ORDER, RunConfig, link_unchanged, run  # noqa: E402
+
+RANKERS = ("retriever", "dift", "rerank", "fused_pick", "fused_rerank")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="a finished kgtok run directory (its run_config.json)")
+    parser.add_argument("--out", default=None, help="candidates' folder (default: <base>-choose)")
+    parser.add_argument("--tag", required=True, help="the candidate's key; 'default' is the reference")
+    parser.add_argument("--note", default="")
+    parser.add_argument("overrides", nargs="*", help="kgtok run key=value")
+    args = parser.parse_args()
+    base_dir = Path(args.base)
+    base = config_from_dict(RunConfig, json.loads((base_dir / "run_config.json").read_text()))
+    root = Path(args.out or f"{base_dir}-choose")
+    out = root / args.tag
+    shutil.rmtree(out, ignore_errors=True)
+    changes = parse_overrides([*args.overrides, "evaluate.split=lm_valid", "progress=false"])
+    variant = config_from_dict(RunConfig, _merge({**config_to_dict(base), "out": str(out),
+                                                  "data": str(base.kg_dir())}, changes))
+    linked = link_unchanged(base, variant, tuple(s for s in STAGE_ORDER if s != "synthetic"))
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    run(variant)
+    wall = time.perf_counter() - start
+    finetune = json.loads((out / "finetune" / "metrics.json").read_text())
+    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
+    seconds = {s: round(json.loads((out / s / "manifest.json").read_text())["timings"]["total"], 1)
+               for s in ("instruct", "finetune", "evaluate") if s not in linked}
+    record = {
+        "overrides": args.overrides, "linked": linked, "wall_seconds": round(wall, 1), "stage_seconds": seconds,
+        "split": "lm_valid", "queries": metrics["queries"],
+        **{f"{r}_hits_at_1": metrics[f"{r}_hits_at_1"] for r in RANKERS},
+        **{f"{r}_mrr": metrics[f"{r}_mrr"] for r in RANKERS},
+        "fusion": metrics.get("fusion"),
+        **{k: finetune.get(k) for k in ("valid_loss", "valid_code_token_loss", "train_examples", "steps",
+                                         "train_tokens_per_second", "learning_rate")},
+        "load_average_1m": [load_before, os.getloadavg()[0]], "note": args.note,
+    }
+    reference = root / "default" / "evaluate"
+    if args.tag != "default" and (reference / "metrics.json").exists():
+        record["vs_default"] = paired_runs(out / "evaluate", reference, RANKERS)
+        for r, row in record["vs_default"].items():
+            print(f"{r}: Hits@1 {format_difference(row['hits_at_1'])}, MRR {format_difference(row['mrr'])}")
+    record.update(command=command(), machine=machine())
+    write_result("llm_synthetic_first_run_choice", args.tag, record,
+                 ["wall_seconds", "valid_loss", "rerank_mrr", "fused_rerank_mrr", "rerank_hits_at_1",
+                  "fused_rerank_hits_at_1"])
+    print(f"{args.tag}: {wall:.0f} s; stages {seconds}; valid loss {record['valid_loss']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
