@@ -177,9 +177,10 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work folders (KGs and artifacts)")
     parser.add_argument("--skip-text", action="store_true",
                         help="skip stage 2 at every size (it is the slowest stage and stage 3 does not read it here)")
+    parser.add_argument("--replot", action="store_true", help="only rewrite the table and plot from the JSON")
     args = parser.parse_args()
     data = json.loads(args.result.read_text()) if args.result.exists() else {}
-    for n in args.sizes:
+    for n in [] if args.replot else args.sizes:
         record = measure(n, args.work, args.threads, args.skip_text)
         record.update(command=command(), threads=args.threads, machine=machine())
         data[str(n)] = record
@@ -189,7 +190,36 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(args.work / f"n{n}", ignore_errors=True)
     write_markdown(data, args.result.with_suffix(".md"))
+    write_plot(data, args.result.with_suffix(".svg"))
     print(table(data))
+
+
+def write_plot(data: dict, path: Path) -> None:
+    """Seconds per stage against entities, log-log, with n and n log n drawn through the smallest size's
+    largest time (a stage growing faster than the dashed line is worse than n log n)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(int(k) for k in data if k.isdigit())
+    figure, axes = plt.subplots(figsize=(6, 4.2))
+    for stage in STAGES:
+        points = [(n, data[str(n)]["stages"].get(stage, {}).get("seconds")) for n in sizes]
+        points = [(n, t) for n, t in points if t]
+        if len(points) >= 2:
+            axes.plot(*zip(*points), marker="o", label=stage)
+    if sizes:
+        x = np.array(sizes, dtype=float)
+        top = max((s.get("seconds") or 0) for s in data[str(sizes[0])]["stages"].values())
+        axes.plot(x, top * x / x[0], "k:", lw=1, label="n")
+        axes.plot(x, top * x * np.log(x) / (x[0] * np.log(x[0])), "k--", lw=1, label="n log n")
+    axes.set(xscale="log", yscale="log", xlabel="entities", ylabel="seconds",
+             title="kgtok stages 0-4 on synthetic KGs (bench/scale.py)")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, metadata={"Date": None})
+    plt.close(figure)
 
 
 def write_markdown(data: dict, path: Path) -> None:

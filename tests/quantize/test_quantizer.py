@@ -473,3 +473,39 @@ def test_load_names_the_file_on_a_parse_error(tmp_path):
     (saved / "codes.npy").write_bytes((saved / "codes.npy").read_bytes()[:40])
     with pytest.raises(ValueError, match="codes.npy"):
         EntityTokenizer.load(saved)
+
+
+def test_sampled_l1_contrasts_the_own_centre_with_the_drawn_ones():
+    """L1 over drawn centres is the full L1 when every centre is drawn (own masked, then counted once as the
+    positive); fewer draws give another value; L2 is the same either way; draws depend on (seed, step) only."""
+    from kgtok.quantize.model import l1_samples
+
+    x, labels = clustered()
+    model = RQVAE(x.shape[1], small_config(), levels=3, codebook_size=8)
+    tree = Hierarchy.from_arrays(hierarchy_arrays(x, labels), levels=3)
+    out = model.quantizer(model.encoder(torch.as_tensor(x[:64])))
+    centre_codes = [model.encoder(c) for c in tree.centroids]
+    args = (out.prefixes, centre_codes, tree.clusters[:64], tree.neighbours)
+    kw = dict(lambda1=0.8, lambda2=0.4, temperature=0.1)
+    _, full_l1, full_l2 = gse_losses(*args, **kw)
+    _, all_l1, all_l2 = gse_losses(*args, **kw, samples=[torch.arange(len(c)) for c in centre_codes])
+    torch.testing.assert_close(torch.stack(all_l1), torch.stack(full_l1))
+    torch.testing.assert_close(torch.stack(all_l2), torch.stack(full_l2))
+    deepest = len(centre_codes[-1])
+    assert deepest > 2
+    some = l1_samples(centre_codes, 2, seed=0, step=5)
+    assert [s is None for s in some] == [len(c) <= 2 for c in centre_codes] and len(some[-1]) == 2
+    assert torch.equal(some[-1], l1_samples(centre_codes, 2, seed=0, step=5)[-1])  # resumed runs draw alike
+    _, few_l1, _ = gse_losses(*args, **kw, samples=some)
+    assert not torch.isclose(few_l1[-1], full_l1[-1])
+    assert l1_samples(centre_codes, deepest, seed=0, step=5) == [None] * len(centre_codes)
+
+
+def test_training_with_sampled_l1_centres():
+    """Stage 4 trains with a handful of sampled L1 centres a level: every loss finite, codes distinct."""
+    x, labels = clustered()
+    config = small_config(gse=GSEConfig(l1_negatives=2))
+    tokenizer = EntityTokenizer(config=config).fit(x, hierarchy_arrays(x, labels), progress=False)
+    history = tokenizer.record_.history
+    assert all(np.isfinite(h["loss_gse"]) for h in history) and history[-1]["loss_gse"] < history[0]["loss_gse"]
+    assert len({tuple(c) for c in tokenizer.codes_.tolist()}) == len(x)

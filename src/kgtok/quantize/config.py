@@ -9,6 +9,8 @@ from kgtok.config import check_fields, in_range, machine
 
 Variant = Literal["gsquant", "rq", "realm", "flat"]
 RealmAssignment = Literal["nearest", "distinct"]
+# Levels with at most this many centres contrast all of them (every graph up to ~65k entities: unchanged).
+L1_NEGATIVES = 8192
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,6 +22,17 @@ class GSEConfig:
     lambda1: float = 0.8  # level l weighs lambda1^(l+1)/m: shallow levels weigh more
     lambda2: float = 0.4  # level l weighs lambda2^(m-l)/m: deep levels weigh more
     temperature: float = 0.1  # cosine-softmax temperature of both terms
+    # L1 over all k_l centres costs batch x k_l a step, and k_l grows with the graph (the last level ~N/8): a
+    # million entities made each step a 1024 x 125,000 softmax.  Sampled centres keep a step's cost fixed.
+    l1_negatives: int | None = None  # centres L1 contrasts with, drawn per step where a level has more; None: 8192
+
+    @property
+    def resolved_l1_negatives(self) -> int:
+        return L1_NEGATIVES if self.l1_negatives is None else self.l1_negatives
+
+    def __post_init__(self) -> None:
+        check_fields(self, [("l1_negatives", lambda v: v is None or (_integer(v) and v >= 1),
+                             "null or an integer >= 1")])
 
 
 @dataclass(frozen=True, kw_only=True)

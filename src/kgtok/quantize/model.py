@@ -115,6 +115,7 @@ def gse_losses(
     temperature: float,
     use_l1: bool = True,
     use_l2: bool = True,
+    samples: list[torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """GSE: per level, L1 pulls p_l toward its cluster centre, L2 pushes it from neighbouring centres.
 
@@ -124,10 +125,12 @@ def gse_losses(
     centre_codes : levels x (k_l, dim) cluster centres mapped into code space.
     clusters : (batch, levels) the entity's cluster id at each level.
     neighbours : levels x (k_l, n) neighbouring cluster ids (-1 pads).
+    samples : per level None (L1 contrasts all k_l centres) or (M,) centre ids: L1 contrasts the own
+        centre with these (the own one masked out where drawn), so a step costs batch x M, not batch x k_l.
 
     L1 (contrastive, cosine / τ) is cross-entropy of the own centre among all
-    level-l centres; L2 is cross-entropy of the own centre against only its
-    neighbours (the hard negatives), weights λ1^(l+1)/m and λ2^(m-l)/m.
+    level-l centres (or the sampled ones); L2 is cross-entropy of the own centre
+    against only its neighbours (the hard negatives), weights λ1^(l+1)/m and λ2^(m-l)/m.
     Returns (total, per-level L1, per-level L2).
     """
     m = len(prefixes)
@@ -137,15 +140,21 @@ def gse_losses(
         p = F.normalize(prefixes[level], dim=1)  # (batch, dim)
         centres = F.normalize(centre_codes[level], dim=1)  # (k, dim)
         own = clusters[:, level]  # (batch,)
-        logits = p @ centres.t() / temperature  # (batch, k)
-        l1 = F.cross_entropy(logits, own) if use_l1 else logits.new_zeros(())
-        l2 = logits.new_zeros(())
+        l1 = l2 = p.new_zeros(())
+        if use_l1:
+            sample = samples[level] if samples is not None else None
+            if sample is None:
+                l1 = F.cross_entropy(p @ centres.t() / temperature, own)
+            else:
+                positive = (p * centres[own]).sum(1, keepdim=True)  # (batch, 1)
+                negative = (p @ centres[sample].t()).masked_fill(sample[None, :] == own[:, None], float("-inf"))
+                l1 = F.cross_entropy(torch.cat([positive, negative], 1) / temperature, torch.zeros_like(own))
         if use_l2:
             near = neighbours[level][own]  # (batch, n)
             valid = near >= 0
             if valid.any():
                 candidates = torch.cat([own.unsqueeze(1), near.clamp(min=0)], dim=1)  # (batch, 1 + n)
-                picked = logits.gather(1, candidates)
+                picked = torch.bmm(centres[candidates], p.unsqueeze(2)).squeeze(2) / temperature
                 picked = picked.masked_fill(torch.cat([torch.ones_like(own.unsqueeze(1), dtype=torch.bool), valid], 1)
                                             .logical_not(), float("-inf"))
                 l2 = F.cross_entropy(picked, torch.zeros_like(own))
@@ -153,6 +162,16 @@ def gse_losses(
         l2_terms.append(l2)
         total = total + (lambda1 ** (level + 1) / m) * l1 + (lambda2 ** (m - level) / m) * l2
     return total, l1_terms, l2_terms
+
+
+def l1_samples(centre_codes: list[torch.Tensor], negatives: int, seed: int, step: int
+               ) -> list[torch.Tensor | None]:
+    """Per level: None where it has at most ``negatives`` centres, else that many ids drawn uniformly (with
+    replacement) from a generator seeded by (seed, step): a resumed run, and every process of a DDP run,
+    draw the same."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return [None if len(c) <= negatives else torch.randint(len(c), (negatives,), generator=generator).to(c.device)
+            for c in centre_codes]
 
 
 def gsr_loss(outputs: torch.Tensor, target: torch.Tensor, ancestors: torch.Tensor, lambda_s: float,
@@ -169,12 +188,12 @@ def gsr_loss(outputs: torch.Tensor, target: torch.Tensor, ancestors: torch.Tenso
 
 
 def rqvae_losses(model: RQVAE, config: QuantizeConfig, batch: torch.Tensor, clusters: torch.Tensor | None,
-                 hierarchy: Hierarchy | None,
-                 centre_codes: list[torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], QuantizerOutput]:
+                 hierarchy: Hierarchy | None, centre_codes: list[torch.Tensor] | None, step: int = 0
+                 ) -> tuple[dict[str, torch.Tensor], QuantizerOutput]:
     """One batch's loss terms: L_rec + L_Q [+ L_GSE] [+ L_GSR], and its (batch, levels) codes.
 
     batch (batch, in_dim); clusters (batch, levels) its cluster ids (GSE, GSR);
-    centre_codes levels x (k_l, code_dim) the cluster centres in code space (GSE).
+    centre_codes levels x (k_l, code_dim) the cluster centres in code space (GSE); step seeds L1's sample.
     """
     z = model.encoder(batch)  # (batch, code_dim)
     out = model.quantizer(z)
@@ -187,6 +206,7 @@ def rqvae_losses(model: RQVAE, config: QuantizeConfig, batch: torch.Tensor, clus
             out.prefixes, centre_codes, clusters, hierarchy.neighbours,
             lambda1=config.gse.lambda1, lambda2=config.gse.lambda2, temperature=config.gse.temperature,
             use_l1=config.gse.l1, use_l2=config.gse.l2,
+            samples=l1_samples(centre_codes, config.gse.resolved_l1_negatives, config.seed, step),
         )
     if config.uses_gsr:
         ancestors = torch.stack([c[clusters[:, level]]

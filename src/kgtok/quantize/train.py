@@ -262,7 +262,8 @@ def train_epoch(run: Training, bar: tqdm) -> dict[str, float]:
         run.optimizer.zero_grad(set_to_none=True)
         if len(index):
             clusters = run.hierarchy.clusters[index] if run.hierarchy is not None else None  # (batch, levels)
-            terms, out = rqvae_losses(model, config, run.x[index], clusters, run.hierarchy, centre_codes)
+            terms, out = rqvae_losses(model, config, run.x[index], clusters, run.hierarchy, centre_codes,
+                                      run.step)
             loss = sum(terms.values())
             if processes.world > 1:  # slices weigh by their size: summed, the whole batch's mean
                 loss = loss * (len(index) / len(batch))
