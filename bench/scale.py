@@ -100,14 +100,26 @@ def timed_run(argv: list[str], env: dict[str, str], log: Path) -> dict[str, floa
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak, 1) if peak is not None else None}
 
 
-def measure(n: int, work: Path, threads: int, skip_text: bool = False) -> dict:
-    """Run every stage at ``n`` entities in ``work``; the record of one size."""
+def measure(n: int, work: Path, threads: int, skip_text: bool = False, only: dict | None = None,
+            extra: dict[str, list[str]] | None = None) -> dict:
+    """Run every stage at ``n`` entities in ``work``; the record of one size.
+
+    ``only``: the record of an earlier run at this size whose work folder is kept (``--keep``): its
+    stages' artifacts are reused and only the stages in ``extra`` run again (their numbers replace the
+    old ones; ``extra`` maps a stage to key=value settings added to its command)."""
     root = work / f"n{n}"
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
+    if only is None:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
     env = {**os.environ, "KGTOK_CACHE_DIR": str(root / "cache"), "OMP_NUM_THREADS": str(threads)}
     record: dict = {"load_before": [round(x, 2) for x in os.getloadavg()], "stages": {}}
+    if only is not None:
+        record["stages"] = {k: {**v, "from_run": only["machine"]["date"]} for k, v in only["stages"].items()}
     for name, argv in stage_commands(n, root, threads, skip_text).items():
+        if only is not None and name not in (extra or {}):
+            continue
+        if argv is not None and extra and extra.get(name):
+            argv = argv + extra[name]
         if argv is None:
             record["stages"][name] = {"skipped": "--skip-text (stage 3 reads graph vectors only at every size)"
                                       if skip_text and n <= TEXT_MAX_ENTITIES else
@@ -178,10 +190,17 @@ def main() -> None:
     parser.add_argument("--skip-text", action="store_true",
                         help="skip stage 2 at every size (it is the slowest stage and stage 3 does not read it here)")
     parser.add_argument("--replot", action="store_true", help="only rewrite the table and plot from the JSON")
+    parser.add_argument("--rerun", nargs="+", default=None, metavar="STAGE[:key=value,...]",
+                        help="with a work folder kept by --keep: run only these stages again, with these added "
+                             "settings, reusing the others' artifacts and numbers (e.g. quantize:gse.l1_negatives=1024)")
     args = parser.parse_args()
     data = json.loads(args.result.read_text()) if args.result.exists() else {}
     for n in [] if args.replot else args.sizes:
-        record = measure(n, args.work, args.threads, args.skip_text)
+        extra = None
+        if args.rerun:
+            extra = {spec.split(":")[0]: [kv for kv in spec.partition(":")[2].split(",") if kv] for spec in args.rerun}
+        record = measure(n, args.work, args.threads, args.skip_text, only=data[str(n)] if extra else None,
+                         extra=extra)
         record.update(command=command(), threads=args.threads, machine=machine())
         data[str(n)] = record
         data["slopes"] = slopes(data)

@@ -138,23 +138,26 @@ def gse_losses(
     l1_terms, l2_terms = [], []
     for level in range(m):
         p = F.normalize(prefixes[level], dim=1)  # (batch, dim)
-        centres = F.normalize(centre_codes[level], dim=1)  # (k, dim)
+
+        def centres(ids: torch.Tensor, level: int = level) -> torch.Tensor:  # unit rows: only those used (k_l grows)
+            return F.normalize(centre_codes[level][ids], dim=-1)
+
         own = clusters[:, level]  # (batch,)
         l1 = l2 = p.new_zeros(())
         if use_l1:
             sample = samples[level] if samples is not None else None
             if sample is None:
-                l1 = F.cross_entropy(p @ centres.t() / temperature, own)
+                l1 = F.cross_entropy(p @ F.normalize(centre_codes[level], dim=1).t() / temperature, own)
             else:
-                positive = (p * centres[own]).sum(1, keepdim=True)  # (batch, 1)
-                negative = (p @ centres[sample].t()).masked_fill(sample[None, :] == own[:, None], float("-inf"))
+                positive = (p * centres(own)).sum(1, keepdim=True)  # (batch, 1)
+                negative = (p @ centres(sample).t()).masked_fill(sample[None, :] == own[:, None], float("-inf"))
                 l1 = F.cross_entropy(torch.cat([positive, negative], 1) / temperature, torch.zeros_like(own))
         if use_l2:
             near = neighbours[level][own]  # (batch, n)
             valid = near >= 0
             if valid.any():
                 candidates = torch.cat([own.unsqueeze(1), near.clamp(min=0)], dim=1)  # (batch, 1 + n)
-                picked = torch.bmm(centres[candidates], p.unsqueeze(2)).squeeze(2) / temperature
+                picked = torch.bmm(centres(candidates), p.unsqueeze(2)).squeeze(2) / temperature
                 picked = picked.masked_fill(torch.cat([torch.ones_like(own.unsqueeze(1), dtype=torch.bool), valid], 1)
                                             .logical_not(), float("-inf"))
                 l2 = F.cross_entropy(picked, torch.zeros_like(own))
