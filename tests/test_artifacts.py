@@ -22,6 +22,14 @@ class StageConfig:
     dim: int = 8
 
 
+@dataclass(frozen=True, kw_only=True)
+class LaterStageConfig:
+    """StageConfig after a release added a field whose default keeps what the stage computed."""
+
+    dim: int = 8
+    sparse: bool | None = None
+
+
 def test_artifact_is_written_with_manifest(tmp_path):
     dest = tmp_path / "embed"
     with artifact_dir(dest, stage="embed", config=StageConfig(dim=4), inputs={"train.txt": "abc"}) as writer:
@@ -171,3 +179,19 @@ def test_leftover_temporary_folders_of_a_killed_writer_are_removed(tmp_path):
     (tmp_path / ".text.tmp-abc").mkdir()
     clean_leftovers(tmp_path, "embed")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".text.tmp-abc"]
+
+
+def test_a_field_added_since_counts_as_its_default(tmp_path):
+    """An artifact made before a config field existed is current for the field's default, not for another value
+    (else every new field would retrain every cached artifact); the resume check agrees."""
+    from kgtok.config import config_changes
+
+    dest = tmp_path / "embed"
+    with artifact_dir(dest, stage="embed", config=StageConfig(dim=4), inputs={"train.txt": "abc"}):
+        pass
+    assert manifest_matches(dest, "embed", LaterStageConfig(dim=4), {"train.txt": "abc"})
+    assert not manifest_matches(dest, "embed", LaterStageConfig(dim=4, sparse=True), {"train.txt": "abc"})
+    assert not manifest_matches(dest, "embed", LaterStageConfig(dim=5), {"train.txt": "abc"})
+    saved = read_manifest(dest)["config"]
+    assert config_changes(saved, LaterStageConfig(dim=4)) == ([], [])
+    assert config_changes(saved, LaterStageConfig(dim=4, sparse=False)) == ([], ["sparse"])

@@ -31,7 +31,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
 
-from kgtok.config import config_to_dict, result_config
+from kgtok.config import config_to_dict, result_config, saved_result_config
 
 MANIFEST = "manifest.json"
 
@@ -197,7 +197,8 @@ def manifest_matches(
         return False
     return (
         manifest.get("stage") == stage
-        and result_config(manifest.get("config") or {}, type(config)) == result_config(config_to_dict(config), type(config))
+        and saved_result_config(manifest.get("config") or {}, type(config))
+        == result_config(config_to_dict(config), type(config))
         and manifest.get("inputs") == dict(inputs)
     )
 

@@ -113,6 +113,21 @@ def result_config(data: Mapping[str, Any], cls: type) -> dict[str, Any]:
     return {k: v for k, v in _flatten(data).items() if k not in skip}
 
 
+def saved_result_config(saved: Mapping[str, Any], cls: type) -> dict[str, Any]:
+    """``result_config`` of a config saved by an earlier kgtok: a field added since counts as its default.
+
+    A new field's default must keep what the code computed before (else the stage says so in its
+    fingerprint, as stage 1's density rule does), so an artifact made before the field existed is current
+    for a config that leaves it at its default, and not for one that sets it.
+    """
+    old = result_config(saved, cls)
+    try:
+        defaults = result_config(config_to_dict(cls()), cls)
+    except TypeError:  # a config without a default for every field: nothing to fill in
+        return old
+    return {**{k: v for k, v in defaults.items() if not any(k.startswith(o + ".") for o in old)}, **old}
+
+
 def config_changes(saved: Mapping[str, Any], current: object) -> tuple[list[str], list[str]]:
     """``(resumable, other)`` dotted fields that differ between a saved config dict and ``current``.
 
@@ -120,7 +135,7 @@ def config_changes(saved: Mapping[str, Any], current: object) -> tuple[list[str]
     is empty; the new values of ``resumable`` fields win.
     """
     cls = type(current)
-    old, new = result_config(saved, cls), result_config(config_to_dict(current), cls)
+    old, new = saved_result_config(saved, cls), result_config(config_to_dict(current), cls)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     allowed = fields_with_effect(cls, RESUMABLE)
     return [k for k in changed if k in allowed], [k for k in changed if k not in allowed]
