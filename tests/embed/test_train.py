@@ -201,7 +201,7 @@ def test_the_density_rule_is_in_the_cache_record(kg, tmp_path):
     assert default_rules(EmbedConfig()) == {"embed/n3_weight": "0.2/density"}
     assert default_rules(EmbedConfig(regularizer_weight=0.05)) == {}
     # nssa's default updates switch to rows on big graphs: nor is a dense-trained artifact reused for sparse: null
-    assert default_rules(EmbedConfig(model="rotate")) == {"embed/sparse": "from 100000 entities"}
+    assert default_rules(EmbedConfig(model="rotate")) == {"embed/sparse": "from 200000 entities"}
     assert default_rules(EmbedConfig(model="rotate", sparse=False)) == {}
     dest = run_embed(small(max_steps=4, eval_every=2), kg, tmp_path / "e", progress=False, log=quiet)
     record = json.loads((dest / "manifest.json").read_text())
@@ -225,7 +225,7 @@ def test_sparse_updates_move_only_the_rows_of_the_batch(kg):
     assert moved and moved <= touched and len(moved) < kg.num_entities
     dense = dataclasses.replace(config, sparse=False)
     assert not embed_train.build(dense, kg)[0].sparse
-    assert EmbedConfig(model="rotate").sparse_for(99_999) is False and EmbedConfig(model="rotate").sparse_for(100_000)
+    assert EmbedConfig(model="rotate").sparse_for(199_999) is False and EmbedConfig(model="rotate").sparse_for(200_000)
     assert EmbedConfig().sparse_for(10**7) is False  # 1-vs-all scores the whole table: never sparse
     with pytest.raises(ValueError, match="sparse"):
         EmbedConfig(sparse=True)

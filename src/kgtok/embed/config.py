@@ -12,8 +12,10 @@ if TYPE_CHECKING:
 
 ModelName = Literal["rotate", "transe", "distmult", "complex"]
 LossName = Literal["auto", "nssa", "1vsall"]
-# Graphs from this size on train nssa with row updates by default (EmbedConfig.sparse; bench/scale.py).
-SPARSE_FROM = 100_000
+# Graphs from this size on train nssa with row updates by default (EmbedConfig.sparse): a dense step took 65 ms at
+# 100k entities and 689 ms at 1M, a row-update step 94 and 131 ms (bench/results/scale_sparse_step.json; the
+# crossover interpolates to ~150k).
+SPARSE_FROM = 200_000
 Device = Literal["auto", "cpu", "cuda"]  # where stages 1, 3 and 4 compute (kgtok.runtime.resolve_device)
 
 
@@ -44,7 +46,7 @@ class EmbedConfig:
     lr: float | None = None  # None: 0.1 for adagrad, 1e-3 for adam (RotatE's 5e-5 needs GPU-length runs)
     # Dense updates cost a pass over every table row per step (and steps per epoch grow with the graph): O(n^2)
     # per epoch count; row updates touch the batch's rows only, as DGL-KE and PyTorch-BigGraph do.
-    sparse: bool | None = None  # nssa: row gradients, lazy Adam / sparse Adagrad; None: on from 100,000 entities
+    sparse: bool | None = None  # nssa: row gradients, lazy Adam / sparse Adagrad; None: on from 200,000 entities
     batch_size: int = 1000  # training examples per step (with reciprocal relations each triple gives two)
     max_steps: int = resumable(20000)  # upper bound; early stopping usually ends sooner
     # Per epoch, not per fixed step count: 1000 steps are 6 epochs of WN18RR but 300 of Nations.
