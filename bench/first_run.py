@@ -37,6 +37,25 @@ RANKERS = ("retriever", "dift", "rerank", "fused_pick", "fused_rerank")
 STAGES = ("synthetic", "data", "embed", "text", "hierarchy", "quantize", "instruct", "finetune", "evaluate")
 
 
+def stage_seconds(run_dir: Path, stages: tuple[str, ...] = STAGES) -> dict[str, float]:
+    """Each of ``stages``' seconds from its manifest (those the run has)."""
+    return {stage: round(json.loads((run_dir / stage / "manifest.json").read_text())["timings"]["total"], 1)
+            for stage in stages if (run_dir / stage / "manifest.json").exists()}
+
+
+def ranker_metrics(metrics: dict) -> dict[str, float]:
+    """Every ranker's Hits@1 and MRR from a stage-5c metrics.json."""
+    return {f"{r}_{m}": metrics[f"{r}_{m}"] for m in ("hits_at_1", "mrr") for r in RANKERS}
+
+
+def paired_to(evaluate: Path, other: Path) -> dict:
+    """Each ranker of ``evaluate`` minus ``other`` over their common queries, printed as it is returned."""
+    rows = paired_runs(evaluate, other, RANKERS)
+    for r, row in rows.items():
+        print(f"{r}: Hits@1 {format_difference(row['hits_at_1'])}, MRR {format_difference(row['mrr'])}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="run directory (deleted first)")
@@ -54,27 +73,19 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "kgtok.cli", "run", f"out={out}", "progress=false", *args.overrides],
                        env=env, check=True)
         wall = time.perf_counter() - start
-    seconds = {}
-    for stage in STAGES:
-        manifest = out / stage / "manifest.json"
-        if manifest.exists():
-            seconds[stage] = round(json.loads(manifest.read_text())["timings"]["total"], 1)
+    seconds = stage_seconds(out)
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
     trained = json.loads((out / "finetune" / "metrics.json").read_text())
     record = {
         "wall_seconds": round(wall, 1), "stage_seconds": seconds, "overrides": args.overrides,
-        **{f"{r}_hits_at_1": metrics[f"{r}_hits_at_1"] for r in RANKERS},
-        **{f"{r}_mrr": metrics[f"{r}_mrr"] for r in RANKERS},
-        "queries": metrics["queries"], "fusion": metrics.get("fusion"),
+        **ranker_metrics(metrics), "queries": metrics["queries"], "fusion": metrics.get("fusion"),
         "valid_loss": trained.get("valid_loss"), "train_examples": trained.get("train_examples"),
         "steps": trained.get("steps"), "train_tokens_per_second": trained.get("train_tokens_per_second"),
         "load_average_1m": [load_before, os.getloadavg()[0]], "note": args.note,
     }
     if args.baseline:
         record["baseline"] = args.baseline
-        record["vs_baseline"] = paired_runs(out / "evaluate", args.baseline, RANKERS)
-        for r, row in record["vs_baseline"].items():
-            print(f"{r}: Hits@1 {format_difference(row['hits_at_1'])}, MRR {format_difference(row['mrr'])}")
+        record["vs_baseline"] = paired_to(out / "evaluate", Path(args.baseline))
     record.update(command=command(), machine=machine())
     write_result("llm_synthetic_first_run", args.tag, record,
                  ["wall_seconds", "retriever_hits_at_1", "dift_hits_at_1", "rerank_hits_at_1",

@@ -28,12 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
 
-from kgtok.config import _merge, config_from_dict, config_to_dict, parse_overrides  # noqa: E402
-from kgtok.llm.compare import paired_runs  # noqa: E402
-from kgtok.metrics import format_difference  # noqa: E402
-from kgtok.pipeline import STAGE_ORDER, RunConfig, link_unchanged, run  # noqa: E402
+from first_run import paired_to, ranker_metrics, stage_seconds  # noqa: E402
 
-RANKERS = ("retriever", "dift", "rerank", "fused_pick", "fused_rerank")
+from kgtok.config import _merge, config_from_dict, config_to_dict, parse_overrides  # noqa: E402
+from kgtok.pipeline import STAGE_ORDER, RunConfig, link_unchanged, run  # noqa: E402
 
 
 def main() -> None:
@@ -59,23 +57,18 @@ def main() -> None:
     wall = time.perf_counter() - start
     finetune = json.loads((out / "finetune" / "metrics.json").read_text())
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
-    seconds = {s: round(json.loads((out / s / "manifest.json").read_text())["timings"]["total"], 1)
-               for s in ("instruct", "finetune", "evaluate") if s not in linked}
+    seconds = stage_seconds(out, tuple(s for s in ("instruct", "finetune", "evaluate") if s not in linked))
     record = {
         "overrides": args.overrides, "linked": linked, "wall_seconds": round(wall, 1), "stage_seconds": seconds,
         "split": "lm_valid", "queries": metrics["queries"],
-        **{f"{r}_hits_at_1": metrics[f"{r}_hits_at_1"] for r in RANKERS},
-        **{f"{r}_mrr": metrics[f"{r}_mrr"] for r in RANKERS},
-        "fusion": metrics.get("fusion"),
+        **ranker_metrics(metrics), "fusion": metrics.get("fusion"),
         **{k: finetune.get(k) for k in ("valid_loss", "valid_code_token_loss", "train_examples", "steps",
                                          "train_tokens_per_second", "learning_rate")},
         "load_average_1m": [load_before, os.getloadavg()[0]], "note": args.note,
     }
     reference = root / "default" / "evaluate"
     if args.tag != "default" and (reference / "metrics.json").exists():
-        record["vs_default"] = paired_runs(out / "evaluate", reference, RANKERS)
-        for r, row in record["vs_default"].items():
-            print(f"{r}: Hits@1 {format_difference(row['hits_at_1'])}, MRR {format_difference(row['mrr'])}")
+        record["vs_default"] = paired_to(out / "evaluate", reference)
     record.update(command=command(), machine=machine())
     write_result("llm_synthetic_first_run_choice", args.tag, record,
                  ["wall_seconds", "valid_loss", "rerank_mrr", "fused_rerank_mrr", "rerank_hits_at_1",

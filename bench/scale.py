@@ -118,8 +118,8 @@ def measure(n: int, work: Path, threads: int, skip_text: bool = False, only: dic
     for name, argv in stage_commands(n, root, threads, skip_text).items():
         if only is not None and name not in (extra or {}):
             continue
-        if argv is not None and extra and extra.get(name):
-            argv = argv + extra[name]
+        if argv is not None and extra:
+            argv = argv + extra.get(name, [])
         if argv is None:
             record["stages"][name] = {"skipped": "--skip-text (stage 3 reads graph vectors only at every size)"
                                       if skip_text and n <= TEXT_MAX_ENTITIES else
@@ -195,10 +195,9 @@ def main() -> None:
                              "settings, reusing the others' artifacts and numbers (e.g. quantize:gse.l1_negatives=1024)")
     args = parser.parse_args()
     data = json.loads(args.result.read_text()) if args.result.exists() else {}
+    extra = ({spec.partition(":")[0]: [kv for kv in spec.partition(":")[2].split(",") if kv] for spec in args.rerun}
+             if args.rerun else None)
     for n in [] if args.replot else args.sizes:
-        extra = None
-        if args.rerun:
-            extra = {spec.split(":")[0]: [kv for kv in spec.partition(":")[2].split(",") if kv] for spec in args.rerun}
         record = measure(n, args.work, args.threads, args.skip_text, only=data[str(n)] if extra else None,
                          extra=extra)
         record.update(command=command(), threads=args.threads, machine=machine())

@@ -10,6 +10,15 @@ from pathlib import Path
 import torch
 
 
+def seeded_generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded by mixing ``parts`` (seed, purpose, step...): the same draws on every device,
+    after a resume, and in every process of a DDP run."""
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + int(part)) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
 @contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
     """Set torch's thread count for the block and restore it afterwards.

@@ -17,6 +17,7 @@ from kgtok.data.synthetic import SyntheticConfig, write_synthetic
 from kgtok.embed import EmbedConfig, RankedQueries, load_model, run_embed
 from kgtok.embed import train as embed_train
 from kgtok.embed.train import subsampling_weights, train_model
+from kgtok.runtime import seeded_generator
 from kgtok.stage import ResumeWarning
 
 CONFIGS = Path(__file__).resolve().parents[2] / "src" / "kgtok" / "configs"
@@ -221,7 +222,7 @@ def test_sparse_updates_move_only_the_rows_of_the_batch(kg):
     moved = set(torch.nonzero((model.entity.detach() != before).any(1)).flatten().tolist())
     touched = set(batch[:, [0, 2]].flatten().tolist())
     for step in range(2):  # the negatives of each step, drawn as training_step draws them
-        touched |= set(torch.randint(kg.num_entities, (16, 4), generator=embed_train._seeded(0, 3, step)).flatten().tolist())
+        touched |= set(torch.randint(kg.num_entities, (16, 4), generator=seeded_generator(0, 3, step)).flatten().tolist())
     assert moved and moved <= touched and len(moved) < kg.num_entities
     dense = dataclasses.replace(config, sparse=False)
     assert not embed_train.build(dense, kg)[0].sparse

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kgtok.embed.config import EmbedConfig
+from kgtok.embed.config import SPARSE_FROM, EmbedConfig
 from kgtok.stage import Context, Stage, run_stage
 
 if TYPE_CHECKING:
@@ -40,8 +40,6 @@ def default_rules(config: EmbedConfig) -> dict[str, str]:
     """Defaults the code computes from the graph: in the cache record, so that an artifact made under an
     earlier rule (the fixed N3 weight 0.05 before the density rule) is not reused for ``regularizer_weight:
     null``, nor one trained with dense updates for ``sparse: null``."""
-    from kgtok.embed.config import SPARSE_FROM
-
     rules = {"embed/n3_weight": "0.2/density"} if config.n3_weight(1.0) != config.n3_weight(100.0) else {}
     if config.sparse is None and config.resolved_loss == "nssa":
         rules["embed/sparse"] = f"from {SPARSE_FROM} entities"

@@ -30,14 +30,7 @@ from kgtok.embed.config import EmbedConfig
 from kgtok.embed.layout import EmbedArtifact
 from kgtok.embed.models import KGEModel, build_model
 from kgtok.embed.ranking import RankedQueries, rank_triples
-from kgtok.runtime import resolve_device, torch_save_atomic
-
-
-def _seeded(*parts: int) -> torch.Generator:
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + int(part)) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
+from kgtok.runtime import resolve_device, seeded_generator, torch_save_atomic
 
 
 # ----------------------------------------------------------------------------
@@ -63,7 +56,7 @@ def build(config: EmbedConfig, kg: KnowledgeGraph, device: torch.device | str = 
     reciprocal = config.resolved_reciprocal
     relations = kg.num_relations * (2 if reciprocal else 1)
     model = build_model(config.model, kg.num_entities, relations, config.dim, margin=config.margin)
-    generator = _seeded(config.seed, 0)
+    generator = seeded_generator(config.seed, 0)
     model.reset_parameters(generator, scale=config.init_scale if config.resolved_loss == "1vsall" else None)
     model.to(device)  # before the optimizer, whose state (Adagrad's sums) is made on the parameters' device
     model.sparse = config.sparse_for(kg.num_entities)
@@ -173,7 +166,7 @@ def training_step(
     if config.resolved_loss == "1vsall":
         loss, factors = one_vs_all_loss(model, batch, config.label_smoothing)
     else:
-        generator = _seeded(config.seed, 3, step)  # a CPU generator: the same negatives on every device
+        generator = seeded_generator(config.seed, 3, step)  # a CPU generator: the same negatives on every device
         negatives = torch.randint(model.num_entities, (len(batch), config.num_negatives), generator=generator)
         negatives = negatives.to(batch.device)  # (batch, num_negatives)
         corrupt_head = (not config.resolved_reciprocal) and step % 2 == 1  # alternate sides, as the RotatE code
@@ -276,7 +269,7 @@ def train_model(
     eval_every = config.eval_every or steps_per_epoch
     valid = kg.valid
     if config.eval_max_queries and len(valid) > config.eval_max_queries:
-        pick = torch.randperm(len(valid), generator=_seeded(config.seed, 1))[: config.eval_max_queries]
+        pick = torch.randperm(len(valid), generator=seeded_generator(config.seed, 1))[: config.eval_max_queries]
         valid = valid[pick.sort().values]
     best_state = copy.deepcopy(model.state_dict())
     if best_path.exists():
@@ -291,7 +284,7 @@ def train_model(
         step = state.step
         if step // steps_per_epoch != epoch:
             epoch = step // steps_per_epoch
-            order = torch.randperm(len(examples), generator=_seeded(config.seed, 2, epoch)).to(device)
+            order = torch.randperm(len(examples), generator=seeded_generator(config.seed, 2, epoch)).to(device)
         within = step % steps_per_epoch
         index = order[within * config.batch_size : (within + 1) * config.batch_size]
         loss = training_step(model, optimizer, examples[index], config, step,

@@ -17,6 +17,7 @@ from torch import nn
 
 from kgtok.quantize.config import QuantizeConfig
 from kgtok.quantize.quantizer import QuantizerOutput, ResidualQuantizer
+from kgtok.runtime import seeded_generator
 
 
 def mlp(widths: list[int]) -> nn.Sequential:
@@ -172,7 +173,7 @@ def l1_samples(centre_codes: list[torch.Tensor], negatives: int, seed: int, step
     """Per level: None where it has at most ``negatives`` centres, else that many ids drawn uniformly (with
     replacement) from a generator seeded by (seed, step): a resumed run, and every process of a DDP run,
     draw the same."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    generator = seeded_generator(seed, step)
     return [None if len(c) <= negatives else torch.randint(len(c), (negatives,), generator=generator).to(c.device)
             for c in centre_codes]
 
