@@ -134,9 +134,10 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write JSON through :func:`atomic_path` (never half-written)."""
-    return write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = 2) -> Path:
+    """Write JSON through :func:`atomic_path` (never half-written); ``indent=None``: one line, by json's C
+    encoder (an indent makes it take the pure-Python one: 37 s for a 1M-entity hierarchy.json)."""
+    return write_text_atomic(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
 
 
 ID_ORDER = "entities.tsv"

@@ -125,3 +125,20 @@ def test_dict_layout_rejects_repeated_id_and_name(make_kg):
     directory = make_kg(name="kg2", entities__dict=["0\ta", "1\tb", "2\tc", "3\td"], relations__dict=["0\tlikes", "1\tlikes"])
     with pytest.raises(KGFormatError, match=r"relations.dict:2: name 'likes' appears twice"):
         load_kg(directory)
+
+
+def test_uniform_files_read_by_one_split_as_line_by_line(tmp_path):
+    """The one-split path for files whose lines all have the same field count gives the same table."""
+    from kgtok.data import reader
+
+    lines = ["a\tZürich\tfirst", "b\tBeta\tsecond", "c\t\tthird"]
+    (tmp_path / "t.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "u.tsv").write_text("\n".join(lines), encoding="utf-8")  # no final newline
+    (tmp_path / "two.tsv").write_text("a\tAlpha\nb\tBeta\n", encoding="utf-8")
+    by_line = reader._columns_by_line(tmp_path / "t.tsv", lines, np.arange(1, 4), (2, 3), "id<TAB>l<TAB>d")
+    for name in ("t.tsv", "u.tsv"):
+        table = reader.read_table(tmp_path / name, (2, 3), "id<TAB>label<TAB>description", id_columns=1)
+        assert table.columns == by_line and table.line_numbers.tolist() == [1, 2, 3]
+    padded = reader.read_table(tmp_path / "two.tsv", (2, 3), "id<TAB>label<TAB>description", id_columns=1)
+    assert padded.columns == [["a", "b"], ["Alpha", "Beta"], ["", ""]]
+    assert reader._uniform_columns("a\tb\nc\n", ["a\tb", "c"], (1, 2), skip=False) is None  # mixed: by line

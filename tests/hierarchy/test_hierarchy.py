@@ -195,3 +195,20 @@ def test_two_entities_build_a_tree_instead_of_a_silhouette_error():
     # count is then chosen without it.
     hierarchy = SemanticHierarchy(HierarchyConfig(levels=3)).fit(np.random.default_rng(0).normal(size=(2, 8)))
     assert hierarchy.paths_.shape == (2, 3) and hierarchy.counts_[0] == 2
+
+
+@pytest.mark.parametrize("n", [0, 3, 5, 40])
+def test_neighbour_lists_match_every_pair_compared(n):
+    """The faiss-candidate neighbour lists equal the all-pairs ranking: siblings first, then the nearest."""
+    from kgtok.hierarchy.build import neighbouring_clusters, normalize_rows
+
+    rng = np.random.default_rng(0)
+    centroids = normalize_rows(rng.standard_normal((300, 8)).astype(np.float32))
+    parents = np.concatenate([np.zeros(2), np.ones(10), rng.integers(2, 60, 288)]).astype(np.int64)  # 2 to 10+ children
+    expected = np.full((300, n), -1, dtype=np.int64)
+    if n:
+        score = centroids @ centroids.T + 4.0 * (parents[:, None] == parents[None, :])
+        np.fill_diagonal(score, -np.inf)
+        expected = np.argsort(-score, axis=1, kind="stable")[:, :n]
+    assert np.array_equal(neighbouring_clusters(centroids, parents, n), expected)
+    assert (neighbouring_clusters(centroids[:1], parents[:1], 3) == -1).all()

@@ -6,8 +6,10 @@ so that later checks (unknown entity, bad id) can still name the line.
 
 from __future__ import annotations
 
+import gc
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +99,25 @@ def read_table(
     if not path.exists():
         raise KGFormatError(path, None, "file not found")
     text, crlf = read_text(path)
+    with _no_gc():  # millions of small lists: the cyclic collector's passes cost 6x the parsing (1M entities)
+        return _parse_table(path, text, crlf, fields, what, id_columns, is_header, skip_header, strip_whitespace)
+
+
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """The cyclic garbage collector paused (as it was before, after): the rows hold no cycles."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _parse_table(path: Path, text: str, crlf: bool, fields: tuple[int, ...], what: str, id_columns: int,
+                 is_header: Callable[[str], bool] | None, skip_header: bool, strip_whitespace: bool) -> Table:
+    """read_table's checks on the decoded text (see there)."""
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the newline that ends the last line
@@ -122,6 +143,16 @@ def read_table(
         lines, numbers = lines[1:], numbers[1:]
         if not lines:
             raise KGFormatError(path, None, f"file holds only a header line; expected lines of {what}")
+    columns = (_uniform_columns(text, lines, fields, skip=len(numbers) != len(lines) or header_line is not None)
+               or _columns_by_line(path, lines, numbers, fields, what))
+    stripped = _check_ids(path, columns[:id_columns], numbers, lines, what, strip_whitespace)
+    return Table(path=path, columns=columns, line_numbers=numbers, crlf=crlf, blank_lines=int(blank.sum()),
+                 header_line=header_line, stripped_ids=stripped)
+
+
+def _columns_by_line(path: Path, lines: list[str], numbers: np.ndarray, fields: tuple[int, ...],
+                     what: str) -> list[list[str]]:
+    """The columns, line by line: the first line with a field count not in ``fields`` is an error naming it."""
     rows = [line.split("\t") for line in lines]
     counts = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
     bad = ~np.isin(counts, fields)
@@ -140,10 +171,34 @@ def read_table(
     width = max(fields)
     if len(fields) > 1:  # pad short rows (e.g. a text line without description)
         rows = [row + [""] * (width - len(row)) for row in rows]
-    columns = [list(col) for col in zip(*rows)]
-    stripped = _check_ids(path, columns[:id_columns], numbers, lines, what, strip_whitespace)
-    return Table(path=path, columns=columns, line_numbers=numbers, crlf=crlf, blank_lines=int(blank.sum()),
-                 header_line=header_line, stripped_ids=stripped)
+    return [list(col) for col in zip(*rows)]
+
+
+def _uniform_columns(text: str, lines: list[str], fields: tuple[int, ...], *, skip: bool) -> list[list[str]] | None:
+    """The columns of a file whose every line has the same allowed number of fields, by one split of the text.
+
+    Splitting each line into its own list cost 8 s for 6M triples (51 s with the garbage collector on);
+    one flat split and strided slices cost 3 s. Counting tabs per line on the bytes is exact (tab and
+    newline never occur inside a multi-byte UTF-8 character). Files with blank or skipped lines, or
+    mixed field counts, return None and take the line-by-line path, which names the bad line.
+    """
+    if skip or not lines:
+        return None
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    ends = np.flatnonzero(data == 10)
+    if len(ends) < len(lines):  # the last line has no newline
+        ends = np.append(ends, len(data))
+    tabs = np.searchsorted(np.flatnonzero(data == 9), ends)  # tabs before each line's end
+    per_line = np.diff(tabs, prepend=0)
+    count = int(per_line[0]) + 1
+    if count not in fields or not (per_line == count - 1).all():
+        return None
+    flat = text.replace("\n", "\t").split("\t")
+    if len(flat) == count * len(lines) + 1:
+        flat.pop()  # after the final newline
+    columns = [flat[j::count] for j in range(count)]
+    width = max(fields)
+    return columns + [[""] * len(lines) for _ in range(width - count)]  # short rows padded, as line by line
 
 
 def _column_names(what: str, count: int) -> list[str]:
