@@ -509,3 +509,22 @@ def test_training_with_sampled_l1_centres():
     history = tokenizer.record_.history
     assert all(np.isfinite(h["loss_gse"]) for h in history) and history[-1]["loss_gse"] < history[0]["loss_gse"]
     assert len({tuple(c) for c in tokenizer.codes_.tolist()}) == len(x)
+
+
+def test_packed_tuple_groups_equal_the_row_unique_and_token_strings_format_each_level():
+    """Groups of equal code tuples from one packed int64 key equal np.unique over rows (ids and sizes);
+    token strings are each level's namespaced token in order."""
+    from kgtok.quantize.metrics import collision_rate, tuple_groups
+
+    codes = np.random.default_rng(0).integers(0, 3, size=(500, 4))
+    _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    groups, sizes = tuple_groups(codes)
+    assert np.array_equal(groups, inverse.reshape(-1)) and np.array_equal(sizes, counts)
+    assert collision_rate(codes) == float((counts[inverse.reshape(-1)] > 1).mean()) > 0
+    wide = np.array([[2**40, 3], [2**40, 3], [5, 2**30]])  # too wide to pack: rows compared as tuples
+    assert tuple_groups(wide)[0].tolist() == [1, 1, 0]
+    x, _ = clustered()
+    tokenizer = EntityTokenizer(config=small_config(variant="rq")).fit(x, progress=False)
+    first = tokenizer.codes_[0]
+    assert tokenizer.token_strings(tokenizer.codes_[:1]) == [
+        "".join(f"<{name}_{c}>" for name, c in zip("abcdefgh", first))]

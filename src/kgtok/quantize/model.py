@@ -49,11 +49,11 @@ class RQVAE(nn.Module):
         return torch.cat([self.quantizer(self.encoder(x[s : s + batch])).codes for s in range(0, len(x), batch)])
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
-        """(n, in_dim) -> (n, in_dim) decoder output from the quantized codes."""
+    def decode(self, codes: torch.Tensor, batch: int = 8192) -> torch.Tensor:
+        """(n, levels) codes -> (n, in_dim) decoder output: what the codes rebuild, without searching again."""
         self.eval()
-        return torch.cat([self.decoder(self.quantizer(self.encoder(x[s : s + batch])).quantized)
-                          for s in range(0, len(x), batch)])
+        return torch.cat([self.decoder(self.quantizer.indices_to_vectors(codes[s : s + batch]))
+                          for s in range(0, len(codes), batch)])
 
 
 @dataclass

@@ -46,7 +46,7 @@ def tokenizer_metrics(tokenizer: EntityTokenizer, vectors: np.ndarray) -> dict[s
     }
     x = torch.as_tensor(vectors, dtype=torch.float32)
     if tokenizer.model_ is not None:
-        rebuilt = tokenizer.model_.reconstruct(x)
+        rebuilt = tokenizer.model_.decode(torch.as_tensor(tokenizer.base_codes_))
     else:
         rebuilt = torch.as_tensor(tokenizer.vectors_of(codes))
     metrics["reconstruction_mse"] = float((rebuilt - x).pow(2).sum(1).mean())

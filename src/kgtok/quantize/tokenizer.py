@@ -252,8 +252,16 @@ class EntityTokenizer:
     def token_strings(self, codes: np.ndarray) -> list[str]:
         """(n, width) codes -> one string of level-namespaced tokens per entity."""
         self._check_fitted()
-        names = [level_namespace(level) for level in range(np.asarray(codes).shape[1])]
-        return ["".join(f"<{names[l]}_{c}>" for l, c in enumerate(row)) for row in np.asarray(codes).tolist()]
+        codes = np.asarray(codes)
+        if len(codes) == 0:
+            return []
+        if codes.min() < 0:
+            raise ValueError(f"codes must be >= 0; found {int(codes.min())}")
+        columns = []
+        for level in range(codes.shape[1]):  # each level's tokens formatted once, then looked up
+            table = [f"<{level_namespace(level)}_{c}>" for c in range(int(codes[:, level].max()) + 1)]
+            columns.append(list(map(table.__getitem__, codes[:, level].tolist())))
+        return list(map("".join, zip(*columns)))
 
     def vocabulary(self) -> list[str]:
         """Every token the codes can use: levels x K, then the disambiguation ranks."""

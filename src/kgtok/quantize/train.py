@@ -287,9 +287,9 @@ def train_epoch(run: Training, bar: tqdm) -> dict[str, float]:
 def evaluate(run: Training, entry: dict[str, float]) -> None:
     """Held-out mean code entropy and reconstruction into ``entry``; keeps the state of the highest entropy."""
     held_out = run.x[run.held_out.to(run.x.device)]  # (held, in_dim)
-    codes = run.model.encode(held_out).cpu().numpy()
-    entry["heldout_entropy"] = float(np.mean(code_usage(codes, run.codebook_size)["entropy"]))
-    entry["heldout_rec_mse"] = float((run.model.reconstruct(held_out) - held_out).pow(2).sum(1).mean())
+    codes = run.model.encode(held_out)
+    entry["heldout_entropy"] = float(np.mean(code_usage(codes.cpu().numpy(), run.codebook_size)["entropy"]))
+    entry["heldout_rec_mse"] = float((run.model.decode(codes) - held_out).pow(2).sum(1).mean())
     entry["seconds"] = time.perf_counter() - run.started
     if entry["heldout_entropy"] > run.record.best_entropy:
         run.record.best_entropy, run.record.best_epoch = entry["heldout_entropy"], entry["epoch"]
