@@ -358,6 +358,8 @@ def test_stage_artifact_on_synthetic_kg(tmp_path):
         assert len(metrics[key]) == 3
     assert 0 < metrics["reconstruction_cosine"] <= 1
     assert "nmi_hierarchy_level_1" in metrics and "nmi_types_level_1" in metrics
+    # L1's drawn-centre default is in the cache record: an artifact from before it is not reused for it
+    assert "quantize/l1_negatives" in (dest / "manifest.json").read_text()
     lines = (dest / "tokens.txt").read_text().splitlines()
     assert len(lines) == kg.num_entities and lines[0].split("\t")[2].startswith("<a_")
     loaded = EntityTokenizer.load(dest / "tokenizer")
@@ -528,3 +530,11 @@ def test_packed_tuple_groups_equal_the_row_unique_and_token_strings_format_each_
     first = tokenizer.codes_[0]
     assert tokenizer.token_strings(tokenizer.codes_[:1]) == [
         "".join(f"<{name}_{c}>" for name, c in zip("abcdefgh", first))]
+
+
+def test_the_l1_draw_default_is_a_cache_rule_only_where_it_applies():
+    from kgtok.quantize.stage import default_rules
+
+    assert default_rules(QuantizeConfig()) == {"quantize/l1_negatives": "8192 drawn"}
+    assert default_rules(QuantizeConfig(gse=GSEConfig(l1_negatives=1024))) == {}
+    assert default_rules(QuantizeConfig(variant="rq")) == {} == default_rules(QuantizeConfig(gse=GSEConfig(l1=False)))

@@ -25,7 +25,7 @@ from kgtok.artifacts import load_entity_vectors, write_json_atomic
 from kgtok.data.graph import KnowledgeGraph
 from kgtok.embed.layout import EmbedArtifact
 from kgtok.hierarchy.layout import HierarchyArtifact
-from kgtok.quantize.config import QuantizeConfig
+from kgtok.quantize.config import L1_NEGATIVES, QuantizeConfig
 from kgtok.quantize.layout import QuantizeArtifact
 from kgtok.quantize.metrics import alignment, code_usage, collision_rate
 from kgtok.quantize.tokenizer import EntityTokenizer
@@ -88,8 +88,16 @@ def run(config: QuantizeConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     return metrics
 
 
+def default_rules(config: QuantizeConfig) -> dict[str, str]:
+    """Defaults the code resolves from the graph, in the cache record: an artifact made when GSE's L1 took
+    every centre of every level is not reused for ``gse.l1_negatives: null``, which draws 8,192 where a level
+    has more (graphs over ~65k entities)."""
+    return {"quantize/l1_negatives": f"{L1_NEGATIVES} drawn"} if config.uses_gse and config.gse.l1 and \
+        config.gse.l1_negatives is None else {}
+
+
 STAGE = Stage(
-    name="quantize", title="stage 4: entity codes", config=QuantizeConfig, run=run,
+    name="quantize", title="stage 4: entity codes", config=QuantizeConfig, run=run, fingerprint=default_rules,
     inputs=(Input("hierarchy", "hierarchy", HierarchyArtifact, "a stage-3 artifact (fused vectors, tree): "
                   "variants gsquant, rq, flat"),
             Input("embeddings", "embed", EmbedArtifact, "a stage-1 artifact: variant realm")),
