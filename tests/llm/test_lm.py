@@ -109,7 +109,7 @@ def test_trie_and_greedy_decoding():
     assert trie_greedy(sequences, logprobs) == 0  # duplicates resolve to the first listed
 
 
-def test_cached_batch_scoring_matches_plain_forward(tmp_path):
+def test_packed_batch_scoring_matches_plain_forward(tmp_path):
     torch.manual_seed(0)
     path = build_tiny(["one two three four five six"] * 10, tmp_path / "tiny", TINY)
     from transformers import AutoModelForCausalLM

@@ -1,7 +1,7 @@
 """Stage 5c's scorer: the log-probability of every candidate answer, batch by batch, and resumable.
 
-One forward pass per batch of queries scores every candidate: the prompt runs
-once, its key/value cache is copied to each of the k candidates, and every
+One forward pass per batch of queries scores every candidate: each query's
+prompt and its k candidates run as one row under a block mask, and every
 candidate's answer tokens (EOS included) get their log-probabilities
 (:func:`score_batch`).  ``backend: vllm`` computes the same numbers with vLLM
 (prompt log-probs, prefix caching; :class:`VLLMScorer`).  Everything after the
@@ -25,49 +25,71 @@ import numpy as np
 
 from kgtok.llm.config import EvaluateConfig
 from kgtok.llm.decoding import generate_pick, trie_greedy
-from kgtok.llm.prompts import encode_answer, fit_prompt, jsonl_line, pad_left
+from kgtok.llm.prompts import encode_answer, fit_prompt, jsonl_line
 
 
 def score_batch(model: Any, prompts: list[list[int]], candidates: list[list[list[int]]], pad_id: int
                 ) -> list[list[np.ndarray]]:
     """Per-token log-probs of every candidate answer after its prompt.
 
-    Prompts are left-padded and run once; the cache rows are repeated for the
-    candidates, which are right-padded.  Returns, per query, one array per
-    candidate of length len(candidate).
+    One row per query: its prompt, then its k candidates one after another,
+    in one forward pass under a block mask: a candidate's tokens see the
+    prompt and their own earlier tokens, never another candidate, and take
+    the positions that follow the prompt, so each scores as if alone after
+    it (equal to scoring them one by one up to float rounding; tested).
+    Copying the prompt's key/value cache to each candidate instead cost a
+    third of the time (85 vs 54 ms a query, tiny model, 20 candidates).
+    Logits are computed only from the first answer position on. Returns,
+    per query, one array per candidate of length len(candidate).
     """
+    import inspect
+
     import torch
 
     device = next(model.parameters()).device
-    batch = len(prompts)
-    ids, mask = pad_left(prompts, pad_id)  # (batch, width)
-    positions = (mask.cumsum(1) - 1).clamp_min(0)
-    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (batch, V)
-    counts = [len(c) for c in candidates]
-    owner = torch.repeat_interleave(torch.arange(batch), torch.tensor(counts)).to(device)  # (rows,)
-    flat = [seq for group in candidates for seq in group]
-    length = max(len(s) for s in flat)
-    cand = torch.full((len(flat), length), pad_id, dtype=torch.long)
-    cand_mask = torch.zeros((len(flat), length), dtype=torch.long)
-    for i, seq in enumerate(flat):
-        cand[i, :len(seq)] = torch.tensor(seq)
-        cand_mask[i, :len(seq)] = 1
-    cand, cand_mask = cand.to(device), cand_mask.to(device)
-    cache = out.past_key_values
-    cache.batch_select_indices(owner)
-    cand_positions = mask.sum(1)[owner].unsqueeze(1) + torch.arange(length, device=device)  # (rows, length)
-    out = model(input_ids=cand, attention_mask=torch.cat([mask[owner], cand_mask], 1), position_ids=cand_positions,
-                past_key_values=cache, use_cache=False)
-    logits = out.logits[:, :-1].float()  # (rows, length-1, V): predicts tokens 1..length-1
-    rest = logits.gather(2, cand[:, 1:, None]).squeeze(2) - torch.logsumexp(logits, dim=-1)
-    token_lp = torch.cat([first[owner].gather(1, cand[:, :1]), rest], 1) * cand_mask  # (rows, length)
-    token_lp = token_lp.cpu().numpy()
-    result, row = [], 0
+    sequences, segments, positions, targets = [], [], [], []  # per row; targets: (row, predicting position, token)
+    for row, (prompt, group) in enumerate(zip(prompts, candidates)):
+        sequence, segment, position = list(prompt), [0] * len(prompt), list(range(len(prompt)))
+        for j, answer in enumerate(group):  # a loop over one batch's candidates
+            start = len(sequence)
+            sequence += answer
+            segment += [j + 1] * len(answer)
+            position += range(len(prompt), len(prompt) + len(answer))
+            before = [len(prompt) - 1, *range(start, start + len(answer) - 1)]  # the position predicting each token
+            targets += [(row, b, t) for b, t in zip(before, answer)]
+        sequences.append(sequence)
+        segments.append(segment)
+        positions.append(position)
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    segment_of = torch.full((len(sequences), width), -1, dtype=torch.long)  # -1: padding, 0: prompt, j: candidate j
+    position_ids = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (sequence, segment, position) in enumerate(zip(sequences, segments, positions)):
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        segment_of[row, : len(sequence)] = torch.tensor(segment)
+        position_ids[row, : len(sequence)] = torch.tensor(position)
+    index = torch.arange(width)
+    query, key = segment_of[:, :, None], segment_of[:, None, :]  # (rows, width, 1), (rows, 1, width)
+    mask = (index[None, :] <= index[:, None]) & (key >= 0) & ((key == 0) | (key == query))
+    mask |= torch.eye(width, dtype=torch.bool)  # padding sees itself (no empty softmax row)
+    rows, before, tokens = (torch.tensor(column) for column in zip(*targets))
+    first = int(before.min())  # logits from the earliest answer position on
+    kwargs = {}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = torch.arange(first, width, device=device)
+    else:
+        first = 0
+    out = model(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
+                position_ids=position_ids.to(device), use_cache=False, **kwargs)
+    logits = out.logits[rows.to(device), (before - first).to(device)].float()  # (answer tokens, V)
+    token_lp = (logits.gather(1, tokens[:, None].to(device)).squeeze(1) - torch.logsumexp(logits, 1)).cpu().numpy()
+    result, offset = [], 0
     for group in candidates:
-        result.append([token_lp[row + j, :len(seq)] for j, seq in enumerate(group)])
-        row += len(group)
+        scores = []
+        for answer in group:
+            scores.append(token_lp[offset : offset + len(answer)])
+            offset += len(answer)
+        result.append(scores)
     return result
 
 
