@@ -179,7 +179,7 @@ class EvaluateConfig:
     split: Split = "test"  # instructions file to evaluate: test | lm_valid
     batch_size: int = machine(4)  # queries per forward pass (x k candidate rows)
     decode: Decode = "trie"  # trie (from the candidate scores) | generate (HF generate + prefix trie)
-    backend: Backend = "hf"  # hf (transformers, shared KV cache) | vllm (the vllm package; in practice a GPU)
+    backend: Backend = "hf"  # hf (transformers, prompt and candidates in one masked row) | vllm (the vllm package; in practice a GPU)
     score: SequenceScore = "sum"  # re-ranking by sequence score: sum of token log-probs | mean (length-normalised)
     max_prompt_tokens: int = 512  # longer prompts lose facts, then description words (as in training)
     class_constraint: bool = False  # ReaLM's ontology constraint (needs classes)
