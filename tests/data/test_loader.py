@@ -142,3 +142,8 @@ def test_uniform_files_read_by_one_split_as_line_by_line(tmp_path):
     padded = reader.read_table(tmp_path / "two.tsv", (2, 3), "id<TAB>label<TAB>description", id_columns=1)
     assert padded.columns == [["a", "b"], ["Alpha", "Beta"], ["", ""]]
     assert reader._uniform_columns("a\tb\nc\n", ["a\tb", "c"], (1, 2), skip=False) is None  # mixed: by line
+    # A line of tabs only is blank, skipped and counted, as line by line: not a row of empty ids
+    (tmp_path / "tabs.txt").write_text("a\tr\tb\n\t\t\nc\tr\td\n", encoding="utf-8")
+    table = reader.read_table(tmp_path / "tabs.txt", (3,), "head<TAB>relation<TAB>tail", id_columns=3)
+    assert table.columns == [["a", "c"], ["r", "r"], ["b", "d"]] and table.line_numbers.tolist() == [1, 3]
+    assert table.blank_lines == 1

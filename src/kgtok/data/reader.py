@@ -143,7 +143,7 @@ def _parse_table(path: Path, text: str, crlf: bool, fields: tuple[int, ...], wha
         lines, numbers = lines[1:], numbers[1:]
         if not lines:
             raise KGFormatError(path, None, f"file holds only a header line; expected lines of {what}")
-    columns = (_uniform_columns(text, lines, fields, skip=len(numbers) != len(lines) or header_line is not None)
+    columns = (_uniform_columns(text, lines, fields, skip=bool(blank.any()) or header_line is not None)
                or _columns_by_line(path, lines, numbers, fields, what))
     stripped = _check_ids(path, columns[:id_columns], numbers, lines, what, strip_whitespace)
     return Table(path=path, columns=columns, line_numbers=numbers, crlf=crlf, blank_lines=int(blank.sum()),
