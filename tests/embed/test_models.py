@@ -116,7 +116,8 @@ def test_one_gather_training_terms_equal_the_separate_ones(name):
     for fused in (True, False):
         model = make(name)
         if fused:
-            scores, factors = model.one_vs_all_terms(triples)
+            queries, factors = model.one_vs_all_terms(triples)
+            scores = model.compare(queries, model.entity)
         else:
             scores, factors = model.score_all_tails(triples[:, 0], triples[:, 1]), model.factors(triples)
         loss = torch.nn.functional.cross_entropy(scores, triples[:, 2]) + sum(f.pow(3).sum() for f in factors)

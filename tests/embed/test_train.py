@@ -165,6 +165,28 @@ def test_eval_every_zero_validates_once_per_epoch(kg, tmp_path):
     assert state.bad_evaluations == 2 and state.step < 10**6  # early stopping ended it
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_chunked_cross_entropy_equals_the_whole_score_matrix(label_smoothing, monkeypatch):
+    """Blocks of entities (here of 64, so 300 entities take five, the last short) must give the loss and both
+    gradients of F.cross_entropy over the whole (batch, N) scores, repeated targets included."""
+    monkeypatch.setattr(embed_train, "_CE_CHUNK_FLOATS", 64 * 7)
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(7, 12, generator=generator, dtype=torch.float64, requires_grad=True)
+    entity = torch.randn(300, 12, generator=generator, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([3, 299, 3, 64, 0, 128, 3])
+    grads = []
+    for chunked in (True, False):
+        if chunked:
+            loss = embed_train.ChunkedCrossEntropy.apply(queries, entity, targets, label_smoothing)
+        else:
+            loss = torch.nn.functional.cross_entropy(queries @ entity.t(), targets, label_smoothing=label_smoothing)
+        (2.5 * loss).backward()  # an upstream gradient other than 1
+        grads.append((loss.detach(), queries.grad, entity.grad))
+        queries.grad = entity.grad = None
+    for got, want in zip(grads[0], grads[1]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_fused_adagrad_on_cpu_takes_the_plain_steps(kg):
     """The CPU's fused Adagrad (one pass over the table) must move the weights as the plain one does."""
     config = EmbedConfig(dim=8, batch_size=64, threads=1)

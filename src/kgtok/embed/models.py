@@ -124,9 +124,9 @@ class _Bilinear(KGEModel):
         raise NotImplementedError
 
     def one_vs_all_terms(self, triples: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Scores of every tail (batch, N) and the N3 factors, from one gather of the batch's entity rows.
+        """Tail queries (batch, width), to ``compare`` with every entity, and the N3 factors, from one gather.
 
-        Equal to ``score_all_tails`` and ``factors``; gathering heads and
+        Equal to ``tail_query`` and ``factors``; gathering heads and
         tails once saves the backward pass two zero-filled copies of the
         whole entity table (about a tenth of a WN18RR step).
         """
@@ -135,7 +135,7 @@ class _Bilinear(KGEModel):
         h, t = rows[:n], rows[n:]
         r = self.relation_rows(triples[:, 1])
         magnitude = _modulus if self.complex_valued else torch.abs
-        return self.compare(self.query_from(h, r), self.entity), (magnitude(h), magnitude(r), magnitude(t))
+        return self.query_from(h, r), (magnitude(h), magnitude(r), magnitude(t))
 
     def compare(self, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         return queries @ candidates.t()
