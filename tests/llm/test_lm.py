@@ -96,6 +96,33 @@ def test_loss_on_answer_tokens_only_and_truncation(tmp_path):
     assert [t for t in long["labels"] if t != IGNORE_INDEX] == answer
 
 
+def test_batch_encoding_equals_one_record_at_a_time(tmp_path):
+    """encode_examples tokenises every prompt and answer in one call each; the ids, labels and budgets must be
+    those of one tokenizer call per text, trimmed prompts (with and without parts) included."""
+    from transformers import AutoTokenizer
+
+    from kgtok.llm.finetune import encode_examples
+    from kgtok.llm.prompts import compose_prompt, encode_answer, fit_prompt
+
+    path = build_tiny(["alpha beta gamma delta epsilon"] * 10, tmp_path / "tiny", TINY)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    parts = {"head": ["alpha ?"], "about": "about: ", "description": "beta gamma " * 10,
+             "facts_about": "facts: ", "facts": ["delta epsilon"] * 6, "tail": ["which? gamma"]}
+
+    records = [{"prompt": "alpha beta", "answer": "gamma"},
+               {"prompt": "alpha beta " * 50, "answer": "gamma delta"},
+               {"prompt": compose_prompt(parts, 6, None), "prompt_parts": parts, "answer": "epsilon"},
+               {"prompt": "beta", "answer": ""}]
+    batch = encode_examples(tokenizer, records, max_length=30)
+    for record, got in zip(records, batch):
+        answer = encode_answer(tokenizer, record["answer"])
+        prompt, budget = fit_prompt(tokenizer, record, 30 - len(answer))
+        assert got == {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer,
+                       "budget": budget}
+    assert [e["budget"] for e in batch] == ["fit", "trimmed", "trimmed", "fit"]
+    assert encode_examples(tokenizer, [], 30) == []
+
+
 def test_trie_and_greedy_decoding():
     sequences = [[5, 6, 9], [5, 7, 9], [8, 9], [5, 6, 9]]
     trie = PrefixTrie(sequences)

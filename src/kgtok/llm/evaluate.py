@@ -183,7 +183,7 @@ def _generative_retriever(config: EvaluateConfig, scorer: Any, records: list[dic
     candidates are; the filter is the KG's train ∪ valid ∪ test answers of the query, the gold excepted.
     """
     from kgtok.llm.decoding import PrefixTrie, beam_entities, filtered_position
-    from kgtok.llm.prompts import encode_answer
+    from kgtok.llm.prompts import encode_answers
 
     if not instructions.entities.exists():
         raise ValueError(f"generative_beams needs every entity's ids: {instructions.entities} not found (instruct "
@@ -197,7 +197,7 @@ def _generative_retriever(config: EvaluateConfig, scorer: Any, records: list[dic
     kg = ctx.kg
     relation = {name: i for i, name in enumerate(kg.relation_names)}
     entities = read_jsonl(instructions.entities)
-    trie = PrefixTrie([encode_answer(scorer.tokenizer, e["answer"]) for e in entities])
+    trie = PrefixTrie(encode_answers(scorer.tokenizer, [e["answer"] for e in entities]))
     length_penalty = 0.0 if config.score == "sum" else 1.0
     eos = scorer.tokenizer.eos_token_id
 

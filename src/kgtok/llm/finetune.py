@@ -33,7 +33,7 @@ from kgtok.artifacts import write_json_atomic
 from kgtok.llm.backbone import is_from_scratch, resolve_backbone
 from kgtok.llm.config import FinetuneConfig  # here too: kgtok.llm.finetune.FinetuneConfig is public
 from kgtok.llm.layout import FinetuneArtifact, InstructArtifact
-from kgtok.llm.prompts import encode_answer, fit_prompt, pad_left, read_jsonl, training_text
+from kgtok.llm.prompts import encode_answers, encode_prompts, fit_encoded_prompt, pad_left, read_jsonl, training_text
 from kgtok.llm.vocab import BOUNDARY_TOKENS, code_vocabulary, extend_vocabulary
 from kgtok.quantize.layout import QuantizeArtifact
 from kgtok.stage import Context, Input, Stage, run_stage
@@ -44,10 +44,19 @@ IGNORE_INDEX = -100  # label of the prompt tokens: no loss there
 def encode_example(tokenizer: Any, record: dict[str, Any], max_length: int) -> dict[str, Any]:
     """input_ids and labels (prompt masked) of a record; an over-long prompt is trimmed by
     :func:`kgtok.llm.prompts.fit_prompt` (``budget``: fit, trimmed or over)."""
-    answer_ids = encode_answer(tokenizer, record["answer"])
-    prompt_ids, budget = fit_prompt(tokenizer, record, max_length - len(answer_ids))
-    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
-            "budget": budget}
+    return encode_examples(tokenizer, [record], max_length)[0]
+
+
+def encode_examples(tokenizer: Any, records: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
+    """:func:`encode_example` of each record, the prompts and answers tokenised in one call each."""
+    prompts = encode_prompts(tokenizer, [r["prompt"] for r in records])
+    answers = encode_answers(tokenizer, [r["answer"] for r in records])
+    out = []
+    for record, whole, answer_ids in zip(records, prompts, answers):
+        prompt_ids, budget = fit_encoded_prompt(tokenizer, record, whole, max_length - len(answer_ids))
+        out.append({"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
+                    "budget": budget})
+    return out
 
 
 def budget_counts(examples: list[dict[str, Any]]) -> dict[str, int]:
@@ -294,8 +303,8 @@ def make_trainer(config: FinetuneConfig, arguments: Any, model: Any, tokenizer: 
 
     from kgtok.llm.console import LossAtCheckpoints, TrainingConsole
 
-    train_set = [encode_example(tokenizer, r, config.max_length) for r in train_records]
-    valid_set = [encode_example(tokenizer, r, config.max_length) for r in valid_records]
+    train_set = encode_examples(tokenizer, train_records, config.max_length)
+    valid_set = encode_examples(tokenizer, valid_records, config.max_length)
     for name, examples in (("LM-train", train_set), ("LM-valid", valid_set)):
         counts = budget_counts(examples)
         if counts["trimmed"] or counts["over"]:

@@ -166,7 +166,11 @@ def fit_prompt(tokenizer: Any, record: dict[str, Any], room: int) -> tuple[list[
     whole (``over``; the sequence is then longer than the budget).  Records without ``prompt_parts`` (written
     before the budget existed) lose their beginning as before.
     """
-    ids = encode_prompt(tokenizer, record["prompt"])
+    return fit_encoded_prompt(tokenizer, record, encode_prompt(tokenizer, record["prompt"]), room)
+
+
+def fit_encoded_prompt(tokenizer: Any, record: dict[str, Any], ids: list[int], room: int) -> tuple[list[int], str]:
+    """:func:`fit_prompt` given the ids of the record's whole prompt (tokenised in a batch beforehand)."""
     if len(ids) <= room:
         return ids, "fit"
     parts = record.get("prompt_parts")
@@ -197,14 +201,30 @@ def training_text(record: dict[str, Any]) -> str:
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     """Token ids of a prompt up to the answer (BOS first when the tokenizer has one)."""
-    ids = tokenizer(prompt + ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+    return encode_prompts(tokenizer, [prompt])[0]
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+    """:func:`encode_prompt` of each prompt, in one call of the tokenizer (a fast one splits the batch
+    over threads; 20,000 one-by-one calls took about 10 s of the first run)."""
+    if not prompts:
+        return []
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + ids for ids in tokenizer([p + ANSWER_PREFIX for p in prompts], add_special_tokens=False)["input_ids"]]
 
 
 def encode_answer(tokenizer: Any, answer: str) -> list[int]:
     """Token ids of an answer, EOS last: prompt and answer are tokenised apart so that a
     candidate's ids are the same whatever prompt precedes it."""
-    return tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return encode_answers(tokenizer, [answer])[0]
+
+
+def encode_answers(tokenizer: Any, answers: list[str]) -> list[list[int]]:
+    """:func:`encode_answer` of each answer, in one call of the tokenizer."""
+    if not answers:
+        return []
+    eos = [tokenizer.eos_token_id]
+    return [ids + eos for ids in tokenizer([" " + a for a in answers], add_special_tokens=False)["input_ids"]]
 
 
 def truncate_prompt(tokenizer: Any, prompt_ids: list[int], room: int) -> list[int]:

@@ -25,7 +25,7 @@ import numpy as np
 
 from kgtok.llm.config import EvaluateConfig
 from kgtok.llm.decoding import generate_pick, trie_greedy
-from kgtok.llm.prompts import encode_answer, fit_prompt, jsonl_line
+from kgtok.llm.prompts import encode_answers, fit_prompt, jsonl_line
 
 
 def score_batch(model: Any, prompts: list[list[int]], candidates: list[list[list[int]]], pad_id: int
@@ -185,7 +185,9 @@ class CandidateScorer:
             for begin in range(0, len(records), self.config.batch_size):
                 batch = records[begin: begin + self.config.batch_size]
                 prompts = [self.prompt_ids(r) for r in batch]
-                answers = [[encode_answer(self.tokenizer, text) for text in answers_of(r)] for r in batch]
+                texts = [answers_of(r) for r in batch]
+                flat = iter(encode_answers(self.tokenizer, [t for group in texts for t in group]))
+                answers = [[next(flat) for _ in group] for group in texts]
                 scores = (self.vllm or score_batch)(self.model, prompts, answers, self.pad_id)
                 yield from map(ScoredQuery, batch, prompts, answers, scores)
                 bar.update(len(batch))
