@@ -6,7 +6,10 @@ The scaling benchmark's stage-1 setting (DistMult dim 32, sampled negatives
 64 per positive, batch 1,000): a dense step passes over the whole table
 (Adam's moments decay everywhere), so its time grows with the entity count,
 and a graph's epoch has proportionally more steps.  Row updates
-(``EmbedConfig.sparse``) touch the batch's rows only.  Both variants at each
+(``EmbedConfig.sparse``) touch the batch's rows only; with shared negatives
+(``EmbedConfig.shared_negatives``, one draw of ``--shared-negatives`` for the
+whole batch, as DGL-KE and PyTorch-BigGraph) a step gathers that many
+negative rows instead of batch x 64.  Both variants at each
 size are timed in one process, alternating, so a busy core slows both alike.
 Writes bench/results/scale_sparse_step.json (keyed by ``synthetic``) and .md.
 """
@@ -54,22 +57,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shared-negatives", type=int, default=256,
+                        help="negatives of the shared variant (one draw for the whole batch)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    record: dict = {"setting": "distmult dim 32, nssa, 64 negatives, batch 1000", "threads": args.threads, "sizes": {}}
+    record: dict = {"setting": "distmult dim 32, nssa, 64 negatives (shared variant: --shared-negatives), batch 1000", "threads": args.threads, "sizes": {}}
     for n in args.sizes:
-        times: dict[str, list[float]] = {"dense_ms": [], "sparse_ms": []}
+        variants = {"dense_ms": {"sparse": False}, "sparse_ms": {"sparse": True},
+                    "shared_sparse_ms": {"sparse": True, "shared_negatives": True,
+                                         "num_negatives": args.shared_negatives}}
+        times: dict[str, list[float]] = {k: [] for k in variants}
         for _ in range(args.repeats):
-            for sparse in (False, True):
-                config = EmbedConfig(model="distmult", dim=32, loss="nssa", num_negatives=64, batch_size=1000,
-                                     sparse=sparse)
-                times["sparse_ms" if sparse else "dense_ms"].append(round(step_ms(config, n, args.steps), 1))
+            for key, changes in variants.items():
+                config = EmbedConfig(**{"model": "distmult", "dim": 32, "loss": "nssa", "num_negatives": 64,
+                                        "batch_size": 1000} | changes)
+                times[key].append(round(step_ms(config, n, args.steps), 1))
         row = {k: min(v) for k, v in times.items()} | {"all": times}
         row["dense_over_sparse"] = round(row["dense_ms"] / row["sparse_ms"], 2)
         record["sizes"][str(n)] = row
         print(n, row, flush=True)
     record.update(command=command(), machine=machine())
-    flat = {f"{k}_{n}": v[k] for n, v in record["sizes"].items() for k in ("dense_ms", "sparse_ms")}
+    flat = {f"{k}_{n}": v[k] for n, v in record["sizes"].items() for k in ("dense_ms", "sparse_ms", "shared_sparse_ms")}
     write_result("scale_sparse_step", "synthetic", record | flat, list(flat))
 
 

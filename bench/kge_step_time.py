@@ -7,7 +7,10 @@ shuffled order) with the loss scoring a block of entities at a time
 (``ChunkedCrossEntropy``), with ``F.cross_entropy`` over the whole (batch, N)
 matrix, and as shipped (whole up to ``_WHOLE_MAX_FLOATS``, else blocks).  The
 variants alternate in one process, so a busy core slows all alike; each is
-reported as its fastest of ``--repeats``.  Writes
+reported as its fastest of ``--repeats``.  Then ranks ``--rank-triples``
+training triples (both sides, top-20 candidates, as the export does) as
+shipped (candidates a block at a time, batches kept near 16 MB of scores on a
+CPU) and as before (one product, batches of 512).  Writes
 bench/results/kge_step_time.json (keyed by dataset) and .md.
 """
 
@@ -51,6 +54,23 @@ def step_ms(kg, config: EmbedConfig, examples: torch.Tensor, steps: int, variant
         embed_train._WHOLE_MAX_FLOATS = original
 
 
+def rank_seconds(kg, config: EmbedConfig, triples: torch.Tensor, shipped: bool) -> float:
+    """rank_triples of ``triples`` with top-20 candidates, as shipped or as before (one product, batch 512)."""
+    from kgtok.embed import models, ranking
+
+    saved = models._SCORE_BLOCK, ranking._CPU_SCORE_FLOATS
+    if not shipped:
+        models._SCORE_BLOCK = ranking._CPU_SCORE_FLOATS = 1 << 62
+    try:
+        model, _ = embed_train.build(config, kg)
+        start = time.perf_counter()
+        ranking.rank_triples(model, triples, kg.filter_index, reciprocal=True, num_base_relations=kg.num_relations,
+                             batch_size=512, top_k=20)
+        return time.perf_counter() - start
+    finally:
+        models._SCORE_BLOCK, ranking._CPU_SCORE_FLOATS = saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="wn18rr")
@@ -59,6 +79,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rank-triples", type=int, default=2048, help="training triples ranked (both sides)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -80,6 +101,18 @@ def main() -> None:
         record["batch_sizes"][str(b)] = row
         flat |= {f"{k}_{b}": row[k] for k in ("blocked_ms", "whole_ms", "shipped_ms", "shipped_examples_per_second")}
         print(b, row, flush=True)
+    if args.rank_triples:
+        config = EmbedConfig(dim=args.dim, threads=args.threads)
+        times = {"rank_shipped_s": [], "rank_before_s": []}
+        for _ in range(args.repeats):
+            for shipped in (True, False):
+                seconds = rank_seconds(kg, config, kg.train[:args.rank_triples], shipped)
+                times["rank_shipped_s" if shipped else "rank_before_s"].append(round(seconds, 2))
+        rank = {k: min(v) for k, v in times.items()}
+        record["ranking"] = {"triples": args.rank_triples, "top_k": 20, **rank, "all": times,
+                             "before_over_shipped": round(rank["rank_before_s"] / rank["rank_shipped_s"], 2)}
+        flat |= rank
+        print(record["ranking"], flush=True)
     record.update(command=command(), machine=machine())
     write_result("kge_step_time", args.dataset, record | flat, list(flat))
 

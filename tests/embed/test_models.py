@@ -110,6 +110,25 @@ def test_rank_triples_matches_brute_force(name, reciprocal):
 
 
 @pytest.mark.parametrize("name", ["complex", "distmult"])
+def test_cpu_ranking_in_blocks_equals_one_product(name, monkeypatch):
+    """On a CPU, ranking caps the batch by its score floats and scores candidates a block at a time; ranks,
+    probabilities and candidates must equal one whole product over one batch (blocks of 4 of 17, batches of 16)."""
+    from kgtok.embed import models, ranking
+
+    model = make(name, entities=17, relations=6)
+    rng = np.random.default_rng(3)
+    triples = np.unique(np.stack([rng.integers(0, 17, 60), rng.integers(0, 3, 60), rng.integers(0, 17, 60)], 1), axis=0)
+    index = FilterIndex(triples, 17, 3)
+    test = torch.as_tensor(triples[:20])
+    whole = rank_triples(model, test, index, reciprocal=True, num_base_relations=3, batch_size=1000, top_k=5)
+    monkeypatch.setattr(models, "_SCORE_BLOCK", 4)
+    monkeypatch.setattr(ranking, "_CPU_SCORE_FLOATS", 2 * 17)
+    blocked = rank_triples(model, test, index, reciprocal=True, num_base_relations=3, batch_size=1000, top_k=5)
+    for field in ("rank", "gold_score", "gold_probability", "candidates", "candidate_scores"):
+        np.testing.assert_allclose(getattr(blocked, field), getattr(whole, field), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["complex", "distmult"])
 def test_one_gather_training_terms_equal_the_separate_ones(name):
     triples = torch.tensor([[0, 1, 5], [5, 3, 12], [7, 0, 7], [2, 2, 9]])
     grads = []

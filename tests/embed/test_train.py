@@ -254,6 +254,33 @@ def test_sparse_updates_move_only_the_rows_of_the_batch(kg):
         EmbedConfig(sparse=True)
 
 
+@pytest.mark.parametrize("name", ["rotate", "transe", "distmult", "complex"])
+def test_shared_negatives_score_as_the_same_ids_per_example(name, kg):
+    """One (K,) draw shared by the batch (one product) must give the loss and gradients of the same ids repeated
+    per example (compare_each); with row updates a step then moves only the batch's rows and those K."""
+    config = EmbedConfig(model=name, dim=8, loss="nssa", num_negatives=5, batch_size=16, threads=1, sparse=True,
+                         shared_negatives=True)
+    batch = embed_train.training_examples(kg, reciprocal=False)[:16]
+    weights = torch.linspace(0.5, 1.5, 16)
+    shared = torch.randint(kg.num_entities, (5,), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for negatives in (shared, shared.expand(16, 5)):
+        model, _ = embed_train.build(dataclasses.replace(config, sparse=False), kg)
+        loss = embed_train.nssa_loss(model, batch, weights, negatives, corrupt_head=True, temperature=1.0)
+        loss.backward()
+        grads.append((loss.detach(), model.entity.grad, model.relation.grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    model, optimizer = embed_train.build(config, kg)
+    before = model.entity.detach().clone()
+    embed_train.training_step(model, optimizer, batch, config, 0)
+    moved = set(torch.nonzero((model.entity.detach() != before).any(1)).flatten().tolist())
+    drawn = torch.randint(kg.num_entities, (5,), generator=seeded_generator(0, 3, 0))  # as training_step draws
+    assert moved and moved <= set(batch[:, [0, 2]].flatten().tolist()) | set(drawn.tolist())
+    with pytest.raises(ValueError, match="shared_negatives"):
+        EmbedConfig(shared_negatives=True)  # 1-vs-all draws none
+
+
 def test_sparse_training_learns_as_dense_training_does(kg, tmp_path):
     """Lazy Adam on row gradients learns this graph about as well as dense Adam (both far above chance, 0.02)."""
     mrr = {}

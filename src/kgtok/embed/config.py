@@ -35,6 +35,9 @@ class EmbedConfig:
     reciprocal: bool | None = None  # add inverse relations and predict heads as tails; None: on for 1vsall
     # --- self-adversarial negative sampling (RotatE paper) ---
     num_negatives: int = 256  # per positive; more = better gradients, linear cost
+    # One draw of num_negatives for the whole batch, as DGL-KE and PyTorch-BigGraph share negatives within a
+    # chunk: scored by one (batch, num_negatives) product, and a step gathers num_negatives rows, not batch x.
+    shared_negatives: bool = False  # nssa only
     margin: float = 9.0  # γ: distance models score γ - d(h, t)
     adversarial_temperature: float = 1.0  # α: 0 gives uniform weights on negatives
     subsampling: bool = True  # weight triples by 1/sqrt(frequency of (h, r) and (r, t))
@@ -56,7 +59,7 @@ class EmbedConfig:
     checkpoint_every: int = machine(500)  # steps between resumable checkpoints
     init_scale: float = 1e-3  # 1vsall: embeddings start at N(0, init_scale); nssa uses RotatE's uniform range
     # --- evaluation and export ---
-    eval_batch_size: int = machine(512)  # queries scored against all entities at once (memory ~ batch*N*4 bytes)
+    eval_batch_size: int = machine(512)  # queries scored against all entities at once (memory ~ batch*N*4 bytes; a CPU caps it near 16 MB)
     top_k: int = resumable(20)  # candidates exported per query (stage 5 lists these)
     export_splits: tuple[str, ...] = resumable(("train", "valid", "test"))  # candidate files to write
     # --- machine ---
@@ -87,6 +90,8 @@ class EmbedConfig:
             ("seed", in_range(0), ">= 0"),
             ("label_smoothing", lambda v: v < 1.0, "< 1"),
             ("loss", lambda v: not (v == "1vsall" and self.reciprocal is False), "1vsall needs reciprocal relations"),
+            ("shared_negatives", lambda v: not (v and self.resolved_loss == "1vsall"),
+             "false with 1vsall (it scores every entity, no negatives are drawn)"),
             ("sparse", lambda v: not (v and self.resolved_loss == "1vsall"),
              "null or false with 1vsall (it scores the whole table every step)"),
         ])

@@ -23,6 +23,8 @@ from torch.nn import functional as F
 
 # Distance scoring materialises (batch, chunk, width); keep it near this many floats.
 _CHUNK_FLOATS = 1 << 24
+# Bilinear ranking scores this many candidates per matmul (no gradient, CPU).
+_SCORE_BLOCK = 2048
 
 
 class KGEModel(nn.Module):
@@ -138,7 +140,15 @@ class _Bilinear(KGEModel):
         return self.query_from(h, r), (magnitude(h), magnitude(r), magnitude(t))
 
     def compare(self, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        return queries @ candidates.t()
+        if torch.is_grad_enabled() or queries.device.type != "cpu" or len(candidates) <= _SCORE_BLOCK:
+            return queries @ candidates.t()
+        # Ranking on a CPU: one (batch, N) product with N large ran at a third of the matmul rate on 2 AMD EPYC
+        # cores; a block of candidates at a time stays in cache (about 1.6x faster at WN18RR's 40,943 entities).
+        scores = queries.new_empty(len(queries), len(candidates))
+        for start in range(0, len(candidates), _SCORE_BLOCK):
+            block = candidates[start:start + _SCORE_BLOCK]
+            scores[:, start:start + len(block)] = queries @ block.t()
+        return scores
 
     def compare_each(self, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         return torch.bmm(candidates, queries.unsqueeze(2)).squeeze(2)

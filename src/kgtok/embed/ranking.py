@@ -58,6 +58,11 @@ class RankedQueries:
             return cls(**{k: data[k] for k in data.files})
 
 
+# On a CPU a batch's (batch, N) scores are kept near this many floats (16 MB, inside a 32 MB L3): WN18RR's
+# export ranked 1.4x faster at 128 queries a batch than at 512 (2 AMD EPYC cores).
+_CPU_SCORE_FLOATS = 1 << 22
+
+
 def score_side(
     model: KGEModel, triples: torch.Tensor, side: str, *, reciprocal: bool, num_base_relations: int
 ) -> torch.Tensor:
@@ -94,6 +99,8 @@ def rank_triples(
     gold_probability = np.empty(2 * n, dtype=np.float32)
     candidates = np.empty((2 * n, k), dtype=np.int64) if k else None
     candidate_scores = np.empty((2 * n, k), dtype=np.float32) if k else None
+    if device.type == "cpu":  # the filter, rank and top-k passes over a batch's scores run faster in cache
+        batch_size = min(batch_size, max(16, _CPU_SCORE_FLOATS // model.num_entities))
     batches = [(d, side, start) for d, side in enumerate(SIDES) for start in range(0, n, batch_size)]
     for d, side, start in tqdm(batches, desc=description, disable=not progress, leave=False):
         batch = triples[start : start + batch_size]  # (batch, 3) on the CPU: the filter index reads numpy

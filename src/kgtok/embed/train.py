@@ -108,13 +108,17 @@ def nssa_loss(
     corrupt_head: bool,
     temperature: float,
 ) -> torch.Tensor:
-    """Self-adversarial negative sampling loss (Sun et al. 2019, eq. 5)."""
+    """Self-adversarial negative sampling loss (Sun et al. 2019, eq. 5).
+
+    ``negatives``: (batch, K) entity ids, or (K,) shared by every example of the batch.
+    """
     positive = model.score_triples(batch)  # (batch,)
     if corrupt_head:
         query = model.head_query(batch[:, 1], batch[:, 2])
     else:
         query = model.tail_query(batch[:, 0], batch[:, 1])
-    negative = model.compare_each(query, model.entity_rows(negatives))  # (batch, negatives)
+    compare = model.compare if negatives.dim() == 1 else model.compare_each
+    negative = compare(query, model.entity_rows(negatives))  # (batch, K)
     if temperature > 0:
         adversarial = torch.softmax(negative.detach() * temperature, dim=1)
     else:
@@ -220,8 +224,8 @@ def training_step(
         loss, factors = one_vs_all_loss(model, batch, config.label_smoothing)
     else:
         generator = seeded_generator(config.seed, 3, step)  # a CPU generator: the same negatives on every device
-        negatives = torch.randint(model.num_entities, (len(batch), config.num_negatives), generator=generator)
-        negatives = negatives.to(batch.device)  # (batch, num_negatives)
+        shape = (config.num_negatives,) if config.shared_negatives else (len(batch), config.num_negatives)
+        negatives = torch.randint(model.num_entities, shape, generator=generator).to(batch.device)
         corrupt_head = (not config.resolved_reciprocal) and step % 2 == 1  # alternate sides, as the RotatE code
         loss = nssa_loss(model, batch, weights, negatives, corrupt_head, config.adversarial_temperature)
     if config.regularizer_weight:  # None only when called directly: train_model resolves it (resolved_for)
