@@ -141,14 +141,15 @@ def one_vs_all_loss(model: KGEModel, batch: torch.Tensor, label_smoothing: float
         scores = model.score_all_tails(batch[:, 0], batch[:, 1])
         return F.cross_entropy(scores, batch[:, 2], label_smoothing=label_smoothing), None
     queries, factors = model.one_vs_all_terms(batch)  # bilinear: scores are queries @ entity.T
-    if len(queries) * model.num_entities <= _WHOLE_MAX_FLOATS:
+    if len(queries) * model.num_entities <= _WHOLE_MAX_FLOATS or queries.device.type != "cpu":
         scores = model.compare(queries, model.entity)
         return F.cross_entropy(scores, batch[:, 2], label_smoothing=label_smoothing), factors
     return ChunkedCrossEntropy.apply(queries, model.entity, batch[:, 2], label_smoothing), factors
 
 
-# Score matrices up to this many floats are built whole; larger ones a block at a time. On 2 AMD EPYC cores
-# (bench/results/kge_step_time.json, WN18RR) whole was faster at batch 100 (4M floats), blocks at 250 (10M).
+# On a CPU, score matrices up to this many floats are built whole, larger ones a block at a time: on 2 AMD EPYC
+# cores (bench/results/kge_step_time.json, WN18RR) whole was faster at batch 100 (4M floats), blocks at 250 (10M).
+# A GPU builds them whole (not measured there).
 _WHOLE_MAX_FLOATS = 1 << 23
 # Entity rows per block: a (batch, block) slice of about this many floats stays in cache.
 _CE_CHUNK_FLOATS = 1 << 18
