@@ -58,8 +58,9 @@ class RankedQueries:
             return cls(**{k: data[k] for k in data.files})
 
 
-# On a CPU a batch's (batch, N) scores are kept near this many floats (16 MB, inside a 32 MB L3): WN18RR's
-# export ranked 1.4x faster at 128 queries a batch than at 512 (2 AMD EPYC cores).
+# On a CPU a batch's (batch, N) scores are kept near this many floats (16 MB, inside a 32 MB L3). With the
+# candidates scored in blocks (models._SCORE_BLOCK), WN18RR's training queries ranked 1.67x faster than with one
+# product in batches of 512 (2 AMD EPYC cores, bench/results/kge_step_time.json).
 _CPU_SCORE_FLOATS = 1 << 22
 
 
