@@ -12,9 +12,9 @@ if TYPE_CHECKING:
 
 ModelName = Literal["rotate", "transe", "distmult", "complex"]
 LossName = Literal["auto", "nssa", "1vsall"]
-# Graphs from this size on train nssa with row updates by default (EmbedConfig.sparse): a dense step took 65 ms at
-# 100k entities and 689 ms at 1M, a row-update step 94 and 131 ms (bench/results/scale_sparse_step.json; the
-# crossover interpolates to ~150k).
+# Graphs from this size on train nssa with row updates by default (EmbedConfig.sparse): a dense step took 56 ms at
+# 100k entities and 643 ms at 1M, a row-update step 77 and 111 ms (bench/results/scale_sparse_step.json; the
+# crossover interpolates to ~140k).
 SPARSE_FROM = 200_000
 Device = Literal["auto", "cpu", "cuda"]  # where stages 1, 3 and 4 compute (kgtok.runtime.resolve_device)
 

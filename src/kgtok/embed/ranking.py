@@ -59,7 +59,7 @@ class RankedQueries:
 
 
 # On a CPU a batch's (batch, N) scores are kept near this many floats (16 MB, inside a 32 MB L3). With the
-# candidates scored in blocks (models._SCORE_BLOCK), WN18RR's training queries ranked 1.67x faster than with one
+# candidates scored in blocks (models._SCORE_BLOCK), WN18RR's training queries ranked 1.9x faster than with one
 # product in batches of 512 (2 AMD EPYC cores, bench/results/kge_step_time.json).
 _CPU_SCORE_FLOATS = 1 << 22
 

@@ -161,7 +161,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     Equal to ``F.cross_entropy(queries @ entity.T, targets, label_smoothing=ε)`` but never holds the
     (batch, N) scores: each block is recomputed in the backward pass while it is in cache. The whole
     product and its softmax are memory-bound on a CPU; blocks made a WN18RR step (batch 250, 40,943
-    entities) 1.2-1.3x faster on 2 AMD EPYC cores (bench/results/kge_step_time.json).
+    entities) 1.4x faster on 2 AMD EPYC cores (bench/results/kge_step_time.json).
     """
 
     @staticmethod
