@@ -172,9 +172,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         for block in entity.split(chunk):
             lse = torch.logaddexp(lse, torch.logsumexp(queries @ block.t(), dim=1))
         # -log p_t mixed with the mean of -log p_j over all j: lse - (1-ε) s_t - ε mean_j s_j
-        target = (queries * entity[targets]).sum(1)
-        mean_score = queries @ entity.mean(0)
-        loss = (lse - (1 - label_smoothing) * target - label_smoothing * mean_score).mean()
+        loss = lse - (1 - label_smoothing) * (queries * entity[targets]).sum(1)
+        if label_smoothing:  # the mean entity is a pass over the whole table: only when it counts
+            loss = loss - label_smoothing * (queries @ entity.mean(0))
+        loss = loss.mean()
         ctx.save_for_backward(queries, entity, targets, lse)
         ctx.chunk, ctx.label_smoothing = chunk, label_smoothing
         return loss
@@ -191,9 +192,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             grad_queries.addmm_(probs, block)
             torch.mm(probs.t(), queries, out=grad_entity[start:start + len(block)])
             start += len(block)
-        grad_queries -= weight * ((1 - eps) * entity[targets] + eps * entity.mean(0))
+        grad_queries -= ((1 - eps) * weight) * entity[targets]
         grad_entity.index_add_(0, targets, queries, alpha=-(1 - eps) * weight)
         if eps:
+            grad_queries -= (eps * weight) * entity.mean(0)
             grad_entity -= (eps * weight / len(entity)) * queries.sum(0)
         return grad_queries, grad_entity, None, None
 

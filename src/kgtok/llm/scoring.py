@@ -14,6 +14,8 @@ a key of everything the rows depend on (:func:`resume_key`).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +28,12 @@ import numpy as np
 from kgtok.llm.config import EvaluateConfig
 from kgtok.llm.decoding import generate_pick, trie_greedy
 from kgtok.llm.prompts import encode_answers, fit_prompt, jsonl_line
+
+
+@functools.cache
+def _keeps_logits(model_class: type) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (asked once per class, not per batch)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def score_batch(model: Any, prompts: list[list[int]], candidates: list[list[list[int]]], pad_id: int
@@ -42,8 +50,6 @@ def score_batch(model: Any, prompts: list[list[int]], candidates: list[list[list
     Logits are computed only from the first answer position on. Returns,
     per query, one array per candidate of length len(candidate).
     """
-    import inspect
-
     import torch
 
     device = next(model.parameters()).device
@@ -75,7 +81,7 @@ def score_batch(model: Any, prompts: list[list[int]], candidates: list[list[list
     rows, before, tokens = (torch.tensor(column) for column in zip(*targets))
     first = int(before.min())  # logits from the earliest answer position on
     kwargs = {}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+    if _keeps_logits(type(model)):
         kwargs["logits_to_keep"] = torch.arange(first, width, device=device)
     else:
         first = 0
