@@ -18,9 +18,11 @@ machine (the defaults of each stage are made for quality at WN18RR's size):
   test held to about 2,000 triples each, so that ranking them (every query
   against every entity) grows linearly with N, as training does;
 * stage 0 (data): ``kgtok data info``: load, validate, count;
-* stage 1 (embed): DistMult, 32 dims, sampled negatives (64 per positive,
-  self-adversarial), one epoch, one validation on 1,000 queries, candidates
-  exported for test only, scoring 64 queries at a time (bounded memory);
+* stage 1 (embed): DistMult, 32 dims, 256 sampled negatives shared by the
+  whole batch (``shared_negatives``, self-adversarial; 64 per positive drawn
+  per example cost a cache miss per row and grew faster than n log n,
+  bench/results/scale_sparse_step.md), one epoch, one validation on 1,000
+  queries, candidates exported for test only, scoring 64 queries at a time (bounded memory);
 * stage 2 (text): ``mode=joint`` (one text per entity); skipped at 1M
   entities: about a million sentence-encoder passes, some 30 minutes on two
   cores, and stage 3 here reads the graph vectors only at every size;
@@ -74,8 +76,8 @@ def stage_commands(n: int, root: Path, threads: int, skip_text: bool = False) ->
                            f"test_fraction={fraction:.6f}"),
         "data": kgtok("data", "info", str(kg)),
         "embed": kgtok("embed", "--data", str(kg), "--out", str(root / "embed"), "--no-progress", "model=distmult",
-                       "dim=32", "loss=nssa", "num_negatives=64", "batch_size=1000", f"max_steps={steps}",
-                       f"eval_every={steps}", "eval_max_queries=1000", "eval_batch_size=64", "export_splits=[test]",
+                       "dim=32", "loss=nssa", "shared_negatives=true", "num_negatives=256", "batch_size=1000",
+                       f"max_steps={steps}", f"eval_every={steps}", "eval_max_queries=1000", "eval_batch_size=64", "export_splits=[test]",
                        "top_k=10", t),
         "text": (kgtok("text", "--data", str(kg), "--out", str(root / "text"), "--no-progress", "mode=joint", t)
                  if n <= TEXT_MAX_ENTITIES and not skip_text else None),

@@ -48,7 +48,7 @@ import torch
 from kgtok import __version__
 from kgtok.config import config_from_dict, config_to_dict
 from kgtok.quantize.config import QuantizeConfig
-from kgtok.quantize.metrics import collision_rate, tuple_groups
+from kgtok.quantize.metrics import tuple_groups
 from kgtok.quantize.model import RQVAE, Hierarchy
 from kgtok.quantize.quantizer import sum_codewords
 from kgtok.quantize.train import TrainingRecord, fit_realm, realm_codes, train_rqvae
@@ -86,10 +86,13 @@ def disambiguate(codes: np.ndarray) -> tuple[np.ndarray, float]:
 
     Returns (codes, share of entities whose tuple was shared before the fix).
     """
-    rate = collision_rate(codes)
+    if len(codes) == 0:
+        return codes, 0.0
+    groups, sizes = tuple_groups(codes)  # once: the rate and the ranks both read the groups
+    rate = float((sizes[groups] > 1).mean())
     if rate == 0.0:
         return codes, rate
-    rank = rank_in_group(tuple_groups(codes)[0]).astype(codes.dtype)
+    rank = rank_in_group(groups).astype(codes.dtype)
     return np.concatenate([codes, rank[:, None]], axis=1), rate
 
 
