@@ -204,10 +204,11 @@ def test_fused_adagrad_on_cpu_takes_the_plain_steps(kg):
 
 
 def test_default_n3_weight_follows_the_graphs_density(kg, tmp_path):
-    """None: 0.2 / (training triples per entity) in [0.001, 0.1] for 1-vs-all; a given weight wins; nssa has none."""
+    """None: 0.2 / (training triples per entity) in [0.005, 0.1] for 1-vs-all; a given weight wins; nssa has none."""
     config = EmbedConfig()
     assert config.n3_weight(2.0) == pytest.approx(0.1) and config.n3_weight(40.0) == pytest.approx(0.005)
-    assert config.n3_weight(1.0) == 0.1 and config.n3_weight(1000.0) == 0.001
+    assert config.n3_weight(1.0) == 0.1 and config.n3_weight(1000.0) == 0.005
+    assert config.n3_weight(82.0) == 0.005  # Kinship's density: the floor, not 0.0024
     assert EmbedConfig(regularizer_weight=0.3).n3_weight(40.0) == 0.3
     assert EmbedConfig(model="rotate").n3_weight(40.0) == 0.0
     density = len(kg.triples["train"]) / kg.num_entities
@@ -221,7 +222,7 @@ def test_the_density_rule_is_in_the_cache_record(kg, tmp_path):
     """An artifact made under the former fixed N3 default must not be reused for regularizer_weight: null."""
     from kgtok.embed.stage import default_rules
 
-    assert default_rules(EmbedConfig()) == {"embed/n3_weight": "0.2/density"}
+    assert default_rules(EmbedConfig()) == {"embed/n3_weight": "0.2/density in [0.005, 0.1]"}
     assert default_rules(EmbedConfig(regularizer_weight=0.05)) == {}
     # nssa's default updates switch to rows on big graphs: nor is a dense-trained artifact reused for sparse: null
     assert default_rules(EmbedConfig(model="rotate")) == {"embed/sparse": "from 200000 entities"}
