@@ -126,3 +126,23 @@ def test_paired_comparison_interval_matches_normal_approximation():
     # a real difference is found: B's ranks one worse
     worse = paired_comparison(a, a + 1, resamples=2000)
     assert worse["mrr"]["p_value"] < 0.001 and worse["hits_at_1"]["p_value"] < 1e-10
+
+
+def test_filtered_top_k_fast_path_equals_the_tie_passes():
+    """Rows without a tie at the k-th place take one topk; the result equals the passes that settle ties, for
+    rows with ties inside the top k, at the k-th place, of -inf, and for k at the number of candidates."""
+    from kgtok.metrics import _top_k_with_ties
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (64, 40), generator=generator).float()  # many ties everywhere
+    scores[:32] += torch.rand(32, 40, generator=generator) * 0.01 * (torch.arange(40) % 3 == 0)  # some rows clean
+    scores[5, :] = -torch.inf
+    scores[6, 10:] = -torch.inf
+    for k in (1, 5, 10, 39, 40):
+        ids, values = filtered_top_k(scores, k)
+        want_ids, want_values = _top_k_with_ties(scores, k)
+        assert torch.equal(ids, want_ids), k
+        assert torch.equal(values, want_values), k
+    clean = torch.rand(8, 1000, generator=generator)
+    ids, values = filtered_top_k(clean, 20)
+    assert torch.equal(ids, torch.topk(clean, 20).indices) and torch.equal(values, torch.topk(clean, 20).values)

@@ -97,6 +97,29 @@ def filtered_top_k(
         if targets is not None:
             scores[rows, targets] = saved
     k = min(k, scores.shape[1])
+    if 0 < k < scores.shape[1]:
+        # One topk of k + 1: where the k-th value beats the (k+1)-th, its first k are the set (float scores
+        # rarely tie there), ordered by value, then id. Only the other rows take the passes over every
+        # candidate that choose among a tie at the k-th place.
+        top = torch.topk(scores, k + 1, dim=1)
+        ids, values = _by_value_then_id(top.indices[:, :k], top.values[:, :k])
+        tied = top.values[:, k - 1] <= top.values[:, k]
+        if bool(tied.any()):
+            ids[tied], values[tied] = _top_k_with_ties(scores[tied], k)
+        return ids, values
+    return _top_k_with_ties(scores, k)
+
+
+def _by_value_then_id(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, k) candidates ordered best first, equal values by the lower id."""
+    order = torch.argsort(ids, dim=1)
+    ids, values = ids.gather(1, order), values.gather(1, order)
+    order = torch.argsort(-values, dim=1, stable=True)
+    return ids.gather(1, order), values.gather(1, order)
+
+
+def _top_k_with_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """filtered_top_k's choice among a tie at the k-th place, by passes over every candidate."""
     # topk alone picks arbitrary members of a tie at the k-th place; instead take
     # everything above the k-th value plus the lowest ids among those equal to it.
     threshold = torch.topk(scores, k, dim=1).values[:, -1:]  # (batch, 1)
