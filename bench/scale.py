@@ -77,8 +77,8 @@ def stage_commands(n: int, root: Path, threads: int, skip_text: bool = False) ->
         "data": kgtok("data", "info", str(kg)),
         "embed": kgtok("embed", "--data", str(kg), "--out", str(root / "embed"), "--no-progress", "model=distmult",
                        "dim=32", "loss=nssa", "shared_negatives=true", "num_negatives=256", "batch_size=1000",
-                       f"max_steps={steps}", f"eval_every={steps}", "eval_max_queries=1000", "eval_batch_size=64", "export_splits=[test]",
-                       "top_k=10", t),
+                       f"max_steps={steps}", f"eval_every={steps}", "eval_max_queries=1000", "eval_batch_size=64",
+                       "export_splits=[test]", "top_k=10", t),
         "text": (kgtok("text", "--data", str(kg), "--out", str(root / "text"), "--no-progress", "mode=joint", t)
                  if n <= TEXT_MAX_ENTITIES and not skip_text else None),
         "hierarchy": kgtok("hierarchy", "--data", str(kg), "--embeddings", str(root / "embed"), "--out",

@@ -38,9 +38,10 @@ def run(config: EmbedConfig, inputs: dict[str, Path], dest: Path, ctx: Context) 
 
 def default_rules(config: EmbedConfig) -> dict[str, str]:
     """Defaults the code computes from the graph: in the cache record, so that an artifact made under an
-    earlier rule (the fixed N3 weight 0.05 before the density rule, the floor 0.001 before 0.005) is not reused for ``regularizer_weight:
-    null``, nor one trained with dense updates for ``sparse: null``."""
-    rules = {"embed/n3_weight": f"0.2/density in [{N3_FLOOR}, 0.1]"} if config.n3_weight(1.0) != config.n3_weight(100.0) else {}
+    earlier rule (the fixed N3 weight 0.05 before the density rule, the floor 0.001 before 0.005) is not
+    reused for ``regularizer_weight: null``, nor one trained with dense updates for ``sparse: null``."""
+    rules = ({"embed/n3_weight": f"0.2/density in [{N3_FLOOR}, 0.1]"}
+             if config.n3_weight(1.0) != config.n3_weight(100.0) else {})
     if config.sparse is None and config.resolved_loss == "nssa":
         rules["embed/sparse"] = f"from {SPARSE_FROM} entities"
     return rules
