@@ -17,6 +17,14 @@ LossName = Literal["auto", "nssa", "1vsall"]
 # crossover interpolates to ~140k).
 SPARSE_FROM = 200_000
 N3_FLOOR = 0.005  # the density rule's smallest N3 weight (EmbedConfig.n3_weight)
+
+
+def density_n3_weight(triples_per_entity: float, floor: float = N3_FLOOR) -> float:
+    """The density rule: 0.2 / (training triples per entity) clipped to [floor, 0.1] (EmbedConfig.n3_weight;
+    bench/kge_defaults.py states its candidates' floors through it)."""
+    return float(min(0.1, max(floor, 0.2 / max(triples_per_entity, 1e-9))))
+
+
 Device = Literal["auto", "cpu", "cuda"]  # where stages 1, 3 and 4 compute (kgtok.runtime.resolve_device)
 
 
@@ -139,7 +147,7 @@ class EmbedConfig:
             return self.regularizer_weight
         if self.resolved_loss != "1vsall":
             return 0.0
-        return float(min(0.1, max(N3_FLOOR, 0.2 / max(triples_per_entity, 1e-9))))
+        return density_n3_weight(triples_per_entity)
 
     def resolved_for(self, kg: KnowledgeGraph) -> EmbedConfig:
         """This config with its N3 weight made concrete for ``kg`` (what training uses)."""
