@@ -203,6 +203,25 @@ def test_fused_adagrad_on_cpu_takes_the_plain_steps(kg):
     assert not torch.equal(model.entity.detach(), embed_train.build(config, kg)[0].entity.detach())  # it moved
 
 
+def test_learning_rate_decays_over_the_last_steps(kg, tmp_path, monkeypatch):
+    """lr_decay_from=0.5: the configured rate for the first half, then a half cosine that reaches 0 at max_steps."""
+    config = small(lr=0.2, lr_decay_from=0.5, max_steps=20, eval_every=20)
+    assert [config.lr_at(s) for s in (0, 9, 10)] == [0.2, 0.2, 0.2]
+    assert config.lr_at(15) == pytest.approx(0.1) and config.lr_at(20) == pytest.approx(0.0, abs=1e-12)
+    assert small(lr=0.2).lr_at(59) == 0.2  # the default keeps it constant
+    seen = []
+    step = embed_train.training_step
+
+    def recording(model, optimizer, batch, config, step_number, **kwargs):
+        seen.append(optimizer.param_groups[0]["lr"])
+        return step(model, optimizer, batch, config, step_number, **kwargs)
+
+    monkeypatch.setattr(embed_train, "training_step", recording)
+    train_model(kg, config, tmp_path, progress=False, log=quiet)
+    assert seen == pytest.approx([config.lr_at(s) for s in range(20)])
+    assert seen[10] == 0.2 and seen[11] < 0.2 and seen[-1] < 0.01
+
+
 def test_default_n3_weight_follows_the_graphs_density(kg, tmp_path):
     """None: 0.2 / (training triples per entity) in [0.005, 0.1] for 1-vs-all; a given weight wins; nssa has none."""
     config = EmbedConfig()

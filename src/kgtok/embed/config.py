@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -56,6 +57,9 @@ class EmbedConfig:
     # --- optimisation ---
     optimizer: Literal["auto", "adam", "adagrad"] = "auto"  # auto: adagrad for 1vsall (Lacroix et al.), adam for nssa
     lr: float | None = None  # None: 0.1 for adagrad, 1e-3 for adam (RotatE's 5e-5 needs GPU-length runs)
+    # Adagrad's steps shrink on their own; a decay over the last steps settles the weights where validation reads
+    # them. It follows max_steps: a run resumed with another max_steps decays on the new one.
+    lr_decay_from: float = 1.0  # share of max_steps after which the lr falls (half cosine) to 0 at max_steps; 1: constant
     # Dense updates cost a pass over every table row per step (and steps per epoch grow with the graph): O(n^2)
     # per epoch count; row updates touch the batch's rows only, as DGL-KE and PyTorch-BigGraph do.
     sparse: bool | None = None  # nssa: row gradients, lazy Adam / sparse Adagrad; None: on from 200,000 entities
@@ -85,6 +89,7 @@ class EmbedConfig:
             ("regularizer_weight", lambda v: v is None or v >= 0, "null or >= 0"),
             ("label_smoothing", in_range(0.0), "in [0, 1)"),
             ("lr", lambda v: v is None or v > 0, "null or > 0"),
+            ("lr_decay_from", in_range(0.0, 1.0), "in [0, 1]"),
             ("batch_size", in_range(1), "a positive integer"),
             ("max_steps", in_range(1), "a positive integer"),
             ("eval_every", in_range(0), ">= 0 (0: once per epoch)"),
@@ -128,6 +133,13 @@ class EmbedConfig:
         if self.lr is not None:
             return self.lr
         return 0.1 if self.resolved_optimizer == "adagrad" else 1e-3
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step ``step`` (0-based): resolved_lr, times a half cosine from lr_decay_from on."""
+        start = self.lr_decay_from * self.max_steps
+        if step < start or self.lr_decay_from >= 1.0:
+            return self.resolved_lr
+        return self.resolved_lr * 0.5 * (1.0 + math.cos(math.pi * (step - start) / (self.max_steps - start)))
 
     def sparse_for(self, num_entities: int) -> bool:
         """Row (sparse) updates: as given, else for nssa on graphs of at least SPARSE_FROM entities."""

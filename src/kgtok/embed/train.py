@@ -347,6 +347,9 @@ def train_model(
             order = torch.randperm(len(examples), generator=seeded_generator(config.seed, 2, epoch)).to(device)
         within = step % steps_per_epoch
         index = order[within * config.batch_size : (within + 1) * config.batch_size]
+        if config.lr_decay_from < 1.0:
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr_at(step)
         loss = training_step(model, optimizer, examples[index], config, step,
                              weights=None if weights is None else weights[index])
         state.step += 1
