@@ -1,6 +1,7 @@
 """Stage 5c's speed on a finished run, and whether its numbers are the run's own.
 
     python bench/llm_eval_speed.py --run runs/bench/first-run-now --tag packed
+    python bench/llm_eval_speed.py --run runs/bench/first-run-packed --tag batch16 batch_size=16
 
 Re-runs ``kgtok evaluate`` on the run's stage-5b model and instructions into
 a scratch folder, under GNU time, and compares every metric with the run's
@@ -36,11 +37,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a kgtok run folder (finetune/, instruct/, evaluate/)")
     parser.add_argument("--tag", required=True)
+    parser.add_argument("overrides", nargs="*", help="kgtok evaluate key=value (e.g. batch_size=16)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "evaluate"
         record = timed_run(kgtok("evaluate", "--model", str(args.run / "finetune"), "--instructions",
-                                 str(args.run / "instruct"), "--out", str(out), "--no-progress"),
+                                 str(args.run / "instruct"), "--out", str(out), "--no-progress", *args.overrides),
                            None, Path(scratch) / "log.txt")
         new = json.loads((out / "metrics.json").read_text())
         stage = json.loads((out / "manifest.json").read_text())["timings"]
@@ -51,7 +53,7 @@ def main() -> None:
     record.update({"stage_seconds": round(stage["total"], 1), "queries": new["queries"],
                    "run_stage_seconds": round(reference, 1),  # the run's own evaluation, with its code
                    "numbers_compared": len(a), "numbers_differing": differing,
-                   "run": str(args.run), "command": command(), "machine": machine()})
+                   "overrides": args.overrides, "run": str(args.run), "command": command(), "machine": machine()})
     path = RESULTS / "llm_synthetic_eval_speed.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     data[args.tag] = record
