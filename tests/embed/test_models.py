@@ -93,12 +93,20 @@ def test_rank_triples_matches_brute_force(name, reciprocal):
             want_h = realistic_rank(head_scores[None], torch.tensor([h]), np.zeros(len(known_h), int), known_h)
             assert ranked.rank[i] == pytest.approx(float(want_t[0]))
             assert ranked.rank[len(test) + i] == pytest.approx(float(want_h[0]))
+            # The gold's probability: a softmax over the gold and every entity that is not another known answer.
+            for side, scores, gold, known in ((0, tail_scores, t, known_t), (1, head_scores, h, known_h)):
+                keep = torch.ones(len(scores), dtype=torch.bool)
+                keep[torch.as_tensor(known, dtype=torch.long)] = False
+                keep[gold] = True
+                want_p = torch.exp(scores[gold] - torch.logsumexp(scores[keep], 0))
+                assert ranked.gold_probability[side * len(test) + i] == pytest.approx(float(want_p), rel=1e-4)
             # Candidates: no other known answer, the gold kept, best first.
             others = set(known_t.tolist()) - {t}
             assert not others & set(ranked.candidates[i].tolist())
             if ranked.rank[i] <= 5 and float(ranked.rank[i]).is_integer():
                 assert t in ranked.candidates[i].tolist()
             assert np.all(np.diff(ranked.candidate_scores[i]) <= 0)
+            np.testing.assert_allclose(ranked.candidate_scores[i], tail_scores[ranked.candidates[i]].numpy(), rtol=1e-5)
     assert ranked.direction.tolist() == [0] * 25 + [1] * 25
     assert ranked.gold.tolist() == test[:, 2].tolist() + test[:, 0].tolist()
     assert np.all((ranked.gold_probability > 0) & (ranked.gold_probability <= 1))
