@@ -64,14 +64,6 @@ class RankedQueries:
 _CPU_SCORE_FLOATS = 1 << 22
 
 
-def _logsumexp_(scores: torch.Tensor) -> torch.Tensor:
-    """Row-wise logsumexp that overwrites ``scores``: torch.logsumexp's temporaries of a (16, 10^6) batch cost
-    twice the time of exp in place (60 ms against 28 ms on 2 AMD EPYC cores)."""
-    top = scores.amax(dim=1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row of -inf stays -inf, not NaN
-    return scores.sub_(top).exp_().sum(dim=1).log_() + top.squeeze(1)
-
-
 def score_side(
     model: KGEModel, triples: torch.Tensor, side: str, *, reciprocal: bool, num_base_relations: int
 ) -> torch.Tensor:
@@ -135,11 +127,11 @@ def rank_triples(
         masked[torch.arange(len(batch), device=device), gold] = torch.nan_to_num(true, nan=-torch.inf)  # as masked
         if not worst:
             rank[out] = realistic_rank(masked, gold).cpu().numpy()
+        gold_probability[out] = torch.exp(true - torch.logsumexp(masked, dim=1)).cpu().numpy()
         if k:
             ids, values = filtered_top_k(masked, k)
             candidates[out] = ids.cpu().numpy()
             candidate_scores[out] = values.cpu().numpy()
-        gold_probability[out] = torch.exp(true - _logsumexp_(masked)).cpu().numpy()  # last: it overwrites masked
     triples_np = triples.numpy()
     return RankedQueries(
         triples=np.concatenate([triples_np, triples_np]),
