@@ -1,6 +1,7 @@
 """Where the first run's fine-tuning time goes: one optimiser step of the tiny Llama by batch size and threads.
 
-    python bench/llm_tiny_step_time.py [--length 50] [--answer 12] [--batch-sizes 8 16 32 64] [--threads 1 2] [--compile]
+    python bench/llm_tiny_step_time.py [--length 50] [--answer 12] [--batch-sizes 8 16 32 64] [--threads 1 2] \\
+        [--compile]
 
 The default ``tiny`` backbone (TinyBackboneConfig: width 128, 4 layers) with
 the first run's vocabulary (3,000 BPE tokens plus 1,028 code tokens), a

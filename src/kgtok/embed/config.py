@@ -59,7 +59,7 @@ class EmbedConfig:
     lr: float | None = None  # None: 0.1 for adagrad, 1e-3 for adam (RotatE's 5e-5 needs GPU-length runs)
     # Adagrad's steps shrink on their own; a decay over the last steps settles the weights where validation reads
     # them. It follows max_steps: a run resumed with another max_steps decays on the new one.
-    lr_decay_from: float = 1.0  # share of max_steps after which the lr falls (half cosine) to 0 at max_steps; 1: constant
+    lr_decay_from: float = 1.0  # share of max_steps after which the lr falls on a half cosine to 0; 1: constant
     # Dense updates cost a pass over every table row per step (and steps per epoch grow with the graph): O(n^2)
     # per epoch count; row updates touch the batch's rows only, as DGL-KE and PyTorch-BigGraph do.
     sparse: bool | None = None  # nssa: row gradients, lazy Adam / sparse Adagrad; None: on from 200,000 entities
