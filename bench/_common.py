@@ -30,8 +30,11 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    import torch
+
+    gpu = {"gpu": torch.cuda.get_device_name(0)} if torch.cuda.is_available() else {}
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+        "cpu": cpu, "cores": os.cpu_count(), **gpu, "python": platform.python_version(),
         "versions": {k: v for k, v in package_versions().items() if v}, "git": git_hash(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -37,7 +37,8 @@ from _common import command, machine, write_result  # noqa: E402
 from ablation import comparison_text  # noqa: E402
 
 from kgtok.config import load_config  # noqa: E402
-from kgtok.llm.compare import comparison_rows, evaluation_ranks, paired_runs, significant  # noqa: E402
+from kgtok.llm.compare import (comparison_rows, evaluation_ranks, headline, paired_runs,  # noqa: E402
+                               significant)
 from kgtok.metrics import format_difference, paired_comparison  # noqa: E402
 from kgtok.llm import InstructConfig, run_instruct  # noqa: E402
 from kgtok.llm.evaluate import EvaluateConfig, run_evaluate  # noqa: E402
@@ -183,6 +184,12 @@ def main() -> None:
     rows = comparison_rows(runs, "no_codes" if "no_codes" in runs else None,
                            random_ids="random_ids" if "random_ids" in runs else None)
     record.update(comparisons=rows, significant=significant(rows), note=args.note)
+    gsquant = [v for v in variants if v == "codes" or (v.startswith("codes_") and v != "codes_classes")]
+    if gsquant and all("valid_rankers" in json.loads((p / "metrics.json").read_text()).get("fusion", {})
+                       for p in runs.values()):  # issue 15's summary: bench/llm_summary.py collects it
+        record["headline"] = headline(runs, gsquant, no_ids="no_codes" if "no_codes" in runs else None,
+                                      random_ids="random_ids" if "random_ids" in runs else None,
+                                      realm="realm_codes" if "realm_codes" in runs else None)
     if "codes" in runs and "realm_codes" in runs:  # GS-Quant vs ReaLM codes, reported either way
         record["gsquant_vs_realm"] = paired_runs(runs["codes"], runs["realm_codes"],
                                                  ("dift", "rerank", "fused_pick", "fused_rerank"))

@@ -66,3 +66,58 @@ def test_random_ids_column_compares_codes_with_random_ids(tmp_path):
     # Without a random-ID run the table keeps its two comparison columns.
     assert "random IDs" not in comparison_markdown(comparison_rows({k: tmp_path / k for k in ("codes", "none")},
                                                                    "none", resamples=200))
+
+
+def write_scored_run(path, ids, stage1, picks, tops, valid):
+    """A stage-5c artifact whose LM pick is at ``picks`` and whose re-rank puts ``tops`` first (positions in the
+    3-candidate list), with ``valid``: its LM-valid metrics per ranker (as stage 5c stores them)."""
+    write_run(path, ids, stage1, picks)
+    rows = [json.loads(line) for line in (path / "predictions.jsonl").read_text().splitlines()]
+    for row, top in zip(rows, tops):
+        row["scores"] = [0.0 if j == top - 1 else -1.0 - j for j in range(3)]
+    (path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    valid = {key: {"hits_at_1": h, "mrr": h} for key, h in valid.items()}
+    (path / "metrics.json").write_text(json.dumps({"fusion": {"weight": 1.0, "position": "interior",
+                                                              "valid_rankers": valid}}))
+
+
+def test_headline_chooses_rankers_and_the_codes_run_on_lm_valid_only(tmp_path):
+    from kgtok.llm.compare import headline, valid_choice
+
+    rng = np.random.default_rng(2)
+    n = 300
+    ids = [f"test-{i}-tail" for i in range(n)]
+    stage1 = rng.integers(1, 4, n)
+
+    def right(share):  # the gold's position in share of the queries, else position 1
+        return np.where(rng.random(n) < share, stage1, 1)
+
+    # codes: its pick is good on test but LM-valid prefers its re-rank, so the re-rank must be the one reported;
+    # codes_names is better on test but worse on LM-valid, so "codes" must stay the codes run.
+    specs = {"codes": (right(0.9), right(0.5), {"dift": 0.4, "rerank": 0.6}),
+             "codes_names": (right(0.95), right(0.95), {"dift": 0.5, "rerank": 0.5}),
+             "none": (right(0.3), right(0.2), {"dift": 0.5, "rerank": 0.4}),
+             "random": (right(0.4), right(0.4), {"dift": 0.3, "rerank": 0.35})}
+    for name, (picks, tops, valid) in specs.items():
+        write_scored_run(tmp_path / name, ids, stage1, picks, tops, valid)
+    out = headline({k: tmp_path / k for k in specs}, ["codes", "codes_names"], no_ids="none", random_ids="random",
+                   resamples=500)
+    assert out["codes_run"] == "codes" and out["queries"] == n
+    assert out["rows"]["codes"]["own_ranker"] == "rerank" and out["rows"]["none"]["own_ranker"] == "dift"
+
+    def ranks(name, key):
+        position = specs[name][0 if key == "dift" else 1]
+        return np.where(position == stage1, 1.0, stage1 + (position > stage1))
+
+    expected = paired_comparison(ranks("codes", "rerank"), ranks("none", "dift"), resamples=500)["hits_at_1"]
+    assert out["codes_vs_none_diff"] == expected["difference"] and out["codes_vs_none_p"] == expected["p_value"]
+    assert out["codes_vs_none_rankers"] == ["rerank", "dift"]
+    expected = paired_comparison(ranks("codes", "rerank"), ranks("random", "rerank"), resamples=500)["hits_at_1"]
+    assert out["codes_vs_random_diff"] == expected["difference"]
+    assert out["rows"]["codes"]["hits_at_1"] == np.mean(ranks("codes", "rerank") <= 1)
+    assert out["rows"]["retriever"]["hits_at_1"] == np.mean(stage1 <= 1)
+    expected = paired_comparison(ranks("codes", "rerank"), stage1.astype(float), resamples=500)["hits_at_1"]
+    assert out["lm_vs_retriever_diff"] == expected["difference"] and out["lm_vs_retriever_ranker"] == "rerank"
+    (tmp_path / "none" / "metrics.json").write_text(json.dumps({"fusion": {"weight": 1.0}}))
+    with np.testing.assert_raises_regex(ValueError, "no LM-valid metrics"):
+        valid_choice(tmp_path / "none")

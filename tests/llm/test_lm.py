@@ -228,6 +228,16 @@ def test_evaluate_outputs_and_generate_agrees_with_trie(stages, finetuned, tmp_p
     assert tuned["valid_queries"] == len(valid) and tuned["chosen_on"] == f"LM-valid ({len(valid)} queries)"
     assert tuned["valid_mrr"] == max(tuned["curve"].values())
     assert tuned["position"] in ("interior", "lm_only", "retriever_only")
+    # Every ranker's LM-valid metrics come with the weight (a benchmark's "best ranker" is chosen on them):
+    # the same numbers as evaluating LM-valid itself at that weight.
+    on_valid = run_evaluate(EvaluateConfig(split="lm_valid", fusion_weight=tuned["weight"]), finetuned, instructions,
+                            tmp_path / "valid", progress=False, log=quiet)
+    direct = json.loads((on_valid / "metrics.json").read_text())
+    assert set(tuned["valid_rankers"]) >= {"retriever", "dift", "rerank"}
+    for key, measured in tuned["valid_rankers"].items():
+        assert measured == pytest.approx({m: direct[key]["both"][m] for m in ("hits_at_1", "mrr")}, abs=1e-4), key
+    if tuned["weight"] > 0:
+        assert tuned["valid_rankers"]["fused_rerank"]["mrr"] == pytest.approx(tuned["valid_mrr"], abs=1e-4)
 
 
 def fake_vllm(monkeypatch):

@@ -144,3 +144,72 @@ def significant(rows: list[dict[str, Any]], alpha: float = 0.05) -> list[str]:
                     out.append(f"{row['run']} {row['label']}: {NAMES[measure]} vs {against} "
                                f"{format_difference(row[other][measure])}")
     return out
+
+
+LM_OWN = ("dift", "rerank")  # the LM's own choice (issue 15: "codes beat no IDs at pick or re-rank")
+LM_ANY = ("dift", "rerank", "fused_pick", "fused_rerank")  # with the retriever's prior too
+
+
+def valid_choice(evaluate_dir: str | Path, keys: tuple[str, ...] = LM_ANY) -> tuple[str, dict[str, float]]:
+    """The ranker of ``keys`` with the best LM-valid Hits@1 (then MRR; then the first in ``keys``), and its
+    LM-valid metrics: a "best ranker" chosen without looking at test (stage 5c stores them with the fusion
+    weight it chose on LM-valid)."""
+    path = Path(evaluate_dir) / "metrics.json"
+    valid = json.loads(path.read_text(encoding="utf-8")).get("fusion", {}).get("valid_rankers")
+    present = [key for key in keys if valid and key in valid]
+    if not present:
+        raise ValueError(f"{path}: no LM-valid metrics of {', '.join(keys)} (evaluate with fusion_weight null, "
+                         "which scores LM-valid, and instructions with an lm_valid split)")
+    best = max(present, key=lambda key: (valid[key]["hits_at_1"], valid[key]["mrr"], -present.index(key)))
+    return best, valid[best]
+
+
+def headline(runs: dict[str, str | Path], codes: list[str], *, no_ids: str | None, random_ids: str | None,
+             realm: str | None = None, resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """Issue 15's summary of one graph: each run's best ranker (chosen on LM-valid) on the common test
+    queries, and the paired Hits@1 differences that decide its targets.
+
+    ``runs``: name -> stage-5c artifact; ``codes``: the names that are GS-Quant codes (with or without the
+    switches): the one whose best ranker is best on LM-valid is "codes".  Keys: ``rows`` (per run and
+    ``retriever``: ranker, LM-valid metrics, test Hits@1 and MRR; per run also its best LM-own ranker),
+    ``codes_run``; ``codes_vs_none_*`` and ``codes_vs_random_*`` (the codes run's best LM-own ranker, pick
+    or re-rank, against the other run's; ``_diff``, ``_ci``, ``_p``); ``lm_vs_retriever_*`` (the codes run's
+    best ranker, fused ones included, against the retriever, with the fusion weight's position);
+    ``gsquant_vs_realm_*`` when ``realm`` is given.
+    """
+    loaded = {name: evaluation_ranks(path) for name, path in runs.items()}
+    common_set = set.intersection(*(set(ids) for ids, _ in loaded.values()))
+    common = [q for q in next(iter(loaded.values()))[0] if q in common_set]
+    ranks = {name: {key: _aligned(ids, values, common) for key, values in by_ranker.items()}
+             for name, (ids, by_ranker) in loaded.items()}
+    rows: dict[str, dict[str, Any]] = {"retriever": {"ranker": "retriever",
+                                                     **_measures(ranks[next(iter(ranks))]["retriever"])}}
+    chosen: dict[str, dict[str, str]] = {}
+    for name, path in runs.items():
+        best, valid = valid_choice(path, LM_ANY)
+        own, own_valid = valid_choice(path, LM_OWN)
+        chosen[name] = {"any": best, "own": own}
+        fusion = json.loads((Path(path) / "metrics.json").read_text(encoding="utf-8"))["fusion"]
+        rows[name] = {"ranker": best, "valid": valid, **_measures(ranks[name][best]),
+                      "own_ranker": own, "own_valid": own_valid,
+                      **{f"own_{k}": v for k, v in _measures(ranks[name][own]).items()},
+                      "fusion_weight": fusion.get("weight"), "fusion_position": fusion.get("position")}
+    if not codes:
+        raise ValueError("headline: no codes run named")
+    codes_run = max(codes, key=lambda name: (rows[name]["valid"]["hits_at_1"], rows[name]["valid"]["mrr"],
+                                             -codes.index(name)))
+    out: dict[str, Any] = {"queries": len(common), "codes_run": codes_run, "rows": rows}
+
+    def versus(prefix: str, a: np.ndarray, b: np.ndarray, **extra: Any) -> None:
+        row = paired_comparison(a, b, resamples=resamples, seed=seed)["hits_at_1"]
+        out.update({f"{prefix}_diff": row["difference"], f"{prefix}_ci": [row["ci_low"], row["ci_high"]],
+                    f"{prefix}_p": row["p_value"], **{f"{prefix}_{k}": v for k, v in extra.items()}})
+
+    own = ranks[codes_run][chosen[codes_run]["own"]]
+    for prefix, other in (("codes_vs_none", no_ids), ("codes_vs_random", random_ids), ("gsquant_vs_realm", realm)):
+        if other is not None:
+            versus(prefix, own, ranks[other][chosen[other]["own"]],
+                   rankers=[chosen[codes_run]["own"], chosen[other]["own"]])
+    versus("lm_vs_retriever", ranks[codes_run][chosen[codes_run]["any"]], ranks[codes_run]["retriever"],
+           ranker=chosen[codes_run]["any"], fusion_position=rows[codes_run]["fusion_position"])
+    return out

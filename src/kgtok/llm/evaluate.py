@@ -221,7 +221,8 @@ def _fusion_weight(config: EvaluateConfig, scorer: Any, fusable: bool, valid_pat
     A chosen weight is kept in the work folder (``saved_path``): a resumed evaluation does not score LM-valid
     again.
     """
-    from kgtok.llm.rankers import choose_fusion_weight, gold_position, log_prior, sequence_scores
+    from kgtok.llm.rankers import (choose_fusion_weight, gold_position, log_prior, prediction_row, rank_all,
+                                   sequence_scores)
 
     if config.fusion_weight is not None:
         return {"weight": config.fusion_weight, "position": "configured", "chosen_on": "configured"}
@@ -233,12 +234,20 @@ def _fusion_weight(config: EvaluateConfig, scorer: Any, fusable: bool, valid_pat
     valid = ([r for r in read_jsonl(valid_path) if r.get("candidate_scores") is not None]
              if fusable and config.split != "lm_valid" and valid_path.exists() else [])
     if valid:
-        scores = [sequence_scores(query.totals, query.answers, config.score)
-                  for query in scorer.score(valid, "fusion weight")]
-        fusion = choose_fusion_weight(scores, [log_prior(r["candidate_scores"]) for r in valid],
+        scored = list(scorer.score(valid, "fusion weight"))
+        fusion = choose_fusion_weight([sequence_scores(q.totals, q.answers, config.score) for q in scored],
+                                      [log_prior(r["candidate_scores"]) for r in valid],
                                       np.array([gold_position(r) for r in valid]),
                                       np.array([r["stage1_rank"] for r in valid]))
         fusion["chosen_on"] = f"LM-valid ({len(valid)} queries)"
+        # Every ranker on the same LM-valid queries: a benchmark that reports "the best ranker" chooses it here,
+        # never on test (bench/llm_summary.py).
+        rows = [prediction_row(q.record, q.answers, q.totals, scorer.pick(q), score=config.score,
+                               fusion_weight=fusion["weight"], classes=None, class_scores=scorer.class_scores(q))
+                for q in scored]
+        fusion["valid_rankers"] = {key: {"hits_at_1": round(float(np.mean(r <= 1)), 4),
+                                         "mrr": round(float(np.mean(1.0 / r)), 4)}
+                                   for key, r in rank_all(rows).items()}
         log(f"evaluate: fusion weight {fusion['weight']} ({fusion['position']}; fused re-rank MRR on {len(valid)} "
             f"LM-valid queries: {fusion['valid_mrr']})")
     write_json_atomic(saved_path, fusion)
