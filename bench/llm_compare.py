@@ -76,6 +76,8 @@ def main() -> None:
                         help="entity<TAB>class file for codes_classes, or 'types': the synthetic KG's level-0 types")
     parser.add_argument("--max-queries", type=int, default=0, help="evaluate only the first n test queries")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--upstream-only", action="store_true",
+                        help="stop after stages 0-4 (and ReaLM's codes): e.g. on the CPU before a GPU run")
     parser.add_argument("--note", default="", help="recorded with the result (e.g. whether the machine was shared)")
     parser.add_argument("overrides", nargs="*", help="run.*, instruct.*, finetune.*, evaluate.*, realm.* = value")
     args = parser.parse_args()
@@ -107,7 +109,8 @@ def main() -> None:
     start = time.perf_counter()
     run(run_config, until="quantize", log=lambda *_: None)  # stage 5 runs below, once per variant
     upstream_seconds = time.perf_counter() - start
-    kg_dir = json.loads((run_dir / "data" / "manifest.json").read_text())["metrics"]["kg_dir"]
+    # The KG given, else the one stage 0 read (synthetic): a run folder carried to another machine keeps working.
+    kg_dir = data or json.loads((run_dir / "data" / "manifest.json").read_text())["metrics"]["kg_dir"]
     record: dict = {"backbone": args.backbone, "data": kg_dir, "upstream_seconds": round(upstream_seconds, 1)}
     classes = None
     if args.classes == "types":  # the generator's true types (level 0) as the classes
@@ -125,6 +128,9 @@ def main() -> None:
         realm = load_config(QuantizeConfig, None, ["variant=realm", f"threads={t}", *groups["realm"]])
         run_quantize(realm, kg_dir, run_dir / "quantize-realm", embeddings=run_dir / "embed", progress=False,
                      log=lambda *_: None)
+    if args.upstream_only:
+        print(f"stages 0-4 done in {run_dir} ({upstream_seconds:.0f} s)")
+        return
     for variant in variants:
         ids = IDS.get(variant, "codes")
         prefix = ["class_prefix=true"] if variant == "codes_classes" else []

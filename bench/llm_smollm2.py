@@ -14,7 +14,7 @@ made here when missing).  The GS-Quant run reported as "codes" is the one of ``c
 best on LM-valid.  Logs: ``<runs>/llm_<graph>_<tag>.log``.
 
 On a lent GPU machine (docs/stage5-llm.md, "Issue 15's benchmark on a GPU"): stages 0-4 run here first
-(``--until-quantize``), their run folders and the model travel, and the command runs there.
+(``--upstream-only``), their run folders and the model travel, and the command runs there.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def compare_command(graph: str, data: Path | None, run_dir: Path, args: argparse
     return [sys.executable, str(HERE / "llm_compare.py"), "--dataset", graph, *(["--data", str(data)] if data else []),
             "--run-dir", str(run_dir), "--backbone", args.backbone, "--tag", args.tag, "--threads", str(args.threads),
             "--variants", ",".join(args.variants), "--max-queries", str(args.max_queries), *switches,
+            *(["--upstream-only"] if args.upstream_only else []),
             *(["--note", args.note] if args.note else []), *overrides]
 
 
@@ -87,6 +88,8 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=0, help="graphs at once (0: all on a GPU, else 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per graph on the CPU")
     parser.add_argument("--dry-run", action="store_true", help="a synthetic KG and the tiny LM, every part run")
+    parser.add_argument("--upstream-only", action="store_true",
+                        help="stages 0-4 of every graph only (the CPU part, before carrying the runs to a GPU)")
     parser.add_argument("--note", default="")
     parser.add_argument("overrides", nargs="*", help="run./instruct./finetune./evaluate./realm.key=value for all")
     args = parser.parse_args()
@@ -133,6 +136,8 @@ def main() -> None:
             print(f"{graph}: done", flush=True)
     if failed:
         raise SystemExit("failed: " + "\n".join(failed))
+    if args.upstream_only:
+        return
     summary = [sys.executable, str(HERE / "llm_summary.py"), "--backbone", args.backbone,
                *[f"{graph}=llm_{graph}_{args.tag}" for graph in jobs]]
     sys.exit(subprocess.run(summary).returncode)
