@@ -56,9 +56,7 @@ DRY_RUN = ["run.synthetic.num_entities=300", "run.embed.dim=16", "run.embed.max_
 
 
 def subset(source: Path, dest: Path, entities: int) -> None:
-    """The graph's snowball subset (``kgtok data subset``), made once."""
-    if (dest / "train.txt").exists():
-        return
+    """The graph's snowball subset (``kgtok data subset``, seed 0)."""
     done = subprocess.run([sys.executable, "-m", "kgtok", "data", "subset", str(source), str(dest), "--entities",
                            str(entities)], capture_output=True, text=True)
     if done.returncode:
@@ -80,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--graphs", nargs="+", default=list(GRAPHS), choices=list(GRAPHS))
     parser.add_argument("--backbone", default="smollm2-135m")
-    parser.add_argument("--tag", default="smollm2")
+    parser.add_argument("--tag", default="smollm2_bench", help="names the results: llm_<graph>_<tag>.json")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--max-queries", type=int, default=500, help="test queries per graph (0: all)")
     parser.add_argument("--data-root", type=Path, default=DATA, help="folder of umls/, wn18rr/, fb15k237/")
@@ -99,18 +97,17 @@ def main() -> None:
         raise SystemExit(f"--variants: unknown {', '.join(unknown)} (of {', '.join(VARIANTS)})")
     jobs: dict[str, list[str]] = {}
     if args.dry_run:
-        args.backbone, args.tag, args.max_queries = "tiny", args.tag if args.tag != "smollm2" else "dry", 8
+        args.backbone, args.tag, args.max_queries = "tiny", args.tag if args.tag != "smollm2_bench" else "dry", 8
         jobs["synthetic"] = compare_command("synthetic", None, args.runs / "run-synthetic-dry", args,
                                             [*DRY_RUN, *args.overrides])
     else:
         for graph in args.graphs:
             spec = GRAPHS[graph]
             source = args.data_root / spec["source"]
-            if not (source / "train.txt").exists():
-                raise SystemExit(f"{graph}: no {source}/train.txt (give --data-root)")
-            data = source
-            if spec["entities"]:
-                data = args.runs / graph.replace("_", "-")
+            data = args.runs / graph.replace("_", "-") if spec["entities"] else source
+            if not (data / "train.txt").exists():  # a subset is made from its source once
+                if not (source / "train.txt").exists():
+                    raise SystemExit(f"{graph}: no {source}/train.txt (give --data-root)")
                 subset(source, data, spec["entities"])
             jobs[graph] = compare_command(graph, data, args.runs / f"run-{graph}", args,
                                           [*spec["run"], *STAGE5, *args.overrides])

