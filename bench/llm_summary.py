@@ -40,7 +40,9 @@ def graph_summary(source: str, record: dict[str, Any]) -> dict[str, Any]:
     head = record["headline"]
     rows = {name: {k: row[k] for k in ("ranker", "hits_at_1", "mrr") if k in row} | (
         {"valid_hits_at_1": row["valid"]["hits_at_1"], "own_ranker": row["own_ranker"],
-         "own_hits_at_1": row["own_hits_at_1"], "fusion_position": row["fusion_position"]} if "valid" in row else {})
+         "own_hits_at_1": row["own_hits_at_1"], "fusion_position": row["fusion_position"],
+         "vs_retriever_diff": row["vs_retriever"]["difference"], "vs_retriever_p": row["vs_retriever"]["p_value"]}
+        if "valid" in row else {})
         for name, row in head["rows"].items()}
     entry: dict[str, Any] = {"source": source, "backbone": record["backbone"], "queries": head["queries"],
                              "codes_run": head["codes_run"], "rows": rows,
@@ -74,11 +76,17 @@ def difference(entry: dict[str, Any], prefix: str) -> str:
 def markdown(name: str, graphs: dict[str, dict[str, Any]], met: dict[str, Any], cmd: str) -> str:
     names = list(dict.fromkeys(n for e in graphs.values() for n in (*[r for r in ROWS if r in e["rows"]],
                                                                       *e["rows"])))
-    lines = [f"# {name}", "", "Hits@1 on test of each row's best ranker (chosen on LM-valid; in brackets).", "",
+    lines = [f"# {name}", "", "Hits@1 on test of each row's best ranker (chosen on LM-valid) and, in brackets, "
+             "the ranker and its difference to the retriever (exact McNemar p).", "",
              "| graph | queries | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 2)]
+
+    def cell(row: dict[str, Any]) -> str:
+        versus = (f", {row['vs_retriever_diff']:+.3f} p={row['vs_retriever_p']:.2g}" if "vs_retriever_diff" in row
+                  else "")
+        return f"{row['hits_at_1']:.3f} ({row['ranker']}{versus})"
+
     for key, entry in graphs.items():
-        cells = [f"{entry['rows'][n]['hits_at_1']:.3f} ({entry['rows'][n]['ranker']})" if n in entry["rows"] else "-"
-                 for n in names]
+        cells = [cell(entry["rows"][n]) if n in entry["rows"] else "-" for n in names]
         lines.append(f"| {key} | {entry['queries']} | " + " | ".join(cells) + " |")
     lines += ["", "Paired Hits@1 differences over the same test queries (95% bootstrap CI, exact McNemar p); "
               "codes = the GS-Quant run best on LM-valid, with its best LM-own ranker (pick or re-rank) against "

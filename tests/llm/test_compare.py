@@ -118,6 +118,9 @@ def test_headline_chooses_rankers_and_the_codes_run_on_lm_valid_only(tmp_path):
     assert out["rows"]["retriever"]["hits_at_1"] == np.mean(stage1 <= 1)
     expected = paired_comparison(ranks("codes", "rerank"), stage1.astype(float), resamples=500)["hits_at_1"]
     assert out["lm_vs_retriever_diff"] == expected["difference"] and out["lm_vs_retriever_ranker"] == "rerank"
+    assert out["rows"]["codes"]["vs_retriever"] == expected
+    assert out["rows"]["none"]["vs_retriever"] == paired_comparison(ranks("none", "dift"), stage1.astype(float),
+                                                                    resamples=500)["hits_at_1"]
     (tmp_path / "none" / "metrics.json").write_text(json.dumps({"fusion": {"weight": 1.0}}))
     with np.testing.assert_raises_regex(ValueError, "no LM-valid metrics"):
         valid_choice(tmp_path / "none")

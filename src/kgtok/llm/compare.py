@@ -171,7 +171,8 @@ def headline(runs: dict[str, str | Path], codes: list[str], *, no_ids: str | Non
 
     ``runs``: name -> stage-5c artifact; ``codes``: the names that are GS-Quant codes (with or without the
     switches): the one whose best ranker is best on LM-valid is "codes".  Keys: ``rows`` (per run and
-    ``retriever``: ranker, LM-valid metrics, test Hits@1 and MRR; per run also its best LM-own ranker),
+    ``retriever``: ranker, LM-valid metrics, test Hits@1 and MRR; per run also its best LM-own ranker and
+    ``vs_retriever``, its best ranker's Hits@1 difference to the retriever),
     ``codes_run``; ``codes_vs_none_*`` and ``codes_vs_random_*`` (the codes run's best LM-own ranker, pick
     or re-rank, against the other run's; ``_diff``, ``_ci``, ``_p``); ``lm_vs_retriever_*`` (the codes run's
     best ranker, fused ones included, against the retriever, with the fusion weight's position);
@@ -193,7 +194,9 @@ def headline(runs: dict[str, str | Path], codes: list[str], *, no_ids: str | Non
         rows[name] = {"ranker": best, "valid": valid, **_measures(ranks[name][best]),
                       "own_ranker": own, "own_valid": own_valid,
                       **{f"own_{k}": v for k, v in _measures(ranks[name][own]).items()},
-                      "fusion_weight": fusion.get("weight"), "fusion_position": fusion.get("position")}
+                      "fusion_weight": fusion.get("weight"), "fusion_position": fusion.get("position"),
+                      "vs_retriever": paired_comparison(ranks[name][best], ranks[name]["retriever"],
+                                                        resamples=resamples, seed=seed)["hits_at_1"]}
     if not codes:
         raise ValueError("headline: no codes run named")
     codes_run = max(codes, key=lambda name: (rows[name]["valid"]["hits_at_1"], rows[name]["valid"]["mrr"],
