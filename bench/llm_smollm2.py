@@ -48,6 +48,9 @@ GRAPHS = {
 STAGE5 = ["instruct.neighbours=3", "instruct.description_words=15", "instruct.train_from_train_queries=true",
           "instruct.train_queries=3000", "finetune.r=16", "finetune.epochs=2", "finetune.batch_size=8",
           "finetune.logging_steps=10", "evaluate.batch_size=8"]
+# Measured, not part of the recipe: LM-valid every 100 steps, so each variant's curve shows whether the code
+# tokens' loss has stopped falling (issue 15 item 3).
+CURVE = ["finetune.eval_steps=100"]
 DRY_RUN = ["run.synthetic.num_entities=300", "run.embed.dim=16", "run.embed.max_steps=40", "run.embed.eval_every=20",
            "run.text.mode=joint", "run.quantize.epochs=2", "run.quantize.codebook_size=16", "instruct.top_k=5",
            "instruct.train_queries=200", "finetune.max_steps=2", "finetune.tiny.vocab_size=400",
@@ -110,7 +113,7 @@ def main() -> None:
                     raise SystemExit(f"{graph}: no {source}/train.txt (give --data-root)")
                 subset(source, data, spec["entities"])
             jobs[graph] = compare_command(graph, data, args.runs / f"run-{graph}", args,
-                                          [*spec["run"], *STAGE5, *args.overrides])
+                                          [*spec["run"], *STAGE5, *CURVE, *args.overrides])
     import torch
 
     parallel = args.parallel or (len(jobs) if torch.cuda.is_available() else 1)

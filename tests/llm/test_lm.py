@@ -193,6 +193,17 @@ def test_finetune_trains_new_rows_and_lowers_the_loss(stages, finetuned):
     assert tokenizer.tokenize(vocabulary) == [t + ">" for t in vocabulary.split(">") if t]
 
 
+def test_eval_steps_validates_every_n_steps_with_the_code_token_loss(stages, tmp_path):
+    kg, kg_dir, embed, codes, instructions, root = stages
+    config = FinetuneConfig(tiny=TINY, max_steps=4, batch_size=4, eval_steps=2, threads=1)
+    metrics = json.loads((run_finetune(config, instructions, tmp_path / "ft", codes=codes, progress=False,
+                                       log=quiet) / "metrics.json").read_text())
+    evals = [h for h in metrics["history"] if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [2, 4]  # not only once, at the end of the (unfinished) epoch
+    assert all(h["eval_code_token_loss"] > 0 for h in evals)
+    assert metrics["valid_loss"] == evals[-1]["eval_loss"]
+
+
 def test_evaluate_outputs_and_generate_agrees_with_trie(stages, finetuned, tmp_path):
     kg, kg_dir, embed, codes, instructions, root = stages
     classes = tmp_path / "classes.tsv"  # the true top-level types, as a file of entity<TAB>class

@@ -145,6 +145,8 @@ class FinetuneConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     gradient_checkpointing: bool = False  # trades compute for memory on big backbones
     logging_steps: int = 10  # steps between loss records in metrics.json
+    # Issue 15: train until the code tokens' LM-valid loss stops falling; finer than per epoch shows when it does.
+    eval_steps: int = 0  # LM-valid loss (and the code tokens' alone) every this many steps; 0: after each epoch
     save_steps: int = machine(200)  # checkpoint interval (resume point)
     threads: int = machine(0)  # torch threads on CPU; 0 = all cores (shared by the processes of accelerate launch)
     seed: int = 0  # backbone init, new token rows, batch order, dropout
@@ -166,6 +168,7 @@ class FinetuneConfig:
             ("max_length", in_range(16), ">= 16"),
             ("warmup_ratio", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
             ("logging_steps", in_range(1), ">= 1"),
+            ("eval_steps", in_range(0), ">= 0 (0: after each epoch)"),
             ("save_steps", in_range(1), ">= 1"),
             ("threads", in_range(0), ">= 0"),
             ("seed", in_range(0), ">= 0"),

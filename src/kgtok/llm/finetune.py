@@ -272,7 +272,8 @@ def uses_full_training(config: FinetuneConfig) -> bool:
 
 def training_arguments(config: FinetuneConfig, work: Path, learning_rate: float, validate: bool) -> Any:
     """The Trainer's arguments: device and precision from the machine (or accelerate launch), cosine schedule,
-    checkpoints in ``work``, LM-valid loss each epoch when ``validate``, no console output of its own."""
+    checkpoints in ``work``, LM-valid loss each epoch (or ``eval_steps``) when ``validate``, no console output
+    of its own."""
     import torch
     from transformers import TrainingArguments
 
@@ -283,7 +284,8 @@ def training_arguments(config: FinetuneConfig, work: Path, learning_rate: float,
         num_train_epochs=config.epochs, max_steps=config.max_steps, learning_rate=learning_rate,
         lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay,
         logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps,
-        save_total_limit=2, eval_strategy="epoch" if validate else "no", report_to=[], seed=config.seed,
+        save_total_limit=2, eval_strategy=("steps" if config.eval_steps else "epoch") if validate else "no",
+        eval_steps=config.eval_steps or None, report_to=[], seed=config.seed,
         use_cpu=not use_gpu, bf16=use_gpu and torch.cuda.is_bf16_supported(),
         fp16=use_gpu and not torch.cuda.is_bf16_supported(), activation_checkpointing=config.gradient_checkpointing,
         dataloader_num_workers=0, remove_unused_columns=False,
