@@ -188,12 +188,12 @@ def headline(runs: dict[str, str | Path], codes: list[str], *, no_ids: str | Non
     chosen: dict[str, dict[str, str]] = {}
     for name, path in runs.items():
         best, valid = valid_choice(path, LM_ANY)
-        own, own_valid = valid_choice(path, LM_OWN)
-        chosen[name] = {"any": best, "own": own}
+        best_own, own_valid = valid_choice(path, LM_OWN)
+        chosen[name] = {"any": best, "own": best_own}
         fusion = json.loads((Path(path) / "metrics.json").read_text(encoding="utf-8"))["fusion"]
         rows[name] = {"ranker": best, "valid": valid, **_measures(ranks[name][best]),
-                      "own_ranker": own, "own_valid": own_valid,
-                      **{f"own_{k}": v for k, v in _measures(ranks[name][own]).items()},
+                      "own_ranker": best_own, "own_valid": own_valid,
+                      **{f"own_{k}": v for k, v in _measures(ranks[name][best_own]).items()},
                       "fusion_weight": fusion.get("weight"), "fusion_position": fusion.get("position"),
                       "vs_retriever": paired_comparison(ranks[name][best], ranks[name]["retriever"],
                                                         resamples=resamples, seed=seed)["hits_at_1"]}
@@ -208,10 +208,10 @@ def headline(runs: dict[str, str | Path], codes: list[str], *, no_ids: str | Non
         out.update({f"{prefix}_diff": row["difference"], f"{prefix}_ci": [row["ci_low"], row["ci_high"]],
                     f"{prefix}_p": row["p_value"], **{f"{prefix}_{k}": v for k, v in extra.items()}})
 
-    own = ranks[codes_run][chosen[codes_run]["own"]]
+    codes_own = ranks[codes_run][chosen[codes_run]["own"]]
     for prefix, other in (("codes_vs_none", no_ids), ("codes_vs_random", random_ids), ("gsquant_vs_realm", realm)):
         if other is not None:
-            versus(prefix, own, ranks[other][chosen[other]["own"]],
+            versus(prefix, codes_own, ranks[other][chosen[other]["own"]],
                    rankers=[chosen[codes_run]["own"], chosen[other]["own"]])
     versus("lm_vs_retriever", ranks[codes_run][chosen[codes_run]["any"]], ranks[codes_run]["retriever"],
            ranker=chosen[codes_run]["any"], fusion_position=rows[codes_run]["fusion_position"])
