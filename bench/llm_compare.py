@@ -78,6 +78,9 @@ def main() -> None:
     parser.add_argument("--tag", default="")
     parser.add_argument("--upstream-only", action="store_true",
                         help="stop after stages 0-4 (and ReaLM's codes): e.g. on the CPU before a GPU run")
+    parser.add_argument("--skip-upstream", action="store_true",
+                        help="use the run folder's stage-1 and stage-4 artifacts as they are, without checking "
+                             "stages 0-4 (a run carried to a machine without the sentence encoder)")
     parser.add_argument("--note", default="", help="recorded with the result (e.g. whether the machine was shared)")
     parser.add_argument("overrides", nargs="*", help="run.*, instruct.*, finetune.*, evaluate.*, realm.* = value")
     args = parser.parse_args()
@@ -107,7 +110,10 @@ def main() -> None:
                                                f"hierarchy.threads={t}", f"quantize.threads={t}", "progress=false",
                                                *([f"data={data}"] if data else []), *groups["run"]])
     start = time.perf_counter()
-    run(run_config, until="quantize", log=lambda *_: None)  # stage 5 runs below, once per variant
+    if not args.skip_upstream:
+        run(run_config, until="quantize", log=lambda *_: None)  # stage 5 runs below, once per variant
+    elif not (run_dir / "quantize" / "manifest.json").exists() or not (data or args.dataset == "synthetic"):
+        raise SystemExit(f"--skip-upstream: no stage-4 artifact in {run_dir / 'quantize'}, or no --data")
     upstream_seconds = time.perf_counter() - start
     # The KG given, else the one stage 0 read (synthetic): a run folder carried to another machine keeps working.
     kg_dir = data or json.loads((run_dir / "data" / "manifest.json").read_text())["metrics"]["kg_dir"]

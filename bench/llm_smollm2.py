@@ -74,6 +74,7 @@ def compare_command(graph: str, data: Path | None, run_dir: Path, args: argparse
             "--run-dir", str(run_dir), "--backbone", args.backbone, "--tag", args.tag, "--threads", str(args.threads),
             "--variants", ",".join(args.variants), "--max-queries", str(args.max_queries), *switches,
             *(["--upstream-only"] if args.upstream_only else []),
+            *(["--skip-upstream"] if args.skip_upstream else []),
             *(["--note", args.note] if args.note else []), *overrides]
 
 
@@ -91,6 +92,8 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="a synthetic KG and the tiny LM, every part run")
     parser.add_argument("--upstream-only", action="store_true",
                         help="stages 0-4 of every graph only (the CPU part, before carrying the runs to a GPU)")
+    parser.add_argument("--skip-upstream", action="store_true",
+                        help="stage 5 from the runs' stage-1 and stage-4 artifacts as they are (carried runs)")
     parser.add_argument("--note", default="")
     parser.add_argument("overrides", nargs="*", help="run./instruct./finetune./evaluate./realm.key=value for all")
     args = parser.parse_args()

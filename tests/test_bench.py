@@ -104,6 +104,21 @@ def test_llm_compare_runs_realm_codes_and_a_switch_variant(tmp_path):
     instructed = (tmp_path / "run" / "llm-tiny-t-realm_codes" / "instruct" / "test.jsonl").read_text()
     assert "<" in instructed  # codes in the prompts
     assert "GS-Quant codes minus ReaLM codes" in (results / "llm_synthetic_t.md").read_text()
+    # A run carried without stages 2-3 (e.g. to a GPU machine without the sentence encoder): --skip-upstream
+    # takes stage 1 and 4 as they are and reruns nothing upstream.
+    import shutil
+
+    for stage in ("text", "hierarchy"):
+        shutil.rmtree(tmp_path / "run" / stage)
+    again = subprocess.run([sys.executable, str(BENCH / "llm_compare.py"), "--dataset", "synthetic", "--run-dir",
+                            str(tmp_path / "run"), "--threads", "1", "--max-queries", "8", "--tag", "t",
+                            "--variants", "codes", "--skip-upstream", *run, *tiny],
+                           env={**environment(tmp_path), "KGTOK_BENCH_RESULTS": str(results)},
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert not (tmp_path / "run" / "text").exists() and not (tmp_path / "run" / "hierarchy").exists()
+    again = json.loads((results / "llm_synthetic_t.json").read_text())["synthetic"]
+    assert again["codes_rerank_hits_at_1"] == record["codes_rerank_hits_at_1"]
     bad = subprocess.run([sys.executable, str(BENCH / "llm_compare.py"), "--dataset", "synthetic", "--variants",
                           "codes", "--variant", "codez_x:finetune.r=4"], env=environment(tmp_path),
                          capture_output=True, text=True, timeout=300)
