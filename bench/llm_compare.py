@@ -29,6 +29,8 @@ import json
 import sys
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,6 +61,37 @@ def class_effect(evaluate_dir: Path) -> dict:
 IDS = {"codes": "codes", "random_ids": "random", "no_codes": "none", "codes_classes": "codes", "realm_codes": "codes"}
 
 
+def run_variant(job: dict) -> dict[str, float]:
+    """One variant's instructions, fine-tuning and evaluation (each stage resumes); seconds per stage.
+    Module-level: ``--jobs`` runs it in other processes."""
+    warnings.simplefilter("ignore")
+    variant, out, run_dir, groups, mine, t = (job[k] for k in ("variant", "out", "run_dir", "groups", "own",
+                                                                "threads"))
+    ids = IDS.get(variant, "codes")
+    prefix = ["class_prefix=true"] if variant == "codes_classes" else []
+    instruct = load_config(InstructConfig, None, [f"ids={ids}", *prefix, *groups["instruct"],
+                                                  *mine.get("instruct", [])])
+    finetune = load_config(FinetuneConfig, None, [f"backbone={job['backbone']}", f"threads={t}",
+                                                  *groups["finetune"], *mine.get("finetune", [])])
+    evaluate = load_config(EvaluateConfig, None, [f"threads={t}", f"max_queries={job['max_queries']}",
+                                                  *groups["evaluate"], *mine.get("evaluate", [])])
+    codes = None if ids == "none" else run_dir / ("quantize-realm" if variant == "realm_codes" else "quantize")
+    timings = {}
+    begin = time.perf_counter()
+    run_instruct(instruct, job["kg_dir"], run_dir / "embed", out / "instruct", codes=codes,
+                 classes=job["classes"] if prefix else None, log=lambda *_: None)
+    timings["instruct"] = time.perf_counter() - begin
+    begin = time.perf_counter()
+    run_finetune(finetune, out / "instruct", out / "finetune", codes=codes, progress=False,
+                 log=lambda line: print(f"{variant}: {line}", flush=True))
+    timings["finetune"] = time.perf_counter() - begin
+    begin = time.perf_counter()
+    run_evaluate(evaluate, out / "finetune", out / "instruct", out / "evaluate", progress=False,
+                 log=lambda line: print(f"{variant}: {line}", flush=True))
+    timings["evaluate"] = time.perf_counter() - begin
+    return timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="synthetic, or a folder name under ../shared/datasets")
@@ -78,6 +111,8 @@ def main() -> None:
     parser.add_argument("--tag", default="")
     parser.add_argument("--upstream-only", action="store_true",
                         help="stop after stages 0-4 (and ReaLM's codes): e.g. on the CPU before a GPU run")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="variants at once, each in its own process with --threads threads (e.g. on a GPU)")
     parser.add_argument("--skip-upstream", action="store_true",
                         help="use the run folder's stage-1 and stage-4 artifacts as they are, without checking "
                              "stages 0-4 (a run carried to a machine without the sentence encoder)")
@@ -137,31 +172,22 @@ def main() -> None:
     if args.upstream_only:
         print(f"stages 0-4 done in {run_dir} ({upstream_seconds:.0f} s)")
         return
+    if "codes_classes" in variants and classes is None:
+        raise SystemExit("variant codes_classes needs --classes")
+    jobs = [{"variant": v, "out": variant_dir(v), "run_dir": run_dir, "kg_dir": kg_dir, "classes": classes,
+             "backbone": args.backbone, "threads": t, "max_queries": args.max_queries, "groups": groups,
+             "own": own.get(v, {})} for v in variants]
+    if args.jobs > 1:  # variants at once, each in its own process (e.g. several small LMs on one GPU)
+        if args.backbone == "smollm2-135m":
+            from kgtok.llm.backbone import convert_smollm2
+
+            convert_smollm2()  # once, before the processes that read it
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+            timed = dict(zip(variants, pool.map(run_variant, jobs)))
+    else:
+        timed = {job["variant"]: run_variant(job) for job in jobs}
     for variant in variants:
-        ids = IDS.get(variant, "codes")
-        prefix = ["class_prefix=true"] if variant == "codes_classes" else []
-        if prefix and classes is None:
-            raise SystemExit("variant codes_classes needs --classes")
-        mine = own.get(variant, {})
-        out = variant_dir(variant)
-        instruct = load_config(InstructConfig, None, [f"ids={ids}", *prefix, *groups["instruct"],
-                                                      *mine.get("instruct", [])])
-        finetune = load_config(FinetuneConfig, None, [f"backbone={args.backbone}", f"threads={t}",
-                                                      *groups["finetune"], *mine.get("finetune", [])])
-        evaluate = load_config(EvaluateConfig, None, [f"threads={t}", f"max_queries={args.max_queries}",
-                                                      *groups["evaluate"], *mine.get("evaluate", [])])
-        codes = None if ids == "none" else run_dir / ("quantize-realm" if variant == "realm_codes" else "quantize")
-        timings = {}
-        begin = time.perf_counter()
-        run_instruct(instruct, kg_dir, run_dir / "embed", out / "instruct", codes=codes,
-                     classes=classes if prefix else None, log=lambda *_: None)
-        timings["instruct"] = time.perf_counter() - begin
-        begin = time.perf_counter()
-        run_finetune(finetune, out / "instruct", out / "finetune", codes=codes, progress=False, log=print)
-        timings["finetune"] = time.perf_counter() - begin
-        begin = time.perf_counter()
-        run_evaluate(evaluate, out / "finetune", out / "instruct", out / "evaluate", progress=False, log=print)
-        timings["evaluate"] = time.perf_counter() - begin
+        out, mine, timings = variant_dir(variant), own.get(variant, {}), timed[variant]
         metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
         trained = json.loads((out / "finetune" / "metrics.json").read_text())
         if "retriever_mrr" not in record:

