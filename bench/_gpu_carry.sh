@@ -12,10 +12,12 @@
 
 carry_dir="$root/.gpu-carry"
 
-# carry_wheels DEST SPEC...: wheels for the GPU machine's Python (3.12, x86-64), without their dependencies.
+# carry_wheels DEST SPEC...: wheels for the GPU machine's Python (3.12 there, as seen in 2026-11;
+# $GPU_PYTHON_VERSION to change), x86-64, without their dependencies.
 carry_wheels() {
   local dest="$1"; shift
-  "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  "$python" -m pip download -q --no-deps --only-binary=:all: --python-version "${GPU_PYTHON_VERSION:-3.12}" \
+    --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$dest" "$@"
 }
