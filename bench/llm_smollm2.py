@@ -107,10 +107,10 @@ def main() -> None:
 
     gpu = torch.cuda.is_available()
     args.jobs = args.jobs or (4 if gpu else 1)
-    jobs: dict[str, list[str]] = {}
+    commands: dict[str, list[str]] = {}  # graph -> its llm_compare command
     if args.dry_run:
         args.backbone, args.tag, args.max_queries = "tiny", args.tag if args.tag != "smollm2_bench" else "dry", 8
-        jobs["synthetic"] = compare_command("synthetic", None, args.runs / "run-synthetic-dry", args,
+        commands["synthetic"] = compare_command("synthetic", None, args.runs / "run-synthetic-dry", args,
                                             [*DRY_RUN, *args.overrides])
     else:
         for graph in args.graphs:
@@ -121,9 +121,9 @@ def main() -> None:
                 if not (source / "train.txt").exists():
                     raise SystemExit(f"{graph}: no {source}/train.txt (give --data-root)")
                 subset(source, data, spec["entities"])
-            jobs[graph] = compare_command(graph, data, args.runs / f"run-{graph}", args,
+            commands[graph] = compare_command(graph, data, args.runs / f"run-{graph}", args,
                                           [*spec["run"], *STAGE5, *CURVE, *args.overrides])
-    parallel = args.parallel or (len(jobs) if gpu else 1)
+    parallel = args.parallel or (len(commands) if gpu else 1)
     if args.backbone == "smollm2-135m" and not args.upstream_only:
         from kgtok.llm.backbone import convert_smollm2
 
@@ -131,7 +131,7 @@ def main() -> None:
     args.runs.mkdir(parents=True, exist_ok=True)
     running: list[tuple[str, subprocess.Popen, Path]] = []
     failed = []
-    pending = list(jobs.items())
+    pending = list(commands.items())
     while pending or running:
         while pending and len(running) < parallel:
             graph, cmd = pending.pop(0)
@@ -150,7 +150,7 @@ def main() -> None:
     if args.upstream_only:
         return
     summary = [sys.executable, str(HERE / "llm_summary.py"), "--backbone", args.backbone,
-               *[f"{graph}=llm_{graph}_{args.tag}" for graph in jobs]]
+               *[f"{graph}=llm_{graph}_{args.tag}" for graph in commands]]
     sys.exit(subprocess.run(summary).returncode)
 
 
