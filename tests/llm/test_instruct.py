@@ -317,3 +317,45 @@ def test_training_lists_are_filtered_with_train_and_valid_only():
     assert ranked["train"].candidates[0].tolist() == [3, 1, 4]  # gold 1 kept; 2 (valid) filtered
     assert ranked["test"].candidates[0].tolist() == [3, 4, 5]  # test: train, valid and test answers filtered
     assert metrics["valid"]["tail"]["mrr"] == 1.0  # the valid metric stays the standard filtered one
+    # LM-valid's lists (valid_eval): filtered as test's, so the test answer 3 is gone and the gold 2 ranks first.
+    assert ranked["valid_eval"].candidates[0].tolist() == [2, 4, 5] and ranked["valid_eval"].rank[0] == 1.0
+    assert ranked["valid"].rank[0] == 2.0
+
+
+def test_lm_valid_is_measured_as_test_is(inputs, tmp_path):
+    """LM-valid records come from stage 1's lists under the standard filter (valid_eval), LM-train's from the
+    training lists (train ∪ valid): on the synthetic KG some LM-valid gold ranks higher once test answers are
+    filtered, and every LM-valid stage-1 rank is the standard filtered one."""
+    from kgtok.embed.layout import EmbedArtifact
+    from kgtok.embed.ranking import RankedQueries
+    from kgtok.llm.instruct import query_id
+
+    kg, embed, codes, _ = inputs
+    config = InstructConfig(top_k=8, confidence_threshold=0.0, lm_valid_fraction=0.5)
+    dest = run_instruct(config, kg, embed, tmp_path / "i", codes=codes, log=lambda *_: None)
+
+    def ranks(split):
+        ranked = RankedQueries.load(EmbedArtifact(embed).candidates(split))
+        n = len(ranked.triples) // 2
+        return {query_id("valid", i, n, d): (ranked.rank[i], ranked.candidates[i, :8].tolist())
+                for i, d in enumerate(ranked.direction.tolist())}
+
+    standard, training = ranks("valid_eval"), ranks("valid")
+    valid = read(dest / "lm_valid.jsonl")
+    assert all((r["stage1_rank"], r["candidates"]) == standard[r["id"]] for r in valid)
+    assert any(standard[r["id"]][0] < training[r["id"]][0] for r in valid)  # a test answer was above the gold
+    from_valid = [r for r in read(dest / "lm_train.jsonl") if r["split"] == "valid"]
+    assert from_valid and all(r["stage1_rank"] == training[r["id"]][0] for r in from_valid)
+
+
+def test_an_older_stage1_artifact_keeps_the_training_lists_for_lm_valid(inputs, tmp_path):
+    import shutil
+
+    kg, embed, codes, _ = inputs
+    older = tmp_path / "embed"
+    shutil.copytree(embed, older)
+    (older / "candidates" / "valid_eval.npz").unlink()  # as written before valid_eval existed
+    lines = []
+    dest = run_instruct(InstructConfig(top_k=8), kg, older, tmp_path / "i", codes=codes, log=lines.append)
+    assert any("valid_eval.npz not found" in line and "run stage 1 again" in line for line in lines)
+    assert read(dest / "lm_valid.jsonl")

@@ -16,6 +16,8 @@ class EmbedArtifact(Artifact):
     model.pt                   weights + what is needed to rebuild the model
     metrics.json               valid and test metrics (both/head/tail), training history
     candidates/{split}.npz     per query (both sides): top-k filtered candidates, scores, filtered rank
+                               (train, valid: filtered by train ∪ valid, training material; test and
+                               valid_eval: by train ∪ valid ∪ test, evaluation material)
     """
 
     stage = "embed"

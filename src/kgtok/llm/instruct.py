@@ -3,7 +3,8 @@
 Where the examples come from (DIFT, METHOD.md stage 5): the stage-1 model's
 top-k lists for the *validation* queries, both directions, shuffled and split
 90% / 10% *by triple* into LM-train / LM-valid (a triple's two queries on one
-side); LM-train keeps a record only when its confidence 100·p(gold) + 1/rank
+side; LM-valid's lists are those under the standard filter, as test's:
+:func:`held_out_records`); LM-train keeps a record only when its confidence 100·p(gold) + 1/rank
 (rank <= k; else 1/rank) exceeds 0.05, which drops every record whose gold is
 outside the list.  The test queries are the LM's test set.  (On training
 queries the stage-1 model has seen the answer, so its lists would teach the
@@ -202,6 +203,33 @@ def alignment_records(kg: KnowledgeGraph, tokens: list[str], config: InstructCon
     return records
 
 
+def query_id(split: str, row: int, triples: int, direction: int) -> str:
+    """A query record's id from its row in stage 1's ranked queries (``triples`` per direction): ``valid-17-tail``."""
+    return f"{split}-{row % triples}-{'tail' if direction == 0 else 'head'}"
+
+
+def held_out_records(kg: KnowledgeGraph, embeddings: EmbedArtifact, lm_valid: list[dict[str, Any]],
+                     tokens: list[str] | None, neighbours: NeighbourIndex, config: InstructConfig,
+                     log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """LM-valid's queries rebuilt from stage 1's lists under the standard filter (``valid_eval``), as test's are.
+
+    LM-train's lists hide no test answer (an honest training set), so a test answer ranked above the gold
+    counts as an error there; LM-valid, on which the fusion weight and a benchmark's rankers are chosen, must
+    be measured as test is.  An older stage-1 artifact has no such lists: LM-valid keeps the training ones.
+    """
+    path = embeddings.candidates("valid_eval")
+    if not path.exists():
+        log(f"instruct: warning: {path} not found (a stage-1 artifact from before it was written): LM-valid "
+            "keeps the training lists, where a test answer ranked above the gold counts as an error; run stage "
+            "1 again")
+        return lm_valid
+    ranked = RankedQueries.load(path)
+    n = len(ranked.triples) // 2
+    row_of = {query_id("valid", i, n, d): i for i, d in enumerate(ranked.direction.tolist())}
+    rows = np.array([row_of[r["id"]] for r in lm_valid], dtype=np.int64)
+    return records_for_split(kg, ranked, "valid", tokens, neighbours, config, rows=rows)
+
+
 def records_for_split(kg: KnowledgeGraph, ranked: RankedQueries, split: str, tokens: list[str] | None,
                       neighbours: NeighbourIndex, config: InstructConfig, rows: np.ndarray | None = None,
                       shuffle: np.random.Generator | None = None) -> list[dict[str, Any]]:
@@ -230,7 +258,7 @@ def records_for_split(kg: KnowledgeGraph, ranked: RankedQueries, split: str, tok
         exclude = (h, r, t) if split == "train" else None
         context = neighbours.for_query(known, r, direction == 0, exclude, config.neighbours)
         records.append({
-            "id": f"{split}-{i % n}-{'tail' if direction == 0 else 'head'}",
+            "id": query_id(split, i, n, direction),
             "split": split, "direction": "tail" if direction == 0 else "head",
             "triple": [kg.entity_names[h], kg.relation_names[r], kg.entity_names[t]],
             "known": known, "gold": gold, "candidates": candidates, "candidate_scores": scores,
@@ -289,6 +317,7 @@ def run(config: InstructConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     neighbours = NeighbourIndex(kg)
     valid_records = records_for_split(kg, ranked["valid"], "valid", tokens, neighbours, config)
     lm_train, lm_valid, dropped = split_examples(valid_records, config)
+    lm_valid = held_out_records(kg, embeddings, lm_valid, tokens, neighbours, config, ctx.log)
     from_validation = len(lm_train)
     rng = np.random.default_rng(config.seed + 1)
     if dift_train_queries:
