@@ -348,14 +348,26 @@ def test_lm_valid_is_measured_as_test_is(inputs, tmp_path):
     assert from_valid and all(r["stage1_rank"] == training[r["id"]][0] for r in from_valid)
 
 
-def test_an_older_stage1_artifact_keeps_the_training_lists_for_lm_valid(inputs, tmp_path):
+def test_an_older_stage1_artifact_gets_lm_valid_from_its_model(inputs, tmp_path):
+    """Without valid_eval.npz (written before it existed) the artifact's model ranks LM-valid's queries: the
+    same records as with the file; with no model either, the training lists and a warning."""
     import shutil
 
     kg, embed, codes, _ = inputs
+    config = InstructConfig(top_k=8, lm_valid_fraction=0.5)
+    expected = read(run_instruct(config, kg, embed, tmp_path / "new", codes=codes, log=lambda *_: None)
+                    / "lm_valid.jsonl")
     older = tmp_path / "embed"
     shutil.copytree(embed, older)
-    (older / "candidates" / "valid_eval.npz").unlink()  # as written before valid_eval existed
+    (older / "candidates" / "valid_eval.npz").unlink()
     lines = []
-    dest = run_instruct(InstructConfig(top_k=8), kg, older, tmp_path / "i", codes=codes, log=lines.append)
-    assert any("valid_eval.npz not found" in line and "run stage 1 again" in line for line in lines)
-    assert read(dest / "lm_valid.jsonl")
+    got = read(run_instruct(config, kg, older, tmp_path / "old", codes=codes, log=lines.append) / "lm_valid.jsonl")
+    assert [(r["id"], r["stage1_rank"], r["candidates"]) for r in got] == \
+        [(r["id"], r["stage1_rank"], r["candidates"]) for r in expected]
+    assert np.allclose([r["candidate_scores"] for r in got], [r["candidate_scores"] for r in expected], atol=1e-4)
+    assert not any("warning" in line for line in lines)
+    (older / "model.pt").unlink()
+    got = read(run_instruct(config, kg, older, tmp_path / "none", codes=codes, log=lines.append)
+               / "lm_valid.jsonl")
+    assert any("LM-valid keeps the training lists" in line for line in lines)
+    assert [r["id"] for r in got] == [r["id"] for r in expected]

@@ -215,19 +215,34 @@ def held_out_records(kg: KnowledgeGraph, embeddings: EmbedArtifact, lm_valid: li
 
     LM-train's lists hide no test answer (an honest training set), so a test answer ranked above the gold
     counts as an error there; LM-valid, on which the fusion weight and a benchmark's rankers are chosen, must
-    be measured as test is.  An older stage-1 artifact has no such lists: LM-valid keeps the training ones.
+    be measured as test is.  A stage-1 artifact from before those lists were written: its model ranks
+    LM-valid's queries here (seconds); with no model either (candidates imported alone), LM-valid keeps the
+    training lists, with a warning.
     """
     path = embeddings.candidates("valid_eval")
-    if not path.exists():
-        log(f"instruct: warning: {path} not found (a stage-1 artifact from before it was written): LM-valid "
-            "keeps the training lists, where a test answer ranked above the gold counts as an error; run stage "
-            "1 again")
+    if path.exists():
+        ranked = RankedQueries.load(path)
+    elif embeddings.model.exists():
+        ranked = standard_valid_lists(kg, embeddings, len(lm_valid[0]["candidates"]) if lm_valid else 1)
+    else:
+        log(f"instruct: warning: neither {path} nor a model in {embeddings.path}: LM-valid keeps the training "
+            "lists, where a test answer ranked above the gold counts as an error")
         return lm_valid
-    ranked = RankedQueries.load(path)
     n = len(ranked.triples) // 2
     row_of = {query_id("valid", i, n, d): i for i, d in enumerate(ranked.direction.tolist())}
     rows = np.array([row_of[r["id"]] for r in lm_valid], dtype=np.int64)
     return records_for_split(kg, ranked, "valid", tokens, neighbours, config, rows=rows)
+
+
+def standard_valid_lists(kg: KnowledgeGraph, embeddings: EmbedArtifact, top_k: int) -> RankedQueries:
+    """The validation queries ranked by the artifact's model under the standard filter, as stage 1 now
+    exports them (``valid_eval``)."""
+    from kgtok.embed.ranking import rank_triples
+    from kgtok.embed.train import load_model
+
+    model, saved = load_model(embeddings.path)
+    return rank_triples(model, kg.triples["valid"], kg.filter_index, reciprocal=saved["reciprocal"],
+                        num_base_relations=saved["num_base_relations"], top_k=top_k)
 
 
 def records_for_split(kg: KnowledgeGraph, ranked: RankedQueries, split: str, tokens: list[str] | None,
