@@ -346,6 +346,14 @@ def test_lm_valid_is_measured_as_test_is(inputs, tmp_path):
     assert any(standard[r["id"]][0] < training[r["id"]][0] for r in valid)  # a test answer was above the gold
     from_valid = [r for r in read(dest / "lm_train.jsonl") if r["split"] == "valid"]
     assert from_valid and all(r["stage1_rank"] == training[r["id"]][0] for r in from_valid)
+    # Instructions written before (no mark among the manifest's inputs) are not reused: they are written again.
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert manifest["inputs"]["lm_valid_lists"] == "standard filter"
+    del manifest["inputs"]["lm_valid_lists"]
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    lines = []
+    run_instruct(config, kg, embed, dest, codes=codes, log=lines.append)
+    assert json.loads((dest / "manifest.json").read_text())["inputs"]["lm_valid_lists"] == "standard filter"
 
 
 def test_an_older_stage1_artifact_gets_lm_valid_from_its_model(inputs, tmp_path):
