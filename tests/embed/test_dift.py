@@ -78,9 +78,13 @@ def test_dift_files_feed_the_instructions(stage1, tmp_path):
     ranked = RankedQueries.load(art / "candidates" / "test.npz")
     assert ranked.triples.tolist() == [[h, r, t], [h, r, t]] and ranked.direction.tolist() == [0, 1]
     assert ranked.candidates[0].tolist() == [t, *(e.index(o) for o in others)]
-    out = run_instruct(InstructConfig(ids="none", top_k=3, neighbours=1), kg, art, tmp_path / "inst", log=quiet)
+    lines = []
+    out = run_instruct(InstructConfig(ids="none", top_k=3, neighbours=1), kg, art, tmp_path / "inst",
+                       log=lines.append)
     records = [json.loads(line) for line in (out / "test.jsonl").read_text().splitlines()]
     assert [rec["gold"] for rec in records] == [t, h] and all(rec["stage1_rank"] == 1 for rec in records)
+    # DIFT's valid lists serve LM-valid as given (no model to rank them again, and no warning about it)
+    assert (art / "candidates" / "valid_eval.npz").exists() and not any("warning" in line for line in lines)
 
 
 def test_bad_dift_file_names_file_and_record(stage1, tmp_path):

@@ -175,6 +175,8 @@ def import_dift(data: str | Path | KnowledgeGraph, dift_dir: str | Path, dest: s
                 records += loaded
             ranked = ranked_from_dift(records, kg, paths[0])
             ranked.save(out.candidates(split))
+            if split == "valid":  # DIFT's lists as given serve LM-train and LM-valid alike (one filter)
+                ranked.save(out.candidates("valid_eval"))
             counts[split] = len(ranked.triples)
             writer.metrics[f"{split}_unpaired_dropped"] = len(records) - len(ranked.triples)
             ranks = ranked.rank
