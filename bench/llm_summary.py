@@ -23,6 +23,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command  # noqa: E402
 
+from kgtok.metrics import format_difference  # noqa: E402
+
 ROWS = ("retriever", "no_codes", "random_ids", "realm_codes")  # then the GS-Quant runs, in the run's order
 FLAT = ("codes_vs_none", "codes_vs_random", "lm_vs_retriever", "gsquant_vs_realm")
 
@@ -67,10 +69,12 @@ def targets(graphs: dict[str, dict[str, Any]], alpha: float = 0.05) -> dict[str,
 
 
 def difference(entry: dict[str, Any], prefix: str) -> str:
+    """The ``<prefix>_diff/_ci/_p`` keys as the project writes a paired difference."""
     if f"{prefix}_diff" not in entry:
         return "-"
     low, high = entry[f"{prefix}_ci"]
-    return f"{entry[f'{prefix}_diff']:+.3f} [{low:+.3f}, {high:+.3f}] p={entry[f'{prefix}_p']:.3g}"
+    return format_difference({"difference": entry[f"{prefix}_diff"], "ci_low": low, "ci_high": high,
+                              "p_value": entry[f"{prefix}_p"]})
 
 
 def markdown(name: str, graphs: dict[str, dict[str, Any]], met: dict[str, Any], cmd: str) -> str:

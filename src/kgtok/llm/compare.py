@@ -54,6 +54,16 @@ def paired_runs(run_a: str | Path, run_b: str | Path, keys: tuple[str, ...] | No
             for key in (keys or ranks_a) if key in ranks_a and key in ranks_b}
 
 
+def common_ranks(runs: dict[str, str | Path]) -> tuple[list[str], dict[str, dict[str, np.ndarray]]]:
+    """The test queries every run has (in the first run's order) and, per run and ranker, the gold's ranks on
+    them: what a paired comparison of the runs needs."""
+    loaded = {name: evaluation_ranks(path) for name, path in runs.items()}
+    common_set = set.intersection(*(set(ids) for ids, _ in loaded.values()))
+    common = [q for q in next(iter(loaded.values()))[0] if q in common_set]
+    return common, {name: {key: _aligned(ids, values, common) for key, values in by_ranker.items()}
+                    for name, (ids, by_ranker) in loaded.items()}
+
+
 def comparison_rows(runs: dict[str, str | Path], no_ids: str | None = None, *, random_ids: str | None = None,
                     resamples: int = 10_000, seed: int = 0) -> list[dict[str, Any]]:
     """One row per (run, ranker): metrics and the paired comparisons (see the module docstring).
@@ -64,12 +74,7 @@ def comparison_rows(runs: dict[str, str | Path], no_ids: str | None = None, *, r
     Row: ``run``, ``ranker``, ``label``, ``queries``, per measure ``<measure>`` and ``vs_retriever`` /
     ``vs_no_ids`` / ``vs_random_ids`` (``{measure: paired_comparison row}``; None where it does not apply).
     """
-    loaded = {name: evaluation_ranks(path) for name, path in runs.items()}
-    common_set = set.intersection(*(set(ids) for ids, _ in loaded.values()))
-    first_ids = next(iter(loaded.values()))[0]
-    common = [q for q in first_ids if q in common_set]
-    ranks = {name: {key: _aligned(ids, values, common) for key, values in by_ranker.items()}
-             for name, (ids, by_ranker) in loaded.items()}
+    common, ranks = common_ranks(runs)
     labels = {r.key: r.label for r in rankers()}
     rows = []
     first = next(iter(ranks))
@@ -150,12 +155,15 @@ LM_OWN = ("dift", "rerank")  # the LM's own choice (issue 15: "codes beat no IDs
 LM_ANY = ("dift", "rerank", "fused_pick", "fused_rerank")  # with the retriever's prior too
 
 
-def valid_choice(evaluate_dir: str | Path, keys: tuple[str, ...] = LM_ANY) -> tuple[str, dict[str, float]]:
+def valid_choice(evaluate_dir: str | Path, keys: tuple[str, ...] = LM_ANY,
+                 fusion: dict[str, Any] | None = None) -> tuple[str, dict[str, float]]:
     """The ranker of ``keys`` with the best LM-valid Hits@1 (then MRR; then the first in ``keys``), and its
     LM-valid metrics: a "best ranker" chosen without looking at test (stage 5c stores them with the fusion
-    weight it chose on LM-valid)."""
+    weight it chose on LM-valid; ``fusion``: that entry of its metrics.json, when already read)."""
     path = Path(evaluate_dir) / "metrics.json"
-    valid = json.loads(path.read_text(encoding="utf-8")).get("fusion", {}).get("valid_rankers")
+    if fusion is None:
+        fusion = json.loads(path.read_text(encoding="utf-8")).get("fusion", {})
+    valid = fusion.get("valid_rankers")
     present = [key for key in keys if valid and key in valid]
     if not present:
         raise ValueError(f"{path}: no LM-valid metrics of {', '.join(keys)} (evaluate with fusion_weight null, "
@@ -178,19 +186,15 @@ def headline(runs: dict[str, str | Path], codes: list[str], *, no_ids: str | Non
     best ranker, fused ones included, against the retriever, with the fusion weight's position);
     ``gsquant_vs_realm_*`` when ``realm`` is given.
     """
-    loaded = {name: evaluation_ranks(path) for name, path in runs.items()}
-    common_set = set.intersection(*(set(ids) for ids, _ in loaded.values()))
-    common = [q for q in next(iter(loaded.values()))[0] if q in common_set]
-    ranks = {name: {key: _aligned(ids, values, common) for key, values in by_ranker.items()}
-             for name, (ids, by_ranker) in loaded.items()}
+    common, ranks = common_ranks(runs)
     rows: dict[str, dict[str, Any]] = {"retriever": {"ranker": "retriever",
                                                      **_measures(ranks[next(iter(ranks))]["retriever"])}}
     chosen: dict[str, dict[str, str]] = {}
     for name, path in runs.items():
-        best, valid = valid_choice(path, LM_ANY)
-        best_own, own_valid = valid_choice(path, LM_OWN)
+        fusion = json.loads((Path(path) / "metrics.json").read_text(encoding="utf-8")).get("fusion", {})
+        best, valid = valid_choice(path, LM_ANY, fusion)
+        best_own, own_valid = valid_choice(path, LM_OWN, fusion)
         chosen[name] = {"any": best, "own": best_own}
-        fusion = json.loads((Path(path) / "metrics.json").read_text(encoding="utf-8"))["fusion"]
         rows[name] = {"ranker": best, "valid": valid, **_measures(ranks[name][best]),
                       "own_ranker": best_own, "own_valid": own_valid,
                       **{f"own_{k}": v for k, v in _measures(ranks[name][best_own]).items()},
