@@ -86,8 +86,8 @@ def run_variant(job: dict) -> dict[str, float]:
                  log=lambda line: print(f"{variant}: {line}", flush=True))
     timings["finetune"] = time.perf_counter() - begin
     begin = time.perf_counter()
-    run_evaluate(evaluate, out / "finetune", out / "instruct", out / "evaluate", progress=False,
-                 log=lambda line: print(f"{variant}: {line}", flush=True))
+    run_evaluate(evaluate, out / "finetune", out / "instruct", out / "evaluate", data=job["kg_dir"], progress=False,
+                 log=lambda line: print(f"{variant}: {line}", flush=True))  # the KG: the generative ranker's filter
     timings["evaluate"] = time.perf_counter() - begin
     return timings
 
@@ -198,6 +198,8 @@ def main() -> None:
             f"{variant}_rerank_mrr": metrics["rerank_mrr"], f"{variant}_rerank_hits_at_1": metrics["rerank_hits_at_1"],
             **{f"{variant}_{ranker}_{m}": metrics[f"{ranker}_{m}"] for ranker in ("fused_pick", "fused_rerank")
                for m in ("mrr", "hits_at_1") if f"{ranker}_{m}" in metrics},
+            **{f"{variant}_generative_{m}": metrics[f"generative_{m}"]  # evaluate.generative_beams > 0
+               for m in ("mrr", "hits_at_1", "hits_at_3", "hits_at_10") if f"generative_{m}" in metrics},
             f"{variant}_fusion_weight": metrics.get("fusion_weight"),
             f"{variant}_fusion": {k: metrics.get("fusion", {}).get(k) for k in ("weight", "position", "chosen_on",
                                                                                  "grid")},

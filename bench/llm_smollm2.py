@@ -11,7 +11,9 @@ best ranker chosen on LM-valid, codes against no IDs and random IDs, the LM agai
 against ReaLM, with paired 95% CIs and p-values, in ``bench/results/llm_<backbone>_summary.json``.  The
 graphs: UMLS; the WN18RR 6k-entity subset and the FB15k-237 3k-entity subset (``kgtok data subset``, seed 0,
 made here when missing).  The GS-Quant run reported as "codes" is the one of ``codes`` and ``codes_<switch>``
-best on LM-valid.  Logs: ``<runs>/llm_<graph>_<tag>.log``.
+best on LM-valid.  Every row with IDs also runs the generative ranker (``--generative-beams``: beam search
+over every entity's answer, a retriever of its own), reported beside the others.  Logs:
+``<runs>/llm_<graph>_<tag>.log``.
 
 On a lent GPU machine (docs/stage5-llm.md, "Issue 15's benchmark on a GPU"): stages 0-4 run here first
 (``--upstream-only``), their run folders and the model travel, and the command runs there.
@@ -70,6 +72,9 @@ def compare_command(graph: str, data: Path | None, run_dir: Path, args: argparse
                     overrides: list[str]) -> list[str]:
     switches = [f"--variant={name}:{item}" for name, items in SWITCHES.items()
                 if name in args.variants for item in items]
+    if args.generative_beams:  # every row with IDs: no IDs have no entity trie (names are not unique)
+        switches += [f"--variant={name}:evaluate.generative_beams={args.generative_beams}"
+                     for name in args.variants if name != "no_codes"]
     return [sys.executable, str(HERE / "llm_compare.py"), "--dataset", graph, *(["--data", str(data)] if data else []),
             "--run-dir", str(run_dir), "--backbone", args.backbone, "--tag", args.tag, "--threads", str(args.threads),
             "--variants", ",".join(args.variants), "--max-queries", str(args.max_queries), *switches,
@@ -91,6 +96,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process on the CPU")
     parser.add_argument("--jobs", type=int, default=0,
                         help="variants of a graph at once, a process each (0: 4 on a GPU, else 1)")
+    parser.add_argument("--generative-beams", type=int, default=10,
+                        help="the generative ranker's beam (issue 15 item 4) on every row with IDs; 0: off")
     parser.add_argument("--dry-run", action="store_true", help="a synthetic KG and the tiny LM, every part run")
     parser.add_argument("--upstream-only", action="store_true",
                         help="stages 0-4 of every graph only (the CPU part, before carrying the runs to a GPU)")

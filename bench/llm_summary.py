@@ -44,7 +44,7 @@ def graph_summary(source: str, record: dict[str, Any]) -> dict[str, Any]:
         {"valid_hits_at_1": row["valid"]["hits_at_1"], "own_ranker": row["own_ranker"],
          "own_hits_at_1": row["own_hits_at_1"], "fusion_position": row["fusion_position"],
          "vs_retriever_diff": row["vs_retriever"]["difference"], "vs_retriever_p": row["vs_retriever"]["p_value"]}
-        if "valid" in row else {})
+        if "valid" in row else {}) | ({"generative": row["generative"]} if "generative" in row else {})
         for name, row in head["rows"].items()}
     entry: dict[str, Any] = {"source": source, "backbone": record["backbone"], "queries": head["queries"],
                              "codes_run": head["codes_run"], "rows": rows,
@@ -102,6 +102,17 @@ def markdown(name: str, graphs: dict[str, dict[str, Any]], met: dict[str, Any], 
                      f"{difference(e, 'codes_vs_random')} | {difference(e, 'lm_vs_retriever')} "
                      f"({e['lm_vs_retriever_ranker']}, {e['lm_vs_retriever_fusion_position']}) | "
                      f"{difference(e, 'gsquant_vs_realm')} |")
+    generative = [(key, e) for key, e in graphs.items() if any("generative" in r for r in e["rows"].values())]
+    if generative:  # issue 15 item 4: a retriever of its own, beside the others
+        lines += ["", "The generative ranker (beam search over every entity's answer; Hits@1 / Hits@10 / MRR on "
+                  "test) and codes minus random IDs, GS-Quant minus ReaLM (its Hits@1, paired):", "",
+                  "| graph | " + " | ".join(names[1:]) + " | codes - random IDs | GS-Quant - ReaLM |",
+                  "|" + " --- |" * (len(names) + 2)]
+        for key, e in generative:
+            cells = [" / ".join(f"{e['rows'][n]['generative'][m]:.3f}" for m in ("hits_at_1", "hits_at_10", "mrr"))
+                     if "generative" in e["rows"].get(n, {}) else "-" for n in names[1:]]
+            lines.append(f"| {key} | " + " | ".join(cells) + f" | {difference(e, 'codes_vs_random_generative')} | "
+                         f"{difference(e, 'gsquant_vs_realm_generative')} |")
     lines += ["", f"Codes beat no IDs and random IDs (p < {met['alpha']}) on: "
               f"{', '.join(met['codes_beat_none_and_random_on']) or 'none'} "
               f"(target: 2 of 3 graphs: {'met' if met['codes_target_met'] else 'not met'}).",

@@ -137,7 +137,8 @@ def test_issue15_benchmark_dry_run_writes_the_summary(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads((results / "llm_synthetic_dry.json").read_text())["synthetic"]
     assert record["codes_all_overrides"] == {"finetune": ["embedding_init=names", "new_token_lr_multiplier=10"],
-                                             "instruct": ["align_tasks=[codes_to_name,name_to_codes]"]}
+                                             "instruct": ["align_tasks=[codes_to_name,name_to_codes]"],
+                                             "evaluate": ["generative_beams=10"]}
     head = record["headline"]
     assert head["codes_run"] in ("codes", "codes_names", "codes_align", "codes_lr", "codes_all")
     for name in ("no_codes", "random_ids", "realm_codes", "codes", "codes_all"):
@@ -150,3 +151,9 @@ def test_issue15_benchmark_dry_run_writes_the_summary(tmp_path):
     assert graph["hits_at_1"]["retriever"] == record["retriever_hits_at_1"] and graph["queries"] == 8
     assert summary["targets"]["graphs"] == 1 and not summary["targets"]["codes_target_met"]
     assert "| synthetic | 8 |" in (results / "llm_tiny_summary.md").read_text()
+    # Issue 15 item 4: every row with IDs also ranks by generation over every entity (10 beams by default).
+    assert 0 <= record["codes_generative_hits_at_1"] <= record["codes_generative_hits_at_10"] <= 1
+    assert "no_codes_generative_hits_at_1" not in record and "realm_codes_generative_mrr" in record
+    assert set(graph["rows"][graph["codes_run"]]["generative"]) == {"hits_at_1", "hits_at_3", "hits_at_10", "mrr"}
+    assert -1 <= graph["codes_vs_random_generative_diff"] <= 1 and "generative" not in graph["rows"]["no_codes"]
+    assert "The generative ranker" in (results / "llm_tiny_summary.md").read_text()

@@ -121,6 +121,25 @@ def test_headline_chooses_rankers_and_the_codes_run_on_lm_valid_only(tmp_path):
     assert out["rows"]["codes"]["vs_retriever"] == expected
     assert out["rows"]["none"]["vs_retriever"] == paired_comparison(ranks("none", "dift"), stage1.astype(float),
                                                                     resamples=500)["hits_at_1"]
+    assert "generative" not in out["rows"]["codes"] and "codes_vs_random_generative_diff" not in out
+    # The generative ranker (its own beam over every entity; None: the gold is not in it) is reported beside the
+    # others, codes run against the random-ID run, where both have it.
+    beams = {name: rng.choice([1.0, 2.0, 5.0, None], n, p=[share, 0.2, 0.2, 0.6 - share]).tolist()
+             for name, share in (("codes", 0.5), ("codes_names", 0.1), ("random", 0.2))}
+    for name, found in beams.items():
+        path = tmp_path / name / "predictions.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({**r, "generative_rank": g}) + "\n" for r, g in zip(rows, found)))
+    out = headline({k: tmp_path / k for k in specs}, ["codes", "codes_names"], no_ids="none", random_ids="random",
+                   resamples=500)
+    generative = {k: np.array([np.inf if g is None else g for g in v]) for k, v in beams.items()}
+    assert out["rows"]["codes"]["generative"] == {
+        "hits_at_1": np.mean(generative["codes"] <= 1), "hits_at_3": np.mean(generative["codes"] <= 3),
+        "hits_at_10": np.mean(generative["codes"] <= 10), "mrr": np.mean(1 / generative["codes"])}
+    assert "generative" not in out["rows"]["none"]
+    expected = paired_comparison(generative["codes"], generative["random"], resamples=500)["hits_at_1"]
+    assert out["codes_vs_random_generative_diff"] == expected["difference"] and expected["difference"] > 0.2
+    assert out["codes_vs_random_generative_p"] == expected["p_value"]
     (tmp_path / "none" / "metrics.json").write_text(json.dumps({"fusion": {"weight": 1.0}}))
     with np.testing.assert_raises_regex(ValueError, "no LM-valid metrics"):
         valid_choice(tmp_path / "none")

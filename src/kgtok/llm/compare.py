@@ -184,7 +184,8 @@ def headline(runs: dict[str, str | Path], codes: list[str], *, no_ids: str | Non
     ``codes_run``; ``codes_vs_none_*`` and ``codes_vs_random_*`` (the codes run's best LM-own ranker, pick
     or re-rank, against the other run's; ``_diff``, ``_ci``, ``_p``); ``lm_vs_retriever_*`` (the codes run's
     best ranker, fused ones included, against the retriever, with the fusion weight's position);
-    ``gsquant_vs_realm_*`` when ``realm`` is given.
+    ``gsquant_vs_realm_*`` when ``realm`` is given; with the generative ranker, each row's ``generative``
+    (Hits@1/3/10, MRR) and ``codes_vs_random_generative_*`` / ``gsquant_vs_realm_generative_*``.
     """
     common, ranks = common_ranks(runs)
     rows: dict[str, dict[str, Any]] = {"retriever": {"ranker": "retriever",
@@ -219,4 +220,17 @@ def headline(runs: dict[str, str | Path], codes: list[str], *, no_ids: str | Non
                    rankers=[chosen[codes_run]["own"], chosen[other]["own"]])
     versus("lm_vs_retriever", ranks[codes_run][chosen[codes_run]["any"]], ranks[codes_run]["retriever"],
            ranker=chosen[codes_run]["any"], fusion_position=rows[codes_run]["fusion_position"])
+    # Issue 15 item 4: the generative ranker (beam search over every entity's answer), beside the others where
+    # a run has it.  One fixed ranker, nothing chosen: the codes run's against the random-ID and ReaLM runs'.
+    for name in runs:
+        if "generative" in ranks[name]:
+            rows[name]["generative"] = _list_measures(ranks[name]["generative"])
+    for prefix, other in (("codes_vs_random_generative", random_ids), ("gsquant_vs_realm_generative", realm)):
+        if other is not None and "generative" in ranks[codes_run] and "generative" in ranks[other]:
+            versus(prefix, ranks[codes_run]["generative"], ranks[other]["generative"])
     return out
+
+
+def _list_measures(ranks: np.ndarray) -> dict[str, float]:
+    """Hits@1/3/10 and MRR (a rank of inf: the gold is not in the list, reciprocal rank 0)."""
+    return {**{f"hits_at_{k}": float(np.mean(ranks <= k)) for k in (1, 3, 10)}, "mrr": float(np.mean(1.0 / ranks))}
