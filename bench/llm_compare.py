@@ -13,7 +13,8 @@ evaluation. Variants: ``codes`` (the run's codes, GS-Quant by default),
 ``realm_codes`` (ReaLM's residual k-means codes, made here from the run's
 stage-1 vectors with ``quantize.variant=realm`` plus any ``realm.key=value``),
 and any ``codes_<name>``: the run's codes with the overrides given as
-``--variant codes_<name>:finetune.key=value`` (e.g. the switches of issue 15).  Writes bench/results/llm_<dataset>[_<tag>].json
+``--variant codes_<name>:finetune.key=value`` (e.g. the switches of issue 15), or ``random_ids_<name>``:
+random IDs with their own overrides (e.g. the random-ID control of a prompt-format switch).  Writes bench/results/llm_<dataset>[_<tag>].json
 and .md: Hits@1 and MRR of the retriever, the DIFT rule and the full
 re-rank; training tokens/s; evaluation queries/s; seconds per stage; then the
 comparison table of :mod:`kgtok.llm.compare` (every ranker of every variant
@@ -67,7 +68,7 @@ def run_variant(job: dict) -> dict[str, float]:
     warnings.simplefilter("ignore")
     variant, out, run_dir, groups, mine, t = (job[k] for k in ("variant", "out", "run_dir", "groups", "own",
                                                                 "threads"))
-    ids = IDS.get(variant, "codes")
+    ids = IDS.get(variant, "random" if variant.startswith("random_ids_") else "codes")
     prefix = ["class_prefix=true"] if variant == "codes_classes" else []
     instruct = load_config(InstructConfig, None, [f"ids={ids}", *prefix, *groups["instruct"],
                                                   *mine.get("instruct", [])])
@@ -101,7 +102,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default="codes,random_ids,no_codes",
                         help="of codes, random_ids, no_codes, codes_classes (ReaLM's class prefix; needs --classes), "
-                             "realm_codes, codes_<name>")
+                             "realm_codes, codes_<name>, random_ids_<name>")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:GROUP.KEY=VALUE",
                         help="an override of one variant only (instruct., finetune., evaluate.), e.g. "
                              "codes_names:finetune.embedding_init=names; repeat for more")
@@ -134,10 +135,11 @@ def main() -> None:
             raise SystemExit(f"--variant {item!r}: expected NAME:instruct./finetune./evaluate.KEY=VALUE")
         own.setdefault(name, {}).setdefault(group, []).append(value)
     variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in IDS and not v.startswith("codes_")] + \
+    unknown = [v for v in variants if v not in IDS and not v.startswith(("codes_", "random_ids_"))] + \
         [v for v in own if v not in variants]
     if unknown:
-        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}: of {', '.join(IDS)} or codes_<name> in --variants")
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}: of {', '.join(IDS)}, codes_<name> or "
+                         "random_ids_<name> in --variants")
     data = None if args.dataset == "synthetic" and args.data is None else str(args.data or DATA / args.dataset)
     run_dir = Path(args.run_dir or f"runs/bench/run-{args.dataset}")
     t = args.threads

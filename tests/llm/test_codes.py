@@ -164,6 +164,30 @@ def test_alignment_records_counts_formats_and_reproducibility(stages, tmp_path):
         range(kg.num_entities))
 
 
+def test_ids_first_writes_every_entity_codes_then_name(stages, tmp_path):
+    """``ids_first``: answers, listed candidates, the known entity, facts and the entity file all read
+    "<codes> name", so an answer starts with its codes; the same records otherwise."""
+    kg, kg_dir, embed, codes, instructions, backbone, root = stages
+    dest = run_instruct(dataclasses.replace(INSTRUCT, ids_first=True), kg, embed, tmp_path / "f", codes=codes,
+                        log=quiet)
+    entities = read(dest / "entities.jsonl")
+    swapped = {f"{e['name']} <ent>{e['ids']}</ent>": f"<ent>{e['ids']}</ent> {e['name']}" for e in entities}
+    assert all(e["answer"] == f"<ent>{e['ids']}</ent> {e['name']}" for e in entities)
+    for split in ("lm_train.jsonl", "test.jsonl"):
+        before, after = read(instructions / split), read(dest / split)
+        assert [r["id"] for r in before] == [r["id"] for r in after]
+        for old, new in zip(before, after):
+            assert new["answer"] == swapped[old["answer"]] and new["answer"].startswith("<ent>")
+            assert new.get("candidate_text") == (None if "candidate_text" not in old else
+                                                 [swapped[c] for c in old["candidate_text"]])
+            prompt = old["prompt"]
+            for name_first, codes_first in swapped.items():  # each ids string is one entity's
+                prompt = prompt.replace(name_first, codes_first)
+            assert new["prompt"] == prompt != old["prompt"]
+    with pytest.raises(ValueError, match="false with ids=none"):
+        InstructConfig(ids="none", ids_first=True)
+
+
 def test_alignment_is_refused_without_ids_and_unknown_tasks():
     with pytest.raises(ValueError, match="empty with ids=none"):
         InstructConfig(ids="none", align_tasks=("codes_to_name",))

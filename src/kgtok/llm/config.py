@@ -50,6 +50,9 @@ class InstructConfig:
     # Names are ambiguous (WN18RR: 12,873 entities share 4,477 names): "random" tells "codes help" from "unique IDs help".
     ids: Ids = "codes"  # after names: codes (GS-Quant) | random (a random unique tuple, the codes' shape and tokens) | none (DIFT)
     use_names: bool = True  # entity names; false: codes only (ablation)
+    # Name first (GS-Quant's "name <codes>"), the LM chooses an answer at its name and copies the codes; codes
+    # first, it chooses level by level, coarse to fine, where codes differ from random IDs by their content.
+    ids_first: bool = False  # write every entity as "<codes> name" (answers too): the answer starts with its codes
     use_descriptions: bool = True  # the known entity's description (cut to description_words)
     use_neighbours: bool = True  # training-graph facts about the known entity (DIFT)
     class_prefix: bool = False  # ReaLM: answers start with the target's class token (needs classes); 5c reads it
@@ -89,6 +92,7 @@ class InstructConfig:
             ("confidence_threshold", in_range(0.0), ">= 0"),
             ("seed", in_range(0), ">= 0"),
             ("use_names", lambda v: v or self.use_codes, "names or ids (or both) must be used"),
+            ("ids_first", lambda v: not v or self.use_codes, "false with ids=none (there are no ids to put first)"),
         ])
 
     @property

@@ -47,12 +47,13 @@ def cut_words(text: str, words: int) -> str:
 
 
 def entity_text(kg: KnowledgeGraph, entity: int, tokens: list[str] | None, config: InstructConfig) -> str:
-    """An entity as prompts show it: its name, its codes between boundary tokens, or both."""
+    """An entity as prompts show it: its name, its codes between boundary tokens, or both (``ids_first``:
+    codes, then name)."""
     parts = []
     if config.use_names:
         parts.append(kg.labels[entity])
     if config.use_codes and tokens is not None:
-        parts.append(f"{ENTITY_BEGIN}{tokens[entity]}{ENTITY_END}")
+        parts.insert(0 if config.ids_first else len(parts), f"{ENTITY_BEGIN}{tokens[entity]}{ENTITY_END}")
     return " ".join(parts)
 
 
