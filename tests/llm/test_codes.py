@@ -341,6 +341,15 @@ def test_generative_ranker_searches_every_entity(stages, tmp_path):
         assert p["generative_rank"] == want
         ranks.append(want)
     assert metrics["generative_mrr"] == pytest.approx(np.mean(1 / np.array(ranks)))
+    # The queries ran as one left-padded batch (prompts of unequal lengths): one by one gives the same lists.
+    from kgtok.llm.decoding import PrefixTrie, beam_entities
+
+    prompts = [scorer.prompt_ids(r) for r in outside + inside]
+    assert len({len(x) for x in prompts}) > 1 and ev_config.batch_size >= len(prompts)
+    trie = PrefixTrie(answers)
+    alone = [beam_entities(scorer.model, [x], trie, 5, scorer.pad_id, scorer.tokenizer.eos_token_id)[0]
+             for x in prompts]
+    assert beam_entities(scorer.model, prompts, trie, 5, scorer.pad_id, scorer.tokenizer.eos_token_id) == alone
     assert metrics["generative"]["both"]["hits_at_10"] == pytest.approx(np.mean(np.array(ranks) <= 10))
     assert {"generative_hits_at_1", "generative_hits_at_3", "generative_hits_at_10"} <= set(metrics)
     # A small beam returns at most that many valid entities; a gold outside it has reciprocal rank 0.

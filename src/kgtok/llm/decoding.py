@@ -89,29 +89,36 @@ def generate_pick(model: Any, prompt: list[int], sequences: list[list[int]], pad
     return found if found >= 0 else 0
 
 
-def beam_entities(model: Any, prompt: list[int], trie: PrefixTrie, beams: int, pad_id: int, eos_id: int,
-                  length_penalty: float = 0.0) -> list[int]:
-    """The entities beam search writes after ``prompt`` under ``trie``, best first (at most ``beams``).
+def beam_entities(model: Any, prompts: list[list[int]], trie: PrefixTrie, beams: int, pad_id: int, eos_id: int,
+                  length_penalty: float = 0.0) -> list[list[int]]:
+    """Per prompt, the entities beam search writes after it under ``trie``, best first (at most ``beams``).
 
-    ``length_penalty`` 0 ranks by the sum of token log-probs (``score: sum``), 1 by their mean.  A beam
-    that leaves the trie (only when fewer prefixes than beams are alive) is closed with EOS and dropped.
+    The prompts run as one batch, left-padded (masked, positions counted from each prompt's first token), so
+    a batch costs about one prompt's decoding steps.  ``length_penalty`` 0 ranks by the sum of token
+    log-probs (``score: sum``), 1 by their mean.  A beam that leaves the trie (only when fewer prefixes than
+    beams are alive) is closed with EOS and dropped.
     """
     import torch
 
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt], device=device)
-    start = len(prompt)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=beams,
+    start = max(len(p) for p in prompts)  # every prompt ends here, so the answer starts here in every row
+    ids = torch.tensor([[pad_id] * (start - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (start - len(p)) + [1] * len(p) for p in prompts], device=device)
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=beams,
                          num_return_sequences=beams, max_new_tokens=trie.width, pad_token_id=pad_id,
                          eos_token_id=eos_id, length_penalty=length_penalty, early_stopping=False,
                          prefix_allowed_tokens_fn=lambda _, tokens: trie.children.get(
                              tuple(tokens[start:].tolist()), [eos_id]))
-    found: list[int] = []
-    for row in out[:, start:].tolist():
-        end = row.index(eos_id) + 1 if eos_id in row else len(row)
-        entity = trie.lookup(row[:end])
-        if entity >= 0 and entity not in found:
-            found.append(entity)
+    rows = out[:, start:].tolist()
+    found: list[list[int]] = []
+    for query in range(len(prompts)):  # num_return_sequences rows per prompt, in prompt order
+        entities: list[int] = []
+        for row in rows[query * beams: (query + 1) * beams]:
+            end = row.index(eos_id) + 1 if eos_id in row else len(row)
+            entity = trie.lookup(row[:end])
+            if entity >= 0 and entity not in entities:
+                entities.append(entity)
+        found.append(entities)
     return found
 
 

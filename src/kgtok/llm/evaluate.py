@@ -36,6 +36,7 @@ both/head/tail and per relation; queries/s; the fusion weight) and
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -140,11 +141,13 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
     scorer.budget = dict.fromkeys(scorer.budget, 0)  # the test prompts' count (LM-valid's went before)
     start = time.perf_counter()
     with partial.appending() as add:
-        for query in scorer.score(todo, "evaluate"):
-            row = prediction_row(query.record, query.answers, query.totals, scorer.pick(query), score=config.score,
-                                 fusion_weight=weight if fusable else 0.0, classes=classes,
-                                 class_scores=scorer.class_scores(query))
-            add({**row, **generative(query)} if generative is not None else row)
+        scored = scorer.score(todo, "evaluate")
+        while batch := list(itertools.islice(scored, config.batch_size)):  # the generative ranker runs by batch
+            rows = [prediction_row(query.record, query.answers, query.totals, scorer.pick(query), score=config.score,
+                                   fusion_weight=weight if fusable else 0.0, classes=classes,
+                                   class_scores=scorer.class_scores(query)) for query in batch]
+            for row, found in zip(rows, generative(batch) if generative is not None else [{}] * len(rows)):
+                add({**row, **found})
     seconds = time.perf_counter() - start
     ctx.timings["evaluate"] = seconds
     predictions = [partial.rows[r["id"]] for r in records]
@@ -176,8 +179,9 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
 
 
 def _generative_retriever(config: EvaluateConfig, scorer: Any, records: list[dict[str, Any]],
-                          instructions: InstructArtifact, ctx: Context) -> Callable[[Any], dict[str, Any]]:
-    """``query -> {"generative": entities, "generative_rank": filtered position or None}`` (``generative_beams``).
+                          instructions: InstructArtifact, ctx: Context) -> Callable[[list[Any]], list[dict[str, Any]]]:
+    """``queries -> [{"generative": entities, "generative_rank": filtered position or None}]`` per query
+    (``generative_beams``; one batched beam search per call).
 
     The trie holds every entity's answer as the prompts write it (``entities.jsonl``), tokenised as the
     candidates are; the filter is the KG's train ∪ valid ∪ test answers of the query, the gold excepted.
@@ -201,15 +205,20 @@ def _generative_retriever(config: EvaluateConfig, scorer: Any, records: list[dic
     length_penalty = 0.0 if config.score == "sum" else 1.0
     eos = scorer.tokenizer.eos_token_id
 
-    def generate(query: Any) -> dict[str, Any]:
-        record = query.record
+    def ranked(record: dict[str, Any], found: list[int]) -> dict[str, Any]:
         r = relation[record["triple"][1]]
         known = (kg.filter_index.true_tails(record["known"], r) if record["direction"] == "tail"
                  else kg.filter_index.true_heads(r, record["known"]))
-        found = beam_entities(scorer.model, query.prompt, trie, config.generative_beams, scorer.pad_id, eos,
-                              length_penalty)
         rank = filtered_position(found, record["gold"], set(np.asarray(known).tolist()) - {record["gold"]})
         return {"generative": found, "generative_rank": None if np.isinf(rank) else rank}
+
+    def generate(queries: list[Any]) -> list[dict[str, Any]]:
+        import torch
+
+        with torch.no_grad():
+            found = beam_entities(scorer.model, [q.prompt for q in queries], trie, config.generative_beams,
+                                  scorer.pad_id, eos, length_penalty)
+        return [ranked(q.record, entities) for q, entities in zip(queries, found)]
 
     return generate
 
