@@ -11,7 +11,8 @@ Stages 0-4 come from ``kgtok.pipeline.run`` (the synthetic KG by default, or
 evaluation. Variants: ``codes`` (the run's codes, GS-Quant by default),
 ``random_ids``, ``no_codes``, ``codes_classes`` (ReaLM's class prefix),
 ``realm_codes`` (ReaLM's residual k-means codes, made here from the run's
-stage-1 vectors with ``quantize.variant=realm`` plus any ``realm.key=value``),
+stage-1 vectors with ``quantize.variant=realm``, as many levels and codes per
+level as the run's codes, plus any ``realm.key=value``),
 and any ``codes_<name>``: the run's codes with the overrides given as
 ``--variant codes_<name>:finetune.key=value`` (e.g. the switches of issue 15), or ``random_ids_<name>``:
 random IDs with their own overrides (e.g. the random-ID control of a prompt-format switch).  Writes bench/results/llm_<dataset>[_<tag>].json
@@ -168,7 +169,11 @@ def main() -> None:
         return run_dir / f"llm-{args.backbone.replace('/', '_')}{args.tag and '-' + args.tag}-{variant}"
 
     if "realm_codes" in variants:  # ReaLM's codes of the same stage-1 vectors
-        realm = load_config(QuantizeConfig, None, ["variant=realm", f"threads={t}", *groups["realm"]])
+        # At the run's code shape unless realm.* says otherwise: ReaLM's own 32 levels would put ~700 code tokens
+        # in a 20-candidate prompt (over max_length), and the rows would differ in length, not only in content.
+        shape = json.loads((run_dir / "quantize" / "manifest.json").read_text())["metrics"]
+        realm = load_config(QuantizeConfig, None, ["variant=realm", f"threads={t}", f"levels={shape['levels']}",
+                                                   f"codebook_size={shape['codebook_size']}", *groups["realm"]])
         run_quantize(realm, kg_dir, run_dir / "quantize-realm", embeddings=run_dir / "embed", progress=False,
                      log=lambda *_: None)
     if args.upstream_only:

@@ -56,8 +56,7 @@ CURVE = ["finetune.eval_steps=100"]
 DRY_RUN = ["run.synthetic.num_entities=300", "run.embed.dim=16", "run.embed.max_steps=40", "run.embed.eval_every=20",
            "run.text.mode=joint", "run.quantize.epochs=2", "run.quantize.codebook_size=16", "instruct.top_k=5",
            "instruct.train_queries=200", "finetune.max_steps=2", "finetune.tiny.vocab_size=400",
-           "finetune.tiny.hidden_size=32", "finetune.tiny.layers=1", "finetune.tiny.heads=2", "realm.levels=3",
-           "realm.codebook_size=8"]
+           "finetune.tiny.hidden_size=32", "finetune.tiny.layers=1", "finetune.tiny.heads=2"]
 
 
 def subset(source: Path, dest: Path, entities: int) -> None:

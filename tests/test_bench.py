@@ -89,7 +89,7 @@ def test_llm_compare_runs_realm_codes_and_a_switch_variant(tmp_path):
                            "--variants", "codes,realm_codes,codes_names,random_ids_first",
                            "--variant", "codes_names:finetune.embedding_init=names",
                            "--variant", "random_ids_first:instruct.ids_first=true", *run, *tiny,
-                           "realm.levels=3", "realm.codebook_size=8"],
+                           "realm.levels=3"],
                           env={**environment(tmp_path), "KGTOK_BENCH_RESULTS": str(results)},
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -103,7 +103,8 @@ def test_llm_compare_runs_realm_codes_and_a_switch_variant(tmp_path):
     curve = record["codes_valid_curve"]  # LM-valid after each epoch (here one, cut short by max_steps)
     assert curve and curve[-1]["eval_loss"] == record["codes_valid_loss"] and "eval_code_token_loss" in curve[-1]
     realm = json.loads((tmp_path / "run" / "quantize-realm" / "manifest.json").read_text())["config"]
-    assert realm["variant"] == "realm" and realm["levels"] == 3
+    # realm.levels given, the codebook as the run's (16, not ReaLM's own default): the rows differ in content.
+    assert realm["variant"] == "realm" and realm["levels"] == 3 and realm["codebook_size"] == 16
     assert {"dift", "rerank"} <= set(record["gsquant_vs_realm"])
     assert -1 <= record["gsquant_vs_realm"]["dift"]["hits_at_1"]["difference"] <= 1
     instructed = (tmp_path / "run" / "llm-tiny-t-realm_codes" / "instruct" / "test.jsonl").read_text()
