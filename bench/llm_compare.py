@@ -237,9 +237,12 @@ def main() -> None:
     gsquant = [v for v in variants if v == "codes" or (v.startswith("codes_") and v != "codes_classes")]
     if gsquant and all("valid_rankers" in json.loads((p / "metrics.json").read_text()).get("fusion", {})
                        for p in runs.values()):  # issue 15's summary: bench/llm_summary.py collects it
+        # codes_<name> with a random_ids_<name> twin (e.g. codes first) is compared with its twin, not random_ids
+        twins = {v: "random_ids_" + v.removeprefix("codes_") for v in gsquant if v != "codes"}
         record["headline"] = headline(runs, gsquant, no_ids="no_codes" if "no_codes" in runs else None,
                                       random_ids="random_ids" if "random_ids" in runs else None,
-                                      realm="realm_codes" if "realm_codes" in runs else None)
+                                      realm="realm_codes" if "realm_codes" in runs else None,
+                                      controls={v: twin for v, twin in twins.items() if twin in runs})
     if "codes" in runs and "realm_codes" in runs:  # GS-Quant vs ReaLM codes, reported either way
         record["gsquant_vs_realm"] = paired_runs(runs["codes"], runs["realm_codes"],
                                                  ("dift", "rerank", "fused_pick", "fused_rerank"))

@@ -86,8 +86,9 @@ def test_llm_compare_runs_realm_codes_and_a_switch_variant(tmp_path):
            "run.text.mode=joint", "run.quantize.epochs=2", "run.quantize.codebook_size=16", "instruct.top_k=5"]
     done = subprocess.run([sys.executable, str(BENCH / "llm_compare.py"), "--dataset", "synthetic", "--run-dir",
                            str(tmp_path / "run"), "--threads", "1", "--max-queries", "8", "--tag", "t",
-                           "--variants", "codes,realm_codes,codes_names,random_ids_first",
+                           "--variants", "codes,realm_codes,codes_names,codes_first,random_ids_first",
                            "--variant", "codes_names:finetune.embedding_init=names",
+                           "--variant", "codes_first:instruct.ids_first=true",
                            "--variant", "random_ids_first:instruct.ids_first=true", *run, *tiny,
                            "realm.levels=3"],
                           env={**environment(tmp_path), "KGTOK_BENCH_RESULTS": str(results)},
@@ -100,6 +101,9 @@ def test_llm_compare_runs_realm_codes_and_a_switch_variant(tmp_path):
     made = json.loads((tmp_path / "run" / "llm-tiny-t-random_ids_first" / "instruct" / "manifest.json").read_text())
     assert made["config"]["ids"] == "random" and made["config"]["ids_first"] is True
     assert "random_ids_first_rerank_hits_at_1" in record
+    # codes_first, if chosen as the GS-Quant run on LM-valid, is compared with its twin (no random_ids run here).
+    head = record["headline"]
+    assert head["codes_vs_random_control"] == ("random_ids_first" if head["codes_run"] == "codes_first" else None)
     curve = record["codes_valid_curve"]  # LM-valid after each epoch (here one, cut short by max_steps)
     assert curve and curve[-1]["eval_loss"] == record["codes_valid_loss"] and "eval_code_token_loss" in curve[-1]
     realm = json.loads((tmp_path / "run" / "quantize-realm" / "manifest.json").read_text())["config"]

@@ -122,6 +122,15 @@ def test_headline_chooses_rankers_and_the_codes_run_on_lm_valid_only(tmp_path):
     assert out["rows"]["none"]["vs_retriever"] == paired_comparison(ranks("none", "dift"), stage1.astype(float),
                                                                     resamples=500)["hits_at_1"]
     assert "generative" not in out["rows"]["codes"] and "codes_vs_random_generative_diff" not in out
+    assert out["codes_vs_random_control"] == "random"
+    # A codes run whose prompts differ (e.g. codes first) is compared with its own random-ID control.
+    twin = headline({k: tmp_path / k for k in specs}, ["codes", "codes_names"], no_ids="none", random_ids="random",
+                    controls={"codes": "codes_names"}, resamples=500)
+    assert twin["codes_vs_random_control"] == "codes_names"
+    expected = paired_comparison(ranks("codes", "rerank"), ranks("codes_names", "dift"), resamples=500)["hits_at_1"]
+    assert twin["codes_vs_random_diff"] == expected["difference"] and twin["codes_vs_random_rankers"] == [
+        "rerank", "dift"]
+    assert twin["codes_vs_none_diff"] == out["codes_vs_none_diff"]
     # The generative ranker (its own beam over every entity; None: the gold is not in it) is reported beside the
     # others, codes run against the random-ID run, where both have it.
     beams = {name: rng.choice([1.0, 2.0, 5.0, None], n, p=[share, 0.2, 0.2, 0.6 - share]).tolist()

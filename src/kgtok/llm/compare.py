@@ -173,7 +173,8 @@ def valid_choice(evaluate_dir: str | Path, keys: tuple[str, ...] = LM_ANY,
 
 
 def headline(runs: dict[str, str | Path], codes: list[str], *, no_ids: str | None, random_ids: str | None,
-             realm: str | None = None, resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
+             realm: str | None = None, controls: dict[str, str] | None = None, resamples: int = 10_000,
+             seed: int = 0) -> dict[str, Any]:
     """Issue 15's summary of one graph: each run's best ranker (chosen on LM-valid) on the common test
     queries, and the paired Hits@1 differences that decide its targets.
 
@@ -186,6 +187,8 @@ def headline(runs: dict[str, str | Path], codes: list[str], *, no_ids: str | Non
     best ranker, fused ones included, against the retriever, with the fusion weight's position);
     ``gsquant_vs_realm_*`` when ``realm`` is given; with the generative ranker, each row's ``generative``
     (Hits@1/3/10, MRR) and ``codes_vs_random_generative_*`` / ``gsquant_vs_realm_generative_*``.
+    ``controls``: a codes run's own random-ID run where its prompts differ (e.g. ``codes_first`` ->
+    ``random_ids_first``), its control instead of ``random_ids`` (``codes_vs_random_control`` names it).
     """
     common, ranks = common_ranks(runs)
     rows: dict[str, dict[str, Any]] = {"retriever": {"ranker": "retriever",
@@ -214,7 +217,9 @@ def headline(runs: dict[str, str | Path], codes: list[str], *, no_ids: str | Non
                     f"{prefix}_p": row["p_value"], **{f"{prefix}_{k}": v for k, v in extra.items()}})
 
     codes_own = ranks[codes_run][chosen[codes_run]["own"]]
-    for prefix, other in (("codes_vs_none", no_ids), ("codes_vs_random", random_ids), ("gsquant_vs_realm", realm)):
+    control = (controls or {}).get(codes_run, random_ids)  # random IDs written as the codes run writes codes
+    out["codes_vs_random_control"] = control
+    for prefix, other in (("codes_vs_none", no_ids), ("codes_vs_random", control), ("gsquant_vs_realm", realm)):
         if other is not None:
             versus(prefix, codes_own, ranks[other][chosen[other]["own"]],
                    rankers=[chosen[codes_run]["own"], chosen[other]["own"]])
@@ -225,7 +230,7 @@ def headline(runs: dict[str, str | Path], codes: list[str], *, no_ids: str | Non
     for name in runs:
         if "generative" in ranks[name]:
             rows[name]["generative"] = _list_measures(ranks[name]["generative"])
-    for prefix, other in (("codes_vs_random_generative", random_ids), ("gsquant_vs_realm_generative", realm)):
+    for prefix, other in (("codes_vs_random_generative", control), ("gsquant_vs_realm_generative", realm)):
         if other is not None and "generative" in ranks[codes_run] and "generative" in ranks[other]:
             versus(prefix, ranks[codes_run]["generative"], ranks[other]["generative"])
     return out
