@@ -38,7 +38,7 @@ SWITCHES = {
 }
 SWITCHES["codes_all"] = [item for items in SWITCHES.values() for item in items]
 VARIANTS = ("no_codes", "random_ids", "realm_codes", "codes", *SWITCHES)
-# Not run by default: codes written before names (instruct.ids_first), with random IDs written so as its
+# Not run by default: codes written before names (instruct.ids_first), and random IDs written the same way as its
 # control (the summary compares the two when codes_first is the GS-Quant run chosen on LM-valid).
 OPTIONAL = {"codes_first": ["instruct.ids_first=true"], "random_ids_first": ["instruct.ids_first=true"]}
 OWN = {**SWITCHES, **OPTIONAL}
