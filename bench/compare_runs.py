@@ -3,7 +3,8 @@
     python bench/compare_runs.py --result llm_umls --dataset umls --no-ids no_codes --random-ids random_ids \
         codes=runs/bench/run-umls/llm-tiny-codes/evaluate random_ids=... no_codes=...
 
-Rewrites the ``comparisons`` and ``significant`` entries of
+Rewrites the ``comparisons`` and ``significant`` entries (and issue 15's
+``headline``, when the runs have LM-valid metrics) of
 bench/results/<result>.json under <dataset>, and the markdown after its
 metric table, with :func:`kgtok.llm.compare.comparison_rows` (every ranker
 against the retriever, the run without IDs and the run with random IDs).
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS  # noqa: E402
 
 from ablation import comparison_text  # noqa: E402
+from llm_compare import run_headline  # noqa: E402
 
 from kgtok.llm.compare import comparison_rows, significant  # noqa: E402
 
@@ -40,6 +42,9 @@ def main() -> None:
     record = data[args.dataset]
     rows = comparison_rows(runs, args.no_ids, random_ids=args.random_ids)
     record.update(comparisons=rows, significant=significant(rows))
+    found = run_headline({name: Path(p) for name, p in runs.items()})
+    if found is not None:  # issue 15's headline, by the variants' names (bench/llm_compare.py)
+        record["headline"] = found
     path.write_text(json.dumps(data, indent=2) + "\n")
     fusion = {name: {k: json.loads((Path(p) / "metrics.json").read_text())["fusion"].get(k)
                      for k in ("weight", "position", "chosen_on", "grid")} for name, p in runs.items()}

@@ -94,6 +94,21 @@ def run_variant(job: dict) -> dict[str, float]:
     return timings
 
 
+def run_headline(runs: dict[str, Path]) -> dict | None:
+    """Issue 15's headline of the variants by their names (``no_codes``, ``random_ids``, ``realm_codes``, the
+    GS-Quant runs ``codes`` and ``codes_<name>``, each ``codes_<name>`` with its ``random_ids_<name>`` twin as its
+    control when there is one); None when a run lacks LM-valid metrics or no GS-Quant run is there."""
+    gsquant = [v for v in runs if v == "codes" or (v.startswith("codes_") and v != "codes_classes")]
+    if not gsquant or not all("valid_rankers" in json.loads((Path(p) / "metrics.json").read_text()).get("fusion", {})
+                              for p in runs.values()):
+        return None
+    twins = {v: "random_ids_" + v.removeprefix("codes_") for v in gsquant if v != "codes"}
+    return headline(runs, gsquant, no_ids="no_codes" if "no_codes" in runs else None,
+                    random_ids="random_ids" if "random_ids" in runs else None,
+                    realm="realm_codes" if "realm_codes" in runs else None,
+                    controls={v: twin for v, twin in twins.items() if twin in runs})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="synthetic, or a folder name under ../shared/datasets")
@@ -234,15 +249,9 @@ def main() -> None:
     rows = comparison_rows(runs, "no_codes" if "no_codes" in runs else None,
                            random_ids="random_ids" if "random_ids" in runs else None)
     record.update(comparisons=rows, significant=significant(rows), note=args.note)
-    gsquant = [v for v in variants if v == "codes" or (v.startswith("codes_") and v != "codes_classes")]
-    if gsquant and all("valid_rankers" in json.loads((p / "metrics.json").read_text()).get("fusion", {})
-                       for p in runs.values()):  # issue 15's summary: bench/llm_summary.py collects it
-        # codes_<name> with a random_ids_<name> twin (e.g. codes first) is compared with its twin, not random_ids
-        twins = {v: "random_ids_" + v.removeprefix("codes_") for v in gsquant if v != "codes"}
-        record["headline"] = headline(runs, gsquant, no_ids="no_codes" if "no_codes" in runs else None,
-                                      random_ids="random_ids" if "random_ids" in runs else None,
-                                      realm="realm_codes" if "realm_codes" in runs else None,
-                                      controls={v: twin for v, twin in twins.items() if twin in runs})
+    found = run_headline(runs)
+    if found is not None:
+        record["headline"] = found
     if "codes" in runs and "realm_codes" in runs:  # GS-Quant vs ReaLM codes, reported either way
         record["gsquant_vs_realm"] = paired_runs(runs["codes"], runs["realm_codes"],
                                                  ("dift", "rerank", "fused_pick", "fused_rerank"))

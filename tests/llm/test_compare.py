@@ -152,3 +152,27 @@ def test_headline_chooses_rankers_and_the_codes_run_on_lm_valid_only(tmp_path):
     (tmp_path / "none" / "metrics.json").write_text(json.dumps({"fusion": {"weight": 1.0}}))
     with np.testing.assert_raises_regex(ValueError, "no LM-valid metrics"):
         valid_choice(tmp_path / "none")
+
+
+def test_headline_breaks_a_tie_of_fused_rankers_with_the_lm_own_ranker(tmp_path):
+    """Fused rankers at a high weight are the retriever's order, so every GS-Quant run scores alike with them
+    on LM-valid; the codes run is then the one whose own pick or re-rank is best there, not the first listed."""
+    from kgtok.llm.compare import headline
+
+    rng = np.random.default_rng(3)
+    n = 60
+    ids = [f"test-{i}-tail" for i in range(n)]
+    stage1 = rng.integers(1, 4, n)
+    specs = {"codes": {"fused_rerank": 0.9, "dift": 0.3, "rerank": 0.4},
+             "codes_first": {"fused_rerank": 0.9, "dift": 0.6, "rerank": 0.2},
+             "none": {"dift": 0.5, "rerank": 0.4}}
+    for name, valid in specs.items():
+        write_scored_run(tmp_path / name, ids, stage1, np.ones(n, int), np.ones(n, int), valid)
+        path = tmp_path / name / "predictions.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({**r, "fused_scores": [0.0 if j == s - 1 else -1.0 for j in range(3)]})
+                                + "\n" for r, s in zip(rows, stage1)))
+    out = headline({k: tmp_path / k for k in specs}, ["codes", "codes_first"], no_ids="none", random_ids=None,
+                   resamples=200)
+    assert out["rows"]["codes"]["ranker"] == out["rows"]["codes_first"]["ranker"] == "fused_rerank"
+    assert out["codes_run"] == "codes_first" and out["rows"]["codes_first"]["own_ranker"] == "dift"

@@ -179,7 +179,7 @@ def headline(runs: dict[str, str | Path], codes: list[str], *, no_ids: str | Non
     queries, and the paired Hits@1 differences that decide its targets.
 
     ``runs``: name -> stage-5c artifact; ``codes``: the names that are GS-Quant codes (with or without the
-    switches): the one whose best ranker is best on LM-valid is "codes".  Keys: ``rows`` (per run and
+    switches): the one whose best ranker is best on LM-valid (ties: its LM-own ranker) is "codes".  Keys: ``rows`` (per run and
     ``retriever``: ranker, LM-valid metrics, test Hits@1 and MRR; per run also its best LM-own ranker and
     ``vs_retriever``, its best ranker's Hits@1 difference to the retriever),
     ``codes_run``; ``codes_vs_none_*`` and ``codes_vs_random_*`` (the codes run's best LM-own ranker, pick
@@ -207,7 +207,10 @@ def headline(runs: dict[str, str | Path], codes: list[str], *, no_ids: str | Non
                                                         resamples=resamples, seed=seed)["hits_at_1"]}
     if not codes:
         raise ValueError("headline: no codes run named")
+    # Ties (fused rankers that are the retriever's order score alike) fall to the LM-own ranker's LM-valid
+    # metrics, then to the order of ``codes``.
     codes_run = max(codes, key=lambda name: (rows[name]["valid"]["hits_at_1"], rows[name]["valid"]["mrr"],
+                                             rows[name]["own_valid"]["hits_at_1"], rows[name]["own_valid"]["mrr"],
                                              -codes.index(name)))
     out: dict[str, Any] = {"queries": len(common), "codes_run": codes_run, "rows": rows}
 
