@@ -93,10 +93,11 @@ def beam_entities(model: Any, prompts: list[list[int]], trie: PrefixTrie, beams:
                   length_penalty: float = 0.0) -> list[list[int]]:
     """Per prompt, the entities beam search writes after it under ``trie``, best first (at most ``beams``).
 
-    The prompts run as one batch, left-padded (masked, positions counted from each prompt's first token), so
-    a batch costs about one prompt's decoding steps.  ``length_penalty`` 0 ranks by the sum of token
-    log-probs (``score: sum``), 1 by their mean.  A beam that leaves the trie (only when fewer prefixes than
-    beams are alive) is closed with EOS and dropped.
+    The prompts run as one batch, left-padded (masked, positions counted from each prompt's first token):
+    one call's decoding steps for the whole batch, which a GPU runs at about the cost of one (on 2 CPU cores
+    the tiny LM took about the same time either way: bench/llm_generative_speed.py).  ``length_penalty`` 0
+    ranks by the sum of token log-probs (``score: sum``), 1 by their mean.  A beam that leaves the trie (only
+    when fewer prefixes than beams are alive) is closed with EOS and dropped.
     """
     import torch
 
