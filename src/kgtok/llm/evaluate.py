@@ -212,12 +212,9 @@ def _generative_retriever(config: EvaluateConfig, scorer: Any, records: list[dic
         rank = filtered_position(found, record["gold"], set(np.asarray(known).tolist()) - {record["gold"]})
         return {"generative": found, "generative_rank": None if np.isinf(rank) else rank}
 
-    def generate(queries: list[Any]) -> list[dict[str, Any]]:
-        import torch
-
-        with torch.no_grad():
-            found = beam_entities(scorer.model, [q.prompt for q in queries], trie, config.generative_beams,
-                                  scorer.pad_id, eos, length_penalty)
+    def generate(queries: list[Any]) -> list[dict[str, Any]]:  # generate() runs without gradients itself
+        found = beam_entities(scorer.model, [q.prompt for q in queries], trie, config.generative_beams,
+                              scorer.pad_id, eos, length_penalty)
         return [ranked(q.record, entities) for q, entities in zip(queries, found)]
 
     return generate
