@@ -4,7 +4,8 @@
         codes=runs/bench/run-umls/llm-tiny-codes/evaluate random_ids=... no_codes=...
 
 Rewrites the ``comparisons`` and ``significant`` entries (and issue 15's
-``headline``, when the runs have LM-valid metrics) of
+``headline`` when the runs have LM-valid metrics, GS-Quant minus ReaLM when
+``codes`` and ``realm_codes`` are among them) of
 bench/results/<result>.json under <dataset>, and the markdown after its
 metric table, with :func:`kgtok.llm.compare.comparison_rows` (every ranker
 against the retriever, the run without IDs and the run with random IDs).
@@ -22,8 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS  # noqa: E402
 
-from ablation import comparison_text  # noqa: E402
-from llm_compare import run_headline  # noqa: E402
+from llm_compare import gsquant_vs_realm, result_text, run_headline  # noqa: E402
 
 from kgtok.llm.compare import comparison_rows, significant  # noqa: E402
 
@@ -42,7 +42,9 @@ def main() -> None:
     record = data[args.dataset]
     rows = comparison_rows(runs, args.no_ids, random_ids=args.random_ids)
     record.update(comparisons=rows, significant=significant(rows))
-    found = run_headline({name: Path(p) for name, p in runs.items()})
+    paths = {name: Path(p) for name, p in runs.items()}
+    record.update(gsquant_vs_realm(paths))
+    found = run_headline(paths)
     if found is not None:  # issue 15's headline, by the variants' names (bench/llm_compare.py)
         record["headline"] = found
     path.write_text(json.dumps(data, indent=2) + "\n")
@@ -51,7 +53,7 @@ def main() -> None:
     markdown = path.with_suffix(".md")
     head = markdown.read_text().split("\n## Paired comparisons")[0].rstrip("\n") + "\n"
     command = "python " + " ".join(sys.argv)
-    markdown.write_text(head + comparison_text(rows, fusion, record)
+    markdown.write_text(head + result_text(rows, fusion, record)
                         + f"\nComparisons recomputed from the runs' evaluations with:\n\n    {command}\n")
     print(markdown.read_text())
 

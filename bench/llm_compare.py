@@ -109,6 +109,32 @@ def run_headline(runs: dict[str, Path]) -> dict | None:
                     controls={v: twin for v, twin in twins.items() if twin in runs})
 
 
+def gsquant_vs_realm(runs: dict[str, Path]) -> dict:
+    """GS-Quant vs ReaLM codes, reported either way: ``{"gsquant_vs_realm": ...}`` when both runs are there."""
+    if "codes" not in runs or "realm_codes" not in runs:
+        return {}
+    return {"gsquant_vs_realm": paired_runs(runs["codes"], runs["realm_codes"],
+                                            ("dift", "rerank", "fused_pick", "fused_rerank"))}
+
+
+def result_text(rows: list[dict], fusion: dict, record: dict) -> str:
+    """The markdown after the metric table (``fusion``: per variant, in table order): the comparisons, GS-Quant
+    minus ReaLM and the class constraint's effect where the record has them."""
+    text = comparison_text(rows, fusion, record)
+    if "gsquant_vs_realm" in record:
+        text += "\nGS-Quant codes minus ReaLM codes (same test queries):\n"
+        for key, row in record["gsquant_vs_realm"].items():
+            text += f"- {key}: Hits@1 {format_difference(row['hits_at_1'])}, MRR {format_difference(row['mrr'])}\n"
+    for v in fusion:
+        if f"{v}_class_accuracy" in record:
+            effect = record[f"{v}_class_constraint_vs_without"]
+            text += f"\n{v}: class accuracy {record[f'{v}_class_accuracy']:.3f} (LM's predicted class = gold's)\n"
+            for key, name in (("dift", "LM pick"), ("rerank", "LM re-rank")):
+                text += (f"- {name} with the class constraint minus without: Hits@1 "
+                         f"{format_difference(effect[key]['hits_at_1'])}, MRR {format_difference(effect[key]['mrr'])}\n")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="synthetic, or a folder name under ../shared/datasets")
@@ -252,9 +278,7 @@ def main() -> None:
     found = run_headline(runs)
     if found is not None:
         record["headline"] = found
-    if "codes" in runs and "realm_codes" in runs:  # GS-Quant vs ReaLM codes, reported either way
-        record["gsquant_vs_realm"] = paired_runs(runs["codes"], runs["realm_codes"],
-                                                 ("dift", "rerank", "fused_pick", "fused_rerank"))
+    record.update(gsquant_vs_realm(runs))
     record.update(command=command(), machine=machine(), threads=t)
     columns = ["backbone", "retriever_hits_at_1", *[f"{v}_{m}" for v in variants
                                                     for m in ("dift_hits_at_1", "rerank_hits_at_1",
@@ -262,18 +286,7 @@ def main() -> None:
                "retriever_mrr", *[f"{v}_rerank_mrr" for v in variants], "seconds"]
     name = f"llm_{args.dataset}" + (f"_{args.tag}" if args.tag else "")
     path = write_result(name, args.dataset, record, columns)
-    text = comparison_text(rows, {v: record[f"{v}_fusion"] for v in variants}, record)
-    if "gsquant_vs_realm" in record:
-        text += "\nGS-Quant codes minus ReaLM codes (same test queries):\n"
-        for key, row in record["gsquant_vs_realm"].items():
-            text += f"- {key}: Hits@1 {format_difference(row['hits_at_1'])}, MRR {format_difference(row['mrr'])}\n"
-    for v in variants:
-        if f"{v}_class_accuracy" in record:
-            effect = record[f"{v}_class_constraint_vs_without"]
-            text += f"\n{v}: class accuracy {record[f'{v}_class_accuracy']:.3f} (LM's predicted class = gold's)\n"
-            for key, name in (("dift", "LM pick"), ("rerank", "LM re-rank")):
-                text += (f"- {name} with the class constraint minus without: Hits@1 "
-                         f"{format_difference(effect[key]['hits_at_1'])}, MRR {format_difference(effect[key]['mrr'])}\n")
+    text = result_text(rows, {v: record[f"{v}_fusion"] for v in variants}, record)
     with path.with_suffix(".md").open("a") as handle:
         handle.write(text)
     print(text)

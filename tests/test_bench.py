@@ -114,6 +114,17 @@ def test_llm_compare_runs_realm_codes_and_a_switch_variant(tmp_path):
     instructed = (tmp_path / "run" / "llm-tiny-t-realm_codes" / "instruct" / "test.jsonl").read_text()
     assert "<" in instructed  # codes in the prompts
     assert "GS-Quant codes minus ReaLM codes" in (results / "llm_synthetic_t.md").read_text()
+    # compare_runs rewrites the comparisons from the evaluations and keeps GS-Quant minus ReaLM in the markdown.
+    runs = [f"{v}={tmp_path / 'run' / f'llm-tiny-t-{v}' / 'evaluate'}" for v in ("codes", "realm_codes")]
+    redone = subprocess.run([sys.executable, str(BENCH / "compare_runs.py"), "--result", "llm_synthetic_t",
+                             "--dataset", "synthetic", *runs],
+                            env={**environment(tmp_path), "KGTOK_BENCH_RESULTS": str(results)},
+                            capture_output=True, text=True, timeout=300)
+    assert redone.returncode == 0, redone.stdout[-3000:] + redone.stderr[-3000:]
+    text = (results / "llm_synthetic_t.md").read_text()
+    assert "GS-Quant codes minus ReaLM codes" in text and "Comparisons recomputed" in text
+    redone_record = json.loads((results / "llm_synthetic_t.json").read_text())["synthetic"]
+    assert redone_record["gsquant_vs_realm"] == record["gsquant_vs_realm"]
     # A run carried without stages 2-3 (e.g. to a GPU machine without the sentence encoder): --skip-upstream
     # takes stage 1 and 4 as they are and reruns nothing upstream.
     import shutil

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from kgtok.llm.rankers import rank_all, rankers
-from kgtok.metrics import COMPARED, format_difference, paired_comparison
+from kgtok.metrics import COMPARED, HITS_AT, format_difference, paired_comparison, rank_metrics
 
 NAMES = {"hits_at_1": "Hits@1", "mrr": "MRR"}
 
@@ -98,8 +98,10 @@ def comparison_rows(runs: dict[str, str | Path], no_ids: str | None = None, *, r
     return rows
 
 
-def _measures(ranks: np.ndarray) -> dict[str, float]:
-    return {"hits_at_1": float(np.mean(ranks <= 1.0)), "mrr": float(np.mean(1.0 / ranks))}
+def _measures(ranks: np.ndarray, hits_at: tuple[int, ...] = (1,)) -> dict[str, float]:
+    """Hits@k and MRR (a rank of inf: the gold is not in the list, reciprocal rank 0)."""
+    out = rank_metrics(ranks, hits_at)
+    return {key: out[key] for key in (*(f"hits_at_{k}" for k in hits_at), "mrr")}
 
 
 AGAINST = {"vs_retriever": "retriever", "vs_no_ids": "no IDs", "vs_random_ids": "random IDs"}
@@ -232,13 +234,9 @@ def headline(runs: dict[str, str | Path], codes: list[str], *, no_ids: str | Non
     # a run has it.  One fixed ranker, nothing chosen: the codes run's against the random-ID and ReaLM runs'.
     for name in runs:
         if "generative" in ranks[name]:
-            rows[name]["generative"] = _list_measures(ranks[name]["generative"])
+            rows[name]["generative"] = _measures(ranks[name]["generative"], HITS_AT)
     for prefix, other in (("codes_vs_random_generative", control), ("gsquant_vs_realm_generative", realm)):
         if other is not None and "generative" in ranks[codes_run] and "generative" in ranks[other]:
             versus(prefix, ranks[codes_run]["generative"], ranks[other]["generative"])
     return out
 
-
-def _list_measures(ranks: np.ndarray) -> dict[str, float]:
-    """Hits@1/3/10 and MRR (a rank of inf: the gold is not in the list, reciprocal rank 0)."""
-    return {**{f"hits_at_{k}": float(np.mean(ranks <= k)) for k in (1, 3, 10)}, "mrr": float(np.mean(1.0 / ranks))}
