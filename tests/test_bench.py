@@ -125,6 +125,22 @@ def test_llm_compare_runs_realm_codes_and_a_switch_variant(tmp_path):
     assert "GS-Quant codes minus ReaLM codes" in text and "Comparisons recomputed" in text
     redone_record = json.loads((results / "llm_synthetic_t.json").read_text())["synthetic"]
     assert redone_record["gsquant_vs_realm"] == record["gsquant_vs_realm"]
+    # paired_runs: A minus B across runs (here the same pair), stored under versus.<name> and in the markdown.
+    evaluated = {v: tmp_path / "run" / f"llm-tiny-t-{v}" / "evaluate" for v in ("codes", "realm_codes")}
+    paired = subprocess.run([sys.executable, str(BENCH / "paired_runs.py"), "--result", "llm_synthetic_t",
+                             "--dataset", "synthetic", "--name", "again",
+                             f"codes={evaluated['codes']}:{evaluated['realm_codes']}"],
+                            env={**environment(tmp_path), "KGTOK_BENCH_RESULTS": str(results)},
+                            capture_output=True, text=True, timeout=300)
+    assert paired.returncode == 0, paired.stdout[-3000:] + paired.stderr[-3000:]
+    versus = json.loads((results / "llm_synthetic_t.json").read_text())["synthetic"]["versus"]["again"]
+    assert versus["pairs"]["codes"]["dift"] == record["gsquant_vs_realm"]["dift"]
+    assert "## again (A minus B" in (results / "llm_synthetic_t.md").read_text()
+    bad = subprocess.run([sys.executable, str(BENCH / "paired_runs.py"), "--result", "llm_synthetic_t",
+                          "--dataset", "synthetic", "--name", "x", f"codes={evaluated['codes']}:{tmp_path}"],
+                         env={**environment(tmp_path), "KGTOK_BENCH_RESULTS": str(results)},
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "has no predictions.jsonl" in bad.stderr
     # A run carried without stages 2-3 (e.g. to a GPU machine without the sentence encoder): --skip-upstream
     # takes stage 1 and 4 as they are and reruns nothing upstream.
     import shutil
