@@ -11,6 +11,7 @@ module imports transformers: 5b/5c import it when they run.)
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,28 +53,48 @@ class LossAtCheckpoints(TrainerCallback):
 
 class TrainingConsole(TrainerCallback):
     """In place of the Trainer's printer: one bar of steps with the loss beside it and one bar per LM-valid
-    pass; with ``progress`` off, one line per LM-valid pass through ``log``."""
+    pass; with ``progress`` off (a log file, a benchmark in the background), plain lines through ``log``: one
+    per tenth of the steps (loss, time a step, time left) and one per LM-valid pass."""
 
-    def __init__(self, progress: bool, log: Callable[[str], None]) -> None:
-        self.progress, self.log = progress, log
+    LINES = 10  # progress lines per run with the bars off
+
+    def __init__(self, progress: bool, log: Callable[[str], None], clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.progress, self.log, self.clock = progress, log, clock
         self.steps: Any = None  # tqdm bars while they run
         self.valid: Any = None
         self.done = 0  # steps the bar shows
         self.losses: dict[str, str] = {}  # the latest training and LM-valid losses, beside the bar
+        self.start = (0.0, 0)  # (time, step) when this process began training
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.progress and state.is_world_process_zero:
             self.steps = tqdm(total=state.max_steps, desc="finetune", unit="step", dynamic_ncols=True)
+        self.start = (self.clock(), state.global_step)  # a resumed run starts at its checkpoint's step
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.steps is not None:
             self.steps.update(state.global_step - self.done)  # a resumed run jumps to its checkpoint's step
+        elif not self.progress and state.is_world_process_zero:
+            self._line(state)
         self.done = state.global_step
 
+    def _line(self, state: Any) -> None:
+        every = max(1, -(-state.max_steps // self.LINES))
+        if state.global_step % every and state.global_step != state.max_steps:
+            return
+        began, first = self.start
+        per_step = (self.clock() - began) / max(1, state.global_step - first)
+        left = per_step * (state.max_steps - state.global_step)
+        loss = f", loss {self.losses['loss']}" if "loss" in self.losses else ""
+        self.log(f"finetune: step {state.global_step} of {state.max_steps}{loss}, {per_step:.2f} s a step, "
+                 f"{left / 60:.1f} min left")
+
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-        if self.steps is not None and logs and "loss" in logs:
+        if logs and "loss" in logs:
             self.losses["loss"] = f"{logs['loss']:.3f}"
-            self.steps.set_postfix(self.losses, refresh=False)
+            if self.steps is not None:
+                self.steps.set_postfix(self.losses, refresh=False)
 
     def on_prediction_step(self, args: Any, state: Any, control: Any, eval_dataloader: Any = None,
                            **kwargs: Any) -> None:
