@@ -41,7 +41,7 @@ from _common import command, machine, write_result  # noqa: E402
 from ablation import comparison_text  # noqa: E402
 
 from kgtok.config import load_config  # noqa: E402
-from kgtok.llm.compare import (comparison_rows, evaluation_ranks, headline, paired_runs,  # noqa: E402
+from kgtok.llm.compare import (comparison_rows, difference_lines, evaluation_ranks, headline, paired_runs,  # noqa: E402
                                significant)
 from kgtok.metrics import format_difference, paired_comparison  # noqa: E402
 from kgtok.llm import InstructConfig, run_instruct  # noqa: E402
@@ -122,9 +122,8 @@ def result_text(rows: list[dict], fusion: dict, record: dict) -> str:
     minus ReaLM and the class constraint's effect where the record has them."""
     text = comparison_text(rows, fusion, record)
     if "gsquant_vs_realm" in record:
-        text += "\nGS-Quant codes minus ReaLM codes (same test queries):\n"
-        for key, row in record["gsquant_vs_realm"].items():
-            text += f"- {key}: Hits@1 {format_difference(row['hits_at_1'])}, MRR {format_difference(row['mrr'])}\n"
+        text += ("\nGS-Quant codes minus ReaLM codes (same test queries):\n"
+                 + difference_lines(record["gsquant_vs_realm"]))
     for v in fusion:
         if f"{v}_class_accuracy" in record:
             effect = record[f"{v}_class_constraint_vs_without"]

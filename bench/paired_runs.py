@@ -19,8 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS  # noqa: E402
 
-from kgtok.llm.compare import paired_runs  # noqa: E402
-from kgtok.metrics import format_difference  # noqa: E402
+from kgtok.llm.compare import difference_lines, paired_runs  # noqa: E402
 
 RANKERS = ("dift", "rerank", "fused_pick", "fused_rerank", "generative")
 
@@ -32,30 +31,28 @@ def main() -> None:
     parser.add_argument("--name", required=True, help="what A minus B measures, e.g. steps_400_vs_100")
     parser.add_argument("pairs", nargs="+", help="label=A:B, two stage-5c artifacts (A minus B)")
     args = parser.parse_args()
-    pairs = {}
-    for item in args.pairs:
-        label, sep, paths = item.partition("=")
-        a, sep2, b = paths.partition(":")
-        if not (sep and sep2 and label and a and b):
-            parser.error(f"{item!r}: expected label=A:B")
-        for path in (a, b):
-            if not (Path(path) / "predictions.jsonl").exists():
-                parser.error(f"{item!r}: {path} has no predictions.jsonl (not a stage-5c artifact)")
-        pairs[label] = paired_runs(a, b, RANKERS)
     path = RESULTS / f"{args.result}.json"
     if not path.exists():
         parser.error(f"{path} not found")
     data = json.loads(path.read_text())
     if args.dataset not in data:
         parser.error(f"{path} has no {args.dataset!r} (it has {', '.join(data)})")
+    pairs = {}
+    for item in args.pairs:
+        label, sep, paths = item.partition("=")
+        a, sep2, b = paths.partition(":")
+        if not (sep and sep2 and label and a and b):
+            parser.error(f"{item!r}: expected label=A:B")
+        for run in (a, b):
+            if not (Path(run) / "predictions.jsonl").exists():
+                parser.error(f"{item!r}: {run} has no predictions.jsonl (not a stage-5c artifact)")
+        pairs[label] = paired_runs(a, b, RANKERS)
     command = "python " + " ".join(sys.argv)
     data[args.dataset].setdefault("versus", {})[args.name] = {"pairs": pairs, "command": command}
     path.write_text(json.dumps(data, indent=2) + "\n")
     text = f"\n## {args.name} (A minus B, same test queries)\n\n"
     for label, rows in pairs.items():
-        text += f"- {label}:\n"
-        text += "".join(f"  - {key}: Hits@1 {format_difference(row['hits_at_1'])}, "
-                        f"MRR {format_difference(row['mrr'])}\n" for key, row in rows.items())
+        text += f"- {label}:\n" + difference_lines(rows, "  ")
     text += f"\nWith:\n\n    {command}\n"
     with path.with_suffix(".md").open("a") as handle:
         handle.write(text)

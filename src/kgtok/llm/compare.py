@@ -104,6 +104,12 @@ def _measures(ranks: np.ndarray, hits_at: tuple[int, ...] = (1,)) -> dict[str, f
     return {key: out[key] for key in (*(f"hits_at_{k}" for k in hits_at), "mrr")}
 
 
+def difference_lines(rows: dict[str, dict[str, dict[str, float]]], indent: str = "") -> str:
+    """One markdown item per ranker of :func:`paired_runs`: ``- dift: Hits@1 +0.010 [...] p=..., MRR ...``."""
+    return "".join(f"{indent}- {key}: Hits@1 {format_difference(row['hits_at_1'])}, "
+                   f"MRR {format_difference(row['mrr'])}\n" for key, row in rows.items())
+
+
 AGAINST = {"vs_retriever": "retriever", "vs_no_ids": "no IDs", "vs_random_ids": "random IDs"}
 
 
