@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,3 +205,24 @@ def test_no_bench_script_shadows_an_installed_module():
     done = subprocess.run([sys.executable, "-c", check, *names], cwd=BENCH.parent / "src", capture_output=True,
                           text=True, timeout=60)  # a fresh interpreter: other tests import bench scripts
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_list_shares_count_what_stands_above_the_gold():
+    """bench/llm_list_shares.py: a candidate above the gold completes the query's triple with it in its place
+    (the tail of a tail query, the head of a head query) and is counted by that triple's split."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from llm_list_shares import above_gold, triple_keys
+    finally:
+        sys.path.remove(str(BENCH))
+    from kgtok.embed.ranking import RankedQueries
+
+    triples = np.array([[0, 1, 3], [0, 1, 3]])
+    ranked = RankedQueries(
+        triples=triples, direction=np.array([0, 1], dtype=np.int8), gold=np.array([3, 0]),
+        rank=np.array([3.0, 2.0]), gold_score=np.zeros(2, np.float32), gold_probability=np.zeros(2, np.float32),
+        candidates=np.array([[1, 2, 3, 4], [4, 0, 2, 1]]))
+    splits = {"train": np.array([[4, 1, 3]]), "valid": np.array([[0, 1, 3]]), "test": np.array([[0, 1, 1]])}
+    keys = {s: triple_keys(t, 5, 2) for s, t in splits.items()}
+    # tail query: (0,1,1) test, (0,1,2) false; head query: (4,1,3) train; nothing below the gold counts
+    assert above_gold(ranked, keys, 5, 2) == {"train": 1, "valid": 0, "test": 1, "false": 1}
