@@ -376,9 +376,78 @@ def test_an_older_stage1_artifact_gets_lm_valid_from_its_model(inputs, tmp_path)
     assert [(r["id"], r["stage1_rank"], r["candidates"]) for r in got] == \
         [(r["id"], r["stage1_rank"], r["candidates"]) for r in expected]
     assert np.allclose([r["candidate_scores"] for r in got], [r["candidate_scores"] for r in expected], atol=1e-4)
-    assert not any("warning" in line for line in lines)
+    assert not any("LM-valid keeps the training lists" in line for line in lines)
     (older / "model.pt").unlink()
     got = read(run_instruct(config, kg, older, tmp_path / "none", codes=codes, log=lines.append)
                / "lm_valid.jsonl")
     assert any("LM-valid keeps the training lists" in line for line in lines)
     assert [r["id"] for r in got] == [r["id"] for r in expected]
+
+
+def test_gold_positions_and_calibrated_order():
+    from kgtok.llm.instruct import calibrated, gold_positions
+
+    # ranks within a 4-list (a realistic rank 2.5 stands at the third place); 9 lies outside and is not counted
+    assert gold_positions(np.array([1.0, 1.0, 2.0, 2.5, 9.0]), 4).tolist() == [0.5, 0.25, 0.25, 0.0]
+    assert gold_positions(np.array([9.0]), 4).tolist() == [0.25] * 4  # no gold listed: every place alike
+    order = calibrated(np.random.default_rng(0), np.array([0.0, 0.0, 1.0, 0.0]))
+    candidates = [7, 8, 9, 5]  # the gold 5 last; it must move to the third place, the others keep their order
+    assert [candidates[j] for j in order(5, candidates)] == [7, 8, 5, 9]
+    assert order(6, candidates).tolist() == [0, 1, 2, 3]  # the gold outside the list: stage 1's order
+    draws = calibrated(np.random.default_rng(1), np.array([0.7, 0.2, 0.1, 0.0]))
+    places = [draws(9, candidates).tolist().index(2) for _ in range(4000)]
+    assert np.bincount(places, minlength=4) / 4000 == pytest.approx([0.7, 0.2, 0.1, 0.0], abs=0.03)
+
+
+def test_calibrated_lists_put_the_gold_first_as_test_lists_do(inputs, tmp_path):
+    """list_order=calibrated: every LM-train list (validation and training queries) lists the others in stage
+    1's order with the gold at a drawn place, and puts it first about as often as the standard-filter lists do;
+    LM-valid and test are untouched."""
+    from kgtok.embed.layout import EmbedArtifact
+    from kgtok.embed.ranking import RankedQueries
+    from kgtok.llm.instruct import gold_positions
+
+    kg, embed, codes, root = inputs
+    embed_all = run_embed(EmbedConfig(dim=16, max_steps=60, eval_every=30, batch_size=256, threads=1, top_k=8),
+                          kg, root / "embed-all", progress=False, log=lambda *_: None)
+    base = dict(top_k=8, confidence_threshold=0.0, train_from_train_queries=True, train_queries=200)
+    plain = run_instruct(InstructConfig(**base), kg, embed_all, tmp_path / "p", codes=codes, log=lambda *_: None)
+    dest = run_instruct(InstructConfig(**base, list_order="calibrated"), kg, embed_all, tmp_path / "c",
+                        codes=codes, log=lambda *_: None)
+    for name in ("lm_valid", "test"):
+        assert (dest / f"{name}.jsonl").read_text() == (plain / f"{name}.jsonl").read_text()
+    stage1 = {split: RankedQueries.load(EmbedArtifact(embed_all).candidates(split)) for split in ("valid", "train")}
+    lists = {}
+    for split, ranked in stage1.items():
+        n = len(ranked.triples) // 2
+        for i, d in enumerate(ranked.direction.tolist()):
+            lists[f"{split}-{i % n}-{'tail' if d == 0 else 'head'}"] = ranked.candidates[i, :8].tolist()
+    train = read(dest / "lm_train.jsonl")
+    assert {r["split"] for r in train} == {"valid", "train"}
+    moved = {"valid": 0, "train": 0}
+    for record in train:
+        listed = lists[record["id"]]
+        assert sorted(record["candidates"]) == sorted(listed)
+        assert [c for c in record["candidates"] if c != record["gold"]] == [c for c in listed if c != record["gold"]]
+        moved[record["split"]] += record["candidates"].index(record["gold"]) != listed.index(record["gold"])
+    assert moved["valid"] > 0 and moved["train"] > 0 and sum(moved.values()) > len(train) // 4
+    standard = RankedQueries.load(EmbedArtifact(embed_all).candidates("valid_eval"))
+    expected = gold_positions(standard.rank, 8)[0]
+    first = np.mean([r["candidates"][0] == r["gold"] for r in train])
+    assert abs(first - expected) < 4 * np.sqrt(expected * (1 - expected) / len(train)) + 1e-9
+    manifest = json.loads((dest / "manifest.json").read_text())["metrics"]
+    assert manifest["lm_train_gold_first"] == pytest.approx(first)
+
+
+def test_calibrated_lists_need_the_standard_filter_lists(inputs, tmp_path):
+    import shutil
+
+    kg, embed, codes, _ = inputs
+    older = tmp_path / "embed"
+    shutil.copytree(embed, older)
+    (older / "candidates" / "valid_eval.npz").unlink()
+    (older / "model.pt").unlink()
+    with pytest.raises(ValueError, match="list_order=calibrated needs"):
+        run_instruct(InstructConfig(top_k=8, list_order="calibrated"), kg, older, tmp_path / "i", codes=codes,
+                     log=lambda *_: None)
+    assert not (tmp_path / "i").exists()

@@ -9,6 +9,10 @@ side; LM-valid's lists are those under the standard filter, as test's:
 outside the list.  The test queries are the LM's test set.  (On training
 queries the stage-1 model has seen the answer, so its lists would teach the
 LM to copy rank 1; they are an opt-in source.)
+Where the gold stands in LM-train's lists (``list_order``): in stage 1's order
+(DIFT), or ``calibrated``, moved to a place drawn from stage 1's validation
+ranks under the standard filter, so that LM-train puts it first as often as
+test's lists do (:func:`calibrated`).
 Training queries come in one of two forms (``train_query_format``): the full
 DIFT prompt with the list in random order, or ReaLM's form, the query line
 alone ("(known entity <codes>, relation, ?)" -> the answer).  The second needs
@@ -208,30 +212,70 @@ def query_id(split: str, row: int, triples: int, direction: int) -> str:
     return f"{split}-{row % triples}-{'tail' if direction == 0 else 'head'}"
 
 
-def held_out_records(kg: KnowledgeGraph, embeddings: EmbedArtifact, lm_valid: list[dict[str, Any]],
-                     tokens: list[str] | None, neighbours: NeighbourIndex, config: InstructConfig,
-                     log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """LM-valid's queries rebuilt from stage 1's lists under the standard filter (``valid_eval``), as test's are.
+def standard_valid_ranked(kg: KnowledgeGraph, embeddings: EmbedArtifact, top_k: int,
+                          log: Callable[[str], None]) -> RankedQueries | None:
+    """Stage 1's validation lists under the standard filter (``valid_eval``), as test's are.
 
-    LM-train's lists hide no test answer (an honest training set), so a test answer ranked above the gold
-    counts as an error there; LM-valid, on which the fusion weight and a benchmark's rankers are chosen, must
-    be measured as test is.  A stage-1 artifact from before those lists were written: its model ranks
-    LM-valid's queries here (seconds); with no model either (candidates imported alone), LM-valid keeps the
-    training lists, with a warning.
+    A stage-1 artifact from before those lists were written: its model ranks the validation queries here
+    (seconds); with no model either (candidates imported alone): None, with a warning.
     """
     path = embeddings.candidates("valid_eval")
     if path.exists():
-        ranked = RankedQueries.load(path)
-    elif embeddings.model.exists():
-        ranked = standard_valid_lists(kg, embeddings, len(lm_valid[0]["candidates"]) if lm_valid else 1)
-    else:
-        log(f"instruct: warning: neither {path} nor a model in {embeddings.path}: LM-valid keeps the training "
-            "lists, where a test answer ranked above the gold counts as an error")
-        return lm_valid
-    n = len(ranked.triples) // 2
-    row_of = {query_id("valid", i, n, d): i for i, d in enumerate(ranked.direction.tolist())}
+        return RankedQueries.load(path)
+    if embeddings.model.exists():
+        return standard_valid_lists(kg, embeddings, top_k)
+    log(f"instruct: warning: neither {path} nor a model in {embeddings.path}: LM-valid keeps the training "
+        "lists, where a test answer ranked above the gold counts as an error")
+    return None
+
+
+def held_out_records(kg: KnowledgeGraph, standard: RankedQueries, lm_valid: list[dict[str, Any]],
+                     tokens: list[str] | None, neighbours: NeighbourIndex,
+                     config: InstructConfig) -> list[dict[str, Any]]:
+    """LM-valid's queries rebuilt from ``standard`` (:func:`standard_valid_ranked`), as test's are.
+
+    LM-train's lists hide no test answer (an honest training set), so a test answer ranked above the gold
+    counts as an error there; LM-valid, on which the fusion weight and a benchmark's rankers are chosen, must
+    be measured as test is.
+    """
+    n = len(standard.triples) // 2
+    row_of = {query_id("valid", i, n, d): i for i, d in enumerate(standard.direction.tolist())}
     rows = np.array([row_of[r["id"]] for r in lm_valid], dtype=np.int64)
-    return records_for_split(kg, ranked, "valid", tokens, neighbours, config, rows=rows)
+    return records_for_split(kg, standard, "valid", tokens, neighbours, config, rows=rows)
+
+
+def gold_positions(ranks: np.ndarray, k: int) -> np.ndarray:
+    """(k,) how often the gold stands at each place of a k-list (0 = first), among ranks within the list."""
+    places = np.ceil(ranks[ranks <= k]).astype(np.int64) - 1
+    counts = np.bincount(places, minlength=k)[:k].astype(np.float64)
+    return counts / counts.sum() if counts.sum() else np.full(k, 1.0 / k)
+
+
+Reorder = Callable[[int, list[int]], np.ndarray]  # (gold, candidates in stage 1's order) -> the order to list them
+
+
+def shuffled(rng: np.random.Generator) -> Reorder:
+    """Candidates in random order: the list's order says nothing (training queries, whose gold stage 1 knows)."""
+    return lambda gold, candidates: rng.permutation(len(candidates))
+
+
+def calibrated(rng: np.random.Generator, positions: np.ndarray) -> Reorder:
+    """The gold moved to a place drawn from ``positions``, the others in stage 1's order.
+
+    Training lists then put the gold first as often as test lists do: unmoved, a validation query's list keeps
+    its answers held out in test (often above the gold: UMLS has the gold first in 0.50 of them against 0.94
+    of test's lists) and a training query's list has it first almost always; an LM trained on either learns
+    a wrong trust in rank 1.
+    """
+    def order(gold: int, candidates: list[int]) -> np.ndarray:
+        k = len(candidates)
+        if gold not in candidates:
+            return np.arange(k)
+        at = candidates.index(gold)
+        place = int(rng.choice(k, p=positions[:k] / positions[:k].sum()))
+        rest = [j for j in range(k) if j != at]
+        return np.array(rest[:place] + [at] + rest[place:])
+    return order
 
 
 def standard_valid_lists(kg: KnowledgeGraph, embeddings: EmbedArtifact, top_k: int) -> RankedQueries:
@@ -247,10 +291,11 @@ def standard_valid_lists(kg: KnowledgeGraph, embeddings: EmbedArtifact, top_k: i
 
 def records_for_split(kg: KnowledgeGraph, ranked: RankedQueries, split: str, tokens: list[str] | None,
                       neighbours: NeighbourIndex, config: InstructConfig, rows: np.ndarray | None = None,
-                      shuffle: np.random.Generator | None = None) -> list[dict[str, Any]]:
+                      reorder: Reorder | None = None) -> list[dict[str, Any]]:
     """One instruction record per ranked query (both directions), or per query in ``rows``.
 
-    ``shuffle``: list each query's candidates in random order (training queries).
+    ``reorder``: list each query's candidates in the order it gives (:func:`shuffled`, :func:`calibrated`;
+    LM-train only), else in stage 1's.
     """
     k = min(config.top_k, ranked.candidates.shape[1])
     n = len(ranked.triples) // 2
@@ -263,8 +308,8 @@ def records_for_split(kg: KnowledgeGraph, ranked: RankedQueries, split: str, tok
         candidates = [int(c) for c in ranked.candidates[i, :k]]
         scores = ([round(float(v), 5) for v in ranked.candidate_scores[i, :k]]
                   if ranked.candidate_scores is not None else None)
-        if shuffle is not None:
-            order = shuffle.permutation(k)
+        if reorder is not None:
+            order = reorder(gold, candidates)
             candidates = [candidates[j] for j in order]
             scores = [scores[j] for j in order] if scores is not None else None
         rank = float(ranked.rank[i])
@@ -342,16 +387,25 @@ def run(config: InstructConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     ranked = {split: _ranked_queries(embeddings, split)
               for split in ["valid", "test"] + (["train"] if dift_train_queries else [])}
     neighbours = NeighbourIndex(kg)
-    valid_records = records_for_split(kg, ranked["valid"], "valid", tokens, neighbours, config)
+    k = min(config.top_k, ranked["valid"].candidates.shape[1])
+    standard = standard_valid_ranked(kg, embeddings, k, ctx.log)
+    reorder = None
+    if config.list_order == "calibrated":
+        if standard is None:
+            raise ValueError("instruct.list_order=calibrated needs stage 1's validation lists under the standard "
+                             f"filter ({embeddings.candidates('valid_eval')}) or its model; use list_order=stage1")
+        reorder = calibrated(np.random.default_rng(config.seed + 4), gold_positions(standard.rank, k))
+    # LM-valid's records are rebuilt from the standard lists below: only LM-train's keep this order.
+    valid_records = records_for_split(kg, ranked["valid"], "valid", tokens, neighbours, config, reorder=reorder)
     lm_train, lm_valid, dropped = split_examples(valid_records, config)
-    lm_valid = held_out_records(kg, embeddings, lm_valid, tokens, neighbours, config, ctx.log)
+    if standard is not None:
+        lm_valid = held_out_records(kg, standard, lm_valid, tokens, neighbours, config)
     from_validation = len(lm_train)
-    first_share = {"lm_train_gold_first": gold_first_share(lm_train), "lm_valid_gold_first": gold_first_share(lm_valid)}
     rng = np.random.default_rng(config.seed + 1)
     if dift_train_queries:
         rows = sampled_rows(rng, len(ranked["train"].triples), config.train_queries)
-        extra = records_for_split(kg, ranked["train"], "train", tokens, neighbours, config, rows=rows,
-                                  shuffle=rng if config.shuffle_train_query_candidates else None)
+        order = reorder or (shuffled(rng) if config.shuffle_train_query_candidates else None)
+        extra = records_for_split(kg, ranked["train"], "train", tokens, neighbours, config, rows=rows, reorder=order)
         lm_train += confident(extra, config)
     elif config.train_from_train_queries:  # ReaLM's short form, straight from the training graph
         lm_train += query_records(kg, sampled_rows(rng, 2 * len(kg.train), config.train_queries), tokens, config)
@@ -375,11 +429,12 @@ def run(config: InstructConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
         write_jsonl(out.split(name), records)
     aligned = f" ({len(alignment)} alignment)" if config.align_tasks else ""
     ctx.log(f"instruct: {len(lm_train)} LM-train{aligned}, {len(lm_valid)} LM-valid, {len(test)} test records")
-    if first_share["lm_valid_gold_first"] - first_share["lm_train_gold_first"] > 0.2:
-        ctx.log(f"instruct: warning: the gold is stage 1's first candidate in "
-                f"{first_share['lm_train_gold_first']:.0%} of LM-train's lists (from validation queries) but "
-                f"{first_share['lm_valid_gold_first']:.0%} of LM-valid's: answers held out in test stand above it "
-                f"in training lists (docs/stage5-llm.md)")
+    first_share = {"lm_train_gold_first": gold_first_share(lm_train), "lm_valid_gold_first": gold_first_share(lm_valid)}
+    if abs(first_share["lm_valid_gold_first"] - first_share["lm_train_gold_first"]) > 0.2:
+        ctx.log(f"instruct: warning: the gold is stage 1's first candidate in {first_share['lm_train_gold_first']:.0%} "
+                f"of LM-train's lists but {first_share['lm_valid_gold_first']:.0%} of LM-valid's (filtered as test's "
+                "are): the LM learns that trust in rank 1; instruct.list_order=calibrated places LM-train's gold as "
+                "in test's lists (docs/stage5-llm.md)")
     return {
         **({"lm_train_alignment": len(alignment)} if config.align_tasks else {}),
         "lm_train": len(lm_train), "lm_valid": len(lm_valid), "test": len(test),
