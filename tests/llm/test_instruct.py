@@ -44,8 +44,9 @@ def test_sources_sizes_and_truncated_sampling(inputs, tmp_path):
     assert len(train) + manifest["lm_train_dropped"] + len(valid) == queries
     assert len(test) == 2 * len(kg.test) and {r["split"] for r in test} == {"test"}
     assert {r["split"] for r in train + valid} == {"valid"}  # DIFT: examples from validation queries
+    assert not all(r["gold_in_candidates"] for r in valid)  # the share counts only lists that hold the gold
     for name, records in (("lm_train", train), ("lm_valid", valid)):  # how often rank 1 is the answer
-        firsts = [r["candidates"][0] == r["gold"] for r in records]
+        firsts = [r["candidates"][0] == r["gold"] for r in records if r["gold_in_candidates"]]
         assert manifest[f"{name}_gold_first"] == pytest.approx(np.mean(firsts)) and 0 < np.mean(firsts) < 1
     for record in train:
         assert record["confidence"] > 0.05 and record["gold_in_candidates"]

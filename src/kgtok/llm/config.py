@@ -64,10 +64,9 @@ class InstructConfig:
     # Stage 1 has seen the answers of training queries and ranks them first: in its order a list would teach the
     # LM to copy rank 1; shuffled, it teaches it to choose by content (pretrained LMs may not need it).
     shuffle_train_query_candidates: bool = True  # dift form: list the candidates of training queries in random order
-    # LM-train's lists put the gold first far more or less often than test's: validation queries' lists keep the
-    # answers held out in test (UMLS: gold first in 0.50 against 0.94), training queries' put it first (or, shuffled,
-    # anywhere); the LM learns that trust in rank 1.  calibrated: the gold moves to a place drawn from stage 1's
-    # validation ranks under the standard filter, the others keep stage 1's order (shuffling is then off).
+    # LM-train's lists may put the gold first far more or less often than test's (5a's manifest and a warning say;
+    # UMLS: 0.49 against 0.95), and the LM learns that trust in rank 1.  calibrated: the gold moves to a place drawn
+    # from stage 1's validation ranks under the standard filter, the others keep stage 1's order (no shuffling).
     list_order: ListOrder = "stage1"  # stage1 (DIFT) | calibrated (LM-train's gold placed as in test's lists)
     lm_valid_fraction: float = 0.1  # share of the validation queries kept for LM validation
     confidence_threshold: float = 0.05  # LM-train keeps records with confidence above this
