@@ -4,9 +4,10 @@
 
 LM-train's lists (validation queries, filtered with train and valid: METHOD.md stage 5) keep a query's
 answers held out in test, and these may stand above the gold; LM-valid's and test's lists are filtered with
-every split.  Per graph: the share of queries whose gold is first in each kind of list, and what the
-candidates above the gold in LM-train's lists are (a test triple, or false).  The second uses the test
-triples, so it explains and never chooses.  Writes bench/results/llm_list_shares.json keyed by dataset.
+every split.  Per graph: the share of queries whose gold is first in each kind of list (training queries'
+too, where stage 1 exported them: it has seen those answers), and what the candidates above the gold in
+LM-train's lists are (a test triple, or false; this uses the test triples, so it explains and never
+chooses).  Writes bench/results/llm_list_shares.json keyed by dataset.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def main() -> None:
     n, m = kg.num_entities, kg.num_relations
     split_keys = {s: triple_keys(kg.triples[s].numpy(), n, m) for s in SPLITS}
     record: dict = {"data": args.data, "run_dir": args.run_dir}
-    for name, file in (("lm_train", "valid"), ("lm_valid", "valid_eval"), ("test", "test")):
+    for name, file in (("lm_train", "valid"), ("lm_valid", "valid_eval"), ("test", "test"), ("train_query", "train")):
+        if not embed.candidates(file).exists():  # training queries' lists: exported on request only
+            continue
         ranked = RankedQueries.load(embed.candidates(file))
         record[f"{name}_gold_first"] = float(np.mean(ranked.rank == 1))
         record[f"{name}_queries"] = len(ranked.rank)
@@ -76,7 +79,8 @@ def main() -> None:
     record["command"] = command()
     record["machine"] = machine()
     write_result("llm_list_shares", args.dataset, record,
-                 ["lm_train_gold_first", "lm_valid_gold_first", "test_gold_first", "lm_train_queries",
+                 ["lm_train_gold_first", "lm_valid_gold_first", "test_gold_first", "train_query_gold_first",
+                  "lm_train_queries",
                   "lm_train_above_gold_test", "lm_train_above_gold_false"])
     print({k: v for k, v in record.items() if k != "machine"})
 
