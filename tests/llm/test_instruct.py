@@ -452,3 +452,23 @@ def test_calibrated_lists_need_the_standard_filter_lists(inputs, tmp_path):
         run_instruct(InstructConfig(top_k=8, list_order="calibrated"), kg, older, tmp_path / "i", codes=codes,
                      log=lambda *_: None)
     assert not (tmp_path / "i").exists()
+
+
+def test_a_warning_when_lm_train_trusts_rank_1_unlike_lm_valid(inputs, tmp_path):
+    """Training queries' lists in stage 1's order put the gold first almost always (stage 1 has seen it), far more
+    often than LM-valid's: 5a says so; with no LM-valid list it has nothing to compare and stays quiet."""
+    kg, _, codes, root = inputs
+    embed_all = run_embed(EmbedConfig(dim=16, max_steps=60, eval_every=30, batch_size=256, threads=1, top_k=8),
+                          kg, root / "embed-all", progress=False, log=lambda *_: None)
+    lines = []
+    config = InstructConfig(top_k=8, train_from_train_queries=True, train_queries=400,
+                            shuffle_train_query_candidates=False)
+    dest = run_instruct(config, kg, embed_all, tmp_path / "i", codes=codes, log=lines.append)
+    shares = json.loads((dest / "manifest.json").read_text())["metrics"]
+    assert shares["lm_train_gold_first"] - shares["lm_valid_gold_first"] > 0.2
+    assert any("warning: the gold is stage 1's first candidate" in line for line in lines)
+    lines.clear()
+    dest = run_instruct(InstructConfig(top_k=8, lm_valid_fraction=0.0), kg, embed_all, tmp_path / "n", codes=codes,
+                        log=lines.append)
+    assert json.loads((dest / "manifest.json").read_text())["metrics"]["lm_valid_gold_first"] is None
+    assert not any("warning" in line for line in lines)

@@ -355,7 +355,7 @@ def confident(records: list[dict[str, Any]], config: InstructConfig) -> list[dic
     return [r for r in records if r["confidence"] > config.confidence_threshold and r["gold_in_candidates"]]
 
 
-def gold_first_share(records: list[dict[str, Any]]) -> float:
+def gold_first_share(records: list[dict[str, Any]]) -> float | None:
     """Among records whose list holds the gold, the share where it is first: how far the LM learns to trust rank 1.
 
     LM-train's lists are filtered with train and valid only, so a validation query's answers held out in test
@@ -365,7 +365,7 @@ def gold_first_share(records: list[dict[str, Any]]) -> float:
     first almost always (stage 1 has seen it) or, shuffled, anywhere.
     """
     firsts = [r["candidates"][0] == r["gold"] for r in records if r.get("candidates") and r["gold_in_candidates"]]
-    return float(np.mean(firsts)) if firsts else 0.0
+    return float(np.mean(firsts)) if firsts else None
 
 
 def run(config: InstructConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -> dict[str, Any]:
@@ -426,7 +426,8 @@ def run(config: InstructConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     aligned = f" ({len(alignment)} alignment)" if config.align_tasks else ""
     ctx.log(f"instruct: {len(lm_train)} LM-train{aligned}, {len(lm_valid)} LM-valid, {len(test)} test records")
     first_share = {"lm_train_gold_first": gold_first_share(lm_train), "lm_valid_gold_first": gold_first_share(lm_valid)}
-    if abs(first_share["lm_valid_gold_first"] - first_share["lm_train_gold_first"]) > 0.2:
+    shares = [v for v in first_share.values() if v is not None]
+    if len(shares) == 2 and abs(shares[0] - shares[1]) > 0.2:
         ctx.log(f"instruct: warning: the gold is stage 1's first candidate in {first_share['lm_train_gold_first']:.0%} "
                 f"of LM-train's lists but {first_share['lm_valid_gold_first']:.0%} of LM-valid's (filtered as test's "
                 "are): the LM learns that trust in rank 1; instruct.list_order=calibrated places LM-train's gold as "
