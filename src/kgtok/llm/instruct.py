@@ -362,7 +362,7 @@ def gold_first_share(records: list[dict[str, Any]]) -> float | None:
     still stand in its list, often above the gold; test's lists (and LM-valid's) are filtered with every split.
     On a dense graph the two shares part widely (UMLS: 0.49 against 0.95), and an LM trained on the first
     learns to leave rank 1 where the second says it should keep it.  A training query's list has the gold
-    first almost always (stage 1 has seen it) or, shuffled, anywhere.
+    first mostly (stage 1 has seen it; FB15k-237 3k: 0.81) or, shuffled, anywhere.
     """
     firsts = [r["candidates"][0] == r["gold"] for r in records if r.get("candidates") and r["gold_in_candidates"]]
     return float(np.mean(firsts)) if firsts else None
