@@ -21,16 +21,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
 
+from kgtok.artifacts import ID_ORDER, read_id_order  # noqa: E402
 from kgtok.data import load_kg  # noqa: E402
+from kgtok.data.graph import _triple_keys  # noqa: E402
 from kgtok.embed.layout import EmbedArtifact  # noqa: E402
 from kgtok.embed.ranking import RankedQueries  # noqa: E402
 
 SPLITS = ("train", "valid", "test")
-
-
-def triple_keys(triples: np.ndarray, entities: int, relations: int) -> np.ndarray:
-    h, r, t = (triples[..., i].astype(np.int64) for i in range(3))
-    return (h * relations + r) * entities + t
 
 
 def above_gold(ranked: RankedQueries, split_keys: dict[str, np.ndarray], entities: int,
@@ -44,7 +41,7 @@ def above_gold(ranked: RankedQueries, split_keys: dict[str, np.ndarray], entitie
     side = np.where(ranked.direction == 0, 2, 0)  # tail query: the candidate is the tail
     rows = np.arange(len(candidates))
     triples[rows[:, None], np.arange(candidates.shape[1])[None, :], side[:, None]] = candidates
-    keys = triple_keys(triples, entities, relations)[above]
+    keys = _triple_keys(triples[above], entities, relations)
     counts, left = {}, np.ones(len(keys), dtype=bool)
     for split in SPLITS:
         hit = np.isin(keys, split_keys[split]) & left
@@ -62,11 +59,10 @@ def main() -> None:
     args = parser.parse_args()
     kg = load_kg(args.data)
     embed = EmbedArtifact(Path(args.run_dir) / "embed")
-    listed = [line.split("\t")[1] for line in (embed.path / "entities.tsv").read_text().splitlines()]
-    if listed != kg.entity_names:
-        parser.error(f"{embed.path / 'entities.tsv'} is not the entity order of {args.data}")
+    if read_id_order(embed.path / ID_ORDER) != kg.entity_names:
+        parser.error(f"{embed.path / ID_ORDER} is not the entity order of {args.data}")
     n, m = kg.num_entities, kg.num_relations
-    split_keys = {s: triple_keys(kg.triples[s].numpy(), n, m) for s in SPLITS}
+    split_keys = {s: _triple_keys(kg.triples[s].numpy(), n, m) for s in SPLITS}
     record: dict = {"data": args.data, "run_dir": args.run_dir}
     for name, file in (("lm_train", "valid"), ("lm_valid", "valid_eval"), ("test", "test"), ("train_query", "train")):
         if not embed.candidates(file).exists():  # training queries' lists: exported on request only

@@ -212,9 +212,10 @@ def test_list_shares_count_what_stands_above_the_gold():
     (the tail of a tail query, the head of a head query) and is counted by that triple's split."""
     sys.path.insert(0, str(BENCH))
     try:
-        from llm_list_shares import above_gold, triple_keys
+        from llm_list_shares import above_gold
     finally:
         sys.path.remove(str(BENCH))
+    from kgtok.data.graph import _triple_keys
     from kgtok.embed.ranking import RankedQueries
 
     triples = np.array([[0, 1, 3], [0, 1, 3]])
@@ -223,6 +224,6 @@ def test_list_shares_count_what_stands_above_the_gold():
         rank=np.array([3.0, 2.0]), gold_score=np.zeros(2, np.float32), gold_probability=np.zeros(2, np.float32),
         candidates=np.array([[1, 2, 3, 4], [4, 0, 2, 1]]))
     splits = {"train": np.array([[4, 1, 3]]), "valid": np.array([[0, 1, 3]]), "test": np.array([[0, 1, 1]])}
-    keys = {s: triple_keys(t, 5, 2) for s, t in splits.items()}
+    keys = {s: _triple_keys(t, 5, 2) for s, t in splits.items()}
     # tail query: (0,1,1) test, (0,1,2) false; head query: (4,1,3) train; nothing below the gold counts
     assert above_gold(ranked, keys, 5, 2) == {"train": 1, "valid": 0, "test": 1, "false": 1}

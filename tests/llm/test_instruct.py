@@ -400,7 +400,15 @@ def test_gold_positions_and_calibrated_order():
     assert np.bincount(places, minlength=4) / 4000 == pytest.approx([0.7, 0.2, 0.1, 0.0], abs=0.03)
 
 
-def test_calibrated_lists_put_the_gold_first_as_test_lists_do(inputs, tmp_path):
+@pytest.fixture(scope="module")
+def embed_all(inputs):
+    """Stage 1 of the fixture's KG with every split's lists exported (training queries' too)."""
+    kg, _, _, root = inputs
+    return run_embed(EmbedConfig(dim=16, max_steps=60, eval_every=30, batch_size=256, threads=1, top_k=8),
+                     kg, root / "embed-all", progress=False, log=lambda *_: None)
+
+
+def test_calibrated_lists_put_the_gold_first_as_test_lists_do(inputs, embed_all, tmp_path):
     """list_order=calibrated: every LM-train list (validation and training queries) lists the others in stage
     1's order with the gold at a drawn place, and puts it first about as often as the standard-filter lists do;
     LM-valid and test are untouched."""
@@ -408,9 +416,7 @@ def test_calibrated_lists_put_the_gold_first_as_test_lists_do(inputs, tmp_path):
     from kgtok.embed.ranking import RankedQueries
     from kgtok.llm.instruct import gold_positions
 
-    kg, embed, codes, root = inputs
-    embed_all = run_embed(EmbedConfig(dim=16, max_steps=60, eval_every=30, batch_size=256, threads=1, top_k=8),
-                          kg, root / "embed-all", progress=False, log=lambda *_: None)
+    kg, _, codes, _ = inputs
     base = dict(top_k=8, confidence_threshold=0.0, train_from_train_queries=True, train_queries=200)
     plain = run_instruct(InstructConfig(**base), kg, embed_all, tmp_path / "p", codes=codes, log=lambda *_: None)
     dest = run_instruct(InstructConfig(**base, list_order="calibrated"), kg, embed_all, tmp_path / "c",
@@ -454,12 +460,10 @@ def test_calibrated_lists_need_the_standard_filter_lists(inputs, tmp_path):
     assert not (tmp_path / "i").exists()
 
 
-def test_a_warning_when_lm_train_trusts_rank_1_unlike_lm_valid(inputs, tmp_path):
+def test_a_warning_when_lm_train_trusts_rank_1_unlike_lm_valid(inputs, embed_all, tmp_path):
     """Training queries' lists in stage 1's order put the gold first almost always (stage 1 has seen it), far more
     often than LM-valid's: 5a says so; with no LM-valid list it has nothing to compare and stays quiet."""
-    kg, _, codes, root = inputs
-    embed_all = run_embed(EmbedConfig(dim=16, max_steps=60, eval_every=30, batch_size=256, threads=1, top_k=8),
-                          kg, root / "embed-all", progress=False, log=lambda *_: None)
+    kg, _, codes, _ = inputs
     lines = []
     config = InstructConfig(top_k=8, train_from_train_queries=True, train_queries=400,
                             shuffle_train_query_candidates=False)
