@@ -72,14 +72,14 @@ def test_a_new_ranker_is_one_function(monkeypatch):
 def test_prediction_row_stores_what_each_ranker_needs():
     record = {"id": "q", "direction": "tail", "triple": ["h", "r", "t"], "gold": 20, "stage1_rank": 2.0,
               "candidates": [10, 20, 30], "candidate_text": ["a", "b", "c"], "candidate_scores": [5.0, 1.0, 0.0]}
-    totals = np.array([-4.0, -1.0, -3.0])
-    row = prediction_row(record, [[1, 2], [3], [4, 5]], totals, 1, score="mean", fusion_weight=2.0,
+    token_logprobs = [np.array([-2.0, -2.0]), np.array([-1.0]), np.array([-1.0, -2.0])]  # sums -4, -1, -3
+    row = prediction_row(record, [[1, 2], [3], [4, 5]], token_logprobs, 1, score="mean", fusion_weight=2.0,
                          classes=np.array([-1] * 10 + [0] + [-1] * 9 + [1] + [-1] * 9 + [1]))
     assert (row["pick"], row["pick_position"], row["pick_text"], row["gold_index"]) == (20, 2, "b", 1)
     assert row["scores"] == [-2.0, -1.0, -1.5]  # mean: per answer token
     assert row["fused_pick"] == 10  # the retriever's prior outweighs the LM at w = 2
     assert (row["class_pick"], row["class_pick_position"]) == (20, 2)
-    plain = prediction_row(record, [[1, 2], [3], [4, 5]], totals, 1, score="sum", fusion_weight=0.0, classes=None)
+    plain = prediction_row(record, [[1, 2], [3], [4, 5]], token_logprobs, 1, score="sum", fusion_weight=0.0, classes=None)
     assert "fused_pick" not in plain and "class_pick" not in plain and plain["scores"] == [-4.0, -1.0, -3.0]
 
 
@@ -89,10 +89,27 @@ def test_fused_scores_use_the_configured_sequence_score():
 
     record = {"id": "q", "direction": "tail", "triple": ["h", "r", "t"], "gold": 20, "stage1_rank": 2.0,
               "candidates": [10, 20, 30], "candidate_text": ["a", "b", "c"], "candidate_scores": [5.0, 1.0, 0.0]}
-    totals = np.array([-4.0, -1.0, -3.0])
-    row = prediction_row(record, [[1, 2], [3], [4, 5]], totals, 1, score="mean", fusion_weight=2.0, classes=None)
+    token_logprobs = [np.array([-2.0, -2.0]), np.array([-1.0]), np.array([-1.0, -2.0])]  # sums -4, -1, -3
+    row = prediction_row(record, [[1, 2], [3], [4, 5]], token_logprobs, 1, score="mean", fusion_weight=2.0, classes=None)
     expected = np.array([-2.0, -1.0, -1.5]) + 2.0 * log_prior(record["candidate_scores"])
     np.testing.assert_allclose(row["fused_scores"], np.round(expected, 4))
+
+
+def test_constrained_score_is_the_trie_decoding_probability():
+    """Only tokens that tell the alive candidates apart count: a token after the trie has decided adds nothing
+    (the raw sum lets it outweigh the decision), and the k probabilities sum to 1 with the trie pick on top."""
+    from kgtok.llm.decoding import trie_greedy
+    from kgtok.llm.rankers import sequence_scores
+
+    answers = [[1, 2, 9], [1, 3, 9], [4, 9]]  # 0 and 1 share token 1; 9 ends every answer (EOS)
+    token_logprobs = [np.array([-1.0, -0.5, -5.0]), np.array([-1.0, -3.0, -0.1]), np.array([-2.0, -7.0])]
+    scores = sequence_scores(token_logprobs, answers, "constrained")
+    first = -1.0 - np.logaddexp(-1.0, -2.0)  # token 1 against token 4
+    np.testing.assert_allclose(scores, [first - 0.5 - np.logaddexp(-0.5, -3.0), first - 3.0 - np.logaddexp(-0.5, -3.0),
+                                        -2.0 - np.logaddexp(-1.0, -2.0)])
+    np.testing.assert_allclose(np.exp(scores).sum(), 1.0)
+    assert int(np.argmax(scores)) == trie_greedy(answers, token_logprobs) == 0
+    assert int(np.argmax(sequence_scores(token_logprobs, answers, "sum"))) == 1  # the raw sum follows the noise
 
 
 def test_fusion_weight_at_the_grid_top_extends_the_grid_or_says_retriever_only():

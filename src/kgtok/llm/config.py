@@ -21,7 +21,7 @@ EmbeddingInit = Literal["codebook", "mean", "names"]
 Split = Literal["test", "lm_valid"]
 Decode = Literal["trie", "generate"]
 Backend = Literal["hf", "vllm"]
-SequenceScore = Literal["sum", "mean"]
+SequenceScore = Literal["sum", "mean", "constrained"]
 Ids = Literal["codes", "random", "none"]
 ListOrder = Literal["stage1", "calibrated"]
 Negatives = Literal["typed", "uniform"]
@@ -192,7 +192,9 @@ class EvaluateConfig:
     batch_size: int = machine(4)  # queries per forward pass (x k candidate rows)
     decode: Decode = "trie"  # trie (from the candidate scores) | generate (HF generate + prefix trie)
     backend: Backend = "hf"  # hf (transformers, prompt and candidates in one masked row) | vllm (the vllm package; in practice a GPU)
-    score: SequenceScore = "sum"  # re-ranking by sequence score: sum of token log-probs | mean (length-normalised)
+    # Re-ranking by sequence score: sum of token log-probs | mean (length-normalised) | constrained (log-prob
+    # under the candidates' trie: only the tokens that tell candidates apart count; rankers.constrained_logprobs)
+    score: SequenceScore = "sum"
     max_prompt_tokens: int = 512  # longer prompts lose facts, then description words (as in training)
     class_constraint: bool = False  # ReaLM's ontology constraint (needs classes)
     # Fused rankers score LM log-likelihood + w x log softmax(stage-1 scores): the LM and the retriever err on

@@ -143,8 +143,8 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
     with partial.appending() as add:
         scored = scorer.score(todo, "evaluate")
         while batch := list(itertools.islice(scored, config.batch_size)):  # the generative ranker runs by batch
-            rows = [prediction_row(query.record, query.answers, query.totals, scorer.pick(query), score=config.score,
-                                   fusion_weight=weight if fusable else 0.0, classes=classes,
+            rows = [prediction_row(query.record, query.answers, query.token_logprobs, scorer.pick(query),
+                                   score=config.score, fusion_weight=weight if fusable else 0.0, classes=classes,
                                    class_scores=scorer.class_scores(query)) for query in batch]
             for row, found in zip(rows, generative(batch) if generative is not None else [{}] * len(rows)):
                 add({**row, **found})
@@ -202,7 +202,7 @@ def _generative_retriever(config: EvaluateConfig, scorer: Any, records: list[dic
     relation = {name: i for i, name in enumerate(kg.relation_names)}
     entities = read_jsonl(instructions.entities)
     trie = PrefixTrie(encode_answers(scorer.tokenizer, [e["answer"] for e in entities]))
-    length_penalty = 0.0 if config.score == "sum" else 1.0
+    length_penalty = 1.0 if config.score == "mean" else 0.0  # beam scores are sums: constrained as sum
     eos = scorer.tokenizer.eos_token_id
 
     def ranked(record: dict[str, Any], found: list[int]) -> dict[str, Any]:
@@ -241,14 +241,14 @@ def _fusion_weight(config: EvaluateConfig, scorer: Any, fusable: bool, valid_pat
              if fusable and config.split != "lm_valid" and valid_path.exists() else [])
     if valid:
         scored = list(scorer.score(valid, "fusion weight"))
-        fusion = choose_fusion_weight([sequence_scores(q.totals, q.answers, config.score) for q in scored],
+        fusion = choose_fusion_weight([sequence_scores(q.token_logprobs, q.answers, config.score) for q in scored],
                                       [log_prior(r["candidate_scores"]) for r in valid],
                                       np.array([gold_position(r) for r in valid]),
                                       np.array([r["stage1_rank"] for r in valid]))
         fusion["chosen_on"] = f"LM-valid ({len(valid)} queries)"
         # Every ranker on the same LM-valid queries: a benchmark that reports "the best ranker" chooses it here,
         # never on test (bench/llm_summary.py).
-        rows = [prediction_row(q.record, q.answers, q.totals, scorer.pick(q), score=config.score,
+        rows = [prediction_row(q.record, q.answers, q.token_logprobs, scorer.pick(q), score=config.score,
                                fusion_weight=fusion["weight"], classes=None, class_scores=scorer.class_scores(q))
                 for q in scored]
         fusion["valid_rankers"] = {key: {"hits_at_1": round(float(np.mean(r <= 1)), 4),

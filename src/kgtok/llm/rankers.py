@@ -3,7 +3,7 @@
 Per query, :func:`prediction_row` stores what the LM chose (METHOD.md stage 5):
 
 - ``pick``: constrained generation, the candidate greedy trie decoding gives;
-- ``scores``: every candidate's sequence score (``score: sum | mean``);
+- ``scores``: every candidate's sequence score (``score: sum | mean | constrained``);
 - ``fused_scores``, ``fused_pick``: LM log-likelihood + w x log softmax of the
   stage-1 scores (:func:`log_prior`; w from ``fusion_weight``, or chosen on
   LM-valid by :func:`choose_fusion_weight`);
@@ -205,9 +205,33 @@ def constrain_to_class(pick: int, scores: np.ndarray, candidate_classes: np.ndar
     return int(members[np.argmax(scores[members])])
 
 
-def sequence_scores(totals: np.ndarray, answers: list[list[int]], score: str) -> np.ndarray:
-    """(k,) candidate scores: the sum of each answer's token log-probs, or their mean (``score: mean``)."""
-    totals = np.asarray(totals, dtype=np.float64)
+def constrained_logprobs(answers: list[list[int]], token_logprobs: list[np.ndarray]) -> np.ndarray:
+    """(k,) log-probability of each candidate under decoding restricted to the candidates' prefix trie.
+
+    At each trie node the LM's log-probs of the tokens that may follow are renormalised over those tokens
+    alone, so a token every alive candidate shares, or one written after a candidate is the only one left,
+    adds nothing.  The raw sum instead adds the log-probs of all of them: an answer "name <codes>" whose
+    code tokens the LM has not learnt (loss about 15 per token) is ranked by noise past its name, where the
+    greedy trie pick has long decided (re-rank 0.12 against pick 0.35 on the WN18RR 6k subset,
+    bench/results/llm_wn18rr_6k_smollm2_calibrated.md).  The k values are a distribution over the
+    candidates (they sum to 1 in probability), whose greedy path is the trie pick.  Candidates sharing a
+    prefix share its next-token log-probs (the same context), so they are read off the first that has them.
+    """
+    children: dict[tuple[int, ...], dict[int, float]] = {}  # prefix -> next token -> log-prob
+    for answer, logprobs in zip(answers, token_logprobs):  # k candidates of a few tokens: one query's trie
+        for step, token in enumerate(answer):
+            children.setdefault(tuple(answer[:step]), {}).setdefault(token, float(logprobs[step]))
+    norm = {prefix: float(np.logaddexp.reduce(list(following.values()))) for prefix, following in children.items()}
+    return np.array([sum(float(lp) - norm[tuple(answer[:step])] for step, lp in enumerate(logprobs))
+                     for answer, logprobs in zip(answers, token_logprobs)])
+
+
+def sequence_scores(token_logprobs: list[np.ndarray], answers: list[list[int]], score: str) -> np.ndarray:
+    """(k,) candidate scores: the sum of each answer's token log-probs, their mean (``score: mean``), or its
+    log-probability under the candidates' trie (``score: constrained``, :func:`constrained_logprobs`)."""
+    if score == "constrained":
+        return constrained_logprobs(answers, token_logprobs)
+    totals = np.array([np.sum(lp, dtype=np.float64) for lp in token_logprobs])
     return totals if score == "sum" else totals / np.array([len(a) for a in answers])
 
 
@@ -223,18 +247,18 @@ def predicted_class_pick(pick: int, scores: np.ndarray, candidate_classes: np.nd
     return predicted, int(members[np.argmax(scores[members])])
 
 
-def prediction_row(record: dict[str, Any], answers: list[list[int]], totals: np.ndarray, pick: int, *,
-                   score: str, fusion_weight: float, classes: np.ndarray | None,
+def prediction_row(record: dict[str, Any], answers: list[list[int]], token_logprobs: list[np.ndarray],
+                   pick: int, *, score: str, fusion_weight: float, classes: np.ndarray | None,
                    class_scores: np.ndarray | None = None) -> dict[str, Any]:
     """One line of predictions.jsonl: the query, the gold, and what each ranker needs of the LM's choices.
 
-    ``answers``: candidate token ids; ``totals``: (k,) their sequence log-likelihoods; ``pick``: the
+    ``answers``: candidate token ids; ``token_logprobs``: per candidate, its tokens' log-probs; ``pick``: the
     constrained-generation choice; ``fusion_weight`` 0: no fused fields; ``class_scores`` (class_prefix
     records): ReaLM's class pick from the LM's predicted class; else ``classes`` (None: no class pick): the
     candidate-mass constraint.
-    The fused scores add the prior to the same sequence scores the re-rank uses (``score: mean`` included).
+    The fused scores add the prior to the same sequence scores the re-rank uses (``score: mean`` or ``constrained``).
     """
-    scores = sequence_scores(totals, answers, score)
+    scores = sequence_scores(token_logprobs, answers, score)
     row = {"id": record["id"], "direction": record["direction"], "relation": record["triple"][1],
            "gold": record["gold"], "stage1_rank": record["stage1_rank"],
            "pick": record["candidates"][pick], "pick_position": pick + 1,
