@@ -326,6 +326,62 @@ def test_training_lists_are_filtered_with_train_and_valid_only():
     assert ranked["valid"].rank[0] == 2.0
 
 
+def test_a_list_holds_no_filtered_entity_where_the_filter_leaves_fewer_than_k():
+    """Stage 1's top-k of a query with fewer than k unfiltered entities ends in filtered ones (other true
+    answers, scored -inf): the record lists only the unfiltered, and every ranker ranks the short list."""
+    import torch
+
+    from kgtok.data.graph import KnowledgeGraph
+    from kgtok.embed.ranking import rank_splits
+    from kgtok.llm.instruct import records_for_split
+    from kgtok.llm.rankers import choose_fusion_weight, log_prior, prediction_row, rank_all
+
+    kg = KnowledgeGraph.from_arrays(entity_names=[f"e{i}" for i in range(5)], relation_names=["r"],
+                                    train=np.array([[1, 0, 0], [2, 0, 0], [4, 0, 0]]), valid=np.array([[4, 0, 1]]),
+                                    test=np.array([[3, 0, 0]]))
+    preference = torch.tensor([0.0, 5.0, 3.0, 1.0, 2.0])  # the known heads 1, 2, 4 of (?, r, e0) score best
+
+    class Scores:  # a stand-in KGE model: every query scores the entities by ``preference``
+        num_entities = 5
+        entity = torch.zeros(1)
+
+        def eval(self):
+            return self
+
+        def score_all_tails(self, h, r):
+            return preference.expand(len(h), -1).clone()
+
+        def score_all_heads(self, r, t):
+            return preference.expand(len(t), -1).clone()
+
+    ranked, _ = rank_splits(Scores(), kg, reciprocal=False, batch_size=8, top_k=3, export_splits=("test",))
+    head = int(np.flatnonzero(ranked["test"].direction == 1)[0])  # (?, r, e0): heads 1, 2, 4 are filtered
+    assert ranked["test"].candidates[head].tolist()[:2] == [3, 0]
+    assert np.isneginf(ranked["test"].candidate_scores[head, 2])  # a filtered head fills the third place
+    records = records_for_split(kg, ranked["test"], "test", None, NeighbourIndex(kg), InstructConfig(top_k=3))
+    short = next(r for r in records if r["direction"] == "head")
+    assert short["candidates"] == [3, 0] and len(short["candidate_text"]) == 2
+    assert all(np.isfinite(short["candidate_scores"]))
+    full = next(r for r in records if r["direction"] == "tail")
+    assert full["candidates"] == [1, 2, 4] and full["stage1_rank"] == 5.0  # (e3, r, ?): nothing filtered, gold last
+    rows = [prediction_row(r, [[j] for j in range(len(r["candidates"]))],
+                           [np.array([-1.0 - j]) for j in range(len(r["candidates"]))], 0, score="sum",
+                           fusion_weight=1.0, classes=None) for r in (short, full)]
+    ranks = rank_all(rows)
+    assert ranks["rerank"].tolist() == [1.0, 5.0] and ranks["fused_rerank"].tolist() == [1.0, 5.0]
+    chosen = choose_fusion_weight([np.array(row["scores"]) for row in rows],
+                                  [log_prior(r["candidate_scores"]) for r in (short, full)],
+                                  np.array([row["gold_index"] for row in rows]), np.array([1.0, 5.0]))
+    assert chosen["curve"]["0.0"] == 0.6  # (1 + 1/5) / 2
+    import warnings
+
+    with warnings.catch_warnings():  # lists of older artifacts still hold -inf: w = 0 must not make 0 x -inf
+        warnings.simplefilter("error")
+        older = choose_fusion_weight([np.array([0.0, -1.0, -2.0])], [log_prior([1.0, 0.0, -np.inf])],
+                                     np.array([0]), np.array([1.0]))
+    assert older["curve"]["0.0"] == 1.0
+
+
 def test_lm_valid_is_measured_as_test_is(inputs, tmp_path):
     """LM-valid records come from stage 1's lists under the standard filter (valid_eval), LM-train's from the
     training lists (train ∪ valid): on the synthetic KG some LM-valid gold ranks higher once test answers are

@@ -294,14 +294,18 @@ def records_for_split(kg: KnowledgeGraph, ranked: RankedQueries, split: str, tok
     """
     k = min(config.top_k, ranked.candidates.shape[1])
     n = len(ranked.triples) // 2
+    # Stage 1 fills a top-k with fewer than k unfiltered entities (a UMLS head query may have 2) with the
+    # filtered ones, scored -inf: other true answers, which the filtered protocol never lists.
+    listed = (np.isfinite(ranked.candidate_scores[:, :k]).sum(1) if ranked.candidate_scores is not None
+              else np.full(len(ranked.triples), k))
     records = []
     for i in (range(len(ranked.triples)) if rows is None else rows):  # building text: one pass per query
         h, r, t = (int(v) for v in ranked.triples[i])
         direction = int(ranked.direction[i])
         known = h if direction == 0 else t
         gold = int(ranked.gold[i])
-        candidates = [int(c) for c in ranked.candidates[i, :k]]
-        scores = ([round(float(v), 5) for v in ranked.candidate_scores[i, :k]]
+        candidates = [int(c) for c in ranked.candidates[i, :listed[i]]]
+        scores = ([round(float(v), 5) for v in ranked.candidate_scores[i, :listed[i]]]
                   if ranked.candidate_scores is not None else None)
         if reorder is not None:
             order = reorder(gold, candidates)

@@ -63,7 +63,16 @@ class PredictionRows:
 
         if not all(field in p for p in self.rows):
             return None
-        return rerank_rank(np.array([p[field] for p in self.rows]), self.gold_index, self.stage1)
+        return rerank_rank(padded([p[field] for p in self.rows]), self.gold_index, self.stage1)
+
+
+def padded(lists: list[list[float]] | list[np.ndarray]) -> np.ndarray:
+    """(n, longest) scores of lists of any length, -inf past each list's end (never above a listed candidate):
+    a list is shorter than top_k where the filter leaves fewer entities."""
+    out = np.full((len(lists), max((len(x) for x in lists), default=0)), -np.inf)
+    for row, values in enumerate(lists):  # one row per query
+        out[row, : len(values)] = values
+    return out
 
 
 @dataclass(frozen=True)
@@ -303,7 +312,7 @@ def choose_fusion_weight(lm_scores: list[np.ndarray], priors: list[np.ndarray], 
     curve: dict[float, float] = {}
 
     def mrr(w: float) -> float:
-        fused = np.array([t + w * p for t, p in zip(lm_scores, priors)])
+        fused = padded([t + w * p if w else t for t, p in zip(lm_scores, priors)])  # w = 0: the LM alone
         return float(np.mean(1.0 / rerank_rank(fused, gold_index, stage1_ranks)))
 
     while True:
