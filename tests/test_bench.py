@@ -142,6 +142,21 @@ def test_llm_compare_runs_realm_codes_and_a_switch_variant(tmp_path):
                          env={**environment(tmp_path), "KGTOK_BENCH_RESULTS": str(results)},
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "has no predictions.jsonl" in bad.stderr
+    # llm_rescore: the trained codes run evaluated again with score=constrained, paired against its evaluation.
+    rescored = subprocess.run([sys.executable, str(BENCH / "llm_rescore.py"), "--result", "llm_synthetic_r",
+                               "--suffix", "constrained", "--run",
+                               f"synthetic/codes={tmp_path / 'run' / 'llm-tiny-t-codes'}", "score=constrained"],
+                              env={**environment(tmp_path), "KGTOK_BENCH_RESULTS": str(results)},
+                              capture_output=True, text=True, timeout=300)
+    assert rescored.returncode == 0, rescored.stdout[-3000:] + rescored.stderr[-3000:]
+    entry = json.loads((results / "llm_synthetic_r.json").read_text())["synthetic"]["codes"]
+    assert entry["old"]["config"]["score"] == "sum" and entry["new"]["config"]["score"] == "constrained"
+    assert entry["new_minus_old"]["dift"]["hits_at_1"]["difference"] == 0  # the trie pick ignores the score
+    rows = [json.loads(line) for line in (tmp_path / "run" / "llm-tiny-t-codes" / "evaluate-constrained" /
+                                          "predictions.jsonl").read_text().splitlines()]
+    for row in rows:  # each list's constrained scores are a distribution over its candidates
+        assert abs(np.exp(np.array(row["scores"])).sum() - 1) < 1e-2
+    assert "| rerank |" in (results / "llm_synthetic_r.md").read_text()
     # A run carried without stages 2-3 (e.g. to a GPU machine without the sentence encoder): --skip-upstream
     # takes stage 1 and 4 as they are and reruns nothing upstream.
     import shutil
