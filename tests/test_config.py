@@ -115,8 +115,9 @@ def test_partial_nested_override_keeps_the_fields_own_default():
 
 
 def test_every_shipped_preset_loads_and_run_smollm2_is_the_benchmarks_stage5():
-    """A preset that no longer loads (a renamed field) fails here, not in a user's run; run_smollm2 is what
-    issue 15's benchmark runs (bench/smollm2_bench.py STAGE5), so its numbers describe the preset."""
+    """A preset that no longer loads (a renamed field) fails here, not in a user's run; run_smollm2 is the
+    codes_all row of issue 15's benchmark (bench/smollm2_bench.py STAGE5 and SWITCHES), so its numbers
+    describe the preset."""
     import sys
     from pathlib import Path
 
@@ -129,9 +130,9 @@ def test_every_shipped_preset_loads_and_run_smollm2_is_the_benchmarks_stage5():
     bench = Path(__file__).resolve().parents[1] / "bench"
     sys.path.insert(0, str(bench))
     try:
-        from smollm2_bench import STAGE5
+        from smollm2_bench import STAGE5, SWITCHES
     finally:
         sys.path.remove(str(bench))
-    preset = load_config(RunConfig, "run_smollm2")
-    assert preset == load_config(RunConfig, None, ["finetune.backbone=smollm2-135m", *STAGE5])
-    assert preset.finetune.embedding_init == "codebook" and preset.instruct.align_tasks == ()
+    preset = load_config(RunConfig, "run_smollm2")  # the benchmark's codes_all row: its stage 5 and the switches
+    assert preset == load_config(RunConfig, None, ["finetune.backbone=smollm2-135m", *STAGE5, *SWITCHES["codes_all"]])
+    assert preset.finetune.embedding_init == "names" and preset.instruct.align_tasks
