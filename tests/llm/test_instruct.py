@@ -346,7 +346,8 @@ def test_a_list_holds_no_filtered_entity_where_the_filter_leaves_fewer_than_k():
                                     test=np.array([[3, 0, 0]]))
     preference = torch.tensor([0.0, 5.0, 3.0, 1.0, 2.0])  # the known heads 1, 2, 4 of (?, r, e0) score best
 
-    ranked, _ = rank_splits(Preferring(preference), kg, reciprocal=False, batch_size=8, top_k=3, export_splits=("test",))
+    ranked, _ = rank_splits(Preferring(preference), kg, reciprocal=False, batch_size=8, top_k=3,
+                            export_splits=("test",))
     head = int(np.flatnonzero(ranked["test"].direction == 1)[0])  # (?, r, e0): heads 1, 2, 4 are filtered
     assert ranked["test"].candidates[head].tolist()[:2] == [3, 0]
     assert np.isneginf(ranked["test"].candidate_scores[head, 2])  # a filtered head fills the third place

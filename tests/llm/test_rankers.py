@@ -79,7 +79,8 @@ def test_prediction_row_stores_what_each_ranker_needs():
     assert row["scores"] == [-2.0, -1.0, -1.5]  # mean: per answer token
     assert row["fused_pick"] == 10  # the retriever's prior outweighs the LM at w = 2
     assert (row["class_pick"], row["class_pick_position"]) == (20, 2)
-    plain = prediction_row(record, [[1, 2], [3], [4, 5]], token_logprobs, 1, score="sum", fusion_weight=0.0, classes=None)
+    plain = prediction_row(record, [[1, 2], [3], [4, 5]], token_logprobs, 1, score="sum", fusion_weight=0.0,
+                           classes=None)
     assert "fused_pick" not in plain and "class_pick" not in plain and plain["scores"] == [-4.0, -1.0, -3.0]
 
 
@@ -90,7 +91,8 @@ def test_fused_scores_use_the_configured_sequence_score():
     record = {"id": "q", "direction": "tail", "triple": ["h", "r", "t"], "gold": 20, "stage1_rank": 2.0,
               "candidates": [10, 20, 30], "candidate_text": ["a", "b", "c"], "candidate_scores": [5.0, 1.0, 0.0]}
     token_logprobs = [np.array([-2.0, -2.0]), np.array([-1.0]), np.array([-1.0, -2.0])]  # sums -4, -1, -3
-    row = prediction_row(record, [[1, 2], [3], [4, 5]], token_logprobs, 1, score="mean", fusion_weight=2.0, classes=None)
+    row = prediction_row(record, [[1, 2], [3], [4, 5]], token_logprobs, 1, score="mean", fusion_weight=2.0,
+                         classes=None)
     expected = np.array([-2.0, -1.0, -1.5]) + 2.0 * log_prior(record["candidate_scores"])
     np.testing.assert_allclose(row["fused_scores"], np.round(expected, 4))
 
