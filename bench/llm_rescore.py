@@ -45,10 +45,9 @@ def evaluation(evaluate_dir: Path) -> dict[str, Any]:
             "queries": metrics["queries"], "seconds": metrics["seconds"]}
 
 
-def rescore(variant: Path, overrides: list[str], suffix: str, data: Path | None) -> Path:
-    """VARIANT/evaluate-<suffix>: the variant's evaluation again with ``overrides`` (reused when current);
-    ``data``: the KG, which the generative ranker's filter needs."""
-    old = evaluation(variant / "evaluate")
+def rescore(variant: Path, old: dict[str, Any], overrides: list[str], suffix: str, data: Path | None) -> Path:
+    """VARIANT/evaluate-<suffix>: the variant's evaluation ``old`` (:func:`evaluation`) again with ``overrides``
+    (reused when current); ``data``: the KG, which the generative ranker's filter needs."""
     config = config_from_dict(EvaluateConfig, {**old["config"], **parse_overrides(overrides)})
     return run_evaluate(config, variant / "finetune", variant / "instruct", variant / f"evaluate-{suffix}",
                         data=data, progress=False)
@@ -111,9 +110,10 @@ def main() -> None:
         entry: dict[str, Any] = {"overrides": args.overrides, "command": command(), "machine": machine()}
         for label, variant in variants.items():
             kg = Path(graphs[dataset]) if dataset in graphs else None
-            new = rescore(variant, args.overrides, args.suffix, kg)
+            before = evaluation(variant / "evaluate")
+            new = rescore(variant, before, args.overrides, args.suffix, kg)
             rows = comparison_rows({label: new})
-            entry[label] = {"old": evaluation(variant / "evaluate"), "new": evaluation(new),
+            entry[label] = {"old": before, "new": evaluation(new),
                             "new_minus_old": paired_runs(new, variant / "evaluate", RANKERS),
                             "new_vs_retriever": rows, "new_markdown": comparison_markdown(rows)}
             print(f"{dataset}/{label}: after minus before\n" + difference_lines(entry[label]["new_minus_old"], "  "))
