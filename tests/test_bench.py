@@ -242,3 +242,17 @@ def test_list_shares_count_what_stands_above_the_gold():
     keys = {s: _triple_keys(t, 5, 2) for s, t in splits.items()}
     # tail query: (0,1,1) test, (0,1,2) false; head query: (4,1,3) train; nothing below the gold counts
     assert above_gold(ranked, keys, 5, 2) == {"train": 1, "valid": 0, "test": 1, "false": 1}
+
+
+def test_codebook_size_bench_counts_shared_prefixes_and_picks_the_smallest_fitting_k():
+    """bench/quantizer_codebook_size.py: distinct prefixes and median sharers per level; K by the collision bound."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from quantizer_codebook_size import chosen_size, sharing
+    finally:
+        sys.path.remove(str(BENCH))
+    codes = np.array([[0, 1, 0], [0, 1, 1], [0, 2, 1], [3, 2, 1]])  # the last column: disambiguation, not counted
+    assert sharing(codes, 2) == {"distinct_prefixes": [2, 3], "median_entities_per_code": [2.0, 2.0]}
+    rows = {"64": {"collision_rate_before": 0.3}, "128": {"collision_rate_before": 0.05},
+            "1024": {"collision_rate_before": 0.0}}
+    assert chosen_size(rows, 0.1) == 128 and chosen_size(rows, 0.0) == 1024 and chosen_size(rows, -1) is None
