@@ -256,3 +256,18 @@ def test_codebook_size_bench_counts_shared_prefixes_and_picks_the_smallest_fitti
     rows = {"64": {"collision_rate_before": 0.3}, "128": {"collision_rate_before": 0.05},
             "1024": {"collision_rate_before": 0.0}}
     assert chosen_size(rows, 0.1) == 128 and chosen_size(rows, 0.0) == 1024 and chosen_size(rows, -1) is None
+
+
+def test_code_levels_pair_queries_by_id_and_skip_levels_a_query_lacks():
+    """bench/llm_code_levels.py: A - B per level over the queries both runs have, matched by id, not by row."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from llm_code_levels import paired_levels
+    finally:
+        sys.path.remove(str(BENCH))
+    a = (["q1", "q2", "q3"], np.array([[1.0, 5.0], [2.0, np.nan], [3.0, 7.0]]))
+    b = (["q3", "q1", "q9"], np.array([[1.0, 4.0], [0.5, 4.0], [9.0, 9.0]]))  # q2 only in a, q9 only in b
+    level_1, level_2 = paired_levels(a, b, resamples=200)
+    assert level_1["queries"] == 2 and level_1["difference"] == pytest.approx(((3 - 1) + (1 - 0.5)) / 2)
+    assert level_2["queries"] == 2 and level_2["difference"] == pytest.approx(((7 - 4) + (5 - 4)) / 2)
+    assert level_1["ci_low"] <= level_1["difference"] <= level_1["ci_high"] and 0 < level_1["p_value"] <= 1

@@ -255,26 +255,35 @@ def test_code_token_loss_on_lm_valid(stages, tmp_path):
     metrics = json.loads((dest / "metrics.json").read_text())
     history = [h["eval_code_token_loss"] for h in metrics["history"] if "eval_code_token_loss" in h]
     assert history and metrics["valid_code_token_loss"] == history[-1] > 0
-    # By hand: the cross-entropy of the answers' code tokens alone (not names, boundary tokens or EOS).
+    levels_seen = metrics["valid_code_token_loss_by_level"]
+    assert all(v > 0 for v in levels_seen)
+    # By hand: the cross-entropy of the answers' code tokens alone (not names, boundary tokens or EOS), in all
+    # and per level (the token's namespace: a, b, ...).
     tokenizer = AutoTokenizer.from_pretrained(dest / "model")
     model = AutoModelForCausalLM.from_pretrained(dest / "model").eval()
-    code_ids = [i for t, i in tokenizer.get_vocab().items() if re.fullmatch(r"<[a-z]+_\d+>", t)]
+    code = {i: t.strip("<>").split("_")[0] for t, i in tokenizer.get_vocab().items() if re.fullmatch(r"<[a-z]+_\d+>", t)}
+    names = sorted(set(code.values()), key=lambda n: (len(n), n))
+    assert len(levels_seen) == len(names)
+    code_ids = list(code)
     records = read(instructions / "lm_valid.jsonl")[:3]
     examples = [encode_example(tokenizer, r, config.max_length) for r in records]
-    loss = AnswerLoss(code_ids)
+    loss = AnswerLoss(code_ids, [names.index(code[i]) for i in code_ids])
     batch = PaddingCollator(tokenizer.pad_token_id)(examples)
     labels = batch.pop("labels")
-    total, count = 0.0, 0
+    totals, counts = np.zeros(len(names)), np.zeros(len(names))
     with torch.no_grad():
         loss(model(**batch), labels)
         for e in examples:
             logits = model(input_ids=torch.tensor([e["input_ids"]])).logits[0, :-1]
             target = torch.tensor(e["labels"][1:])
-            keep = torch.isin(target, torch.tensor(code_ids))
-            total += float(torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
-            count += int(keep.sum())
-    assert loss.count == count == sum(r["answer"].count("<") - 2 for r in records)  # all but <ent>, </ent>
-    assert loss.total / loss.count == pytest.approx(total / count, rel=1e-4)
+            for position in torch.nonzero(torch.isin(target, torch.tensor(code_ids))).flatten().tolist():
+                level = names.index(code[int(target[position])])
+                totals[level] += float(torch.nn.functional.cross_entropy(logits[position], target[position]))
+                counts[level] += 1
+    assert loss.counts.sum() == counts.sum() == sum(r["answer"].count("<") - 2 for r in records)  # not <ent>, </ent>
+    assert loss.counts.tolist() == counts.tolist() and (counts > 0).all()
+    assert loss.totals.sum() / loss.counts.sum() == pytest.approx(totals.sum() / counts.sum(), rel=1e-4)
+    assert loss.totals / loss.counts == pytest.approx(totals / counts, rel=1e-4)
 
 
 # ----------------------------------------------------------------------------

@@ -111,6 +111,8 @@ class TrainingConsole(TrainerCallback):
         if not state.is_world_process_zero or not metrics or "eval_loss" not in metrics:
             return
         codes = metrics.get("eval_code_token_loss")
+        levels = [v for _, v in sorted((int(k.rsplit("_", 1)[1]), v) for k, v in metrics.items()
+                                       if k.startswith("eval_code_token_loss_level_"))]
         if self.steps is not None:
             self.losses["valid_loss"] = f"{metrics['eval_loss']:.3f}"
             if codes is not None:
@@ -119,7 +121,8 @@ class TrainingConsole(TrainerCallback):
         else:
             self.log(f"finetune: step {state.global_step} of {state.max_steps}, epoch {state.epoch:.2f}, "
                      f"LM-valid loss {metrics['eval_loss']:.3f}"
-                     + (f" (code tokens {codes:.3f})" if codes is not None else ""))
+                     + (f" (code tokens {codes:.3f}" + (f"; by level {', '.join(f'{v:.2f}' for v in levels)}"
+                                                        if levels else "") + ")" if codes is not None else ""))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.steps is not None:

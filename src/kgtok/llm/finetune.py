@@ -29,12 +29,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from kgtok.artifacts import write_json_atomic
 from kgtok.llm.backbone import is_from_scratch, resolve_backbone
 from kgtok.llm.config import FinetuneConfig  # here too: kgtok.llm.finetune.FinetuneConfig is public
 from kgtok.llm.layout import FinetuneArtifact, InstructArtifact
 from kgtok.llm.prompts import encode_answers, encode_prompts, fit_encoded_prompt, pad_left, read_jsonl, training_text
-from kgtok.llm.vocab import BOUNDARY_TOKENS, code_vocabulary, extend_vocabulary
+from kgtok.llm.vocab import BOUNDARY_TOKENS, code_levels, code_vocabulary, extend_vocabulary
 from kgtok.quantize.layout import QuantizeArtifact
 from kgtok.stage import Context, Input, Stage, run_stage
 
@@ -194,14 +196,20 @@ class NewTokenRate:
 
 class AnswerLoss:
     """:func:`answer_loss` as the Trainer's loss; in evaluation (no gradients) it also sums the loss of the
-    answers' code tokens alone (``code_ids``), read by :meth:`code_token_loss` after each LM-valid pass."""
+    answers' code tokens alone (``code_ids``), in all and per code level (``levels``, the level of each id: the
+    coarse levels are the ones structured codes should make easier than random IDs), read by
+    :meth:`code_token_loss` and :meth:`level_losses` after each LM-valid pass."""
 
-    def __init__(self, code_ids: list[int]) -> None:
+    def __init__(self, code_ids: list[int], levels: list[int] | None = None) -> None:
         self.code_ids = list(code_ids)
+        self.levels = list(levels) if levels is not None else [0] * len(self.code_ids)
+        if len(self.levels) != len(self.code_ids):
+            raise ValueError(f"AnswerLoss: {len(self.levels)} levels for {len(self.code_ids)} code ids")
+        self.width = max(self.levels, default=-1) + 1
         self.reset()
 
     def reset(self) -> None:
-        self.total, self.count = 0.0, 0
+        self.totals, self.counts = np.zeros(self.width), np.zeros(self.width)
 
     def __call__(self, outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
         import torch
@@ -210,19 +218,33 @@ class AnswerLoss:
         if self.code_ids and not torch.is_grad_enabled():
             logits = outputs.logits[:, :-1].float()  # (batch, answer, V)
             target = labels[:, -logits.shape[1]:]  # (batch, answer)
-            codes = torch.isin(target, torch.tensor(self.code_ids, device=target.device))
+            ids = torch.tensor(self.code_ids, device=target.device)
+            codes = torch.isin(target, ids)
             if codes.any():
-                self.total += float(torch.nn.functional.cross_entropy(logits[codes], target[codes], reduction="sum"))
-                self.count += int(codes.sum())
+                losses = torch.nn.functional.cross_entropy(logits[codes], target[codes], reduction="none")
+                order = torch.argsort(ids)  # the level of each code token: its id's place among the code ids
+                where = order[torch.searchsorted(ids[order], target[codes])]
+                level = torch.tensor(self.levels, device=target.device)[where]
+                self.totals += torch.bincount(level, weights=losses.double(), minlength=self.width).cpu().numpy()
+                self.counts += torch.bincount(level, minlength=self.width).cpu().numpy()
         return loss
+
+    def _reduced(self, accelerator: Any) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        sums = torch.tensor(np.concatenate([self.totals, self.counts]), device=accelerator.device)
+        both = accelerator.reduce(sums, reduction="sum").cpu().numpy()
+        return both[:self.width], both[self.width:]
 
     def code_token_loss(self, accelerator: Any) -> float:
         """Mean loss of the code tokens since :meth:`reset`, summed over processes (nan when there were none)."""
-        import torch
+        totals, counts = self._reduced(accelerator)
+        return float(totals.sum() / counts.sum()) if counts.sum() else math.nan
 
-        sums = torch.tensor([self.total, float(self.count)], device=accelerator.device)
-        total, count = accelerator.reduce(sums, reduction="sum").tolist()
-        return total / count if count else math.nan
+    def level_losses(self, accelerator: Any) -> list[float]:
+        """Mean loss of the code tokens of each level since :meth:`reset` (nan for a level with none)."""
+        totals, counts = self._reduced(accelerator)
+        return [float(t / c) if c else math.nan for t, c in zip(totals, counts)]
 
 
 def trainer_class() -> type:
@@ -247,6 +269,9 @@ def trainer_class() -> type:
             if isinstance(loss, AnswerLoss) and loss.code_ids:
                 prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
                 output.metrics[f"{prefix}_code_token_loss"] = loss.code_token_loss(self.accelerator)
+                if loss.width > 1:
+                    for level, value in enumerate(loss.level_losses(self.accelerator), start=1):
+                        output.metrics[f"{prefix}_code_token_loss_level_{level}"] = value
             return output
 
     return CodeTrainer
@@ -298,9 +323,11 @@ def training_arguments(config: FinetuneConfig, work: Path, learning_rate: float,
 
 def make_trainer(config: FinetuneConfig, arguments: Any, model: Any, tokenizer: Any,
                  train_records: list[dict[str, Any]], valid_records: list[dict[str, Any]], progress: bool,
-                 log: Callable[[str], None], new_ids: list[int] = (), code_ids: list[int] = ()) -> Any:
+                 log: Callable[[str], None], new_ids: list[int] = (), code_ids: list[int] = (),
+                 code_levels: list[int] | None = None) -> Any:
     """The Hugging Face Trainer on the encoded records: answer-only loss, left padding, our console; the new
-    rows (``new_ids``) at their learning rate, the code tokens' (``code_ids``) LM-valid loss."""
+    rows (``new_ids``) at their learning rate, the code tokens' (``code_ids``, at ``code_levels``) LM-valid
+    loss."""
     from transformers import PrinterCallback
 
     from kgtok.llm.console import LossAtCheckpoints, TrainingConsole
@@ -314,7 +341,7 @@ def make_trainer(config: FinetuneConfig, arguments: Any, model: Any, tokenizer: 
                 f"{config.max_length} (facts, then description); {counts['over']} over it with query and list alone")
     trainer = trainer_class()(model=model, args=arguments, train_dataset=train_set, eval_dataset=valid_set or None,
                               data_collator=PaddingCollator(tokenizer.pad_token_id),
-                              compute_loss_func=AnswerLoss(list(code_ids)))
+                              compute_loss_func=AnswerLoss(list(code_ids), code_levels))
     trainer.new_token_rate = NewTokenRate(model, list(new_ids), config.new_token_lr_multiplier)
     trainer.remove_callback(PrinterCallback)  # a dictionary per logging step
     trainer.add_callback(TrainingConsole(progress, log))
@@ -366,12 +393,12 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
             model, tokenizer, new_ids, backbone = load_backbone(
                 config, [training_text(r) for r in train_records + valid_records], ctx.work, inputs.get("codes"),
                 entities)
-        code_ids = (tokenizer.convert_tokens_to_ids(code_vocabulary(inputs["codes"])[0])
-                    if inputs.get("codes") is not None else [])
+        code_tokens = code_vocabulary(inputs["codes"])[0] if inputs.get("codes") is not None else []
+        code_ids = tokenizer.convert_tokens_to_ids(code_tokens)
         model = wrap_trainable(model, config, full, new_ids)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         trainer = make_trainer(config, arguments, model, tokenizer, train_records, valid_records, ctx.progress,
-                               ctx.log, new_ids=new_ids, code_ids=code_ids)
+                               ctx.log, new_ids=new_ids, code_ids=code_ids, code_levels=code_levels(code_tokens))
         checkpoints = ctx.work / "checkpoints"
         done_before = max((int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*")), default=0)
         if done_before and state.is_main_process:
@@ -389,7 +416,9 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
                 * state.num_processes)
     eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     train_loss = mean_train_loss(trainer.state.log_history, done_before, result.training_loss, result.global_step)
-    code_losses = [h["eval_code_token_loss"] for h in trainer.state.log_history if "eval_code_token_loss" in h]
+    code_losses = [h for h in trainer.state.log_history if "eval_code_token_loss" in h]
+    by_level = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in (code_losses[-1] if code_losses else {}).items()
+                      if k.startswith("eval_code_token_loss_level_"))
     metrics = {
         "backbone": str(backbone), "adapter": "full" if full else "lora", "trainable_parameters": trainable,
         "parameters": sum(p.numel() for p in merged.parameters()), "new_tokens": len(new_ids),
@@ -399,7 +428,8 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
                                     / seconds if seconds else math.nan),
         "processes": state.num_processes, "learning_rate": learning_rate,
         **{f"prompts_{key}": n for key, n in budget_counts(train_set).items()},
-        **({"valid_code_token_loss": code_losses[-1]} if code_losses else {}),
+        **({"valid_code_token_loss": code_losses[-1]["eval_code_token_loss"]} if code_losses else {}),
+        **({"valid_code_token_loss_by_level": [v for _, v in by_level]} if by_level else {}),
     }
     write_json_atomic(FinetuneArtifact(dest).metrics_path, {**metrics, "history": list(trainer.state.log_history)})
     ctx.log(f"finetune: {metrics['adapter']} training of {backbone.name}, {result.global_step} steps, "

@@ -32,6 +32,14 @@ def code_vocabulary(quantize_artifact: str | Path) -> tuple[list[str], np.ndarra
     return tokenizer.vocabulary(), shared_per_level(tokenizer.codebooks_.numpy(), tokenizer.base_codes_.shape[1])
 
 
+def code_levels(tokens: list[str]) -> list[int]:
+    """The level (0-based; the disambiguation rank last) of each code token ``<b_17>``, by its namespace in the
+    order :func:`code_vocabulary` lists them."""
+    names = [token.strip("<>").rsplit("_", 1)[0] for token in tokens]
+    order = {name: level for level, name in enumerate(dict.fromkeys(names))}
+    return [order[name] for name in names]
+
+
 def shared_per_level(codebooks: np.ndarray, levels: int) -> np.ndarray:
     """(levels, K, dim): one book per code level, a single shared book repeated (disambiguation has none)."""
     if codebooks.shape[0] == 1 and levels > 1:

