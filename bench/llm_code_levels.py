@@ -107,6 +107,14 @@ def section(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def with_section(text: str, new: str) -> str:
+    """``text`` with its code-level section (``new`` starts with its heading) replaced by ``new``, or ``new``
+    appended; the sections after it are kept."""
+    head, found, rest = text.partition("\n" + new.lstrip("\n").split("(", 1)[0])
+    after = rest.find("\n## ") if found else -1
+    return head.rstrip("\n") + "\n" + new + (rest[after:] if after >= 0 else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--result", required=True, help="bench/results/<result>.json to add to")
@@ -135,9 +143,7 @@ def main() -> None:
     data.setdefault(args.dataset, {})["code_levels"] = record
     path.write_text(json.dumps(data, indent=2) + "\n")
     md = RESULTS / f"{args.result}.md"
-    text = md.read_text() if md.exists() else f"# {args.result}\n"
-    marker = "\n## Code-token loss per level on LM-valid"
-    md.write_text(text.split(marker)[0].rstrip("\n") + "\n" + section(record))
+    md.write_text(with_section(md.read_text() if md.exists() else f"# {args.result}\n", section(record)))
     print(section(record))
 
 

@@ -262,7 +262,7 @@ def test_code_levels_pair_queries_by_id_and_skip_levels_a_query_lacks():
     """bench/llm_code_levels.py: A - B per level over the queries both runs have, matched by id, not by row."""
     sys.path.insert(0, str(BENCH))
     try:
-        from llm_code_levels import paired_levels
+        from llm_code_levels import paired_levels, with_section
     finally:
         sys.path.remove(str(BENCH))
     a = (["q1", "q2", "q3"], np.array([[1.0, 5.0], [2.0, np.nan], [3.0, 7.0]]))
@@ -271,3 +271,8 @@ def test_code_levels_pair_queries_by_id_and_skip_levels_a_query_lacks():
     assert level_1["queries"] == 2 and level_1["difference"] == pytest.approx(((3 - 1) + (1 - 0.5)) / 2)
     assert level_2["queries"] == 2 and level_2["difference"] == pytest.approx(((7 - 4) + (5 - 4)) / 2)
     assert level_1["ci_low"] <= level_1["difference"] <= level_1["ci_high"] and 0 < level_1["p_value"] <= 1
+    # Its markdown section replaces an earlier one and keeps what other scripts added after it.
+    old = "# r\n\nA\n\n## Code-token loss per level on LM-valid (x)\n\nold\n\n## codes_vs_random (A minus B)\n\nkeep\n"
+    new = "\n## Code-token loss per level on LM-valid (y)\n\nnew\n"
+    assert with_section(old, new) == "# r\n\nA\n" + new + "\n## codes_vs_random (A minus B)\n\nkeep\n"
+    assert with_section("# r\n", new) == "# r\n" + new
