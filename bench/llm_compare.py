@@ -260,8 +260,11 @@ def main() -> None:
             f"{variant}_lm_train_examples": trained["train_examples"], f"{variant}_steps": trained["steps"],
             f"{variant}_valid_loss": trained["valid_loss"],
             f"{variant}_valid_code_token_loss": trained.get("valid_code_token_loss"),
-            f"{variant}_valid_curve": [  # issue 15 item 3: has the code tokens' LM-valid loss stopped falling?
-                {k: h[k] for k in ("step", "epoch", "eval_loss", "eval_code_token_loss") if k in h}
+            f"{variant}_valid_code_token_loss_by_level": trained.get("valid_code_token_loss_by_level"),
+            # Issue 15 item 3: has the code tokens' LM-valid loss (in all, per level) stopped falling?
+            f"{variant}_valid_curve": [
+                {k: v for k, v in h.items() if k in ("step", "epoch", "eval_loss")
+                 or k.startswith("eval_code_token_loss")}
                 for h in trained.get("history", []) if "eval_loss" in h],
             f"{variant}_overrides": mine,
             f"{variant}_seconds": {k: round(v, 1) for k, v in timings.items()},

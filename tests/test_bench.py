@@ -107,6 +107,9 @@ def test_llm_compare_runs_realm_codes_and_a_switch_variant(tmp_path):
     assert head["codes_vs_random_control"] == ("random_ids_first" if head["codes_run"] == "codes_first" else None)
     curve = record["codes_valid_curve"]  # LM-valid after each epoch (here one, cut short by max_steps)
     assert curve and curve[-1]["eval_loss"] == record["codes_valid_loss"] and "eval_code_token_loss" in curve[-1]
+    levels = record["codes_valid_code_token_loss_by_level"]  # per code level, the last LM-valid pass's
+    assert len(levels) >= 2
+    assert levels == [curve[-1][f"eval_code_token_loss_level_{i}"] for i in range(1, len(levels) + 1)]
     realm = json.loads((tmp_path / "run" / "quantize-realm" / "manifest.json").read_text())["config"]
     # realm.levels given, the codebook as the run's (16, not ReaLM's own default): the rows differ in content.
     assert realm["variant"] == "realm" and realm["levels"] == 3 and realm["codebook_size"] == 16
