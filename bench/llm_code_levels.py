@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command, machine  # noqa: E402
 
 
-def level_losses(variant: Path, max_length: int | None = None) -> tuple[list[str], np.ndarray]:
+def level_losses(variant: Path) -> tuple[list[str], np.ndarray]:
     """LM-valid query ids and (queries, levels) mean loss of each level's answer tokens (nan: none there)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -54,7 +54,7 @@ def level_losses(variant: Path, max_length: int | None = None) -> tuple[list[str
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     loss = AnswerLoss(tokenizer.convert_tokens_to_ids(tokens), code_levels(tokens))
     records = read_jsonl(InstructArtifact(variant / "instruct").split("lm_valid"))
-    examples = encode_examples(tokenizer, records, max_length or manifest["config"]["max_length"])
+    examples = encode_examples(tokenizer, records, manifest["config"]["max_length"])  # as in training
     collate = PaddingCollator(tokenizer.pad_token_id)
     rows = np.full((len(records), loss.width), np.nan)
     with torch.no_grad():
@@ -70,8 +70,8 @@ def level_losses(variant: Path, max_length: int | None = None) -> tuple[list[str
 def paired_levels(a: tuple[list[str], np.ndarray], b: tuple[list[str], np.ndarray], *, resamples: int = 10_000,
                   seed: int = 0) -> list[dict[str, float]]:
     """Per level, A - B over the queries both have with tokens of that level: mean, 95% bootstrap CI, sign-flip
-    p (``kgtok.metrics.sign_flip_p_value``), and the queries counted."""
-    from kgtok.metrics import sign_flip_p_value
+    p (:func:`kgtok.metrics.paired_mean_difference`), and the queries counted."""
+    from kgtok.metrics import paired_mean_difference
 
     where = {q: i for i, q in enumerate(b[0])}
     common = [(i, where[q]) for i, q in enumerate(a[0]) if q in where]
@@ -80,15 +80,12 @@ def paired_levels(a: tuple[list[str], np.ndarray], b: tuple[list[str], np.ndarra
     for level in range(min(a[1].shape[1], b[1].shape[1])):
         diff = a[1][ia, level] - b[1][ib, level]
         diff = diff[~np.isnan(diff)]
-        rng = np.random.default_rng(seed)
         if len(diff) == 0:
             out.append({"level": level + 1, "queries": 0})
             continue
-        means = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
         out.append({"level": level + 1, "queries": int(len(diff)), "a": float(np.nanmean(a[1][ia, level])),
-                    "b": float(np.nanmean(b[1][ib, level])), "difference": float(diff.mean()),
-                    "ci_low": float(np.quantile(means, 0.025)), "ci_high": float(np.quantile(means, 0.975)),
-                    "p_value": sign_flip_p_value(diff, resamples, rng)})
+                    "b": float(np.nanmean(b[1][ib, level])),
+                    **paired_mean_difference(diff, resamples=resamples, seed=seed)})
     return out
 
 

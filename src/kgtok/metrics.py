@@ -254,8 +254,7 @@ def paired_comparison(ranks_a: np.ndarray, ranks_b: np.ndarray, *, resamples: in
         raise ValueError(f"paired ranks need the same (n,) shape, got {a.shape} and {b.shape}")
     n = a.size
     rng = np.random.default_rng(seed)
-    draws = [rng.integers(0, n, size=(min(_CHUNK, resamples - i), n)) for i in range(0, resamples, _CHUNK)] \
-        if n else []
+    draws = bootstrap_draws(n, resamples, rng)
     tail = (1.0 - confidence) / 2.0
     out = {}
     for measure in COMPARED:
@@ -276,6 +275,26 @@ def paired_comparison(ranks_a: np.ndarray, ranks_b: np.ndarray, *, resamples: in
         out[measure] = {"a": float(va.mean()), "b": float(vb.mean()), "difference": float(diff.mean()),
                         "ci_low": float(low), "ci_high": float(high), "p_value": float(p), "test": test}
     return out
+
+
+def bootstrap_draws(n: int, resamples: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``resamples`` draws of n indices with replacement, in chunks of at most :data:`_CHUNK` rows (none if n = 0)."""
+    return [rng.integers(0, n, size=(min(_CHUNK, resamples - i), n)) for i in range(0, resamples, _CHUNK)] if n else []
+
+
+def paired_mean_difference(diff: np.ndarray, *, resamples: int = 10_000, seed: int = 0,
+                           confidence: float = 0.95) -> dict[str, float]:
+    """Mean of paired per-query differences (any measure, e.g. a loss): ``difference``, percentile bootstrap
+    ``ci_low`` / ``ci_high`` over queries and the sign-flip ``p_value``, as :func:`paired_comparison` gives MRR."""
+    diff = np.asarray(diff, dtype=np.float64)
+    if diff.size == 0:
+        return {"difference": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "p_value": float("nan")}
+    rng = np.random.default_rng(seed)
+    boot = np.concatenate([diff[chunk].mean(axis=1) for chunk in bootstrap_draws(diff.size, resamples, rng)])
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(boot, [tail, 1.0 - tail])
+    return {"difference": float(diff.mean()), "ci_low": float(low), "ci_high": float(high),
+            "p_value": sign_flip_p_value(diff, resamples, rng)}
 
 
 def sign_flip_p_value(diff: np.ndarray, resamples: int, rng: np.random.Generator) -> float:

@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.utils import logging as hf_logging
 
+from kgtok.llm.finetune import level_metrics
+
 
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
@@ -111,8 +113,7 @@ class TrainingConsole(TrainerCallback):
         if not state.is_world_process_zero or not metrics or "eval_loss" not in metrics:
             return
         codes = metrics.get("eval_code_token_loss")
-        levels = [v for _, v in sorted((int(k.rsplit("_", 1)[1]), v) for k, v in metrics.items()
-                                       if k.startswith("eval_code_token_loss_level_"))]
+        levels = level_metrics(metrics)
         if self.steps is not None:
             self.losses["valid_loss"] = f"{metrics['eval_loss']:.3f}"
             if codes is not None:

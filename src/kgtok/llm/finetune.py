@@ -206,6 +206,8 @@ class AnswerLoss:
         if len(self.levels) != len(self.code_ids):
             raise ValueError(f"AnswerLoss: {len(self.levels)} levels for {len(self.code_ids)} code ids")
         self.width = max(self.levels, default=-1) + 1
+        order = np.argsort(self.code_ids)  # sorted, so that a token's level is found by binary search
+        self.sorted_ids, self.sorted_levels = np.asarray(self.code_ids)[order], np.asarray(self.levels)[order]
         self.reset()
 
     def reset(self) -> None:
@@ -218,13 +220,12 @@ class AnswerLoss:
         if self.code_ids and not torch.is_grad_enabled():
             logits = outputs.logits[:, :-1].float()  # (batch, answer, V)
             target = labels[:, -logits.shape[1]:]  # (batch, answer)
-            ids = torch.tensor(self.code_ids, device=target.device)
+            ids = torch.as_tensor(self.sorted_ids, device=target.device)
             codes = torch.isin(target, ids)
             if codes.any():
                 losses = torch.nn.functional.cross_entropy(logits[codes], target[codes], reduction="none")
-                order = torch.argsort(ids)  # the level of each code token: its id's place among the code ids
-                where = order[torch.searchsorted(ids[order], target[codes])]
-                level = torch.tensor(self.levels, device=target.device)[where]
+                level = torch.as_tensor(self.sorted_levels, device=target.device)[
+                    torch.searchsorted(ids, target[codes])]
                 self.totals += torch.bincount(level, weights=losses.double(), minlength=self.width).cpu().numpy()
                 self.counts += torch.bincount(level, minlength=self.width).cpu().numpy()
         return loss
@@ -245,6 +246,12 @@ class AnswerLoss:
         """Mean loss of the code tokens of each level since :meth:`reset` (nan for a level with none)."""
         totals, counts = self._reduced(accelerator)
         return [float(t / c) if c else math.nan for t, c in zip(totals, counts)]
+
+
+def level_metrics(metrics: dict[str, Any], prefix: str = "eval") -> list[float]:
+    """The per-level code-token losses (level 1 first) that an LM-valid pass put in ``metrics``."""
+    key = f"{prefix}_code_token_loss_level_"
+    return [v for _, v in sorted((int(k[len(key):]), v) for k, v in metrics.items() if k.startswith(key))]
 
 
 def trainer_class() -> type:
@@ -417,8 +424,7 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     train_loss = mean_train_loss(trainer.state.log_history, done_before, result.training_loss, result.global_step)
     code_losses = [h for h in trainer.state.log_history if "eval_code_token_loss" in h]
-    by_level = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in (code_losses[-1] if code_losses else {}).items()
-                      if k.startswith("eval_code_token_loss_level_"))
+    by_level = level_metrics(code_losses[-1]) if code_losses else []
     metrics = {
         "backbone": str(backbone), "adapter": "full" if full else "lora", "trainable_parameters": trainable,
         "parameters": sum(p.numel() for p in merged.parameters()), "new_tokens": len(new_ids),
@@ -429,7 +435,7 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
         "processes": state.num_processes, "learning_rate": learning_rate,
         **{f"prompts_{key}": n for key, n in budget_counts(train_set).items()},
         **({"valid_code_token_loss": code_losses[-1]["eval_code_token_loss"]} if code_losses else {}),
-        **({"valid_code_token_loss_by_level": [v for _, v in by_level]} if by_level else {}),
+        **({"valid_code_token_loss_by_level": by_level} if by_level else {}),
     }
     write_json_atomic(FinetuneArtifact(dest).metrics_path, {**metrics, "history": list(trainer.state.log_history)})
     ctx.log(f"finetune: {metrics['adapter']} training of {backbone.name}, {result.global_step} steps, "
