@@ -21,8 +21,6 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.utils import logging as hf_logging
 
-from kgtok.llm.finetune import level_metrics
-
 
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
@@ -51,6 +49,13 @@ class LossAtCheckpoints(TrainerCallback):
         if control.should_save:  # set by the Trainer's flow callback, which runs before this one
             control.should_log = True
         return control
+
+
+def level_metrics(metrics: dict[str, Any], prefix: str = "eval") -> list[float]:
+    """The per-level code-token losses (level 1 first) that an LM-valid pass put in ``metrics``
+    (:class:`kgtok.llm.finetune.AnswerLoss`)."""
+    key = f"{prefix}_code_token_loss_level_"
+    return [v for _, v in sorted((int(k[len(key):]), v) for k, v in metrics.items() if k.startswith(key))]
 
 
 class TrainingConsole(TrainerCallback):

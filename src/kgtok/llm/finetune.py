@@ -248,12 +248,6 @@ class AnswerLoss:
         return [float(t / c) if c else math.nan for t, c in zip(totals, counts)]
 
 
-def level_metrics(metrics: dict[str, Any], prefix: str = "eval") -> list[float]:
-    """The per-level code-token losses (level 1 first) that an LM-valid pass put in ``metrics``."""
-    key = f"{prefix}_code_token_loss_level_"
-    return [v for _, v in sorted((int(k[len(key):]), v) for k, v in metrics.items() if k.startswith(key))]
-
-
 def trainer_class() -> type:
     """The Hugging Face Trainer plus the new rows' learning rate (:class:`NewTokenRate`) and, per LM-valid
     pass, ``eval_code_token_loss`` (:class:`AnswerLoss`): when it stops falling the codes are learnt."""
@@ -381,7 +375,7 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     from accelerate import PartialState
     from transformers import set_seed
 
-    from kgtok.llm.console import quiet_libraries
+    from kgtok.llm.console import level_metrics, quiet_libraries
 
     instructions = InstructArtifact(inputs["instructions"])
     train_records = read_jsonl(instructions.split("lm_train"))
