@@ -21,7 +21,9 @@ re-rank; training tokens/s; evaluation queries/s; seconds per stage; then the
 comparison table of :mod:`kgtok.llm.compare` (every ranker of every variant
 against the retriever and against no_codes: paired difference, 95% bootstrap
 CI, p-value), the fusion weight each variant chose on LM-valid, and the
-differences with p < 0.05.
+differences with p < 0.05.  ``--reuse VARIANT=DIR`` takes a finished variant of an earlier run
+(another ``--tag``) instead of training it again, when its configs and upstream artifacts are this run's:
+e.g. the no-IDs and ReaLM rows added beside earlier codes and random-ID runs for one headline.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from _common import command, machine, write_result  # noqa: E402
 
 from ablation import comparison_text  # noqa: E402
 
-from kgtok.config import load_config  # noqa: E402
+from kgtok.artifacts import hash_inputs, read_manifest  # noqa: E402
+from kgtok.config import config_to_dict, load_config, result_config, saved_result_config  # noqa: E402
 from kgtok.llm.compare import (comparison_rows, difference_lines, evaluation_ranks, headline, paired_runs,  # noqa: E402
                                significant)
 from kgtok.metrics import format_difference, paired_comparison  # noqa: E402
@@ -63,12 +66,9 @@ def class_effect(evaluate_dir: Path) -> dict:
 IDS = {"codes": "codes", "random_ids": "random", "no_codes": "none", "codes_classes": "codes", "realm_codes": "codes"}
 
 
-def run_variant(job: dict) -> dict[str, float]:
-    """One variant's instructions, fine-tuning and evaluation (each stage resumes); seconds per stage.
-    Module-level: ``--jobs`` runs it in other processes."""
-    warnings.simplefilter("ignore")
-    variant, out, run_dir, groups, mine, t = (job[k] for k in ("variant", "out", "run_dir", "groups", "own",
-                                                                "threads"))
+def variant_configs(job: dict) -> tuple[InstructConfig, FinetuneConfig, EvaluateConfig, Path | None]:
+    """One variant's stage-5 configs and its codes (None without IDs), from the shared and its own overrides."""
+    variant, run_dir, groups, mine, t = (job[k] for k in ("variant", "run_dir", "groups", "own", "threads"))
     ids = IDS.get(variant, "random" if variant.startswith("random_ids_") else "codes")
     prefix = ["class_prefix=true"] if variant == "codes_classes" else []
     instruct = load_config(InstructConfig, None, [f"ids={ids}", *prefix, *groups["instruct"],
@@ -78,10 +78,19 @@ def run_variant(job: dict) -> dict[str, float]:
     evaluate = load_config(EvaluateConfig, None, [f"threads={t}", f"max_queries={job['max_queries']}",
                                                   *groups["evaluate"], *mine.get("evaluate", [])])
     codes = None if ids == "none" else run_dir / ("quantize-realm" if variant == "realm_codes" else "quantize")
+    return instruct, finetune, evaluate, codes
+
+
+def run_variant(job: dict) -> dict[str, float]:
+    """One variant's instructions, fine-tuning and evaluation (each stage resumes); seconds per stage.
+    Module-level: ``--jobs`` runs it in other processes."""
+    warnings.simplefilter("ignore")
+    variant, out = job["variant"], job["out"]
+    instruct, finetune, evaluate, codes = variant_configs(job)
     timings = {}
     begin = time.perf_counter()
-    run_instruct(instruct, job["kg_dir"], run_dir / "embed", out / "instruct", codes=codes,
-                 classes=job["classes"] if prefix else None, log=lambda *_: None)
+    run_instruct(instruct, job["kg_dir"], job["run_dir"] / "embed", out / "instruct", codes=codes,
+                 classes=job["classes"] if instruct.class_prefix else None, log=lambda *_: None)
     timings["instruct"] = time.perf_counter() - begin
     begin = time.perf_counter()
     run_finetune(finetune, out / "instruct", out / "finetune", codes=codes, progress=False,
@@ -92,6 +101,32 @@ def run_variant(job: dict) -> dict[str, float]:
                  log=lambda line: print(f"{variant}: {line}", flush=True))  # the KG: the generative ranker's filter
     timings["evaluate"] = time.perf_counter() - begin
     return timings
+
+
+def reused_variant(job: dict, folder: Path) -> dict[str, float]:
+    """A finished variant folder of an earlier run (another ``--tag``), taken as it is when it is the run this
+    command would make: the same stage-5 configs (machine fields aside) on the same stage-1 and stage-4
+    artifacts; seconds per stage from its manifests."""
+    configs = variant_configs(job)
+    where = f"--reuse {job['variant']}={folder}"
+    manifests = {}
+    for stage, config in zip(("instruct", "finetune", "evaluate"), configs[:3]):
+        manifest = read_manifest(folder / stage)
+        if manifest is None:  # written last: a stage killed half-way has none
+            raise SystemExit(f"{where}: no finished {stage} in {folder / stage}")
+        saved, mine = saved_result_config(manifest["config"], type(config)), result_config(config_to_dict(config),
+                                                                                          type(config))
+        changed = sorted(k for k in saved.keys() | mine.keys() if saved.get(k) != mine.get(k))
+        if changed:
+            raise SystemExit(f"{where}: its {stage} config differs from this run's in {', '.join(changed)} "
+                             f"(e.g. {changed[0]}: {saved.get(changed[0])!r} there, {mine.get(changed[0])!r} here)")
+        manifests[stage] = manifest
+    upstream = hash_inputs({"embeddings": job["run_dir"] / "embed",
+                            **({"codes": configs[3]} if configs[3] is not None else {})})
+    made_on = {k: manifests["instruct"]["inputs"].get(k) for k in upstream}
+    if made_on != upstream:
+        raise SystemExit(f"{where}: made from other stage-1 or stage-4 artifacts than {job['run_dir']}'s")
+    return {stage: manifest.get("timings", {}).get("total", 0.0) for stage, manifest in manifests.items()}
 
 
 def run_headline(runs: dict[str, Path]) -> dict | None:
@@ -158,6 +193,9 @@ def main() -> None:
     parser.add_argument("--skip-upstream", action="store_true",
                         help="use the run folder's stage-1 and stage-4 artifacts as they are, without checking "
                              "stages 0-4 (a run carried to a machine without the sentence encoder)")
+    parser.add_argument("--reuse", action="append", default=[], metavar="VARIANT=DIR",
+                        help="take a finished variant folder of an earlier run (e.g. another --tag) instead of "
+                             "training it again; refused unless its configs and upstream artifacts are this run's")
     parser.add_argument("--note", default="", help="recorded with the result (e.g. whether the machine was shared)")
     parser.add_argument("overrides", nargs="*", help="run.*, instruct.*, finetune.*, evaluate.*, realm.* = value")
     args = parser.parse_args()
@@ -205,8 +243,16 @@ def main() -> None:
         classes.write_text("".join(f"{name}\t{kg.entity_types[i, 0]}\n" for i, name in enumerate(kg.entity_names)))
     elif args.classes:
         classes = Path(args.classes)
+    reused = {}
+    for item in args.reuse:
+        name, _, folder = item.partition("=")
+        if name not in variants or not folder:
+            raise SystemExit(f"--reuse {item!r}: expected VARIANT=DIR with VARIANT in --variants")
+        reused[name] = Path(folder)
+
     def variant_dir(variant: str) -> Path:  # one folder per variant under the run, e.g. llm-tiny-t-codes
-        return run_dir / f"llm-{args.backbone.replace('/', '_')}{args.tag and '-' + args.tag}-{variant}"
+        return reused.get(variant) or \
+            run_dir / f"llm-{args.backbone.replace('/', '_')}{args.tag and '-' + args.tag}-{variant}"
 
     if "realm_codes" in variants:  # ReaLM's codes of the same stage-1 vectors
         # At the run's code shape unless realm.* says otherwise: ReaLM's own 32 levels would put ~700 code tokens
@@ -224,15 +270,17 @@ def main() -> None:
     jobs = [{"variant": v, "out": variant_dir(v), "run_dir": run_dir, "kg_dir": kg_dir, "classes": classes,
              "backbone": args.backbone, "threads": t, "max_queries": args.max_queries, "groups": groups,
              "own": own.get(v, {})} for v in variants]
+    timed = {job["variant"]: reused_variant(job, job["out"]) for job in jobs if job["variant"] in reused}
+    jobs = [job for job in jobs if job["variant"] not in reused]
     if args.jobs > 1:  # variants at once, each in its own process (e.g. several small LMs on one GPU)
         if args.backbone == "smollm2-135m":
             from kgtok.llm.backbone import convert_smollm2
 
             convert_smollm2()  # once, before the processes that read it
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-            timed = dict(zip(variants, pool.map(run_variant, jobs)))
+            timed.update(zip([job["variant"] for job in jobs], pool.map(run_variant, jobs)))
     else:
-        timed = {job["variant"]: run_variant(job) for job in jobs}
+        timed.update({job["variant"]: run_variant(job) for job in jobs})
     for variant in variants:
         out, mine, timings = variant_dir(variant), own.get(variant, {}), timed[variant]
         metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
@@ -267,6 +315,7 @@ def main() -> None:
                  or k.startswith("eval_code_token_loss")}
                 for h in trained.get("history", []) if "eval_loss" in h],
             f"{variant}_overrides": mine,
+            **({f"{variant}_reused_from": str(out)} if variant in reused else {}),
             f"{variant}_seconds": {k: round(v, 1) for k, v in timings.items()},
         })
         print(f"{variant}: DIFT Hits@1 {metrics['dift_hits_at_1']:.3f}, re-rank Hits@1 "

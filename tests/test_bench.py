@@ -118,6 +118,24 @@ def test_llm_compare_runs_realm_codes_and_a_switch_variant(tmp_path):
     instructed = (tmp_path / "run" / "llm-tiny-t-realm_codes" / "instruct" / "test.jsonl").read_text()
     assert "<" in instructed  # codes in the prompts
     assert "GS-Quant codes minus ReaLM codes" in (results / "llm_synthetic_t.md").read_text()
+    # --reuse: a finished variant folder of another tag, taken as it is when it is the run this command makes.
+    def compare(tag: str, variants: str, *reuse: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(BENCH / "llm_compare.py"), "--dataset", "synthetic",
+                               "--run-dir", str(tmp_path / "run"), "--threads", "1", "--max-queries", "8",
+                               "--tag", tag, "--variants", variants, *[f"--reuse={r}" for r in reuse], *run, *tiny],
+                              env={**environment(tmp_path), "KGTOK_BENCH_RESULTS": str(results)},
+                              capture_output=True, text=True, timeout=300)
+
+    done = compare("u", "codes", f"codes={tmp_path / 'run' / 'llm-tiny-t-codes'}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reused = json.loads((results / "llm_synthetic_u.json").read_text())["synthetic"]
+    assert reused["codes_reused_from"] == str(tmp_path / "run" / "llm-tiny-t-codes")
+    assert reused["codes_rerank_hits_at_1"] == record["codes_rerank_hits_at_1"]
+    assert not (tmp_path / "run" / "llm-tiny-u-codes").exists()  # nothing trained again
+    other = compare("u", "codes", f"codes={tmp_path / 'run' / 'llm-tiny-t-codes_names'}")  # another init
+    assert other.returncode != 0 and "finetune config differs from this run's in embedding_init" in other.stderr
+    other = compare("u", "codes", f"codes={tmp_path / 'run' / 'llm-tiny-t-realm_codes'}")  # ReaLM's codes
+    assert other.returncode != 0 and "other stage-1 or stage-4 artifacts" in other.stderr
     # compare_runs rewrites the comparisons from the evaluations and keeps GS-Quant minus ReaLM in the markdown.
     runs = [f"{v}={tmp_path / 'run' / f'llm-tiny-t-{v}' / 'evaluate'}" for v in ("codes", "realm_codes")]
     redone = subprocess.run([sys.executable, str(BENCH / "compare_runs.py"), "--result", "llm_synthetic_t",
