@@ -225,6 +225,10 @@ def test_issue15_benchmark_dry_run_writes_the_summary(tmp_path):
     assert graph["hits_at_1"]["retriever"] == record["retriever_hits_at_1"] and graph["queries"] == 8
     assert summary["targets"]["graphs"] == 1 and not summary["targets"]["codes_target_met"]
     assert "| synthetic | 8 |" in (results / "llm_tiny_summary.md").read_text()
+    # 8 test queries: under the benchmark's 500, said so beside the targets.
+    assert summary["targets"]["under_min_queries"] == ["synthetic"] and graph["steps"] == record["codes_steps"]
+    assert "than the benchmark's 500 (too few to settle a target) on: synthetic" in \
+        (results / "llm_tiny_summary.md").read_text()
     # Issue 15 item 4: every row with IDs also ranks by generation over every entity (10 beams by default).
     assert 0 <= record["codes_generative_hits_at_1"] <= record["codes_generative_hits_at_10"] <= 1
     assert "no_codes_generative_hits_at_1" not in record and "realm_codes_generative_mrr" in record
