@@ -15,7 +15,9 @@ answer's tokens of that level under teacher forcing (:class:`kgtok.llm.finetune.
 fine-tuning logs as ``eval_code_token_loss_level_<l>``); for each ``--pair A:B`` the paired difference A - B
 per level over the queries both have (by query id): mean, 95% bootstrap CI, sign-flip p. Adds
 ``code_levels`` to bench/results/<result>.json under ``--dataset`` and a section to its .md. No test
-split is read.
+split is read.  ``--init CODES_DIR`` measures the same runs as their fine-tuning started them (rows
+initialised, e.g. from names, nothing trained), as ``code_levels_init``: whether a level's advantage was
+learnt or was there from the start.
 """
 
 from __future__ import annotations
@@ -33,8 +35,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command, machine  # noqa: E402
 
 
-def level_losses(variant: Path) -> tuple[list[str], np.ndarray]:
-    """LM-valid query ids and (queries, levels) mean loss of each level's answer tokens (nan: none there)."""
+def initial_model(variant: Path, codes: Path, work: Path) -> tuple[Any, Any]:
+    """The model and tokenizer as ``variant``'s fine-tuning started them: its config, backbone and code rows
+    initialised (``embedding_init``), nothing trained (LoRA starts as the identity, so it is left out)."""
+    from kgtok.config import config_from_dict
+    from kgtok.llm.config import FinetuneConfig
+    from kgtok.llm.finetune import load_backbone, read_entities
+    from kgtok.llm.layout import InstructArtifact
+    from kgtok.llm.prompts import read_jsonl, training_text
+
+    saved = json.loads((variant / "finetune" / "manifest.json").read_text())["config"]
+    config = config_from_dict(FinetuneConfig, saved)
+    instructions = InstructArtifact(variant / "instruct")
+    records = [r for split in ("lm_train", "lm_valid") for r in read_jsonl(instructions.split(split))]
+    entities = read_entities(instructions) if config.embedding_init == "names" else None
+    model, tokenizer, _, _ = load_backbone(config, [training_text(r) for r in records], work, codes, entities)
+    return model.eval(), tokenizer
+
+
+def level_losses(variant: Path, init_codes: Path | None = None) -> tuple[list[str], np.ndarray]:
+    """LM-valid query ids and (queries, levels) mean loss of each level's answer tokens (nan: none there); with
+    ``init_codes`` (the run's stage-4 folder) of the model before fine-tuning (:func:`initial_model`)."""
+    import tempfile
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -44,14 +67,20 @@ def level_losses(variant: Path) -> tuple[list[str], np.ndarray]:
     from kgtok.llm.vocab import code_levels
 
     manifest = json.loads((variant / "finetune" / "manifest.json").read_text())
-    model_dir = FinetuneArtifact(variant / "finetune").model
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = None
+    if init_codes is not None:
+        with tempfile.TemporaryDirectory() as work:  # a tiny backbone is built there, as fine-tuning does
+            model, tokenizer = initial_model(variant, init_codes, Path(work))
+    else:
+        model_dir = FinetuneArtifact(variant / "finetune").model
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # The code tokens the fine-tuning added, in the order added (level by level; code_vocabulary's order).
     tokens = [t for i, t in sorted((i, t) for t, i in tokenizer.get_added_vocab().items())
               if re.fullmatch(r"<[a-z]+_\d+>", t)]
     if not tokens:
         raise SystemExit(f"{variant}: its fine-tuning added no code tokens (no IDs): nothing to measure per level")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     loss = AnswerLoss(tokenizer.convert_tokens_to_ids(tokens), code_levels(tokens))
     records = read_jsonl(InstructArtifact(variant / "instruct").split("lm_valid"))
     examples = encode_examples(tokenizer, records, manifest["config"]["max_length"])  # as in training
@@ -89,8 +118,13 @@ def paired_levels(a: tuple[list[str], np.ndarray], b: tuple[list[str], np.ndarra
     return out
 
 
-def section(record: dict[str, Any]) -> str:
-    lines = ["", "## Code-token loss per level on LM-valid (teacher forcing; lower is better)", ""]
+TRAINED = "## Code-token loss per level on LM-valid (teacher forcing; lower is better)"
+INITIAL = ("## Code-token loss per level at initialisation, on LM-valid (the models as fine-tuning starts them: "
+           "code rows initialised, nothing trained; teacher forcing; lower is better)")
+
+
+def section(record: dict[str, Any], heading: str = TRAINED) -> str:
+    lines = ["", heading, ""]
     for label, row in record["runs"].items():
         lines.append(f"- {label}: " + ", ".join(f"level {i + 1} {v:.3f}" for i, v in enumerate(row["mean"]))
                      + f" ({row['queries']} queries)")
@@ -119,12 +153,17 @@ def main() -> None:
     parser.add_argument("--run", action="append", required=True, metavar="LABEL=VARIANT")
     parser.add_argument("--pair", action="append", default=[], metavar="A:B")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--init", default=None, metavar="CODES_DIR",
+                        help="measure the models as fine-tuning starts them (code rows initialised, nothing "
+                             "trained), with the run's stage-4 folder: does a level's difference come from the "
+                             "initialisation or from training? Recorded as code_levels_init")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     runs = dict(item.split("=", 1) for item in args.run)
-    losses = {label: level_losses(Path(path)) for label, path in runs.items()}
+    init = Path(args.init) if args.init else None
+    losses = {label: level_losses(Path(path), init) for label, path in runs.items()}
     pairs = {}
     for item in args.pair:
         a, _, b = item.partition(":")
@@ -137,11 +176,12 @@ def main() -> None:
               "pairs": pairs, "command": command(), "machine": machine()}
     path = RESULTS / f"{args.result}.json"
     data = json.loads(path.read_text()) if path.exists() else {}
-    data.setdefault(args.dataset, {})["code_levels"] = record
+    data.setdefault(args.dataset, {})["code_levels_init" if init else "code_levels"] = record
     path.write_text(json.dumps(data, indent=2) + "\n")
     md = RESULTS / f"{args.result}.md"
-    md.write_text(with_section(md.read_text() if md.exists() else f"# {args.result}\n", section(record)))
-    print(section(record))
+    text = section(record, INITIAL if init else TRAINED)
+    md.write_text(with_section(md.read_text() if md.exists() else f"# {args.result}\n", text))
+    print(text)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,29 @@ def test_llm_compare_runs_realm_codes_and_a_switch_variant(tmp_path):
     assert other.returncode != 0 and "finetune config differs from this run's in embedding_init" in other.stderr
     other = compare("u", "codes", f"codes={tmp_path / 'run' / 'llm-tiny-t-realm_codes'}")  # ReaLM's codes
     assert other.returncode != 0 and "other stage-1 or stage-4 artifacts" in other.stderr
+    # llm_code_levels: per code level on LM-valid, the trained runs and (--init) the same runs as fine-tuning
+    # started them; each its own key and markdown section, neither replacing the other.
+    def levels(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(BENCH / "llm_code_levels.py"), "--result", "llm_synthetic_t",
+                               "--dataset", "synthetic", "--run", f"codes={tmp_path / 'run' / 'llm-tiny-t-codes'}",
+                               "--run", f"names={tmp_path / 'run' / 'llm-tiny-t-codes_names'}",
+                               "--pair", "codes:names", *extra],
+                              env={**environment(tmp_path), "KGTOK_BENCH_RESULTS": str(results)},
+                              capture_output=True, text=True, timeout=300)
+
+    for extra in ((), ("--init", str(tmp_path / "run" / "quantize")), ()):
+        done = levels(*extra)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    measured = json.loads((results / "llm_synthetic_t.json").read_text())["synthetic"]
+    trained, initial = measured["code_levels"], measured["code_levels_init"]
+    assert trained["runs"]["codes"]["queries"] == initial["runs"]["codes"]["queries"] > 0
+    assert all(np.isfinite(trained["runs"]["codes"]["mean"])) and all(np.isfinite(initial["runs"]["codes"]["mean"]))
+    # The models before training (codebook rows, names rows) are not the trained ones, and not each other.
+    assert trained["runs"]["codes"]["mean"] != initial["runs"]["codes"]["mean"]
+    assert initial["runs"]["codes"]["mean"] != initial["runs"]["names"]["mean"]
+    text = (results / "llm_synthetic_t.md").read_text()
+    assert text.count("## Code-token loss per level on LM-valid") == 1
+    assert text.count("## Code-token loss per level at initialisation") == 1
     # compare_runs rewrites the comparisons from the evaluations and keeps GS-Quant minus ReaLM in the markdown.
     runs = [f"{v}={tmp_path / 'run' / f'llm-tiny-t-{v}' / 'evaluate'}" for v in ("codes", "realm_codes")]
     redone = subprocess.run([sys.executable, str(BENCH / "compare_runs.py"), "--result", "llm_synthetic_t",
