@@ -56,7 +56,7 @@ def graph_summary(source: str, record: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
-MIN_QUERIES = 500  # the issue's benchmark: at least 500 test queries a graph (all where fewer)
+MIN_QUERIES = 500  # the issue's benchmark: at least 500 test queries a graph (a graph with fewer in all is flagged too)
 
 
 def targets(graphs: dict[str, dict[str, Any]], alpha: float = 0.05) -> dict[str, Any]:
@@ -71,7 +71,8 @@ def targets(graphs: dict[str, dict[str, Any]], alpha: float = 0.05) -> dict[str,
     return {"codes_beat_none_and_random_on": codes, "codes_target_met": len(codes) >= 2,
             "lm_beats_retriever_on": lm, "lm_target_met": len(lm) >= 2, "alpha": alpha, "graphs": len(graphs),
             # Too few queries to count toward the targets as the issue sets them (a CPU run's first look).
-            "min_queries": MIN_QUERIES, "under_min_queries": [k for k, e in graphs.items() if e["queries"] < MIN_QUERIES]}
+            "min_queries": MIN_QUERIES,
+            "under_min_queries": [k for k, e in graphs.items() if e["queries"] < MIN_QUERIES]}
 
 
 def difference(entry: dict[str, Any], prefix: str) -> str:
