@@ -35,16 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command, machine  # noqa: E402
 
 
-def initial_model(variant: Path, codes: Path, work: Path) -> tuple[Any, Any]:
-    """The model and tokenizer as ``variant``'s fine-tuning started them: its config, backbone and code rows
-    initialised (``embedding_init``), nothing trained (LoRA starts as the identity, so it is left out)."""
+def initial_model(variant: Path, saved: dict[str, Any], codes: Path, work: Path) -> tuple[Any, Any]:
+    """The model and tokenizer as ``variant``'s fine-tuning (its saved config) started them: backbone and code
+    rows initialised (``embedding_init``), nothing trained (LoRA starts as the identity, so it is left out)."""
     from kgtok.config import config_from_dict
     from kgtok.llm.config import FinetuneConfig
     from kgtok.llm.finetune import load_backbone, read_entities
     from kgtok.llm.layout import InstructArtifact
     from kgtok.llm.prompts import read_jsonl, training_text
 
-    saved = json.loads((variant / "finetune" / "manifest.json").read_text())["config"]
     config = config_from_dict(FinetuneConfig, saved)
     instructions = InstructArtifact(variant / "instruct")
     records = [r for split in ("lm_train", "lm_valid") for r in read_jsonl(instructions.split(split))]
@@ -67,20 +66,18 @@ def level_losses(variant: Path, init_codes: Path | None = None) -> tuple[list[st
     from kgtok.llm.vocab import code_levels
 
     manifest = json.loads((variant / "finetune" / "manifest.json").read_text())
-    model = None
     if init_codes is not None:
         with tempfile.TemporaryDirectory() as work:  # a tiny backbone is built there, as fine-tuning does
-            model, tokenizer = initial_model(variant, init_codes, Path(work))
+            model, tokenizer = initial_model(variant, manifest["config"], init_codes, Path(work))
     else:
         model_dir = FinetuneArtifact(variant / "finetune").model
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     # The code tokens the fine-tuning added, in the order added (level by level; code_vocabulary's order).
     tokens = [t for i, t in sorted((i, t) for t, i in tokenizer.get_added_vocab().items())
               if re.fullmatch(r"<[a-z]+_\d+>", t)]
     if not tokens:
         raise SystemExit(f"{variant}: its fine-tuning added no code tokens (no IDs): nothing to measure per level")
-    if model is None:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     loss = AnswerLoss(tokenizer.convert_tokens_to_ids(tokens), code_levels(tokens))
     records = read_jsonl(InstructArtifact(variant / "instruct").split("lm_valid"))
     examples = encode_examples(tokenizer, records, manifest["config"]["max_length"])  # as in training

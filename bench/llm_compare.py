@@ -43,7 +43,7 @@ from _common import command, machine, write_result  # noqa: E402
 from ablation import comparison_text  # noqa: E402
 
 from kgtok.artifacts import hash_inputs, read_manifest  # noqa: E402
-from kgtok.config import config_to_dict, load_config, result_config, saved_result_config  # noqa: E402
+from kgtok.config import config_changes, load_config  # noqa: E402
 from kgtok.llm.compare import (comparison_rows, difference_lines, evaluation_ranks, headline, paired_runs,  # noqa: E402
                                significant)
 from kgtok.metrics import format_difference, paired_comparison  # noqa: E402
@@ -114,12 +114,9 @@ def reused_variant(job: dict, folder: Path) -> dict[str, float]:
         manifest = read_manifest(folder / stage)
         if manifest is None:  # written last: a stage killed half-way has none
             raise SystemExit(f"{where}: no finished {stage} in {folder / stage}")
-        saved, mine = saved_result_config(manifest["config"], type(config)), result_config(config_to_dict(config),
-                                                                                          type(config))
-        changed = sorted(k for k in saved.keys() | mine.keys() if saved.get(k) != mine.get(k))
+        changed = sorted(sum(config_changes(manifest["config"], config), []))  # machine fields aside
         if changed:
-            raise SystemExit(f"{where}: its {stage} config differs from this run's in {', '.join(changed)} "
-                             f"(e.g. {changed[0]}: {saved.get(changed[0])!r} there, {mine.get(changed[0])!r} here)")
+            raise SystemExit(f"{where}: its {stage} config differs from this run's in {', '.join(changed)}")
         manifests[stage] = manifest
     upstream = hash_inputs({"embeddings": job["run_dir"] / "embed",
                             **({"codes": configs[3]} if configs[3] is not None else {})})
