@@ -50,6 +50,7 @@ from kgtok.metrics import format_difference, paired_comparison  # noqa: E402
 from kgtok.llm import InstructConfig, run_instruct  # noqa: E402
 from kgtok.llm.evaluate import EvaluateConfig, run_evaluate  # noqa: E402
 from kgtok.llm.finetune import FinetuneConfig, run_finetune  # noqa: E402
+from kgtok.llm.layout import InstructArtifact  # noqa: E402
 from kgtok.pipeline import RunConfig, run  # noqa: E402
 from kgtok.quantize import QuantizeConfig, run_quantize  # noqa: E402
 
@@ -284,7 +285,9 @@ def main() -> None:
         trained = json.loads((out / "finetune" / "metrics.json").read_text())
         if "retriever_mrr" not in record:
             record.update(retriever_mrr=metrics["retriever_mrr"], retriever_hits_at_1=metrics["retriever_hits_at_1"],
-                          gold_in_candidates=metrics["gold_in_candidates"], queries=metrics["queries"])
+                          gold_in_candidates=metrics["gold_in_candidates"], queries=metrics["queries"],
+                          # all the graph's test queries: "queries" is all of them unless --max-queries cut it
+                          test_queries=sum(1 for _ in InstructArtifact(out / "instruct").split("test").open()))
         record.update({
             f"{variant}_dift_mrr": metrics["dift_mrr"], f"{variant}_dift_hits_at_1": metrics["dift_hits_at_1"],
             f"{variant}_rerank_mrr": metrics["rerank_mrr"], f"{variant}_rerank_hits_at_1": metrics["rerank_hits_at_1"],
