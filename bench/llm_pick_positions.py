@@ -24,32 +24,31 @@ from scipy.stats import binomtest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
 
+from kgtok.llm.layout import EvaluateArtifact, InstructArtifact  # noqa: E402
+from kgtok.llm.prompts import read_jsonl  # noqa: E402
+
 FIRST_ID = re.compile(r"<([^>_]+_\d+)>")
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def pick_positions(variant: Path) -> dict[str, Any]:
     """Share of picks that are stage 1's first candidate, mean pick position, and the first-ID test."""
-    predictions = _jsonl(variant / "evaluate" / "predictions.jsonl")
+    instruct = InstructArtifact(variant / "instruct")
+    predictions = read_jsonl(EvaluateArtifact(variant / "evaluate").predictions)
     position = np.array([p["pick_position"] for p in predictions], dtype=float)
     record: dict[str, Any] = {"queries": len(predictions), "pick_is_first": float(np.mean(position == 1)),
                               "mean_pick_position": float(position.mean())}
-    entities = variant / "instruct" / "entities.jsonl"
-    if not entities.exists():  # no IDs: nothing to share
+    if not instruct.entities.exists():  # no IDs: nothing to share
         return record
-    first = {e["entity"]: FIRST_ID.findall(e["ids"])[0] for e in _jsonl(entities)}
-    lists = {q["id"]: q["candidates"] for q in _jsonl(variant / "instruct" / "test.jsonl")}
+    first = {row["entity"]: FIRST_ID.findall(row["ids"])[0] for row in read_jsonl(instruct.entities)}
+    lists = {q["id"]: q["candidates"] for q in read_jsonl(instruct.split("test"))}
     wrong = [p for p in predictions if p["gold_index"] >= 0 and p["pick"] != p["gold"]]
     shares = np.array([first[p["pick"]] == first[p["gold"]] for p in wrong])
     expected = np.array([np.mean([first[c] == first[p["gold"]] for c in lists[p["id"]] if c != p["gold"]])
                          for p in wrong])
-    k, n, e = int(shares.sum()), len(wrong), float(expected.mean()) if len(wrong) else 0.0
+    k, n, chance = int(shares.sum()), len(wrong), float(expected.mean()) if len(wrong) else 0.0
     record.update(wrong_picks_gold_in_list=n, wrong_pick_shares_first_id=k / n if n else 0.0,
-                  uniform_wrong_pick_shares_first_id=e,
-                  first_id_p=float(binomtest(k, n, e).pvalue) if n and 0 < e < 1 else 1.0)
+                  uniform_wrong_pick_shares_first_id=chance,
+                  first_id_p=float(binomtest(k, n, chance).pvalue) if n and 0 < chance < 1 else 1.0)
     return record
 
 
@@ -61,7 +60,7 @@ def main() -> None:
     record: dict[str, Any] = {}
     for item in args.runs:
         label, _, folder = item.partition("=")
-        if not folder or not (Path(folder) / "evaluate" / "predictions.jsonl").exists():
+        if not folder or not EvaluateArtifact(Path(folder) / "evaluate").predictions.exists():
             parser.error(f"{item}: give label=DIR, DIR a stage-5 variant folder with evaluate/predictions.jsonl")
         for key, value in pick_positions(Path(folder)).items():
             record[f"{label}_{key}"] = value

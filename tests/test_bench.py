@@ -248,7 +248,7 @@ def test_issue15_benchmark_dry_run_writes_the_summary(tmp_path):
     assert graph["hits_at_1"]["retriever"] == record["retriever_hits_at_1"] and graph["queries"] == 8
     assert summary["targets"]["graphs"] == 1 and not summary["targets"]["codes_target_met"]
     assert "| synthetic | 8 |" in (results / "llm_tiny_summary.md").read_text()
-    # 8 test queries of more: under the benchmark's 500, said so beside the targets.
+    # 8 test queries of the graph's more: under the benchmark's 500, said so beside the targets.
     assert record["test_queries"] > 8 and graph["test_queries"] == record["test_queries"]
     assert summary["targets"]["under_min_queries"] == ["synthetic"] and graph["steps"] == record["codes_steps"]
     assert "than the benchmark's 500, and not all the graph has (too few to settle a target) on: synthetic" in \
