@@ -371,3 +371,37 @@ def test_pick_positions_compare_wrong_picks_first_id_with_a_uniform_wrong_pick(t
     assert record["uniform_wrong_pick_shares_first_id"] == pytest.approx(1 / 3)
     (tmp_path / "instruct" / "entities.jsonl").unlink()
     assert set(pick_positions(tmp_path)) == {"queries", "pick_is_first", "mean_pick_position"}
+
+
+def test_fusion_hindsight_scores_every_grid_weight_on_test_and_keeps_the_smallest_best(tmp_path):
+    """bench/llm_fusion_hindsight.py: the fused re-rank (LM score + w x stage-1 log-prior) at every weight of the
+    extended grid, a gold outside the list keeping its stage-1 rank, the best weight the smallest of the ties,
+    and LM-valid's choice read from the evaluation."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from llm_fusion_hindsight import full_grid, hindsight
+    finally:
+        sys.path.remove(str(BENCH))
+
+    def write(path: Path, rows: list[dict]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    # Two candidates with stage-1 scores [1, 0]: their log-priors differ by exactly 1, so candidate 1 is on
+    # top where its LM margin exceeds w.
+    queries = {"lm_right": (1, [0.0, 0.6], 2), "lm_right_too": (1, [0.0, 0.6], 2),  # hits while w < 0.6
+               "lm_wrong": (0, [0.0, 1.5], 1),  # hits once w > 1.5
+               "both_right": (0, [1.0, 0.0], 1), "unlisted": (-1, [0.0, 0.0], 5)}  # always / never
+    write(tmp_path / "instruct" / "test.jsonl", [{"id": q, "candidate_scores": [1.0, 0.0]} for q in queries])
+    write(tmp_path / "evaluate" / "predictions.jsonl",
+          [{"id": q, "gold_index": g, "scores": s, "stage1_rank": r} for q, (g, s, r) in queries.items()])
+    (tmp_path / "evaluate" / "metrics.json").write_text(json.dumps({"fusion_weight": 16.0,
+                                                                    "fusion_position": "interior"}))
+    record = hindsight(tmp_path)
+    assert full_grid()[-3:] == [256.0, 1024.0, 4096.0]
+    assert record["queries"] == 5 and record["retriever_hits_at_1"] == pytest.approx(0.4)
+    curve = record["hits_at_1_by_weight"]
+    assert [curve[str(w)] for w in (0.0, 0.25, 0.5, 1.0, 2.0, 4096.0)] == [0.6, 0.6, 0.6, 0.2, 0.4, 0.4]
+    assert record["hindsight_weight"] == 0.0 and record["hindsight_hits_at_1"] == pytest.approx(0.6)
+    assert record["hindsight_minus_retriever"] == pytest.approx(0.2)
+    assert (record["lm_valid_weight"], record["lm_valid_position"]) == (16.0, "interior")
