@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS  # noqa: E402
 
-from kgtok.llm.compare import difference_lines, paired_runs  # noqa: E402
+from kgtok.llm.compare import difference_lines, evaluation_ranks, paired_runs  # noqa: E402
 
 RANKERS = ("dift", "rerank", "fused_pick", "fused_rerank", "generative")
 
@@ -29,6 +29,9 @@ def main() -> None:
     parser.add_argument("--result", required=True, help="result name, e.g. llm_umls_smollm2_long")
     parser.add_argument("--dataset", required=True, help="its key in the JSON, e.g. umls")
     parser.add_argument("--name", required=True, help="what A minus B measures, e.g. steps_400_vs_100")
+    parser.add_argument("--same-queries-as", default=None, metavar="DIR",
+                        help="a stage-5c artifact: pair over the test queries it evaluated only (e.g. a run on "
+                             "fewer queries, to set two older runs beside it on the same ones)")
     parser.add_argument("pairs", nargs="+", help="label=A:B, two stage-5c artifacts (A minus B)")
     args = parser.parse_args()
     path = RESULTS / f"{args.result}.json"
@@ -37,6 +40,11 @@ def main() -> None:
     data = json.loads(path.read_text())
     if args.dataset not in data:
         parser.error(f"{path} has no {args.dataset!r} (it has {', '.join(data)})")
+    queries = None
+    if args.same_queries_as is not None:
+        if not (Path(args.same_queries_as) / "predictions.jsonl").exists():
+            parser.error(f"--same-queries-as {args.same_queries_as}: no predictions.jsonl (not a stage-5c artifact)")
+        queries = evaluation_ranks(args.same_queries_as)[0]
     pairs = {}
     for item in args.pairs:
         label, sep, paths = item.partition("=")
@@ -46,9 +54,10 @@ def main() -> None:
         for run in (a, b):
             if not (Path(run) / "predictions.jsonl").exists():
                 parser.error(f"{item!r}: {run} has no predictions.jsonl (not a stage-5c artifact)")
-        pairs[label] = paired_runs(a, b, RANKERS)
+        pairs[label] = paired_runs(a, b, RANKERS, queries)
     command = "python " + " ".join(sys.argv)
-    data[args.dataset].setdefault("versus", {})[args.name] = {"pairs": pairs, "command": command}
+    data[args.dataset].setdefault("versus", {})[args.name] = {
+        "pairs": pairs, "command": command, **({"same_queries_as": args.same_queries_as} if queries is not None else {})}
     path.write_text(json.dumps(data, indent=2) + "\n")
     text = f"\n## {args.name} (A minus B, same test queries)\n\n"
     for label, rows in pairs.items():

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from kgtok.llm.compare import comparison_markdown, comparison_rows, significant
+from kgtok.llm.compare import comparison_markdown, comparison_rows, paired_runs, significant
 from kgtok.metrics import paired_comparison
 
 
@@ -43,6 +43,22 @@ def test_rows_are_paired_by_query_and_use_the_one_statistics_function(tmp_path):
     table = comparison_markdown(rows)
     assert "Hits@1 - no IDs [95% CI] p" in table and "| codes | LM pick (DIFT rule) |" in table
     assert any("codes LM pick (DIFT rule): Hits@1 vs no IDs" in s for s in significant(rows))
+
+
+def test_paired_runs_can_keep_to_the_queries_of_a_third_run(tmp_path):
+    """Two runs on 60 queries set beside one on their first 20: A minus B over those 20 only, paired by id."""
+    rng = np.random.default_rng(2)
+    n = 60
+    ids = [f"test-{i}-tail" for i in range(n)]
+    stage1 = rng.integers(1, 4, n)
+    picks = {name: np.where(rng.random(n) < share, stage1, 1) for name, share in (("a", 0.9), ("b", 0.2))}
+    write_run(tmp_path / "a", ids, stage1, picks["a"])
+    write_run(tmp_path / "b", ids[::-1], stage1[::-1], picks["b"][::-1])
+    dift = {k: np.where(v == stage1, 1.0, stage1 + (v > stage1)) for k, v in picks.items()}
+    assert paired_runs(tmp_path / "a", tmp_path / "b", ("dift",))["dift"] == paired_comparison(dift["a"], dift["b"])
+    kept = paired_runs(tmp_path / "a", tmp_path / "b", ("dift",), queries=ids[:20] + ["test-999-head"])["dift"]
+    assert kept == paired_comparison(dift["a"][:20], dift["b"][:20])
+    assert kept != paired_comparison(dift["a"], dift["b"])
 
 
 def test_random_ids_column_compares_codes_with_random_ids(tmp_path):

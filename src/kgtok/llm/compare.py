@@ -17,6 +17,7 @@ scipy only.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +44,14 @@ def _aligned(ids: list[str], ranks: np.ndarray, common: list[str]) -> np.ndarray
     return ranks[[index[q] for q in common]]
 
 
-def paired_runs(run_a: str | Path, run_b: str | Path, keys: tuple[str, ...] | None = None
-                ) -> dict[str, dict[str, dict[str, float]]]:
-    """Run A minus run B per ranker both have (``keys``: these only), over their common test queries:
+def paired_runs(run_a: str | Path, run_b: str | Path, keys: tuple[str, ...] | None = None,
+                queries: Collection[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Run A minus run B per ranker both have (``keys``: these only), over their common test queries
+    (``queries``: those among them only, e.g. the ones a third run evaluated):
     :func:`kgtok.metrics.paired_comparison` rows (e.g. GS-Quant vs ReaLM codes, or a run vs a baseline)."""
     (ids_a, ranks_a), (ids_b, ranks_b) = evaluation_ranks(run_a), evaluation_ranks(run_b)
-    in_b = set(ids_b)
-    common = [q for q in ids_a if q in in_b]
+    keep = set(ids_b) if queries is None else set(ids_b) & set(queries)
+    common = [q for q in ids_a if q in keep]
     return {key: paired_comparison(_aligned(ids_a, ranks_a[key], common), _aligned(ids_b, ranks_b[key], common))
             for key in (keys or ranks_a) if key in ranks_a and key in ranks_b}
 
