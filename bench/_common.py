@@ -11,6 +11,7 @@ import os
 import platform
 import shlex
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -62,3 +63,27 @@ def write_result(name: str, dataset: str, record: dict[str, Any], columns: list[
     text = f"# {name}\n\n" + "\n".join(lines) + "\n\nCommands:\n\n" + "".join(f"    {c}\n" for c in commands)
     (RESULTS / f"{name}.md").write_text(text)
     return path
+
+
+def variant_main(name: str, doc: str, measure: Callable[[Path], dict[str, Any]], shown: tuple[str, ...]) -> None:
+    """The command line of a benchmark that measures stage-5 variant folders (``label=DIR``, each with
+    ``instruct/`` and ``evaluate/``) on one dataset: ``measure(DIR)``'s keys stored as ``<label>_<key>`` in
+    results/<name>.json, the ``shown`` ones in its table."""
+    import argparse
+
+    from kgtok.llm.layout import EvaluateArtifact
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, help="its key in the JSON, e.g. fb15k237_3k")
+    parser.add_argument("runs", nargs="+", help="label=DIR, a stage-5 variant folder")
+    args = parser.parse_args()
+    record: dict[str, Any] = {}
+    for item in args.runs:
+        label, _, folder = item.partition("=")
+        if not folder or not EvaluateArtifact(Path(folder) / "evaluate").predictions.exists():
+            parser.error(f"{item}: give label=DIR, DIR a stage-5 variant folder with evaluate/predictions.jsonl")
+        record.update({f"{label}_{key}": value for key, value in measure(Path(folder)).items()})
+    record.update(command=command(), machine=machine())
+    labels = [item.partition("=")[0] for item in args.runs]
+    path = write_result(name, args.dataset, record, [f"{label}_{key}" for label in labels for key in shown])
+    print(json.dumps({k: v for k, v in record.items() if k != "machine"}, indent=1), f"\n-> {path}")

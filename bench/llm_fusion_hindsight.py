@@ -14,7 +14,6 @@ nothing.  Writes bench/results/llm_fusion_hindsight.json keyed by dataset.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command, machine, write_result  # noqa: E402
+from _common import variant_main  # noqa: E402
 
 from kgtok.llm.layout import EvaluateArtifact, InstructArtifact  # noqa: E402
 from kgtok.llm.prompts import read_jsonl  # noqa: E402
@@ -64,25 +63,6 @@ def hindsight(variant: Path) -> dict[str, Any]:
             "hindsight_vs_retriever": format_difference(difference)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, help="its key in the JSON, e.g. wn18rr_6k")
-    parser.add_argument("runs", nargs="+", help="label=DIR, a stage-5 variant folder")
-    args = parser.parse_args()
-    record: dict[str, Any] = {}
-    for item in args.runs:
-        label, _, folder = item.partition("=")
-        if not folder or not EvaluateArtifact(Path(folder) / "evaluate").predictions.exists():
-            parser.error(f"{item}: give label=DIR, DIR a stage-5 variant folder with evaluate/predictions.jsonl")
-        for key, value in hindsight(Path(folder)).items():
-            record[f"{label}_{key}"] = value
-    record.update(command=command(), machine=machine())
-    labels = [item.partition("=")[0] for item in args.runs]
-    path = write_result("llm_fusion_hindsight", args.dataset, record,
-                        [f"{label}_{key}" for label in labels
-                         for key in ("lm_valid_weight", "hindsight_weight", "hindsight_vs_retriever")])
-    print(json.dumps({k: v for k, v in record.items() if k != "machine"}, indent=1), f"\n-> {path}")
-
-
 if __name__ == "__main__":
-    main()
+    variant_main("llm_fusion_hindsight", __doc__, hindsight,
+                 ("lm_valid_weight", "hindsight_weight", "hindsight_vs_retriever"))

@@ -340,6 +340,11 @@ def test_code_levels_pair_queries_by_id_and_skip_levels_a_query_lacks():
     assert with_section("# r\n", new) == "# r\n" + new
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def test_pick_positions_compare_wrong_picks_first_id_with_a_uniform_wrong_pick(tmp_path):
     """bench/llm_pick_positions.py: a wrong pick (gold in the list) counts when its first ID token is the gold's;
     the baseline is the share of the list's other candidates with that token; right picks and lists without
@@ -350,17 +355,13 @@ def test_pick_positions_compare_wrong_picks_first_id_with_a_uniform_wrong_pick(t
     finally:
         sys.path.remove(str(BENCH))
 
-    def write(path: Path, rows: list[dict]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
     ids = {0: "<a_1><b_0>", 1: "<a_1><b_1>", 2: "<a_2><b_0>", 3: "<a_2><b_1>", 4: "<a_3><b_0>"}
-    write(tmp_path / "instruct" / "entities.jsonl", [{"entity": e, "ids": s} for e, s in ids.items()])
-    write(tmp_path / "instruct" / "test.jsonl", [{"id": "q0", "candidates": [2, 1, 0, 3]},
+    write_jsonl(tmp_path / "instruct" / "entities.jsonl", [{"entity": e, "ids": s} for e, s in ids.items()])
+    write_jsonl(tmp_path / "instruct" / "test.jsonl", [{"id": "q0", "candidates": [2, 1, 0, 3]},
                                                  {"id": "q1", "candidates": [4, 2, 3, 1]},
                                                  {"id": "q2", "candidates": [0, 1]},
                                                  {"id": "q3", "candidates": [1, 2]}])
-    write(tmp_path / "evaluate" / "predictions.jsonl", [
+    write_jsonl(tmp_path / "evaluate" / "predictions.jsonl", [
         {"id": "q0", "gold": 0, "gold_index": 2, "pick": 1, "pick_position": 2},  # wrong, shares <a_1> (1 of 3)
         {"id": "q1", "gold": 3, "gold_index": 2, "pick": 4, "pick_position": 1},  # wrong, does not (1 of 3)
         {"id": "q2", "gold": 0, "gold_index": 0, "pick": 0, "pick_position": 1},  # right: not counted
@@ -383,17 +384,13 @@ def test_fusion_hindsight_scores_every_grid_weight_on_test_and_keeps_the_smalles
     finally:
         sys.path.remove(str(BENCH))
 
-    def write(path: Path, rows: list[dict]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
     # Two candidates with stage-1 scores [1, 0]: their log-priors differ by exactly 1, so candidate 1 is on
     # top where its LM margin exceeds w.
     queries = {"lm_right": (1, [0.0, 0.6], 2), "lm_right_too": (1, [0.0, 0.6], 2),  # hits while w < 0.6
                "lm_wrong": (0, [0.0, 1.5], 1),  # hits once w > 1.5
                "both_right": (0, [1.0, 0.0], 1), "unlisted": (-1, [0.0, 0.0], 5)}  # always / never
-    write(tmp_path / "instruct" / "test.jsonl", [{"id": q, "candidate_scores": [1.0, 0.0]} for q in queries])
-    write(tmp_path / "evaluate" / "predictions.jsonl",
+    write_jsonl(tmp_path / "instruct" / "test.jsonl", [{"id": q, "candidate_scores": [1.0, 0.0]} for q in queries])
+    write_jsonl(tmp_path / "evaluate" / "predictions.jsonl",
           [{"id": q, "gold_index": g, "scores": s, "stage1_rank": r} for q, (g, s, r) in queries.items()])
     (tmp_path / "evaluate" / "metrics.json").write_text(json.dumps({"fusion_weight": 16.0,
                                                                     "fusion_position": "interior"}))
