@@ -56,8 +56,8 @@ def main() -> None:
                 parser.error(f"{item!r}: {run} has no predictions.jsonl (not a stage-5c artifact)")
         pairs[label] = paired_runs(a, b, RANKERS, queries)
     command = "python " + " ".join(sys.argv)
-    data[args.dataset].setdefault("versus", {})[args.name] = {
-        "pairs": pairs, "command": command, **({"same_queries_as": args.same_queries_as} if queries is not None else {})}
+    same = {"same_queries_as": args.same_queries_as} if queries is not None else {}
+    data[args.dataset].setdefault("versus", {})[args.name] = {"pairs": pairs, "command": command, **same}
     path.write_text(json.dumps(data, indent=2) + "\n")
     text = f"\n## {args.name} (A minus B, same test queries)\n\n"
     for label, rows in pairs.items():
