@@ -26,8 +26,8 @@ from _common import variant_main  # noqa: E402
 
 from kgtok.llm.layout import EvaluateArtifact, InstructArtifact  # noqa: E402
 from kgtok.llm.prompts import read_jsonl  # noqa: E402
-from kgtok.llm.rankers import FUSION_GRID, FUSION_GRID_LIMIT, log_prior, padded  # noqa: E402
-from kgtok.metrics import format_difference, paired_comparison, rerank_rank  # noqa: E402
+from kgtok.llm.rankers import FUSION_GRID, FUSION_GRID_LIMIT, fused_rerank_ranks, log_prior  # noqa: E402
+from kgtok.metrics import format_difference, paired_comparison  # noqa: E402
 
 
 def full_grid() -> list[float]:
@@ -48,8 +48,7 @@ def hindsight(variant: Path) -> dict[str, Any]:
     priors = [log_prior(lists[p["id"]]) for p in predictions]
     gold_index = np.array([p["gold_index"] for p in predictions])
     retriever = np.array([p["stage1_rank"] for p in predictions], dtype=float)
-    ranks = {w: rerank_rank(padded([s + w * q if w else s for s, q in zip(scores, priors)]), gold_index, retriever)
-             for w in full_grid()}
+    ranks = {w: fused_rerank_ranks(scores, priors, w, gold_index, retriever) for w in full_grid()}
     curve = {w: float(np.mean(r == 1)) for w, r in ranks.items()}
     best = max(curve, key=lambda w: (curve[w], -w))  # ties: the smaller weight, as stage 5c breaks them
     chosen = json.loads(evaluation.metrics_path.read_text(encoding="utf-8"))

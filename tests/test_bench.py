@@ -358,9 +358,9 @@ def test_pick_positions_compare_wrong_picks_first_id_with_a_uniform_wrong_pick(t
     ids = {0: "<a_1><b_0>", 1: "<a_1><b_1>", 2: "<a_2><b_0>", 3: "<a_2><b_1>", 4: "<a_3><b_0>"}
     write_jsonl(tmp_path / "instruct" / "entities.jsonl", [{"entity": e, "ids": s} for e, s in ids.items()])
     write_jsonl(tmp_path / "instruct" / "test.jsonl", [{"id": "q0", "candidates": [2, 1, 0, 3]},
-                                                 {"id": "q1", "candidates": [4, 2, 3, 1]},
-                                                 {"id": "q2", "candidates": [0, 1]},
-                                                 {"id": "q3", "candidates": [1, 2]}])
+                                                       {"id": "q1", "candidates": [4, 2, 3, 1]},
+                                                       {"id": "q2", "candidates": [0, 1]},
+                                                       {"id": "q3", "candidates": [1, 2]}])
     write_jsonl(tmp_path / "evaluate" / "predictions.jsonl", [
         {"id": "q0", "gold": 0, "gold_index": 2, "pick": 1, "pick_position": 2},  # wrong, shares <a_1> (1 of 3)
         {"id": "q1", "gold": 3, "gold_index": 2, "pick": 4, "pick_position": 1},  # wrong, does not (1 of 3)
@@ -391,7 +391,7 @@ def test_fusion_hindsight_scores_every_grid_weight_on_test_and_keeps_the_smalles
                "both_right": (0, [1.0, 0.0], 1), "unlisted": (-1, [0.0, 0.0], 5)}  # always / never
     write_jsonl(tmp_path / "instruct" / "test.jsonl", [{"id": q, "candidate_scores": [1.0, 0.0]} for q in queries])
     write_jsonl(tmp_path / "evaluate" / "predictions.jsonl",
-          [{"id": q, "gold_index": g, "scores": s, "stage1_rank": r} for q, (g, s, r) in queries.items()])
+                [{"id": q, "gold_index": g, "scores": s, "stage1_rank": r} for q, (g, s, r) in queries.items()])
     (tmp_path / "evaluate" / "metrics.json").write_text(json.dumps({"fusion_weight": 16.0,
                                                                     "fusion_position": "interior"}))
     record = hindsight(tmp_path)

@@ -291,6 +291,15 @@ def prediction_row(record: dict[str, Any], answers: list[list[int]], token_logpr
     return row
 
 
+def fused_rerank_ranks(lm_scores: list[np.ndarray], priors: list[np.ndarray], weight: float, gold_index: np.ndarray,
+                       stage1_ranks: np.ndarray) -> np.ndarray:
+    """(n,) gold ranks when each list is ordered by LM score + ``weight`` x stage-1 log-prior (0: the LM alone)."""
+    from kgtok.metrics import rerank_rank
+
+    fused = padded([t + weight * p if weight else t for t, p in zip(lm_scores, priors)])
+    return rerank_rank(fused, gold_index, stage1_ranks)
+
+
 def choose_fusion_weight(lm_scores: list[np.ndarray], priors: list[np.ndarray], gold_index: np.ndarray,
                          stage1_ranks: np.ndarray, grid: tuple[float, ...] = FUSION_GRID,
                          limit: float = FUSION_GRID_LIMIT) -> dict[str, Any]:
@@ -306,14 +315,11 @@ def choose_fusion_weight(lm_scores: list[np.ndarray], priors: list[np.ndarray], 
     ``position`` says which: ``interior``, ``lm_only`` (w = 0 best, the grid's
     other end) or ``retriever_only``.
     """
-    from kgtok.metrics import rerank_rank
-
     grid = tuple(sorted(grid))
     curve: dict[float, float] = {}
 
     def mrr(w: float) -> float:
-        fused = padded([t + w * p if w else t for t, p in zip(lm_scores, priors)])  # w = 0: the LM alone
-        return float(np.mean(1.0 / rerank_rank(fused, gold_index, stage1_ranks)))
+        return float(np.mean(1.0 / fused_rerank_ranks(lm_scores, priors, w, gold_index, stage1_ranks)))
 
     while True:
         for w in grid:
