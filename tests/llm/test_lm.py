@@ -136,12 +136,14 @@ def test_trie_and_greedy_decoding():
     assert trie_greedy(sequences, logprobs) == 0  # duplicates resolve to the first listed
 
 
-def test_packed_batch_scoring_matches_plain_forward(tmp_path):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_batch_scoring_matches_plain_forward(tmp_path, attention):
+    # Eager attention adds the mask to the scores: a boolean mask there would mask nothing.
     torch.manual_seed(0)
     path = build_tiny(["one two three four five six"] * 10, tmp_path / "tiny", TINY)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention).eval()
     prompts = [[1, 10, 11, 12, 13], [1, 20, 21]]
     candidates = [[[30, 31, 2], [32, 2]], [[40, 2], [41, 42, 43, 2], [30, 2]]]
     with torch.no_grad():
