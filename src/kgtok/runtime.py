@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -57,11 +57,6 @@ def check_free_space(path: Path, margin: int = 1 << 20) -> None:
     if free < needed:
         raise OSError(errno.ENOSPC, f"disk full: {free:,} bytes free, about {needed:,} needed for the checkpoint",
                       str(path))
-
-
-def torch_threads_if_set(threads: int) -> AbstractContextManager[None]:
-    """:func:`torch_threads` when ``threads`` > 0; otherwise torch's own setting stays."""
-    return torch_threads(threads) if threads else nullcontext()
 
 
 def resolve_device(device: str) -> torch.device:

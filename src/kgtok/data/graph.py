@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import repeat
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -75,9 +74,6 @@ class LoadReport:
     text_unknown_entities: int = 0  # text lines naming entities absent from the triples
     skipped_headers: list[str] = field(default_factory=list)  # files whose header line was skipped
     stripped_ids: dict[str, int] = field(default_factory=dict)  # file -> id fields stripped of whitespace
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,11 +139,6 @@ class KnowledgeGraph:
     def filter_index(self) -> FilterIndex:
         """Known true answers over train ∪ valid ∪ test, for filtered ranking."""
         return FilterIndex(self.all_triples, self.num_entities, self.num_relations)
-
-    @cached_property
-    def train_filter_index(self) -> FilterIndex:
-        """Known answers over train only (what a model may see while training)."""
-        return FilterIndex(self.train.numpy(), self.num_entities, self.num_relations)
 
     def counts(self) -> dict[str, int]:
         return {

@@ -68,7 +68,6 @@ __all__ = [
 SourceKind = Literal["tar.gz", "zip", "raw"]
 SOURCE_FILE = "SOURCE.json"
 SPLIT_FILES = ("train.txt", "valid.txt", "test.txt")
-COUNT_KEYS = ("entities", "relations", "train", "valid", "test")
 _CHUNK = 1 << 20  # bytes read or written at a time while streaming
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -252,10 +251,6 @@ class DatasetInfo:
                 problems.append(f"{where}: members name unregistered file(s) {unknown}")
         if problems:
             raise ValueError(f"dataset {self.name!r} is inconsistent:\n  " + "\n  ".join(problems))
-
-    @property
-    def required_files(self) -> tuple[DatasetFile, ...]:
-        return tuple(f for f in self.files if not f.optional)
 
 
 def _is_plain_relative(path: str) -> bool:
@@ -712,5 +707,3 @@ def _describe(error: BaseException) -> str:
 def _say(message: str) -> None:
     """Tell the person running the fetch (stderr, so stdout stays machine-readable)."""
     print(message, file=sys.stderr)
-
-

@@ -64,10 +64,6 @@ def triple_text(kg: KnowledgeGraph, triple: Triple, tokens: list[str] | None, co
             f"{entity_text(kg, t, tokens, config)})")
 
 
-def facts_text(kg: KnowledgeGraph, facts: list[Triple], tokens: list[str] | None, config: InstructConfig) -> str:
-    return "; ".join(triple_text(kg, fact, tokens, config) for fact in facts)
-
-
 def query_lines(relation_name: str, direction: int, known_text: str) -> tuple[str, str]:
     """The query triple with its unknown side marked, and the question (first and last lines of a prompt)."""
     relation = readable_relation(relation_name)
@@ -76,13 +72,6 @@ def query_lines(relation_name: str, direction: int, known_text: str) -> tuple[st
                 "What is the tail entity?")
     return (f"Here is a triple with the head entity unknown: (?, {relation}, {known_text}).",
             "What is the head entity?")
-
-
-def query_prompt(kg: KnowledgeGraph, relation: int, direction: int, known: int, tokens: list[str] | None,
-                 config: InstructConfig) -> str:
-    """ReaLM's short form: the query line and the question, no list (``direction`` 0: tail unknown)."""
-    query, question = query_lines(kg.relation_names[relation], direction, entity_text(kg, known, tokens, config))
-    return f"{query}\n{question}"
 
 
 def dift_prompt_parts(kg: KnowledgeGraph, triple: Triple, direction: int, candidates: list[int],
@@ -103,12 +92,6 @@ def dift_prompt_parts(kg: KnowledgeGraph, triple: Triple, direction: int, candid
         "facts": [triple_text(kg, f, tokens, config) for f in neighbours] if config.use_neighbours else [],
         "tail": [f"{question} Choose one of these candidates: {listed}."],
     }
-
-
-def dift_prompt(kg: KnowledgeGraph, triple: Triple, direction: int, candidates: list[int],
-                neighbours: list[Triple], tokens: list[str] | None, config: InstructConfig) -> str:
-    """The DIFT instruction as one text (:func:`dift_prompt_parts`, nothing trimmed)."""
-    return compose_prompt(dift_prompt_parts(kg, triple, direction, candidates, neighbours, tokens, config))
 
 
 def classification_prompt_parts(kg: KnowledgeGraph, triple: Triple, facts: list[Triple],
