@@ -11,7 +11,7 @@ import pytest
 from kgtok.data import load_kg
 from kgtok.data.synthetic import SyntheticConfig, write_synthetic
 from kgtok.embed import EmbedConfig, RankedQueries, run_embed
-from kgtok.embed.dift import import_dift, write_dift
+from kgtok.embed.dift import dift_records, import_dift, ranked_from_dift, write_dift
 
 
 def quiet(*_):
@@ -42,6 +42,21 @@ def test_round_trip_gives_the_same_candidates(stage1, tmp_path):
         np.testing.assert_array_equal(getattr(back, field), getattr(original, field))
     np.testing.assert_array_equal(back.candidate_scores, original.candidate_scores)
     np.testing.assert_array_equal(back.rank, np.round(original.rank))  # DIFT's ranks are integers
+
+
+def test_short_lists_never_list_filtered_answers(stage1, tmp_path):
+    """Stage 1 pads a list the filter left short with other true answers scored -inf; DIFT's file must not
+    list them (nor hold -Infinity, which is not JSON), and reading it back pads the list again."""
+    kg, embed, _ = stage1
+    ranked = RankedQueries.load(embed / "candidates" / "test.npz")
+    ranked.candidate_scores[0, 4:] = -np.inf  # as if the filter had left 4 entities
+    records = dift_records(ranked, kg)
+    json.dumps(records, allow_nan=False)
+    assert records[0]["entity_ids"] == ranked.candidates[0, :4].tolist() and len(records[0]["topk_scores"]) == 4
+    assert len(records[2]["entity_ids"]) == 6  # the next triple's tail query is whole
+    back = ranked_from_dift(records, kg, tmp_path / "test.json")
+    np.testing.assert_array_equal(back.candidates[0, :4], ranked.candidates[0, :4])
+    assert np.isneginf(back.candidate_scores[0, 4:]).all() and np.isfinite(back.candidate_scores[1:]).all()
 
 
 def _test_files_only():

@@ -47,14 +47,16 @@ def dift_records(ranked: RankedQueries, kg: KnowledgeGraph) -> list[dict[str, An
     for i in range(n):
         for row, inverse in ((i, False), (n + i, True)):  # RankedQueries: tails first, then heads
             h, r, t = (int(x) for x in ranked.triples[row])
-            candidates = [int(c) for c in ranked.candidates[row]]
+            # Stage 1 pads a short list with filtered entities scored -inf (other true answers): never listed.
+            listed = np.isfinite(ranked.candidate_scores[row])
+            candidates = [int(c) for c in ranked.candidates[row][listed]]
             records.append({
                 "triplet": [ents[t], rels[r], ents[h]] if inverse else [ents[h], rels[r], ents[t]],
                 "inverse": inverse,
                 "rank": int(round(float(ranked.rank[row]))),
                 "topk_ents": [ents[c] for c in candidates],
                 "topk_names": [kg.labels[c] for c in candidates],
-                "topk_scores": [float(s) for s in ranked.candidate_scores[row]],
+                "topk_scores": [float(s) for s in ranked.candidate_scores[row][listed]],
                 "query_id": 2 * i if inverse else 2 * i + 1,
                 "entity_ids": candidates,
             })
@@ -104,9 +106,14 @@ def ranked_from_dift(records: list[dict[str, Any]], kg: KnowledgeGraph, source: 
             raise ValueError(f"{source}: {where}: expected DIFT's keys triplet, inverse, rank, topk_ents, "
                              f"topk_scores ({e})") from None
         rows.append((int(inverse), triple, candidates, scores, rank))
+    bad = next((n for n, r in enumerate(rows) if len(r[2]) != len(r[3])), None)
+    if bad is not None:
+        raise ValueError(f"{source}: record {bad}: {len(rows[bad][2])} topk_ents but {len(rows[bad][3])} topk_scores")
+    # A list shorter than the longest (the filter left fewer than k entities) is padded as stage 1 pads one:
+    # scores -inf, which instruct never lists (the padding repeats the list's last entity, or the known one).
     width = max((len(r[2]) for r in rows), default=0)
-    if any(len(r[2]) != width or len(r[3]) != width for r in rows):
-        raise ValueError(f"{source}: candidate lists of different lengths; kgtok needs one k per split")
+    rows = [(d, triple, cands + [(cands or [triple[2 * d]])[-1]] * (width - len(cands)),
+             scores + [-np.inf] * (width - len(scores)), rank) for d, triple, cands, scores, rank in rows]
     # kgtok pairs the queries of a triple (row i its tail query, row n + i its head query): keep the triples
     # whose two queries are both there (DIFT's train.json drops some by its confidence threshold).
     by_triple: dict[tuple[int, ...], dict[int, tuple]] = {}
@@ -125,6 +132,7 @@ def ranked_from_dift(records: list[dict[str, Any]], kg: KnowledgeGraph, source: 
     listed = (rank >= 1) & (rank <= width)
     gold_score = np.full(len(ordered), np.nan, dtype=np.float32)
     gold_score[listed] = scores[listed, rank[listed].astype(np.int64) - 1]
+    gold_score[~np.isfinite(gold_score)] = np.nan  # a rank that falls on a short list's padding
     return RankedQueries(triples=triples, direction=direction, gold=gold, rank=rank, gold_score=gold_score,
                          gold_probability=np.nan_to_num(gold_score, nan=0.0), candidates=candidates,
                          candidate_scores=scores)
