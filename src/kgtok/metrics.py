@@ -45,9 +45,10 @@ def realistic_rank(
     -------
     (batch,) float64 ranks, 1 = best; half-integers arise from ties.
     """
-    scores = scores.float()
+    if scores.dtype not in (torch.float32, torch.float64):
+        scores = scores.float()  # float64 stays: fused LM scores near 1e4 differ below float32's step there
     if torch.isnan(scores).any():  # a check reads the scores; a replacement would also write a copy
-        scores = torch.nan_to_num(scores, nan=-torch.inf)
+        scores = scores.masked_fill(torch.isnan(scores), -torch.inf)  # (nan_to_num would lift a real -inf)
     device = scores.device  # indices follow the scores (a GPU's, in stage 1 with device=cuda)
     rows = torch.arange(scores.shape[0], device=device)
     targets = torch.as_tensor(targets).to(device)
@@ -83,7 +84,7 @@ def filtered_top_k(
     scores = scores.float()
     filtering = filter_rows is not None and len(filter_rows)
     if filtering or torch.isnan(scores).any():  # a copy: the masking below stays local
-        scores = torch.nan_to_num(scores, nan=-torch.inf)
+        scores = scores.masked_fill(torch.isnan(scores), -torch.inf)
     device = scores.device
     if filtering:
         filter_rows = torch.as_tensor(filter_rows, dtype=torch.long).to(device)
@@ -192,31 +193,46 @@ class RankingEvaluator:
         }
 
 
-def dift_rank(stage1_rank: np.ndarray, pick_position: np.ndarray, picked_gold: np.ndarray) -> np.ndarray:
+def dift_rank(stage1_rank: np.ndarray, pick_position: np.ndarray, picked_gold: np.ndarray,
+              pick_vs_gold: np.ndarray | None = None) -> np.ndarray:
     """Rank of the gold after an LM picked one candidate (the DIFT / GS-Quant rule).
 
     A correct pick ranks 1.  Otherwise the pick moves to the top: the gold keeps
     its stage-1 filtered rank if the pick already stood above it, and drops by
-    one if the pick stood below it (1-based ``pick_position`` > rank), as in
-    DIFT's ``eval.py``.  Hits@3/10 therefore stay mostly stage 1's.
+    one if the pick stood below it, as in DIFT's ``eval.py``.  Hits@3/10
+    therefore stay mostly stage 1's.  ``pick_vs_gold`` (n,): the sign of the
+    pick's stage-1 score minus the gold's; a pick tied with the gold shared its
+    realistic rank, so moving it up costs the gold half a place.  Without it,
+    the pick stood below when its 1-based ``pick_position`` > rank (a tie is
+    then counted as above or below by list position).
     """
     stage1_rank = np.asarray(stage1_rank, dtype=np.float64)
-    below = np.asarray(pick_position, dtype=np.float64) > stage1_rank
-    return np.where(np.asarray(picked_gold, dtype=bool), 1.0, stage1_rank + below)
+    if pick_vs_gold is None:
+        drop = (np.asarray(pick_position, dtype=np.float64) > stage1_rank).astype(np.float64)
+    else:
+        drop = (1.0 - np.sign(np.asarray(pick_vs_gold, dtype=np.float64))) / 2  # above 0, tied 0.5, below 1
+    return np.where(np.asarray(picked_gold, dtype=bool), 1.0, stage1_rank + drop)
 
 
-def rerank_rank(scores: np.ndarray, gold_index: np.ndarray, stage1_rank: np.ndarray) -> np.ndarray:
+def rerank_rank(scores: np.ndarray, gold_index: np.ndarray, stage1_rank: np.ndarray,
+                lengths: np.ndarray | None = None) -> np.ndarray:
     """Rank of the gold when the whole candidate list is re-ordered by ``scores`` (n, k).
 
     A gold inside the list gets its realistic rank among the k scores; a gold
     outside it (``gold_index`` -1) keeps its stage-1 rank, which is already
-    below every listed candidate.
+    below every listed candidate.  ``lengths`` (n,): row i's list ends at
+    ``lengths[i]``; the cells past it (padding) are left out, so a gold scored
+    -inf or NaN ranks last of its own list, not among other lists' padding.
     """
     gold_index = np.asarray(gold_index)
     inside = gold_index >= 0
     out = np.asarray(stage1_rank, dtype=np.float64).copy()
     if inside.any():
-        ranks = realistic_rank(torch.as_tensor(np.asarray(scores)[inside]), torch.as_tensor(gold_index[inside]))
+        scores = np.asarray(scores)[inside]
+        rows = cols = None
+        if lengths is not None:
+            rows, cols = np.nonzero(np.arange(scores.shape[1]) >= np.asarray(lengths)[inside][:, None])
+        ranks = realistic_rank(torch.as_tensor(scores), torch.as_tensor(gold_index[inside]), rows, cols)
         out[inside] = ranks.numpy()
     return out
 

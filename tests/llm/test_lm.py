@@ -169,6 +169,35 @@ def test_dift_and_rerank_ranks():
                                   [2.0, 1.5, 30.0])
 
 
+def test_dift_rule_counts_a_pick_tied_with_the_gold_as_half_a_place():
+    """Stage 1's rank 1.5 is a gold tied with one other candidate: moving that one up leaves the gold at 2,
+    wherever the list put it; a pick strictly above keeps the rank, one strictly below adds 1."""
+    from kgtok.llm.rankers import PredictionRows
+    from kgtok.metrics import dift_rank
+
+    stage1 = np.array([1.5, 1.5, 2.0, 2.0, 2.0])
+    vs = np.array([0, 0, 0, 1, -1])
+    np.testing.assert_array_equal(dift_rank(stage1, np.array([1, 2, 1, 1, 3]), np.zeros(5, bool), vs),
+                                  [2.0, 2.0, 2.5, 2.0, 3.0])
+    rows = [{"stage1_rank": 1.5, "gold_index": 1, "gold": 7, "pick": 3, "pick_position": 1,
+             "stage1_scores": [2.0, 2.0, 1.0], "scores": [0.0, -1.0, -2.0]},
+            {"stage1_rank": 30.0, "gold_index": -1, "gold": 8, "pick": 4, "pick_position": 2,
+             "stage1_scores": [2.0, 2.0, 1.0], "scores": [0.0, -1.0, -2.0]}]
+    np.testing.assert_array_equal(PredictionRows(rows).picked("pick"), [2.0, 30.0])
+
+
+def test_rerank_keeps_close_float64_scores_apart_and_ranks_a_gold_in_its_own_list():
+    """Fused scores at a large weight differ below float32's step (1e-3 near 1e4); a -inf or NaN gold is last
+    of its own 3 candidates, not ranked among the padding of a longer list beside it."""
+    from kgtok.llm.rankers import rerank_lists
+
+    close = [np.array([-10003.123, -10003.1234, -10003.13])]
+    np.testing.assert_array_equal(rerank_lists(close, np.array([0]), np.array([5.0])), [1.0])
+    lists = [np.array([0.0, -1.0, np.nan]), np.array([0.0, -1.0, -np.inf]), np.zeros(20)]
+    np.testing.assert_array_equal(rerank_lists(lists, np.array([2, 2, -1]), np.array([3.0, 3.0, 40.0])),
+                                  [3.0, 3.0, 40.0])
+
+
 def test_class_constraint_and_class_file(tmp_path):
     scores = np.log(np.array([0.4, 0.35, 0.25]))
     # Class 7 holds 0.6 of the mass, so the pick (class 3) is replaced by class 7's best.

@@ -54,16 +54,25 @@ class PredictionRows:
 
         if not all(field in p for p in self.rows):
             return None
-        return dift_rank(self.stage1, np.array([p[f"{field}_position"] for p in self.rows]),
-                         np.array([p[field] == p["gold"] for p in self.rows]))
+        positions = np.array([p[f"{field}_position"] for p in self.rows])
+        return dift_rank(self.stage1, positions, np.array([p[field] == p["gold"] for p in self.rows]),
+                         self.versus_gold(positions))
+
+    def versus_gold(self, positions: np.ndarray) -> np.ndarray | None:
+        """(n,) sign of the stage-1 score of the candidate at each 1-based position minus the gold's (+1 where
+        the gold is not listed); None for rows without ``stage1_scores`` (written before kgtok stored them)."""
+        if not self.rows or not all("stage1_scores" in p for p in self.rows):
+            return None
+        scores = padded([p["stage1_scores"] for p in self.rows])
+        rows = np.arange(len(self.rows))
+        sign = np.sign(scores[rows, positions - 1] - scores[rows, np.maximum(self.gold_index, 0)])
+        return np.where(self.gold_index >= 0, sign, 1.0)
 
     def reranked(self, field: str) -> np.ndarray | None:
         """Ranks when each list is re-ordered by the (k,) scores in ``field``; None if not stored."""
-        from kgtok.metrics import rerank_rank
-
         if not all(field in p for p in self.rows):
             return None
-        return rerank_rank(padded([p[field] for p in self.rows]), self.gold_index, self.stage1)
+        return rerank_lists([p[field] for p in self.rows], self.gold_index, self.stage1)
 
 
 def padded(lists: list[list[float]] | list[np.ndarray]) -> np.ndarray:
@@ -73,6 +82,14 @@ def padded(lists: list[list[float]] | list[np.ndarray]) -> np.ndarray:
     for row, values in enumerate(lists):  # one row per query
         out[row, : len(values)] = values
     return out
+
+
+def rerank_lists(lists: list[list[float]] | list[np.ndarray], gold_index: np.ndarray, stage1: np.ndarray
+                 ) -> np.ndarray:
+    """:func:`kgtok.metrics.rerank_rank` of score lists of any length (each gold ranked in its own list)."""
+    from kgtok.metrics import rerank_rank
+
+    return rerank_rank(padded(lists), gold_index, stage1, lengths=np.array([len(x) for x in lists]))
 
 
 @dataclass(frozen=True)
@@ -272,11 +289,13 @@ def prediction_row(record: dict[str, Any], answers: list[list[int]], token_logpr
            "gold": record["gold"], "stage1_rank": record["stage1_rank"],
            "pick": record["candidates"][pick], "pick_position": pick + 1,
            "pick_text": record["candidate_text"][pick], "gold_index": gold_position(record),
-           "scores": [round(float(s), 4) for s in scores]}
+           "scores": [float(s) for s in scores]}  # unrounded: the re-rank must see what the pick saw
+    if record.get("candidate_scores") is not None:  # a wrong pick tied with the gold in stage 1 (dift_rank)
+        row["stage1_scores"] = [float(s) for s in record["candidate_scores"]]
     if fusion_weight > 0:
         fused = scores + fusion_weight * log_prior(record["candidate_scores"])
         best = int(np.argmax(fused))
-        row.update(fused_scores=[round(float(s), 4) for s in fused],
+        row.update(fused_scores=[float(s) for s in fused],
                    fused_pick=record["candidates"][best], fused_pick_position=best + 1)
     if class_scores is not None:
         predicted, picked = predicted_class_pick(pick, scores, np.asarray(record["candidate_classes"]),
@@ -284,7 +303,7 @@ def prediction_row(record: dict[str, Any], answers: list[list[int]], token_logpr
         inside = np.asarray(record["candidate_classes"]) == predicted
         row.update(class_pick=record["candidates"][picked], class_pick_position=picked + 1,
                    predicted_class=predicted, gold_class=record["gold_class"],
-                   class_scores=[round(float(s), 4) for s in np.where(inside, scores, scores - CLASS_PENALTY)])
+                   class_scores=[float(s) for s in np.where(inside, scores, scores - CLASS_PENALTY)])
     elif classes is not None:
         picked = constrain_to_class(pick, scores, classes[np.asarray(record["candidates"])])
         row.update(class_pick=record["candidates"][picked], class_pick_position=picked + 1)
@@ -294,10 +313,8 @@ def prediction_row(record: dict[str, Any], answers: list[list[int]], token_logpr
 def fused_rerank_ranks(lm_scores: list[np.ndarray], priors: list[np.ndarray], weight: float, gold_index: np.ndarray,
                        stage1_ranks: np.ndarray) -> np.ndarray:
     """(n,) gold ranks when each list is ordered by LM score + ``weight`` x stage-1 log-prior (0: the LM alone)."""
-    from kgtok.metrics import rerank_rank
-
-    fused = padded([t + weight * p if weight else t for t, p in zip(lm_scores, priors)])
-    return rerank_rank(fused, gold_index, stage1_ranks)
+    return rerank_lists([t + weight * p if weight else t for t, p in zip(lm_scores, priors)], gold_index,
+                        stage1_ranks)
 
 
 def choose_fusion_weight(lm_scores: list[np.ndarray], priors: list[np.ndarray], gold_index: np.ndarray,
