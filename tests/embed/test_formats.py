@@ -100,6 +100,74 @@ def test_pbg_errors_name_the_missing_file(kg, tmp_path):
         read_pbg(checkpoint, entity_path, entity_type="user")
 
 
+def write_pbg_static(kg, root, entities, operators, *, operator="complex_diagonal", global_embedding=None,
+                     config_extra=None):
+    """A PBG checkpoint with one operator per relation (no dynamic relations), one partition, and optionally
+    the entity type's global embedding; ``config_extra`` None writes no config.json (PBG's defaults apply)."""
+    h5py = pytest.importorskip("h5py")
+    checkpoint, entity_path = root / "model", root / "data"
+    checkpoint.mkdir(parents=True)
+    entity_path.mkdir(parents=True)
+    with h5py.File(checkpoint / "embeddings_all_0.v1.h5", "w") as f:
+        f.create_dataset("embeddings", data=entities)
+    (entity_path / "entity_names_all_0.json").write_text(json.dumps(kg.entity_names))
+    with h5py.File(checkpoint / "model.v1.h5", "w") as f:
+        group = f.create_group("model")
+        for r in range(kg.num_relations):
+            for name, values in operators.items():
+                group.create_dataset(f"relations/{r}/operator/rhs/{name}", data=values[r])
+        if global_embedding is not None:
+            group.create_dataset("entities/all/global_embedding", data=global_embedding)
+    if config_extra is not None:
+        (checkpoint / "config.json").write_text(json.dumps({
+            "dynamic_relations": False, "relations": [{"name": n, "lhs": "all", "rhs": "all", "operator": operator}
+                                                      for n in kg.relation_names], **config_extra}))
+    (checkpoint / "checkpoint_version.txt").write_text("1\n")
+    return checkpoint, entity_path
+
+
+def test_pbg_global_embedding_is_added_before_scoring(kg, tmp_path):
+    """PBG adds its type's global embedding (global_emb, on by default) to every entity before the operator."""
+    dim = 6
+    entities, _ = complex_vectors(kg, dim)
+    rng = np.random.default_rng(7)
+    real, imag = rng.normal(size=(2, kg.num_relations, dim)).astype(np.float32)
+    shift = (3 * rng.normal(size=2 * dim)).astype(np.float32)
+    checkpoint, entity_path = write_pbg_static(kg, tmp_path, entities, {"real": real, "imag": imag},
+                                               global_embedding=shift, config_extra={"comparator": "dot"})
+    foreign = read_pbg(checkpoint, entity_path)
+    assert foreign.model == "complex"
+    dest = import_foreign(kg, foreign, tmp_path / "imported", progress=False, log=quiet,
+                          config=ImportConfig(model="complex", top_k=5, export_splits=("test",), threads=1))
+    model, _ = load_model(dest)
+    triples = kg.test[:20]
+    h, r, t = (triples[:, i].numpy() for i in range(3))
+    lhs, rhs = entities[h] + shift, entities[t] + shift
+    product = np.concatenate([rhs[:, :dim] * real[r] - rhs[:, dim:] * imag[r],
+                              rhs[:, :dim] * imag[r] + rhs[:, dim:] * real[r]], axis=1)
+    np.testing.assert_allclose(model.score_triples(torch.as_tensor(triples)).detach().numpy(),
+                               (lhs * product).sum(1), rtol=1e-4, atol=1e-4)
+
+
+def test_pbg_scoring_is_recognised_only_where_kgtok_has_it(kg, tmp_path):
+    """DistMult's operator is "diagonal" (static) or "diagonals" (dynamic); PBG's default comparator (cos, when
+    config.json is missing) and a bias coordinate have no kgtok scoring function: vectors only."""
+    entities, _ = complex_vectors(kg, 3)
+    diagonal = {"diagonal": np.ones((kg.num_relations, 6), np.float32)}
+    assert read_pbg(*write_pbg_static(kg, tmp_path / "a", entities, diagonal, operator="diagonal",
+                                      config_extra={"comparator": "dot"})).model == "distmult"
+    assert read_pbg(*write_pbg_static(kg, tmp_path / "b", entities, diagonal)).model is None
+    assert read_pbg(*write_pbg_static(kg, tmp_path / "c", entities, diagonal, operator="diagonal",
+                                      config_extra={"comparator": "dot", "bias": True})).model is None
+    checkpoint, entity_path = write_pbg(kg, tmp_path / "d", entities, *np.ones((2, kg.num_relations, 3), np.float32))
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(checkpoint / "model.v3.h5", "a") as f:  # dynamic DistMult: one (R, D) "diagonals" table
+        del f["model/relations"]
+        f["model"].create_dataset("relations/0/operator/rhs/diagonals", data=np.ones((kg.num_relations, 6)))
+    foreign = read_pbg(checkpoint, entity_path)
+    assert foreign.model == "distmult" and foreign.relation_vectors.shape == (kg.num_relations, 6)
+
+
 def write_dglke(kg, root, entities, relations, model_name="ComplEx", dataset="mykg"):
     """DGL-KE's --save_path (<dataset>_<model>_entity.npy, _relation.npy) and --data_path (entities.tsv, ...)."""
     save, data = root / "ckpts" / f"{model_name}_{dataset}_0", root / "data"

@@ -9,7 +9,7 @@ PyTorch-BigGraph (PBG), a training's two folders:
     checkpoint_path/checkpoint_version.txt         the committed version N
     checkpoint_path/embeddings_<type>_<part>.vN.h5  dataset "embeddings": (rows of the part, D)
     checkpoint_path/model.vN.h5                    group "model": relations/<i>/operator/<side>/<param>
-    checkpoint_path/config.json                    relations (name, operator), comparator, dynamic_relations
+    checkpoint_path/config.json                    relations (name, operator), comparator, bias, dynamic_relations
     entity_path/entity_names_<type>_<part>.json    JSON list: the raw name of each row of the part
     entity_path/dynamic_rel_names.json             JSON list: relation names (dynamic relations)
 
@@ -17,7 +17,10 @@ PBG scores ``comparator(h, op_r(t))``: its operator acts on the right-hand
 (tail) side. ``complex_diagonal`` with the ``dot`` comparator is
 Re(conj(h) r t) = Re(h conj(r) conj(t)), ComplEx with the relation conjugated:
 kgtok's relation row is ``[real | -imag]``. ``diagonal`` with ``dot`` is
-DistMult. Other operators and comparators have no kgtok scoring function:
+DistMult. The global embedding of the entity type (``global_emb``, on by
+default; ``model/entities/<type>/global_embedding``) is added to every row,
+as PBG adds it before scoring. Other operators and comparators (PBG's default
+is ``cos``), and ``bias``, have no kgtok scoring function:
 their entity vectors import, without ranking. Only the right-hand operators
 are read (with dynamic relations PBG also learns left-hand ones, used for
 its head-side negatives; kgtok ranks heads with the same right-hand ones).
@@ -121,6 +124,10 @@ def read_pbg(checkpoint: str | Path, entity_path: str | Path, *, entity_type: st
     model_file = checkpoint / f"model.v{version}.h5"
     if model_file.exists():
         files[f"pbg/{model_file.name}"] = model_file
+        with h5py.File(model_file, "r") as f:  # global_emb (PBG's default): a vector PBG adds to every row
+            key = f"model/entities/{entity_type}/global_embedding"
+            if key in f:
+                out.entity_vectors += np.asarray(f[key][...], dtype=np.float32)
         out.model, out.relation_vectors, out.relation_names = _pbg_relations(checkpoint, entity_path, model_file)
     return out
 
@@ -153,13 +160,15 @@ def _pbg_relations(checkpoint: Path, entity_path: Path, model_file: Path
         names = [str(r["name"]) for r in config.get("relations", [])] or None
         keys = set.intersection(*(set(p) for p in params.values()))
         table = {k: np.stack([params[i][k] for i in sorted(params)]) for k in keys}
-    comparator = config.get("comparator", "dot")
-    if set(table) == {"real", "imag"} and comparator == "dot":
+    # PBG's defaults where config.json lacks a key: comparator cos, no bias (the first coordinate a bias term).
+    dot = config.get("comparator", "cos") == "dot" and not config.get("bias", False)
+    diagonal = table.get("diagonal", table.get("diagonals"))  # the dynamic operator's parameter is "diagonals"
+    if set(table) == {"real", "imag"} and dot:
         relations = np.concatenate([table["real"], -table["imag"]], axis=1)  # conj(r): see the module docstring
         model: str | None = "complex"
-    elif set(table) == {"diagonal"} and comparator == "dot":
-        relations, model = table["diagonal"], "distmult"
-    else:  # translation, linear, affine, or another comparator: no kgtok scoring function
+    elif len(table) == 1 and diagonal is not None and dot:
+        relations, model = diagonal, "distmult"
+    else:  # translation, linear, affine, cos, a bias: no kgtok scoring function
         relations, model = np.concatenate([table[k].reshape(len(table[k]), -1) for k in sorted(table)], axis=1), None
     if names is not None and len(names) != len(relations):
         raise ValueError(f"{model_file}: {len(relations)} relation operators but {len(names)} relation names")
