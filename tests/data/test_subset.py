@@ -64,3 +64,16 @@ def test_failed_subset_leaves_the_old_one(make_kg, tmp_path):
         write_subset(source, dest, entities=1)
     assert (dest / "train.txt").read_text() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".sub")] == []
+
+
+def test_subset_with_an_empty_split_is_refused_before_writing(tmp_path):
+    """A 3-entity stretch of a 21-entity path cannot hold both the valid and the test triple: load_kg would
+    refuse the empty split, so nothing is written."""
+    source = tmp_path / "kg"
+    source.mkdir()
+    (source / "train.txt").write_text("".join(f"e{i}\tr\te{i + 1}\n" for i in range(20)))
+    (source / "valid.txt").write_text("e10\tr\te12\n")
+    (source / "test.txt").write_text("e15\tr\te17\n")
+    with pytest.raises(ValueError, match="has no (valid|test).*ask for more entities"):
+        write_subset(source, tmp_path / "sub", entities=3, seeds=1)
+    assert not (tmp_path / "sub").exists()

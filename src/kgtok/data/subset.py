@@ -74,6 +74,10 @@ def write_subset(source: str | Path, dest: str | Path, *, entities: int, seed: i
     rng = np.random.default_rng(seed)
     keep = snowball_entities(kg.train.numpy(), kg.num_entities, entities, seeds=seeds, rng=rng)
     triples = subset_triples(kg, keep)
+    empty = [split for split, t in triples.items() if not len(t)]
+    if empty:  # load_kg refuses an empty split: say why here, before anything is written
+        raise ValueError(f"entities={entities}: the subset of {source} has no {' and no '.join(empty)} triples "
+                         f"(sizes {', '.join(f'{k} {len(t)}' for k, t in triples.items())}); ask for more entities")
     used = np.unique(triples["train"][:, [0, 2]])
     names, relations = np.asarray(kg.entity_names, dtype=object), np.asarray(kg.relation_names, dtype=object)
     dest = Path(dest)
