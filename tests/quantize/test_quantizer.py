@@ -171,6 +171,11 @@ def test_killed_training_resumes_to_the_same_codes(tmp_path, monkeypatch):
     np.testing.assert_array_equal(resumed.base_codes_, reference.base_codes_)
     assert [h["epoch"] for h in resumed.record_.history] == list(range(1, 9))
     assert resumed.record_.best_epoch == reference.record_.best_epoch
+    # nor does another tree (GSE and GSR train against it) with the same vectors and config
+    logs.clear()
+    other_tree = hierarchy_arrays(x, np.random.default_rng(5).permutation(labels))
+    EntityTokenizer(config=config).fit(x, other_tree, progress=False, checkpoint=checkpoint, log=logs.append)
+    assert any("starting afresh" in line for line in logs)
     # another config does not pick up the checkpoint
     logs.clear()
     EntityTokenizer(config=small_config(epochs=2, seed=1)).fit(x, arrays, progress=False, checkpoint=checkpoint,

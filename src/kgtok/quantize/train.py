@@ -201,11 +201,14 @@ def setup(x: torch.Tensor, config: QuantizeConfig, hierarchy: Hierarchy | None,
                     started=time.perf_counter(), processes=processes)
 
 
-def checkpoint_key(x: torch.Tensor, config: QuantizeConfig) -> str:
-    """What a checkpoint must match to be resumed: the config and the input vectors."""
+def checkpoint_key(x: torch.Tensor, config: QuantizeConfig, hierarchy: Hierarchy | None = None) -> str:
+    """What a checkpoint must match to be resumed: the config, the input vectors and the tree GSE and GSR
+    train against (another tree with the same vectors must start over)."""
     settings = {k: v for k, v in config_to_dict(config).items() if k != "threads"}  # threads change no number
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    digest.update(np.ascontiguousarray(x.cpu().numpy()).tobytes())
+    tree = [] if hierarchy is None else [hierarchy.clusters, *hierarchy.centroids, *hierarchy.neighbours]
+    for array in (x, *tree):
+        digest.update(np.ascontiguousarray(array.cpu().numpy()).tobytes())
     return digest.hexdigest()
 
 
@@ -318,7 +321,7 @@ def train_rqvae(
     device = resolve_device(config.device)
     processes = Processes.start(device)
     run = setup(x, config, hierarchy, device, processes)
-    key = checkpoint_key(x, config) if checkpoint is not None else ""
+    key = checkpoint_key(x, config, hierarchy) if checkpoint is not None else ""
     if checkpoint is not None and checkpoint.exists():
         resume(checkpoint, key, run, log)
     if config.kmeans_init and run.epoch == 0:
