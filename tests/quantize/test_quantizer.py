@@ -274,6 +274,9 @@ def test_realm_residual_kmeans_gets_closer_with_more_stages():
             assert tokenizer.width_ == stages
             with pytest.warns(CollisionWarning, match="10 new entit"):
                 again = tokenizer.encode_new(x[:10])
+            twins = np.repeat(x[:1] + 10.0, 2, axis=0)  # two new entities with one vector: one tuple
+            with pytest.warns(CollisionWarning, match="and 1 with another new one"):
+                tokenizer.encode_new(twins)
         np.testing.assert_array_equal(again[:, :stages], tokenizer.base_codes_[:10])
     assert errors[1] < 0.5 * errors[0]
 

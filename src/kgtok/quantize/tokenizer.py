@@ -217,8 +217,10 @@ class EntityTokenizer:
     def encode_new(self, vectors: np.ndarray | torch.Tensor) -> np.ndarray:
         """Codes of entities added after training, through the trained encoder (inductive).
 
-        With a disambiguation level, a new tuple equal to existing ones gets the
-        next free rank; otherwise such a collision is warned about.
+        With a disambiguation level, a new tuple equal to existing ones (trained, or
+        earlier in this call) gets the next free rank; otherwise such a collision
+        is warned about.  Ranks are free against the trained entities and within
+        one call, not across calls: encode all new entities together.
         """
         self._check_fitted()
         x = as_vectors(vectors, self.in_dim_)  # (n, in_dim)
@@ -230,11 +232,13 @@ class EntityTokenizer:
         levels = self.base_codes_.shape[1]
         existing = self._keys(self.base_codes_)
         new_keys = self._keys(base)
-        taken = np.isin(new_keys, existing)
         if self.width_ == levels:
-            if taken.any():
-                warnings.warn(f"{int(taken.sum())} new entit(ies) share a code tuple with a trained entity; "
-                              "refit to add a disambiguation level", CollisionWarning, stacklevel=2)
+            taken = int(np.isin(new_keys, existing).sum())
+            repeated = len(new_keys) - len(np.unique(new_keys))  # all but one of each tuple the new ones share
+            if taken or repeated:
+                warnings.warn(f"{taken} new entit(ies) share a code tuple with a trained entity and {repeated} "
+                              "with another new one; refit to add a disambiguation level", CollisionWarning,
+                              stacklevel=2)
             return base
         # Next free rank: existing group size, plus the rank among the new ones of the same tuple.
         uniq, counts = np.unique(existing, return_counts=True)
