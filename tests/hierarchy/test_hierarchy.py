@@ -100,6 +100,21 @@ def test_level_counts_and_fusion():
         fuse(g, t[:10], 0.5, 16, seed=0)
 
 
+def test_fusion_weighs_the_sides_as_rho_says_when_one_is_narrower_than_width():
+    """A 100-wide graph side and a 384-wide text side at width 256: both come to 100 dims as unit rows, so at
+    rho 0.5 the fused vector is as close to one side as to the other (cut after normalising, the text side
+    drew it 1.5 times less than the graph side)."""
+    from kgtok.hierarchy.build import reduce_width
+
+    rng = np.random.default_rng(0)
+    graph, text = rng.normal(size=(600, 100)), rng.normal(size=(600, 384))
+    fused = fuse(graph, text, 0.5, 256, seed=0)
+    assert fused.shape == (600, 100)
+    to_graph = (fused * reduce_width(graph, 100, 0)).sum(1).mean()
+    to_text = (fused * reduce_width(text, 100, 0)).sum(1).mean()
+    assert abs(to_graph / to_text - 1) < 0.05, (to_graph, to_text)
+
+
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("h")

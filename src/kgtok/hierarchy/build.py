@@ -60,9 +60,11 @@ def fuse(graph: np.ndarray | None, text: np.ndarray | None, rho: float, width: i
         return reduce_width(graph, width, seed)
     if len(graph) != len(text):
         raise ValueError(f"graph vectors have {len(graph)} rows but text vectors {len(text)}")
-    g, t = reduce_width(graph, width, seed), reduce_width(text, width, seed)
-    common = min(g.shape[1], t.shape[1])  # a side narrower than width: cut the other to match
-    return normalize_rows(rho * g[:, :common] + (1.0 - rho) * t[:, :common])
+    # A side narrower than width brings the other down to its width (by PCA), and both are unit rows
+    # there: cut after normalising, a side would weigh less than rho says.
+    common = min(width, graph.shape[1], text.shape[1])
+    g, t = reduce_width(graph, common, seed), reduce_width(text, common, seed)
+    return normalize_rows(rho * g + (1.0 - rho) * t)
 
 
 def level_counts(num_entities: int, top: int, levels: int, leaf_size: int) -> list[int]:
