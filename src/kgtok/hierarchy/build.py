@@ -5,8 +5,9 @@ learned state ends in ``_``):
 
 * ``agglomerative``: KG-FIT's seed hierarchy: cosine distance, average
   linkage.  The linkage is built once and cut at one height per level; cuts of
-  one dendrogram are nested, so every level refines the one above.  The level-1
-  cut is the one with the best silhouette (KG-FIT's threshold choice).
+  one dendrogram are nested, and outliers moved to a large cluster stay under
+  their parent, so every level refines the one above.  The level-1 cut is the
+  one with the best silhouette (KG-FIT's threshold choice).
   O(N²) memory: for graphs up to ``agglomerative_max_entities``.
 * ``kmeans``: recursive k-means (faiss): level 1 by silhouette, then every
   cluster is split into children in proportion to its size.  O(N) memory.
@@ -250,41 +251,64 @@ class SemanticHierarchy:
         else:
             self.top_silhouettes_ = {}
             top = config.clusters_per_level[0]
-        counts = self._counts(len(x), top)
-        return np.stack([self._cut(tree, x, k) for k in counts], axis=1)
+        paths = []
+        for k in self._counts(len(x), top):  # coarse to fine: each level's cut is placed under the last
+            paths.append(self._cut(tree, x, k, paths[-1] if paths else None))
+        return np.stack(paths, axis=1)
 
-    def _cut(self, tree: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
-        """k clusters from the dendrogram, outliers attached to the nearest large cluster.
+    def _cut(self, tree: np.ndarray, x: np.ndarray, k: int, parent: np.ndarray | None = None) -> np.ndarray:
+        """k clusters from the dendrogram, outliers attached to the nearest large cluster under their parent.
 
         Average linkage splits off single far points first, so the plain k-cluster
         cut of a real graph is one giant cluster plus k-1 outliers.  Instead take
         the finest cut with at most k large clusters (size >= min_cluster_share·N/k)
         and move the members of small clusters to the nearest large centroid.
+        ``parent`` (N,): the level above.  Plain cuts of one dendrogram nest, but
+        the moves above do not: a member moved there, or an outlier here, joins
+        the nearest large cluster of its own parent (most of whose members share
+        it), and where its parent has none, one cluster of such members per parent.
         """
         from scipy.cluster.hierarchy import fcluster
 
         n = len(x)
         minimum = self.config.min_cluster_share * n / k
         if minimum <= 1:
-            return fcluster(tree, k, criterion="maxclust")
-        # Finer cuts first add large clusters, then break them into small ones: scan a
-        # geometric grid of cuts for the coarsest one with k large clusters (else the most).
-        best, best_large = None, -1
-        for cut in np.unique(np.geomspace(k, min(n, 8 * k), 40).round().astype(int)):
-            labels = fcluster(tree, int(cut), criterion="maxclust")
-            large = int((np.bincount(labels) >= minimum).sum())
-            if large > best_large:
-                best, best_large = labels, large
-            if large >= k:
-                break
+            best = fcluster(tree, k, criterion="maxclust")
+        else:
+            # Finer cuts first add large clusters, then break them into small ones: scan a
+            # geometric grid of cuts for the coarsest one with k large clusters (else the most).
+            best, best_large = None, -1
+            for cut in np.unique(np.geomspace(k, min(n, 8 * k), 40).round().astype(int)):
+                labels = fcluster(tree, int(cut), criterion="maxclust")
+                large = int((np.bincount(labels) >= minimum).sum())
+                if large > best_large:
+                    best, best_large = labels, large
+                if large >= k:
+                    break
         sizes = np.bincount(best)
-        large = np.flatnonzero(sizes >= minimum)
-        small_members = np.flatnonzero(sizes[best] < minimum)
-        if len(large) == 0 or len(small_members) == 0:
+        moved = sizes[best] < minimum
+        owner = None
+        if parent is not None:  # the parent most members of each cluster have
+            counts = np.zeros((len(sizes), int(parent.max()) + 1), dtype=np.int64)
+            np.add.at(counts, (best, parent), 1)
+            owner = counts.argmax(1)
+            moved |= owner[best] != parent
+        if not moved.any():
             return best
-        centroids = _large_centroids(x, best, large)
+        large = np.flatnonzero((sizes >= minimum) & (sizes > 0))  # fcluster's labels start at 1
+        members = np.flatnonzero(moved)
         best = best.copy()
-        best[small_members] = large[np.argmax(x[small_members] @ centroids.T, axis=1)]
+        placed = np.zeros(len(members), dtype=bool)
+        if len(large):
+            score = x[members] @ _large_centroids(x, best, large).T  # (moved, large)
+            if owner is not None:
+                score[owner[large][None, :] != parent[members][:, None]] = -np.inf
+            choice = np.argmax(score, axis=1)
+            placed = np.isfinite(score[np.arange(len(members)), choice])
+            best[members[placed]] = large[choice[placed]]
+        if not placed.all():  # no large cluster under their parent: one cluster per parent
+            rest = members[~placed]
+            best[rest] = len(sizes) + (parent[rest] if parent is not None else 0)
         return best
 
     def _fit_kmeans(self, x: np.ndarray) -> np.ndarray:
