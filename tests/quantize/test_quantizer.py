@@ -546,3 +546,17 @@ def test_the_l1_draw_default_is_a_cache_rule_only_where_it_applies():
     assert default_rules(QuantizeConfig()) == {"quantize/l1_negatives": "8192 drawn"}
     assert default_rules(QuantizeConfig(gse=GSEConfig(l1_negatives=1024))) == {}
     assert default_rules(QuantizeConfig(variant="rq")) == {} == default_rules(QuantizeConfig(gse=GSEConfig(l1=False)))
+
+
+
+def test_vq_loss_is_a_mean_over_the_dimensions_or_methods_squared_norms():
+    """L_Q per level: d(sg(r), v) + β d(r, sg(v)) with d the squared distance's mean over the code dimensions
+    (kgtok's default) or, with vq_loss=sum, its sum (METHOD.md's norm), averaged over levels and the batch."""
+    from kgtok.quantize.quantizer import ResidualQuantizer
+
+    for vq_sum, scale in ((False, 1 / 5), (True, 1.0)):
+        torch.manual_seed(0)
+        out = ResidualQuantizer(levels=3, codebook_size=4, dim=5, beta=0.25, vq_sum=vq_sum)(torch.randn(7, 5))
+        squared = (out.codewords - out.residuals).pow(2).sum(2).mean(0)  # (levels,) over the batch
+        torch.testing.assert_close(out.vq_loss, scale * (1.25 * squared).mean())
+    assert RQVAE(16, QuantizeConfig(vq_loss="sum", code_dim=8), levels=2, codebook_size=4).quantizer.vq_scale == 8

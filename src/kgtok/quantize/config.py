@@ -9,6 +9,7 @@ from kgtok.config import check_fields, in_range, machine
 
 Variant = Literal["gsquant", "rq", "realm", "flat"]
 RealmAssignment = Literal["nearest", "distinct"]
+VQLoss = Literal["mean", "sum"]
 # Levels with at most this many centres contrast all of them (every graph up to ~65k entities: unchanged).
 L1_NEGATIVES = 8192
 
@@ -62,6 +63,11 @@ class QuantizeConfig:
     code_dim: int = 128  # width of codewords (reference 512; 128 trains 4x cheaper on a CPU, same codes)
     encoder_hidden: tuple[int, ...] = (512, 256)  # MLP widths between the input and code_dim
     beta: float = 0.25  # commitment weight β
+    # L_Q's squared distances: mean over the code dimensions (kgtok) or their sum (METHOD.md's norms, as L_rec
+    # and L_GSR have: 128x the weight at code_dim 128). On the synthetic KG sum collapsed flat's shared codebook
+    # (4% of codes used, level-1 NMI with the tree 0.20 against 0.63) and gave gsquant about the same codes
+    # (level-2 NMI 0.32 against 0.36): bench/results/quantizer_synthetic_vq_mean.md and _vq_sum.md.
+    vq_loss: VQLoss = "mean"  # L_Q's squared distances over the dims: mean (kgtok) | sum (METHOD.md's norms)
     lr: float = 1e-3  # Adam (reference 1e-4 over many more steps)
     epochs: int = 60  # passes over the training entities
     batch_size: int = 1024  # capped at N/16 (>= 64) so that small graphs still get 16 steps an epoch
@@ -86,6 +92,7 @@ class QuantizeConfig:
     def __post_init__(self) -> None:
         check_fields(self, [
             ("variant", lambda v: v in get_args(Variant), f"one of {', '.join(get_args(Variant))}"),
+            ("vq_loss", lambda v: v in get_args(VQLoss), "mean or sum"),
             ("patience", in_range(0), ">= 0"),
             ("levels", lambda v: v is None or _integer(v) and 1 <= v <= 64, "null or an integer in [1, 64]"),
             ("codebook_size", lambda v: v is None or _integer(v) and 2 <= v <= 65536,

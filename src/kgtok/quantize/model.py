@@ -37,7 +37,8 @@ class RQVAE(nn.Module):
         hidden = list(config.encoder_hidden)
         self.encoder = mlp([in_dim, *hidden, config.code_dim])
         self.quantizer = ResidualQuantizer(levels, codebook_size, config.code_dim,
-                                           shared=config.variant == "flat", beta=config.beta)
+                                           shared=config.variant == "flat", beta=config.beta,
+                                           vq_sum=config.vq_loss == "sum")
         self.decoder = mlp([config.code_dim, *reversed(hidden), in_dim])
         self.gsr = (GSRDecoder(levels, config.code_dim, in_dim, config.gsr.layers, config.gsr.heads, config.gsr.width)
                     if config.uses_gsr else None)

@@ -210,7 +210,7 @@ class QuantizerOutput:
     surrogates: torch.Tensor  # (batch, levels, dim) ṽ_l = r_l + sg(v_l - r_l): GSR's input
     codewords: torch.Tensor  # (batch, levels, dim) the chosen v_l (value only)
     residuals: torch.Tensor  # (batch, levels, dim) the r_l that were quantized
-    vq_loss: torch.Tensor  # scalar: mean over levels of ||sg(r)-v||² + β||r-sg(v)||²
+    vq_loss: torch.Tensor  # scalar: mean over levels of d(sg(r), v) + β d(r, sg(v)), d a mean (or sum) over dims
 
 
 class ResidualQuantizer(nn.Module):
@@ -219,16 +219,23 @@ class ResidualQuantizer(nn.Module):
     Outputs besides the codes (see :class:`QuantizerOutput`):
 
     * decoder input: the straight-through sum ``Σ_l (r_l + sg(v_l - r_l))``
-      (value ``Σ v_l``, gradient to the encoder);
+      (value ``Σ v_l``; every r_l carries z's gradient, so the encoder gets the
+      reconstruction's gradient m times over, not once as with ``z + sg(Σ v_l - z)``;
+      kept, see docs/stage4-codes.md);
+    * L_Q: per level ``d(sg(r_l), v_l) + β d(r_l, sg(v_l))`` with d the squared
+      distance's mean over the dimensions (``vq_sum``: their sum, METHOD.md's
+      norm; see ``QuantizeConfig.vq_loss``), averaged over levels;
     * GSE operand at level l: the prefix ``p_l = Σ_{j<=l} (v_j + r_j - sg(r_j))``:
       its value is the sum of the first l+1 codewords (what the first l+1
       codes mean), and its gradient reaches both the codebooks and the
       encoder, so the hierarchy shapes codewords as well as where entities land.
     """
 
-    def __init__(self, levels: int, codebook_size: int, dim: int, *, shared: bool = False, beta: float = 0.25) -> None:
+    def __init__(self, levels: int, codebook_size: int, dim: int, *, shared: bool = False, beta: float = 0.25,
+                 vq_sum: bool = False) -> None:
         super().__init__()
         self.levels, self.codebook_size, self.dim, self.shared, self.beta = levels, codebook_size, dim, shared, beta
+        self.vq_scale = dim if vq_sum else 1  # a mean over the dims x dim = their sum
         initial = torch.randn(1 if shared else levels, codebook_size, dim) * 0.01  # (books, K, dim), one draw
         books = [Codebook(weight.clone()) for weight in initial]
         # The flat variant's state dict names its one codebook once per level (same tensor).
@@ -250,7 +257,8 @@ class ResidualQuantizer(nn.Module):
         vq_loss = z.new_zeros(())
         for _, residual, code, v in residual_levels(z, self.levels, lambda level, r: self.codebooks[level](r)):
             # L_Q: codebook term moves v toward r, commitment term moves r toward v.
-            vq_loss = vq_loss + F.mse_loss(v, residual.detach()) + self.beta * F.mse_loss(residual, v.detach())
+            vq_loss = vq_loss + self.vq_scale * (
+                F.mse_loss(v, residual.detach()) + self.beta * F.mse_loss(residual, v.detach()))
             surrogate = residual + (v - residual).detach()  # straight-through ṽ_l: value v, gradient to r
             quantized = quantized + surrogate
             surrogates.append(surrogate)
