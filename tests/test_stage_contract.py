@@ -104,3 +104,25 @@ def test_killed_run_resumes_to_the_same_artifact(small_run, name, tmp_path, monk
 def test_threads_is_a_machine_field_everywhere(name):
     if "threads" in config_to_dict(STAGES[name].config()):
         assert "threads" in fields_with_effect(STAGES[name].config, MACHINE)
+
+
+def test_a_kg_built_in_memory_is_hashed_by_its_content(tmp_path):
+    """A KnowledgeGraph with no directory: another graph into the same destination runs the stage again (it was
+    reused: nothing but the config was hashed)."""
+    import numpy as np
+
+    from kgtok.data.graph import KnowledgeGraph
+    from kgtok.data.stage import DATA as STAGE, DataConfig
+
+    triples = np.array([[0, 0, 1], [1, 0, 2], [2, 0, 0]])
+
+    def graph(extra: int) -> KnowledgeGraph:
+        train = np.concatenate([triples, np.array([[0, 0, 2]] * extra).reshape(-1, 3)])
+        return KnowledgeGraph.from_arrays(entity_names=["a", "b", "c"], relation_names=["r"], train=train,
+                                          valid=triples[:1], test=triples[1:2])
+
+    first = run_stage(STAGE, DataConfig(), tmp_path / "data", data=graph(0), progress=False, log=lambda *_: None)
+    again = run_stage(STAGE, DataConfig(), tmp_path / "data", data=graph(0), progress=False, log=lambda *_: None)
+    other = run_stage(STAGE, DataConfig(), tmp_path / "data", data=graph(1), progress=False, log=lambda *_: None)
+    assert (first.status, again.status, other.status) == ("ran", "cached", "ran")
+    assert other.metrics["train"] == 4

@@ -152,13 +152,31 @@ def kg_hashes(kg_dir: Path | None) -> dict[str, str]:
     return hash_inputs(files)
 
 
+def kg_content_hash(kg: KnowledgeGraph) -> dict[str, str]:
+    """A hash of what a KG built in memory holds (no directory to hash): ids, triples, text and types."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for names in (kg.entity_names, kg.relation_names, kg.labels, kg.descriptions):
+        digest.update("\x00".join(map(str, names)).encode("utf-8") + b"\x01")
+    for split in sorted(kg.triples):
+        digest.update(split.encode() + np.ascontiguousarray(kg.triples[split].numpy()).tobytes())
+    if kg.entity_types is not None:
+        digest.update(np.ascontiguousarray(kg.entity_types).tobytes())
+    return {"kg/in_memory": digest.hexdigest()}
+
+
 def input_record(stage: Stage, inputs: Mapping[str, Path], kg_dir: Path | None,
-                 fingerprint: Mapping[str, str], kg_options: DataConfig | None = None) -> dict[str, str]:
-    """The hashes that decide whether ``dest`` is current: every input, the KG's files and loading options
-    if it reads them, and the stage's fingerprint of what its config points to."""
+                 fingerprint: Mapping[str, str], kg_options: DataConfig | None = None,
+                 kg: KnowledgeGraph | None = None) -> dict[str, str]:
+    """The hashes that decide whether ``dest`` is current: every input, the KG's files (or, for a KG built in
+    memory, ``kg``'s content) and loading options if it reads them, and the stage's fingerprint of what its
+    config points to."""
     hashes = hash_inputs(inputs)
     if stage.uses_kg:
-        hashes.update(kg_hashes(kg_dir))
+        hashes.update(kg_hashes(kg_dir) if kg_dir is not None or kg is None else kg_content_hash(kg))
         hashes.update(kg_options.record() if kg_options is not None else {})
     hashes.update(fingerprint)
     return hashes
@@ -283,7 +301,7 @@ def run_stage(
     if not is_main_process():
         return _run_as_helper_process(stage, config, given, dest, ctx)
     with folder_lock(dest):
-        hashes = input_record(stage, given, ctx.kg_dir, fingerprint, ctx.kg_options)
+        hashes = input_record(stage, given, ctx.kg_dir, fingerprint, ctx.kg_options, ctx._kg)
         if reuse and is_current(dest, stage, config, hashes):
             return StageResult(stage.name, dest, "cached", read_manifest(dest).get("metrics", {}))
         clean_leftovers(dest.parent, dest.name)

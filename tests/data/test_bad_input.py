@@ -219,3 +219,15 @@ def test_unseen_warning_names_the_entities(make_kg):
     assert "valid.txt: 1 entit(ies)" in messages[0] and "e.g. entity 'q' (line 2)" in messages[0]
     assert "e.g. relation 'fears' (line 1), entity 'zz' (line 1)" in messages[1]
     assert kg.num_entities == 6
+
+
+@pytest.mark.parametrize("name, rows", [
+    ("entity_text.tsv", ["a\tAlice\ta person who likes Bob", "b\tBob\t", "a\tAcme Corp\t"]),
+    ("entity_types.tsv", ["a\tperson", "b\tperson", "a\tcompany"]),
+])
+def test_an_entity_listed_twice_in_a_text_or_type_file_is_refused(make_kg, name, rows):
+    """Its rows were merged field by field (label of one, description of the other) or the last one won."""
+    directory = make_kg()
+    (directory / name).write_text("\n".join(rows) + "\n")
+    with pytest.raises(KGFormatError, match=rf"{name}:3: entity 'a' again \(first on line 1\)"):
+        load_kg(directory)

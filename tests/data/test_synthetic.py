@@ -118,6 +118,20 @@ def test_config_reports_every_violation() -> None:
         SyntheticConfig(num_entities=200, branching=(8, 8, 8))
 
 
+def test_every_split_gets_triples_or_the_config_is_refused(tmp_path: Path) -> None:
+    """An empty valid or test file is one load_kg refuses: a zero fraction is refused, a tiny one still gives a
+    triple, and one relation (every triple some entity's only mention, all kept in train) is named."""
+    from kgtok.data import load_kg
+
+    with pytest.raises(ValueError, match=r"valid_fraction.*\(0, 0.3\]"):
+        SyntheticConfig(valid_fraction=0.0)
+    tiny = generate(SyntheticConfig(num_entities=200, test_fraction=1e-4))
+    assert len(tiny.test) == 1 and len(tiny.valid) > 1
+    load_kg(write_synthetic(SyntheticConfig(num_entities=200, test_fraction=1e-4), tmp_path / "tiny"))
+    with pytest.raises(ValueError, match="none is left for valid and test; raise num_relations"):
+        generate(SyntheticConfig(num_entities=200, num_relations=1))
+
+
 # ---------------------------------------------------------------- triples
 
 

@@ -259,6 +259,21 @@ def _triple_keys(triples: np.ndarray, num_entities: int, num_relations: int) -> 
     return np.ascontiguousarray(triples).view([("h", "i8"), ("r", "i8"), ("t", "i8")]).ravel()
 
 
+def refuse_repeated_ids(table: Table) -> None:
+    """An entity listed twice in a text or type file: which row is meant cannot be told (rows merged field by
+    field before), so the second line is refused, naming the first."""
+    ids = np.asarray(table.columns[0], dtype=object)
+    _, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        seen = np.zeros(len(ids), dtype=bool)
+        seen[first] = True
+        again = int(np.flatnonzero(~seen)[0])
+        earlier = int(np.flatnonzero(ids == ids[again])[0])
+        raise KGFormatError(table.path, int(table.line_numbers[again]),
+                            f"entity {ids[again]!r} again (first on line {int(table.line_numbers[earlier])}); "
+                            "keep one line per entity")
+
+
 def _read_text(
     directory: Path, entity_to_id: dict[str, int], report: LoadReport, *, strip_whitespace: bool = False
 ) -> tuple[list[str | None], list[str | None]]:
@@ -268,6 +283,7 @@ def _read_text(
     descriptions: list[str | None] = [None] * n
 
     def assign(table: Table, targets: dict[int, list[str | None]]) -> None:
+        refuse_repeated_ids(table)
         for row, name in enumerate(table.columns[0]):
             index = entity_to_id.get(name)
             if index is None:  # text for an entity no triple mentions: harmless, counted
@@ -308,6 +324,7 @@ def _read_types(
         raise KGFormatError(path, 1, "expected id<TAB>type[<TAB>subtype...]")
     table = read_table(path, (width,), f"id followed by {width - 1} type column(s)", id_columns=1,
                        strip_whitespace=strip_whitespace)
+    refuse_repeated_ids(table)
     types = np.full((len(entity_to_id), width - 1), -1, dtype=np.int64)
     rows = np.fromiter(map(entity_to_id.get, table.columns[0], repeat(-1)), dtype=np.int64)
     known = rows >= 0

@@ -115,8 +115,9 @@ class SyntheticConfig:
                 ),
                 ("num_relations", lambda n: _is_int(n) and 1 <= n <= 999, "an integer in [1, 999]"),
                 ("triples_per_entity", in_range(2.0, 200.0), "a number in [2, 200]"),
-                ("valid_fraction", in_range(0.0, 0.3), "a number in [0, 0.3]"),
-                ("test_fraction", in_range(0.0, 0.3), "a number in [0, 0.3]"),
+                # an empty split is a file load_kg refuses
+                ("valid_fraction", in_range(0.0, 0.3, low_open=True), "a number in (0, 0.3]"),
+                ("test_fraction", in_range(0.0, 0.3, low_open=True), "a number in (0, 0.3]"),
                 ("noise", in_range(0.0, 1.0), "a number in [0, 1]"),
                 ("duplicate_labels", in_range(0.0, 0.5), "a number in [0, 0.5]"),
                 ("seed", lambda s: _is_int(s) and s >= 0, "a non-negative integer"),
@@ -523,10 +524,14 @@ def _split(
     protected[first_relation] = True
     assert len(first_entity) == n_entities and len(first_relation) == n_relations
     pool = np.flatnonzero(~protected)
-    n_valid, n_test = round(config.valid_fraction * m), round(config.test_fraction * m)
-    if n_valid + n_test > len(pool):  # only with very sparse graphs: shrink both alike
+    if len(pool) < 2:  # e.g. one relation: every triple is some head's only mention, so all stay in train
+        raise ValueError(f"synthetic KG: {m} triples, all needed in train (each entity and relation keeps one), "
+                         "so none is left for valid and test; raise num_relations or triples_per_entity")
+    n_valid, n_test = max(1, round(config.valid_fraction * m)), max(1, round(config.test_fraction * m))
+    if n_valid + n_test > len(pool):  # only with very sparse graphs: shrink both alike, one each at least
         scale = len(pool) / (n_valid + n_test)
-        n_valid, n_test = int(n_valid * scale), int(n_test * scale)
+        n_valid, n_test = max(1, int(n_valid * scale)), max(1, int(n_test * scale))
+        n_valid = min(n_valid, len(pool) - n_test)
     in_split = np.zeros(m, dtype=np.int8)  # 0 train, 1 valid, 2 test
     in_split[pool[:n_valid]] = 1
     in_split[pool[n_valid : n_valid + n_test]] = 2
