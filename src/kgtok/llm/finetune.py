@@ -103,14 +103,21 @@ def read_entities(instructions: InstructArtifact) -> list[dict[str, Any]]:
 
 
 def wrap_trainable(model: Any, config: FinetuneConfig, full: bool, new_ids: list[int]) -> Any:
-    """Full training, or LoRA adapters plus the new token rows."""
+    """Full training, or LoRA adapters plus the new token rows (input rows, and output rows when untied)."""
     if full:
         return model
     from peft import LoraConfig, get_peft_model
 
+    from kgtok.quantize.hf import embedding_matrices
+
+    rows = None
+    if new_ids:
+        rows = {"embed_tokens": list(new_ids)}
+        if len(embedding_matrices(model)) > 1:  # an untied output layer: the new tokens' rows there are new too
+            head = next(name for name, module in model.named_modules() if module is model.get_output_embeddings())
+            rows[head.rsplit(".", 1)[-1]] = list(new_ids)
     lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.target_modules), task_type="CAUSAL_LM",
-                      trainable_token_indices={"embed_tokens": list(new_ids)} if new_ids else None)
+                      target_modules=list(config.target_modules), task_type="CAUSAL_LM", trainable_token_indices=rows)
     return get_peft_model(model, lora)
 
 
@@ -251,10 +258,36 @@ class AnswerLoss:
 def trainer_class() -> type:
     """The Hugging Face Trainer plus the new rows' learning rate (:class:`NewTokenRate`) and, per LM-valid
     pass, ``eval_code_token_loss`` (:class:`AnswerLoss`): when it stops falling the codes are learnt."""
+    import torch
     from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class EpochSeededLengthSampler(LengthGroupedSampler):
+        """Batches of similar length whose order in epoch e comes from (seed, e), not from the global random
+        state: a run resumed inside epoch 2 or later drew its epoch's order before the checkpoint's random state
+        was restored, and skipped the wrong batches."""
+
+        def __init__(self, batch_size: int, dataset: Any, seed: int) -> None:
+            super().__init__(batch_size, dataset=dataset)
+            self.seed, self.epoch = seed, 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self) -> Any:
+            self.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            return super().__iter__()
 
     class CodeTrainer(Trainer):
         new_token_rate: NewTokenRate | None = None
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            sampler = super()._get_train_sampler(train_dataset)
+            if not isinstance(sampler, LengthGroupedSampler):
+                return sampler
+            return EpochSeededLengthSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                            train_dataset if train_dataset is not None else self.train_dataset,
+                                            self.args.seed)
 
         def create_optimizer(self, model: Any = None) -> Any:
             optimizer = super().create_optimizer(model)
