@@ -195,3 +195,20 @@ def test_a_field_added_since_counts_as_its_default(tmp_path):
     saved = read_manifest(dest)["config"]
     assert config_changes(saved, LaterStageConfig(dim=4)) == ([], [])
     assert config_changes(saved, LaterStageConfig(dim=4, sparse=False)) == ([], ["sparse"])
+
+
+def test_an_artifact_never_replaces_a_directory_kgtok_did_not_write(tmp_path):
+    """``--out`` pointing at a KG directory (or any folder with files and no manifest) deleted it."""
+    from kgtok.artifacts import artifact_dir
+
+    data = tmp_path / "kg"
+    data.mkdir()
+    (data / "train.txt").write_text("a\tr\tb\n")
+    with pytest.raises(FileExistsError, match="not a kgtok artifact"):
+        with artifact_dir(data, stage="text", config={}):
+            pass
+    assert (data / "train.txt").read_text() == "a\tr\tb\n"
+    with artifact_dir(tmp_path / "empty", stage="text", config={}) as writer:  # new or empty: written
+        (writer.path / "x.npy").write_bytes(b"")
+    with artifact_dir(tmp_path / "empty", stage="text", config={}):  # its own artifact: replaced
+        pass

@@ -332,11 +332,20 @@ def artifact_dir(
     replaced); on an exception nothing changes.
     """
     start = time.perf_counter()
+    refuse_foreign_dir(Path(dest))
     with atomic_dir(dest) as tmp:
         writer = ArtifactWriter(path=tmp, stage=stage, config=config, inputs=dict(inputs or {}))
         yield writer
         writer.timings.setdefault("total", time.perf_counter() - start)
         write_json_atomic(tmp / MANIFEST, writer.manifest())
+
+
+def refuse_foreign_dir(dest: Path) -> None:
+    """A directory that holds files but no kgtok manifest is someone's data (a KG, notes): an artifact written
+    there would replace it, so the write is refused before any work."""
+    if dest.is_dir() and not dest.is_symlink() and any(dest.iterdir()) and read_manifest(dest) is None:
+        raise FileExistsError(f"{dest}: exists, is not empty and has no {MANIFEST}, so it is not a kgtok artifact; "
+                              "kgtok replaces only its own artifacts: give another --out, or remove it")
 
 
 def replace_dir(src: Path, dest: Path) -> None:

@@ -77,3 +77,11 @@ def test_subset_with_an_empty_split_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="has no (valid|test).*ask for more entities"):
         write_subset(source, tmp_path / "sub", entities=3, seeds=1)
     assert not (tmp_path / "sub").exists()
+
+
+def test_subset_never_replaces_a_directory_it_did_not_write(make_kg, tmp_path):
+    source = make_kg()
+    before = (source / "train.txt").read_text()
+    with pytest.raises(FileExistsError, match="not a subset kgtok wrote"):
+        write_subset(source, source, entities=3)
+    assert (source / "train.txt").read_text() == before

@@ -70,6 +70,10 @@ def write_subset(source: str | Path, dest: str | Path, *, entities: int, seed: i
     """
     if entities < 2:
         raise ValueError(f"entities: expected at least 2, got {entities}")
+    dest = Path(dest)
+    if dest.is_dir() and any(dest.iterdir()) and not (dest / "SUBSET.txt").exists():  # e.g. the source itself
+        raise FileExistsError(f"{dest}: a non-empty directory that is not a subset kgtok wrote (no SUBSET.txt); "
+                              "writing the subset there would replace it: choose another destination")
     kg = load_kg(source)
     rng = np.random.default_rng(seed)
     keep = snowball_entities(kg.train.numpy(), kg.num_entities, entities, seeds=seeds, rng=rng)
@@ -80,7 +84,6 @@ def write_subset(source: str | Path, dest: str | Path, *, entities: int, seed: i
                          f"(sizes {', '.join(f'{k} {len(t)}' for k, t in triples.items())}); ask for more entities")
     used = np.unique(triples["train"][:, [0, 2]])
     names, relations = np.asarray(kg.entity_names, dtype=object), np.asarray(kg.relation_names, dtype=object)
-    dest = Path(dest)
     with atomic_dir(dest) as tmp:
         for split, t in triples.items():
             lines = [f"{h}\t{r}\t{tl}\n" for h, r, tl in zip(names[t[:, 0]], relations[t[:, 1]], names[t[:, 2]])]
