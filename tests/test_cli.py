@@ -211,6 +211,10 @@ def test_run_until_stops_after_the_named_stage(tmp_path):
     assert [r.name for r in results] == ["synthetic", "data", "embed"] and not (tmp_path / "run" / "text").exists()
     with pytest.raises(ValueError, match="until='nothing'"):
         run(config, until="nothing", log=lambda *_: None)
+    # with data= the synthetic stage is not run: until=synthetic ran the whole pipeline
+    with pytest.raises(ValueError, match="until='synthetic': expected one of this run's stages, data, embed"):
+        run(dataclasses.replace(config, data=str(tmp_path / "run" / "synthetic")), until="synthetic",
+            log=lambda *_: None)
 
 
 def test_report_code_tree_lists_the_largest_prefixes_with_members():
@@ -263,3 +267,12 @@ def test_run_takes_the_users_classes_and_negatives_files(tmp_path):
     test = [json.loads(line) for line in (tmp_path / "run" / "instruct" / "test.jsonl").read_text().splitlines()]
     named = {(kg.entity_names[h], kg.relation_names[r], kg.entity_names[t]) for h, r, t in given}
     assert sorted(tuple(r["triple"]) for r in test if not r["label"]) == sorted(named)
+
+
+@pytest.mark.parametrize("out", ["runs/exp #2", "2024-01-05", "12345"])
+def test_run_paths_are_taken_as_typed_not_as_yaml(out):
+    """--out "exp #2" wrote to "exp" (# starts a YAML comment); 2024-01-05 and 12345 were refused as a date and a
+    number."""
+    from kgtok.cli import _run_config
+
+    assert _run_config(None, None, out, ()).out == out

@@ -136,3 +136,23 @@ def test_every_shipped_preset_loads_and_run_smollm2_is_the_benchmarks_stage5():
     preset = load_config(RunConfig, "run_smollm2")  # the benchmark's codes_all row: its stage 5 and the switches
     assert preset == load_config(RunConfig, None, ["finetune.backbone=smollm2-135m", *STAGE5, *SWITCHES["codes_all"]])
     assert preset.finetune.embedding_init == "names" and preset.instruct.align_tasks
+
+
+def test_numbers_in_exponent_notation_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-3 as a string: an override or a file with lr 1e-3 was refused."""
+    assert load_config(Outer, None, ["gse.lambda1=1e-3"]).gse.lambda1 == 1e-3
+    path = tmp_path / "c.yaml"
+    path.write_text("gse:\n  lambda1: 5E-5\n")
+    assert load_config(Outer, path).gse.lambda1 == 5e-5
+    assert load_config(Outer, None, ["gse.lambda1=2e3"]).gse.lambda1 == 2000.0
+    assert load_config(Outer, None, ["data=1e-3x"]).data == "1e-3x"
+
+
+def test_a_bad_override_is_named_as_the_override_not_the_file(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("levels: 3\n")
+    with pytest.raises(ConfigError, match=r"^override levels: expected an integer"):
+        load_config(Outer, path, ["levels=abc"])
+    path.write_text("levels: abc\n")
+    with pytest.raises(ConfigError, match=rf"^config file {path}: levels: expected an integer"):
+        load_config(Outer, path, ["gse.lambda1=0.5"])

@@ -126,3 +126,12 @@ def test_a_kg_built_in_memory_is_hashed_by_its_content(tmp_path):
     other = run_stage(STAGE, DataConfig(), tmp_path / "data", data=graph(1), progress=False, log=lambda *_: None)
     assert (first.status, again.status, other.status) == ("ran", "cached", "ran")
     assert other.metrics["train"] == 4
+    # loaded from a directory, then changed in memory: hashed by what it holds, not by the files
+    from kgtok.data import load_kg
+    from kgtok.data.synthetic import write_synthetic
+
+    kg = load_kg(write_synthetic(SyntheticConfig(num_entities=200), tmp_path / "kg"))
+    run_stage(STAGE, DataConfig(), tmp_path / "d2", data=kg, progress=False, log=lambda *_: None)
+    kg.triples["train"] = kg.triples["train"][:100]
+    cut = run_stage(STAGE, DataConfig(), tmp_path / "d2", data=kg, progress=False, log=lambda *_: None)
+    assert cut.status == "ran" and cut.metrics["train"] == 100

@@ -244,8 +244,8 @@ def _run_config(config_path: str | None, data: str | None, out: str | None, over
     from kgtok.config import load_config
     from kgtok.pipeline import RunConfig
 
-    extra = [*overrides, *([f"data={data}"] if data else []), *([f"out={out}"] if out else [])]
-    config = load_config(RunConfig, config_path, extra)
+    paths = {key: value for key, value in (("data", data), ("out", out)) if value}  # as typed, never YAML
+    config = load_config(RunConfig, config_path, overrides, values=paths)
     problem = _kg_dir_problem(config.data) if config.data is not None else None
     if problem:  # data= from an override or the YAML: checked before the config is printed
         raise ValueError(f"data (--data): {problem}")

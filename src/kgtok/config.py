@@ -9,6 +9,7 @@ do), and lets ``__post_init__`` report every bad value at once.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -260,6 +261,19 @@ def config_from_dict(cls: type[C], data: Mapping[str, Any] | None) -> C:
     return _build(cls, data or {}, "")
 
 
+class _YAMLLoader(yaml.SafeLoader):
+    """YAML's safe loader reading ``1e-3`` as a number, as YAML 1.2 does (PyYAML's 1.1 wants ``1.0e-3``)."""
+
+
+_YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                  list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with ``1e-3`` a float (config files and overrides)."""
+    return yaml.load(text, Loader=_YAMLLoader)
+
+
 def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
     """``["a.b=1", "c=[1, 2]"]`` -> ``{"a": {"b": 1}, "c": [1, 2]}`` (values parsed as YAML)."""
     tree: dict[str, Any] = {}
@@ -267,7 +281,7 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected key=value, e.g. levels=4 or gse.lambda1=0.8")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
         node = tree
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -294,17 +308,21 @@ def load_config(
     overrides: Iterable[str] = (),
     *,
     section: str | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> C:
     """Load a stage config from an optional YAML file plus dotted overrides.
 
     ``section`` picks one top-level key of the YAML (a whole-run file holds one
-    section per stage).  Later sources win: defaults < YAML < overrides.
+    section per stage).  ``values``: top-level values taken as they are, not
+    parsed as YAML (paths from ``--data``/``--out``: ``exp #2`` is no comment,
+    ``2024-01-05`` no date).  Later sources win: defaults < YAML < overrides < values.
     """
     data: dict[str, Any] = {}
+    overrides = list(overrides)
     if path is not None:
         path = resolve_config_path(path)
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = load_yaml(path.read_text(encoding="utf-8"))
         except FileNotFoundError as e:
             raise ConfigError(
                 f"config file {path} does not exist (shipped presets: {', '.join(list_presets())})"
@@ -326,10 +344,13 @@ def load_config(
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
         data = dict(loaded)
-    data = _merge(data, parse_overrides(overrides))
+    data = {**_merge(data, parse_overrides(overrides)), **(values or {})}
     try:
         return config_from_dict(cls, data)
     except ConfigError as e:
+        key = str(e).split(":", 1)[0]
+        if key in {item.partition("=")[0].strip() for item in overrides}:  # the override, not the file, is wrong
+            raise ConfigError(f"override {e}") from None
         origin = f"config file {path}" if path is not None else "config"
         raise ConfigError(f"{origin}: {e}") from None
 

@@ -164,8 +164,8 @@ def run(config: RunConfig, *, until: str | None = None, log: Callable[[str], Non
     ``log`` gets one line per stage (and warnings); everything the stages say
     goes to ``<out>/run.log``.  Returns one :class:`StageResult` per stage.
     """
-    if until is not None and until not in STAGE_ORDER:
-        raise ValueError(f"until={until!r}: expected one of {', '.join(STAGE_ORDER)}")
+    if until is not None and until not in config.stages():  # e.g. synthetic with data= (it is not run)
+        raise ValueError(f"until={until!r}: expected one of this run's stages, {', '.join(config.stages())}")
     config.check_files()
     run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -153,7 +153,8 @@ def kg_hashes(kg_dir: Path | None) -> dict[str, str]:
 
 
 def kg_content_hash(kg: KnowledgeGraph) -> dict[str, str]:
-    """A hash of what a KG built in memory holds (no directory to hash): ids, triples, text and types."""
+    """A hash of what a KG object holds (its directory's files may not be what it holds): ids, triples, text,
+    types."""
     import hashlib
 
     import numpy as np
@@ -171,12 +172,12 @@ def kg_content_hash(kg: KnowledgeGraph) -> dict[str, str]:
 def input_record(stage: Stage, inputs: Mapping[str, Path], kg_dir: Path | None,
                  fingerprint: Mapping[str, str], kg_options: DataConfig | None = None,
                  kg: KnowledgeGraph | None = None) -> dict[str, str]:
-    """The hashes that decide whether ``dest`` is current: every input, the KG's files (or, for a KG built in
-    memory, ``kg``'s content) and loading options if it reads them, and the stage's fingerprint of what its
-    config points to."""
+    """The hashes that decide whether ``dest`` is current: every input, the KG's files (or ``kg``'s content:
+    a KnowledgeGraph object given to a stage may have been built or changed in memory) and loading options if
+    it reads them, and the stage's fingerprint of what its config points to."""
     hashes = hash_inputs(inputs)
     if stage.uses_kg:
-        hashes.update(kg_hashes(kg_dir) if kg_dir is not None or kg is None else kg_content_hash(kg))
+        hashes.update(kg_hashes(kg_dir) if kg is None else kg_content_hash(kg))
         hashes.update(kg_options.record() if kg_options is not None else {})
     hashes.update(fingerprint)
     return hashes
@@ -301,7 +302,8 @@ def run_stage(
     if not is_main_process():
         return _run_as_helper_process(stage, config, given, dest, ctx)
     with folder_lock(dest):
-        hashes = input_record(stage, given, ctx.kg_dir, fingerprint, ctx.kg_options, ctx._kg)
+        hashes = input_record(stage, given, ctx.kg_dir, fingerprint, ctx.kg_options,
+                              data if isinstance(data, KnowledgeGraph) else None)
         if reuse and is_current(dest, stage, config, hashes):
             return StageResult(stage.name, dest, "cached", read_manifest(dest).get("metrics", {}))
         clean_leftovers(dest.parent, dest.name)
