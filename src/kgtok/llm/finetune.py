@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kgtok.artifacts import write_json_atomic
-from kgtok.llm.backbone import is_from_scratch, resolve_backbone
+from kgtok.llm.backbone import backbone_fingerprint, is_from_scratch, resolve_backbone
 from kgtok.llm.config import FinetuneConfig  # here too: kgtok.llm.finetune.FinetuneConfig is public
 from kgtok.llm.layout import FinetuneArtifact, InstructArtifact
 from kgtok.llm.prompts import encode_answers, encode_prompts, fit_encoded_prompt, pad_left, read_jsonl, training_text
@@ -477,6 +477,7 @@ STAGE = Stage(
             Input("codes", "quantize", QuantizeArtifact,
                   "the stage-4 artifact whose code tokens the instructions use (omit for instructions without codes)")),
     needs=lambda config: ("instructions",), summary=("steps", "train_loss", "valid_loss", "train_tokens_per_second"),
+    fingerprint=lambda config: backbone_fingerprint(config.backbone),
 )
 
 
