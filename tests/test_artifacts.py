@@ -212,3 +212,22 @@ def test_an_artifact_never_replaces_a_directory_kgtok_did_not_write(tmp_path):
         (writer.path / "x.npy").write_bytes(b"")
     with artifact_dir(tmp_path / "empty", stage="text", config={}):  # its own artifact: replaced
         pass
+
+
+def test_written_files_and_folders_get_the_umasks_modes_not_the_temporary_ones(tmp_path):
+    """mkstemp and mkdtemp make 0600 / 0700: artifacts were unreadable by other users whatever the umask."""
+    import os
+    import stat
+
+    from kgtok.artifacts import artifact_dir, write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        with artifact_dir(tmp_path / "a", stage="text", config={}):
+            pass
+        write_json_atomic(tmp_path / "f.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "a" / "manifest.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644
