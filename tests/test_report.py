@@ -85,3 +85,37 @@ def test_no_stage5_section_without_a_link_prediction_evaluation(tmp_path):
     classification.mkdir()
     (classification / "predictions.jsonl").write_text(json.dumps({"id": "q0", "label": True}) + "\n")
     assert stage5_comparisons(tmp_path) is None
+
+
+def test_code_tree_labels_follow_the_codes_rows_and_the_runs_loading_options(tmp_path):
+    """Labels come by entity name in the quantize artifact's row order, from the KG loaded as the run loaded it
+    (a run with skip_header made the report fail; a KG whose files changed order gave wrong labels)."""
+    kg = tmp_path / "kg"
+    kg.mkdir()
+    for split in ("train", "valid", "test"):
+        (kg / f"{split}.txt").write_text("head\trelation\ttail\nb\tr\ta\na\tr\tc\n")
+    (kg / "entity_text.tsv").write_text("a\tAlice\t\nb\tBob\t\nc\tCarol\t\n")
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "data" / "manifest.json").write_text(json.dumps(
+        {"stage": "data", "config": {"skip_header": True, "strip_whitespace": False}, "metrics": {"kg_dir": str(kg)}}))
+    (run / "quantize").mkdir()
+    (run / "quantize" / "tokens.txt").write_text("0\tc\t<a_0>\n1\ta\t<a_1>\n2\tb\t<a_2>\n")
+    assert report._entity_labels(run) == ["Carol", "Alice", "Bob"]
+    (run / "quantize" / "tokens.txt").write_text("0\tc\t<a_0>\n1\tzed\t<a_1>\n")  # no longer the run's KG
+    assert report._entity_labels(run) is None
+
+
+def test_a_dollar_in_a_name_is_shown_as_it_is():
+    """A relation named price_$_in_$ opened matplotlib's mathtext and the report failed."""
+    import io
+
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    matplotlib.use("Agg")
+    figure, axis = plt.subplots()
+    axis.set_yticks([0], [report.plain("price_$_in_$")])
+    figure.savefig(io.BytesIO(), format="png")
+    plt.close(figure)
+    assert report.plain("a$b") == "a\\$b"

@@ -89,19 +89,36 @@ def _quantizer(run: Path) -> str | None:
 
 
 def _entity_labels(run: Path) -> list[str] | None:
-    """Entity labels of the run's KG (from the data stage's record), or None when it is not at hand."""
-    from kgtok.data.layout import DataArtifact
-
-    kg_dir = DataArtifact(run / "data").manifest.get("metrics", {}).get("kg_dir")
-    if not kg_dir or not Path(kg_dir).is_dir():
-        return None
+    """Labels of the codes' entities, in the codes' row order (the quantize artifact's ``tokens.txt`` names
+    them), from the run's KG loaded as the run loaded it; None when it is not at hand or no longer matches
+    (the tree then shows entity ids)."""
     import warnings
 
     from kgtok.data.graph import load_kg
+    from kgtok.data.layout import DataArtifact
+    from kgtok.data.stage import DataConfig
+    from kgtok.quantize.layout import QuantizeArtifact
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the run already showed the data warnings
-        return load_kg(kg_dir).labels
+    manifest = DataArtifact(run / "data").manifest
+    kg_dir = manifest.get("metrics", {}).get("kg_dir")
+    tokens = QuantizeArtifact(run / "quantize").tokens
+    if not kg_dir or not Path(kg_dir).is_dir() or not tokens.exists():
+        return None
+    names = [line.split("\t")[1] for line in tokens.read_text(encoding="utf-8").splitlines()]
+    try:
+        options = DataConfig(**manifest.get("config", {}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the run already showed the data warnings
+            kg = load_kg(kg_dir, skip_header=options.skip_header, strip_whitespace=options.strip_whitespace)
+    except (OSError, ValueError, TypeError):  # the KG moved on since the run: ids rather than wrong labels
+        return None
+    label = dict(zip(kg.entity_names, kg.labels))
+    return [label[name] for name in names] if all(name in label for name in names) else None
+
+
+def plain(text: str) -> str:
+    """``text`` as matplotlib shows it literally: a ``$`` would open mathtext (``price_$_in_$`` failed)."""
+    return text.replace("$", r"\$")
 
 
 def code_tree(codes: np.ndarray, labels: list[str] | None, *, branches: int = 3, examples: int = 4,
@@ -221,7 +238,7 @@ def _final(run: Path) -> str | None:
         y = np.arange(len(names))
         axis.barh(y - 0.2, [per_relation["retriever"][r]["hits_at_1"] for r in names], height=0.4, label="retriever")
         axis.barh(y + 0.2, [per_relation["dift"][r]["hits_at_1"] for r in names], height=0.4, label="LM pick")
-        axis.set_yticks(y, [n[-40:] for n in names], fontsize=7)
+        axis.set_yticks(y, [plain(n[-40:]) for n in names], fontsize=7)
         axis.invert_yaxis()
         axis.set_xlabel("Hits@1")
         axis.legend()
@@ -328,7 +345,7 @@ def _comparison_plot(names: list[str], rows: list[dict[str, Any]]) -> str:
             axis.errorbar(difference[i], y[i], xerr=errors[:, i: i + 1], fmt="o", color=colours[i], capsize=4)
         axis.set_title(f"{title}: ranker - retriever (95% CI)")
         axis.set_xlabel(f"difference in {title}")
-    axes[0].set_yticks(y, names, fontsize=8)
+    axes[0].set_yticks(y, [plain(n) for n in names], fontsize=8)
     axes[0].invert_yaxis()
     return _png(figure)
 
