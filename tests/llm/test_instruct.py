@@ -115,6 +115,22 @@ def test_neighbours_ranked_by_relation_cooccurrence(tmp_path):
     assert relations[-1] == "hates" and set(relations[:2]) == {"likes", "knows"}
 
 
+def test_a_self_loop_is_one_fact_not_two(tmp_path):
+    """(a, r, a) is indexed once as a's head triple and once as its tail triple: it took two fact slots."""
+    from conftest import write_lines
+
+    directory = tmp_path / "kg"
+    directory.mkdir()
+    write_lines(directory / "train.txt", ["a\tr\ta", "a\ts\tb", "b\tr\tc"])
+    write_lines(directory / "valid.txt", ["b\tr\ta"])
+    write_lines(directory / "test.txt", ["c\tr\ta"])
+    kg = load_kg(directory)
+    a = kg.entity_to_id["a"]
+    facts = NeighbourIndex(kg).for_query(a, kg.relation_to_id["r"], True, None, 10)
+    r, s, b = kg.relation_to_id["r"], kg.relation_to_id["s"], kg.entity_to_id["b"]
+    assert sorted(facts) == sorted([(a, r, a), (a, s, b)])
+
+
 def test_training_queries_are_sampled_and_shuffled(tmp_path):
     kg = load_kg(write_synthetic(SyntheticConfig(num_entities=200, seed=2), tmp_path / "kg"))
     embed = run_embed(EmbedConfig(dim=16, max_steps=40, eval_every=20, batch_size=256, threads=1, top_k=6),

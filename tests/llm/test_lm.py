@@ -751,3 +751,41 @@ def test_finetune_is_fingerprinted_by_its_local_backbones_files(tmp_path):
     assert FINETUNE.fingerprint(FinetuneConfig(backbone="tiny")) == {}
     with pytest.raises(ValueError, match="no config.json under"):
         FINETUNE.fingerprint(FinetuneConfig(backbone=str(tmp_path / "nowhere")))
+
+
+def test_every_class_a_candidate_names_becomes_one_token(tmp_path, monkeypatch):
+    """class_prefix: a class no LM-train or LM-valid answer has, but a test candidate has, was split into
+    byte pieces (<, c, l, s, ...), which broke the class read from the scores."""
+    from kgtok.llm.finetune import class_vocabulary, load_backbone
+    from kgtok.llm.layout import InstructArtifact
+
+    instructions = tmp_path / "instruct"
+    instructions.mkdir()
+    rows = {"lm_train": [{"prompt": "q", "answer": "<cls_1> dog", "gold_class": 1,
+                          "candidate_answers": ["<cls_1> dog", "<cls_2> cat"]}],
+            "lm_valid": [{"prompt": "q", "answer": "<cls_2> cat", "gold_class": 2}],
+            "test": [{"prompt": "q", "answer": "<cls_1> dog", "candidate_answers": ["<cls_1> dog", "<cls_7> eel"]}]}
+    for split, records in rows.items():
+        (instructions / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    classes = class_vocabulary(InstructArtifact(instructions))
+    assert classes == ["<cls_1>", "<cls_2>", "<cls_7>"]
+    _, tokenizer, _, _ = load_backbone(FinetuneConfig(tiny=TINY), ["q dog cat eel"] * 20, tmp_path, None,
+                                       classes=classes)
+    assert [t for t in tokenizer.tokenize(" <cls_7> eel") if "cls" in t] == ["<cls_7>"]
+    # and fine-tuning passes them on
+    import kgtok.llm.finetune as finetune
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    (instructions / "manifest.json").write_text(json.dumps({"stage": "instruct", "config": {}, "inputs": {}}))
+    monkeypatch.setattr(finetune, "load_backbone", capture)
+    with pytest.raises(Stop):
+        run_finetune(FinetuneConfig(tiny=TINY, threads=1), instructions, tmp_path / "ft", progress=False, log=quiet)
+    assert seen["classes"] == classes

@@ -73,11 +73,26 @@ def class_tokens(texts: list[str]) -> list[str]:
     return sorted({token for text in texts for token in re.findall(r"<cls_[^<>\s]+>", text)})
 
 
+def class_vocabulary(instructions: InstructArtifact) -> list[str]:
+    """The class tokens of every split's answers and candidate answers (``class_prefix``): a class that no
+    LM-train or LM-valid answer has is still one token when test's candidates name it (its pieces broke the
+    class read from the scores).  Vocabulary only: no test label is read."""
+    found = []
+    for split in ("lm_train", "lm_valid", "test"):
+        path = instructions.split(split)
+        if path.exists():
+            found += class_tokens([" ".join([r.get("answer", ""), *r.get("candidate_answers", [])])
+                                   for r in read_jsonl(path)])
+    return sorted(set(found))
+
+
 def load_backbone(config: FinetuneConfig, texts: list[str], work: Path, codes: str | Path | None,
-                  entities: list[dict[str, Any]] | None = None) -> tuple[Any, Any, list[int], Path]:
+                  entities: list[dict[str, Any]] | None = None, classes: list[str] | None = None
+                  ) -> tuple[Any, Any, list[int], Path]:
     """Model and tokenizer with the code vocabulary added; returns (model, tokenizer, new token ids, path).
 
-    ``entities``: the instructions' ``entities.jsonl`` rows, for ``embedding_init: names``."""
+    ``entities``: the instructions' ``entities.jsonl`` rows, for ``embedding_init: names``; ``classes``: the
+    class tokens to add (None: those in ``texts``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,7 +102,8 @@ def load_backbone(config: FinetuneConfig, texts: list[str], work: Path, codes: s
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokens, codebooks = (code_vocabulary(codes) if codes is not None else ([], None))
-    tokens = tokens + class_tokens(texts)  # class_prefix answers: one token per class (rows from the mean)
+    # class_prefix answers: one token per class (rows from the mean)
+    tokens = tokens + (class_tokens(texts) if classes is None else list(classes))
     new_ids = extend_vocabulary(model, tokenizer, list(BOUNDARY_TOKENS) + tokens, init=config.embedding_init,
                                 codebooks=codebooks, entities=entities, seed=config.seed)
     return model, tokenizer, new_ids, path
@@ -426,7 +442,7 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
         with state.main_process_first():  # the tiny backbone is built once, by the main process
             model, tokenizer, new_ids, backbone = load_backbone(
                 config, [training_text(r) for r in train_records + valid_records], ctx.work, inputs.get("codes"),
-                entities)
+                entities, classes=class_vocabulary(instructions) if "gold_class" in train_records[0] else None)
         code_tokens = code_vocabulary(inputs["codes"])[0] if inputs.get("codes") is not None else []
         code_ids = tokenizer.convert_tokens_to_ids(code_tokens)
         model = wrap_trainable(model, config, full, new_ids)

@@ -45,8 +45,11 @@ class NeighbourIndex:
         query = relation if entity_is_head else relation + self.num_relations
         score = self.co[query, relations]
         order = np.lexsort((triples, -score))  # by co-occurrence, then by triple index (deterministic)
-        out = []
+        out, taken = [], set()
         for i in order:
+            if triples[i] in taken:  # a self-loop (e, r, e) is indexed twice around e: listed once
+                continue
+            taken.add(triples[i])
             h, r, t = (int(v) for v in self.train[triples[i]])
             if exclude is not None and (h, r, t) == exclude:
                 continue
