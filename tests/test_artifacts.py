@@ -139,6 +139,30 @@ def test_folder_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     assert not lock.exists()
 
 
+def test_a_lock_held_before_its_holder_wrote_its_name_is_still_held(tmp_path):
+    """A lock file its holder has created but not yet written (or one several processes race to take over)
+    read as no holder and was taken: two processes held the folder.  The kernel's lock decides now."""
+    import subprocess
+    import sys
+
+    from kgtok.artifacts import LockedError, folder_lock
+
+    code = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(20)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run.lock")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(LockedError, match="in use by another kgtok process"):
+            with folder_lock(tmp_path / "run"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with folder_lock(tmp_path / "run"):  # its process gone, the kernel's lock is free
+        pass
+
+
 def test_two_processes_on_one_output_folder(tmp_path, make_kg):
     """The second of two concurrent stage runs on one --out stops with a message naming the first."""
     import subprocess

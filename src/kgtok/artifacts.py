@@ -412,11 +412,15 @@ def _alive(pid: int) -> bool:
 def folder_lock(path: str | Path) -> Iterator[None]:
     """Hold ``<path>.lock`` (holder PID, host, start time) while a stage or run writes ``path``.
 
-    A second process on the same folder stops with a message naming the
-    holder; a lock whose process is gone (killed) is taken over with a
-    warning.  Re-entrant within one process (``kgtok run`` locks the run
+    The lock is the kernel's (``flock``), so two processes never both hold it,
+    and a killed holder's is free at once; the file says who holds it.  A
+    second process on the same folder stops with a message naming the holder;
+    the file of a process that is gone is taken over with a warning (a live
+    process named in a file it does not lock, as older kgtok wrote them, still
+    counts).  Re-entrant within one process (``kgtok run`` locks the run
     folder, then each stage its own).
     """
+    import fcntl
     import socket
     import warnings
 
@@ -426,37 +430,57 @@ def folder_lock(path: str | Path) -> Iterator[None]:
     me = {"pid": os.getpid(), "host": socket.gethostname(),
           "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     for _ in range(3):
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666 & ~current_umask())
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                holder = {}
-            if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
-                yield  # this process holds it already
-                return
-            pid = holder.get("pid")
-            if holder.get("host") == me["host"] and isinstance(pid, int) and _alive(pid):
-                raise LockedError(
-                    f"{path} is in use by another kgtok process (pid {pid}, started {holder.get('started')}); "
-                    f"wait for it to finish, or give another output folder. If no such process runs, delete {lock}"
-                ) from None
-            if holder.get("host") not in (None, me["host"]):
-                raise LockedError(f"{path} is locked by a process on host {holder['host']} (pid {pid}); "
-                                  f"if it is gone, delete {lock}")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            locked = False
+        holder = _lock_holder(fd)
+        if holder.get("pid") == me["pid"] and holder.get("host") == me["host"] and not locked:
+            os.close(fd)
+            yield  # this process holds it already
+            return
+        try:
+            same_file = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if locked and not same_file:  # the holder let go and removed the file after we opened it: again
+            os.close(fd)
+            continue
+        pid = holder.get("pid")
+        live = holder.get("host") == me["host"] and isinstance(pid, int) and pid != me["pid"] and _alive(pid)
+        if not locked or live:
+            os.close(fd)
+            raise LockedError(
+                f"{path} is in use by another kgtok process (pid {pid}, started {holder.get('started')}); "
+                f"wait for it to finish, or give another output folder. If no such process runs, delete {lock}")
+        if holder.get("host") not in (None, me["host"]):
+            os.close(fd)
+            raise LockedError(f"{path} is locked by a process on host {holder['host']} (pid {pid}); "
+                              f"if it is gone, delete {lock}")
+        if pid is not None and pid != me["pid"]:
             warnings.warn(f"{lock}: taking over the lock of process {pid}, which no longer runs "
                           f"(started {holder.get('started')})", StaleLockWarning, stacklevel=3)
-            lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(me, handle)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
         try:
             yield
         finally:
-            lock.unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)  # before letting go: a process that opened it sees it gone, above
+            os.close(fd)
         return
     raise LockedError(f"could not take {lock}: other processes keep taking it")
+
+
+def _lock_holder(fd: int) -> dict[str, Any]:
+    """The holder a lock file names (empty while its holder has not written it yet, or for a new file)."""
+    try:
+        data = os.pread(fd, 4096, 0)
+        holder = json.loads(data.decode("utf-8")) if data.strip() else {}
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
 
 
 # ----------------------------------------------------------------------------
