@@ -66,6 +66,29 @@ def test_resume_after_kill_gives_the_uninterrupted_result(kg, tmp_path, model):
     assert torch.equal(full.entity, resumed.entity) and torch.equal(full.relation, resumed.relation)
 
 
+def test_resume_with_a_budget_it_already_passed_or_a_decay_it_reshapes_starts_afresh(kg, tmp_path):
+    """Killed at step 35 of 60, resumed with max_steps=20: it trained on to its best of 35 steps and was cached
+    as a 20-step result; with a decaying learning rate a new max_steps mixes two schedules."""
+    with pytest.raises(InterruptedError):
+        train_model(kg, small(), tmp_path / "a", progress=False, stop_after=35, log=quiet)
+    logs: list[str] = []
+    restarted, state = train_model(kg, small(max_steps=20), tmp_path / "a", progress=False, log=logs.append)
+    assert any("not resuming" in line and "max_steps=20 is below it" in line for line in logs)
+    fresh, _ = train_model(kg, small(max_steps=20), tmp_path / "fresh", progress=False, log=quiet)
+    assert state.step == 20 and torch.equal(restarted.entity, fresh.entity)
+    decaying = small(lr_decay_from=0.5)
+    with pytest.raises(InterruptedError):
+        train_model(kg, decaying, tmp_path / "b", progress=False, stop_after=35, log=quiet)
+    logs.clear()
+    train_model(kg, dataclasses.replace(decaying, max_steps=80), tmp_path / "b", progress=False, log=logs.append)
+    assert any("the learning rate decays over max_steps=80" in line for line in logs)
+    logs.clear()
+    with pytest.raises(InterruptedError):
+        train_model(kg, small(), tmp_path / "c", progress=False, stop_after=35, log=quiet)
+    train_model(kg, small(max_steps=80), tmp_path / "c", progress=False, log=logs.append)  # constant lr: resumes
+    assert any("resuming" in line and "step 30" in line for line in logs)
+
+
 def killed_after(monkeypatch, steps: int) -> None:
     """Make stage 1 die (as a kill would) once it has taken ``steps`` training steps in this process."""
     taken = []

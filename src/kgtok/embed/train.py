@@ -48,6 +48,7 @@ class TrainingState:
     bad_evaluations: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     last_loss: float = float("nan")
+    max_steps: int = 0  # the budget the run was started with (0: a checkpoint of an older kgtok)
 
 
 def build(config: EmbedConfig, kg: KnowledgeGraph, device: torch.device | str = "cpu"
@@ -311,11 +312,23 @@ def train_model(
         log(f"embed: N3 weight {config.regularizer_weight:.4g} ({why})")
     device = resolve_device(config.device)
     model, optimizer = build(config, kg, device)
-    state = TrainingState()
+    state = TrainingState(max_steps=config.max_steps)
     last_path, best_path = work_dir / "last.pt", work_dir / "best.pt"
     if last_path.exists():
-        state = load_checkpoint(last_path, model, optimizer)
-        log(f"embed: resuming from {last_path} at step {state.step} (best valid MRR {state.best_mrr:.4f})")
+        saved = load_checkpoint(last_path, model, optimizer)
+        # max_steps may change on resume, but not below the steps already trained (that run went further than
+        # the new budget lets one go), nor under a decaying learning rate (its schedule is spread over max_steps)
+        beyond = saved.step > config.max_steps
+        rescheduled = config.lr_decay_from < 1.0 and saved.max_steps not in (0, config.max_steps)
+        if beyond or rescheduled:
+            log(f"embed: not resuming {last_path} (step {saved.step} of max_steps {saved.max_steps or '?'}): "
+                + (f"max_steps={config.max_steps} is below it" if beyond else
+                   f"the learning rate decays over max_steps={config.max_steps}") + "; starting afresh")
+            model, optimizer = build(config, kg, device)
+        else:
+            state = saved
+            state.max_steps = config.max_steps
+            log(f"embed: resuming from {last_path} at step {state.step} (best valid MRR {state.best_mrr:.4f})")
 
     reciprocal = config.resolved_reciprocal
     examples = training_examples(kg, reciprocal)
