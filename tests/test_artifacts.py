@@ -203,6 +203,9 @@ def test_leftover_temporary_folders_of_a_killed_writer_are_removed(tmp_path):
     (tmp_path / ".text.tmp-abc").mkdir()
     clean_leftovers(tmp_path, "embed")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".text.tmp-abc"]
+    clean_leftovers(tmp_path, "*")  # a name is no pattern: "*" must not match the text writer's folder
+    clean_leftovers(tmp_path, "[st]ext")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".text.tmp-abc"]
 
 
 def test_a_field_added_since_counts_as_its_default(tmp_path):

@@ -380,6 +380,9 @@ def clean_leftovers(parent: Path, name: str, max_age_s: float = 0.0) -> None:
 
     Called while holding the folder's lock, so no live writer owns them.
     """
+    import glob
+
+    name = glob.escape(name)  # an --out named "a[1]" or "x*" must not match another folder's leftovers
     for leftover in [*parent.glob(f".{name}.tmp-*"), *parent.glob(f".{name}.old-*")]:
         if leftover.is_dir() and time.time() - leftover.stat().st_mtime >= max_age_s:
             shutil.rmtree(leftover, ignore_errors=True)
