@@ -135,3 +135,18 @@ def test_a_kg_built_in_memory_is_hashed_by_its_content(tmp_path):
     kg.triples["train"] = kg.triples["train"][:100]
     cut = run_stage(STAGE, DataConfig(), tmp_path / "d2", data=kg, progress=False, log=lambda *_: None)
     assert cut.status == "ran" and cut.metrics["train"] == 100
+
+
+def test_evaluate_counts_the_kg_as_an_input_when_it_reads_it(tmp_path):
+    """With a classes file (entity names) or the generative ranker (its filter) evaluation reads the KG: another
+    KG must run it again (it was reused, the KG never hashed); otherwise the KG is no input of it."""
+    from kgtok.data.synthetic import write_synthetic
+    from kgtok.llm.config import EvaluateConfig
+    from kgtok.llm.evaluate import STAGE as EVALUATE
+    from kgtok.stage import input_record
+
+    kg_dir = write_synthetic(SyntheticConfig(num_entities=200), tmp_path / "kg")
+    for config, reads in ((EvaluateConfig(), False), (EvaluateConfig(class_constraint=True), True),
+                          (EvaluateConfig(generative_beams=4), True)):
+        record = input_record(EVALUATE.hashes_kg(config), {}, kg_dir, {})
+        assert any(key.startswith("kg/") for key in record) == reads, config

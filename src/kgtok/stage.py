@@ -88,9 +88,16 @@ class Stage:
     # Which inputs a given config needs (names); default: every artifact input.
     needs: Callable[[Any], tuple[str, ...]] | None = None
     uses_kg: bool = True  # reads the KG (ctx.kg); its files are then hashed as an input
+    # A stage that reads the KG only under some configs, when given (evaluate's classes file, its generative
+    # ranker's filter): then its files are hashed too, and another KG runs the stage again.
+    reads_kg: Callable[[Any], bool] | None = None
     # Hashes of what the config points to outside the inputs (e.g. the text encoder's files).
     fingerprint: Callable[[Any], dict[str, str]] | None = None
     summary: tuple[str, ...] = ()  # manifest metrics shown in the run's table
+
+    def hashes_kg(self, config: Any) -> bool:
+        """Whether the KG (when there is one) counts as an input of this config's artifact."""
+        return self.uses_kg or (self.reads_kg is not None and self.reads_kg(config))
 
     def needed_inputs(self, config: Any) -> tuple[str, ...]:
         if self.needs is not None:
@@ -169,14 +176,14 @@ def kg_content_hash(kg: KnowledgeGraph) -> dict[str, str]:
     return {"kg/in_memory": digest.hexdigest()}
 
 
-def input_record(stage: Stage, inputs: Mapping[str, Path], kg_dir: Path | None,
+def input_record(reads_kg: bool, inputs: Mapping[str, Path], kg_dir: Path | None,
                  fingerprint: Mapping[str, str], kg_options: DataConfig | None = None,
                  kg: KnowledgeGraph | None = None) -> dict[str, str]:
     """The hashes that decide whether ``dest`` is current: every input, the KG's files (or ``kg``'s content:
     a KnowledgeGraph object given to a stage may have been built or changed in memory) and loading options if
     it reads them, and the stage's fingerprint of what its config points to."""
     hashes = hash_inputs(inputs)
-    if stage.uses_kg:
+    if reads_kg and (kg_dir is not None or kg is not None):
         hashes.update(kg_hashes(kg_dir) if kg is None else kg_content_hash(kg))
         hashes.update(kg_options.record() if kg_options is not None else {})
     hashes.update(fingerprint)
@@ -302,7 +309,7 @@ def run_stage(
     if not is_main_process():
         return _run_as_helper_process(stage, config, given, dest, ctx)
     with folder_lock(dest):
-        hashes = input_record(stage, given, ctx.kg_dir, fingerprint, ctx.kg_options,
+        hashes = input_record(stage.hashes_kg(config), given, ctx.kg_dir, fingerprint, ctx.kg_options,
                               data if isinstance(data, KnowledgeGraph) else None)
         if reuse and is_current(dest, stage, config, hashes):
             return StageResult(stage.name, dest, "cached", read_manifest(dest).get("metrics", {}))

@@ -94,6 +94,7 @@ def model_folder(model: Path) -> Path:
 
 STAGE = Stage(
     name="evaluate", title="stage 5c: evaluation", config=EvaluateConfig, run=run, uses_kg=False,
+    reads_kg=lambda config: config.class_constraint or config.generative_beams > 0,
     inputs=(Input("model", "finetune", None, "a stage-5b artifact or a Hugging Face model directory"),
             Input("instructions", "instruct", InstructArtifact, "a stage-5a directory"),
             Input("classes", "hierarchy", None, "a file of entity<TAB>class or a stage-3 artifact "
