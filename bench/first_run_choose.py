@@ -7,8 +7,9 @@ Each candidate is the base run's config with the given overrides; the base's
 artifacts up to the first stage the overrides change are linked, not rerun
 (:func:`kgtok.pipeline.link_unchanged`), and stage 5c scores the LM-valid
 queries (``evaluate.split=lm_valid``): test is not read.  Records each
-candidate's fine-tuning and evaluation seconds (time them with nothing else
-running), fine-tuning's valid loss, every ranker's LM-valid Hits@1 and MRR and,
+candidate's instruction, fine-tuning and evaluation seconds (a linked stage's
+are the base run's; time them with nothing else running), which stages ran
+(``ran``; ``wall_seconds`` is their sum, so it differs between candidates), fine-tuning's valid loss, every ranker's LM-valid Hits@1 and MRR and,
 when a candidate tagged ``default`` exists, the paired difference to it.
 Writes bench/results/llm_synthetic_first_run_choice.json (keyed by ``--tag``)
 and .md; bench/first_run.py then times the chosen recipe from an empty cache
@@ -57,9 +58,14 @@ def main() -> None:
     wall = time.perf_counter() - start
     finetune = json.loads((out / "finetune" / "metrics.json").read_text())
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
-    seconds = stage_seconds(out, tuple(s for s in ("instruct", "finetune", "evaluate") if s not in linked))
+    # run() makes a linked stage again when it finds it out of date (a fingerprint): only links left are reused
+    linked = [stage for stage in linked if (out / stage).is_symlink()]
+    ran = [stage for stage in STAGE_ORDER if (out / stage).is_dir() and not (out / stage).is_symlink()]
+    # the same stages for every candidate: a linked one's seconds are the base run's (read through the link)
+    seconds = stage_seconds(out, ("instruct", "finetune", "evaluate"))
     record = {
-        "overrides": args.overrides, "linked": linked, "wall_seconds": round(wall, 1), "stage_seconds": seconds,
+        "overrides": args.overrides, "linked": linked, "ran": ran, "wall_seconds": round(wall, 1),
+        "stage_seconds": seconds,
         "split": "lm_valid", "queries": metrics["queries"],
         **ranker_metrics(metrics), "fusion": metrics.get("fusion"),
         **{k: finetune.get(k) for k in ("valid_loss", "valid_code_token_loss", "train_examples", "steps",

@@ -79,7 +79,9 @@ def summary() -> Path:
                 if not isinstance(record, dict):
                     continue
                 lines.append(f"| {dataset} | " + " | ".join(_cell(record.get(c, "")) for c in columns) + " |")
-                newest_machine = record.get("machine", newest_machine)
+                machine = record.get("machine")
+                if machine and (newest_machine is None or machine.get("date", "") >= newest_machine.get("date", "")):
+                    newest_machine = machine  # the newest result's machine, not the last file's
             commands = sorted({r.get("command", "") for r in data.values() if isinstance(r, dict)} - {""})
             notes = [f"- {d}: {r['note']}" for d, r in sorted(data.items()) if isinstance(r, dict) and r.get("note")]
             lines += ["", *[f"    {c}" for c in commands], "", *notes, ""]
