@@ -541,3 +541,34 @@ def test_a_warning_when_lm_train_trusts_rank_1_unlike_lm_valid(inputs, embed_all
                         log=lines.append)
     assert json.loads((dest / "manifest.json").read_text())["metrics"]["lm_valid_gold_first"] is None
     assert not any("warning" in line for line in lines)
+
+
+def test_negatives_end_where_a_side_has_no_free_corruption(tmp_path):
+    """A query whose every other answer is known (Nations, UMLS have such) looped for ever on its drawn side:
+    it now takes a free corruption from the other side; a triple with none on either side is named."""
+    from conftest import write_lines
+
+    from kgtok.llm.classify import corrupt
+
+    directory = tmp_path / "kg"
+    directory.mkdir()
+    # (x, r, ?) has every entity but x as a known tail: its tail side has no free corruption
+    write_lines(directory / "train.txt", ["x\tr\ta", "x\tr\tb", "x\tr\tc", "a\ts\tb"])
+    write_lines(directory / "valid.txt", ["b\ts\tc"])
+    write_lines(directory / "test.txt", ["x\tr\ty", "y\ts\ta"])
+    kg = load_kg(directory)
+    x, r, y = kg.entity_to_id["x"], kg.relation_to_id["r"], kg.entity_to_id["y"]
+    known = {tuple(t) for t in kg.all_triples.tolist()}
+    for seed in range(6):  # either side may be drawn first
+        (negative,), made = corrupt(kg, np.array([[x, r, y]]), np.random.default_rng(seed))
+        assert tuple(negative.tolist()) not in known and negative[0] != negative[2] and negative[1] == r
+        assert made.tolist() == [0]
+    # no free corruption on either side: (x, r, ?) and (?, r, a) are all known
+    write_lines(directory / "train.txt", ["x\tr\ta", "x\tr\tb", "x\tr\tc", "a\ts\tb", "b\tr\ta", "c\tr\ta",
+                                          "y\tr\ta"])
+    write_lines(directory / "test.txt", ["x\tr\ty", "y\ts\ta", "a\tr\ta"])
+    kg = load_kg(directory)
+    x, r, a, y = kg.entity_to_id["x"], kg.relation_to_id["r"], kg.entity_to_id["a"], kg.entity_to_id["y"]
+    with pytest.warns(UserWarning, match="1 of 2 triples have no negative"):
+        negatives, made = corrupt(kg, np.array([[x, r, y], [x, r, a]]), np.random.default_rng(0))
+    assert made.tolist() == [0] and len(negatives) == 1

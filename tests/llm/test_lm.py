@@ -633,8 +633,8 @@ def test_typed_negatives_given_negatives_and_threshold_on_valid(stages, tmp_path
     kg = stages[0]
     train = kg.train.numpy()
     triples = kg.test.numpy()
-    typed = corrupt(kg, triples, np.random.default_rng(0), typed=True)
-    uniform = corrupt(kg, triples, np.random.default_rng(0), typed=False)
+    (typed, made), (uniform, _) = (corrupt(kg, triples, np.random.default_rng(0), typed=t) for t in (True, False))
+    assert len(made) == len(triples)
 
     def in_position(rows):
         seen = {(r, c): set(train[train[:, 1] == r, c].tolist()) for r in np.unique(train[:, 1]) for c in (0, 2)}

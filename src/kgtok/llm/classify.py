@@ -17,6 +17,7 @@ The fine-tuned LM answers by comparing the likelihoods of " true" and " false".
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,20 @@ from kgtok.llm.prompts import classification_prompt_parts, compose_prompt
 
 
 TYPED_ROUNDS = 50  # draws from a relation's own heads/tails before a triple falls back to any entity
+RANDOM_ROUNDS = 50  # uniform draws after those; a triple still pending then takes one of its free corruptions
 
 
-def corrupt(kg: KnowledgeGraph, triples: np.ndarray, rng: np.random.Generator, typed: bool = False) -> np.ndarray:
-    """One corrupted copy of each triple (head or tail replaced), never a known true triple.
+def corrupt(kg: KnowledgeGraph, triples: np.ndarray, rng: np.random.Generator, typed: bool = False
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """One corrupted copy of each triple (head or tail replaced), never a known true triple; returns the
+    negatives and the rows of ``triples`` they were made from (all, but those with no negative at all).
 
     ``typed``: the replacement is an entity seen with the triple's relation in that position in the training
     graph (uniform over those entities); a triple whose pool yields no unknown triple in ``TYPED_ROUNDS``
-    draws falls back to any entity.
+    draws falls back to any entity.  After ``RANDOM_ROUNDS`` more, a triple still pending draws from the exact
+    list of its free corruptions, on the other side where its own has none (a UMLS or Nations query whose
+    every other answer is known looped for ever); one with none on either side (Nations has such) gets no
+    negative, with a warning.
     """
     known = _triple_keys(kg.all_triples, kg.num_entities, kg.num_relations)
     out = triples.copy()
@@ -45,6 +52,16 @@ def corrupt(kg: KnowledgeGraph, triples: np.ndarray, rng: np.random.Generator, t
     pools = _position_pools(kg) if typed else {}
     rounds = 0
     while len(pending):  # a few rounds: a random entity rarely makes a true triple
+        if rounds == TYPED_ROUNDS * typed + RANDOM_ROUNDS:
+            made = np.ones(len(out), dtype=bool)
+            for i in pending:  # the few left: their free corruptions listed exactly (a loop over those only)
+                negative = _free_corruption(kg, triples[i], int(side[i]), known, rng)
+                made[i] = negative is not None
+                out[i] = negative if negative is not None else out[i]
+            if not made.all():
+                warnings.warn(f"{int((~made).sum())} of {len(out)} triples have no negative: every entity on "
+                              "both sides makes a known triple (a dense graph); they get none", stacklevel=2)
+            return out[made], np.flatnonzero(made)
         if typed and rounds < TYPED_ROUNDS:
             for i in pending:  # one draw per pending triple from its relation's pool
                 pool = pools.get((int(out[i, 1]), int(side[i])))
@@ -56,7 +73,22 @@ def corrupt(kg: KnowledgeGraph, triples: np.ndarray, rng: np.random.Generator, t
         clash = np.isin(keys, known) | (out[pending, 0] == out[pending, 2])
         pending = pending[clash]
         rounds += 1
-    return out
+    return out, np.arange(len(out))
+
+
+def _free_corruption(kg: KnowledgeGraph, triple: np.ndarray, side: int, known: np.ndarray,
+                     rng: np.random.Generator) -> np.ndarray | None:
+    """``triple`` with its head or tail (``side`` first, then the other) replaced by a uniformly drawn entity
+    that makes no known triple and no self-loop; None when no entity does."""
+    everyone = np.arange(kg.num_entities)
+    for column in (side, 2 - side):
+        candidates = np.repeat(triple[None, :], kg.num_entities, axis=0)
+        candidates[:, column] = everyone
+        keys = _triple_keys(candidates, kg.num_entities, kg.num_relations)
+        free = np.flatnonzero(~np.isin(keys, known) & (candidates[:, 0] != candidates[:, 2]))
+        if len(free):
+            return candidates[free[rng.integers(len(free))]]
+    return None
 
 
 def _position_pools(kg: KnowledgeGraph) -> dict[tuple[int, int], np.ndarray]:
@@ -104,8 +136,8 @@ def classification_records(kg: KnowledgeGraph, triples: np.ndarray, split: str, 
                            given: np.ndarray | None = None) -> list[dict[str, Any]]:
     """A true and a corrupted record per triple (or the ``given`` negatives), in a shuffled order."""
     if given is None:
-        negatives = corrupt(kg, triples, rng, typed=config.negatives == "typed")
-        sources = np.concatenate([triples, triples])
+        negatives, made_from = corrupt(kg, triples, rng, typed=config.negatives == "typed")
+        sources = np.concatenate([triples, triples[made_from]])
     else:  # a given negative was made from no triple we know: it hides only itself
         negatives = given
         sources = np.concatenate([triples, given])
