@@ -333,3 +333,12 @@ def test_sparse_training_learns_as_dense_training_does(kg, tmp_path):
         dest = run_embed(config, kg, tmp_path / str(sparse), progress=False, log=quiet)
         mrr[sparse] = json.loads((dest / "metrics.json").read_text())["test"]["both"]["mrr"]
     assert mrr[True] > 0.15 and abs(mrr[True] - mrr[False]) < 0.03
+
+
+def test_one_vs_all_refuses_reciprocal_false_also_when_the_loss_is_resolved_from_the_model():
+    """loss=auto with complex resolves to 1vsall, which scores tails only: reciprocal=false was accepted and head
+    queries were never trained (reviewer, Nations: head MRR 0.55 against 0.76)."""
+    for model, loss in (("complex", "auto"), ("distmult", "auto"), ("rotate", "1vsall")):
+        with pytest.raises(ValueError, match="reciprocal.*not false with 1vsall"):
+            EmbedConfig(model=model, loss=loss, reciprocal=False)
+    assert EmbedConfig(model="rotate", reciprocal=False).resolved_loss != "1vsall"  # sampled negatives: allowed

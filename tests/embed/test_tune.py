@@ -44,12 +44,31 @@ def test_trial_schedule_validates_once_per_epoch(kg_dir):
     epoch = -(-2 * len(kg.train) // 100)
     assert (config.model, config.resolved_loss, config.eval_every, config.max_steps, config.patience) == (
         "complex", "1vsall", 0, 5 * epoch, 2)  # eval_every 0: once per epoch
+    # a given config with sampled negatives' settings still gives valid 1-vs-all trials (each trial raised)
+    sampled = EmbedConfig(model="rotate", shared_negatives=True, sparse=True)
+    assert not trial_config(sampled, params, kg, TuneConfig()).shared_negatives
 
 
-def test_tune_tries_the_given_config_first_and_never_chooses_worse(kg_dir):
+def test_tune_tries_the_given_config_first_and_never_chooses_worse(kg_dir, monkeypatch):
+    import torch
+
+    import kgtok.embed.train as training
+
     kg = load_kg(kg_dir)
     base = EmbedConfig(dim=50, batch_size=250, regularizer_weight=0.01, lr=0.1, threads=1, seed=3)
-    result = tune(kg, base, TuneConfig(budget=600, trial_epochs=4, max_trials=3), log=quiet)
+    seen, train, before = [], training.train_model, torch.get_num_threads()
+
+    def counting_threads(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_model", counting_threads)
+    torch.set_num_threads(2)
+    try:
+        result = tune(kg, base, TuneConfig(budget=600, trial_epochs=4, max_trials=3), log=quiet)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 1]  # the given threads=1 in every trial (the process's 2 were used)
     first = result.trials[0]
     assert (first["dim"], first["batch_size"], first["regularizer_weight"], first["lr"]) == (50, 250, 0.01, 0.1)
     assert len(result.trials) == 3

@@ -243,3 +243,20 @@ def test_neighbour_lists_match_every_pair_compared(n):
         expected = np.argsort(-score, axis=1, kind="stable")[:, :n]
     assert np.array_equal(neighbouring_clusters(centroids, parents, n), expected)
     assert (neighbouring_clusters(centroids[:1], parents[:1], 3) == -1).all()
+
+
+def test_kgfit_tree_shallower_than_the_code_keeps_its_order(tmp_path):
+    """A 3-deep tree for 4 code levels took its leaves first (depths [2, 0, 1, 2]), so every level nested under
+    the leaf partition; the deepest level now repeats at the end."""
+    from kgtok.data.graph import KnowledgeGraph
+
+    names = [f"e{i}" for i in range(8)]
+    kg = KnowledgeGraph.from_arrays(entity_names=names, relation_names=["r"], train=np.array([[0, 0, 1]]),
+                                    valid=np.zeros((0, 3)), test=np.zeros((0, 3)))
+    tree = {"Cluster_top": {"C0": {"C0_0": ["e0", "e1"], "C0_1": ["e2"]},
+                            "C1": {"C1_0": ["e3", "e4"], "C1_1": {"C1_1_0": ["e5"], "C1_1_1": ["e6", "e7"]}}}}
+    (tmp_path / "seed_hierarchy.json").write_text(json.dumps(tree))
+    fused = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    paths, report = import_kgfit_tree(tmp_path / "seed_hierarchy.json", kg, fused, 4)
+    assert report["depths"] == [0, 1, 2, 2]
+    assert SemanticHierarchy(HierarchyConfig(levels=4)).set_paths(paths, fused).counts_ == [2, 4, 5, 5]

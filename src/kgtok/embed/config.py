@@ -103,7 +103,9 @@ class EmbedConfig:
             ("threads", in_range(0), ">= 0"),
             ("seed", in_range(0), ">= 0"),
             ("label_smoothing", lambda v: v < 1.0, "< 1"),
-            ("loss", lambda v: not (v == "1vsall" and self.reciprocal is False), "1vsall needs reciprocal relations"),
+            ("reciprocal", lambda v: not (v is False and self.resolved_loss == "1vsall"),
+             "not false with 1vsall (loss 1vsall, or auto with complex/distmult): it scores tails only, so head "
+             "queries are learnt from reciprocal relations"),
             ("shared_negatives", lambda v: not (v and self.resolved_loss == "1vsall"),
              "false with 1vsall (it scores every entity, no negatives are drawn)"),
             ("sparse", lambda v: not (v and self.resolved_loss == "1vsall"),

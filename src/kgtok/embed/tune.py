@@ -21,6 +21,7 @@ from typing import Any
 from kgtok.config import check_fields, in_range
 from kgtok.data.graph import KnowledgeGraph
 from kgtok.embed.config import EmbedConfig
+from kgtok.runtime import torch_threads
 
 # The searched space: ComplEx-N3 trained 1-vs-all (the default family: fastest to a good MRR on a CPU).
 DIMS = (50, 100, 200, 400)
@@ -67,6 +68,12 @@ class TuneResult:
                 "seconds": round(self.seconds, 1), "trials": self.trials}
 
 
+# The family searched: ComplEx-N3, 1-vs-all on reciprocal relations, Adagrad (sampled negatives' settings off,
+# else a given RotatE config with shared_negatives=true made every trial invalid).
+SEARCHED = {"model": "complex", "loss": "1vsall", "reciprocal": None, "optimizer": "adagrad",
+            "shared_negatives": False, "sparse": None}
+
+
 def _space(trial: Any) -> dict[str, Any]:
     return {
         "dim": trial.suggest_categorical("dim", DIMS),
@@ -78,7 +85,7 @@ def _space(trial: Any) -> dict[str, Any]:
 
 def trial_config(base: EmbedConfig, params: dict[str, Any], kg: KnowledgeGraph, tune: TuneConfig) -> EmbedConfig:
     """``base`` with ``params``, validated once per epoch for at most ``trial_epochs`` epochs."""
-    config = replace(base, model="complex", loss="1vsall", reciprocal=None, optimizer="adagrad", **params)
+    config = replace(base, **SEARCHED, **params)
     examples = 2 * len(kg.train)  # reciprocal relations: a query per side
     epoch = max(1, math.ceil(examples / config.batch_size))
     return replace(config, eval_every=0, max_steps=max(epoch, int(tune.trial_epochs * epoch)),
@@ -162,12 +169,13 @@ def tune(kg: KnowledgeGraph, base: EmbedConfig, config: TuneConfig, *,
         if time.monotonic() > deadline or (config.max_trials and len(study.trials) >= config.max_trials):
             study.stop()
 
-    study.optimize(objective, callbacks=[out_of_time], gc_after_trial=False)
+    with torch_threads(base.threads):  # as the stage's own run: threads=1 is honoured in the search too
+        study.optimize(objective, callbacks=[out_of_time], gc_after_trial=False)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         raise RuntimeError(f"tune: no trial finished within {config.budget:g} s; give a larger budget")
     best = max(done, key=lambda t: t.value)
     given_mrr = study.trials[0].value if given is not None and study.trials[0].value is not None else float("nan")
-    chosen = replace(base, model="complex", loss="1vsall", optimizer="adagrad", reciprocal=None, **best.params)
+    chosen = replace(base, **SEARCHED, **best.params)
     return TuneResult(chosen=chosen, chosen_valid_mrr=float(best.value), given_valid_mrr=float(given_mrr),
                       trials=trials, seconds=time.monotonic() - start)

@@ -99,10 +99,11 @@ def import_kgfit_tree(
     depths, previous = [], -1
     for level, target in enumerate(targets):
         remaining = levels - level - 1
-        low, high = previous + 1, max_depth - 1 - remaining
-        if low > high:  # the tree is shallower than the code: repeat the deepest level
+        low = previous + 1
+        if low > max_depth - 1:  # the tree is shallower than the code: its deepest level again, at the end
             depths.append(max_depth - 1)
             continue
+        high = max(low, max_depth - 1 - remaining)  # (the deepest level first, as before, reversed the tree)
         choice = low + int(np.argmin(np.abs(np.log(counts[low : high + 1]) - np.log(target))))
         depths.append(choice)
         previous = choice
