@@ -161,3 +161,13 @@ def test_readme_worked_example_runs(tmp_path, monkeypatch, capsys):
     assert 1 <= len(printed) <= 5 and all(re.search(r"<a_\d+><b_\d+><c_\d+>", line) for line in printed)
     first_codes = {re.search(r"<a_\d+>", line).group() for line in printed}
     assert len(first_codes) == 1  # every printed concept shares entity 0's first code
+
+
+def test_a_field_comment_continued_on_the_next_line_is_read_whole():
+    """The reference cut such notes mid-sentence ("cuda =", "a code used by 0.1% of")."""
+    from kgtok.docs import _comments
+    from kgtok.hierarchy.config import HierarchyConfig
+    from kgtok.quantize.config import QuantizeConfig
+
+    assert _comments(QuantizeConfig)["dead_after"].endswith("with probability 1e-4)")
+    assert _comments(HierarchyConfig)["device"].endswith("(other float sums: not a machine field)")

@@ -41,11 +41,17 @@ def _sections() -> list[tuple[str, type]]:
 
 def _comments(cls: type) -> dict[str, str]:
     source = inspect.getsource(cls)
-    found = {}
+    found, last = {}, None
     for line in source.splitlines():
         match = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)  # "name: type = default  # comment"
+        more = re.match(r"\s+#\s{2,}(.*)$", line)  # "    #   the comment, continued" (indented after the #)
         if match:
-            found[match.group(1)] = match.group(2).strip()
+            last = match.group(1)
+            found[last] = match.group(2).strip()
+        elif more and last is not None:
+            found[last] += " " + more.group(1).strip()
+        else:
+            last = None
     return found
 
 

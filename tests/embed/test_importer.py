@@ -59,3 +59,14 @@ def test_import_vectors_only_and_errors(tmp_path):
     (tmp_path / "bad.dict").write_text("0\ta\nx\tb\n")
     with pytest.raises(KGFormatError, match=r"bad.dict:2: expected an integer"):
         read_order(tmp_path / "bad.dict")
+
+
+def test_a_reciprocal_relation_matrix_without_reciprocal_true_says_so():
+    """kgtok's own relation_embeddings.npy after 1-vs-all training has 2R rows: the error said only "48 rows but
+    the order file lists 24 relations"."""
+    from kgtok.embed.importer import align_rows
+
+    with pytest.raises(ValueError, match="reciprocal relations after the originals.*give reciprocal=true"):
+        align_rows(np.zeros((4, 3)), ["r", "s"], ["r", "s"], what="relation", source="rel.npy")
+    with pytest.raises(ValueError, match=r"5 rows but the order file lists 2 relations$"):
+        align_rows(np.zeros((5, 3)), ["r", "s"], ["r", "s"], what="relation", source="rel.npy")

@@ -73,7 +73,9 @@ def align_rows(vectors: np.ndarray, order: list[str], names: list[str], *, what:
                source: str | Path) -> np.ndarray:
     """Reorder ``vectors`` (one row per name of ``order``) to the KG's id order ``names``."""
     if len(vectors) != len(order):
-        raise ValueError(f"{source}: {len(vectors)} rows but the order file lists {len(order)} {what}s")
+        hint = (" (twice as many: reciprocal relations after the originals, as kgtok's own stage 1 writes them; "
+                "give reciprocal=true)") if what == "relation" and len(vectors) == 2 * len(order) else ""
+        raise ValueError(f"{source}: {len(vectors)} rows but the order file lists {len(order)} {what}s{hint}")
     position = {name: i for i, name in enumerate(order)}
     rows = np.fromiter((position.get(n, -1) for n in names), dtype=np.int64, count=len(names))
     if (rows < 0).any():
