@@ -643,6 +643,9 @@ def _tail_probabilities(config: SyntheticConfig, state: tuple, heads: np.ndarray
     return out / out.sum(1, keepdims=True)
 
 
+ORACLE_CHUNK_CELLS = 1 << 22  # heads x entities per block of true_head_probabilities (~32 MB of float64 each)
+
+
 def true_head_probabilities(config: SyntheticConfig, relations: np.ndarray, tails: np.ndarray) -> np.ndarray:
     """``(n, N)`` P(head | relation, tail) ∝ P(head | relation) P(tail | head, relation), generator indices."""
     state = _generator_state(config, np.random.default_rng(config.seed))
@@ -659,8 +662,13 @@ def true_head_probabilities(config: SyntheticConfig, relations: np.ndarray, tail
         else:  # heads: members of the domain, by popularity
             level, domain_type = design.domain
             prior = popularity * (types[:, level] == domain_type)
-        p_tail = _tail_probabilities(config, state, everyone, np.full(n_entities, r))  # (N heads, N tails)
-        joint = prior[None, :] * p_tail[:, tails[rows]].T  # (n, N heads)
+        # P(tail | head, r) for every head, only the queries' tail columns: heads in chunks, so memory is
+        # O(chunk x N), not O(N^2) (about 12 GB at 20,000 entities)
+        p_tail = np.empty((n_entities, len(rows)))  # (N heads, n)
+        for start in range(0, n_entities, ORACLE_CHUNK_CELLS // n_entities or 1):
+            chunk = everyone[start: start + (ORACLE_CHUNK_CELLS // n_entities or 1)]
+            p_tail[chunk] = _tail_probabilities(config, state, chunk, np.full(len(chunk), r))[:, tails[rows]]
+        joint = prior[None, :] * p_tail.T  # (n, N heads)
         out[rows] = joint / np.maximum(joint.sum(1, keepdims=True), 1e-300)
     return out
 
