@@ -63,6 +63,13 @@ def write_pbg(kg, root, entities, real, imag, *, parts=2, version=3):
     return checkpoint, entity_path
 
 
+def pbg_dot_scores(lhs, rhs, real, imag):
+    """PBG's score dot(h, op_r(t)), op_r(t) = r * t (complex product on the tail side), rows [re | im]."""
+    dim = real.shape[1]
+    re, im = rhs[:, :dim], rhs[:, dim:]
+    return (lhs * np.concatenate([re * real - im * imag, re * imag + im * real], axis=1)).sum(1)
+
+
 def test_pbg_checkpoint_imports_with_its_scores(kg, tmp_path):
     dim = 6
     entities, _ = complex_vectors(kg, dim)
@@ -74,15 +81,11 @@ def test_pbg_checkpoint_imports_with_its_scores(kg, tmp_path):
     dest = import_foreign(kg, foreign, tmp_path / "imported", progress=False, log=quiet,
                           config=ImportConfig(model="complex", top_k=5, export_splits=("test",), threads=1))
     np.testing.assert_allclose(np.load(dest / "entity_embeddings.npy"), entities)
-    # PBG's score: dot(h, op_r(t)) with op_r(t) = r * t (complex product, on the tail side).
     model, _ = load_model(dest)
     triples = kg.test[:20]
     h, r, t = (triples[:, i].numpy() for i in range(3))
-    t_re, t_im = entities[t, :dim], entities[t, dim:]
-    product = np.concatenate([t_re * real[r] - t_im * imag[r], t_re * imag[r] + t_im * real[r]], axis=1)
-    pbg_scores = (entities[h] * product).sum(1)
     ours = model.score_triples(torch.as_tensor(triples)).detach().numpy()
-    np.testing.assert_allclose(ours, pbg_scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours, pbg_dot_scores(entities[h], entities[t], real[r], imag[r]), rtol=1e-5, atol=1e-5)
     metrics = json.loads((dest / "metrics.json").read_text())
     assert 0 < metrics["test"]["both"]["mrr"] <= 1
     with pytest.raises(ValueError, match="score as model=complex, not model=distmult"):
@@ -142,11 +145,9 @@ def test_pbg_global_embedding_is_added_before_scoring(kg, tmp_path):
     model, _ = load_model(dest)
     triples = kg.test[:20]
     h, r, t = (triples[:, i].numpy() for i in range(3))
-    lhs, rhs = entities[h] + shift, entities[t] + shift
-    product = np.concatenate([rhs[:, :dim] * real[r] - rhs[:, dim:] * imag[r],
-                              rhs[:, :dim] * imag[r] + rhs[:, dim:] * real[r]], axis=1)
-    np.testing.assert_allclose(model.score_triples(torch.as_tensor(triples)).detach().numpy(),
-                               (lhs * product).sum(1), rtol=1e-4, atol=1e-4)
+    expected = pbg_dot_scores(entities[h] + shift, entities[t] + shift, real[r], imag[r])
+    np.testing.assert_allclose(model.score_triples(torch.as_tensor(triples)).detach().numpy(), expected,
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_pbg_scoring_is_recognised_only_where_kgtok_has_it(kg, tmp_path):
