@@ -161,6 +161,14 @@ def read_id_order(path: str | Path) -> list[str]:
     return [line.split("\t", 1)[1] for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 
+def check_id_order(order_file: str | Path, names: list[str], what: str = "entity") -> None:
+    """An artifact's row order (its entities.tsv or relations.tsv) must be the KG's: its ids are rows there."""
+    order_file = Path(order_file)
+    if order_file.exists() and read_id_order(order_file) != list(names):
+        raise ValueError(f"{order_file}: {what} order differs from the KG's; was the artifact made from another "
+                         "dataset?")
+
+
 def load_entity_vectors(path: str | Path, entity_names: list[str]) -> Any:
     """(N, D) array of an upstream artifact's file, checked to be in this KG's entity order.
 
@@ -172,9 +180,7 @@ def load_entity_vectors(path: str | Path, entity_names: list[str]) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {path.parent} a finished stage artifact?")
     vectors = np.load(path)
-    order_file = path.parent / ID_ORDER
-    if order_file.exists() and read_id_order(order_file) != list(entity_names):
-        raise ValueError(f"{order_file}: entity order differs from the KG's; was the artifact made from another dataset?")
+    check_id_order(path.parent / ID_ORDER, entity_names)
     if len(vectors) != len(entity_names):
         raise ValueError(f"{path}: {len(vectors)} rows for {len(entity_names)} entities")
     return vectors

@@ -789,3 +789,33 @@ def test_every_class_a_candidate_names_becomes_one_token(tmp_path, monkeypatch):
     with pytest.raises(Stop):
         run_finetune(FinetuneConfig(tiny=TINY, threads=1), instructions, tmp_path / "ft", progress=False, log=quiet)
     assert seen["classes"] == classes
+
+
+def test_stage5_refuses_artifacts_in_another_entity_order_and_warns_on_other_instructions(stages, tmp_path):
+    """instruct read a stage-1 artifact's candidate ids as the KG's (118 of 118 test records named wrong triples
+    in the reviewer's run); a stage-3 folder as classes gave 126 of 200 entities another's class; evaluate scored
+    a model on instructions it was not trained on without a word."""
+    import shutil
+
+    from kgtok.llm.classes import load_classes
+    from kgtok.llm.evaluate import warn_if_trained_on_other_instructions
+
+    kg, kg_dir, embed, codes, instructions, root = stages
+    moved = tmp_path / "embed"
+    shutil.copytree(embed, moved)
+    rows = (moved / "entities.tsv").read_text().splitlines()
+    names = [row.split("\t")[1] for row in rows]
+    names[0], names[1] = names[1], names[0]  # another dataset's order: two entities swapped
+    (moved / "entities.tsv").write_text("".join(f"{i}\t{name}\n" for i, name in enumerate(names)))
+    with pytest.raises(ValueError, match="entity order differs from the KG's"):
+        run_instruct(InstructConfig(ids="none"), kg, moved, tmp_path / "i", log=quiet)
+    hierarchy = tmp_path / "hierarchy"
+    hierarchy.mkdir()
+    (hierarchy / "entities.tsv").write_text("0\tsomeone\n")
+    with pytest.raises(ValueError, match="entity order differs"):
+        load_classes(hierarchy, kg.entity_names)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "manifest.json").write_text(json.dumps({"stage": "finetune", "inputs": {"instructions": "abc"}}))
+    with pytest.warns(UserWarning, match="fine-tuned on other instructions"):
+        warn_if_trained_on_other_instructions(model, instructions)

@@ -53,12 +53,26 @@ from kgtok.llm.rankers import summary_keys
 from kgtok.stage import Context, Input, Stage, run_stage
 
 
+def warn_if_trained_on_other_instructions(model: Path, instructions: Path) -> None:
+    """A stage-5b artifact records the instructions it was trained on: scoring it on others (a model without
+    code tokens on prompts with codes, say) runs without error, so it is said."""
+    import warnings
+
+    from kgtok.artifacts import hash_inputs, read_manifest
+
+    trained_on = ((read_manifest(model) or {}).get("inputs") or {}).get("instructions")
+    if trained_on is not None and trained_on != hash_inputs({"instructions": instructions})["instructions"]:
+        warnings.warn(f"{model} was fine-tuned on other instructions than {instructions} (its manifest's input "
+                      "hash differs): are these the instructions its tokens and prompts were made for?", stacklevel=2)
+
+
 def run(config: EvaluateConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -> dict[str, Any]:
     """Stage 5c into ``dest``; scored queries (and the chosen fusion weight) kept in ``ctx.work``."""
     from kgtok.llm.console import quiet_libraries
     from kgtok.llm.scoring import CandidateScorer
 
     hf_dir = model_folder(inputs["model"])
+    warn_if_trained_on_other_instructions(inputs["model"], inputs["instructions"])
     path = InstructArtifact(inputs["instructions"]).split(config.split)
     records = read_jsonl(path)[: config.max_queries or None]
     if not records:
@@ -67,7 +81,7 @@ def run(config: EvaluateConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     if config.class_constraint:
         if "classes" not in inputs:
             raise ValueError("class_constraint needs --classes (a file of entity<TAB>class or a stage-3 artifact)")
-        names = ctx.kg.entity_names if (ctx.kg_dir or ctx._kg) and not inputs["classes"].is_dir() else []
+        names = ctx.kg.entity_names if (ctx.kg_dir or ctx._kg) else []  # a stage-3 folder's order is checked
         entity_classes = np.asarray(load_classes(inputs["classes"], names))
     with quiet_libraries():
         scorer = CandidateScorer(hf_dir, config, ctx.progress)

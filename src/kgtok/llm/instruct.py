@@ -53,6 +53,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from kgtok.artifacts import check_id_order
 from kgtok.data.graph import KnowledgeGraph
 from kgtok.embed.layout import EmbedArtifact
 from kgtok.embed.ranking import RankedQueries
@@ -383,6 +384,8 @@ def run(config: InstructConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     if config.task == "classification":
         return _classification_instruct(config, kg, tokens, dest, ctx.log, inputs.get("negatives"))
     embeddings = EmbedArtifact(inputs["embeddings"])
+    check_id_order(embeddings.entities, kg.entity_names)  # its candidate lists hold its own ids
+    check_id_order(embeddings.relations, kg.relation_names, "relation")
     dift_train_queries = config.train_from_train_queries and config.train_query_format == "dift"
     ranked = {split: _ranked_queries(embeddings, split)
               for split in ["valid", "test"] + (["train"] if dift_train_queries else [])}
