@@ -560,3 +560,65 @@ def test_vq_loss_is_a_mean_over_the_dimensions_or_methods_squared_norms():
         squared = (out.codewords - out.residuals).pow(2).sum(2).mean(0)  # (levels,) over the batch
         torch.testing.assert_close(out.vq_loss, scale * (1.25 * squared).mean())
     assert RQVAE(16, QuantizeConfig(vq_loss="sum", code_dim=8), levels=2, codebook_size=4).quantizer.vq_scale == 8
+
+
+def test_gse_total_weighs_each_level_as_the_method_says():
+    """λ1^(l+1)/m on L1 (shallow levels weigh more), λ2^(m-l)/m on L2 (deep levels more): a swap or an
+    off-by-one of the exponents passed every other test (every caller reads the total only)."""
+    torch.manual_seed(0)
+    m = 3
+    prefixes = [torch.randn(5, 4) for _ in range(m)]
+    centres = [torch.randn(k, 4) for k in (3, 5, 7)]
+    clusters = torch.stack([torch.randint(0, k, (5,)) for k in (3, 5, 7)], 1)
+    neighbours = [torch.tensor([[j for j in range(k) if j != i][:2] for i in range(k)]) for k in (3, 5, 7)]
+    total, l1, l2 = gse_losses(prefixes, centres, clusters, neighbours, lambda1=0.8, lambda2=0.4, temperature=0.1)
+    torch.testing.assert_close(total, sum(0.8 ** (l + 1) / m * l1[l] + 0.4 ** (m - l) / m * l2[l] for l in range(m)))
+
+
+def test_gse_l2_ignores_the_padding_of_a_short_neighbour_list():
+    """-1 pads a cluster's neighbour list; read as cluster 0 it would push the entity from its own centre."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    p, c = torch.randn(1, 4), torch.randn(3, 4)
+    _, _, l2 = gse_losses([p], [c], torch.tensor([[0]]), [torch.tensor([[1, -1], [0, -1], [0, 1]])],
+                          lambda1=1.0, lambda2=1.0, temperature=0.1, use_l1=False)
+    logits = F.normalize(c[[0, 1]], dim=1) @ F.normalize(p, dim=1)[0] / 0.1  # own centre against neighbour 1
+    torch.testing.assert_close(l2[0], F.cross_entropy(logits[None], torch.tensor([0])))
+
+
+def test_gsr_loss_is_the_methods_sum_of_squared_errors():
+    """||o_0 - s||² + λs||o_1 - h_0||² + λh Σ_{i>=2} ||o_i - h_{i-1}||², batch means: a swapped λ, a shifted
+    output or the wrong target passed every other test (they only see the loss fall)."""
+    from kgtok.quantize.model import gsr_loss
+
+    torch.manual_seed(0)
+    o, s, a = torch.randn(2, 4, 3), torch.randn(2, 3), torch.randn(2, 3, 3)
+
+    def sq(x: torch.Tensor) -> torch.Tensor:
+        return x.pow(2).sum(1).mean()
+
+    want = sq(o[:, 0] - s) + 0.5 * sq(o[:, 1] - a[:, 0]) + 0.25 * (sq(o[:, 2] - a[:, 1]) + sq(o[:, 3] - a[:, 2]))
+    torch.testing.assert_close(gsr_loss(o, s, a, 0.5, 0.25), want)
+
+
+def test_the_decoder_input_passes_the_encoder_the_reconstruction_gradient():
+    """Value Σ v_l, gradient m x I to z (each r_l carries z's; docs/stage4-codes.md): without the straight-through
+    surrogate the encoder got no reconstruction gradient at all. L_Q: its codebook term moves v, its commitment
+    term (β) moves z."""
+    from kgtok.quantize.quantizer import ResidualQuantizer
+
+    torch.manual_seed(0)
+    quantizer = ResidualQuantizer(levels=3, codebook_size=4, dim=5)
+    z = torch.randn(7, 5, requires_grad=True)
+    upstream = torch.randn(7, 5)
+    (quantizer(z).quantized * upstream).sum().backward()
+    torch.testing.assert_close(z.grad, 3 * upstream)
+    single = ResidualQuantizer(levels=1, codebook_size=4, dim=5, beta=0.25)
+    z = torch.randn(7, 5, requires_grad=True)
+    out = single(z)
+    out.vq_loss.backward()
+    r, v = out.residuals[:, 0], out.codewords[:, 0]
+    torch.testing.assert_close(z.grad, 0.25 * 2 / (7 * 5) * (r - v))  # commitment only reaches z
+    book = single.codebooks[0].weight.grad  # codebook term only reaches the codewords
+    torch.testing.assert_close(book.sum(0), (2 / (7 * 5) * (v - r)).sum(0))
