@@ -146,3 +146,11 @@ def test_filtered_top_k_fast_path_equals_the_tie_passes():
     clean = torch.rand(8, 1000, generator=generator)
     ids, values = filtered_top_k(clean, 20)
     assert torch.equal(ids, torch.topk(clean, 20).indices) and torch.equal(values, torch.topk(clean, 20).values)
+
+
+def test_a_sampled_sign_flip_p_value_never_reaches_zero():
+    """With sampled sign patterns the p-value counts the observed one among them, (1 + extreme) / (n + 1):
+    thirty equal differences in 100 draws give 1/101 (exact enumeration of 2^30 patterns is out of reach)."""
+    from kgtok.metrics import sign_flip_p_value
+
+    assert sign_flip_p_value(np.ones(30), 100, np.random.default_rng(0)) == pytest.approx(1 / 101)

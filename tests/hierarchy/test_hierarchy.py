@@ -260,3 +260,30 @@ def test_kgfit_tree_shallower_than_the_code_keeps_its_order(tmp_path):
     paths, report = import_kgfit_tree(tmp_path / "seed_hierarchy.json", kg, fused, 4)
     assert report["depths"] == [0, 1, 2, 2]
     assert SemanticHierarchy(HierarchyConfig(levels=4)).set_paths(paths, fused).counts_ == [2, 4, 5, 5]
+
+
+def test_set_paths_nests_labels_and_kmeans_children_follow_parent_size():
+    """set_paths makes a level's cluster (its parent, its label): label 0 under two parents is two clusters;
+    recursive k-means gives a parent children in proportion to its size (20 against 180 points: 1 and 9)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 8)).astype(np.float32)
+    tree = SemanticHierarchy(HierarchyConfig(levels=2)).set_paths(np.array([[0, 0], [0, 1], [1, 0], [1, 1]]), x)
+    assert tree.counts_ == [2, 4] and tree.parents_[1].tolist() == [0, 0, 1, 1]
+    far = np.r_[np.full(8, 10.0), np.zeros(8)]
+    points = np.concatenate([rng.normal(size=(20, 16)) + far, rng.normal(size=(180, 16)) - far]).astype(np.float32)
+    tree = SemanticHierarchy(HierarchyConfig(levels=2, builder="kmeans", clusters_per_level=(2, 10), threads=1))
+    paths = tree.fit(points).paths_
+    children = {int(p): len(np.unique(paths[paths[:, 0] == p, 1])) for p in np.unique(paths[:, 0])}
+    assert sorted(children.values()) == [1, 9]
+
+
+def test_rho_weighs_the_graph_side():
+    """rho 0.8: the fused vector is nearer the graph side (every other test uses 0.5, where a swap is invisible)."""
+    from kgtok.hierarchy.build import reduce_width
+
+    rng = np.random.default_rng(1)
+    graph, text = rng.normal(size=(300, 32)), rng.normal(size=(300, 32))
+    fused = fuse(graph, text, 0.8, 32, seed=0)
+    to_graph = (fused * reduce_width(graph, 32, 0)).sum(1).mean()
+    to_text = (fused * reduce_width(text, 32, 0)).sum(1).mean()
+    assert to_graph > 2 * to_text

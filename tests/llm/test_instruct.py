@@ -156,6 +156,17 @@ def test_training_queries_are_sampled_and_shuffled(tmp_path):
         permuted += a["candidates"] != b["candidates"]
         assert b["prompt"].endswith("; ".join(b["candidate_text"]) + ".")
     assert permuted > 0.8 * len(from_train["ordered"])
+    # A training query's own triple is never among its facts (it would state the answer).
+    from kgtok.llm.prompts import triple_text
+
+    config = InstructConfig(**base)
+    with_facts = 0
+    for record in from_train["shuffled"]:
+        h, r, t = record["triple"]
+        own = triple_text(kg, (kg.entity_to_id[h], kg.relation_to_id[r], kg.entity_to_id[t]), None, config)
+        assert own not in record["prompt_parts"]["facts"]
+        with_facts += bool(record["prompt_parts"]["facts"])
+    assert with_facts > 0.8 * len(from_train["shuffled"])
 
 
 def test_training_queries_in_realm_query_form(inputs, tmp_path):
@@ -296,14 +307,18 @@ def test_lm_train_and_lm_valid_split_by_triple(inputs, tmp_path):
     kg, embed, codes, _ = inputs
     config = InstructConfig(top_k=8, confidence_threshold=0.0, lm_valid_fraction=0.3)
     dest = run_instruct(config, kg, embed, tmp_path / "i", codes=codes, log=lambda *_: None)
-    valid_keys = {triple_key(r) for r in read(dest / "lm_valid.jsonl")}
-    train_keys = {triple_key(r) for r in read(dest / "lm_train.jsonl")}
+    def triple_of(record):  # written out here: the test must not lean on the key it checks
+        return record["id"].removesuffix("-tail").removesuffix("-head")
+
+    assert triple_key({"id": "valid-17-tail"}) == triple_key({"id": "valid-17-head"}) == "valid-17"
+    valid_keys = {triple_of(r) for r in read(dest / "lm_valid.jsonl")}
+    train_keys = {triple_of(r) for r in read(dest / "lm_train.jsonl")}
     assert valid_keys and train_keys and not valid_keys & train_keys
     records = [{"id": f"valid-{i}-{side}", "confidence": 1.0, "gold_in_candidates": True}
                for side in ("tail", "head") for i in range(100)]
     train, valid, dropped = split_examples(records, config)
     assert len(valid) == 60 and len(train) == 140 and dropped == 0  # 30 of 100 triples, both queries each
-    assert not {triple_key(r) for r in train} & {triple_key(r) for r in valid}
+    assert not {triple_of(r) for r in train} & {triple_of(r) for r in valid}
 
 
 class Preferring:
@@ -345,6 +360,13 @@ def test_training_lists_are_filtered_with_train_and_valid_only():
     # LM-valid's lists (valid_eval): filtered as test's, so the test answer 3 is gone and the gold 2 ranks first.
     assert ranked["valid_eval"].candidates[0].tolist() == [2, 4, 5] and ranked["valid_eval"].rank[0] == 1.0
     assert ranked["valid"].rank[0] == 2.0
+    # another test answer (5) of the test query is filtered from its list too, not only the query's own gold
+    kg = KnowledgeGraph.from_arrays(entity_names=[f"e{i}" for i in range(6)], relation_names=["r"],
+                                    train=np.array([[0, 0, 1]]), valid=np.array([[0, 0, 2]]),
+                                    test=np.array([[0, 0, 3], [0, 0, 5]]))
+    ranked, _ = rank_splits(Preferring(preference), kg, reciprocal=False, batch_size=8, top_k=3,
+                            export_splits=("test",))
+    assert ranked["test"].candidates[0].tolist() == [3, 4, 0] and "test_eval" not in ranked
 
 
 def test_a_list_holds_no_filtered_entity_where_the_filter_leaves_fewer_than_k():

@@ -184,6 +184,11 @@ def test_dift_rule_counts_a_pick_tied_with_the_gold_as_half_a_place():
             {"stage1_rank": 30.0, "gold_index": -1, "gold": 8, "pick": 4, "pick_position": 2,
              "stage1_scores": [2.0, 2.0, 1.0], "scores": [0.0, -1.0, -2.0]}]
     np.testing.assert_array_equal(PredictionRows(rows).picked("pick"), [2.0, 30.0])
+    # strictly above the gold in stage 1: the gold keeps its rank; strictly below: it drops one place
+    above = {**rows[0], "stage1_rank": 2.0, "stage1_scores": [3.0, 1.0, 0.5]}
+    below = {**above, "pick_position": 3}
+    np.testing.assert_array_equal(PredictionRows([above, below]).picked("pick"), [2.0, 3.0])
+    np.testing.assert_array_equal(dift_rank(np.array([2.0]), np.array([2]), np.array([False])), [2.0])  # no scores
 
 
 def test_rerank_keeps_close_float64_scores_apart_and_ranks_a_gold_in_its_own_list():
@@ -203,6 +208,8 @@ def test_class_constraint_and_class_file(tmp_path):
     # Class 7 holds 0.6 of the mass, so the pick (class 3) is replaced by class 7's best.
     assert constrain_to_class(0, scores, np.array([3, 7, 7])) == 1
     assert constrain_to_class(0, scores, np.array([3, 3, 7])) == 0
+    # mass, not head count: one candidate of class 3 with 0.7 outweighs two of class 7
+    assert constrain_to_class(0, np.log(np.array([0.7, 0.15, 0.15])), np.array([3, 7, 7])) == 0
     path = tmp_path / "classes.tsv"
     path.write_text("e1\tanimal\ne2\tplant\ne3\tanimal\n")
     np.testing.assert_array_equal(load_classes(path, ["e1", "e2", "e3", "e4"]), [0, 1, 0, -1])
