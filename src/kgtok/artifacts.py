@@ -200,6 +200,18 @@ def read_manifest(artifact: str | Path) -> dict[str, Any] | None:
     return read_json(Path(artifact) / MANIFEST)
 
 
+def warn_if_made_from_another(artifact: str | Path, name: str, given: str | Path) -> None:
+    """``artifact``'s manifest records the ``name`` input it was made from: given another one (a model scored on
+    instructions it was not trained on, instructions fine-tuned with other codes), a stage runs without error, so
+    it is said."""
+    import warnings
+
+    recorded = ((read_manifest(artifact) or {}).get("inputs") or {}).get(name)
+    if recorded is not None and recorded != hash_inputs({name: given})[name]:
+        warnings.warn(f"{artifact} was made from other {name} than {given} (its manifest's input hash differs): "
+                      f"are these the {name} it belongs with?", stacklevel=3)
+
+
 def manifest_matches(
     artifact: str | Path, stage: str, config: object, inputs: Mapping[str, str]
 ) -> bool:

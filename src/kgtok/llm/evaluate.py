@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kgtok.artifacts import write_json_atomic
+from kgtok.artifacts import warn_if_made_from_another, write_json_atomic
 from kgtok.llm.classes import load_classes  # here too: kgtok.llm.evaluate.load_classes is public
 from kgtok.llm.config import EvaluateConfig  # here too: kgtok.llm.evaluate.EvaluateConfig is public
 from kgtok.llm.layout import EvaluateArtifact, FinetuneArtifact, InstructArtifact
@@ -53,26 +53,13 @@ from kgtok.llm.rankers import summary_keys
 from kgtok.stage import Context, Input, Stage, run_stage
 
 
-def warn_if_trained_on_other_instructions(model: Path, instructions: Path) -> None:
-    """A stage-5b artifact records the instructions it was trained on: scoring it on others (a model without
-    code tokens on prompts with codes, say) runs without error, so it is said."""
-    import warnings
-
-    from kgtok.artifacts import hash_inputs, read_manifest
-
-    trained_on = ((read_manifest(model) or {}).get("inputs") or {}).get("instructions")
-    if trained_on is not None and trained_on != hash_inputs({"instructions": instructions})["instructions"]:
-        warnings.warn(f"{model} was fine-tuned on other instructions than {instructions} (its manifest's input "
-                      "hash differs): are these the instructions its tokens and prompts were made for?", stacklevel=2)
-
-
 def run(config: EvaluateConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -> dict[str, Any]:
     """Stage 5c into ``dest``; scored queries (and the chosen fusion weight) kept in ``ctx.work``."""
     from kgtok.llm.console import quiet_libraries
     from kgtok.llm.scoring import CandidateScorer
 
     hf_dir = model_folder(inputs["model"])
-    warn_if_trained_on_other_instructions(inputs["model"], inputs["instructions"])
+    warn_if_made_from_another(inputs["model"], "instructions", inputs["instructions"])
     path = InstructArtifact(inputs["instructions"]).split(config.split)
     records = read_jsonl(path)[: config.max_queries or None]
     if not records:
@@ -266,8 +253,8 @@ def _fusion_weight(config: EvaluateConfig, scorer: Any, fusable: bool, valid_pat
         rows = [prediction_row(q.record, q.answers, q.token_logprobs, scorer.pick(q), score=config.score,
                                fusion_weight=fusion["weight"], classes=None, class_scores=scorer.class_scores(q))
                 for q in scored]
-        fusion["valid_rankers"] = {key: {"hits_at_1": round(float(np.mean(r <= 1)), 4),
-                                         "mrr": round(float(np.mean(1.0 / r)), 4)}
+        # unrounded: a best ranker is chosen from these (valid_choice), and rounding could make ties
+        fusion["valid_rankers"] = {key: {"hits_at_1": float(np.mean(r <= 1)), "mrr": float(np.mean(1.0 / r))}
                                    for key, r in rank_all(rows).items()}
         log(f"evaluate: fusion weight {fusion['weight']} ({fusion['position']}; fused re-rank MRR on {len(valid)} "
             f"LM-valid queries: {fusion['valid_mrr']})")

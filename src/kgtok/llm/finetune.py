@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kgtok.artifacts import write_json_atomic
+from kgtok.artifacts import warn_if_made_from_another, write_json_atomic
 from kgtok.llm.backbone import backbone_fingerprint, is_from_scratch, resolve_backbone
 from kgtok.llm.config import FinetuneConfig  # here too: kgtok.llm.finetune.FinetuneConfig is public
 from kgtok.llm.layout import FinetuneArtifact, InstructArtifact
@@ -427,6 +427,8 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     from kgtok.llm.console import level_metrics, quiet_libraries
 
     instructions = InstructArtifact(inputs["instructions"])
+    if inputs.get("codes") is not None:  # new token rows start from these codes' codebooks
+        warn_if_made_from_another(inputs["instructions"], "codes", inputs["codes"])
     train_records = read_jsonl(instructions.split("lm_train"))
     valid_records = read_jsonl(instructions.split("lm_valid"))
     if not train_records:
