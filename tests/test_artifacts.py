@@ -258,3 +258,11 @@ def test_written_files_and_folders_get_the_umasks_modes_not_the_temporary_ones(t
     assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "a" / "manifest.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644
+
+
+def test_a_manifest_that_is_a_folder_reads_as_no_manifest(tmp_path):
+    """An artifact whose manifest.json is a folder is unfinished (made again), not a crash."""
+    from kgtok.artifacts import read_manifest
+
+    (tmp_path / "a" / "manifest.json").mkdir(parents=True)
+    assert read_manifest(tmp_path / "a") is None

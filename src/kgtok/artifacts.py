@@ -190,7 +190,7 @@ def read_json(path: str | Path) -> Any:
     """A JSON file's content, or None when it is missing or cannot be read (torn, foreign)."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return None
 
 
