@@ -156,3 +156,11 @@ def test_a_bad_override_is_named_as_the_override_not_the_file(tmp_path):
     path.write_text("levels: abc\n")
     with pytest.raises(ConfigError, match=rf"^config file {path}: levels: expected an integer"):
         load_config(Outer, path, ["gse.lambda1=0.5"])
+
+
+def test_a_yaml_key_read_as_a_bool_is_an_unknown_key_not_a_crash(tmp_path):
+    """YAML 1.1 reads a bare ``on:`` key as True: sorting it with the string keys raised a TypeError."""
+    path = tmp_path / "c.yaml"
+    path.write_text("on: 1\nlevles: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \[True, 'levles'\]"):
+        load_config(Outer, path)

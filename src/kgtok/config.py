@@ -238,7 +238,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def _build(cls: type[C], data: Mapping[str, Any], where: str) -> C:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML reads a bare on: or yes: as a bool key
     if unknown:
         raise ConfigError(
             f"{where or cls.__name__}: unknown key(s) {unknown}; known keys: {sorted(fields)}"
