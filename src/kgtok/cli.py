@@ -581,7 +581,7 @@ def dift_group() -> None:
 
 
 @dift_group.command("export")
-@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), callback=_check_kg_dir, help="KG directory.")
 @click.option("--embeddings", required=True, type=click.Path(file_okay=False), help="Stage-1 artifact.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for {split}.json.")
 @click.option("--splits", default="valid,test", show_default=True, help="Comma-separated candidate splits.")
@@ -596,7 +596,7 @@ def dift_export(data: str, embeddings: str, out: str, splits: str, load: DataCon
 
 
 @dift_group.command("import")
-@click.option("--data", required=True, type=click.Path(file_okay=False), help="KG directory.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), callback=_check_kg_dir, help="KG directory.")
 @click.option("--dift", "dift_dir", required=True, type=click.Path(file_okay=False),
               help="Folder of DIFT's train.json, valid.json, test.json.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Stage-1 artifact to write.")

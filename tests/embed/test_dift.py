@@ -112,3 +112,17 @@ def test_bad_dift_file_names_file_and_record(stage1, tmp_path):
     (tmp_path / "d" / "test.json").write_text("{not json")
     with pytest.raises(ValueError, match="test.json: not a JSON list of DIFT records"):
         import_dift(kg, tmp_path / "d", tmp_path / "o", config=_test_files_only(), log=quiet)
+
+
+def test_export_refuses_a_stage1_artifact_in_another_entity_order(stage1, tmp_path):
+    """Its candidate ids are rows of its own order: read as the KG's they named other entities."""
+    import shutil
+
+    kg, embed, _ = stage1
+    moved = tmp_path / "embed"
+    shutil.copytree(embed, moved)
+    names = [row.split("\t")[1] for row in (moved / "entities.tsv").read_text().splitlines()]
+    names[0], names[1] = names[1], names[0]
+    (moved / "entities.tsv").write_text("".join(f"{i}\t{name}\n" for i, name in enumerate(names)))
+    with pytest.raises(ValueError, match="entity order differs"):
+        write_dift(moved, kg, tmp_path / "dift")

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from kgtok.artifacts import artifact_dir, hash_inputs, write_id_order, write_json_atomic
+from kgtok.artifacts import artifact_dir, check_id_order, hash_inputs, write_id_order, write_json_atomic
 from kgtok.config import check_fields
 from kgtok.data.graph import KnowledgeGraph, load_kg
 from kgtok.embed.layout import EmbedArtifact
@@ -68,6 +68,8 @@ def write_dift(embeddings: str | Path, data: str | Path | KnowledgeGraph, dest: 
     """``dest/{split}.json`` in DIFT's layout from a stage-1 artifact's candidate files."""
     kg = data if isinstance(data, KnowledgeGraph) else load_kg(data)
     artifact = EmbedArtifact(embeddings).checked("--embeddings")
+    check_id_order(artifact.entities, kg.entity_names)  # its candidate lists hold its own ids
+    check_id_order(artifact.relations, kg.relation_names, "relation")
     written = []
     for split in splits:
         path = artifact.candidates(split)
