@@ -770,7 +770,8 @@ def test_every_class_a_candidate_names_becomes_one_token(tmp_path, monkeypatch):
 
     instructions = tmp_path / "instruct"
     instructions.mkdir()
-    rows = {"lm_train": [{"prompt": "q", "answer": "<cls_1> dog", "gold_class": 1,
+    rows = {"lm_train": [{"prompt": "q", "answer": "dog", "align_task": "codes_to_name"},  # no class: first
+                         {"prompt": "q", "answer": "<cls_1> dog", "gold_class": 1,
                           "candidate_answers": ["<cls_1> dog", "<cls_2> cat"]}],
             "lm_valid": [{"prompt": "q", "answer": "<cls_2> cat", "gold_class": 2}],
             "test": [{"prompt": "q", "answer": "<cls_1> dog", "candidate_answers": ["<cls_1> dog", "<cls_7> eel"]}]}

@@ -441,10 +441,11 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
         state = PartialState()
         set_seed(config.seed)
         entities = read_entities(instructions) if config.embedding_init == "names" else None
+        prefixed = any("gold_class" in r for r in train_records)  # class_prefix (alignment records have none)
         with state.main_process_first():  # the tiny backbone is built once, by the main process
             model, tokenizer, new_ids, backbone = load_backbone(
                 config, [training_text(r) for r in train_records + valid_records], ctx.work, inputs.get("codes"),
-                entities, classes=class_vocabulary(instructions) if "gold_class" in train_records[0] else None)
+                entities, classes=class_vocabulary(instructions) if prefixed else None)
         code_tokens = code_vocabulary(inputs["codes"])[0] if inputs.get("codes") is not None else []
         code_ids = tokenizer.convert_tokens_to_ids(code_tokens)
         model = wrap_trainable(model, config, full, new_ids)
