@@ -179,6 +179,22 @@ def test_wrong_order_of_upstream_vectors_is_refused(synthetic, tmp_path):
     assert not (tmp_path / "h").exists()
 
 
+def test_quantize_refuses_a_hierarchy_in_another_order_also_for_realm(synthetic, tmp_path):
+    """realm reads the tree only for its alignment metrics, and read it in whatever order it came."""
+    import shutil
+
+    from kgtok.quantize import QuantizeConfig, run_quantize
+
+    kg, embed, root = synthetic
+    tree = run_hierarchy(HierarchyConfig(threads=1), kg, root / "hierarchy", embeddings=embed, log=lambda *_: None)
+    moved = tmp_path / "hierarchy"
+    shutil.copytree(tree, moved)
+    (moved / "entities.tsv").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(reversed(kg.entity_names))))
+    with pytest.raises(ValueError, match="entity order differs"):
+        run_quantize(QuantizeConfig(variant="realm", levels=2, codebook_size=8, threads=1), kg, tmp_path / "q",
+                     hierarchy=moved, embeddings=embed, progress=False, log=lambda *_: None)
+
+
 def test_kgfit_import(synthetic, tmp_path):
     kg, embed, _ = synthetic
     types, names = kg.entity_types, kg.entity_names

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kgtok.artifacts import load_entity_vectors, write_json_atomic
+from kgtok.artifacts import check_id_order, load_entity_vectors, write_json_atomic
 from kgtok.data.graph import KnowledgeGraph
 from kgtok.embed.layout import EmbedArtifact
 from kgtok.hierarchy.layout import HierarchyArtifact
@@ -59,6 +59,8 @@ def run(config: QuantizeConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     from kgtok.hierarchy.stage import load_hierarchy
 
     kg = ctx.kg
+    if "hierarchy" in inputs:  # its paths (GSE, GSR; realm's alignment metrics) are rows in its own order
+        check_id_order(HierarchyArtifact(inputs["hierarchy"]).entities, kg.entity_names)
     arrays = load_hierarchy(inputs["hierarchy"]) if "hierarchy" in inputs else None
     if config.variant == "realm":
         vectors = load_entity_vectors(EmbedArtifact(inputs["embeddings"]).entity_embeddings, kg.entity_names)
