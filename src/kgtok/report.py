@@ -94,7 +94,6 @@ def _entity_labels(run: Path) -> list[str] | None:
     (the tree then shows entity ids)."""
     import warnings
 
-    from kgtok.data.graph import load_kg
     from kgtok.data.layout import DataArtifact
     from kgtok.data.stage import DataConfig
     from kgtok.quantize.layout import QuantizeArtifact
@@ -106,10 +105,9 @@ def _entity_labels(run: Path) -> list[str] | None:
         return None
     names = [line.split("\t")[1] for line in tokens.read_text(encoding="utf-8").splitlines()]
     try:
-        options = DataConfig(**manifest.get("config", {}))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the run already showed the data warnings
-            kg = load_kg(kg_dir, skip_header=options.skip_header, strip_whitespace=options.strip_whitespace)
+            kg = DataConfig(**manifest.get("config", {})).load(kg_dir)
     except (OSError, ValueError, TypeError):  # the KG moved on since the run: ids rather than wrong labels
         return None
     label = dict(zip(kg.entity_names, kg.labels))

@@ -665,8 +665,9 @@ def true_head_probabilities(config: SyntheticConfig, relations: np.ndarray, tail
         # P(tail | head, r) for every head, only the queries' tail columns: heads in chunks, so memory is
         # O(chunk x N), not O(N^2) (about 12 GB at 20,000 entities)
         p_tail = np.empty((n_entities, len(rows)))  # (N heads, n)
-        for start in range(0, n_entities, ORACLE_CHUNK_CELLS // n_entities or 1):
-            chunk = everyone[start: start + (ORACLE_CHUNK_CELLS // n_entities or 1)]
+        block = ORACLE_CHUNK_CELLS // n_entities or 1
+        for start in range(0, n_entities, block):
+            chunk = everyone[start: start + block]
             p_tail[chunk] = _tail_probabilities(config, state, chunk, np.full(len(chunk), r))[:, tails[rows]]
         joint = prior[None, :] * p_tail.T  # (n, N heads)
         out[rows] = joint / np.maximum(joint.sum(1, keepdims=True), 1e-300)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from kgtok.artifacts import load_entity_vectors, write_id_order, write_json_atomic
+from kgtok.artifacts import check_id_order, load_entity_vectors, write_id_order, write_json_atomic
 from kgtok.data.graph import KnowledgeGraph
 from kgtok.embed.layout import EmbedArtifact
 from kgtok.hierarchy.build import SemanticHierarchy, cluster_means, fuse, normalize_rows
@@ -194,9 +194,16 @@ def run_hierarchy(
                      progress=progress, log=log).path
 
 
-def load_hierarchy(artifact: str | Path) -> dict[str, Any]:
-    """The arrays of a hierarchy artifact: paths, and per level parents/centroids/neighbours."""
+def load_hierarchy(artifact: str | Path, entity_names: list[str] | None = None) -> dict[str, Any]:
+    """The arrays of a hierarchy artifact: paths, and per level parents/centroids/neighbours.
+
+    ``entity_names``: the KG's; the artifact's rows (paths, fused vectors) are checked to be in its order
+    (first: the folder of another graph is named as such)."""
+    if entity_names is not None:
+        check_id_order(HierarchyArtifact(artifact).entities, entity_names)
     artifact = HierarchyArtifact(artifact).checked()
+    fused = np.load(artifact.fused_vectors) if entity_names is None else load_entity_vectors(
+        artifact.fused_vectors, entity_names)
     with np.load(artifact.arrays) as data:
         arrays = {k: data[k] for k in data.files}
     levels = arrays["paths"].shape[1]
@@ -206,5 +213,5 @@ def load_hierarchy(artifact: str | Path) -> dict[str, Any]:
         "centroids": [arrays[f"centroids_{l}"] for l in range(levels)],
         "neighbours": [arrays[f"neighbours_{l}"] for l in range(levels)],
         "text_centroids": [arrays.get(f"text_centroids_{l}") for l in range(levels)],
-        "fused_vectors": np.load(artifact.fused_vectors),
+        "fused_vectors": fused,
     }

@@ -27,12 +27,9 @@ def load_classes(source: str | Path | np.ndarray | None, entity_names: list[str]
         return source
     path = Path(source)
     if path.is_dir():
-        from kgtok.artifacts import check_id_order
         from kgtok.hierarchy.stage import load_hierarchy
 
-        if entity_names:  # its rows are its own entity order, which must be the KG's
-            check_id_order(path / "entities.tsv", entity_names)
-        hierarchy = load_hierarchy(path)
+        hierarchy = load_hierarchy(path, entity_names or None)  # its rows must be in the KG's order
         return np.asarray(hierarchy["paths"])[:, 0]
     index = {name: i for i, name in enumerate(entity_names)}
     classes = np.full(len(entity_names), -1, dtype=np.int64)

@@ -56,8 +56,10 @@ def corrupt(kg: KnowledgeGraph, triples: np.ndarray, rng: np.random.Generator, t
             made = np.ones(len(out), dtype=bool)
             for i in pending:  # the few left: their free corruptions listed exactly (a loop over those only)
                 negative = _free_corruption(kg, triples[i], int(side[i]), known, rng)
-                made[i] = negative is not None
-                out[i] = negative if negative is not None else out[i]
+                if negative is None:
+                    made[i] = False
+                else:
+                    out[i] = negative
             if not made.all():
                 warnings.warn(f"{int((~made).sum())} of {len(out)} triples have no negative: every entity on "
                               "both sides makes a known triple (a dense graph); they get none", stacklevel=2)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kgtok.artifacts import check_id_order, load_entity_vectors, write_json_atomic
+from kgtok.artifacts import load_entity_vectors, write_json_atomic
 from kgtok.data.graph import KnowledgeGraph
 from kgtok.embed.layout import EmbedArtifact
 from kgtok.hierarchy.layout import HierarchyArtifact
@@ -59,13 +59,11 @@ def run(config: QuantizeConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     from kgtok.hierarchy.stage import load_hierarchy
 
     kg = ctx.kg
-    if "hierarchy" in inputs:  # its paths (GSE, GSR; realm's alignment metrics) are rows in its own order
-        check_id_order(HierarchyArtifact(inputs["hierarchy"]).entities, kg.entity_names)
-    arrays = load_hierarchy(inputs["hierarchy"]) if "hierarchy" in inputs else None
+    # its rows (paths for GSE, GSR and realm's alignment metrics; fused vectors) checked to be in the KG's order
+    arrays = load_hierarchy(inputs["hierarchy"], kg.entity_names) if "hierarchy" in inputs else None
     if config.variant == "realm":
         vectors = load_entity_vectors(EmbedArtifact(inputs["embeddings"]).entity_embeddings, kg.entity_names)
     else:
-        load_entity_vectors(HierarchyArtifact(inputs["hierarchy"]).fused_vectors, kg.entity_names)  # the order
         vectors = arrays["fused_vectors"]
     out = QuantizeArtifact(dest)
     with ctx.timed("fit"):
