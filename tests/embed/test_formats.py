@@ -194,6 +194,37 @@ def test_dglke_save_imports_and_ranks_like_the_vectors(kg, tmp_path):
     assert (dest / "candidates" / "test.npz").exists()
 
 
+def dglke_rotate_scores(head, tail, relation, gamma, dim):
+    """DGL-KE's RotatEScore: γ - Σ |h ∘ e^{iθ} - t|, θ = r / ((γ + 2) / dim / π), rows [re | im]."""
+    theta = relation / ((gamma + 2.0) / dim / np.pi)
+    hr, hi, tr, ti = head[:, :dim], head[:, dim:], tail[:, :dim], tail[:, dim:]
+    re, im = hr * np.cos(theta) - hi * np.sin(theta) - tr, hr * np.sin(theta) + hi * np.cos(theta) - ti
+    return gamma - np.sqrt(re ** 2 + im ** 2).sum(1)
+
+
+def test_dglke_rotate_is_scored_with_the_gamma_of_its_config(kg, tmp_path):
+    dim, gamma = 6, 3.0
+    entities, _ = complex_vectors(kg, dim, seed=9)
+    relations = np.random.default_rng(10).uniform(-1, 1, size=(kg.num_relations, dim)).astype(np.float32)
+    save, data = write_dglke(kg, tmp_path, entities, relations, model_name="RotatE")
+    (save / "config.json").write_text(json.dumps({"model_name": "RotatE", "gamma": gamma, "hidden_dim": dim}))
+    foreign = read_dglke(save, data)
+    assert foreign.model == "rotate" and foreign.margin == gamma
+    config = ImportConfig(model="rotate", top_k=5, export_splits=("test",), threads=1)
+    dest = import_foreign(kg, foreign, tmp_path / "imported", progress=False, log=quiet, config=config)
+    model, _ = load_model(dest)
+    triples = kg.test[:20]
+    h, r, t = (triples[:, i].numpy() for i in range(3))
+    ours = model.score_triples(torch.as_tensor(triples)).detach().numpy()
+    np.testing.assert_allclose(ours, dglke_rotate_scores(entities[h], entities[t], relations[r], gamma, dim),
+                               rtol=1e-4, atol=1e-4)
+    said = []  # a margin given by the user wins, with a warning naming both
+    import_foreign(kg, foreign, tmp_path / "given", progress=False, log=said.append,
+                   config=ImportConfig(model="rotate", margin=9.0, top_k=5, export_splits=("test",), threads=1))
+    assert any("margin=9.0 as given" in line and "gamma=3.0" in line for line in said)
+    assert load_model(tmp_path / "given")[0].margin == 9.0
+
+
 def test_embed_import_command_reads_both_formats(kg, tmp_path):
     entities, relations = complex_vectors(kg, seed=8)
     save, data = write_dglke(kg, tmp_path, entities, relations, model_name="DistMult")

@@ -29,11 +29,13 @@ DGL-KE (``dglke_train --save_path S --data_path D --dataset X --model_name M``):
 
     S/X_M_entity.npy     (N, D) entity vectors, row i = entity id i (ComplEx/RotatE: [re | im])
     S/X_M_relation.npy   (R, D_r) relation vectors (RotatE: raw phases, as the RotatE code)
+    S/config.json        the training's arguments (``gamma`` is read: kgtok's ``margin``)
     D/entities.tsv       id<TAB>name, the row order of the entity matrix
     D/relations.tsv      id<TAB>name
 
 DGL-KE's ComplEx, DistMult, RotatE and TransE_l1 score as kgtok's ``complex``,
-``distmult``, ``rotate`` and ``transe`` (``margin`` = DGL-KE's ``gamma``).
+``distmult``, ``rotate`` and ``transe`` (``margin`` = DGL-KE's ``gamma``, read
+from config.json unless given; RotatE's phases are scaled by it).
 """
 
 from __future__ import annotations
@@ -202,6 +204,14 @@ def read_dglke(save_path: str | Path, data_path: str | Path, *, dataset: str | N
                             entity_names=read_order(entity_order), source=f"DGL-KE save {entity_file}",
                             files={f"dglke/{entity_file.name}": entity_file, "dglke/entities.tsv": entity_order},
                             model=DGLKE_MODELS.get(model) if model else None)
+    settings = save_path / "config.json"  # DGL-KE's save_model writes its arguments there
+    if settings.exists():
+        try:
+            gamma = json.loads(settings.read_text()).get("gamma")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise ValueError(f"{settings}: not DGL-KE's JSON object of training arguments ({e})") from e
+        out.margin = None if gamma is None else float(gamma)
+        out.files["dglke/config.json"] = settings
     relation_file = save_path / f"{stem}_relation.npy"
     relation_order = data_path / "relations.tsv"
     if relation_file.exists() and relation_order.exists():

@@ -33,7 +33,8 @@ class ImportConfig:
     """How to read foreign embeddings; model fields only matter when relations are given."""
 
     model: ModelName | None = None  # scoring function of the vectors; None: vectors only, no ranking
-    margin: float = 9.0  # γ of RotatE/TransE vectors (RotatE's relation phases are scaled by it)
+    # γ of RotatE/TransE vectors (RotatE's relation phases are scaled by it): a wrong γ ranks RotatE wrongly.
+    margin: float | None = None  # None: the γ the source records (DGL-KE's config.json), else 9.0
     reciprocal: bool = False  # relation matrix holds 2R rows: inverse relations after the originals
     top_k: int = 20  # candidates per query
     export_splits: tuple[str, ...] = ("train", "valid", "test")
@@ -42,7 +43,7 @@ class ImportConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, [
-            ("margin", in_range(0.0), ">= 0"),
+            ("margin", lambda v: v is None or v >= 0, ">= 0 (or null: the source's own)"),
             ("top_k", in_range(1), "a positive integer"),
             ("eval_batch_size", in_range(1), "a positive integer"),
             ("threads", in_range(0), ">= 0"),
@@ -97,6 +98,7 @@ class ForeignEmbeddings:
     relation_vectors: np.ndarray | None = None  # (R, D_r), or (2R, D_r) with reciprocal relations
     relation_names: list[str] | None = None  # None: rows already in the KG's relation order
     model: str | None = None
+    margin: float | None = None  # γ the source's config records (DGL-KE's gamma); None: not recorded
     files: dict[str, Path] = field(default_factory=dict)  # what was read: hashed into the manifest
     source: str = "entity vectors"  # for messages: "PyTorch-BigGraph", "DGL-KE"
 
@@ -128,6 +130,16 @@ def import_embeddings(
     return import_foreign(data, foreign, dest, config=config, progress=progress, log=log)
 
 
+def resolve_margin(given: float | None, foreign: ForeignEmbeddings, log: Callable[[str], None]) -> float:
+    """The γ to score with: the one given, else the source's recorded one, else 9.0 (kgtok's default)."""
+    if given is None:
+        return foreign.margin if foreign.margin is not None else 9.0
+    if foreign.margin is not None and foreign.margin != given:
+        log(f"embed import: warning: margin={given} as given, but {foreign.source} was trained with "
+            f"gamma={foreign.margin}; RotatE's phases are scaled by it, so its ranks change (omit margin to use it)")
+    return given
+
+
 def import_foreign(
     data: str | Path | KnowledgeGraph,
     foreign: ForeignEmbeddings,
@@ -139,8 +151,7 @@ def import_foreign(
 ) -> Path:
     """Write a stage-1 artifact from vectors trained elsewhere: rows reordered to the KG's ids; with
     ``config.model`` the scoring function is rebuilt and every split ranked, as after training."""
-    # Over 60 lines on purpose: align rows, then store the vectors or rebuild the model and rank as stage 1.
-    # 63 lines: align rows, then either store the vectors or rebuild the model and rank, as stage 1 does.
+    # Over 60 lines on purpose: align rows, then either store the vectors or rebuild the model and rank as stage 1.
     kg = data if isinstance(data, KnowledgeGraph) else load_kg(data)
     relation_source = next((str(p) for k, p in foreign.files.items() if "relation" in k), foreign.source)
     entities = align_rows(foreign.entity_vectors, foreign.entity_names, kg.entity_names,
@@ -173,7 +184,8 @@ def import_foreign(
             return Path(dest)
         complex_valued = config.model in ("complex", "rotate")
         dim = entities.shape[1] // 2 if complex_valued else entities.shape[1]
-        model = build_model(config.model, kg.num_entities, relations.shape[0], dim, margin=config.margin)
+        margin = resolve_margin(config.margin, foreign, log)
+        model = build_model(config.model, kg.num_entities, relations.shape[0], dim, margin=margin)
         expected = tuple(model.relation.shape)
         if relations.shape != expected:
             raise ValueError(f"{relation_source}: relation matrix has shape {relations.shape}; {config.model} "
@@ -184,7 +196,7 @@ def import_foreign(
         ranked, metrics = rank_splits(model, kg, reciprocal=config.reciprocal, batch_size=config.eval_batch_size,
                                       top_k=config.top_k, export_splits=config.export_splits, progress=progress)
         embed_config = EmbedConfig(
-            model=config.model, dim=dim, margin=config.margin, reciprocal=config.reciprocal,
+            model=config.model, dim=dim, margin=margin, reciprocal=config.reciprocal,
             loss="1vsall" if config.reciprocal else "nssa", top_k=config.top_k, export_splits=config.export_splits,
         )
         export(writer.path, model, kg, embed_config, None, metrics, ranked)
