@@ -9,8 +9,9 @@ artifacts up to the first stage the overrides change are linked, not rerun
 queries (``evaluate.split=lm_valid``): test is not read.  Records each
 candidate's instruction, fine-tuning and evaluation seconds (a linked stage's
 are the base run's; time them with nothing else running), which stages ran
-(``ran``; ``wall_seconds`` is their sum, so it differs between candidates), fine-tuning's valid loss, every ranker's LM-valid Hits@1 and MRR and,
-when a candidate tagged ``default`` exists, the paired difference to it.
+(``ran``; ``wall_seconds`` is their sum, so it differs between candidates), fine-tuning's valid loss, every
+ranker's LM-valid Hits@1 and MRR (fused rankers at fusion weight 1: LM-valid evaluated itself chooses none)
+and, when a candidate tagged ``default`` exists, the paired difference to it.
 Writes bench/results/llm_synthetic_first_run_choice.json (keyed by ``--tag``)
 and .md; bench/first_run.py then times the chosen recipe from an empty cache
 and checks it on test.

@@ -238,7 +238,10 @@ def _fusion_weight(config: EvaluateConfig, scorer: Any, fusable: bool, valid_pat
         saved = json.loads(saved_path.read_text(encoding="utf-8"))
         log(f"evaluate: fusion weight {saved['weight']} (chosen on LM-valid before the interruption)")
         return saved
-    fusion: dict[str, Any] = {"weight": 1.0, "position": "default (no LM-valid lists)", "chosen_on": "none"}
+    # LM-valid evaluated itself cannot choose its weight without choosing on the queries it reports
+    position = "default (LM-valid is the evaluated split)" if config.split == "lm_valid" else \
+        "default (no LM-valid lists)"
+    fusion: dict[str, Any] = {"weight": 1.0, "position": position, "chosen_on": "none"}
     valid = ([r for r in read_jsonl(valid_path) if r.get("candidate_scores") is not None]
              if fusable and config.split != "lm_valid" and valid_path.exists() else [])
     if valid:
