@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -371,9 +371,14 @@ def artifact_dir(
 def refuse_foreign_dir(dest: Path) -> None:
     """A directory that holds files but no kgtok manifest is someone's data (a KG, notes): an artifact written
     there would replace it, so the write is refused before any work."""
-    if dest.is_dir() and not dest.is_symlink() and any(dest.iterdir()) and read_manifest(dest) is None:
-        raise FileExistsError(f"{dest}: exists, is not empty and has no {MANIFEST}, so it is not a kgtok artifact; "
-                              "kgtok replaces only its own artifacts: give another --out, or remove it")
+    refuse_unmarked_dir(dest, lambda d: read_manifest(d) is not None, f"has no {MANIFEST}, so it is not a kgtok "
+                        "artifact; kgtok replaces only its own artifacts: give another --out, or remove it")
+
+
+def refuse_unmarked_dir(dest: Path, marked: Callable[[Path], bool], why: str) -> None:
+    """Refuse to replace a non-empty directory that ``marked`` does not know as kgtok's (``why`` says so)."""
+    if dest.is_dir() and not dest.is_symlink() and any(dest.iterdir()) and not marked(dest):
+        raise FileExistsError(f"{dest}: exists, is not empty and {why}")
 
 
 def replace_dir(src: Path, dest: Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from kgtok.artifacts import atomic_dir
+from kgtok.artifacts import atomic_dir, refuse_unmarked_dir
 from kgtok.data.graph import SPLITS, KnowledgeGraph, load_kg
 
 
@@ -71,9 +71,9 @@ def write_subset(source: str | Path, dest: str | Path, *, entities: int, seed: i
     if entities < 2:
         raise ValueError(f"entities: expected at least 2, got {entities}")
     dest = Path(dest)
-    if dest.is_dir() and any(dest.iterdir()) and not (dest / "SUBSET.txt").exists():  # e.g. the source itself
-        raise FileExistsError(f"{dest}: a non-empty directory that is not a subset kgtok wrote (no SUBSET.txt); "
-                              "writing the subset there would replace it: choose another destination")
+    refuse_unmarked_dir(dest, lambda d: (d / "SUBSET.txt").exists(),  # e.g. the source itself
+                        "has no SUBSET.txt, so it is not a subset kgtok wrote; writing the subset there would "
+                        "replace it: choose another destination")
     kg = load_kg(source)
     rng = np.random.default_rng(seed)
     keep = snowball_entities(kg.train.numpy(), kg.num_entities, entities, seeds=seeds, rng=rng)
