@@ -602,6 +602,25 @@ def test_gsr_loss_is_the_methods_sum_of_squared_errors():
     torch.testing.assert_close(gsr_loss(o, s, a, 0.5, 0.25), want)
 
 
+def test_gsr_decoder_is_causal_over_its_queries():
+    """o_i reads q_0..q_i and every code vector, never a later query: without the causal mask o_0 changed with q_1
+    (the queries come after all codes, so only the queries can tell a causal decoder from a full one)."""
+    from kgtok.quantize.model import GSRDecoder
+
+    torch.manual_seed(0)
+    decoder = GSRDecoder(levels=3, dim=8, out_dim=5, layers=2, heads=2).eval()
+    codes = torch.randn(4, 3, 8)
+    with torch.no_grad():
+        before = decoder(codes)
+        decoder.queries[2:] += torch.randn(2, 8)  # q_2, q_3
+        after = decoder(codes)
+    torch.testing.assert_close(after[:, :2], before[:, :2])  # o_0, o_1 do not see q_2, q_3
+    assert (after[:, 2:] - before[:, 2:]).abs().min() > 1e-4
+    with torch.no_grad():  # and every output reads the last code vector
+        changed = decoder(torch.cat([codes[:, :2], torch.randn(4, 1, 8)], 1))
+    assert (changed - after).abs().amax(-1).min() > 1e-4
+
+
 def test_the_decoder_input_passes_the_encoder_the_reconstruction_gradient():
     """Value Σ v_l, gradient m x I to z (each r_l carries z's; docs/stage4-codes.md): without the straight-through
     surrogate the encoder got no reconstruction gradient at all. L_Q: its codebook term moves v, its commitment
