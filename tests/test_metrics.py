@@ -128,6 +128,19 @@ def test_paired_comparison_interval_matches_normal_approximation():
     assert worse["mrr"]["p_value"] < 0.001 and worse["hits_at_1"]["p_value"] < 1e-10
 
 
+def test_paired_comparison_draws_one_set_of_resamples_for_both_measures():
+    """With ranks 1 or beyond any list (reciprocal rank ~0), Hits@1 and MRR differ per query by the same amount:
+    one set of bootstrap draws gives both the same interval (fresh draws per measure gave two intervals)."""
+    from kgtok.metrics import paired_comparison
+
+    rng = np.random.default_rng(2)
+    a, b = (np.where(rng.random(300) < share, 1.0, 1e15) for share in (0.5, 0.4))
+    out = paired_comparison(a, b, resamples=500)
+    assert out["hits_at_1"]["difference"] == pytest.approx(out["mrr"]["difference"], abs=1e-12)
+    assert out["hits_at_1"]["ci_low"] == pytest.approx(out["mrr"]["ci_low"], abs=1e-12)
+    assert out["hits_at_1"]["ci_high"] == pytest.approx(out["mrr"]["ci_high"], abs=1e-12)
+
+
 def test_filtered_top_k_fast_path_equals_the_tie_passes():
     """Rows without a tie at the k-th place take one topk; the result equals the passes that settle ties, for
     rows with ties inside the top k, at the k-th place, of -inf, and for k at the number of candidates."""
