@@ -20,6 +20,15 @@ def seeded_generator(*parts: int) -> torch.Generator:
 
 
 @contextmanager
+def seeded_global_rng(seed: int) -> Iterator[None]:
+    """torch's global generator seeded for the block (modules draw their initial weights from it), and the
+    caller's state restored afterwards: a stage leaves no trace in its caller's random stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
     """Set torch's thread count for the block and restore it afterwards.
 

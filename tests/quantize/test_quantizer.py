@@ -108,6 +108,24 @@ def test_reference_residual_update_would_cut_the_gradient():
     assert all(g is None or g.abs().sum() == 0 for g in grads)
 
 
+def test_fit_and_tiny_backbone_leave_the_callers_random_stream_alone(tmp_path):
+    """Both seed torch's global generator to initialise their modules (same weights for the same seed) and
+    restore the caller's state after: they reseeded it before (a user's later torch.rand changed)."""
+    from kgtok.llm.backbone import TinyBackboneConfig, build_tiny
+
+    x, labels = clustered(n=64)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = EntityTokenizer(config=small_config(variant="rq", epochs=2)).fit(x, progress=False)
+    build_tiny(["red fox", "blue jay"] * 3, tmp_path / "tiny", TinyBackboneConfig(vocab_size=300, hidden_size=16,
+               layers=1, heads=2, intermediate_size=32))
+    torch.testing.assert_close(torch.rand(3), expected)
+    torch.manual_seed(7)  # another caller state: the same codes
+    second = EntityTokenizer(config=small_config(variant="rq", epochs=2)).fit(x, progress=False)
+    np.testing.assert_array_equal(first.encode(np.arange(64)), second.encode(np.arange(64)))
+
+
 def test_gsr_trains_and_checkpoint_is_the_highest_entropy():
     x, labels = clustered(n=320)
     tokenizer = EntityTokenizer(config=small_config(epochs=12)).fit(x, hierarchy_arrays(x, labels), progress=False)

@@ -58,9 +58,10 @@ def save_backbone(model: Any, tokenizer: Any, dest: Path, marker: dict[str, Any]
 
 def build_tiny(texts: Iterable[str], dest: str | Path, config: TinyBackboneConfig, *, seed: int = 0) -> Path:
     """Train a BPE tokenizer on ``texts`` and save it with a randomly initialised small Llama."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from kgtok.runtime import seeded_global_rng
 
     dest = Path(dest)
     specials = ["<|pad|>", "<|bos|>", "<|eos|>"]
@@ -79,8 +80,8 @@ def build_tiny(texts: Iterable[str], dest: str | Path, config: TinyBackboneConfi
         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(model_config)
+    with seeded_global_rng(seed):  # the weights' initialisation draws from the global generator
+        model = LlamaForCausalLM(model_config)
     return save_backbone(model, tokenizer, dest, {"name": "tiny", "from_scratch": True})
 
 

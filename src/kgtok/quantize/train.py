@@ -44,7 +44,7 @@ from kgtok.quantize.quantizer import (
     residual_codes,
     sum_codewords,
 )
-from kgtok.runtime import resolve_device, torch_save_atomic
+from kgtok.runtime import resolve_device, seeded_global_rng, torch_save_atomic
 
 CHECKPOINT_FORMAT = 2  # 2: per-level Codebook modules (1: one stacked codebook tensor; not resumed)
 
@@ -178,7 +178,6 @@ def setup(x: torch.Tensor, config: QuantizeConfig, hierarchy: Hierarchy | None,
           device: torch.device | str = "cpu", processes: Processes = Processes()) -> Training:
     """Seeded model (drawn on the CPU, then moved to ``device``), held-out split and optimizer."""
     generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)  # module initialisation draws from the global generator
     n = len(x)
     levels, codebook_size = config.resolved_levels(), config.resolved_codebook_size(n)
     if (config.uses_gse or config.uses_gsr) and hierarchy is None:
@@ -186,7 +185,9 @@ def setup(x: torch.Tensor, config: QuantizeConfig, hierarchy: Hierarchy | None,
     if hierarchy is not None and len(hierarchy.clusters) != n:
         raise ValueError(f"the hierarchy has paths for {len(hierarchy.clusters)} entities; "
                          f"the vectors are {n} entities")
-    model = RQVAE(x.shape[1], config, levels, codebook_size).to(device)
+    with seeded_global_rng(config.seed):  # module initialisation draws from the global generator
+        model = RQVAE(x.shape[1], config, levels, codebook_size)
+    model = model.to(device)
     x = x.to(device)
     hierarchy = hierarchy.to(device) if hierarchy is not None else None
     order = torch.randperm(n, generator=generator)
