@@ -664,6 +664,15 @@ def test_typed_negatives_given_negatives_and_threshold_on_valid(stages, tmp_path
     # the threshold: best accuracy, ties broken toward 0
     assert best_threshold(np.array([-2.0, -1.0, 1.0, 3.0]), np.array([False, True, True, True])) == -1.5
     assert best_threshold(np.array([-1.0, 1.0]), np.array([False, True])) == 0.0
+    rng = np.random.default_rng(0)  # against the definition, cut by cut, with tied margins
+    for _ in range(50):
+        margins, labels = np.round(rng.normal(size=rng.integers(1, 40)), 1), rng.random(40) < 0.5
+        labels = labels[: len(margins)]
+        values = np.unique(margins)
+        cuts = np.concatenate([[values[0] - 1], (values[:-1] + values[1:]) / 2, [values[-1] + 1], [0.0]])
+        accuracy = np.array([np.mean((margins > c) == labels) for c in cuts])
+        best = cuts[accuracy == accuracy.max()]
+        assert best_threshold(margins, labels) == best[np.argmin(np.abs(best))]
 
 
 def test_realm_class_prediction_trained_as_part_of_the_answer(stages, tmp_path):
