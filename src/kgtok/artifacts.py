@@ -42,6 +42,13 @@ TRACKED_PACKAGES = (
 )
 
 
+def cache_root() -> Path:
+    """kgtok's cache of things made once per machine (text vectors, converted backbones): ``$KGTOK_CACHE_DIR``
+    when set, else ``~/.cache/kgtok``."""
+    root = os.environ.get("KGTOK_CACHE_DIR")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "kgtok"
+
+
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks so large files use little memory."""
     digest = hashlib.sha256()

@@ -141,6 +141,11 @@ class Context:
             self._kg = (self.kg_options or DataConfig()).load(self.kg_dir)
         return self._kg
 
+    @property
+    def has_kg(self) -> bool:
+        """A KG is given (a directory, or one already loaded): :attr:`kg` can be read."""
+        return self.kg_dir is not None or self._kg is not None
+
     def timed(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Add the wall time of the block to the manifest's ``timings[name]`` (seconds)."""
         return timed(self.timings, name)
@@ -302,7 +307,7 @@ def run_stage(
             ctx.kg_options = DataConfig.of(data)
         elif data is not None:
             ctx.kg_dir = check_kg_dir(data)
-    if stage.uses_kg and ctx.kg_dir is None and ctx._kg is None:
+    if stage.uses_kg and not ctx.has_kg:
         raise ValueError(f"{stage.name} reads a KG: give --data (a KG directory)")
     given = check_inputs(stage, config, inputs or {})
     started = time.perf_counter()

@@ -20,7 +20,7 @@ from kgtok.llm.backbone import TinyBackboneConfig, build_tiny
 from kgtok.llm.decoding import PrefixTrie, filtered_position
 from kgtok.llm.evaluate import EvaluateConfig, run_evaluate
 from kgtok.llm.finetune import IGNORE_INDEX, FinetuneConfig, encode_example, load_backbone, run_finetune
-from kgtok.llm.vocab import extend_vocabulary
+from kgtok.llm.vocab import extend_vocabulary, token_entities
 from kgtok.quantize import QuantizeConfig, run_quantize
 
 quiet = lambda *_: None  # noqa: E731
@@ -56,6 +56,11 @@ def stages(tmp_path_factory):
 def name_row(model, tokenizer, name):
     ids = tokenizer(name, add_special_tokens=False)["input_ids"]
     return model.get_input_embeddings().weight.detach()[ids].mean(0)
+
+
+def test_token_entities_groups_each_token_s_holders_once():
+    groups = token_entities(["<a_0>", "<b_1>", "<b_2>", "<c_0>"], ["<a_0><b_1>", "<a_0><b_2><b_2>", "", "<a_0><x_9>"])
+    assert [g.tolist() if g is not None else None for g in groups] == [[0, 1, 3], [0], [1], None]
 
 
 def test_names_init_rows_are_the_mean_of_their_entities_names(tmp_path):

@@ -81,8 +81,7 @@ def write_dift(embeddings: str | Path, data: str | Path | KnowledgeGraph, dest: 
 
 def ranked_from_dift(records: list[dict[str, Any]], kg: KnowledgeGraph, source: Path) -> RankedQueries:
     """kgtok's candidates of one split from DIFT's records (tail queries first, then head queries)."""
-    entity_id = {name: i for i, name in enumerate(kg.entity_names)}
-    relation_id = {name: i for i, name in enumerate(kg.relation_names)}
+    entity_id, relation_id = kg.entity_to_id, kg.relation_to_id
 
     def ids(names: list[str], table: dict[str, int], where: str) -> list[int]:
         unknown = [x for x in names if x not in table]

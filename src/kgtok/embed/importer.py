@@ -34,7 +34,7 @@ class ImportConfig:
 
     model: ModelName | None = None  # scoring function of the vectors; None: vectors only, no ranking
     # γ of RotatE/TransE vectors (RotatE's relation phases are scaled by it): a wrong γ ranks RotatE wrongly.
-    margin: float | None = None  # None: the γ the source records (DGL-KE's config.json), else 9.0
+    margin: float | None = None  # None: the γ the source records (DGL-KE's config.json), else EmbedConfig's
     reciprocal: bool = False  # relation matrix holds 2R rows: inverse relations after the originals
     top_k: int = 20  # candidates per query
     export_splits: tuple[str, ...] = ("train", "valid", "test")
@@ -131,9 +131,9 @@ def import_embeddings(
 
 
 def resolve_margin(given: float | None, foreign: ForeignEmbeddings, log: Callable[[str], None]) -> float:
-    """The γ to score with: the one given, else the source's recorded one, else 9.0 (kgtok's default)."""
+    """The γ to score with: the one given, else the source's recorded one, else EmbedConfig's default."""
     if given is None:
-        return foreign.margin if foreign.margin is not None else 9.0
+        return foreign.margin if foreign.margin is not None else EmbedConfig().margin
     if foreign.margin is not None and foreign.margin != given:
         log(f"embed import: warning: margin={given} as given, but {foreign.source} was trained with "
             f"gamma={foreign.margin}; RotatE's phases are scaled by it, so its ranks change (omit margin to use it)")

@@ -51,7 +51,7 @@ def reduce_width(x: np.ndarray, width: int, seed: int) -> np.ndarray:
 def fuse(graph: np.ndarray | None, text: np.ndarray | None, rho: float, width: int, seed: int) -> np.ndarray:
     """s = ρ·s_G + (1 - ρ)·s_T, both sides normalised and brought to one width (METHOD.md, stage 3).
 
-    With one side missing the other is used alone.  Returns (N, width) unit rows.
+    With one side missing the other is used alone.  Returns (N, min(width, widths of the sides used)) unit rows.
     """
     if graph is None and text is None:
         raise ValueError("fusion needs graph vectors, text vectors, or both")

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from kgtok.artifacts import atomic_dir
+from kgtok.artifacts import atomic_dir, cache_root
 from kgtok.llm.config import TinyBackboneConfig  # here too: kgtok.llm.backbone.TinyBackboneConfig is public
 
 BUILTIN_BACKBONES = ("tiny", "smollm2-135m")
@@ -36,10 +35,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Code and boundary tokens look like <a_12>, <ent>; they are added to the
 # vocabulary whole, so BPE must not learn pieces of them.
 CODE_TOKEN = re.compile(r"</?[a-z]+(?:_\d+)?>")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("KGTOK_CACHE_DIR", Path.home() / ".cache" / "kgtok"))
 
 
 def is_from_scratch(path: str | Path) -> bool:

@@ -103,8 +103,7 @@ def _position_pools(kg: KnowledgeGraph) -> dict[tuple[int, int], np.ndarray]:
 def read_negatives(path: str | Path, kg: KnowledgeGraph) -> np.ndarray:
     """(n, 3) id triples from head<TAB>relation<TAB>tail lines (entity and relation names as in the KG);
     a 4th column, if any, is a label: lines labelled 1 (true) are skipped, -1 or 0 kept."""
-    entities = {name: i for i, name in enumerate(kg.entity_names)}
-    relations = {name: i for i, name in enumerate(kg.relation_names)}
+    entities, relations = kg.entity_to_id, kg.relation_to_id
     rows = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():

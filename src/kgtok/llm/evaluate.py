@@ -68,7 +68,7 @@ def run(config: EvaluateConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     if config.class_constraint:
         if "classes" not in inputs:
             raise ValueError("class_constraint needs --classes (a file of entity<TAB>class or a stage-3 artifact)")
-        names = ctx.kg.entity_names if (ctx.kg_dir or ctx._kg) else []  # a stage-3 folder's order is checked
+        names = ctx.kg.entity_names if ctx.has_kg else []  # a stage-3 folder's order is checked
         entity_classes = np.asarray(load_classes(inputs["classes"], names))
     with quiet_libraries():
         scorer = CandidateScorer(hf_dir, config, ctx.progress)
@@ -197,11 +197,11 @@ def _generative_retriever(config: EvaluateConfig, scorer: Any, records: list[dic
     if any("gold_class" in r for r in records):
         raise ValueError("generative_beams: instructions with class_prefix are not supported (answers start with "
                          "a class token the entity trie does not hold)")
-    if ctx.kg_dir is None and ctx._kg is None:
+    if not ctx.has_kg:
         raise ValueError("generative_beams needs --data (the KG): the filtered rank removes the query's other "
                          "known answers")
     kg = ctx.kg
-    relation = {name: i for i, name in enumerate(kg.relation_names)}
+    relation = kg.relation_to_id
     entities = read_jsonl(instructions.entities)
     trie = PrefixTrie(encode_answers(scorer.tokenizer, [e["answer"] for e in entities]))
     length_penalty = 1.0 if config.score == "mean" else 0.0  # beam scores are sums: constrained as sum

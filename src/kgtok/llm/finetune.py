@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -373,7 +374,7 @@ def training_arguments(config: FinetuneConfig, work: Path, learning_rate: float,
 
 def make_trainer(config: FinetuneConfig, arguments: Any, model: Any, tokenizer: Any,
                  train_records: list[dict[str, Any]], valid_records: list[dict[str, Any]], progress: bool,
-                 log: Callable[[str], None], new_ids: list[int] = (), code_ids: list[int] = (),
+                 log: Callable[[str], None], new_ids: Sequence[int] = (), code_ids: Sequence[int] = (),
                  code_levels: list[int] | None = None) -> Any:
     """The Hugging Face Trainer on the encoded records: answer-only loss, left padding, our console; the new
     rows (``new_ids``) at their learning rate, the code tokens' (``code_ids``, at ``code_levels``) LM-valid
@@ -434,7 +435,7 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     if not train_records:
         raise ValueError(f"{instructions.split('lm_train')}: no training records")
     full = uses_full_training(config)
-    learning_rate = config.learning_rate or (1e-3 if full else 2e-4)
+    learning_rate = config.resolved_learning_rate(full)
     with quiet_libraries():
         # TrainingArguments sets up the (possibly distributed) process state; everything after may use it.
         arguments = training_arguments(config, ctx.work, learning_rate, bool(valid_records))

@@ -139,7 +139,8 @@ def random_ids(tokens: list[str], rng: np.random.Generator, rounds: int = 10_000
     of its neighbours'.  Entities left sharing a tuple (all but one of each group) then draw new tokens, level
     by level, from that level's tokens as the other entities hold them (so counts barely move); after half
     of ``rounds`` rounds, uniformly from the level's vocabulary, which finds the last free tuples of a nearly
-    full code space.  Only a code space smaller than the entities is refused.
+    full code space.  A code space smaller than the entities is refused, and so is one where ``rounds`` rounds
+    leave some entity without a free tuple.
     """
     split = [re.findall(r"<[^<>]+>", t) for t in tokens]
     lengths = np.array([len(s) for s in split])

@@ -119,9 +119,7 @@ def compose_prompt(parts: dict[str, Any], facts: int | None = None, description_
     lines = list(parts["head"])
     description = parts["description"]
     if description_words is not None and description:
-        words = description.split()
-        description = " ".join(words[:description_words]) + (" ..." if len(words) > description_words else "")
-        description = "" if description_words == 0 else description
+        description = cut_words(description, description_words) if description_words else ""
     if description:
         lines.append(parts["about"] + description)
     listed = parts["facts"][:facts] if facts is not None else parts["facts"]

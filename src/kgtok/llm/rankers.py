@@ -330,7 +330,8 @@ def choose_fusion_weight(lm_scores: list[np.ndarray], priors: list[np.ndarray], 
     the answer is "retriever only" (its order, the LM breaking ties, is as
     good as any weight; the weight kept is still the smallest best).
     ``position`` says which: ``interior``, ``lm_only`` (w = 0 best, the grid's
-    other end) or ``retriever_only``.
+    other end), ``grid_bottom`` (the smallest weight of a grid without 0) or
+    ``retriever_only``.
     """
     grid = tuple(sorted(grid))
     curve: dict[float, float] = {}

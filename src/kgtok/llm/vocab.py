@@ -70,11 +70,13 @@ def token_entities(tokens: list[str], entity_ids: list[str]) -> list[np.ndarray 
     """
     import re
 
-    owners: dict[str, list[int]] = {}
-    for entity, ids in enumerate(entity_ids):
-        for token in set(re.findall(r"<[^<>]+>", ids)):
-            owners.setdefault(token, []).append(entity)
-    return [np.array(sorted(owners[t])) if t in owners else None for t in tokens]
+    found = [re.findall(r"<[^<>]+>", ids) for ids in entity_ids]
+    position = {token: i for i, token in enumerate(tokens)}
+    index = np.array([position.get(t, -1) for held in found for t in held], dtype=np.int64)  # (held tokens,)
+    entity = np.repeat(np.arange(len(found)), [len(held) for held in found])
+    pairs = np.unique(np.stack([index, entity], 1)[index >= 0], axis=0)  # (token, entity), sorted, once each
+    bounds = np.searchsorted(pairs[:, 0], np.arange(len(tokens) + 1))
+    return [pairs[b:e, 1] if e > b else None for b, e in zip(bounds[:-1], bounds[1:])]
 
 
 def extend_vocabulary(model: Any, tokenizer: Any, tokens: list[str], *, init: str = "codebook",

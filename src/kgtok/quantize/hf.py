@@ -67,10 +67,11 @@ def mean_rows(old: torch.Tensor, count: int, generator: torch.Generator) -> torc
 
 def codebook_rows(old: torch.Tensor, rows: torch.Tensor, codewords: Sequence[np.ndarray | None],
                   generator: torch.Generator) -> torch.Tensor:
-    """ReaLM's rows: codewords (code_dim,) projected to the model width, every row rescaled to the old mean norm.
+    """ReaLM's rows: codewords (code_dim,) projected to the model width, all rows scaled by one factor so that
+    their mean norm is the old rows' mean norm (each row keeps its relative length).
 
     ``rows`` (count, H) are the ``mean`` rows; those of tokens whose codeword
-    is None stay (and are rescaled with the rest).
+    is None stay (and are scaled with the rest).
     """
     known = [i for i, word in enumerate(codewords) if word is not None]
     if not known:

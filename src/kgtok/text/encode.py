@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kgtok.artifacts import atomic_path
+from kgtok.artifacts import atomic_path, cache_root
 from kgtok.data.graph import KnowledgeGraph
 from kgtok.runtime import torch_threads
 from kgtok.text.config import DEFAULT_MODEL, TextConfig
@@ -205,8 +205,7 @@ def model_identity(model_dir: str | Path) -> str:
 
 def default_cache_dir() -> Path:
     """``$KGTOK_CACHE_DIR/text`` when the variable is set, else ``~/.cache/kgtok/text``."""
-    root = os.environ.get("KGTOK_CACHE_DIR")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "kgtok") / "text"
+    return cache_root() / "text"
 
 
 def cache_key(identity: str, config: TextConfig, unique_texts: Sequence[str]) -> str:
