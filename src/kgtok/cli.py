@@ -732,7 +732,7 @@ def finetune_command(instructions: str, codes: str | None, out: str, config_path
 @click.option("--classes", default=None, type=click.Path(),
               help="entity<TAB>class file or stage-3 artifact (for class_constraint=true).")
 @click.option("--data", default=None, type=click.Path(file_okay=False), callback=_check_kg_dir,
-              help="KG directory (to read --classes).")
+              help="KG directory (to read --classes; generative_beams needs it for the filtered rank).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of an EvaluateConfig.")
 @click.option("--progress/--no-progress", default=True)
 @click.argument("overrides", nargs=-1)

@@ -308,7 +308,7 @@ def test_prefix_trie_and_filtered_position():
     assert filtered_position([4, 7], gold=2, known=set()) == float("inf")
 
 
-def test_generative_ranker_searches_every_entity(stages, tmp_path):
+def test_generative_ranker_searches_every_entity(stages, tmp_path, monkeypatch):
     """With as many beams as entities the beam is exhaustive: it returns every entity once, in the order of
     their full sequence scores, so a gold outside the stage-1 list is found; its rank is filtered."""
     from kgtok.llm.prompts import encode_answer
@@ -328,8 +328,10 @@ def test_generative_ranker_searches_every_entity(stages, tmp_path):
     (chosen / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in outside + inside))
     beams = kg.num_entities
     ev_config = EvaluateConfig(generative_beams=beams, fusion_weight=1.0, threads=1)
-    with pytest.raises(ValueError, match="needs --data"):
-        run_evaluate(ev_config, model_dir, chosen, tmp_path / "nodata", progress=False, log=quiet)
+    with monkeypatch.context() as patch, pytest.raises(ValueError, match="needs --data"):  # before any scoring
+        patch.setattr("kgtok.llm.scoring.CandidateScorer", lambda *a, **k: pytest.fail("scored before the check"))
+        run_evaluate(dataclasses.replace(ev_config, fusion_weight=None), model_dir, chosen, tmp_path / "nodata",
+                     progress=False, log=quiet)
     dest = run_evaluate(ev_config, model_dir, chosen, tmp_path / "ev", data=kg_dir, progress=False, log=quiet)
     predictions = read(dest / "predictions.jsonl")
     metrics = json.loads((dest / "metrics.json").read_text())

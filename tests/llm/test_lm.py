@@ -698,6 +698,9 @@ def test_realm_class_prediction_trained_as_part_of_the_answer(stages, tmp_path):
         run_instruct(InstructConfig(top_k=6, class_prefix=True), kg, embed, tmp_path / "x", codes=codes, log=quiet)
     model = run_finetune(FinetuneConfig(tiny=TINY, max_steps=4, batch_size=4, threads=1), dest, tmp_path / "ft",
                          codes=codes, progress=False, log=quiet)
+    with pytest.raises(ValueError, match=r"carry code tokens \(ids=codes\): give --codes"):  # else split into bytes
+        run_finetune(FinetuneConfig(tiny=TINY, max_steps=4, threads=1), dest, tmp_path / "ft-", progress=False,
+                     log=quiet)
     ev = run_evaluate(EvaluateConfig(max_queries=10, batch_size=2, fusion_weight=0.0), model, dest, tmp_path / "ev",
                       progress=False, log=quiet)
     rows = [json.loads(line) for line in (ev / "predictions.jsonl").read_text().splitlines()]

@@ -64,6 +64,8 @@ def run(config: EvaluateConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     records = read_jsonl(path)[: config.max_queries or None]
     if not records:
         raise ValueError(f"{path}: no records")
+    if config.generative_beams:  # checked before any scoring (LM-valid's fusion weight comes first)
+        check_generative_inputs(InstructArtifact(inputs["instructions"]), records, ctx)
     entity_classes = None
     if config.class_constraint:
         if "classes" not in inputs:
@@ -191,15 +193,6 @@ def _generative_retriever(config: EvaluateConfig, scorer: Any, records: list[dic
     from kgtok.llm.decoding import PrefixTrie, beam_entities, filtered_position
     from kgtok.llm.prompts import encode_answers
 
-    if not instructions.entities.exists():
-        raise ValueError(f"generative_beams needs every entity's ids: {instructions.entities} not found (instruct "
-                         "writes it with ids=codes or random; run instruct again)")
-    if any("gold_class" in r for r in records):
-        raise ValueError("generative_beams: instructions with class_prefix are not supported (answers start with "
-                         "a class token the entity trie does not hold)")
-    if not ctx.has_kg:
-        raise ValueError("generative_beams needs --data (the KG): the filtered rank removes the query's other "
-                         "known answers")
     kg = ctx.kg
     relation = kg.relation_to_id
     entities = read_jsonl(instructions.entities)
@@ -263,6 +256,19 @@ def _fusion_weight(config: EvaluateConfig, scorer: Any, fusable: bool, valid_pat
             f"LM-valid queries: {fusion['valid_mrr']})")
     write_json_atomic(saved_path, fusion)
     return fusion
+
+
+def check_generative_inputs(instructions: InstructArtifact, records: list[dict[str, Any]], ctx: Context) -> None:
+    """What the generative ranker reads besides the scored records: every entity's answer and the KG."""
+    if not instructions.entities.exists():
+        raise ValueError(f"generative_beams needs every entity's ids: {instructions.entities} not found (instruct "
+                         "writes it with ids=codes or random; run instruct again)")
+    if any("gold_class" in r for r in records):
+        raise ValueError("generative_beams: instructions with class_prefix are not supported (answers start with "
+                         "a class token the entity trie does not hold)")
+    if not ctx.has_kg:
+        raise ValueError("generative_beams needs --data (the KG): the filtered rank removes the query's other "
+                         "known answers")
 
 
 def _margins(scorer: Any, records: list[dict[str, Any]], desc: str) -> list[float]:

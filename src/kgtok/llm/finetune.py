@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kgtok.artifacts import warn_if_made_from_another, write_json_atomic
+from kgtok.artifacts import read_manifest, warn_if_made_from_another, write_json_atomic
 from kgtok.llm.backbone import backbone_fingerprint, is_from_scratch, resolve_backbone
 from kgtok.llm.config import FinetuneConfig  # here too: kgtok.llm.finetune.FinetuneConfig is public
 from kgtok.llm.layout import FinetuneArtifact, InstructArtifact
@@ -430,6 +430,11 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     instructions = InstructArtifact(inputs["instructions"])
     if inputs.get("codes") is not None:  # new token rows start from these codes' codebooks
         warn_if_made_from_another(inputs["instructions"], "codes", inputs["codes"])
+    else:
+        ids = ((read_manifest(inputs["instructions"]) or {}).get("config") or {}).get("ids", "none")
+        if ids != "none":  # without the code tokens in the vocabulary, each would be split into byte pieces
+            raise ValueError(f"{inputs['instructions']}: its prompts carry code tokens (ids={ids}): give --codes, "
+                             "the stage-4 artifact the instructions were made with")
     train_records = read_jsonl(instructions.split("lm_train"))
     valid_records = read_jsonl(instructions.split("lm_valid"))
     if not train_records:
