@@ -276,3 +276,14 @@ def test_run_paths_are_taken_as_typed_not_as_yaml(out):
     from kgtok.cli import _run_config
 
     assert _run_config(None, None, out, ()).out == out
+
+
+def test_run_refuses_an_out_that_is_not_a_run_folder(tmp_path):
+    """kgtok run --out KG wrote run.log, run_config.json and data/ into the KG folder (exit 0)."""
+    kg = tmp_path / "kg"
+    result = invoke("data", "synthetic", str(kg), "num_entities=200")
+    assert result.exit_code == 0, result.output
+    before = sorted(p.name for p in kg.iterdir())
+    result = invoke("run", "--data", str(kg), "--out", str(kg), "--until", "data")
+    assert result.exit_code == 2 and "has no run_config.json, so it is not a kgtok run folder" in result.output
+    assert sorted(p.name for p in kg.iterdir()) == before

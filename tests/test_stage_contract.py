@@ -86,7 +86,9 @@ def test_killed_run_resumes_to_the_same_artifact(small_run, name, tmp_path, monk
     monkeypatch.setitem(STAGES, name, dataclasses.replace(stage, run=killed_at_the_end))
     with pytest.raises(KeyboardInterrupt):
         stage_call(small_run, name, dest)
-    assert not dest.exists() and sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.work"]
+    # the work folder stays when it holds something to resume from; with its record alone it goes too
+    kept = [f"{name}.work"] if set(seen["work"]) - {"record.json"} else []
+    assert not dest.exists() and sorted(p.name for p in tmp_path.iterdir()) == kept
     monkeypatch.setitem(STAGES, name, stage)
 
     def resumed(config, inputs, out, ctx):
@@ -150,3 +152,41 @@ def test_evaluate_counts_the_kg_as_an_input_when_it_reads_it(tmp_path):
                           (EvaluateConfig(generative_beams=4), True)):
         record = input_record(EVALUATE.hashes_kg(config), {}, kg_dir, {})
         assert any(key.startswith("kg/") for key in record) == reads, config
+
+
+def test_out_that_would_replace_an_input_or_another_stage_is_refused_before_any_work(small_run, tmp_path):
+    """instruct --out EMBED replaced the stage-1 artifact it read (exit 0); an --out holding another stage's
+    artifact was replaced as well; a refused --out left <out>.work behind."""
+    import shutil
+
+    wired = small_run.wired("instruct")
+    embeddings = tmp_path / "embed"
+    shutil.copytree(wired["embeddings"], embeddings)
+    before = read_manifest(embeddings)
+    with pytest.raises(FileExistsError, match="is \\(or holds\\) the embeddings input"):
+        run_stage(STAGES["instruct"], small_run.stage_config("instruct"), embeddings,
+                  inputs={**wired, "embeddings": embeddings},
+                  ctx=Context(log=lambda *_: None, progress=False, kg_dir=small_run.kg_dir()))
+    assert read_manifest(embeddings) == before
+    other = tmp_path / "codes"
+    shutil.copytree(small_run.wired("finetune")["codes"], other)
+    with pytest.raises(FileExistsError, match="holds a quantize artifact, which a instruct artifact would replace"):
+        stage_call(small_run, "instruct", other)
+    assert read_manifest(other)["stage"] == "quantize"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes", "embed"]  # no .work, no temporary folder
+
+
+def test_damaged_input_file_is_named_before_the_stage_reads_it(small_run, tmp_path):
+    import shutil
+
+    wired = small_run.wired("instruct")
+    embeddings = tmp_path / "embed"
+    shutil.copytree(wired["embeddings"], embeddings)
+    (embeddings / "candidates" / "test.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="candidates/test.npz missing or not as its manifest records"):
+        run_stage(STAGES["instruct"], small_run.stage_config("instruct"), tmp_path / "out",
+                  inputs={**wired, "embeddings": embeddings},
+                  ctx=Context(log=lambda *_: None, progress=False, kg_dir=small_run.kg_dir()))
+    (tmp_path / "manifest-list").mkdir()
+    (tmp_path / "manifest-list" / "manifest.json").write_text("[1]")
+    assert read_manifest(tmp_path / "manifest-list") is None  # a JSON list is no manifest (was AttributeError)

@@ -202,9 +202,10 @@ def read_json(path: str | Path) -> Any:
 
 
 def read_manifest(artifact: str | Path) -> dict[str, Any] | None:
-    """The manifest of an artifact directory, or None when there is none or it is unreadable: then the
-    artifact is not finished, and is made again."""
-    return read_json(Path(artifact) / MANIFEST)
+    """The manifest of an artifact directory, or None when there is none or it is unreadable (or not a JSON
+    object): then the artifact is not finished, and is made again."""
+    manifest = read_json(Path(artifact) / MANIFEST)
+    return manifest if isinstance(manifest, dict) else None
 
 
 def warn_if_made_from_another(artifact: str | Path, name: str, given: str | Path) -> None:
@@ -367,7 +368,7 @@ def artifact_dir(
     replaced); on an exception nothing changes.
     """
     start = time.perf_counter()
-    refuse_foreign_dir(Path(dest))
+    refuse_foreign_dir(Path(dest), stage)
     with atomic_dir(dest) as tmp:
         writer = ArtifactWriter(path=tmp, stage=stage, config=config, inputs=dict(inputs or {}))
         yield writer
@@ -375,11 +376,16 @@ def artifact_dir(
         write_json_atomic(tmp / MANIFEST, writer.manifest())
 
 
-def refuse_foreign_dir(dest: Path) -> None:
-    """A directory that holds files but no kgtok manifest is someone's data (a KG, notes): an artifact written
-    there would replace it, so the write is refused before any work."""
+def refuse_foreign_dir(dest: Path, stage: str | None = None) -> None:
+    """A directory that holds files but no kgtok manifest is someone's data (a KG, notes), and one that holds
+    another stage's artifact is most likely an --out mistyped: written there, either would be replaced, so the
+    write is refused before any work (``stage``: the stage about to write; None: any artifact may be replaced)."""
     refuse_unmarked_dir(dest, lambda d: read_manifest(d) is not None, f"has no {MANIFEST}, so it is not a kgtok "
                         "artifact; kgtok replaces only its own artifacts: give another --out, or remove it")
+    held = (read_manifest(dest) or {}).get("stage") if stage is not None and dest.is_dir() else None
+    if held is not None and held != stage:
+        raise FileExistsError(f"{dest}: holds a {held} artifact, which a {stage} artifact would replace: give "
+                              "another --out, or remove it")
 
 
 def refuse_unmarked_dir(dest: Path, marked: Callable[[Path], bool], why: str) -> None:

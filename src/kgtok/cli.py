@@ -127,8 +127,11 @@ def _describe_torch_write_error(error: RuntimeError) -> str:
         cause, advice = known.get(words.lower(), (words.lower(), "choose another location (--out)"))
         return f"{where}could not write the checkpoint: {cause}; {advice}"
     if target is not None:
+        folder = Path(target).absolute().parent
+        while not folder.exists() and folder != folder.parent:  # the work folder may be gone (nothing to resume)
+            folder = folder.parent
         try:
-            free = shutil.disk_usage(os.path.dirname(os.path.abspath(target))).free
+            free = shutil.disk_usage(folder).free
         except OSError:
             free = None
         if free is not None and free < DISK_FULL_BYTES:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kgtok.artifacts import folder_lock, read_manifest, write_json_atomic
+from kgtok.artifacts import folder_lock, read_manifest, refuse_unmarked_dir, write_json_atomic
 from kgtok.config import check_fields, config_to_dict, format_config
 from kgtok.data.stage import DATA, SYNTHETIC, DataConfig
 from kgtok.data.synthetic import SyntheticConfig
@@ -158,6 +158,12 @@ def _run_log(run_dir: Path, console: Callable[[str], None]) -> Iterator[RunLog]:
         log.close()
 
 
+def is_run_folder(folder: Path) -> bool:
+    """A run's folder: it has its run_config.json, or (an ablation or a candidate being set up) stage folders
+    only, linked from another run."""
+    return (folder / "run_config.json").exists() or all(p.name in STAGES for p in folder.iterdir())
+
+
 def run(config: RunConfig, *, until: str | None = None, log: Callable[[str], None] = print) -> list[StageResult]:
     """Run every stage in order (or up to and including ``until``), each skipped when current.
 
@@ -168,6 +174,9 @@ def run(config: RunConfig, *, until: str | None = None, log: Callable[[str], Non
         raise ValueError(f"until={until!r}: expected one of this run's stages, {', '.join(config.stages())}")
     config.check_files()
     run_dir = Path(config.out)
+    # a KG folder (or anyone's) as --out would get run.log and stage folders written into it
+    refuse_unmarked_dir(run_dir, is_run_folder, "has no run_config.json, so it is not a kgtok run folder (a KG "
+                        "folder?): give another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     results = []
     with folder_lock(run_dir), _run_log(run_dir, log) as run_log:

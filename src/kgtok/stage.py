@@ -45,6 +45,7 @@ from kgtok.artifacts import (
     manifest_matches,
     read_json,
     read_manifest,
+    refuse_foreign_dir,
     timed,
     verify_files,
     write_json_atomic,
@@ -221,6 +222,11 @@ def check_inputs(stage: Stage, config: Any, inputs: Mapping[str, str | Path | No
         spec = stage.input(name)
         if spec.layout is not None and not (spec.stage is None and not path.is_dir()):
             spec.layout(path).checked(f"--{name}")
+            damaged = verify_files(path)  # sizes and sampled hashes: a truncated file would fail deep in numpy
+            if damaged:
+                raise ValueError(f"--{name} {path}: {', '.join(damaged[:3])}{' ...' if len(damaged) > 3 else ''} "
+                                 "missing or not as its manifest records (damaged or edited since it was written): "
+                                 "make the artifact again")
         elif not path.exists():
             raise FileNotFoundError(f"--{name} {path}: no such file or directory")
     return given
@@ -310,6 +316,7 @@ def run_stage(
     if stage.uses_kg and not ctx.has_kg:
         raise ValueError(f"{stage.name} reads a KG: give --data (a KG directory)")
     given = check_inputs(stage, config, inputs or {})
+    refuse_dest_of_inputs(dest, given, stage.name)
     started = time.perf_counter()
     if not is_main_process():
         return _run_as_helper_process(stage, config, given, dest, ctx)
@@ -323,15 +330,32 @@ def run_stage(
         ctx.log(format_config(config))
         work = open_work(work_dir(dest), record, config)
         stage_ctx = ctx.for_stage(work)
-        with torch_threads(getattr(config, "threads", 0)):
-            with artifact_dir(dest, stage=stage.name, config=config, inputs=hashes) as writer:
-                metrics = stage.run(config, given, writer.path, stage_ctx)
-                writer.metrics.update(metrics or {})
-                writer.timings.update(stage_ctx.timings)
+        try:
+            with torch_threads(getattr(config, "threads", 0)):
+                with artifact_dir(dest, stage=stage.name, config=config, inputs=hashes) as writer:
+                    metrics = stage.run(config, given, writer.path, stage_ctx)
+                    writer.metrics.update(metrics or {})
+                    writer.timings.update(stage_ctx.timings)
+        except BaseException:
+            if {p.name for p in work.iterdir()} <= {"record.json"}:  # nothing to resume from: no leftover folder
+                shutil.rmtree(work, ignore_errors=True)
+            raise
         ctx._kg = stage_ctx._kg  # a KG the stage loaded serves the stages after it
         shutil.rmtree(work, ignore_errors=True)
     return StageResult(stage.name, dest, "ran", read_manifest(dest).get("metrics", {}),
                        time.perf_counter() - started)
+
+
+def refuse_dest_of_inputs(dest: Path, inputs: Mapping[str, Path], stage: str) -> None:
+    """An --out that is one of the inputs (or holds one) would replace what the stage reads: refused before any
+    work, as is an --out that holds another stage's artifact or someone's files."""
+    target = dest.resolve()
+    for name, path in inputs.items():
+        source = Path(path).resolve()
+        if source == target or target in source.parents:
+            raise FileExistsError(f"--out {dest} is (or holds) the {name} input {path}: the new artifact would "
+                                  "replace it; give another --out")
+    refuse_foreign_dir(dest, stage)
 
 
 def is_main_process() -> bool:
