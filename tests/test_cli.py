@@ -287,3 +287,12 @@ def test_run_refuses_an_out_that_is_not_a_run_folder(tmp_path):
     result = invoke("run", "--data", str(kg), "--out", str(kg), "--until", "data")
     assert result.exit_code == 2 and "has no run_config.json, so it is not a kgtok run folder" in result.output
     assert sorted(p.name for p in kg.iterdir()) == before
+
+
+def test_falsy_shortcut_values_are_checked_not_dropped(tmp_path):
+    """--dim 0 trained at the default dim (the 0 was dropped as falsy); --only '' ran every ablation."""
+    assert invoke("data", "synthetic", str(tmp_path / "kg"), "num_entities=200").exit_code == 0
+    result = invoke("embed", "--data", str(tmp_path / "kg"), "--out", str(tmp_path / "e"), "--dim", "0")
+    assert result.exit_code == 2 and "EmbedConfig.dim=0" in result.output, result.output
+    result = invoke("ablate", "--out", str(tmp_path / "r"), "--only", "")
+    assert result.exit_code == 2 and "--only: no ablation named" in result.output, result.output

@@ -164,3 +164,22 @@ def test_a_yaml_key_read_as_a_bool_is_an_unknown_key_not_a_crash(tmp_path):
     path.write_text("on: 1\nlevles: 3\n")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \[True, 'levles'\]"):
         load_config(Outer, path)
+
+
+def test_non_finite_floats_and_degenerate_quantizer_values_are_refused_before_any_work():
+    """lr=.inf trained to NaN vectors with exit 0; gse.temperature=0 gave NaN metrics; an override that is not
+    YAML (seed=[1) was a ParserError traceback."""
+    from kgtok.config import ConfigError, parse_overrides
+    from kgtok.embed.config import EmbedConfig
+    from kgtok.quantize.config import GSEConfig, GSRConfig
+
+    with pytest.raises(ValueError, match=r"EmbedConfig.lr=inf: expected a finite number"):
+        EmbedConfig(lr=float("inf"))
+    with pytest.raises(ValueError, match=r"EmbedConfig.init_scale=nan: expected a finite number"):
+        EmbedConfig(init_scale=float("nan"))
+    with pytest.raises(ValueError, match=r"GSEConfig.temperature=0.0: expected > 0"):
+        GSEConfig(temperature=0.0)
+    with pytest.raises(ValueError, match=r"GSRConfig.heads=3: expected an integer >= 1 that divides width"):
+        GSRConfig(heads=3)
+    with pytest.raises(ConfigError, match=r"override 'seed=\[1': the value is not valid YAML"):
+        parse_overrides(["seed=[1"])

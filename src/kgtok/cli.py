@@ -473,7 +473,8 @@ def embed_command(data: str, out: str | None, config_path: str | None, model: st
     OVERRIDES are dotted key=value pairs, e.g. max_steps=5000 regularizer_weight=0.1.
     Killed runs resume from the last checkpoint when started again with the same config.
     """
-    extra = list(overrides) + ([f"model={model}"] if model else []) + ([f"dim={dim}"] if dim else [])
+    extra = list(overrides) + ([f"model={model}"] if model is not None else []) + \
+        ([f"dim={dim}"] if dim is not None else [])  # --dim 0 is checked like dim=0, not dropped
     dest = Path(out) if out else Path("runs") / f"embed-{Path(data).resolve().name}"
     if tune_budget is not None:
         config_path, extra = str(_tune_embed(data, config_path, extra, dest, tune_budget, load)), []
@@ -788,7 +789,9 @@ def ablate_command(config_path: str | None, data: str | None, out: str | None, o
     from kgtok.pipeline import ABLATIONS, ablate
 
     config = _run_config(config_path, data, out, overrides)
-    names = tuple(only.split(",")) if only else tuple(ABLATIONS)
+    names = tuple(ABLATIONS) if only is None else tuple(n.strip() for n in only.split(",") if n.strip())
+    if not names:
+        raise click.UsageError("--only: no ablation named; expected some of " + ", ".join(ABLATIONS))
     results = ablate(config, names, log=click.echo)
     run_dir = Path(config.out)
     runs = {name: run_dir / "evaluate" if name == "full" else run_dir / "ablate" / name / "evaluate"

@@ -38,7 +38,14 @@ def check_fields(config: object, checks: Sequence[Check]) -> None:
     ``checks`` is a table of ``(field name, predicate, what was expected)``,
     in the manner of scikit-learn's parameter constraints.
     """
+    import math
+    from dataclasses import fields, is_dataclass
+
     errors = []
+    if is_dataclass(config):  # NaN and ±inf pass every comparison-free check and reach training (NaN weights)
+        errors += [f"{type(config).__name__}.{f.name}={getattr(config, f.name)!r}: expected a finite number"
+                   for f in fields(config) if isinstance(getattr(config, f.name), float)
+                   and not math.isfinite(getattr(config, f.name))]
     for name, predicate, expected in checks:
         value = getattr(config, name)
         try:
@@ -281,7 +288,12 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected key=value, e.g. levels=4 or gse.lambda1=0.8")
-        value = load_yaml(raw) if raw.strip() else ""
+        try:
+            value = load_yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:  # e.g. seed=[1 : a bracket not closed
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+                              f"{key.strip()}='\"...\"', or close its brackets") from e
         node = tree
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -33,7 +33,9 @@ class GSEConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, [("l1_negatives", lambda v: v is None or (_integer(v) and v >= 1),
-                             "null or an integer >= 1")])
+                             "null or an integer >= 1"),
+                            ("lambda1", in_range(0.0), ">= 0"), ("lambda2", in_range(0.0), ">= 0"),
+                            ("temperature", in_range(0.0, low_open=True), "> 0 (it divides the cosines)")])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +48,13 @@ class GSRConfig:
     heads: int = 4
     lambda_s: float = 0.1  # weight of the first ancestor term (λs << λh)
     lambda_h: float = 1.0  # weight of the remaining ancestor terms
+
+    def __post_init__(self) -> None:
+        check_fields(self, [("layers", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+                            ("width", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+                            ("heads", lambda v: _integer(v) and v >= 1 and self.width % v == 0,
+                             "an integer >= 1 that divides width"),
+                            ("lambda_s", in_range(0.0), ">= 0"), ("lambda_h", in_range(0.0), ">= 0")])
 
 
 @dataclass(frozen=True, kw_only=True)
