@@ -112,6 +112,17 @@ def test_bad_dift_file_names_file_and_record(stage1, tmp_path):
     (tmp_path / "d" / "test.json").write_text("{not json")
     with pytest.raises(ValueError, match="test.json: not a JSON list of DIFT records"):
         import_dift(kg, tmp_path / "d", tmp_path / "o", config=_test_files_only(), log=quiet)
+    (tmp_path / "d" / "test.json").write_text("[5]")  # was AttributeError: 'int' object has no attribute 'get'
+    with pytest.raises(ValueError, match=r"test.json: record 0: 5 is not a JSON object"):
+        import_dift(kg, tmp_path / "d", tmp_path / "o", config=_test_files_only(), log=quiet)
+
+
+def test_export_checks_every_split_before_writing(stage1, tmp_path):
+    """--splits valid,tset wrote valid.json, then failed on tset (and told to export a split named tset)."""
+    kg, embed, _ = stage1
+    with pytest.raises(ValueError, match="--splits: tset: expected some of train, valid, test"):
+        write_dift(embed, kg, tmp_path / "dift", splits=("valid", "tset"))
+    assert not (tmp_path / "dift").exists()
 
 
 def test_export_refuses_a_stage1_artifact_in_another_entity_order(stage1, tmp_path):

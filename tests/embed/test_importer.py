@@ -70,3 +70,14 @@ def test_a_reciprocal_relation_matrix_without_reciprocal_true_says_so():
         align_rows(np.zeros((4, 3)), ["r", "s"], ["r", "s"], what="relation", source="rel.npy")
     with pytest.raises(ValueError, match=r"5 rows but the order file lists 2 relations$"):
         align_rows(np.zeros((5, 3)), ["r", "s"], ["r", "s"], what="relation", source="rel.npy")
+
+
+def test_vectors_that_are_not_a_matrix_of_finite_numbers_are_refused():
+    """A 1-D or 3-D entity array imported with exit 0 and broke the hierarchy later (IndexError traceback)."""
+    from kgtok.embed.importer import align_rows
+
+    for bad in (np.zeros(2), np.zeros((2, 3, 1))):
+        with pytest.raises(ValueError, match=r"v.npy: entity vectors of shape .*expected a 2-D array of numbers"):
+            align_rows(bad, ["a", "b"], ["a", "b"], what="entity", source="v.npy")
+    with pytest.raises(ValueError, match=r"v.npy: 1 entity row\(s\) hold NaN or infinite values"):
+        align_rows(np.array([[0.0, np.nan], [1.0, 2.0]]), ["a", "b"], ["a", "b"], what="entity", source="v.npy")

@@ -222,6 +222,12 @@ def test_kgfit_import(synthetic, tmp_path):
     (tmp_path / "broken.json").write_text("{\n  \"a\": [\n")
     with pytest.raises(ValueError, match=r"broken.json:3: not valid JSON"):
         import_kgfit_tree(tmp_path / "broken.json", kg, np.load(embed / "entity_embeddings.npy"), 3)
+    (tmp_path / "other.json").write_text(json.dumps({"C": {"c": ["zzz"]}}))  # was "Geometric sequence cannot ..."
+    with pytest.raises(ValueError, match=r"other.json: none of its 1 leaf names is an entity id or label"):
+        import_kgfit_tree(tmp_path / "other.json", kg, np.load(embed / "entity_embeddings.npy"), 3)
+    (tmp_path / "latin1.json").write_bytes(b"\xff{}")
+    with pytest.raises(ValueError, match=r"latin1.json: byte 0 is not UTF-8"):
+        import_kgfit_tree(tmp_path / "latin1.json", kg, np.load(embed / "entity_embeddings.npy"), 3)
 
 
 def test_kgfit_labels_are_matched_and_ambiguity_counted(synthetic, tmp_path):

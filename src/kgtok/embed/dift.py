@@ -70,13 +70,15 @@ def write_dift(embeddings: str | Path, data: str | Path | KnowledgeGraph, dest: 
     artifact = EmbedArtifact(embeddings).checked("--embeddings")
     check_id_order(artifact.entities, kg.entity_names)  # its candidate lists hold its own ids
     check_id_order(artifact.relations, kg.relation_names, "relation")
-    written = []
-    for split in splits:
-        path = artifact.candidates(split)
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: export {split} candidates in stage 1 (export_splits)")
-        written.append(write_json_atomic(Path(dest) / f"{split}.json", dift_records(RankedQueries.load(path), kg)))
-    return written
+    unknown = [split for split in splits if split not in ("train", "valid", "test")]
+    if unknown:
+        raise ValueError(f"--splits: {', '.join(unknown)}: expected some of train, valid, test")
+    missing = [str(artifact.candidates(split)) for split in splits if not artifact.candidates(split).exists()]
+    if missing:  # checked for every split before the first file is written
+        raise FileNotFoundError(f"{', '.join(missing)} not found: export those splits' candidates in stage 1 "
+                                "(export_splits)")
+    return [write_json_atomic(Path(dest) / f"{split}.json",
+                              dift_records(RankedQueries.load(artifact.candidates(split)), kg)) for split in splits]
 
 
 def ranked_from_dift(records: list[dict[str, Any]], kg: KnowledgeGraph, source: Path) -> RankedQueries:
@@ -92,6 +94,8 @@ def ranked_from_dift(records: list[dict[str, Any]], kg: KnowledgeGraph, source: 
 
     rows = []
     for number, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"{source}: record {number}: {record!r} is not a JSON object (DIFT's records are)")
         where = f"record {number} (query_id {record.get('query_id')})"
         try:
             first, relation, second = record["triplet"]

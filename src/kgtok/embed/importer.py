@@ -73,6 +73,12 @@ def read_order(path: str | Path) -> list[str]:
 def align_rows(vectors: np.ndarray, order: list[str], names: list[str], *, what: str,
                source: str | Path) -> np.ndarray:
     """Reorder ``vectors`` (one row per name of ``order``) to the KG's id order ``names``."""
+    if np.ndim(vectors) != 2 or not np.issubdtype(np.asarray(vectors).dtype, np.number):
+        raise ValueError(f"{source}: {what} vectors of shape {np.shape(vectors)} and dtype "
+                         f"{np.asarray(vectors).dtype}; expected a 2-D array of numbers, one row per {what}")
+    if not np.isfinite(vectors).all():
+        raise ValueError(f"{source}: {int((~np.isfinite(vectors)).any(axis=1).sum())} {what} row(s) hold NaN or "
+                         "infinite values")
     if len(vectors) != len(order):
         hint = (" (twice as many: reciprocal relations after the originals, as kgtok's own stage 1 writes them; "
                 "give reciprocal=true)") if what == "relation" and len(vectors) == 2 * len(order) else ""

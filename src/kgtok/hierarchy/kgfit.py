@@ -55,6 +55,8 @@ def import_kgfit_tree(
         tree = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: byte {e.start} is not UTF-8 (a KG-FIT tree is a UTF-8 JSON file)") from None
     while isinstance(tree, dict) and len(tree) == 1 and isinstance(next(iter(tree.values())), dict):
         tree = next(iter(tree.values()))  # drop single-child wrappers such as "Cluster_top"
     leaves: list[tuple[list[int], list[str]]] = []
@@ -92,6 +94,9 @@ def import_kgfit_tree(
                 padded[target] = row
                 assigned[target] = True
 
+    if not assigned.any():
+        raise ValueError(f"{path}: none of its {sum(len(n) for _, n in leaves)} leaf names is an entity id or label "
+                         f"of the KG (e.g. {leaves[0][1][:3]}); was the tree made for another dataset?")
     # Re-level: absolute depths whose node counts are closest to a geometric ramp.
     known = padded[assigned]
     counts = np.array([len(np.unique(known[:, d])) for d in range(max_depth)])
