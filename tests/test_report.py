@@ -119,3 +119,19 @@ def test_a_dollar_in_a_name_is_shown_as_it_is():
     figure.savefig(io.BytesIO(), format="png")
     plt.close(figure)
     assert report.plain("a$b") == "a\\$b"
+
+
+def test_stage_folders_are_found_by_manifest_whatever_their_names(ablated_run, tmp_path):
+    """Stage commands take any --out (the docs use codes/, lm/, eval/): the report showed only the folders named
+    as kgtok run names them, and said nothing of the rest."""
+    run = tmp_path / "walkthrough"
+    shutil.copytree(ablated_run / "evaluate", run / "eval")
+    (run / "eval" / "manifest.json").write_text(json.dumps({"stage": "evaluate", "config": {}, "inputs": {}}))
+    (run / "notes").mkdir()
+    assert report.stage_folder(run, "evaluate") == run / "eval"
+    assert report.stage_folder(run, "quantize") == run / "quantize"  # none: the conventional name, absent
+    page = write_report(run).read_text()
+    assert "Artifacts read: evaluate: eval" in page and "each ranker against the retriever" in page
+    (run / "eval" / "metrics.json").write_text("{bad")
+    with pytest.raises(ValueError, match=r"eval/metrics.json: not readable JSON"):
+        write_report(run)

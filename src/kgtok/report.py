@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from kgtok.artifacts import write_text_atomic
+from kgtok.artifacts import MANIFEST, read_manifest, write_text_atomic
 from kgtok.embed.layout import EmbedArtifact
 from kgtok.hierarchy.layout import HierarchyArtifact
 from kgtok.llm.layout import EvaluateArtifact, FinetuneArtifact
@@ -49,11 +49,26 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def _read(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e}); make that stage's artifact again") from None
+
+
+def stage_folder(run: Path, stage: str) -> Path:
+    """The run's artifact of ``stage``: ``run/<stage>`` as ``kgtok run`` names it, else the subfolder whose
+    manifest says that stage made it (stage commands take any --out: codes/, lm/, eval/), the newest of several."""
+    conventional = run / stage
+    if conventional.is_dir() or not run.is_dir():
+        return conventional
+    found = [p for p in run.iterdir() if p.is_dir() and (read_manifest(p) or {}).get("stage") == stage]
+    return max(found, key=lambda p: (p / MANIFEST).stat().st_mtime) if found else conventional
 
 
 def _stage1(run: Path) -> str | None:
-    metrics = _read(EmbedArtifact(run / "embed").metrics_path)
+    metrics = _read(EmbedArtifact(stage_folder(run, "embed")).metrics_path)
     if metrics is None:
         return None
     keys = ["mrr", "hits_at_1", "hits_at_3", "hits_at_10", "mr"]
@@ -63,7 +78,7 @@ def _stage1(run: Path) -> str | None:
 
 
 def _quantizer(run: Path) -> str | None:
-    quantized = QuantizeArtifact(run / "quantize")
+    quantized = QuantizeArtifact(stage_folder(run, "quantize"))
     metrics = _read(quantized.metrics_path)
     if metrics is None:
         return None
@@ -81,7 +96,7 @@ def _quantizer(run: Path) -> str | None:
     parts.append(_table(["collisions before fix", "after", "reconstruction cosine"],
                         [[metrics["collision_rate_before"], metrics["collision_rate_after"],
                           metrics["reconstruction_cosine"]]]))
-    fused = HierarchyArtifact(run / "hierarchy").fused_vectors
+    fused = HierarchyArtifact(stage_folder(run, "hierarchy")).fused_vectors
     if fused.exists():
         parts.append("<h3>Entity vectors by level-1 code</h3>" + _pca_plot(np.load(fused), codes))
     parts.append("<h3>The code tree: prefixes and example members</h3>" + code_tree(codes, _entity_labels(run)))
@@ -98,9 +113,9 @@ def _entity_labels(run: Path) -> list[str] | None:
     from kgtok.data.stage import DataConfig
     from kgtok.quantize.layout import QuantizeArtifact
 
-    manifest = DataArtifact(run / "data").manifest
+    manifest = DataArtifact(stage_folder(run, "data")).manifest
     kg_dir = manifest.get("metrics", {}).get("kg_dir")
-    tokens = QuantizeArtifact(run / "quantize").tokens
+    tokens = QuantizeArtifact(stage_folder(run, "quantize")).tokens
     if not kg_dir or not Path(kg_dir).is_dir() or not tokens.exists():
         return None
     names = [line.split("\t")[1] for line in tokens.read_text(encoding="utf-8").splitlines()]
@@ -191,7 +206,7 @@ def _pca_plot(vectors: np.ndarray, codes: np.ndarray) -> str:
 def _finetune(run: Path) -> str | None:
     import matplotlib.pyplot as plt
 
-    metrics = _read(FinetuneArtifact(run / "finetune").metrics_path)
+    metrics = _read(FinetuneArtifact(stage_folder(run, "finetune")).metrics_path)
     if metrics is None:
         return None
     points = [(h["step"], h["loss"]) for h in metrics["history"] if "loss" in h]
@@ -215,7 +230,7 @@ def _final(run: Path) -> str | None:
 
     from kgtok.llm.rankers import MEASURES, rankers
 
-    metrics = _read(EvaluateArtifact(run / "evaluate").metrics_path)
+    metrics = _read(EvaluateArtifact(stage_folder(run, "evaluate")).metrics_path)
     if metrics is None or "retriever" not in metrics:
         return None
     keys = list(MEASURES)
@@ -246,7 +261,8 @@ def _final(run: Path) -> str | None:
 
 def _evaluate_runs(run: Path) -> dict[str, Path]:
     """The run's link-prediction evaluation and its ablations' (``kgtok ablate``), by name, ``full`` first."""
-    runs = {"full": run / "evaluate"} if (run / "evaluate" / "predictions.jsonl").exists() else {}
+    evaluated = stage_folder(run, "evaluate")
+    runs = {"full": evaluated} if (evaluated / "predictions.jsonl").exists() else {}
     if runs:
         for predictions in sorted((run / "ablate").glob("*/evaluate/predictions.jsonl")):
             runs[predictions.parent.parent.name] = predictions.parent
@@ -364,7 +380,11 @@ def write_report(run_dir: str | Path, dest: str | Path | None = None) -> Path:
     sections = [s for s in (_stage1(run), _quantizer(run), _finetune(run), _final(run),
                              stage5_comparisons(run)) if s]
     if not sections:
-        raise ValueError(f"{run}: no stage artifacts found (expected embed/, quantize/, evaluate/ ...)")
+        raise ValueError(f"{run}: no stage artifacts found (subfolders made by kgtok embed, quantize, finetune or "
+                         "evaluate)")
+    read = [f"{stage}: {html.escape(str(stage_folder(run, stage).relative_to(run)))}" for stage in
+            ("embed", "hierarchy", "quantize", "finetune", "evaluate") if (stage_folder(run, stage) / MANIFEST).exists()]
+    sections.insert(0, f"<p>Artifacts read: {'; '.join(read)}</p>")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>kgtok report: {html.escape(run.name)}"
             f"</title><style>{STYLE}</style></head><body><h1>kgtok report: {html.escape(str(run))}</h1>"
             + "".join(sections) + "</body></html>")
