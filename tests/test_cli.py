@@ -296,3 +296,10 @@ def test_falsy_shortcut_values_are_checked_not_dropped(tmp_path):
     assert result.exit_code == 2 and "EmbedConfig.dim=0" in result.output, result.output
     result = invoke("ablate", "--out", str(tmp_path / "r"), "--only", "")
     assert result.exit_code == 2 and "--only: no ablation named" in result.output, result.output
+
+
+def test_run_refuses_a_missing_backbone_before_stage_1(tmp_path):
+    """finetune.backbone=/no/such/model ran data, embed, ... instruct (an hour on WN18RR) before the error."""
+    result = invoke("run", "--out", str(tmp_path / "run"), "finetune.backbone=" + str(tmp_path / "no-model"))
+    assert result.exit_code == 2 and "no-model" in result.output and "expected tiny" in result.output, result.output
+    assert not (tmp_path / "run").exists()

@@ -173,6 +173,9 @@ def run(config: RunConfig, *, until: str | None = None, log: Callable[[str], Non
     if until is not None and until not in config.stages():  # e.g. synthetic with data= (it is not run)
         raise ValueError(f"until={until!r}: expected one of this run's stages, {', '.join(config.stages())}")
     config.check_files()
+    for name in config.stages():  # a fingerprint may refuse its config (a backbone that is not there): say so now
+        if STAGES[name].fingerprint is not None:
+            STAGES[name].fingerprint(config.stage_config(name))
     run_dir = Path(config.out)
     # a KG folder (or anyone's) as --out would get run.log and stage folders written into it
     refuse_unmarked_dir(run_dir, is_run_folder, "has no run_config.json, so it is not a kgtok run folder (a KG "
