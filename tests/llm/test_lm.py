@@ -267,8 +267,9 @@ def test_evaluate_outputs_and_generate_agrees_with_trie(stages, finetuned, tmp_p
     prior = np.array(r["candidate_scores"]) - np.logaddexp.reduce(np.array(r["candidate_scores"]))
     np.testing.assert_allclose(p["fused_scores"], np.array(p["scores"]) + prior, atol=2e-3)
     assert metrics["retriever"]["head"]["count"] + metrics["retriever"]["tail"]["count"] == 12
+    said: list[str] = []
     generated = run_evaluate(EvaluateConfig(max_queries=12, batch_size=1, decode="generate"), finetuned,
-                             instructions, tmp_path / "gen", progress=False, log=quiet)
+                             instructions, tmp_path / "gen", progress=False, log=said.append)
     picks = [json.loads(line)["pick"] for line in (generated / "predictions.jsonl").read_text().splitlines()]
     assert picks == [p["pick"] for p in predictions]
     # fusion_weight None (the default): the weight is chosen on lm_valid.jsonl, never on the evaluated queries
@@ -276,6 +277,7 @@ def test_evaluate_outputs_and_generate_agrees_with_trie(stages, finetuned, tmp_p
     valid = [json.loads(line) for line in (instructions / "lm_valid.jsonl").read_text().splitlines()]
     assert tuned["weight"] in tuned["grid"] and set(FUSION_GRID) <= set(tuned["grid"])
     assert tuned["valid_queries"] == len(valid) and tuned["chosen_on"] == f"LM-valid ({len(valid)} queries)"
+    assert len(valid) < 50 and any(f"chosen on {len(valid)} LM-valid queries only" in line for line in said)
     assert tuned["valid_mrr"] == max(tuned["curve"].values())
     assert tuned["position"] in ("interior", "lm_only", "retriever_only")
     # Every ranker's LM-valid metrics come with the weight (a benchmark's "best ranker" is chosen on them):

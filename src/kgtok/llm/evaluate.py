@@ -53,6 +53,9 @@ from kgtok.llm.rankers import summary_keys
 from kgtok.stage import Context, Input, Stage, run_stage
 
 
+FEW_VALID_QUERIES = 50  # below this many LM-valid queries a chosen fusion weight is said to be unreliable
+
+
 def run(config: EvaluateConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -> dict[str, Any]:
     """Stage 5c into ``dest``; scored queries (and the chosen fusion weight) kept in ``ctx.work``."""
     from kgtok.llm.console import quiet_libraries
@@ -244,6 +247,9 @@ def _fusion_weight(config: EvaluateConfig, scorer: Any, fusable: bool, valid_pat
                                       np.array([gold_position(r) for r in valid]),
                                       np.array([r["stage1_rank"] for r in valid]))
         fusion["chosen_on"] = f"LM-valid ({len(valid)} queries)"
+        if len(valid) < FEW_VALID_QUERIES:
+            log(f"evaluate: warning: the fusion weight was chosen on {len(valid)} LM-valid queries only; it may not "
+                "transfer to test (raise instruct.lm_valid_fraction, or set fusion_weight)")
         # Every ranker on the same LM-valid queries: a benchmark that reports "the best ranker" chooses it here,
         # never on test (bench/llm_summary.py).
         rows = [prediction_row(q.record, q.answers, q.token_logprobs, scorer.pick(q), score=config.score,
