@@ -303,3 +303,18 @@ def test_run_refuses_a_missing_backbone_before_stage_1(tmp_path):
     result = invoke("run", "--out", str(tmp_path / "run"), "finetune.backbone=" + str(tmp_path / "no-model"))
     assert result.exit_code == 2 and "no-model" in result.output and "expected tiny" in result.output, result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_run_threads_sets_every_stage_and_seed_still_applies():
+    """kgtok run threads=1 was an unknown key: six overrides (embed.threads=1 ...) were needed."""
+    from kgtok.cli import _run_config
+    from kgtok.pipeline import STAGE_ORDER
+
+    config = _run_config(None, None, "runs/x", ("threads=1", "seed=3", "embed.threads=2"))
+    for name in STAGE_ORDER:
+        stage = config.stage_config(name)
+        if hasattr(stage, "threads"):
+            assert stage.threads == 1, name
+        if hasattr(stage, "seed"):
+            assert stage.seed == 3, name
+    assert _run_config(None, None, "runs/x", ()).stage_config("embed").threads == 0  # unset: each stage's own

@@ -53,6 +53,7 @@ class RunConfig:
     load: DataConfig = field(default_factory=DataConfig)  # stage 0: how the KG is loaded (header line, whitespace)
     out: str = "runs/default"  # run directory: one artifact subdirectory per stage, and run.log
     seed: int | None = None  # when set, replaces the seed of every stage (and of the synthetic KG)
+    threads: int | None = None  # when set, replaces the torch threads of every stage (0: all cores)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # used only when data is None
     # Stage 1. The run's default validates often and stops early: right for the small demo
     # graph; for a benchmark graph give a preset's values (kgtok/configs/embed_<name>.yaml).
@@ -78,6 +79,7 @@ class RunConfig:
         check_fields(self, [
             ("out", lambda v: bool(str(v).strip()), "a non-empty directory path"),
             ("seed", lambda v: v is None or v >= 0, "null or a non-negative integer"),
+            ("threads", lambda v: v is None or v >= 0, "null or a non-negative integer (0: all cores)"),
             ("classes", lambda v: v is None or self.instruct.class_prefix or self.evaluate.class_constraint,
              "null unless instruct.class_prefix or evaluate.class_constraint is true (nothing else reads it)"),
             ("negatives", lambda v: v is None or self.instruct.task == "classification",
@@ -85,11 +87,12 @@ class RunConfig:
         ])
 
     def stage_config(self, name: str) -> Any:
-        """The config of stage ``name`` in this run (with ``seed`` applied when it is set)."""
+        """The config of stage ``name`` in this run (with ``seed`` and ``threads`` applied when they are set)."""
         config = self.load if name == "data" else getattr(self, name)
-        if self.seed is not None and any(f.name == "seed" for f in dataclasses.fields(config)):
-            config = dataclasses.replace(config, seed=self.seed)
-        return config
+        names = {f.name for f in dataclasses.fields(config)}
+        given = {key: value for key, value in (("seed", self.seed), ("threads", self.threads))
+                 if value is not None and key in names}
+        return dataclasses.replace(config, **given) if given else config
 
     def kg_dir(self) -> Path:
         """The KG directory the stages read: ``data``, else the synthetic stage's artifact."""
