@@ -477,24 +477,36 @@ def embed_command(data: str, out: str | None, config_path: str | None, model: st
         ([f"dim={dim}"] if dim is not None else [])  # --dim 0 is checked like dim=0, not dropped
     dest = Path(out) if out else Path("runs") / f"embed-{Path(data).resolve().name}"
     if tune_budget is not None:
-        config_path, extra = str(_tune_embed(data, config_path, extra, dest, tune_budget, load)), []
+        config_path, extra = str(_tune_embed(data, config_path, extra, dest, tune_budget, load, force)), []
     _stage_command("embed", config_path, extra, dest, data=data, load=load, progress=progress, force=force)
 
 
 def _tune_embed(data: str, config_path: str | None, overrides: list[str], dest: Path, budget: float,
-                load: DataConfig) -> Path:
-    """Run the search; write ``<dest>.tune.yaml`` (the chosen EmbedConfig) and ``<dest>.tune.json`` (trials)."""
-    from kgtok.artifacts import write_json_atomic, write_text_atomic
-    from kgtok.config import format_config, load_config
+                load: DataConfig, force: bool = False) -> Path:
+    """Run the search; write ``<dest>.tune.yaml`` (the chosen EmbedConfig) and ``<dest>.tune.json`` (trials).
+    A search already made for the same KG files, loading options, base config and search settings is reused
+    (a repeat of ``--tune 600`` spent ten minutes before finding its artifact current); ``--force`` redoes it."""
+    from kgtok.artifacts import read_json, write_json_atomic, write_text_atomic
+    from kgtok.config import config_to_dict, format_config, load_config
     from kgtok.embed.config import EmbedConfig
     from kgtok.embed.tune import TuneConfig, tune
+    from kgtok.stage import kg_hashes
 
     base = load_config(EmbedConfig, config_path, overrides)
-    result = tune(load.load(data), base, TuneConfig(budget=budget, seed=base.seed), log=click.echo)
+    search = TuneConfig(budget=budget, seed=base.seed)
     chosen = dest.parent / f"{dest.name}.tune.yaml"
+    trials = dest.parent / f"{dest.name}.tune.json"
+    asked = {"kg": kg_hashes(Path(data)), "load": config_to_dict(load), "base": config_to_dict(base),
+             "search": config_to_dict(search)}
+    done = read_json(trials)
+    if not force and chosen.exists() and isinstance(done, dict) and done.get("asked") == asked:
+        click.echo(f"tune: the same search was made before ({trials}): reusing its choice {chosen} "
+                   "(--force searches again)")
+        return chosen
+    result = tune(load.load(data), base, search, log=click.echo)
     dest.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(chosen, format_config(result.chosen))
-    write_json_atomic(dest.parent / f"{dest.name}.tune.json", result.record())
+    write_json_atomic(trials, {**result.record(), "asked": asked})
     click.echo(f"tune: chose valid MRR {result.chosen_valid_mrr:.4f} (given config {result.given_valid_mrr:.4f}) "
                f"from {len(result.trials)} trials in {result.seconds:.0f} s -> {chosen}")
     return chosen

@@ -89,3 +89,11 @@ def test_cli_tune_writes_the_chosen_config_and_trains_it(kg_dir, tmp_path):
     assert (chosen["max_steps"], chosen["eval_every"]) == (30, 10)  # the user's schedule stays for the final run
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["dim"] == chosen["dim"] and manifest["config"]["lr"] == chosen["lr"]
+    # the same search again is not made again: its choice is reused and the artifact is current
+    again = CliRunner().invoke(cli, ["embed", "--data", str(kg_dir), "--out", str(out), "--tune", "1",
+                                     "--no-progress", "threads=1", "max_steps=30", "eval_every=10", "top_k=5"])
+    assert again.exit_code == 0 and "the same search was made before" in again.output and "cached" in again.output
+    assert json.loads((tmp_path / "embed.tune.json").read_text())["trials"] == record["trials"]
+    other = CliRunner().invoke(cli, ["embed", "--data", str(kg_dir), "--out", str(out), "--tune", "1",
+                                     "--no-progress", "threads=1", "max_steps=20", "eval_every=10", "top_k=5"])
+    assert other.exit_code == 0 and "the same search was made before" not in other.output
