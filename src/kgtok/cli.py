@@ -558,13 +558,14 @@ def text_command(data: str, out: str | None, config_path: str | None, progress: 
                    "(entities.tsv, relations.tsv).")
 @click.option("--entity-type", default="all", show_default=True, help="pbg: the entity type to read.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact directory to write.")
+@click.option("--progress/--no-progress", default=True)
 @click.argument("overrides", nargs=-1)
 @_load_options
 @_friendly_errors
 def embed_import_command(data: str, source_format: str, entity_vectors: str | None, entity_order: str | None,
                          relation_vectors: str | None, relation_order: str | None, checkpoint: str | None,
-                         entity_path: str | None, entity_type: str, out: str, overrides: tuple[str, ...],
-                         load: DataConfig) -> None:
+                         entity_path: str | None, entity_type: str, out: str, progress: bool,
+                         overrides: tuple[str, ...], load: DataConfig) -> None:
     """Turn embeddings trained elsewhere into a stage-1 artifact (e.g. model=rotate margin=6).
 
     Graphs too large for one machine train with PyTorch-BigGraph (--format pbg) or DGL-KE (--format dglke).
@@ -580,15 +581,16 @@ def embed_import_command(data: str, source_format: str, entity_vectors: str | No
     if missing:
         raise click.UsageError(f"--format {source_format} needs {' and '.join(missing)}")
     kg = load.load(data)
+    progress = progress and sys.stderr.isatty()
     if source_format == "npy":
         import_embeddings(kg, entity_vectors, entity_order, out, relation_vectors=relation_vectors,
-                          relation_order=relation_order, config=config, log=click.echo)
+                          relation_order=relation_order, config=config, progress=progress, log=click.echo)
         return
     from kgtok.embed.formats import read_dglke, read_pbg
 
     foreign = (read_pbg(checkpoint, entity_path, entity_type=entity_type) if source_format == "pbg"
                else read_dglke(checkpoint, entity_path))
-    import_foreign(kg, foreign, out, config=config, log=click.echo)
+    import_foreign(kg, foreign, out, config=config, progress=progress, log=click.echo)
 
 
 @cli.group("dift")

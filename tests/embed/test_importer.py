@@ -47,8 +47,11 @@ def test_import_vectors_only_and_errors(tmp_path):
     vectors = np.arange(kg.num_entities * 3, dtype=np.float32).reshape(-1, 3)
     np.save(tmp_path / "v.npy", vectors[::-1])
     (tmp_path / "order.txt").write_text("".join(f"{n}\n" for n in reversed(kg.entity_names)))
-    dest = import_embeddings(kg, tmp_path / "v.npy", tmp_path / "order.txt", tmp_path / "out", log=lambda *_: None)
+    said: list[str] = []
+    dest = import_embeddings(kg, tmp_path / "v.npy", tmp_path / "order.txt", tmp_path / "out", log=said.append)
     np.testing.assert_array_equal(np.load(dest / "entity_embeddings.npy"), vectors)
+    assert said == [f"embed import: {kg.num_entities} x 3 entity vectors, no ranking (needs model= and relations) "
+                    f"-> {tmp_path / 'out'}"]  # it said nothing at all
     (tmp_path / "short.txt").write_text("".join(f"{n}\n" for n in kg.entity_names[:-1]) + "stranger\n")
     with pytest.raises(ValueError, match=r"1 entity\(s\) of the KG have no vector"):
         import_embeddings(kg, tmp_path / "v.npy", tmp_path / "short.txt", tmp_path / "out2", log=lambda *_: None)

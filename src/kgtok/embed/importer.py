@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -146,6 +146,30 @@ def resolve_margin(given: float | None, foreign: ForeignEmbeddings, log: Callabl
     return given
 
 
+def rank_imported(path: Path, kg: KnowledgeGraph, config: ImportConfig, margin: float, entities: np.ndarray,
+                  relations: np.ndarray, relation_source: str, progress: bool) -> dict[str, Any]:
+    """The scoring function rebuilt from imported vectors, every split ranked and exported into ``path`` as
+    stage 1 does; returns the metrics."""
+    complex_valued = config.model in ("complex", "rotate")
+    dim = entities.shape[1] // 2 if complex_valued else entities.shape[1]
+    model = build_model(config.model, kg.num_entities, relations.shape[0], dim, margin=margin)
+    expected = tuple(model.relation.shape)
+    if relations.shape != expected:
+        raise ValueError(f"{relation_source}: relation matrix has shape {relations.shape}; {config.model} "
+                         f"with these entity vectors expects {expected}")
+    with torch.no_grad():
+        model.entity.copy_(torch.as_tensor(entities, dtype=torch.float32))
+        model.relation.copy_(torch.as_tensor(relations, dtype=torch.float32))
+    ranked, metrics = rank_splits(model, kg, reciprocal=config.reciprocal, batch_size=config.eval_batch_size,
+                                  top_k=config.top_k, export_splits=config.export_splits, progress=progress)
+    embed_config = EmbedConfig(
+        model=config.model, dim=dim, margin=margin, reciprocal=config.reciprocal,
+        loss="1vsall" if config.reciprocal else "nssa", top_k=config.top_k, export_splits=config.export_splits,
+    )
+    export(path, model, kg, embed_config, None, metrics, ranked)
+    return metrics
+
+
 def import_foreign(
     data: str | Path | KnowledgeGraph,
     foreign: ForeignEmbeddings,
@@ -157,7 +181,6 @@ def import_foreign(
 ) -> Path:
     """Write a stage-1 artifact from vectors trained elsewhere: rows reordered to the KG's ids; with
     ``config.model`` the scoring function is rebuilt and every split ranked, as after training."""
-    # Over 60 lines on purpose: align rows, then either store the vectors or rebuild the model and rank as stage 1.
     kg = data if isinstance(data, KnowledgeGraph) else load_kg(data)
     relation_source = next((str(p) for k, p in foreign.files.items() if "relation" in k), foreign.source)
     entities = align_rows(foreign.entity_vectors, foreign.entity_names, kg.entity_names,
@@ -187,25 +210,11 @@ def import_foreign(
             if relations is not None:
                 np.save(out.relation_embeddings, relations.astype(np.float32))
             write_id_order(out.entities, kg.entity_names)
-            return Path(dest)
-        complex_valued = config.model in ("complex", "rotate")
-        dim = entities.shape[1] // 2 if complex_valued else entities.shape[1]
-        margin = resolve_margin(config.margin, foreign, log)
-        model = build_model(config.model, kg.num_entities, relations.shape[0], dim, margin=margin)
-        expected = tuple(model.relation.shape)
-        if relations.shape != expected:
-            raise ValueError(f"{relation_source}: relation matrix has shape {relations.shape}; {config.model} "
-                             f"with these entity vectors expects {expected}")
-        with torch.no_grad():
-            model.entity.copy_(torch.as_tensor(entities, dtype=torch.float32))
-            model.relation.copy_(torch.as_tensor(relations, dtype=torch.float32))
-        ranked, metrics = rank_splits(model, kg, reciprocal=config.reciprocal, batch_size=config.eval_batch_size,
-                                      top_k=config.top_k, export_splits=config.export_splits, progress=progress)
-        embed_config = EmbedConfig(
-            model=config.model, dim=dim, margin=margin, reciprocal=config.reciprocal,
-            loss="1vsall" if config.reciprocal else "nssa", top_k=config.top_k, export_splits=config.export_splits,
-        )
-        export(writer.path, model, kg, embed_config, None, metrics, ranked)
-        writer.metrics.update({f"{s}_mrr": metrics[s]["both"]["mrr"] for s in ("valid", "test")})
-    log(f"embed import: test MRR {metrics['test']['both']['mrr']:.4f} -> {dest}")
+            done = f"{entities.shape[0]} x {entities.shape[1]} entity vectors, no ranking (needs model= and relations)"
+        else:
+            metrics = rank_imported(writer.path, kg, config, resolve_margin(config.margin, foreign, log), entities,
+                                    relations, relation_source, progress)
+            writer.metrics.update({f"{s}_mrr": metrics[s]["both"]["mrr"] for s in ("valid", "test")})
+            done = f"test MRR {metrics['test']['both']['mrr']:.4f}"
+    log(f"embed import: {done} -> {dest}")
     return Path(dest)
