@@ -183,3 +183,12 @@ def test_non_finite_floats_and_degenerate_quantizer_values_are_refused_before_an
         GSRConfig(heads=3)
     with pytest.raises(ConfigError, match=r"override 'seed=\[1': the value is not valid YAML"):
         parse_overrides(["seed=[1"])
+
+
+def test_an_optional_choice_names_its_values():
+    """model=foo said "'foo' is none of Optional": no choice named."""
+    from kgtok.embed.importer import ImportConfig
+
+    with pytest.raises(ConfigError, match=r"override model: expected one of 'rotate', 'transe', 'distmult', "
+                                          r"'complex' or null, got 'foo'"):
+        load_config(ImportConfig, None, ["model=foo"])

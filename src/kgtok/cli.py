@@ -435,7 +435,7 @@ def data_synthetic(dest: str, config_path: str | None, overrides: tuple[str, ...
 @click.argument("source", type=click.Path(file_okay=False))
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.option("--entities", required=True, type=int, help="How many entities to keep (snowball sampling).")
-@click.option("--seed", default=0, type=int, show_default=True)
+@click.option("--seed", default=0, type=click.IntRange(min=0), show_default=True)
 @_friendly_errors
 def data_subset(source: str, dest: str, entities: int, seed: int) -> None:
     """Write a connected sub-KG of SOURCE (about --entities entities, with their text) to DEST."""

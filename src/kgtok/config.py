@@ -172,6 +172,14 @@ def config_to_dict(config: object) -> dict[str, Any]:
 
 
 def _type_name(tp: Any) -> str:
+    """``str | None`` as "str or null", a Literal as its values ("Optional" alone named no choice)."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(value) for value in get_args(tp))
+    if tp is type(None):
+        return "null"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -188,7 +196,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} is none of {_type_name(tp)}")
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:
             return None
