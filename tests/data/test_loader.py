@@ -10,6 +10,7 @@ import torch
 
 from conftest import TEST, TRAIN, shared_dataset
 from kgtok.data import KGFormatError, load_kg
+from kgtok.data.errors import KGDataWarning
 
 
 def test_raw_layout_ids_and_tensors(make_kg):
@@ -64,6 +65,9 @@ def test_entity_text_tsv(make_kg):
     assert kg.report.missing_label == 1 and kg.report.missing_description == 3
     assert kg.report.text_unknown_entities == 1
     assert any("1 entities have no label" in str(w.message) for w in caught)
+    # the line that may have been meant for the unlabelled entity is named (a typo'd id said nothing)
+    assert any("1 text line(s) name ids no triple has (a typo?), e.g. " in str(w.message)
+               and "entity_text.tsv:4: 'zz'" in str(w.message) for w in caught)
 
 
 def test_kgbert_style_text_files(make_kg):
@@ -81,6 +85,9 @@ def test_entity_types(make_kg):
     kg = load_kg(directory)
     assert kg.type_names == [["animal", "place"], ["animal/bird", "animal/fish", "place/city"]]
     assert kg.entity_types.tolist() == [[0, 0], [0, 1], [1, 2], [-1, -1]]
+    (directory / "entity_types.tsv").write_text("a\tanimal\ndd\tplace\n")  # an id no triple has: said, with its line
+    with pytest.warns(KGDataWarning, match=r"entity_types.tsv:2: 'dd' is no entity of the KG \(1 such line"):
+        assert load_kg(directory).entity_types.tolist() == [[0], [-1], [-1], [-1]]
 
 
 @pytest.mark.filterwarnings("ignore::kgtok.data.errors.UnseenEntityWarning")

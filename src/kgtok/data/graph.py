@@ -24,6 +24,7 @@ import torch
 
 from kgtok.data.errors import (
     DuplicateTripleWarning,
+    KGDataWarning,
     KGFormatError,
     MissingTextWarning,
     SplitOverlapWarning,
@@ -72,6 +73,7 @@ class LoadReport:
     missing_label: int = 0  # entities whose label fell back to their id
     missing_description: int = 0
     text_unknown_entities: int = 0  # text lines naming entities absent from the triples
+    text_unknown_example: str = ""  # the first of them, as file:line: id
     skipped_headers: list[str] = field(default_factory=list)  # files whose header line was skipped
     stripped_ids: dict[str, int] = field(default_factory=dict)  # file -> id fields stripped of whitespace
 
@@ -288,6 +290,8 @@ def _read_text(
             index = entity_to_id.get(name)
             if index is None:  # text for an entity no triple mentions: harmless, counted
                 report.text_unknown_entities += 1
+                if not report.text_unknown_example:
+                    report.text_unknown_example = f"{table.path}:{int(table.line_numbers[row])}: {name!r}"
                 continue
             for column, target in targets.items():
                 text = table.columns[column][row].strip()
@@ -328,6 +332,10 @@ def _read_types(
     types = np.full((len(entity_to_id), width - 1), -1, dtype=np.int64)
     rows = np.fromiter(map(entity_to_id.get, table.columns[0], repeat(-1)), dtype=np.int64)
     known = rows >= 0
+    if not known.all():  # types of entities no triple has: ignored, as text is, but said (a typo'd id?)
+        first = int(np.flatnonzero(~known)[0])
+        warnings.warn(f"{path}:{int(table.line_numbers[first])}: {table.columns[0][first]!r} is no entity of the "
+                      f"KG ({int((~known).sum())} such line(s), ignored)", KGDataWarning, stacklevel=3)
     names_per_level = []
     for level in range(width - 1):
         column = table.columns[level + 1]
@@ -460,8 +468,10 @@ def load_kg(
     report.missing_description = sum(d is None for d in descriptions)
     has_text = any(label is not None for label in labels) or any(d is not None for d in descriptions)
     if has_text and report.missing_label:
+        unknown = (f"; {report.text_unknown_entities} text line(s) name ids no triple has (a typo?), e.g. "
+                   f"{report.text_unknown_example}" if report.text_unknown_entities else "")
         warnings.warn(
-            f"{directory}: {report.missing_label} entities have no label; their id stands in",
+            f"{directory}: {report.missing_label} entities have no label; their id stands in{unknown}",
             MissingTextWarning, stacklevel=2,
         )
     types = _read_types(directory, entity_to_id, strip_whitespace=strip_whitespace)
