@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +18,21 @@ def seeded_generator(*parts: int) -> torch.Generator:
     for part in parts:
         seed = (seed * 1_000_003 + int(part)) % (2**63 - 1)
     return torch.Generator().manual_seed(seed)
+
+
+class Heartbeat:
+    """A plain line at most every ``every`` seconds, for logs and pipes where no progress bar is drawn (a long
+    quantizer or evaluation was silent there for minutes)."""
+
+    def __init__(self, log: Callable[[str], None] | None, every: float = 60.0) -> None:
+        self.log, self.every, self.last = log, every, time.monotonic()
+
+    def __call__(self, message: Callable[[], str]) -> None:
+        """Log ``message()`` when ``every`` seconds have passed since the last line (it is built only then)."""
+        now = time.monotonic()
+        if self.log is not None and now - self.last >= self.every:
+            self.last = now
+            self.log(message())
 
 
 @contextmanager

@@ -243,7 +243,7 @@ def test_eval_steps_validates_every_n_steps_with_the_code_token_loss(stages, tmp
     assert metrics["valid_loss"] == evals[-1]["eval_loss"]
 
 
-def test_evaluate_outputs_and_generate_agrees_with_trie(stages, finetuned, tmp_path):
+def test_evaluate_outputs_and_generate_agrees_with_trie(stages, finetuned, tmp_path, monkeypatch):
     kg, kg_dir, embed, codes, instructions, root = stages
     classes = tmp_path / "classes.tsv"  # the true top-level types, as a file of entity<TAB>class
     classes.write_text("".join(f"{n}\tt{t}\n" for n, t in zip(kg.entity_names, kg.entity_types[:, 0])))
@@ -268,6 +268,10 @@ def test_evaluate_outputs_and_generate_agrees_with_trie(stages, finetuned, tmp_p
     np.testing.assert_allclose(p["fused_scores"], np.array(p["scores"]) + prior, atol=2e-3)
     assert metrics["retriever"]["head"]["count"] + metrics["retriever"]["tail"]["count"] == 12
     said: list[str] = []
+    import kgtok.runtime
+
+    heartbeat = kgtok.runtime.Heartbeat  # a line after every batch where no bar is drawn (progress=False)
+    monkeypatch.setattr(kgtok.runtime, "Heartbeat", lambda log: heartbeat(log, every=0.0))
     generated = run_evaluate(EvaluateConfig(max_queries=12, batch_size=1, decode="generate"), finetuned,
                              instructions, tmp_path / "gen", progress=False, log=said.append)
     picks = [json.loads(line)["pick"] for line in (generated / "predictions.jsonl").read_text().splitlines()]
@@ -278,6 +282,7 @@ def test_evaluate_outputs_and_generate_agrees_with_trie(stages, finetuned, tmp_p
     assert tuned["weight"] in tuned["grid"] and set(FUSION_GRID) <= set(tuned["grid"])
     assert tuned["valid_queries"] == len(valid) and tuned["chosen_on"] == f"LM-valid ({len(valid)} queries)"
     assert len(valid) < 50 and any(f"chosen on {len(valid)} LM-valid queries only" in line for line in said)
+    assert any(line.startswith("evaluate: 12 of 12 queries scored") for line in said)
     assert tuned["valid_mrr"] == max(tuned["curve"].values())
     assert tuned["position"] in ("interior", "lm_only", "retriever_only")
     # Every ranker's LM-valid metrics come with the weight (a benchmark's "best ranker" is chosen on them):

@@ -659,3 +659,19 @@ def test_the_decoder_input_passes_the_encoder_the_reconstruction_gradient():
     torch.testing.assert_close(z.grad, 0.25 * 2 / (7 * 5) * (r - v))  # commitment only reaches z
     book = single.codebooks[0].weight.grad  # codebook term only reaches the codewords
     torch.testing.assert_close(book.sum(0), (2 / (7 * 5) * (v - r)).sum(0))
+
+
+def test_quantizer_logs_plain_lines_where_no_bar_is_drawn(monkeypatch):
+    """Without a terminal (progress off) a long quantizer run was silent for minutes: a heartbeat line now."""
+    from kgtok.quantize import train
+    from kgtok.runtime import Heartbeat
+
+    monkeypatch.setattr(train, "Heartbeat", lambda log: Heartbeat(log, every=0.0))
+    x, _ = clustered(n=64)
+    said: list[str] = []
+    EntityTokenizer(config=small_config(variant="rq", epochs=3)).fit(x, progress=False, log=said.append)
+    assert [line.split(",")[0] for line in said if line.startswith("quantize: epoch")] == [
+        "quantize: epoch 1 of 3", "quantize: epoch 2 of 3", "quantize: epoch 3 of 3"]
+    quiet = Heartbeat(said.append, every=3600.0)
+    quiet(lambda: "never built")
+    assert "never built" not in said

@@ -146,7 +146,10 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
     generative = _generative_retriever(config, scorer, records, instructions, ctx) if config.generative_beams \
         else None
     scorer.budget = dict.fromkeys(scorer.budget, 0)  # the test prompts' count (LM-valid's went before)
+    from kgtok.runtime import Heartbeat
+
     start = time.perf_counter()
+    beat = Heartbeat(None if ctx.progress else ctx.log)
     with partial.appending() as add:
         scored = scorer.score(todo, "evaluate")
         while batch := list(itertools.islice(scored, config.batch_size)):  # the generative ranker runs by batch
@@ -155,6 +158,8 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
                                    class_scores=scorer.class_scores(query)) for query in batch]
             for row, found in zip(rows, generative(batch) if generative is not None else [{}] * len(rows)):
                 add({**row, **found})
+            beat(lambda: f"evaluate: {len(partial.rows)} of {len(records)} queries scored "
+                         f"({time.perf_counter() - start:.0f} s)")
     seconds = time.perf_counter() - start
     ctx.timings["evaluate"] = seconds
     predictions = [partial.rows[r["id"]] for r in records]

@@ -44,7 +44,7 @@ from kgtok.quantize.quantizer import (
     residual_codes,
     sum_codewords,
 )
-from kgtok.runtime import resolve_device, seeded_global_rng, torch_save_atomic
+from kgtok.runtime import Heartbeat, resolve_device, seeded_global_rng, torch_save_atomic
 
 CHECKPOINT_FORMAT = 2  # 2: per-level Codebook modules (1: one stacked codebook tensor; not resumed)
 
@@ -331,8 +331,11 @@ def train_rqvae(
     bar = tqdm(total=config.epochs * steps_per_epoch, initial=run.epoch * steps_per_epoch,
                desc=f"quantize {config.variant}", disable=not progress)
     stopped = run.epoch > 0 and run.patience_spent  # a resumed run that had already stopped
+    beat = Heartbeat(None if progress or not processes.main else log)
     for epoch in range(run.epoch + 1, 1 if stopped else config.epochs + 1):
         entry: dict[str, float] = {"epoch": epoch, **train_epoch(run, bar)}
+        beat(lambda: f"quantize: epoch {epoch} of {config.epochs}, loss "
+                     f"{sum(v for k, v in entry.items() if k.startswith('loss_')):.4f}")
         if epoch % config.eval_every == 0 or epoch == config.epochs:
             evaluate(run, entry)
             bar.set_postfix(loss=f"{sum(v for k, v in entry.items() if k.startswith('loss_')):.4f}",
