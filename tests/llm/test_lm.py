@@ -616,8 +616,9 @@ def test_finetune_and_evaluate_print_only_their_own_lines(stages, tmp_path, capf
     assert capfd.readouterr() == ("", "")
     assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
     own = [line for line in lines if not line.startswith("#")]  # steps 1, 2 (time left), LM-valid loss, result;
-    assert [line.split(":")[0] for line in own] == [  # fusion weight, result
-        "finetune", "finetune", "finetune", "finetune", "evaluate", "evaluate"]
+    assert [line.split(":")[0] for line in own] == [  # few LM-valid queries (warning), fusion weight, result
+        "finetune", "finetune", "finetune", "finetune", "evaluate", "evaluate", "evaluate"]
+    assert own[4].startswith("evaluate: warning: the fusion weight was chosen on")
     assert own[0].startswith("finetune: step 1 of 2") and own[0].endswith("min left")
     # Progress on: one bar for training (and one per LM-valid pass), one per scored split.
     run_finetune(config, instructions, tmp_path / "ft2", codes=codes, progress=True, log=quiet)
