@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from kgtok.llm.prompts import read_jsonl
 from kgtok.llm.rankers import rank_all, rankers
 from kgtok.metrics import COMPARED, HITS_AT, format_difference, paired_comparison, rank_metrics
 
@@ -32,7 +33,7 @@ NAMES = {"hits_at_1": "Hits@1", "mrr": "MRR"}
 def evaluation_ranks(evaluate_dir: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
     """Query ids and the gold's rank per ranker, recomputed from a stage-5c artifact's predictions.jsonl."""
     path = Path(evaluate_dir) / "predictions.jsonl"
-    predictions = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    predictions = read_jsonl(path)
     if predictions and "stage1_rank" not in predictions[0]:
         raise ValueError(f"{path}: not a link-prediction evaluation (triple classification has no ranks)")
     return [p["id"] for p in predictions], rank_all(predictions)

@@ -24,8 +24,10 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable
 
 import numpy as np
@@ -380,7 +382,7 @@ def _empty_output(model: RQVAE, config: QuantizeConfig) -> Any:
 
 
 # ReaLM's nearest-code search: without the per-row ||r||², in blocks of 65,536 rows (see kmeans.nearest).
-_REALM_SEARCH: dict[str, Any] = {"row_norms": False, "batch": 65536}
+REALM_SEARCH: Mapping[str, Any] = MappingProxyType({"row_norms": False, "batch": 65536})  # read-only
 
 
 def fit_realm(x: torch.Tensor, config: QuantizeConfig, levels: int, codebook_size: int, *,
@@ -399,7 +401,7 @@ def fit_realm(x: torch.Tensor, config: QuantizeConfig, levels: int, codebook_siz
             return kmeans(residual, codebook_size, iterations=config.realm_kmeans_iterations,
                           seed=config.seed + level).to(device)
 
-        codebooks, codes = fit_residual_kmeans(x.to(device), levels, fit_level, **_REALM_SEARCH)
+        codebooks, codes = fit_residual_kmeans(x.to(device), levels, fit_level, **REALM_SEARCH)
     codebooks, codes = codebooks.cpu(), codes.cpu()
     if config.realm_assignment == "distinct":
         codes[:, -1] = distinct_last_level(x, codebooks, codes)
@@ -414,9 +416,9 @@ def distinct_last_level(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.T
         groups = torch.unique(prefix, dim=0, return_inverse=True)[1].reshape(-1)
     else:
         groups = torch.zeros(len(x), dtype=torch.long)
-    return distinct_codes(residual, codebooks[-1], groups, **_REALM_SEARCH)
+    return distinct_codes(residual, codebooks[-1], groups, **REALM_SEARCH)
 
 
 def realm_codes(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     """Greedy residual codes (n, m) of new vectors under ReaLM's fitted codebooks (m, K, d)."""
-    return residual_codes(x, codebooks, **_REALM_SEARCH)
+    return residual_codes(x, codebooks, **REALM_SEARCH)
