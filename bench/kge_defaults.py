@@ -136,8 +136,9 @@ def main() -> None:
             "chosen_valid_gain": chosen_vs_current["difference"], "chosen_valid_gain_p": chosen_vs_current["p_value"],
             "current_test_mrr": by_name["current"]["test_mrr"],
             "current_minus_tuned_mrr": by_name["current"]["test_minus_tuned_mrr"]["difference"],
-            "current_within_0_02": by_name["current"]["within_0_02"], "chosen_on": "worst-case validation MRR regret over the graphs, ties broken by the "
-                                           "next-worst graph (leximax); test read afterwards",
+            "current_within_0_02": by_name["current"]["within_0_02"],
+            "chosen_on": "worst-case validation MRR regret over the graphs, ties broken by the next-worst graph "
+                         "(leximax); test read afterwards",
             "default_test_mrr": by_name[chosen]["test_mrr"], "tuned_test_mrr": by_name["tuned"]["test_mrr"],
             "default_minus_tuned_mrr": by_name[chosen]["test_minus_tuned_mrr"]["difference"],
             "within_0_02": by_name[chosen]["within_0_02"], "worst_valid_regret": regret,

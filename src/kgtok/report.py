@@ -382,8 +382,9 @@ def write_report(run_dir: str | Path, dest: str | Path | None = None) -> Path:
     if not sections:
         raise ValueError(f"{run}: no stage artifacts found (subfolders made by kgtok embed, quantize, finetune or "
                          "evaluate)")
-    read = [f"{stage}: {html.escape(str(stage_folder(run, stage).relative_to(run)))}" for stage in
-            ("embed", "hierarchy", "quantize", "finetune", "evaluate") if (stage_folder(run, stage) / MANIFEST).exists()]
+    found = {stage: stage_folder(run, stage) for stage in ("embed", "hierarchy", "quantize", "finetune", "evaluate")}
+    read = [f"{stage}: {html.escape(str(folder.relative_to(run)))}" for stage, folder in found.items()
+            if (folder / MANIFEST).exists()]
     sections.insert(0, f"<p>Artifacts read: {'; '.join(read)}</p>")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>kgtok report: {html.escape(run.name)}"
             f"</title><style>{STYLE}</style></head><body><h1>kgtok report: {html.escape(str(run))}</h1>"
