@@ -287,6 +287,11 @@ def test_run_refuses_an_out_that_is_not_a_run_folder(tmp_path):
     result = invoke("run", "--data", str(kg), "--out", str(kg), "--until", "data")
     assert result.exit_code == 2 and "has no run_config.json, so it is not a kgtok run folder" in result.output
     assert sorted(p.name for p in kg.iterdir()) == before
+    project = tmp_path / "project"  # a folder holding the KG as data/: named like a stage, but no artifact
+    shutil.copytree(kg, project / "data")
+    result = invoke("run", "--data", str(project / "data"), "--out", str(project), "--until", "data")
+    assert result.exit_code == 2 and "not a kgtok run folder" in result.output
+    assert sorted(p.name for p in project.iterdir()) == ["data"]
 
 
 def test_falsy_shortcut_values_are_checked_not_dropped(tmp_path):
@@ -303,6 +308,10 @@ def test_run_refuses_a_missing_backbone_before_stage_1(tmp_path):
     result = invoke("run", "--out", str(tmp_path / "run"), "finetune.backbone=" + str(tmp_path / "no-model"))
     assert result.exit_code == 2 and "no-model" in result.output and "expected tiny" in result.output, result.output
     assert not (tmp_path / "run").exists()
+    # a run that stops before fine-tuning is not refused for it
+    result = invoke("run", "--out", str(tmp_path / "run"), "--until", "synthetic", "synthetic.num_entities=200",
+                    "finetune.backbone=" + str(tmp_path / "no-model"))
+    assert result.exit_code == 0, result.output
 
 
 def test_run_threads_sets_every_stage_and_seed_still_applies():

@@ -163,8 +163,9 @@ def _run_log(run_dir: Path, console: Callable[[str], None]) -> Iterator[RunLog]:
 
 def is_run_folder(folder: Path) -> bool:
     """A run's folder: it has its run_config.json, or (an ablation or a candidate being set up) stage folders
-    only, linked from another run."""
-    return (folder / "run_config.json").exists() or all(p.name in STAGES for p in folder.iterdir())
+    only, linked from another run (a project folder holding a KG in data/ is not one)."""
+    return (folder / "run_config.json").exists() or all(
+        p.name in STAGES and (p.is_symlink() or read_manifest(p) is not None) for p in folder.iterdir())
 
 
 def run(config: RunConfig, *, until: str | None = None, log: Callable[[str], None] = print) -> list[StageResult]:
@@ -176,8 +177,9 @@ def run(config: RunConfig, *, until: str | None = None, log: Callable[[str], Non
     if until is not None and until not in config.stages():  # e.g. synthetic with data= (it is not run)
         raise ValueError(f"until={until!r}: expected one of this run's stages, {', '.join(config.stages())}")
     config.check_files()
-    for name in config.stages():  # a fingerprint may refuse its config (a backbone that is not there): say so now
-        if STAGES[name].fingerprint is not None:
+    stages = config.stages()
+    for name in stages[: stages.index(until) + 1 if until is not None else None]:
+        if STAGES[name].fingerprint is not None:  # it may refuse its config (a backbone not there): say so now
             STAGES[name].fingerprint(config.stage_config(name))
     run_dir = Path(config.out)
     # a KG folder (or anyone's) as --out would get run.log and stage folders written into it

@@ -39,7 +39,8 @@ class Heartbeat:
 def seeded_global_rng(seed: int) -> Iterator[None]:
     """torch's global generator seeded for the block (modules draw their initial weights from it), and the
     caller's state restored afterwards: a stage leaves no trace in its caller's random stream."""
-    with torch.random.fork_rng(devices=[]):
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []  # manual_seed seeds them
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
 

@@ -223,6 +223,20 @@ def test_dglke_rotate_is_scored_with_the_gamma_of_its_config(kg, tmp_path):
                    config=ImportConfig(model="rotate", margin=9.0, top_k=5, export_splits=("test",), threads=1))
     assert any("margin=9.0 as given" in line and "gamma=3.0" in line for line in said)
     assert load_model(tmp_path / "given")[0].margin == 9.0
+    (save / "config.json").write_text(json.dumps({"gamma": [3.0]}))  # was a TypeError traceback
+    with pytest.raises(ValueError, match=r"config.json: not DGL-KE's JSON object of training arguments with a numeric"):
+        read_dglke(save, data)
+
+
+def test_a_different_margin_is_warned_about_only_where_it_changes_ranks(kg, tmp_path):
+    """γ scales RotatE's phases; for DistMult (and ComplEx, TransE) it offsets scores at most: no warning."""
+    entities, relations = complex_vectors(kg, seed=11)
+    save, data = write_dglke(kg, tmp_path, entities, relations, model_name="DistMult")
+    (save / "config.json").write_text(json.dumps({"gamma": 12.0}))
+    said = []
+    import_foreign(kg, read_dglke(save, data), tmp_path / "d", progress=False, log=said.append,
+                   config=ImportConfig(model="distmult", margin=9.0, top_k=5, export_splits=("test",), threads=1))
+    assert not any("as given" in line for line in said)
 
 
 def test_embed_import_command_reads_both_formats(kg, tmp_path):

@@ -208,9 +208,10 @@ def read_dglke(save_path: str | Path, data_path: str | Path, *, dataset: str | N
     if settings.exists():
         try:
             gamma = json.loads(settings.read_text()).get("gamma")
-        except (json.JSONDecodeError, AttributeError) as e:
-            raise ValueError(f"{settings}: not DGL-KE's JSON object of training arguments ({e})") from e
-        out.margin = None if gamma is None else float(gamma)
+            out.margin = None if gamma is None else float(gamma)
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
+            raise ValueError(f"{settings}: not DGL-KE's JSON object of training arguments with a numeric gamma "
+                             f"({e})") from e
         out.files["dglke/config.json"] = settings
     relation_file = save_path / f"{stem}_relation.npy"
     relation_order = data_path / "relations.tsv"

@@ -136,11 +136,12 @@ def import_embeddings(
     return import_foreign(data, foreign, dest, config=config, progress=progress, log=log)
 
 
-def resolve_margin(given: float | None, foreign: ForeignEmbeddings, log: Callable[[str], None]) -> float:
+def resolve_margin(given: float | None, foreign: ForeignEmbeddings, model: str,
+                   log: Callable[[str], None]) -> float:
     """The γ to score with: the one given, else the source's recorded one, else EmbedConfig's default."""
     if given is None:
         return foreign.margin if foreign.margin is not None else EmbedConfig().margin
-    if foreign.margin is not None and foreign.margin != given:
+    if model == "rotate" and foreign.margin is not None and foreign.margin != given:  # elsewhere γ only offsets
         log(f"embed import: warning: margin={given} as given, but {foreign.source} was trained with "
             f"gamma={foreign.margin}; RotatE's phases are scaled by it, so its ranks change (omit margin to use it)")
     return given
@@ -212,8 +213,8 @@ def import_foreign(
             write_id_order(out.entities, kg.entity_names)
             done = f"{entities.shape[0]} x {entities.shape[1]} entity vectors, no ranking (needs model= and relations)"
         else:
-            metrics = rank_imported(writer.path, kg, config, resolve_margin(config.margin, foreign, log), entities,
-                                    relations, relation_source, progress)
+            margin = resolve_margin(config.margin, foreign, config.model, log)
+            metrics = rank_imported(writer.path, kg, config, margin, entities, relations, relation_source, progress)
             writer.metrics.update({f"{s}_mrr": metrics[s]["both"]["mrr"] for s in ("valid", "test")})
             done = f"test MRR {metrics['test']['both']['mrr']:.4f}"
     log(f"embed import: {done} -> {dest}")
