@@ -9,6 +9,7 @@ do), and lets ``__post_init__`` report every bad value at once.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -38,13 +39,10 @@ def check_fields(config: object, checks: Sequence[Check]) -> None:
     ``checks`` is a table of ``(field name, predicate, what was expected)``,
     in the manner of scikit-learn's parameter constraints.
     """
-    import math
-    from dataclasses import fields, is_dataclass
-
     errors = []
-    if is_dataclass(config):  # NaN and ±inf pass every comparison-free check and reach training (NaN weights)
+    if dataclasses.is_dataclass(config):  # NaN and ±inf pass every comparison-free check and reach training (NaN weights)
         errors += [f"{type(config).__name__}.{f.name}={getattr(config, f.name)!r}: expected a finite number"
-                   for f in fields(config) if isinstance(getattr(config, f.name), float)
+                   for f in dataclasses.fields(config) if isinstance(getattr(config, f.name), float)
                    and not math.isfinite(getattr(config, f.name))]
     for name, predicate, expected in checks:
         value = getattr(config, name)
