@@ -499,7 +499,7 @@ def _tune_embed(data: str, config_path: str | None, overrides: list[str], dest: 
     asked = {"kg": kg_hashes(Path(data)), "load": config_to_dict(load), "base": config_to_dict(base),
              "search": config_to_dict(search)}
     done = read_json(trials)
-    if not force and chosen.exists() and isinstance(done, dict) and done.get("asked") == asked:
+    if not force and isinstance(done, dict) and done.get("asked") == asked and _holds_choice(chosen, done):
         click.echo(f"tune: the same search was made before ({trials}): reusing its choice {chosen} "
                    "(--force searches again)")
         return chosen
@@ -510,6 +510,17 @@ def _tune_embed(data: str, config_path: str | None, overrides: list[str], dest: 
     click.echo(f"tune: chose valid MRR {result.chosen_valid_mrr:.4f} (given config {result.given_valid_mrr:.4f}) "
                f"from {len(result.trials)} trials in {result.seconds:.0f} s -> {chosen}")
     return chosen
+
+
+def _holds_choice(chosen: Path, record: dict[str, Any]) -> bool:
+    """``<out>.tune.yaml`` is the choice its ``.tune.json`` records (a search killed between the two writes
+    leaves them from different searches)."""
+    from kgtok.config import load_yaml
+
+    try:
+        return chosen.exists() and load_yaml(chosen.read_text(encoding="utf-8")) == record.get("chosen")
+    except Exception:  # unreadable: search again
+        return False
 
 
 # ----------------------------------------------------------------------------

@@ -97,3 +97,8 @@ def test_cli_tune_writes_the_chosen_config_and_trains_it(kg_dir, tmp_path):
     other = CliRunner().invoke(cli, ["embed", "--data", str(kg_dir), "--out", str(out), "--tune", "1",
                                      "--no-progress", "threads=1", "max_steps=20", "eval_every=10", "top_k=5"])
     assert other.exit_code == 0 and "the same search was made before" not in other.output
+    # a choice file that is not the one its record names (a search killed between the two writes): search again
+    (tmp_path / "embed.tune.yaml").write_text("dim: 8\n")
+    again = CliRunner().invoke(cli, ["embed", "--data", str(kg_dir), "--out", str(out), "--tune", "1",
+                                     "--no-progress", "threads=1", "max_steps=20", "eval_every=10", "top_k=5"])
+    assert again.exit_code == 0 and "the same search was made before" not in again.output
