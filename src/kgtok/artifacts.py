@@ -380,9 +380,10 @@ def refuse_foreign_dir(dest: Path, stage: str | None = None) -> None:
     """A directory that holds files but no kgtok manifest is someone's data (a KG, notes), and one that holds
     another stage's artifact is most likely an --out mistyped: written there, either would be replaced, so the
     write is refused before any work (``stage``: the stage about to write; None: any artifact may be replaced)."""
-    refuse_unmarked_dir(dest, lambda d: read_manifest(d) is not None, f"has no {MANIFEST}, so it is not a kgtok "
+    manifest = read_manifest(dest) if dest.is_dir() else None  # read once for both checks
+    refuse_unmarked_dir(dest, lambda _: manifest is not None, f"has no {MANIFEST}, so it is not a kgtok "
                         "artifact; kgtok replaces only its own artifacts: give another --out, or remove it")
-    held = (read_manifest(dest) or {}).get("stage") if stage is not None and dest.is_dir() else None
+    held = manifest.get("stage") if manifest is not None and stage is not None else None
     if held is not None and held != stage:
         raise FileExistsError(f"{dest}: holds a {held} artifact, which a {stage} artifact would replace: give "
                               "another --out, or remove it")

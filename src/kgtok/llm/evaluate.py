@@ -133,6 +133,7 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
     """Link prediction: score (resumably), store the LM's choices, rank with every ranker, write."""
     from kgtok.llm.rankers import MEASURES, prediction_row, rank_all, ranking_metrics
     from kgtok.llm.scoring import PartialPredictions
+    from kgtok.runtime import Heartbeat
 
     fusable = all(r.get("candidate_scores") is not None for r in records)
     fusion = _fusion_weight(config, scorer, fusable, instructions.split("lm_valid"), ctx.work / "fusion.json",
@@ -146,8 +147,6 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
     generative = _generative_retriever(config, scorer, records, instructions, ctx) if config.generative_beams \
         else None
     scorer.budget = dict.fromkeys(scorer.budget, 0)  # the test prompts' count (LM-valid's went before)
-    from kgtok.runtime import Heartbeat
-
     start = time.perf_counter()
     beat = Heartbeat(None if ctx.progress else ctx.log)
     with partial.appending() as add:

@@ -336,12 +336,10 @@ def train_rqvae(
     beat = Heartbeat(None if progress or not processes.main else log)
     for epoch in range(run.epoch + 1, 1 if stopped else config.epochs + 1):
         entry: dict[str, float] = {"epoch": epoch, **train_epoch(run, bar)}
-        beat(lambda: f"quantize: epoch {epoch} of {config.epochs}, loss "
-                     f"{sum(v for k, v in entry.items() if k.startswith('loss_')):.4f}")
+        beat(lambda: f"quantize: epoch {epoch} of {config.epochs}, loss {_total_loss(entry):.4f}")
         if epoch % config.eval_every == 0 or epoch == config.epochs:
             evaluate(run, entry)
-            bar.set_postfix(loss=f"{sum(v for k, v in entry.items() if k.startswith('loss_')):.4f}",
-                            entropy=f"{entry['heldout_entropy']:.3f}")
+            bar.set_postfix(loss=f"{_total_loss(entry):.4f}", entropy=f"{entry['heldout_entropy']:.3f}")
         run.record.history.append(entry)
         run.record.stopped_epoch = run.epoch = epoch
         if checkpoint is not None and "heldout_entropy" in entry and processes.main:
@@ -354,6 +352,11 @@ def train_rqvae(
     run.model.load_state_dict(run.best_state)
     run.model.eval()
     return run.model.cpu(), run.record  # on the CPU: what the tokenizer keeps never depends on the device
+
+
+def _total_loss(entry: dict[str, float]) -> float:
+    """The sum of an epoch's loss terms (``loss_*`` of its history entry)."""
+    return sum(v for k, v in entry.items() if k.startswith("loss_"))
 
 
 def _loss_terms(config: QuantizeConfig) -> list[str]:
