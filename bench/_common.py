@@ -59,7 +59,7 @@ def write_result(name: str, dataset: str, record: dict[str, Any], columns: list[
             cell = value.get(column, "")
             cells.append(f"{cell:.4f}" if isinstance(cell, float) else str(cell))
         lines.append(f"| {key} | {' | '.join(cells)} |")
-    commands = sorted({v.get("command", "") for v in data.values()})
+    commands = sorted({c for v in data.values() for c in (v.get("command", ""), v.get("compare_command")) if c})
     text = f"# {name}\n\n" + "\n".join(lines) + "\n\nCommands:\n\n" + "".join(f"    {c}\n" for c in commands)
     (RESULTS / f"{name}.md").write_text(text)
     return path

@@ -7,7 +7,7 @@ L1 contrasts each entity's level-l code prefix with its own cluster centre
 against every centre of the level, or, where a level has more centres than
 ``gse.l1_negatives``, against that many drawn ones. At a million entities the
 two deepest levels (8,106 and 125,038 centres) cost ~330 of the ~630 ms of a
-step at 8,192 (bench/results/scale_synthetic.md). This runs stage 4 with the
+step at 8,192 (timed by hand on the 2-core AMD EPYC; docs/gpus-and-scaling.md). This runs stage 4 with the
 scaling benchmark's settings on its kept 100k-entity graph (its deepest level
 is drawn from) for each count and seed, and compares the codes with the
 stage-3 hierarchy that L1 pulls toward, and with the synthetic graph's
