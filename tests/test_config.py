@@ -192,3 +192,28 @@ def test_an_optional_choice_names_its_values():
     with pytest.raises(ConfigError, match=r"override model: expected one of 'rotate', 'transe', 'distmult', "
                                           r"'complex' or null, got 'foo'"):
         load_config(ImportConfig, None, ["model=foo"])
+
+
+def test_a_config_built_in_python_is_type_checked_as_yaml_is():
+    """Only values were checked: reciprocal="false" (truthy) turned reciprocal relations on, dim=8.5 failed
+    inside torch, an unknown model name or a dict for a nested section failed deep in the stage."""
+    import numpy as np
+
+    from kgtok.data.stage import DataConfig
+    from kgtok.embed.config import EmbedConfig
+    from kgtok.pipeline import RunConfig
+    from kgtok.quantize.config import QuantizeConfig
+    from kgtok.text.config import TextConfig
+
+    for make, message in (
+        (lambda: EmbedConfig(reciprocal="false"), "EmbedConfig.reciprocal='false': expected bool or null"),
+        (lambda: EmbedConfig(dim=8.5), "EmbedConfig.dim=8.5: expected int"),
+        (lambda: EmbedConfig(model="foo"), "EmbedConfig.model='foo': expected one of"),
+        (lambda: QuantizeConfig(gse={"l1": False}), "QuantizeConfig.gse={'l1': False}: expected GSEConfig"),
+        (lambda: RunConfig(embed=TextConfig()), "RunConfig.embed=TextConfig\\(...\\): expected EmbedConfig"),
+        (lambda: DataConfig(skip_header="no"), "DataConfig.skip_header='no': expected bool"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            make()
+    assert EmbedConfig(dim=np.int64(8), lr=1).dim == 8  # numpy integers and an int for a float are numbers
+    assert EmbedConfig(export_splits=["train"]).export_splits == ["train"]  # a list for a tuple, as YAML gives

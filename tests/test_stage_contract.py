@@ -191,3 +191,39 @@ def test_damaged_input_file_is_named_before_the_stage_reads_it(small_run, tmp_pa
     (tmp_path / "manifest-list").mkdir()
     (tmp_path / "manifest-list" / "manifest.json").write_text("[1]")
     assert read_manifest(tmp_path / "manifest-list") is None  # a JSON list is no manifest (was AttributeError)
+
+
+def test_a_stage_leaves_its_callers_random_streams_alone(small_run, tmp_path):
+    """run_finetune reseeded Python's, numpy's and torch's global generators (the Trainer's set_seed): a
+    script's draws after it were the same whatever seed the script had set."""
+    import random
+
+    import numpy as np
+    import torch
+
+    def seeded_draws(seed: int, stage: bool) -> tuple[float, float, float]:
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+        if stage:
+            stage_call(small_run, "finetune", tmp_path / f"ft{seed}", reuse=False)
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    assert seeded_draws(1, True) == seeded_draws(1, False)
+    assert seeded_draws(2, True) == seeded_draws(2, False) != seeded_draws(1, False)
+
+
+def test_a_wrong_config_a_file_as_dest_and_a_missing_kg_are_refused_before_any_write(small_run, tmp_path):
+    """Another stage's config failed deep inside (AttributeError); a file as dest was moved aside to a hidden
+    name and left there; kgtok run with a missing data folder wrote run.log and run_config.json first."""
+    from kgtok.embed.config import EmbedConfig
+
+    with pytest.raises(TypeError, match="finetune: config is a EmbedConfig, expected a FinetuneConfig"):
+        run_stage(STAGES["finetune"], EmbedConfig(), tmp_path / "ft", inputs=small_run.wired("finetune"),
+                  ctx=Context(log=lambda *_: None, progress=False))
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt: is a file, not a folder"):
+        stage_call(small_run, "instruct", tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="--data .*missing-kg: "):
+        run(dataclasses.replace(small_run, data=str(tmp_path / "missing-kg"), out=str(tmp_path / "run")),
+            log=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -380,6 +380,9 @@ def refuse_foreign_dir(dest: Path, stage: str | None = None) -> None:
     """A directory that holds files but no kgtok manifest is someone's data (a KG, notes), and one that holds
     another stage's artifact is most likely an --out mistyped: written there, either would be replaced, so the
     write is refused before any work (``stage``: the stage about to write; None: any artifact may be replaced)."""
+    if dest.exists() and not dest.is_dir():  # replace_dir would move the user's file aside and leave it there
+        raise FileExistsError(f"{dest}: is a file, not a folder; kgtok writes an artifact folder there and "
+                              "replaces only its own artifacts: give another --out, or remove it")
     manifest = read_manifest(dest) if dest.is_dir() else None  # read once for both checks
     refuse_unmarked_dir(dest, lambda _: manifest is not None, f"has no {MANIFEST}, so it is not a kgtok "
                         "artifact; kgtok replaces only its own artifacts: give another --out, or remove it")

@@ -9,6 +9,7 @@ do), and lets ``__post_init__`` report every bad value at once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -40,7 +41,14 @@ def check_fields(config: object, checks: Sequence[Check]) -> None:
     in the manner of scikit-learn's parameter constraints.
     """
     errors = []
-    if dataclasses.is_dataclass(config):  # NaN and ±inf pass every comparison-free check and reach training (NaN weights)
+    if dataclasses.is_dataclass(config):
+        # A config built in Python is type-checked as YAML is: reciprocal="false" is truthy, dim=8.5 fails deep
+        # inside torch, gse={"l1": False} has no attributes.
+        hints = _field_hints(type(config))
+        errors += [f"{type(config).__name__}.{f.name}={_shown(getattr(config, f.name))}: expected "
+                   f"{_type_name(hints[f.name])}" for f in dataclasses.fields(config)
+                   if f.name in hints and not _matches(getattr(config, f.name), hints[f.name])]
+        # NaN and ±inf pass every comparison-free check and reach training (NaN weights)
         errors += [f"{type(config).__name__}.{f.name}={getattr(config, f.name)!r}: expected a finite number"
                    for f in dataclasses.fields(config) if isinstance(getattr(config, f.name), float)
                    and not math.isfinite(getattr(config, f.name))]
@@ -54,6 +62,44 @@ def check_fields(config: object, checks: Sequence[Check]) -> None:
             errors.append(f"{type(config).__name__}.{name}={value!r}: expected {expected}")
     if errors:
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message shows it: a config by its class (its repr runs for lines)."""
+    return f"{type(value).__name__}(...)" if dataclasses.is_dataclass(value) else repr(value)
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """``value`` is of annotation ``tp`` as given (a nested config must be one, not a mapping; numpy
+    integers and floats count as numbers)."""
+    import numbers
+
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, option) for option in get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, tp)
+    if origin in (tuple, list):
+        args = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args))
+        return all(_matches(v, args[0]) for v in value) if args else True
+    if tp is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    try:
+        _coerce(value, tp, "")
+    except ConfigError:
+        return False
+    return True
 
 
 def in_range(low: float | None = None, high: float | None = None, *, low_open: bool = False) -> Callable[[Any], bool]:

@@ -35,7 +35,7 @@ from kgtok.llm.finetune import STAGE as FINETUNE
 from kgtok.llm.instruct import STAGE as INSTRUCT
 from kgtok.quantize.config import QuantizeConfig
 from kgtok.quantize.stage import STAGE as QUANTIZE
-from kgtok.stage import Context, Stage, StageResult, run_stage
+from kgtok.stage import Context, Stage, StageResult, check_kg_dir, run_stage
 from kgtok.text.config import TextConfig
 from kgtok.text.stage import STAGE as TEXT
 
@@ -99,7 +99,10 @@ class RunConfig:
         return Path(self.data) if self.data is not None else Path(self.out) / "synthetic"
 
     def check_files(self) -> None:
-        """The user's files (``classes``, ``negatives``) exist: checked before any stage runs."""
+        """The KG directory (``data``) and the user's files (``classes``, ``negatives``) exist: checked before
+        any stage runs and before the run folder is written."""
+        if self.data is not None:
+            check_kg_dir(self.data)
         for name in ("classes", "negatives"):
             value = getattr(self, name)
             if value is not None and not Path(value).exists():

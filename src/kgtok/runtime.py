@@ -46,6 +46,25 @@ def seeded_global_rng(seed: int) -> Iterator[None]:
 
 
 @contextmanager
+def preserved_global_rng() -> Iterator[None]:
+    """The caller's global random states (Python's, numpy's, torch's on the CPU and every GPU) restored after
+    the block: libraries a stage calls reseed them (the Trainer and ``transformers.set_seed`` all three), and
+    a script's own draws must not depend on having run a stage."""
+    import random
+
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+@contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
     """Set torch's thread count for the block and restore it afterwards.
 

@@ -305,8 +305,10 @@ def run_stage(
     from kgtok.config import format_config
     from kgtok.data.graph import KnowledgeGraph
     from kgtok.data.stage import DataConfig
-    from kgtok.runtime import torch_threads
+    from kgtok.runtime import preserved_global_rng, torch_threads
 
+    if not isinstance(config, stage.config):  # another stage's config fails deep inside, on a missing field
+        raise TypeError(f"{stage.name}: config is a {type(config).__name__}, expected a {stage.config.__name__}")
     dest = Path(dest)
     fingerprint = stage.fingerprint(config) if stage.fingerprint is not None else {}  # may refuse the config
     if ctx is None:
@@ -334,7 +336,7 @@ def run_stage(
         work = open_work(work_dir(dest), record, config)
         stage_ctx = ctx.for_stage(work)
         try:
-            with torch_threads(getattr(config, "threads", 0)):
+            with torch_threads(getattr(config, "threads", 0)), preserved_global_rng():
                 with artifact_dir(dest, stage=stage.name, config=config, inputs=hashes) as writer:
                     metrics = stage.run(config, given, writer.path, stage_ctx)
                     writer.metrics.update(metrics or {})
@@ -372,12 +374,12 @@ def _run_as_helper_process(stage: Stage, config: Any, inputs: dict[str, Path], d
     main process keeps), writes its copy of the outputs to a private folder, and leaves ``dest`` alone."""
     import tempfile
 
-    from kgtok.runtime import torch_threads
+    from kgtok.runtime import preserved_global_rng, torch_threads
 
     work = work_dir(dest)
     work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}.rank{os.environ.get('RANK')}-", dir=dest.parent) as tmp:
-        with torch_threads(getattr(config, "threads", 0)):
+        with torch_threads(getattr(config, "threads", 0)), preserved_global_rng():
             stage.run(config, inputs, Path(tmp), ctx.for_stage(work))
     return StageResult(stage.name, dest, "helper")
 

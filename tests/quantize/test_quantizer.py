@@ -10,7 +10,13 @@ import torch
 
 from kgtok.quantize import EntityTokenizer, GSEConfig, QuantizeConfig, run_quantize
 from kgtok.quantize.model import RQVAE, Hierarchy, gse_losses
-from kgtok.quantize.tokenizer import CollisionWarning, NotFittedError, disambiguate, level_namespace
+from kgtok.quantize.tokenizer import (
+    CollisionWarning,
+    NotFittedError,
+    VocabularyWarning,
+    disambiguate,
+    level_namespace,
+)
 
 
 def clustered(n: int = 240, dim: int = 16, seed: int = 0, clusters: int = 4):
@@ -297,6 +303,29 @@ def test_realm_residual_kmeans_gets_closer_with_more_stages():
                 tokenizer.encode_new(twins)
         np.testing.assert_array_equal(again[:, :stages], tokenizer.base_codes_[:10])
     assert errors[1] < 0.5 * errors[0]
+
+
+def test_encode_new_warns_when_a_rank_has_no_token_in_the_vocabulary():
+    """encode_new gave the largest group's next member rank = its size, a token vocabulary() (and so an
+    extended model) does not have: the model's tokenizer split it into pieces, without a word."""
+    import warnings
+
+    x, _ = clustered(n=400, dim=24)
+    config = QuantizeConfig(variant="realm", levels=2, codebook_size=16, realm_assignment="nearest", threads=1)
+    tokenizer = EntityTokenizer(config=config).fit(x, None, progress=False)
+    assert tokenizer.width_ == 3
+    keys = tokenizer.base_codes_[:, 0] * 16 + tokenizer.base_codes_[:, 1]
+    _, group, size = np.unique(keys, return_inverse=True, return_counts=True)
+    largest, smallest = int(np.argmax(size[group])), int(np.argmin(size[group]))
+    top = int(tokenizer.codes_[:, -1].max())
+    assert size.max() == top + 1  # ranks 0..top: the largest group's next rank has no token
+    with pytest.warns(VocabularyWarning, match=f"1 new entit\\(ies\\) need a disambiguation rank above {top}"):
+        new = tokenizer.encode_new(x[[largest]])
+    assert new[0, -1] == top + 1 and f"<c_{top + 1}>" not in tokenizer.vocabulary()
+    if size.min() <= top:  # a smaller group's next rank is in the vocabulary: no warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", VocabularyWarning)
+            assert tokenizer.encode_new(x[[smallest]])[0, -1] == size.min()
 
 
 def test_distinct_codes_differ_within_each_group_and_move_only_clashing_rows():

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kgtok.config import check_fields
 from kgtok.data.synthetic import SyntheticConfig
 from kgtok.stage import Context, Stage
 
@@ -23,6 +24,9 @@ class DataConfig:
 
     skip_header: bool = False  # skip a header line (head<TAB>relation<TAB>tail) of a split file instead of refusing it
     strip_whitespace: bool = False  # strip whitespace around ids instead of refusing them
+
+    def __post_init__(self) -> None:
+        check_fields(self, [])  # the types (skip_header="no" is truthy)
 
     def load(self, path: str | Path) -> KnowledgeGraph:
         """The KG directory ``path`` loaded with these options."""

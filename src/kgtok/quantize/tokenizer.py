@@ -62,6 +62,11 @@ class CollisionWarning(UserWarning):
     """A new entity's code tuple equals an existing one and no disambiguation level exists."""
 
 
+class VocabularyWarning(UserWarning):
+    """A new entity's code needs a token that :meth:`EntityTokenizer.vocabulary` (and so an extended model)
+    does not have."""
+
+
 class NotFittedError(ValueError, AttributeError):
     """The tokenizer was used before ``fit`` or ``load``."""
 
@@ -244,8 +249,14 @@ class EntityTokenizer:
         uniq, counts = np.unique(existing, return_counts=True)
         at = np.clip(np.searchsorted(uniq, new_keys), 0, max(len(uniq) - 1, 0))
         start = np.where(uniq[at] == new_keys, counts[at], 0) if len(uniq) else np.zeros(len(base), dtype=np.int64)
-        rank = rank_in_group(np.unique(new_keys, return_inverse=True)[1].reshape(-1))
-        return np.concatenate([base, (start + rank)[:, None]], axis=1)
+        rank = start + rank_in_group(np.unique(new_keys, return_inverse=True)[1].reshape(-1))
+        known = int(self.codes_[:, -1].max())  # vocabulary() holds the ranks 0..known
+        if len(rank) and rank.max() > known:
+            warnings.warn(f"{int((rank > known).sum())} new entit(ies) need a disambiguation rank above {known}, "
+                          f"the vocabulary's last (up to {int(rank.max())}): a model extended with vocabulary() "
+                          "has no token for them and its tokenizer splits them into pieces; add these tokens to "
+                          "it, or refit with the new entities", VocabularyWarning, stacklevel=2)
+        return np.concatenate([base, rank[:, None]], axis=1)
 
     def vectors_of(self, codes: np.ndarray) -> np.ndarray:
         """(n, width) codes -> (n, code_dim) sum of codewords (the disambiguation column has none)."""
