@@ -222,6 +222,7 @@ def test_class_constraint_and_class_file(tmp_path):
 def test_finetune_trains_new_rows_and_lowers_the_loss(stages, finetuned):
     metrics = json.loads((finetuned / "metrics.json").read_text())
     assert metrics["adapter"] == "full" and metrics["steps"] == 6
+    assert metrics["backbone"] == "tiny"  # the config's name, not the work folder's copy (deleted afterwards)
     losses = [h["loss"] for h in metrics["history"] if "loss" in h]
     assert losses[-1] < losses[0]
     from transformers import AutoTokenizer

@@ -61,6 +61,8 @@ def test_save_pretrained_layout_round_trips(tmp_path, variant):
     np.testing.assert_array_equal(loaded.encode_new(vectors()[:5]), tok.encode_new(vectors()[:5]))
     assert EntityTokenizer.save is EntityTokenizer.save_pretrained
     np.testing.assert_array_equal(EntityTokenizer.load(saved).codes_, tok.codes_)
+    tok.save_pretrained(tmp_path / "codes" / "tokenizer")  # as a stage-4 artifact holds it: its folder will do
+    np.testing.assert_array_equal(EntityTokenizer.from_pretrained(tmp_path / "codes").codes_, tok.codes_)
 
 
 def test_from_pretrained_refuses_an_unknown_format_version(tmp_path):
@@ -108,6 +110,17 @@ def test_extend_adds_one_id_per_code_token_and_spells_every_entity(backbone):
     with torch.no_grad():  # the extended model runs on code tokens
         logits = model(torch.as_tensor(ids[:4])).logits
     assert logits.shape == (4, tok.width_, len(hf_tok))
+
+
+def test_extend_keeps_a_padded_embedding_matrix(backbone):
+    """A model whose matrix has more rows than its tokenizer (as many LMs pad) was shrunk to the tokenizer."""
+    tok = realm()
+    model, hf_tok = load_backbone(backbone)
+    model.resize_token_embeddings(len(hf_tok) + 64)
+    padded = model.get_input_embeddings().weight.shape[0]
+    ids = tok.extend(model, hf_tok)
+    assert len(hf_tok) < padded == model.get_input_embeddings().weight.shape[0] == model.config.vocab_size
+    assert ids.max() < len(hf_tok)
 
 
 def test_codebook_and_mean_rows_are_stage_5s(backbone):

@@ -328,6 +328,12 @@ def test_encode_new_warns_when_a_rank_has_no_token_in_the_vocabulary():
             assert tokenizer.encode_new(x[[smallest]])[0, -1] == size.min()
 
 
+def test_fit_names_a_hierarchy_given_as_a_path():
+    x, _ = clustered(n=50, dim=8)
+    with pytest.raises(TypeError, match="hierarchy: expected the stage-3 arrays .*load_hierarchy"):
+        EntityTokenizer(config=QuantizeConfig(levels=2, codebook_size=4, threads=1)).fit(x, "runs/x/hierarchy")
+
+
 def test_distinct_codes_differ_within_each_group_and_move_only_clashing_rows():
     from kgtok.quantize.kmeans import nearest
     from kgtok.quantize.quantizer import distinct_codes

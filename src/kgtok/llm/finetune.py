@@ -478,7 +478,7 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     code_losses = [h for h in trainer.state.log_history if "eval_code_token_loss" in h]
     by_level = level_metrics(code_losses[-1]) if code_losses else []
     metrics = {
-        "backbone": str(backbone), "adapter": "full" if full else "lora", "trainable_parameters": trainable,
+        "backbone": config.backbone, "adapter": "full" if full else "lora", "trainable_parameters": trainable,
         "parameters": sum(p.numel() for p in merged.parameters()), "new_tokens": len(new_ids),
         "train_examples": len(train_set), "steps": result.global_step, "train_loss": train_loss,
         "valid_loss": eval_losses[-1] if eval_losses else math.nan,

@@ -141,7 +141,9 @@ def extend_vocabulary(model: Any, tokenizer: Any, tokens: Sequence[str], *, init
     new_ids, existing = add_tokens(tokenizer, tokens)
     if len(tokenizer) == existing:
         return new_ids
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    # Many LMs pad their matrix past the tokenizer (to a multiple of 64, say): keep the padding, never shrink.
+    rows = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(max(len(tokenizer), rows), mean_resizing=False)
     generator = torch.Generator().manual_seed(seed)
     fresh = [i for i, token_id in enumerate(new_ids) if token_id >= existing]  # tokens that were not there
     with torch.no_grad():

@@ -40,6 +40,7 @@ import json
 import string
 import warnings
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import numpy as np
@@ -153,6 +154,9 @@ class EntityTokenizer:
         hierarchy : stage-3 arrays (:func:`kgtok.hierarchy.load_hierarchy`); needed for GSE/GSR.
         checkpoint : file for resumable training (saved every evaluation, resumed when it matches).
         """
+        if hierarchy is not None and not isinstance(hierarchy, Mapping):  # a path failed on string indices
+            raise TypeError(f"hierarchy: expected the stage-3 arrays (a dict), got {type(hierarchy).__name__} "
+                            f"{hierarchy!r}: read a hierarchy artifact with kgtok.hierarchy.load_hierarchy(path)")
         config = self.resolved_config()
         x = as_vectors(vectors)  # (N, D)
         if len(x) < 2:
@@ -381,12 +385,15 @@ class EntityTokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> EntityTokenizer:
-        """Read a directory written by :meth:`save_pretrained` (or by ``save`` before format versions).
+        """Read a directory written by :meth:`save_pretrained` (or by ``save`` before format versions), or
+        the ``tokenizer/`` folder of the stage-4 artifact ``path``.
 
         A file that cannot be parsed, or a ``format_version`` this kgtok does
         not know, is named in a ValueError.
         """
         path = Path(path)
+        if not (path / CONFIG_FILE).exists() and (path / "tokenizer" / CONFIG_FILE).exists():
+            path = path / "tokenizer"  # a stage-4 artifact folder: its tokenizer is in tokenizer/
         tokenizer, meta = _read(path / CONFIG_FILE, cls._from_meta)
         tokenizer.codes_ = _read(path / "codes.npy", np.load)
         tokenizer.base_codes_ = _read(path / "base_codes.npy", np.load)
