@@ -10,6 +10,7 @@ started again finishes with the artifact an uninterrupted run wrote.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,10 @@ def test_killed_run_resumes_to_the_same_artifact(small_run, name, tmp_path, monk
     assert stage_call(small_run, name, dest).status == "ran"
     assert not work_dir(dest).exists()
     assert data_files(dest) == data_files(reference)
+    if name == "finetune":  # resumed at its final checkpoint, the Trainer skipped LM-valid and took a step too many
+        same = ("steps", "train_loss", "valid_loss", "valid_code_token_loss")
+        assert {k: read_manifest(dest)["metrics"].get(k) for k in same} == \
+            {k: read_manifest(reference)["metrics"].get(k) for k in same}
 
 
 @pytest.mark.parametrize("name", STAGE_ORDER)
@@ -227,3 +232,20 @@ def test_a_wrong_config_a_file_as_dest_and_a_missing_kg_are_refused_before_any_w
         run(dataclasses.replace(small_run, data=str(tmp_path / "missing-kg"), out=str(tmp_path / "run")),
             log=lambda *_: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_finished_runs_leftover_work_folder_is_removed_not_reused(small_run, tmp_path):
+    """A kill between the artifact's rename and the work folder's removal left <out>.work for ever: the cache
+    hit kept it, and --force resumed from it (finetune at its final checkpoint)."""
+    dest = tmp_path / "instruct"
+    assert stage_call(small_run, "instruct", dest).status == "ran"
+    work = work_dir(dest)
+    work.mkdir()
+    (work / "record.json").write_text(json.dumps({"stage": "instruct"}))
+    (work / "partial.bin").write_bytes(b"x")
+    assert stage_call(small_run, "instruct", dest).status == "cached"
+    assert not work.exists()
+    work.mkdir()
+    (work / "partial.bin").write_bytes(b"x")
+    assert stage_call(small_run, "instruct", dest, reuse=False).status == "ran"
+    assert not work.exists()

@@ -328,6 +328,10 @@ def run_stage(
     with folder_lock(dest):
         hashes = input_record(stage.hashes_kg(config), given, ctx.kg_dir, fingerprint, ctx.kg_options,
                               data if isinstance(data, KnowledgeGraph) else None)
+        if manifest_matches(dest, stage.name, config, hashes) and work_dir(dest).exists():
+            # the finished run's work folder, left by a kill between the artifact's rename and its removal:
+            # reused (the cache) or resumed (--force, at its final step) it would only mislead
+            shutil.rmtree(work_dir(dest), ignore_errors=True)
         if reuse and is_current(dest, stage, config, hashes):
             return StageResult(stage.name, dest, "cached", read_manifest(dest).get("metrics", {}))
         clean_leftovers(dest.parent, dest.name)

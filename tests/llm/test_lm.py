@@ -874,3 +874,23 @@ def test_stage5_refuses_artifacts_in_another_entity_order_and_warns_on_other_ins
     with pytest.warns(UserWarning, match="made from other codes"), pytest.raises(Stop):
         run_finetune(FinetuneConfig(tiny=TINY, threads=1), instructions, tmp_path / "ft", codes=other,
                      progress=False, log=quiet)
+
+
+def test_resume_point_skips_a_checkpoint_cut_short_and_the_final_one(tmp_path):
+    """A kill while the Trainer wrote a checkpoint left it without trainer_state.json, and every later run
+    failed on it; a final-step checkpoint resumed one step too many without the LM-valid pass."""
+    from kgtok.llm.finetune import resume_point
+
+    for step, state in ((2, {"global_step": 2, "max_steps": 6}), (4, None), (6, {"global_step": 6, "max_steps": 6})):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights")
+        if state is not None:
+            (folder / "trainer_state.json").write_text(json.dumps(state))
+    (tmp_path / "checkpoint-8").mkdir()
+    (tmp_path / "checkpoint-8" / "trainer_state.json").write_text('{"global_st')  # torn
+    said: list[str] = []
+    assert resume_point(tmp_path, True, said.append) == (tmp_path / "checkpoint-2", 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    assert len(said) == 3 and "cut short" in said[0] and "final step" in said[1]
+    assert resume_point(tmp_path / "none", True, said.append) == (None, 0)

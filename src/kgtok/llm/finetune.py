@@ -25,6 +25,7 @@ Artifact (``dest``): ``model/`` (HF model + tokenizer), ``manifest.json``,
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kgtok.artifacts import read_manifest, warn_if_made_from_another, write_json_atomic
+from kgtok.artifacts import read_json, read_manifest, warn_if_made_from_another, write_json_atomic
 from kgtok.llm.backbone import backbone_fingerprint, is_from_scratch, resolve_backbone
 from kgtok.llm.config import FinetuneConfig  # here too: kgtok.llm.finetune.FinetuneConfig is public
 from kgtok.llm.layout import FinetuneArtifact, InstructArtifact
@@ -400,6 +401,29 @@ def make_trainer(config: FinetuneConfig, arguments: Any, model: Any, tokenizer: 
     return trainer
 
 
+def resume_point(checkpoints: Path, main: bool, log: Callable[[str], None]) -> tuple[Path | None, int]:
+    """The newest Trainer checkpoint a killed run can resume from, and its step (``None, 0``: none).
+
+    Skipped, and removed by the main process: a checkpoint without a readable ``trainer_state.json``
+    (the Trainer writes it last, so a kill while saving left it cut short, and resuming from it failed
+    every time), and one saved at the final step (resumed there, the Trainer ran neither the LM-valid pass
+    the kill interrupted nor stopped: one step too many, different metrics).
+    """
+    found = sorted(((int(p.name.split("-")[1]), p) for p in checkpoints.glob("checkpoint-*")
+                    if p.name.split("-")[1].isdigit()), reverse=True)
+    for step, path in found:
+        saved = read_json(path / "trainer_state.json")
+        complete = isinstance(saved, dict) and "global_step" in saved
+        if complete and saved["global_step"] < saved.get("max_steps", math.inf):
+            return path, step
+        if main:
+            why = "the final step's (its LM-valid pass and save are redone)" if complete else \
+                "cut short by a kill while it was written"
+            log(f"finetune: {path} is {why}: removed")
+            shutil.rmtree(path, ignore_errors=True)
+    return None, 0
+
+
 def mean_train_loss(history: list[dict[str, Any]], done_before: int, run_loss: float, steps: int) -> float:
     """The mean training loss over all ``steps``, also when this run resumed at step ``done_before``.
 
@@ -458,13 +482,12 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         trainer = make_trainer(config, arguments, model, tokenizer, train_records, valid_records, ctx.progress,
                                ctx.log, new_ids=new_ids, code_ids=code_ids, code_levels=code_levels(code_tokens))
-        checkpoints = ctx.work / "checkpoints"
-        done_before = max((int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*")), default=0)
-        if done_before and state.is_main_process:
-            ctx.log(f"finetune: resuming from the newest checkpoint in {checkpoints}")
+        checkpoint, done_before = resume_point(ctx.work / "checkpoints", state.is_main_process, ctx.log)
+        if checkpoint is not None and state.is_main_process:
+            ctx.log(f"finetune: resuming from {checkpoint}")
         with ctx.timed("train"):
             start = time.perf_counter()
-            result = trainer.train(resume_from_checkpoint=True if done_before else None)
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
             seconds = time.perf_counter() - start
         merged = trainer.model.merge_and_unload() if not full else trainer.model
         merged.save_pretrained(FinetuneArtifact(dest).model)
