@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -249,3 +250,31 @@ def test_a_finished_runs_leftover_work_folder_is_removed_not_reused(small_run, t
     (work / "partial.bin").write_bytes(b"x")
     assert stage_call(small_run, "instruct", dest, reuse=False).status == "ran"
     assert not work.exists()
+
+
+def test_a_resumed_evaluation_counts_every_querys_prompt(small_run, tmp_path, monkeypatch):
+    """prompts_trimmed counted the queries the last process scored (0 when a killed run had scored them all),
+    and queries_per_second was 0.0 then."""
+    stage = STAGES["evaluate"]
+    config = dataclasses.replace(small_run.stage_config("evaluate"), max_prompt_tokens=40)
+
+    def call(dest: Path):
+        return run_stage(stage, config, dest, inputs=small_run.wired("evaluate"),
+                         ctx=Context(log=lambda *_: None, progress=False, kg_dir=small_run.kg_dir()))
+
+    whole = read_manifest(call(tmp_path / "whole").path)["metrics"]
+    assert whole["prompts_trimmed"] + whole["prompts_over"] > 0
+
+    def killed_at_the_end(*args):
+        stage.run(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(STAGES, "evaluate", dataclasses.replace(stage, run=killed_at_the_end))
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(STAGES["evaluate"], config, tmp_path / "resumed", inputs=small_run.wired("evaluate"),
+                  ctx=Context(log=lambda *_: None, progress=False, kg_dir=small_run.kg_dir()))
+    monkeypatch.setitem(STAGES, "evaluate", stage)
+    resumed = read_manifest(call(tmp_path / "resumed").path)["metrics"]
+    assert resumed["resumed_queries"] == resumed["queries"] == whole["queries"]
+    assert (resumed["prompts_trimmed"], resumed["prompts_over"]) == (whole["prompts_trimmed"], whole["prompts_over"])
+    assert math.isnan(resumed["queries_per_second"])

@@ -317,3 +317,12 @@ def test_oracle_ranks_beat_chance_on_the_written_kg(tmp_path: Path) -> None:
     assert ranks["head"].shape == ranks["tail"].shape == (n,)
     both = np.concatenate([ranks["head"], ranks["tail"]])
     assert np.all(both >= 1) and np.mean(1 / both) > 0.2  # chance would be ~ 1/150 (MRR ~ 0.02)
+
+
+def test_write_synthetic_removes_a_killed_writers_temporary_folder(tmp_path):
+    """kgtok data synthetic killed mid-write left .NAME.tmp-* behind for ever (no lock, no clean-up)."""
+    leftover = tmp_path / ".kg.tmp-killed"
+    leftover.mkdir()
+    (leftover / "train.txt").write_text("a\tr\tb\n")
+    write_synthetic(SyntheticConfig(num_entities=200), tmp_path / "kg")
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["kg"]

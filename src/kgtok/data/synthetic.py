@@ -72,7 +72,7 @@ from typing import Any
 
 import numpy as np
 
-from kgtok.artifacts import atomic_dir
+from kgtok.artifacts import atomic_dir, clean_leftovers, folder_lock
 from kgtok.config import check_fields, config_to_dict, in_range
 
 __all__ = ["SyntheticConfig", "SyntheticKG", "generate", "oracle_ranks", "true_head_probabilities",
@@ -831,6 +831,13 @@ def write_synthetic(config: SyntheticConfig, dest: str | Path) -> Path:
         ``dest`` is a file, or a non-empty directory written from another config.
     """
     dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(dest):  # one writer; a killed one's temporary folder goes (it stayed for ever)
+        clean_leftovers(dest.parent, dest.name)
+        return _write_synthetic(config, dest)
+
+
+def _write_synthetic(config: SyntheticConfig, dest: Path) -> Path:
     if dest.exists():
         if not dest.is_dir():
             raise FileExistsError(f"{dest} exists and is not a directory; expected a directory for the synthetic KG")
@@ -841,7 +848,6 @@ def write_synthetic(config: SyntheticConfig, dest: str | Path) -> Path:
                 f"{dest} is a non-empty directory without a synthetic.json for this config; "
                 "choose another destination or remove it"
             )
-    dest.parent.mkdir(parents=True, exist_ok=True)
     kg = generate(config)
     with atomic_dir(dest) as tmp:
         write_kg_files(kg, config, tmp)

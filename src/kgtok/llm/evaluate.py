@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -140,10 +141,10 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
                             ctx.log)
     weight = fusion["weight"]
     partial = PartialPredictions(ctx.work / "predictions.partial.jsonl")
-    if partial.rows:
-        ctx.log(f"evaluate: {len(partial.rows)} of {len(records)} queries already scored in {partial.path}; "
-                "resuming")
     todo = [r for r in records if r["id"] not in partial.rows]
+    if len(todo) < len(records):  # rows of queries this run does not have (another max_queries) do not count
+        ctx.log(f"evaluate: {len(records) - len(todo)} of {len(records)} queries already scored in {partial.path}; "
+                "resuming")
     generative = _generative_retriever(config, scorer, records, instructions, ctx) if config.generative_beams \
         else None
     scorer.budget = dict.fromkeys(scorer.budget, 0)  # the test prompts' count (LM-valid's went before)
@@ -156,31 +157,34 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
                                    score=config.score, fusion_weight=weight if fusable else 0.0, classes=classes,
                                    class_scores=scorer.class_scores(query)) for query in batch]
             for row, found in zip(rows, generative(batch) if generative is not None else [{}] * len(rows)):
-                add({**row, **found})
+                add({**row, **found, "prompt_budget": scorer.budget_of.get(row["id"])})
             beat(lambda: f"evaluate: {len(partial.rows)} of {len(records)} queries scored "
                          f"({time.perf_counter() - start:.0f} s)")
     seconds = time.perf_counter() - start
     ctx.timings["evaluate"] = seconds
     predictions = [partial.rows[r["id"]] for r in records]
+    # Counted over every query, those a killed run scored too (rows written before this key: not counted).
+    budget = {key: sum(p.get("prompt_budget") == key for p in predictions) for key in ("trimmed", "over")}
     ranks = rank_all(predictions)
     metrics, per_relation = ranking_metrics(predictions, ranks)
     for p, d, r in zip(predictions, ranks["dift"], ranks["rerank"]):
         p["dift_rank"], p["rerank_rank"] = float(d), float(r)
     summary = {
-        "queries": len(predictions), "seconds": seconds, "queries_per_second": len(todo) / max(seconds, 1e-9),
+        "queries": len(predictions), "seconds": seconds,
+        "queries_per_second": len(todo) / max(seconds, 1e-9) if todo else math.nan,  # nan: all scored before
         "resumed_queries": len(records) - len(todo),
         "gold_in_candidates": float(np.mean([p["gold_index"] >= 0 for p in predictions])), "fusion_weight": weight,
         **({"class_accuracy": float(np.mean([p["predicted_class"] == p["gold_class"] for p in predictions]))}
            if all("predicted_class" in p for p in predictions) else {}),
         "fusion_position": fusion.get("position", "configured"), "fusion_chosen_on": fusion.get(
             "chosen_on", "configured"),
-        "prompts_trimmed": scorer.budget["trimmed"], "prompts_over": scorer.budget["over"],
+        "prompts_trimmed": budget["trimmed"], "prompts_over": budget["over"],
         **{f"{key}_{measure}": metrics[key]["both"][measure] for key in ranks for measure in MEASURES},
     }
     _write_evaluation(dest, predictions, {**summary, **metrics, "per_relation": per_relation, "fusion": fusion})
-    if scorer.budget["trimmed"] or scorer.budget["over"]:
-        ctx.log(f"evaluate: {scorer.budget['trimmed']} of {len(todo)} prompts trimmed to max_prompt_tokens="
-                f"{config.max_prompt_tokens} (facts, then description); {scorer.budget['over']} over it with "
+    if budget["trimmed"] or budget["over"]:
+        ctx.log(f"evaluate: {budget['trimmed']} of {len(predictions)} prompts trimmed to max_prompt_tokens="
+                f"{config.max_prompt_tokens} (facts, then description); {budget['over']} over it with "
                 "query and list alone")
     ctx.log(f"evaluate: {len(predictions)} queries, {summary['queries_per_second']:.1f} queries/s; Hits@1 "
             f"retriever {summary['retriever_hits_at_1']:.3f}, DIFT rule {summary['dift_hits_at_1']:.3f}, "

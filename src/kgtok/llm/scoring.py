@@ -168,6 +168,7 @@ class CandidateScorer:
 
         self.config, self.progress = config, progress
         self.budget = {"fit": 0, "trimmed": 0, "over": 0}  # prompts scored, by what the budget did
+        self.budget_of: dict[str, str] = {}  # record id -> what the budget did to its prompt
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
@@ -182,6 +183,8 @@ class CandidateScorer:
         """The record's prompt within ``max_prompt_tokens`` (:func:`fit_prompt`; counted in ``self.budget``)."""
         ids, budget = fit_prompt(self.tokenizer, record, self.config.max_prompt_tokens)
         self.budget[budget] += 1
+        if "id" in record:
+            self.budget_of[record["id"]] = budget
         return ids
 
     def score(self, records: list[dict[str, Any]], desc: str,
