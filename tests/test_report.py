@@ -135,3 +135,23 @@ def test_stage_folders_are_found_by_manifest_whatever_their_names(ablated_run, t
     (run / "eval" / "metrics.json").write_text("{bad")
     with pytest.raises(ValueError, match=r"eval/metrics.json: not readable JSON"):
         write_report(run)
+
+
+def test_a_run_folder_of_mixed_chains_is_named(ablated_run):
+    """kgtok run with a changed setting, killed after its first stages, leaves later artifacts of the old
+    chain beside new earlier ones: the report set their numbers side by side without a word."""
+    import hashlib
+
+    run = ablated_run
+    (run / "finetune").mkdir()
+    (run / "finetune" / "manifest.json").write_text(json.dumps({"stage": "finetune", "config": {"epochs": 2}}))
+    model_hash = hashlib.sha256((run / "finetune" / "manifest.json").read_bytes()).hexdigest()
+    (run / "evaluate" / "manifest.json").write_text(json.dumps(
+        {"stage": "evaluate", "config": {}, "inputs": {"model": model_hash}}))
+    assert report.mixed_artifacts(run) == []
+    assert "not of one chain" not in write_report(run).read_text()
+    (run / "finetune" / "manifest.json").write_text(json.dumps({"stage": "finetune", "config": {"epochs": 1}}))
+    assert report.mixed_artifacts(run) == ["evaluate was made from another finetune artifact than finetune "
+                                           "holds now"]
+    with pytest.warns(report.MixedRunWarning, match="evaluate was made from another finetune artifact"):
+        assert "not of one chain" in write_report(run).read_text()

@@ -18,12 +18,13 @@ import base64
 import html
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kgtok.artifacts import MANIFEST, read_manifest, write_text_atomic
+from kgtok.artifacts import MANIFEST, read_manifest, sha256_file, write_text_atomic
 from kgtok.embed.layout import EmbedArtifact
 from kgtok.hierarchy.layout import HierarchyArtifact
 from kgtok.llm.layout import EvaluateArtifact, FinetuneArtifact
@@ -65,6 +66,30 @@ def stage_folder(run: Path, stage: str) -> Path:
         return conventional
     found = [p for p in run.iterdir() if p.is_dir() and (read_manifest(p) or {}).get("stage") == stage]
     return max(found, key=lambda p: (p / MANIFEST).stat().st_mtime) if found else conventional
+
+
+class MixedRunWarning(UserWarning):
+    """A run folder's artifacts come from different chains (see :func:`mixed_artifacts`)."""
+
+
+def mixed_artifacts(run: Path) -> list[str]:
+    """Artifacts of ``run`` made from another upstream artifact than the one the run holds now (a ``kgtok run``
+    with a changed setting, killed after its first stages, leaves such a mix): the report would set numbers of
+    different chains side by side."""
+    from kgtok.pipeline import STAGE_ORDER, STAGES
+
+    found = {stage: stage_folder(run, stage) for stage in STAGE_ORDER if stage not in ("synthetic", "data")}
+    mixed = []
+    for stage, folder in found.items():
+        recorded = (read_manifest(folder) or {}).get("inputs") or {}
+        for spec in STAGES[stage].inputs:
+            upstream = found.get(str(spec.stage))
+            if upstream is None or spec.name not in recorded or not (upstream / MANIFEST).exists():
+                continue
+            if sha256_file(upstream / MANIFEST) != recorded[spec.name]:
+                mixed.append(f"{folder.relative_to(run)} was made from another {spec.stage} artifact than "
+                             f"{upstream.relative_to(run)} holds now")
+    return mixed
 
 
 def _stage1(run: Path) -> str | None:
@@ -386,6 +411,11 @@ def write_report(run_dir: str | Path, dest: str | Path | None = None) -> Path:
     read = [f"{stage}: {html.escape(str(folder.relative_to(run)))}" for stage, folder in found.items()
             if (folder / MANIFEST).exists()]
     sections.insert(0, f"<p>Artifacts read: {'; '.join(read)}</p>")
+    mixed = mixed_artifacts(run)
+    if mixed:  # said on the page and to the caller: the numbers below come from different chains
+        warnings.warn(f"{run}: {'; '.join(mixed)} (run the later stages again)", MixedRunWarning, stacklevel=2)
+        sections.insert(0, "<p><b>Warning: the artifacts are not of one chain.</b> "
+                        + html.escape("; ".join(mixed)) + ". Run the later stages again.</p>")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>kgtok report: {html.escape(run.name)}"
             f"</title><style>{STYLE}</style></head><body><h1>kgtok report: {html.escape(str(run))}</h1>"
             + "".join(sections) + "</body></html>")
