@@ -278,3 +278,14 @@ def test_a_resumed_evaluation_counts_every_querys_prompt(small_run, tmp_path, mo
     assert resumed["resumed_queries"] == resumed["queries"] == whole["queries"]
     assert (resumed["prompts_trimmed"], resumed["prompts_over"]) == (whole["prompts_trimmed"], whole["prompts_over"])
     assert math.isnan(resumed["queries_per_second"])
+
+
+def test_an_interrupted_run_says_where_it_stopped_in_its_log(small_run, tmp_path, monkeypatch):
+    """Ctrl-C during kgtok run left no line in run.log (the console said only 'Aborted!')."""
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(STAGES, "synthetic", dataclasses.replace(STAGES["synthetic"], run=interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        run(dataclasses.replace(small_run, out=str(tmp_path / "run")), log=lambda *_: None)
+    assert (tmp_path / "run" / "run.log").read_text().splitlines()[-1] == "synthetic: stopped (KeyboardInterrupt)"

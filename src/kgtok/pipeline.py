@@ -198,7 +198,13 @@ def run(config: RunConfig, *, until: str | None = None, log: Callable[[str], Non
                       kg_options=config.load)
         for name in config.stages():
             stage = STAGES[name]
-            result = run_stage(stage, config.stage_config(name), run_dir / name, inputs=config.wired(name), ctx=ctx)
+            try:
+                result = run_stage(stage, config.stage_config(name), run_dir / name, inputs=config.wired(name),
+                                   ctx=ctx)
+            except BaseException as error:  # the log says where the run stopped (the console had only "Aborted!")
+                run_log.file(f"{name}: stopped ({type(error).__name__}: {error})" if str(error) else
+                             f"{name}: stopped ({type(error).__name__})")
+                raise
             result.metrics = {k: _rounded(result.metrics[k]) for k in stage.summary if k in result.metrics}
             took = f" in {result.seconds:.1f} s" if result.status == "ran" else ""
             run_log.say(f"{name}: {result.status}{took} -> {result.path}")
