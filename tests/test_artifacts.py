@@ -266,3 +266,26 @@ def test_a_manifest_that_is_a_folder_reads_as_no_manifest(tmp_path):
 
     (tmp_path / "a" / "manifest.json").mkdir(parents=True)
     assert read_manifest(tmp_path / "a") is None
+
+
+def test_a_lock_whose_pid_went_to_a_later_process_is_taken_over(tmp_path):
+    """A killed holder's PID given to another process (containers reuse small PIDs) kept the folder locked for
+    ever: that process started after the lock was taken, so it is not the holder."""
+    import datetime
+    import socket
+    import subprocess
+    import sys
+
+    from kgtok.artifacts import StaleLockWarning, folder_lock
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        hour_ago = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=1)).isoformat()
+        (tmp_path / "run.lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(),
+                                                        "started": hour_ago}))
+        with pytest.warns(StaleLockWarning, match=f"process {other.pid}, which no longer runs .* started later"):
+            with folder_lock(tmp_path / "run"):
+                pass
+    finally:
+        other.kill()
+        other.wait()

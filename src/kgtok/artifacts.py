@@ -451,6 +451,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _reused(pid: int, taken: Any) -> bool:
+    """The live process ``pid`` started after the lock was taken (``taken``: the file's ISO time), so it is not
+    the holder: a killed holder's PID went to another process (containers reuse small PIDs). Linux only."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        begun = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start, in ticks since boot
+        return begun > _dt.datetime.fromisoformat(str(taken)).timestamp() + 2.0  # its times are whole seconds
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+
+
 @contextlib.contextmanager
 def folder_lock(path: str | Path) -> Iterator[None]:
     """Hold ``<path>.lock`` (holder PID, host, start time) while a stage or run writes ``path``.
@@ -460,7 +473,7 @@ def folder_lock(path: str | Path) -> Iterator[None]:
     second process on the same folder stops with a message naming the holder;
     the file of a process that is gone is taken over with a warning (a live
     process named in a file it does not lock, as older kgtok wrote them, still
-    counts).  Re-entrant within one process (``kgtok run`` locks the run
+    counts, unless it started after the lock was taken: a reused PID).  Re-entrant within one process (``kgtok run`` locks the run
     folder, then each stage its own).
     """
     import fcntl
@@ -493,6 +506,8 @@ def folder_lock(path: str | Path) -> Iterator[None]:
             continue
         pid = holder.get("pid")
         live = holder.get("host") == me["host"] and isinstance(pid, int) and pid != me["pid"] and _alive(pid)
+        reused = live and locked and _reused(pid, holder.get("started"))
+        live = live and not reused
         if not locked or live:
             os.close(fd)
             raise LockedError(
@@ -504,7 +519,9 @@ def folder_lock(path: str | Path) -> Iterator[None]:
                               f"if it is gone, delete {lock}")
         if pid is not None and pid != me["pid"]:
             warnings.warn(f"{lock}: taking over the lock of process {pid}, which no longer runs "
-                          f"(started {holder.get('started')})", StaleLockWarning, stacklevel=3)
+                          f"(started {holder.get('started')})" + ("; its PID is now another process's, started "
+                                                                  "later" if reused else ""),
+                          StaleLockWarning, stacklevel=3)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
         try:
