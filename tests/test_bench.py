@@ -402,3 +402,37 @@ def test_fusion_hindsight_scores_every_grid_weight_on_test_and_keeps_the_smalles
     assert record["hindsight_weight"] == 0.0 and record["hindsight_hits_at_1"] == pytest.approx(0.6)
     assert record["hindsight_minus_retriever"] == pytest.approx(0.2)
     assert (record["lm_valid_weight"], record["lm_valid_position"]) == (16.0, "interior")
+
+
+def test_gpu_carry_parts_must_come_in_order_and_each_failure_is_loud(tmp_path):
+    """carry_part appended whatever came: a part after the machine was given back (no acc.tar), or one sent
+    twice, left a tar that was never whole, and every call exited 0 ('not whole yet')."""
+    root = tmp_path / "repo"
+    stage = tmp_path / "stage"
+    (stage / "in").mkdir(parents=True)
+    (stage / "in" / "data.bin").write_bytes(np.random.default_rng(0).bytes(9000))
+    parts = root / ".gpu-carry" / "parts"
+    parts.mkdir(parents=True)
+    subprocess.run(f"tar -C {stage} -cf - . | split -b 4K -d - {parts}/part-", shell=True, check=True)
+    assert len(list(parts.iterdir())) >= 3
+
+    total = len(list(parts.iterdir()))
+
+    def carry(part: str) -> tuple[int, str]:
+        script = (f'root={root}; python={sys.executable}; source {BENCH / "_gpu_carry.sh"}; '
+                  f'carry_part {part} {total}')
+        done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+        return done.returncode, done.stdout + done.stderr
+
+    assert carry("part-01")[0] == 3 and "send every part again" in carry("part-01")[1]
+    assert carry("part-00") == (1, f"part-00 appended (1 of {total}); call again with the next part\n")
+    status, said = carry("part-02")
+    assert status == 3 and "part-02 after part-00, not after part-01" in said
+    assert carry("part-01")[0] == 1
+    assert carry("part-01")[0] == 3  # twice
+    last = sorted(p.name for p in parts.iterdir())
+    for part in last[2:-1]:
+        assert carry(part)[0] == 1
+    status, said = carry(last[-1])
+    assert status == 0 and "torch" in said
+    assert (root / "in" / "data.bin").read_bytes() == (stage / "in" / "data.bin").read_bytes()

@@ -894,3 +894,23 @@ def test_resume_point_skips_a_checkpoint_cut_short_and_the_final_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
     assert len(said) == 3 and "cut short" in said[0] and "final step" in said[1]
     assert resume_point(tmp_path / "none", True, said.append) == (None, 0)
+
+
+def test_training_arguments_suit_the_gpu_images_older_transformers(tmp_path):
+    """TrainingArguments got activation_checkpointing in a later 5.x; the lent GPU machines' image has 5.17,
+    where stage 5b failed with a TypeError after stages 1-4 had spent the device time."""
+    import dataclasses
+
+    import transformers
+
+    from kgtok.llm.finetune import checkpointing_field, training_arguments
+
+    names = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    older = (names - {"activation_checkpointing", "activation_checkpointing_kwargs"}) | {"gradient_checkpointing"}
+    fake = dataclasses.make_dataclass("TrainingArguments", [(n, object, dataclasses.field(default=None))
+                                                            for n in sorted(older)])
+    assert checkpointing_field(fake) == "gradient_checkpointing"
+    fake(**{checkpointing_field(fake): True})  # the name 5.17 takes
+    assert checkpointing_field(transformers.TrainingArguments) == "activation_checkpointing"  # this machine's
+    args = training_arguments(FinetuneConfig(gradient_checkpointing=True), tmp_path, 1e-3, True)
+    assert args.activation_checkpointing is True

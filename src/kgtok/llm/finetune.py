@@ -347,6 +347,15 @@ def uses_full_training(config: FinetuneConfig) -> bool:
         config.backbone == "tiny" or is_from_scratch(config.backbone)))
 
 
+def checkpointing_field(arguments: type) -> str:
+    """TrainingArguments' name for activation checkpointing: transformers renamed gradient_checkpointing (kept
+    as an alias) in a later 5.x, and the lent GPU machines' image has 5.17, which knows only the old name."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(arguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def training_arguments(config: FinetuneConfig, work: Path, learning_rate: float, validate: bool) -> Any:
     """The Trainer's arguments: device and precision from the machine (or accelerate launch), cosine schedule,
     checkpoints in ``work``, LM-valid loss each epoch (or ``eval_steps``) when ``validate``, no console output
@@ -355,6 +364,7 @@ def training_arguments(config: FinetuneConfig, work: Path, learning_rate: float,
     from transformers import TrainingArguments
 
     use_gpu = torch.cuda.is_available()
+    checkpointing = checkpointing_field(TrainingArguments)
     return TrainingArguments(
         output_dir=str(work / "checkpoints"), per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -364,7 +374,7 @@ def training_arguments(config: FinetuneConfig, work: Path, learning_rate: float,
         save_total_limit=2, eval_strategy=("steps" if config.eval_steps else "epoch") if validate else "no",
         eval_steps=config.eval_steps or None, report_to=[], seed=config.seed,
         use_cpu=not use_gpu, bf16=use_gpu and torch.cuda.is_bf16_supported(),
-        fp16=use_gpu and not torch.cuda.is_bf16_supported(), activation_checkpointing=config.gradient_checkpointing,
+        fp16=use_gpu and not torch.cuda.is_bf16_supported(), **{checkpointing: config.gradient_checkpointing},
         dataloader_num_workers=0, remove_unused_columns=False,
         disable_tqdm=True,  # the Trainer's printer is replaced by TrainingConsole
         ddp_find_unused_parameters=False,  # CPU processes under accelerate launch use gloo
