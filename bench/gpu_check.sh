@@ -164,5 +164,6 @@ if [[ -n "$part" && -n "${OUT:-}" ]]; then  # a lent machine's results come back
   (cd "$out" && tar -czf "$OUT/gpu_check_manifests.tgz" $(ls -d */manifest.json */metrics.json 2>/dev/null)) || true
 fi
 [[ $collect == 0 ]] || { echo "gpu_check.sh: collecting the numbers failed (above)" >&2; exit 3; }
-[[ $status == 124 || $status == 137 ]] && { echo "gpu_check.sh: kgtok run stopped at the budget, $budget s" >&2; exit 4; }
+[[ $status == 124 || $status == 137 ]] &&  # read by the device tool as its own time-out: said here, exit 4
+  { echo "gpu_check.sh: kgtok run stopped at the budget, $budget s" >&2; exit 4; }
 exit "$status"

@@ -473,8 +473,9 @@ def folder_lock(path: str | Path) -> Iterator[None]:
     second process on the same folder stops with a message naming the holder;
     the file of a process that is gone is taken over with a warning (a live
     process named in a file it does not lock, as older kgtok wrote them, still
-    counts, unless it started after the lock was taken: a reused PID).  Re-entrant within one process (``kgtok run`` locks the run
-    folder, then each stage its own).
+    counts, unless it started after the lock was taken: a reused PID).
+    Re-entrant within one process (``kgtok run`` locks the run folder, then
+    each stage its own).
     """
     import fcntl
     import socket
