@@ -217,3 +217,6 @@ def test_a_config_built_in_python_is_type_checked_as_yaml_is():
             make()
     assert EmbedConfig(dim=np.int64(8), lr=1).dim == 8  # numpy integers and an int for a float are numbers
     assert EmbedConfig(export_splits=["train"]).export_splits == ["train"]  # a list for a tuple, as YAML gives
+    from pathlib import Path
+
+    assert RunConfig(out=Path("runs/x")).out == Path("runs/x")  # a path for a str field, as before the check

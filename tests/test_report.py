@@ -150,6 +150,11 @@ def test_a_run_folder_of_mixed_chains_is_named(ablated_run):
         {"stage": "evaluate", "config": {}, "inputs": {"model": model_hash}}))
     assert report.mixed_artifacts(run) == []
     assert "not of one chain" not in write_report(run).read_text()
+    (run / "hierarchy").mkdir()  # classes=FILE records the file's hash, not hierarchy's manifest: no alarm
+    (run / "hierarchy" / "manifest.json").write_text(json.dumps({"stage": "hierarchy"}))
+    (run / "evaluate" / "manifest.json").write_text(json.dumps(
+        {"stage": "evaluate", "config": {}, "inputs": {"model": model_hash, "classes": "0" * 64}}))
+    assert report.mixed_artifacts(run) == []
     (run / "finetune" / "manifest.json").write_text(json.dumps({"stage": "finetune", "config": {"epochs": 1}}))
     assert report.mixed_artifacts(run) == ["evaluate was made from another finetune artifact than finetune "
                                            "holds now"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -237,18 +238,28 @@ def test_a_wrong_config_a_file_as_dest_and_a_missing_kg_are_refused_before_any_w
 
 def test_a_finished_runs_leftover_work_folder_is_removed_not_reused(small_run, tmp_path):
     """A kill between the artifact's rename and the work folder's removal left <out>.work for ever: the cache
-    hit kept it, and --force resumed from it (finetune at its final checkpoint)."""
-    dest = tmp_path / "instruct"
-    assert stage_call(small_run, "instruct", dest).status == "ran"
+    hit kept it, and --force resumed from it (finetune at its final checkpoint). The work of another run (a
+    resumable field changed, killed) stays: it is still to be resumed."""
+    dest = tmp_path / "embed"
+    assert stage_call(small_run, "embed", dest).status == "ran"
+    manifest = read_manifest(dest)
     work = work_dir(dest)
-    work.mkdir()
-    (work / "record.json").write_text(json.dumps({"stage": "instruct"}))
-    (work / "partial.bin").write_bytes(b"x")
-    assert stage_call(small_run, "instruct", dest).status == "cached"
+
+    def leave(config: dict) -> None:
+        work.mkdir()
+        (work / "record.json").write_text(json.dumps({"stage": "embed", "config": config,
+                                                      "inputs": manifest["inputs"]}))
+        (work / "last.pt").write_bytes(b"x")
+
+    leave(manifest["config"])
+    assert stage_call(small_run, "embed", dest).status == "cached"
     assert not work.exists()
-    work.mkdir()
-    (work / "partial.bin").write_bytes(b"x")
-    assert stage_call(small_run, "instruct", dest, reuse=False).status == "ran"
+    leave({**manifest["config"], "max_steps": manifest["config"]["max_steps"] + 100})  # a longer run, killed
+    assert stage_call(small_run, "embed", dest).status == "cached"
+    assert (work / "last.pt").exists()
+    shutil.rmtree(work)
+    leave(manifest["config"])
+    assert stage_call(small_run, "embed", dest, reuse=False).status == "ran"
     assert not work.exists()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
 import types
 import typing
@@ -95,6 +96,8 @@ def _matches(value: Any, tp: Any) -> bool:
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if tp is float:
         return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if tp is str:  # paths (out, data, backbone) given as pathlib.Path, as they were accepted before the check
+        return isinstance(value, (str, os.PathLike))
     try:
         _coerce(value, tp, "")
     except ConfigError:

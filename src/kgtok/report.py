@@ -76,14 +76,19 @@ def mixed_artifacts(run: Path) -> list[str]:
     """Artifacts of ``run`` made from another upstream artifact than the one the run holds now (a ``kgtok run``
     with a changed setting, killed after its first stages, leaves such a mix): the report would set numbers of
     different chains side by side."""
-    from kgtok.pipeline import STAGE_ORDER, STAGES
+    import dataclasses
+
+    from kgtok.pipeline import STAGE_ORDER, STAGES, RunConfig
 
     found = {stage: stage_folder(run, stage) for stage in STAGE_ORDER if stage not in ("synthetic", "data")}
+    files = {f.name for f in dataclasses.fields(RunConfig)}  # classes=FILE: the file's hash, not a manifest's
     mixed = []
     for stage, folder in found.items():
         recorded = (read_manifest(folder) or {}).get("inputs") or {}
         for spec in STAGES[stage].inputs:
             upstream = found.get(str(spec.stage))
+            if spec.name in files:
+                continue
             if upstream is None or spec.name not in recorded or not (upstream / MANIFEST).exists():
                 continue
             if sha256_file(upstream / MANIFEST) != recorded[spec.name]:

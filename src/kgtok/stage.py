@@ -283,6 +283,15 @@ def is_current(dest: Path, stage: Stage, config: Any, hashes: Mapping[str, str])
     return True
 
 
+def _work_of(work: Path, stage: Stage, config: Any, hashes: Mapping[str, str]) -> bool:
+    """``work`` holds the saved work of a run with exactly this config and these inputs (not that of another
+    run, killed, with a resumable field changed: that one is still to be resumed)."""
+    saved = read_json(work / "record.json")
+    if not isinstance(saved, dict) or saved.get("stage") != stage.name or saved.get("inputs") != dict(hashes):
+        return False
+    return config_changes(saved.get("config") or {}, config) == ([], [])
+
+
 def run_stage(
     stage: Stage,
     config: Any,
@@ -328,7 +337,7 @@ def run_stage(
     with folder_lock(dest):
         hashes = input_record(stage.hashes_kg(config), given, ctx.kg_dir, fingerprint, ctx.kg_options,
                               data if isinstance(data, KnowledgeGraph) else None)
-        if manifest_matches(dest, stage.name, config, hashes) and work_dir(dest).exists():
+        if manifest_matches(dest, stage.name, config, hashes) and _work_of(work_dir(dest), stage, config, hashes):
             # the finished run's work folder, left by a kill between the artifact's rename and its removal:
             # reused (the cache) or resumed (--force, at its final step) it would only mislead
             shutil.rmtree(work_dir(dest), ignore_errors=True)
