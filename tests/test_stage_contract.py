@@ -300,3 +300,16 @@ def test_an_interrupted_run_says_where_it_stopped_in_its_log(small_run, tmp_path
     with pytest.raises(KeyboardInterrupt):
         run(dataclasses.replace(small_run, out=str(tmp_path / "run")), log=lambda *_: None)
     assert (tmp_path / "run" / "run.log").read_text().splitlines()[-1] == "synthetic: stopped (KeyboardInterrupt)"
+
+
+def test_the_python_stage_functions_take_force(small_run, tmp_path):
+    """The CLI's --force had no Python counterpart: a current artifact could only be reused."""
+    from kgtok.embed import run_embed
+
+    config = small_run.stage_config("embed")
+    dest = run_embed(config, small_run.kg_dir(), tmp_path / "embed", progress=False, log=lambda *_: None)
+    timings = read_manifest(dest)["timings"]  # wall times: a run again writes others
+    run_embed(config, small_run.kg_dir(), dest, progress=False, log=lambda *_: None)
+    assert read_manifest(dest)["timings"] == timings  # reused
+    run_embed(config, small_run.kg_dir(), dest, progress=False, log=lambda *_: None, force=True)
+    assert read_manifest(dest)["timings"] != timings

@@ -52,6 +52,6 @@ STAGE = Stage(name="embed", title="stage 1: KG embeddings and candidates", confi
 
 
 def run_embed(config: EmbedConfig, data: str | Path | KnowledgeGraph, dest: str | Path, *,
-              progress: bool = True, log: Callable[[str], None] = print) -> Path:
-    """Stage 1 into ``dest`` (reused when current; a killed run resumes from ``<dest>.work``)."""
-    return run_stage(STAGE, config, dest, data=data, progress=progress, log=log).path
+              progress: bool = True, log: Callable[[str], None] = print, force: bool = False) -> Path:
+    """Stage 1 into ``dest`` (reused when current, unless ``force``; a killed run resumes from ``<dest>.work``)."""
+    return run_stage(STAGE, config, dest, data=data, progress=progress, log=log, reuse=not force).path

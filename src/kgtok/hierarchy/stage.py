@@ -188,10 +188,11 @@ def run_hierarchy(
     tree: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    force: bool = False,
 ) -> Path:
-    """Stage 3 into ``dest`` (reused when current)."""
+    """Stage 3 into ``dest`` (reused when current, unless ``force``)."""
     return run_stage(STAGE, config, dest, data=data, inputs={"embeddings": embeddings, "text": text, "tree": tree},
-                     progress=progress, log=log).path
+                     progress=progress, log=log, reuse=not force).path
 
 
 def load_hierarchy(artifact: str | Path, entity_names: list[str] | None = None) -> dict[str, Any]:

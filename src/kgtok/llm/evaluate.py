@@ -121,11 +121,13 @@ def run_evaluate(
     data: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    force: bool = False,
 ) -> Path:
-    """Stage 5c into ``dest`` (reused when current).  ``model_dir``: a stage-5b artifact or any HF directory;
-    ``data``: the KG, to read a ``classes`` file's entity names."""
+    """Stage 5c into ``dest`` (reused when current, unless ``force``).  ``model_dir``: a stage-5b artifact or any HF
+    directory; ``data``: the KG, to read a ``classes`` file's entity names."""
     return run_stage(STAGE, config, dest, data=data, progress=progress, log=log,
-                     inputs={"model": model_dir, "instructions": instructions, "classes": classes}).path
+                     inputs={"model": model_dir, "instructions": instructions, "classes": classes},
+                     reuse=not force).path
 
 
 def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[str, Any]],

@@ -547,8 +547,9 @@ def run_finetune(
     codes: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    force: bool = False,
 ) -> Path:
-    """Stage 5b into ``dest`` (reused when current).  ``codes``: the stage-4 artifact whose tokens the
+    """Stage 5b into ``dest`` (reused when current, unless ``force``).  ``codes``: the stage-4 artifact whose tokens the
     instructions use (None for instructions without codes)."""
     return run_stage(STAGE, config, dest, inputs={"instructions": instructions, "codes": codes},
-                     progress=progress, log=log).path
+                     progress=progress, log=log, reuse=not force).path

@@ -482,11 +482,13 @@ def run_instruct(
     negatives: str | Path | None = None,
     classes: str | Path | None = None,
     log: Callable[[str], None] = print,
+    force: bool = False,
 ) -> Path:
-    """Stage 5a into ``dest`` (reused when current); ``negatives``: a file of test negatives (classification);
-    ``classes``: entity<TAB>class file or stage-3 artifact (class_prefix)."""
+    """Stage 5a into ``dest`` (reused when current, unless ``force``); ``negatives``: a file of test negatives
+    (classification); ``classes``: entity<TAB>class file or stage-3 artifact (class_prefix)."""
     return run_stage(STAGE, config, dest, data=data, log=log,
-                     inputs={"embeddings": embeddings, "codes": codes, "negatives": negatives, "classes": classes}).path
+                     inputs={"embeddings": embeddings, "codes": codes, "negatives": negatives, "classes": classes},
+                     reuse=not force).path
 
 
 def _ranked_queries(embeddings: EmbedArtifact, split: str) -> RankedQueries:

@@ -115,7 +115,9 @@ def run_quantize(
     embeddings: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    force: bool = False,
 ) -> Path:
-    """Stage 4 into ``dest`` (reused when current; a killed training resumes from ``<dest>.work``)."""
+    """Stage 4 into ``dest`` (reused when current, unless ``force``; a killed training resumes from
+    ``<dest>.work``)."""
     return run_stage(STAGE, config, dest, data=data, inputs={"hierarchy": hierarchy, "embeddings": embeddings},
-                     progress=progress, log=log).path
+                     progress=progress, log=log, reuse=not force).path

@@ -66,6 +66,6 @@ STAGE = Stage(name="text", title="stage 2: text embeddings", config=TextConfig, 
 
 
 def run_text(config: TextConfig, data: str | Path | KnowledgeGraph, dest: str | Path, *,
-             progress: bool = True, log: Callable[[str], None] = print) -> Path:
-    """Stage 2 into ``dest`` (reused when current)."""
-    return run_stage(STAGE, config, dest, data=data, progress=progress, log=log).path
+             progress: bool = True, log: Callable[[str], None] = print, force: bool = False) -> Path:
+    """Stage 2 into ``dest`` (reused when current, unless ``force``)."""
+    return run_stage(STAGE, config, dest, data=data, progress=progress, log=log, reuse=not force).path
