@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from kgtok.artifacts import MANIFEST, read_manifest, sha256_file, write_text_atomic
+from kgtok.artifacts import MANIFEST, hash_inputs, read_manifest, write_text_atomic
 from kgtok.embed.layout import EmbedArtifact
 from kgtok.hierarchy.layout import HierarchyArtifact
 from kgtok.llm.layout import EvaluateArtifact, FinetuneArtifact
@@ -87,11 +87,10 @@ def mixed_artifacts(run: Path) -> list[str]:
         recorded = (read_manifest(folder) or {}).get("inputs") or {}
         for spec in STAGES[stage].inputs:
             upstream = found.get(str(spec.stage))
-            if spec.name in files:
+            if spec.name in files or upstream is None or spec.name not in recorded or \
+                    not (upstream / MANIFEST).exists():
                 continue
-            if upstream is None or spec.name not in recorded or not (upstream / MANIFEST).exists():
-                continue
-            if sha256_file(upstream / MANIFEST) != recorded[spec.name]:
+            if hash_inputs({spec.name: upstream})[spec.name] != recorded[spec.name]:  # as the stage recorded it
                 mixed.append(f"{folder.relative_to(run)} was made from another {spec.stage} artifact than "
                              f"{upstream.relative_to(run)} holds now")
     return mixed

@@ -38,10 +38,9 @@ class Heartbeat:
 @contextmanager
 def seeded_global_rng(seed: int) -> Iterator[None]:
     """torch's global generator seeded for the block (modules draw their initial weights from it), and the
-    caller's state restored afterwards: a stage leaves no trace in its caller's random stream."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []  # manual_seed seeds them
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    caller's state restored afterwards (:func:`preserved_global_rng`): no trace in the caller's random stream."""
+    with preserved_global_rng():
+        torch.manual_seed(seed)  # the GPUs' generators too, restored with the CPU's
         yield
 
 

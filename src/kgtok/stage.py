@@ -235,6 +235,15 @@ def check_inputs(stage: Stage, config: Any, inputs: Mapping[str, str | Path | No
     return given
 
 
+def work_changes(saved: Mapping[str, Any], record: Mapping[str, Any], config: Any) -> tuple[list[str], list[str]]:
+    """``(resumable, other)``: where the record of saved work differs from this run's ``record``
+    (``{stage, config, inputs}``; ``other`` ends in "inputs" when the stage or the inputs differ)."""
+    resumable, other = config_changes(saved.get("config") or {}, config)
+    if saved.get("stage") != record["stage"] or saved.get("inputs") != record["inputs"]:
+        other = [*other, "inputs"]
+    return resumable, other
+
+
 def open_work(work: Path, record: dict[str, Any], config: Any) -> Path:
     """The stage's work folder, kept when its saved record allows a resume, else emptied (with a warning).
 
@@ -245,9 +254,7 @@ def open_work(work: Path, record: dict[str, Any], config: Any) -> Path:
     saved_path = work / "record.json"
     saved = read_json(saved_path)
     if saved is not None:
-        resumable, other = config_changes(saved.get("config") or {}, config)
-        if saved.get("stage") != record["stage"] or saved.get("inputs") != record["inputs"]:
-            other = [*other, "inputs"]
+        resumable, other = work_changes(saved, record, config)
         if other:
             warnings.warn(f"{work}: saved work of a run with a different config ({', '.join(other)}); "
                           "the new config wins and the stage starts afresh", ResumeWarning, stacklevel=3)
@@ -283,13 +290,11 @@ def is_current(dest: Path, stage: Stage, config: Any, hashes: Mapping[str, str])
     return True
 
 
-def _work_of(work: Path, stage: Stage, config: Any, hashes: Mapping[str, str]) -> bool:
-    """``work`` holds the saved work of a run with exactly this config and these inputs (not that of another
-    run, killed, with a resumable field changed: that one is still to be resumed)."""
+def _work_of(work: Path, record: Mapping[str, Any], config: Any) -> bool:
+    """``work`` holds the saved work of a run with exactly this ``record`` (not that of another run, killed,
+    with a resumable field changed: that one is still to be resumed)."""
     saved = read_json(work / "record.json")
-    if not isinstance(saved, dict) or saved.get("stage") != stage.name or saved.get("inputs") != dict(hashes):
-        return False
-    return config_changes(saved.get("config") or {}, config) == ([], [])
+    return isinstance(saved, dict) and work_changes(saved, record, config) == ([], [])
 
 
 def run_stage(
@@ -337,14 +342,14 @@ def run_stage(
     with folder_lock(dest):
         hashes = input_record(stage.hashes_kg(config), given, ctx.kg_dir, fingerprint, ctx.kg_options,
                               data if isinstance(data, KnowledgeGraph) else None)
-        if manifest_matches(dest, stage.name, config, hashes) and _work_of(work_dir(dest), stage, config, hashes):
+        record = {"stage": stage.name, "config": config_to_dict(config), "inputs": hashes}
+        if manifest_matches(dest, stage.name, config, hashes) and _work_of(work_dir(dest), record, config):
             # the finished run's work folder, left by a kill between the artifact's rename and its removal:
             # reused (the cache) or resumed (--force, at its final step) it would only mislead
             shutil.rmtree(work_dir(dest), ignore_errors=True)
         if reuse and is_current(dest, stage, config, hashes):
             return StageResult(stage.name, dest, "cached", read_manifest(dest).get("metrics", {}))
         clean_leftovers(dest.parent, dest.name)
-        record = {"stage": stage.name, "config": config_to_dict(config), "inputs": hashes}
         ctx.log(format_config(config))
         work = open_work(work_dir(dest), record, config)
         stage_ctx = ctx.for_stage(work)

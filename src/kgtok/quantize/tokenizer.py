@@ -39,8 +39,8 @@ import dataclasses
 import json
 import string
 import warnings
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
