@@ -149,7 +149,6 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
                 "resuming")
     generative = _generative_retriever(config, scorer, records, instructions, ctx) if config.generative_beams \
         else None
-    scorer.budget = dict.fromkeys(scorer.budget, 0)  # the test prompts' count (LM-valid's went before)
     start = time.perf_counter()
     beat = Heartbeat(None if ctx.progress else ctx.log)
     with partial.appending() as add:

@@ -167,8 +167,7 @@ class CandidateScorer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.config, self.progress = config, progress
-        self.budget = {"fit": 0, "trimmed": 0, "over": 0}  # prompts scored, by what the budget did
-        self.budget_of: dict[str, str] = {}  # record id -> what the budget did to its prompt
+        self.budget_of: dict[str, str] = {}  # record id -> what the budget did to its prompt (fit, trimmed, over)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
@@ -180,9 +179,8 @@ class CandidateScorer:
                 self.model.cuda()
 
     def prompt_ids(self, record: dict[str, Any]) -> list[int]:
-        """The record's prompt within ``max_prompt_tokens`` (:func:`fit_prompt`; counted in ``self.budget``)."""
+        """The record's prompt within ``max_prompt_tokens`` (:func:`fit_prompt`; noted in ``self.budget_of``)."""
         ids, budget = fit_prompt(self.tokenizer, record, self.config.max_prompt_tokens)
-        self.budget[budget] += 1
         if "id" in record:
             self.budget_of[record["id"]] = budget
         return ids
