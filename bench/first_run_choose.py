@@ -11,7 +11,7 @@ candidate's instruction, fine-tuning and evaluation seconds (a linked stage's
 are the base run's; time them with nothing else running), which stages ran
 (``ran``; ``wall_seconds`` is their sum, so it differs between candidates), fine-tuning's valid loss, every
 ranker's LM-valid Hits@1 and MRR (fused rankers at fusion weight 1: LM-valid evaluated itself chooses none)
-and, when a candidate tagged ``default`` exists, the paired difference to it.
+and, when the candidate tagged ``--reference`` (``default``) exists, the paired difference to it.
 Writes bench/results/llm_synthetic_first_run_choice.json (keyed by ``--tag``)
 and .md; bench/first_run.py then times the chosen recipe from an empty cache
 and checks it on test.
@@ -40,7 +40,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="a finished kgtok run directory (its run_config.json)")
     parser.add_argument("--out", default=None, help="candidates' folder (default: <base>-choose)")
-    parser.add_argument("--tag", required=True, help="the candidate's key; 'default' is the reference")
+    parser.add_argument("--tag", required=True, help="the candidate's key")
+    parser.add_argument("--reference", default="default",
+                        help="the candidate (tag, in the same folder) that the paired differences are to")
     parser.add_argument("--note", default="")
     parser.add_argument("overrides", nargs="*", help="kgtok run key=value")
     args = parser.parse_args()
@@ -73,9 +75,9 @@ def main() -> None:
                                          "train_tokens_per_second", "learning_rate")},
         "load_average_1m": [load_before, os.getloadavg()[0]], "note": args.note,
     }
-    reference = root / "default" / "evaluate"
-    if args.tag != "default" and (reference / "metrics.json").exists():
-        record["vs_default"] = paired_to(out / "evaluate", reference)
+    reference = root / args.reference / "evaluate"
+    if args.tag != args.reference and (reference / "metrics.json").exists():
+        record["vs_reference"] = {"tag": args.reference, **paired_to(out / "evaluate", reference)}
     record.update(command=command(), machine=machine())
     write_result("llm_synthetic_first_run_choice", args.tag, record,
                  ["wall_seconds", "valid_loss", "rerank_mrr", "fused_rerank_mrr", "rerank_hits_at_1",
