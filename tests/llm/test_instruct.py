@@ -206,6 +206,31 @@ def test_training_queries_in_realm_query_form(inputs, tmp_path):
         InstructConfig(train_query_format="short")
 
 
+def test_compact_template_keeps_the_triple_and_list_and_drops_difts_sentences(inputs, tmp_path):
+    kg, embed, codes, _ = inputs
+    base = dict(top_k=8, train_from_train_queries=True, train_query_format="query", train_queries=40)
+    dift = run_instruct(InstructConfig(**base), kg, embed, tmp_path / "d", codes=codes, log=lambda *_: None)
+    compact = run_instruct(InstructConfig(**base, template="compact"), kg, embed, tmp_path / "c", codes=codes,
+                           log=lambda *_: None)
+    for name in ("lm_train", "lm_valid", "test"):
+        long, short = read(dift / f"{name}.jsonl"), read(compact / f"{name}.jsonl")
+        assert [r["id"] for r in long] == [r["id"] for r in short]  # the same queries, lists and answers
+        for a, b in zip(long, short):
+            assert (a["answer"], a.get("candidates"), a["prompt_parts"]["facts"]) == (
+                b["answer"], b.get("candidates"), b["prompt_parts"]["facts"])
+            side = a["direction"]
+            triple = a["prompt_parts"]["head"][0].removeprefix(f"Here is a triple with the {side} entity unknown: ")
+            assert b["prompt_parts"]["head"] == [triple.removesuffix(".")]  # "(?, relation, known)" alone
+            assert ("(?, " in triple) == (side == "head") and "entity" not in b["prompt"]
+            if a["split"] == "train":  # the query form: the triple is the whole prompt
+                assert b["prompt"] == b["prompt_parts"]["head"][0] and len(b["prompt"]) < len(a["prompt"]) - 50
+            else:  # DIFT: description and facts as before; the list after "Candidates:" as after DIFT's question
+                assert b["prompt_parts"]["tail"] == ["Candidates: " + a["prompt_parts"]["tail"][0].split(": ", 1)[1]]
+                assert b["prompt"].split("\n")[1:-1] == a["prompt"].split("\n")[1:-1]
+    with pytest.raises(ValueError, match="dift or compact"):
+        InstructConfig(template="short")
+
+
 def test_random_ids_have_the_codes_shape_and_tokens_but_not_their_content(inputs, tmp_path):
     import re
     from collections import Counter

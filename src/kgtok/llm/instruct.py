@@ -91,14 +91,15 @@ def query_records(kg: KnowledgeGraph, rows: np.ndarray | None, tokens: list[str]
         h, r, t = (int(v) for v in train[i % n])
         direction = int(i >= n)
         known, gold = (h, t) if direction == 0 else (t, h)
-        query, question = query_lines(kg.relation_names[r], direction, entity_text(kg, known, tokens, config))
+        query, question = query_lines(kg.relation_names[r], direction, entity_text(kg, known, tokens, config),
+                                      config.template)
         records.append({
             "id": f"train-{i % n}-{'tail' if direction == 0 else 'head'}", "split": "train",
             "direction": "tail" if direction == 0 else "head",
             "triple": [kg.entity_names[h], kg.relation_names[r], kg.entity_names[t]],
             "known": known, "gold": gold,
             **prompt_fields({"head": [query], "about": "", "description": "", "facts_about": "", "facts": [],
-                             "tail": [question]}),
+                             "tail": [question] if question else []}),
             "answer": entity_text(kg, gold, tokens, config),
         })
     return records

@@ -12,7 +12,9 @@ Templates (DIFT's, with GS-Quant's codes after each entity's name)::
     Known facts about dog <ent>...</ent>: (dog <ent>...</ent>, has part, tail <ent>...</ent>); ...
     What is the tail entity? Choose one of these candidates: canine <ent>...</ent>; cat <ent>...</ent>; ...
 
-ReaLM's short form keeps the first and last lines without the list; triple
+ReaLM's short form keeps the first and last lines without the list (the
+``compact`` template: ``(dog <ent>...</ent>, hypernym, ?)`` alone, and
+``Candidates: ...`` as DIFT's last line); triple
 classification asks "Is this triple true? (h, r, t)" with facts about h.
 """
 
@@ -64,14 +66,15 @@ def triple_text(kg: KnowledgeGraph, triple: Triple, tokens: list[str] | None, co
             f"{entity_text(kg, t, tokens, config)})")
 
 
-def query_lines(relation_name: str, direction: int, known_text: str) -> tuple[str, str]:
-    """The query triple with its unknown side marked, and the question (first and last lines of a prompt)."""
+def query_lines(relation_name: str, direction: int, known_text: str, template: str = "dift") -> tuple[str, str]:
+    """The query triple with its unknown side marked, and the question (first and last lines of a prompt;
+    ``compact``: the triple alone and no question)."""
     relation = readable_relation(relation_name)
-    if direction == 0:
-        return (f"Here is a triple with the tail entity unknown: ({known_text}, {relation}, ?).",
-                "What is the tail entity?")
-    return (f"Here is a triple with the head entity unknown: (?, {relation}, {known_text}).",
-            "What is the head entity?")
+    triple = f"({known_text}, {relation}, ?)" if direction == 0 else f"(?, {relation}, {known_text})"
+    if template == "compact":
+        return triple, ""
+    side = "tail" if direction == 0 else "head"
+    return f"Here is a triple with the {side} entity unknown: {triple}.", f"What is the {side} entity?"
 
 
 def dift_prompt_parts(kg: KnowledgeGraph, triple: Triple, direction: int, candidates: list[int],
@@ -81,8 +84,9 @@ def dift_prompt_parts(kg: KnowledgeGraph, triple: Triple, direction: int, candid
     h, r, t = triple
     known = h if direction == 0 else t
     known_text = entity_text(kg, known, tokens, config)
-    query, question = query_lines(kg.relation_names[r], direction, known_text)
+    query, question = query_lines(kg.relation_names[r], direction, known_text, config.template)
     listed = "; ".join(entity_text(kg, c, tokens, config) for c in candidates)
+    ask = f"{question} Choose one of these candidates: {listed}." if question else f"Candidates: {listed}."
     has_description = config.use_descriptions and bool(kg.descriptions[known])
     return {
         "head": [query],
@@ -90,7 +94,7 @@ def dift_prompt_parts(kg: KnowledgeGraph, triple: Triple, direction: int, candid
         "description": cut_words(kg.descriptions[known], config.description_words) if has_description else "",
         "facts_about": f"Known facts about {known_text}: ",
         "facts": [triple_text(kg, f, tokens, config) for f in neighbours] if config.use_neighbours else [],
-        "tail": [f"{question} Choose one of these candidates: {listed}."],
+        "tail": [ask],
     }
 
 
