@@ -326,3 +326,21 @@ def test_write_synthetic_removes_a_killed_writers_temporary_folder(tmp_path):
     (leftover / "train.txt").write_text("a\tr\tb\n")
     write_synthetic(SyntheticConfig(num_entities=200), tmp_path / "kg")
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["kg"]
+
+
+def test_stage_zero_runs_from_python(tmp_path: Path) -> None:
+    from kgtok.data.stage import DataConfig, run_data, run_synthetic
+
+    quiet = {"log": lambda *_: None}
+    config = SyntheticConfig(num_entities=200)
+    kg_dir = run_synthetic(config, tmp_path / "kg", **quiet)
+    assert kg_dir == tmp_path / "kg" and (kg_dir / "train.txt").read_bytes() == (
+        write_synthetic(config, tmp_path / "plain") / "train.txt").read_bytes()
+    summary = run_data(DataConfig(), kg_dir, tmp_path / "data", **quiet)
+    counts = json.loads((summary / "summary.json").read_text())["counts"]
+    assert counts["entities"] == 200 and counts["train"] == len((kg_dir / "train.txt").read_text().splitlines())
+    before = (summary / "manifest.json").stat().st_mtime_ns
+    assert run_data(DataConfig(), kg_dir, tmp_path / "data", **quiet) == summary  # current: reused
+    assert (summary / "manifest.json").stat().st_mtime_ns == before
+    run_data(DataConfig(), kg_dir, tmp_path / "data", force=True, **quiet)
+    assert (summary / "manifest.json").stat().st_mtime_ns != before

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kgtok.config import check_fields
 from kgtok.data.synthetic import SyntheticConfig
-from kgtok.stage import Context, Stage
+from kgtok.stage import Context, Stage, run_stage
 
 if TYPE_CHECKING:
     from kgtok.data.graph import KnowledgeGraph
@@ -46,7 +47,7 @@ class DataConfig:
         return cls(skip_header=bool(kg.report.skipped_headers), strip_whitespace=bool(kg.report.stripped_ids))
 
 
-def run_synthetic(config: SyntheticConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -> dict[str, Any]:
+def _generate(config: SyntheticConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -> dict[str, Any]:
     """Generate the KG of ``config`` and write its directory (splits, text, true types)."""
     from kgtok.data.synthetic import generate, write_kg_files
 
@@ -55,7 +56,7 @@ def run_synthetic(config: SyntheticConfig, inputs: dict[str, Path], dest: Path, 
     return {"entities": len(kg.entity_names), "train": len(kg.train), "valid": len(kg.valid), "test": len(kg.test)}
 
 
-def run_data(config: DataConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -> dict[str, Any]:
+def _check(config: DataConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -> dict[str, Any]:
     """Load and validate the KG (warnings name file and line), write ``summary.json``."""
     from kgtok.artifacts import write_json_atomic
     from kgtok.data.layout import DataArtifact
@@ -69,7 +70,21 @@ def run_data(config: DataConfig, inputs: dict[str, Path], dest: Path, ctx: Conte
     return {**summary["counts"], "kg_dir": str(Path(ctx.kg_dir).resolve()) if ctx.kg_dir else None}
 
 
-SYNTHETIC = Stage(name="synthetic", title="synthetic KG", config=SyntheticConfig, run=run_synthetic,
+SYNTHETIC = Stage(name="synthetic", title="synthetic KG", config=SyntheticConfig, run=_generate,
                   uses_kg=False, summary=("entities", "train"))
-DATA = Stage(name="data", title="stage 0: the KG", config=DataConfig, run=run_data,
+DATA = Stage(name="data", title="stage 0: the KG", config=DataConfig, run=_check,
              summary=("entities", "relations", "train", "valid", "test"))
+
+
+def run_synthetic(config: SyntheticConfig, dest: str | Path, *, log: Callable[[str], None] = print,
+                  force: bool = False) -> Path:
+    """The synthetic KG of ``config`` into ``dest``, a KG directory every stage reads (reused when current,
+    unless ``force``)."""
+    return run_stage(SYNTHETIC, config, dest, progress=False, log=log, reuse=not force).path
+
+
+def run_data(config: DataConfig, data: str | Path | KnowledgeGraph, dest: str | Path, *,
+             log: Callable[[str], None] = print, force: bool = False) -> Path:
+    """Stage 0 into ``dest``: the KG ``data`` loaded with ``config``'s options and checked (warnings name file
+    and line), its summary in ``summary.json`` (reused when current, unless ``force``)."""
+    return run_stage(DATA, config, dest, data=data, progress=False, log=log, reuse=not force).path
