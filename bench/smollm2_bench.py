@@ -52,7 +52,7 @@ GRAPHS = {
 }
 # Stage 5 on every graph: short prompts (3 facts, 15 description words), training queries as examples too, LM-train's
 # lists calibrated (the gold first as often as in test's lists; chosen on LM-valid: docs/stage5-llm.md).
-STAGE5 = ["instruct.neighbours=3", "instruct.description_words=15", "instruct.train_from_train_queries=true",
+STAGE5 = ["instruct.template=dift", "instruct.neighbours=3", "instruct.description_words=15", "instruct.train_from_train_queries=true",
           "instruct.train_queries=3000", "instruct.list_order=calibrated", "finetune.r=16", "finetune.epochs=2",
           "finetune.batch_size=8", "finetune.logging_steps=10", "evaluate.batch_size=8",
           "evaluate.score=constrained"]

@@ -63,10 +63,12 @@ class RunConfig:
     hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)  # stage 3
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)  # stage 4
     # Up to 20,000 training queries in ReaLM's short form: an LM trained from scratch learns from them which
-    # entities a relation leads to (the DIFT examples alone are a few hundred).
-    instruct: InstructConfig = field(  # stage 5a: here neighbours 3, description_words 15, 20,000 short train queries
+    # entities a relation leads to (the DIFT examples alone are a few hundred). The compact template: the tiny
+    # LM reads no English, and DIFT's sentences were a third of a short example's tokens (chosen on LM-valid,
+    # bench/results/llm_synthetic_first_run_choice.md); presets for a pretrained LM set template: dift.
+    instruct: InstructConfig = field(  # stage 5a: neighbours 3, description_words 15, 20,000 short train queries, compact
         default_factory=lambda: InstructConfig(neighbours=3, description_words=15, train_from_train_queries=True,
-                                               train_query_format="query", train_queries=20000))
+                                               train_query_format="query", train_queries=20000, template="compact"))
     finetune: FinetuneConfig = field(  # stage 5b (tiny backbone by default): here epochs 2
         default_factory=lambda: FinetuneConfig(epochs=2))
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)  # stage 5c
