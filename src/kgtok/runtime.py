@@ -46,15 +46,21 @@ def seeded_global_rng(seed: int) -> Iterator[None]:
 
 @contextmanager
 def preserved_global_rng() -> Iterator[None]:
-    """The caller's global random states (Python's, numpy's, torch's on the CPU and every GPU) restored after
-    the block: libraries a stage calls reseed them (the Trainer and ``transformers.set_seed`` all three), and
-    a script's own draws must not depend on having run a stage."""
+    """The caller's global random states (Python's, numpy's, torch's on the CPU and on this process's GPU)
+    restored after the block: libraries a stage calls reseed them (the Trainer and ``transformers.set_seed``
+    all three), and a script's own draws must not depend on having run a stage.
+
+    Only this process's GPU (``LOCAL_RANK`` under ``accelerate launch``, else the first): reading a GPU's
+    random state opens a CUDA context there, and every DDP process opening one on every GPU costs each GPU
+    a context per process."""
     import random
 
     import numpy as np
 
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    devices = []
+    if torch.cuda.is_available():
+        devices = [int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()]
     try:
         with torch.random.fork_rng(devices=devices):
             yield

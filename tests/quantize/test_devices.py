@@ -140,3 +140,29 @@ def test_quantize_under_accelerate_two_cpu_processes(tmp_path):
     one = run_quantize(config, kg, tmp_path / "q1", hierarchy=hierarchy, progress=False, log=quiet)
     two_codes, one_codes = np.load(tmp_path / "q2" / "codes.npy"), np.load(one / "codes.npy")
     assert (two_codes[:, :3] == one_codes[:, :3]).all(axis=1).mean() > 0.9
+
+
+@pytest.mark.parametrize("local_rank, expected", [(None, [0]), ("3", [3]), ("5", [1])])
+def test_a_stage_keeps_the_random_state_of_its_own_gpu_only(monkeypatch, local_rank, expected):
+    """Reading a GPU's random state opens a CUDA context there: under DDP, every process on every GPU."""
+    from contextlib import contextmanager
+
+    from kgtok.runtime import preserved_global_rng
+
+    forked = []
+
+    @contextmanager
+    def fork_rng(devices):
+        forked.append(list(devices))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.random, "fork_rng", fork_rng)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    with preserved_global_rng():
+        pass
+    assert forked == [expected]
