@@ -356,5 +356,6 @@ def test_interrupted_encoding_resumes_from_finished_chunks(tmp_path, monkeypatch
     state["die_at"] = 0
     result = embed_texts(texts, config(tmp_path))
     assert len(calls) == 2 and not set(first_chunk) & {t for c in calls for t in c}  # only the rest encoded
+    assert result.resumed_texts == len(first_chunk) == 2 and not result.cache_hit  # and it says so
     np.testing.assert_allclose(result.vectors, reference, atol=1e-6)
     assert not list((tmp_path / "cache").glob("*.parts"))  # chunks go once the whole cache file is written

@@ -255,6 +255,7 @@ class TextEncoding:
     cache_hit: bool
     cache_file: Path
     seconds: float
+    resumed_texts: int = 0  # unique texts read from an interrupted run's saved chunks instead of encoded
 
 
 def embed_texts(texts: Sequence[str], config: TextConfig, *, progress: bool = False) -> TextEncoding:
@@ -272,16 +273,16 @@ def embed_texts(texts: Sequence[str], config: TextConfig, *, progress: bool = Fa
     cache_file = cache_dir / f"{cache_key(model_identity(model_dir), config, unique.tolist())}.npy"
 
     unique_vectors = _read_cache(cache_file, len(unique))
-    cache_hit = unique_vectors is not None
+    cache_hit, resumed = unique_vectors is not None, 0
     if unique_vectors is None:
         parts = cache_file.with_suffix(".parts")  # finished chunks of an interrupted run, resumed from
         with torch_threads(config.threads):
             model = load_encoder(model_dir, config, progress=progress)
-            unique_vectors = _encode_unique(model, unique.tolist(), config, progress=progress, parts=parts)
+            unique_vectors, resumed = _encode_unique(model, unique.tolist(), config, progress=progress, parts=parts)
         _write_cache(cache_file, unique_vectors)
         shutil.rmtree(parts, ignore_errors=True)
     vectors = unique_vectors[inverse]  # (n, dim)
-    return TextEncoding(vectors, len(unique), cache_hit, cache_file, time.perf_counter() - start)
+    return TextEncoding(vectors, len(unique), cache_hit, cache_file, time.perf_counter() - start, resumed)
 
 
 def encode_texts(texts: Sequence[str], config: TextConfig, *, progress: bool = False) -> np.ndarray:
@@ -306,8 +307,9 @@ PART_TEXTS = 8192  # texts per saved chunk: a killed run loses at most this much
 
 
 def _encode_unique(model: SentenceTransformer, texts: list[str], config: TextConfig, *, progress: bool,
-                   parts: Path | None = None) -> np.ndarray:
-    """(len(texts), dim) float32: encode longest first, so each batch pads to similar lengths.
+                   parts: Path | None = None) -> tuple[np.ndarray, int]:
+    """(len(texts), dim) float32: encode longest first, so each batch pads to similar lengths; and how many
+    texts were read from ``parts`` instead.
 
     With ``parts``, every chunk of :data:`PART_TEXTS` texts is saved there as it
     finishes and chunks already there are read instead of encoded, so an
@@ -316,14 +318,15 @@ def _encode_unique(model: SentenceTransformer, texts: list[str], config: TextCon
     if not texts:
         # sentence-transformers 5+ renamed get_sentence_embedding_dimension (kept as a deprecated alias).
         dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-        return np.zeros((0, dimension()), dtype=np.float32)
+        return np.zeros((0, dimension()), dtype=np.float32), 0
     lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
     order = np.argsort(-lengths, kind="stable")
-    chunks = []
+    chunks, resumed = [], 0
     for number, start in enumerate(range(0, len(texts), PART_TEXTS)):
         rows = order[start : start + PART_TEXTS]
         path = parts / f"{number:05d}.npy" if parts is not None else None
         encoded = _read_cache(path, len(rows)) if path is not None else None
+        resumed += len(rows) if encoded is not None else 0
         if encoded is None:
             encoded = model.encode(
                 [texts[i] for i in rows], batch_size=config.batch_size, show_progress_bar=progress,
@@ -334,7 +337,7 @@ def _encode_unique(model: SentenceTransformer, texts: list[str], config: TextCon
         chunks.append(encoded)
     vectors = np.empty((len(texts), chunks[0].shape[1]), dtype=np.float32)
     vectors[order] = np.concatenate(chunks)
-    return vectors
+    return vectors, resumed
 
 
 # ----------------------------------------------------------------------------

@@ -40,14 +40,17 @@ def run(config: TextConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -
     np.save(out.text_embeddings, np.ascontiguousarray(vectors, dtype=np.float32))
     write_id_order(out.entities, kg.entity_names)
     out.config_yaml.write_text(format_config(config), encoding="utf-8")
-    source = "cache" if encoding.cache_hit else f"{encoding.unique_texts / max(encoding.seconds, 1e-9):.0f} texts/s"
+    encoded = encoding.unique_texts - encoding.resumed_texts
+    source = "cache" if encoding.cache_hit else f"{encoded / max(encoding.seconds, 1e-9):.0f} texts/s"
+    if encoding.resumed_texts:
+        source += f"; resumed: {encoding.resumed_texts} texts read from an interrupted run's chunks"
     ctx.log(f"text: {n} entities -> ({n}, {vectors.shape[1]}) in {encoding.seconds:.1f}s ({source}); "
             f"{encoding.unique_texts} unique texts; missing_label={texts.missing_label} "
             f"missing_description={texts.missing_description}")
     return {
         "num_entities": n, "dim": int(vectors.shape[1]), "missing_label": texts.missing_label,
         "missing_description": texts.missing_description, "unique_texts": encoding.unique_texts,
-        "seconds": round(encoding.seconds, 3), "cache_hit": encoding.cache_hit,
+        "seconds": round(encoding.seconds, 3), "cache_hit": encoding.cache_hit, "resumed_texts": encoding.resumed_texts,
     }
 
 
