@@ -52,10 +52,10 @@ GRAPHS = {
 }
 # Stage 5 on every graph: short prompts (3 facts, 15 description words), training queries as examples too, LM-train's
 # lists calibrated (the gold first as often as in test's lists; chosen on LM-valid: docs/stage5-llm.md).
-STAGE5 = ["instruct.template=dift", "instruct.neighbours=3", "instruct.description_words=15", "instruct.train_from_train_queries=true",
-          "instruct.train_queries=3000", "instruct.list_order=calibrated", "finetune.r=16", "finetune.epochs=2",
-          "finetune.batch_size=8", "finetune.logging_steps=10", "evaluate.batch_size=8",
-          "evaluate.score=constrained"]
+STAGE5 = ["instruct.template=dift", "instruct.neighbours=3", "instruct.description_words=15",
+          "instruct.train_from_train_queries=true", "instruct.train_queries=3000", "instruct.list_order=calibrated",
+          "finetune.r=16", "finetune.epochs=2", "finetune.batch_size=8", "finetune.logging_steps=10",
+          "evaluate.batch_size=8", "evaluate.score=constrained"]
 # Measured, not part of the recipe: LM-valid every 100 steps, so each variant's curve shows whether the code
 # tokens' loss has stopped falling (issue 15 item 3).
 CURVE = ["finetune.eval_steps=100"]

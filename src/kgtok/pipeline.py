@@ -66,7 +66,7 @@ class RunConfig:
     # entities a relation leads to (the DIFT examples alone are a few hundred). The compact template: the tiny
     # LM reads no English, and DIFT's sentences were a third of a short example's tokens (chosen on LM-valid,
     # bench/results/llm_synthetic_first_run_choice.md); presets for a pretrained LM set template: dift.
-    instruct: InstructConfig = field(  # stage 5a: neighbours 3, description_words 15, 20,000 short train queries, compact
+    instruct: InstructConfig = field(  # stage 5a: neighbours 3, description_words 15, 20,000 short queries, compact
         default_factory=lambda: InstructConfig(neighbours=3, description_words=15, train_from_train_queries=True,
                                                train_query_format="query", train_queries=20000, template="compact"))
     finetune: FinetuneConfig = field(  # stage 5b (tiny backbone by default): here epochs 2

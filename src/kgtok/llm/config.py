@@ -52,9 +52,9 @@ class InstructConfig:
     # Names are ambiguous (WN18RR: 12,873 entities share 4,477 names): "random" tells "codes help" from "unique IDs help".
     ids: Ids = "codes"  # after names: codes (GS-Quant) | random (a random unique tuple, the codes' shape and tokens) | none (DIFT)
     use_names: bool = True  # entity names; false: codes only (ablation)
-    # A from-scratch LM cannot read DIFT's English, and its 16 words are a quarter of a short training example's
+    # A from-scratch LM cannot read DIFT's English, and its sentences are a third of a short training example's
     # tokens: compact writes "(?, relation, known)" alone (the ? marks the side asked) and "Candidates: ...".
-    template: Template = "dift"  # dift (DIFT's sentences around the query and the list) | compact (the triple alone)
+    template: Template = "dift"  # dift (DIFT's sentences around the query and list) | compact (the triple alone)
     # Name first (GS-Quant's "name <codes>"), the LM chooses an answer at its name and copies the codes; codes
     # first, it chooses level by level, coarse to fine, where codes differ from random IDs by their content.
     ids_first: bool = False  # write every entity as "<codes> name" (answers too): the answer starts with its codes
