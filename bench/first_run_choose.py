@@ -32,7 +32,7 @@ from _common import command, machine, write_result  # noqa: E402
 
 from first_run import paired_to, ranker_metrics, stage_seconds  # noqa: E402
 
-from kgtok.config import _merge, config_from_dict, config_to_dict, parse_overrides  # noqa: E402
+from kgtok.config import _merge, config_from_dict, config_to_dict, parse_overrides, saved_config  # noqa: E402
 from kgtok.pipeline import STAGE_ORDER, RunConfig, link_unchanged, run  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="kgtok run key=value")
     args = parser.parse_args()
     base_dir = Path(args.base)
-    base = config_from_dict(RunConfig, json.loads((base_dir / "run_config.json").read_text()))
+    base = saved_config(RunConfig, json.loads((base_dir / "run_config.json").read_text()))
     root = Path(args.out or f"{base_dir}-choose")
     out = root / args.tag
     shutil.rmtree(out, ignore_errors=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
 
-from kgtok.config import config_from_dict, config_to_dict, load_config  # noqa: E402
+from kgtok.config import config_to_dict, load_config, saved_config  # noqa: E402
 from kgtok.embed import EmbedConfig, run_embed  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -54,7 +54,7 @@ def main() -> None:
     start = time.perf_counter()
     if args.artifact:  # its own config, not the preset's: the record says what was measured
         dest = Path(args.artifact)
-        config = config_from_dict(EmbedConfig, json.loads((dest / "manifest.json").read_text())["config"])
+        config = saved_config(EmbedConfig, json.loads((dest / "manifest.json").read_text())["config"])
     else:
         dest = run_embed(config, data, out, progress=False)
     seconds = time.perf_counter() - start if not args.artifact else None

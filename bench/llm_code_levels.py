@@ -38,13 +38,13 @@ from _common import RESULTS, command, machine  # noqa: E402
 def initial_model(variant: Path, saved: dict[str, Any], codes: Path, work: Path) -> tuple[Any, Any]:
     """The model and tokenizer as ``variant``'s fine-tuning (its saved config) started them: backbone and code
     rows initialised (``embedding_init``), nothing trained (LoRA starts as the identity, so it is left out)."""
-    from kgtok.config import config_from_dict
+    from kgtok.config import saved_config
     from kgtok.llm.config import FinetuneConfig
     from kgtok.llm.finetune import load_backbone, read_entities
     from kgtok.llm.layout import InstructArtifact
     from kgtok.llm.prompts import read_jsonl, training_text
 
-    config = config_from_dict(FinetuneConfig, saved)
+    config = saved_config(FinetuneConfig, saved)
     instructions = InstructArtifact(variant / "instruct")
     records = [r for split in ("lm_train", "lm_valid") for r in read_jsonl(instructions.split(split))]
     entities = read_entities(instructions) if config.embedding_init == "names" else None

@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
 
-from kgtok.config import config_from_dict  # noqa: E402
+from kgtok.config import saved_config  # noqa: E402
 from kgtok.llm import run_instruct  # noqa: E402
 from kgtok.llm.compare import paired_runs  # noqa: E402
 from kgtok.llm.evaluate import run_evaluate  # noqa: E402
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a finished kgtok run folder")
     parser.add_argument("--tag", required=True)
     args = parser.parse_args()
-    config = config_from_dict(RunConfig, json.loads((args.run / "run_config.json").read_text()))
+    config = saved_config(RunConfig, json.loads((args.run / "run_config.json").read_text()))
     kg = json.loads((args.run / "data" / "manifest.json").read_text())["metrics"]["kg_dir"]
     with tempfile.TemporaryDirectory() as scratch:
         instruct = run_instruct(config.instruct, kg, args.run / "embed", Path(scratch) / "instruct",

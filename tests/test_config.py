@@ -136,6 +136,28 @@ def test_every_shipped_preset_loads_and_run_smollm2_is_the_benchmarks_stage5():
     preset = load_config(RunConfig, "run_smollm2")  # the benchmark's codes_all row: its stage 5 and the switches
     assert preset == load_config(RunConfig, None, ["finetune.backbone=smollm2-135m", *STAGE5, *SWITCHES["codes_all"]])
     assert preset.finetune.embedding_init == "names" and preset.instruct.align_tasks
+    # The tiny LM's run writes the compact template; the presets measured with DIFT's sentences keep them.
+    assert load_config(RunConfig).instruct.template == "compact"
+    assert preset.instruct.template == load_config(RunConfig, "run_wn18rr").instruct.template == "dift"
+
+
+def test_a_saved_config_without_a_later_field_reads_as_it_ran():
+    """run_config.json of a run made before instruct.template existed: DIFT's template ran (the class default),
+    not kgtok run's later default (compact); config_from_dict, for new configs, takes the run's default."""
+    from kgtok.config import config_from_dict, config_to_dict, saved_config
+    from kgtok.pipeline import RunConfig
+
+    current = RunConfig()
+    old = config_to_dict(current)
+    del old["instruct"]["template"], old["finetune"]["tiny"]["heads"]
+    assert saved_config(RunConfig, old).instruct.template == "dift"
+    assert config_from_dict(RunConfig, old).instruct.template == "compact"
+    assert saved_config(RunConfig, old).finetune.tiny.heads == 4 and saved_config(RunConfig, old).instruct.neighbours == 3
+    assert saved_config(RunConfig, config_to_dict(current)) == current  # a complete one round-trips
+    with pytest.raises(ConfigError, match="instruct: unknown key"):
+        saved_config(RunConfig, {**old, "instruct": {**old["instruct"], "templat": "dift"}})
+    with pytest.raises(ConfigError, match="instruct.template"):
+        saved_config(RunConfig, {**old, "instruct": {**old["instruct"], "template": "short"}})
 
 
 def test_numbers_in_exponent_notation_are_numbers(tmp_path):

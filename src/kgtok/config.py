@@ -296,7 +296,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported annotation {tp!r}")  # pragma: no cover
 
 
-def _build(cls: type[C], data: Mapping[str, Any], where: str) -> C:
+def _build(cls: type[C], data: Mapping[str, Any], where: str, saved: bool = False) -> C:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields), key=str)  # YAML reads a bare on: or yes: as a bool key
@@ -307,19 +307,33 @@ def _build(cls: type[C], data: Mapping[str, Any], where: str) -> C:
     kwargs = {}
     for name, value in data.items():
         factory = fields[name].default_factory
-        if isinstance(value, Mapping) and factory is not dataclasses.MISSING:
+        here = f"{where}.{name}" if where else name
+        default = factory() if isinstance(value, Mapping) and factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default) and saved:
+            # A key missing from a saved config was added after it: its class default is what ran then.
+            kwargs[name] = _build(type(default), value, here, saved=True)
+            continue
+        if dataclasses.is_dataclass(default):
             # A partial nested section overrides the field's own default (e.g. RunConfig's
             # embed preset), not the nested class's bare defaults.
-            default = factory()
-            if dataclasses.is_dataclass(default):
-                value = _merge(config_to_dict(default), value)
-        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+            value = _merge(config_to_dict(default), value)
+        kwargs[name] = _coerce(value, hints[name], here)
     return cls(**kwargs)
 
 
 def config_from_dict(cls: type[C], data: Mapping[str, Any] | None) -> C:
     """Build ``cls`` from a mapping, refusing unknown keys and wrong types."""
     return _build(cls, data or {}, "")
+
+
+def saved_config(cls: type[C], data: Mapping[str, Any]) -> C:
+    """``cls`` as a saved config (``run_config.json``) describes it.
+
+    Unlike :func:`config_from_dict`, a nested key missing from it takes the nested class's default, not the
+    enclosing field's (``RunConfig.instruct``'s ``template: compact``): a saved config holds every key there
+    was when it was written, so a missing one was added later, and its class default is what ran then.
+    """
+    return _build(cls, data, "", saved=True)
 
 
 class _YAMLLoader(yaml.SafeLoader):

@@ -325,10 +325,9 @@ def test_cli_text_writes_the_artifact(tiny_kg, tmp_path):
     assert "expected 'all-MiniLM-L6-v2'" in bad.output
 
 
-def test_interrupted_encoding_resumes_from_finished_chunks(tmp_path, monkeypatch):
+def killed_at_the_second_chunk(monkeypatch) -> tuple[list[list[str]], dict[str, int]]:
+    """Chunks of 2 texts; the encoder records each chunk it encodes and dies at chunk ``state["die_at"]``."""
     monkeypatch.setattr(text_encode, "PART_TEXTS", 2)
-    texts = ["an owl", "a heron that wades", "a stock", "a small grey owl of the woods", "a dove"]
-    reference = embed_texts(texts, config(tmp_path / "reference")).vectors
     calls: list[list[str]] = []
     state = {"die_at": 2}
     load = text_encode.load_encoder
@@ -347,6 +346,13 @@ def test_interrupted_encoding_resumes_from_finished_chunks(tmp_path, monkeypatch
         return model
 
     monkeypatch.setattr(text_encode, "load_encoder", dying_loader)
+    return calls, state
+
+
+def test_interrupted_encoding_resumes_from_finished_chunks(tmp_path, monkeypatch):
+    texts = ["an owl", "a heron that wades", "a stock", "a small grey owl of the woods", "a dove"]
+    reference = embed_texts(texts, config(tmp_path / "reference")).vectors
+    calls, state = killed_at_the_second_chunk(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         embed_texts(texts, config(tmp_path))
     parts = list((tmp_path / "cache").glob("*.parts/*.npy"))
@@ -359,3 +365,15 @@ def test_interrupted_encoding_resumes_from_finished_chunks(tmp_path, monkeypatch
     assert result.resumed_texts == len(first_chunk) == 2 and not result.cache_hit  # and it says so
     np.testing.assert_allclose(result.vectors, reference, atol=1e-6)
     assert not list((tmp_path / "cache").glob("*.parts"))  # chunks go once the whole cache file is written
+
+
+def test_a_resumed_text_stage_says_how_many_texts_it_read_back(tiny_kg, tmp_path, monkeypatch):
+    calls, state = killed_at_the_second_chunk(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run_text(config(tmp_path), tiny_kg, tmp_path / "text", progress=False, log=quiet)
+    state["die_at"] = 0
+    lines: list[str] = []
+    out = run_text(config(tmp_path), tiny_kg, tmp_path / "text", progress=False, log=lines.append)
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert metrics["resumed_texts"] == 2 and not metrics["cache_hit"]
+    assert any("resumed: 2 texts read from an interrupted run's chunks" in line for line in lines)

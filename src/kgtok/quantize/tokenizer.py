@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from kgtok import __version__
-from kgtok.config import config_from_dict, config_to_dict
+from kgtok.config import config_to_dict, saved_config
 from kgtok.quantize.config import QuantizeConfig
 from kgtok.quantize.metrics import tuple_groups
 from kgtok.quantize.model import RQVAE, Hierarchy
@@ -420,7 +420,7 @@ class EntityTokenizer:
                 f"{file}: format_version {version!r} is not one this kgtok ({__version__}) reads "
                 f"(it reads {FORMAT_VERSION}, and files without the field); it was written by kgtok "
                 f"{meta.get('kgtok_version', '?')}: upgrade kgtok, or save the tokenizer again with this one")
-        config = config_from_dict(QuantizeConfig, meta["config"])
+        config = saved_config(QuantizeConfig, meta["config"])
         tokenizer = cls(config=config)
         tokenizer.config_ = config
         tokenizer.levels_, tokenizer.codebook_size_ = meta["levels"], meta["codebook_size"]
