@@ -58,9 +58,7 @@ def preserved_global_rng() -> Iterator[None]:
     import numpy as np
 
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    devices = []
-    if torch.cuda.is_available():
-        devices = [int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()]
+    devices = [resolve_device("cuda").index] if torch.cuda.is_available() else []
     try:
         with torch.random.fork_rng(devices=devices):
             yield
