@@ -297,7 +297,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def _build(cls: type[C], data: Mapping[str, Any], where: str, saved: bool = False) -> C:
-    hints = typing.get_type_hints(cls)
+    hints = _field_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields), key=str)  # YAML reads a bare on: or yes: as a bool key
     if unknown:
