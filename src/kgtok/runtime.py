@@ -121,3 +121,48 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError("device=cuda but torch sees no GPU (torch.cuda.is_available() is False); "
                          "use device=auto or device=cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+# bf16 autocast on the CPU only where it measured at least this much faster than fp32 on the model itself: a
+# margin against timing noise, so a machine near parity keeps fp32 (its numbers unchanged).
+BF16_MIN_SPEEDUP = 1.25
+
+
+def timed_precisions(run: Callable[[], object], repeats: int = 2) -> dict[str, float]:
+    """Milliseconds of one ``run()`` in fp32 and under CPU bf16 autocast (each after a warm-up call).
+
+    Measured, not assumed: on one 2-core machine (AMX) bf16 autocast made SmolLM2's forward 2.8x faster, on
+    others (AVX-512 without bf16, AVX2) bf16 matmul was 3x slower than fp32, and the tiny LM (width 128)
+    was slower in bf16 even on the AMX machine."""
+    out = {}
+    for name, enabled in (("fp32", False), ("bf16", True)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            run()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                run()
+        out[name] = 1000 * (time.perf_counter() - start) / repeats
+    return out
+
+
+def resolve_precision(precision: str, device: torch.device, measure: Callable[[], dict[str, float]],
+                      gpu_fallback: str = "fp16") -> tuple[str, dict[str, float]]:
+    """A stage's ``precision`` setting as fp32, bf16 or fp16, and the timings that chose it (empty if none).
+
+    ``auto``: on a GPU bf16 where supported, else ``gpu_fallback``; on the CPU bf16 when ``measure()`` (ms per
+    precision, :func:`timed_precisions`) finds it :data:`BF16_MIN_SPEEDUP` faster, else fp32.  An explicit
+    value the device cannot run is refused."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision={precision!r}: expected auto, fp32, bf16 or fp16")
+    gpu = device.type == "cuda"
+    if precision == "fp16" and not gpu:
+        raise ValueError("precision=fp16 needs a GPU (CPU fp16 is slower than fp32); use auto, fp32 or bf16")
+    if precision == "bf16" and gpu and not torch.cuda.is_bf16_supported():
+        raise ValueError("precision=bf16: this GPU does not support bf16; use auto, fp32 or fp16")
+    if precision != "auto":
+        return precision, {}
+    if gpu:
+        return ("bf16" if torch.cuda.is_bf16_supported() else gpu_fallback), {}
+    timings = measure()
+    chosen = "bf16" if timings["fp32"] >= BF16_MIN_SPEEDUP * timings["bf16"] else "fp32"
+    return chosen, {key: round(value, 1) for key, value in timings.items()}

@@ -22,6 +22,7 @@ Split = Literal["test", "lm_valid"]
 Decode = Literal["trie", "generate"]
 Backend = Literal["hf", "vllm"]
 SequenceScore = Literal["sum", "mean", "constrained"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Ids = Literal["codes", "random", "none"]
 ListOrder = Literal["stage1", "calibrated"]
 Template = Literal["dift", "compact"]
@@ -157,6 +158,9 @@ class FinetuneConfig:
     warmup_ratio: float = 0.03  # share of the steps with a rising learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     gradient_checkpointing: bool = False  # trades compute for memory on big backbones
+    # auto: on a GPU bf16 (fp16 where unsupported); on the CPU bf16 autocast only where a training step of this
+    # model measured faster in it (runtime.resolve_precision; the choice and its timings are in metrics.json)
+    precision: Precision = "auto"  # auto | fp32 | bf16 | fp16 (GPU only)
     logging_steps: int = 10  # steps between loss records in metrics.json
     # Issue 15: train until the code tokens' LM-valid loss stops falling; finer than per epoch shows when it does.
     eval_steps: int = 0  # LM-valid loss (and the code tokens' alone) every this many steps; 0: after each epoch
@@ -213,6 +217,9 @@ class EvaluateConfig:
     # different queries, and how much to trust each depends on backbone and data.  None: the FUSION_GRID value
     # with the best fused re-rank MRR on lm_valid.jsonl (scored as well), else 1.
     fusion_weight: float | None = None  # w of the fused rankers; 0: off; None: chosen on lm_valid.jsonl
+    # auto: bf16 autocast where a forward pass of this model measured faster in it (a GPU with bf16, the CPU
+    # where it measures so), else fp32; the choice and its timings are in metrics.json
+    precision: Precision = "auto"  # auto | fp32 | bf16 | fp16 (GPU only)
     # Triple classification predicts "true" when log p(true) - log p(false) > threshold.
     threshold: float | None = None  # None: the best accuracy on lm_valid.jsonl (scored as well); else fixed
     # Generative retrieval: the LM writes the answer under a prefix trie of every entity's answer (name and ids),

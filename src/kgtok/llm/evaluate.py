@@ -173,7 +173,8 @@ def _evaluate_ranking(config: EvaluateConfig, scorer: Any, records: list[dict[st
     summary = {
         "queries": len(predictions), "seconds": seconds,
         "queries_per_second": len(todo) / max(seconds, 1e-9) if todo else math.nan,  # nan: all scored before
-        "resumed_queries": len(records) - len(todo),
+        "resumed_queries": len(records) - len(todo), "precision": scorer.precision,
+        **({"precision_forward_ms": scorer.precision_ms} if scorer.precision_ms else {}),
         "gold_in_candidates": float(np.mean([p["gold_index"] >= 0 for p in predictions])), "fusion_weight": weight,
         **({"class_accuracy": float(np.mean([p["predicted_class"] == p["gold_class"] for p in predictions]))}
            if all("predicted_class" in p for p in predictions) else {}),
@@ -323,7 +324,7 @@ def _evaluate_classification(config: EvaluateConfig, scorer: Any, records: list[
     metrics = {**classification_metrics(labels, predicted), "queries": len(records), "seconds": seconds,
                "queries_per_second": len(records) / seconds, "threshold": threshold["threshold"],
                "threshold_chosen_on": threshold["chosen_on"],
-               "accuracy_at_zero": float(np.mean((np.array(margins) > 0) == labels))}
+               "accuracy_at_zero": float(np.mean((np.array(margins) > 0) == labels)), "precision": scorer.precision}
     predictions = [{"id": record["id"], "triple": record["triple"], "label": record["label"],
                     "predicted": bool(guess), "margin": round(margin, 4)}
                    for record, margin, guess in zip(records, margins, predicted)]

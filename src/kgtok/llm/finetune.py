@@ -13,10 +13,12 @@ worth freezing, so every weight trains (``adapter: auto``).
 
 Scaling: the same command runs under ``accelerate launch`` (several CPU
 processes with gloo, several GPUs, DeepSpeed/FSDP through an accelerate
-config); the Trainer takes its device and precision from there: bf16 on GPUs
-that support it, else fp16; fp32 on CPU (bf16 matmul measured 3x slower than
-fp32 on this machine's CPU).  Checkpoints go to ``<dest>.work/``; a killed run
-resumes from the newest one.
+config); the Trainer takes its device from there.  Precision (``precision:
+auto``): bf16 on GPUs that support it, else fp16; on the CPU bf16 autocast
+only where a training step of this model measures faster in it (SmolLM2 on an
+AMX Xeon: 1.7x; the tiny LM there, and every model on CPUs without native
+bf16, are faster in fp32), else fp32.  Checkpoints go to ``<dest>.work/``; a
+killed run resumes from the newest one.
 
 Artifact (``dest``): ``model/`` (HF model + tokenizer), ``manifest.json``,
 ``metrics.json`` (losses per logging step and epoch, tokens/s).
@@ -356,10 +358,55 @@ def checkpointing_field(arguments: type) -> str:
     return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
+def step_timings(model: Any, batch_size: int, length: int = 64) -> dict[str, float]:
+    """Milliseconds of a forward and backward pass of ``model`` on a random batch, in fp32 and bf16 autocast;
+    gradients cleared after, the global random state untouched (dropout draws from it)."""
+    import torch
+
+    from kgtok.runtime import preserved_global_rng, timed_precisions
+
+    ids = torch.randint(0, 100, (batch_size, length), generator=torch.Generator().manual_seed(0))  # any tokens
+
+    def step() -> None:
+        model(input_ids=ids).logits[:, -8:].float().sum().backward()
+
+    with preserved_global_rng():
+        timings = timed_precisions(step)
+    model.zero_grad(set_to_none=True)
+    return timings
+
+
+def training_precision(config: FinetuneConfig, model: Any, state: Any) -> tuple[str, dict[str, float]]:
+    """The precision fine-tuning runs in (:func:`kgtok.runtime.resolve_precision`), the same in every process
+    (the main one measures); under ``auto``, ``accelerate launch --mixed_precision`` wins."""
+    import os
+
+    from kgtok.runtime import resolve_device, resolve_precision
+
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    setting = launched if config.precision == "auto" and launched in ("bf16", "fp16") else config.precision
+    chosen = [resolve_precision(setting, resolve_device("auto"), lambda: step_timings(model, config.batch_size))
+              if state.is_main_process else None]
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(chosen)
+    return chosen[0]
+
+
+def with_precision(arguments: Any, precision: str) -> Any:
+    """``arguments`` training in ``precision`` (fp32: no autocast, whatever ACCELERATE_MIXED_PRECISION says)."""
+    import dataclasses
+
+    changed = dataclasses.replace(arguments, bf16=precision == "bf16", fp16=precision == "fp16")
+    changed.mixed_precision = "no" if precision == "fp32" else precision
+    return changed
+
+
 def training_arguments(config: FinetuneConfig, work: Path, learning_rate: float, validate: bool) -> Any:
-    """The Trainer's arguments: device and precision from the machine (or accelerate launch), cosine schedule,
-    checkpoints in ``work``, LM-valid loss each epoch (or ``eval_steps``) when ``validate``, no console output
-    of its own."""
+    """The Trainer's arguments in fp32 (:func:`with_precision` sets another): device from the machine (or
+    accelerate launch), cosine schedule, checkpoints in ``work``, LM-valid loss each epoch (or ``eval_steps``)
+    when ``validate``, no console output of its own."""
     import torch
     from transformers import TrainingArguments
 
@@ -373,8 +420,7 @@ def training_arguments(config: FinetuneConfig, work: Path, learning_rate: float,
         logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps,
         save_total_limit=2, eval_strategy=("steps" if config.eval_steps else "epoch") if validate else "no",
         eval_steps=config.eval_steps or None, report_to=[], seed=config.seed,
-        use_cpu=not use_gpu, bf16=use_gpu and torch.cuda.is_bf16_supported(),
-        fp16=use_gpu and not torch.cuda.is_bf16_supported(), **{checkpointing: config.gradient_checkpointing},
+        use_cpu=not use_gpu, **{checkpointing: config.gradient_checkpointing},  # precision: with_precision
         dataloader_num_workers=0, remove_unused_columns=False,
         disable_tqdm=True,  # the Trainer's printer is replaced by TrainingConsole
         ddp_find_unused_parameters=False,  # CPU processes under accelerate launch use gloo
@@ -489,6 +535,8 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
         code_tokens = code_vocabulary(inputs["codes"])[0] if inputs.get("codes") is not None else []
         code_ids = tokenizer.convert_tokens_to_ids(code_tokens)
         model = wrap_trainable(model, config, full, new_ids)
+        precision, precision_ms = training_precision(config, model, state)
+        arguments = with_precision(arguments, precision)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         trainer = make_trainer(config, arguments, model, tokenizer, train_records, valid_records, ctx.progress,
                                ctx.log, new_ids=new_ids, code_ids=code_ids, code_levels=code_levels(code_tokens))
@@ -517,7 +565,8 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
         "valid_loss": eval_losses[-1] if eval_losses else math.nan,
         "train_tokens_per_second": (examples * sum(len(e["input_ids"]) for e in train_set) / len(train_set)
                                     / seconds if seconds else math.nan),
-        "processes": state.num_processes, "learning_rate": learning_rate,
+        "processes": state.num_processes, "learning_rate": learning_rate, "precision": precision,
+        **({"precision_step_ms": precision_ms} if precision_ms else {}),
         **{f"prompts_{key}": n for key, n in budget_counts(train_set).items()},
         **({"valid_code_token_loss": code_losses[-1]["eval_code_token_loss"]} if code_losses else {}),
         **({"valid_code_token_loss_by_level": by_level} if by_level else {}),
@@ -525,7 +574,7 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     write_json_atomic(FinetuneArtifact(dest).metrics_path, {**metrics, "history": list(trainer.state.log_history)})
     ctx.log(f"finetune: {metrics['adapter']} training of {backbone.name}, {result.global_step} steps, "
             f"train loss {train_loss:.3f}, valid loss {metrics['valid_loss']:.3f}, "
-            f"{metrics['train_tokens_per_second']:.0f} tokens/s")
+            f"{metrics['train_tokens_per_second']:.0f} tokens/s ({precision})")
     return metrics
 
 

@@ -159,6 +159,21 @@ def candidate_texts(record: dict[str, Any]) -> list[str]:
     return record.get("candidate_answers", record["candidate_text"])
 
 
+def fp32_forward(forward: Callable[..., Any], device_type: str) -> Callable[..., Any]:
+    """``forward`` outside autocast, its first input in fp32: the output layer of a model run under autocast,
+    so the logits (only the answer positions', ``logits_to_keep``) are not rounded to 8 bits of mantissa."""
+    import functools
+
+    import torch
+
+    @functools.wraps(forward)
+    def run(hidden: Any, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type, enabled=False):
+            return forward(hidden.float(), *args, **kwargs)
+
+    return run
+
+
 class CandidateScorer:
     """The LM of stage 5c: a Hugging Face directory loaded with transformers (or vLLM), scoring answers."""
 
@@ -172,11 +187,36 @@ class CandidateScorer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
         self.vllm = VLLMScorer(model_dir) if config.backend == "vllm" else None
-        self.model = None
+        self.model, self.precision, self.precision_ms = None, "fp32", {}
         if self.vllm is None:
             self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
             if torch.cuda.is_available():
                 self.model.cuda()
+            self.precision, self.precision_ms = self._set_precision(config.precision)
+
+    def _set_precision(self, setting: str) -> tuple[str, dict[str, float]]:
+        """Resolve ``precision`` (:func:`kgtok.runtime.resolve_precision`, timed on a forward pass of this
+        model) and run every forward pass of the model (scoring, generation, beams) under its autocast."""
+        import torch
+
+        from kgtok.runtime import resolve_precision, timed_precisions
+
+        device = next(self.model.parameters()).device
+        ids = torch.randint(0, 100, (self.config.batch_size, 128), generator=torch.Generator().manual_seed(0))
+
+        def forward() -> None:
+            with torch.no_grad():
+                self.model(input_ids=ids.to(device), use_cache=False)
+
+        precision, timings = resolve_precision(setting, device, lambda: timed_precisions(forward),
+                                               gpu_fallback="fp32")
+        if precision != "fp32":  # weights stay fp32; matmuls and attention run in the lower precision
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            self.model.forward = torch.autocast(device.type, dtype=dtype)(self.model.forward)
+            head = self.model.get_output_embeddings()
+            if head is not None:  # logits in fp32: scores are differences of log-probs
+                head.forward = fp32_forward(head.forward, device.type)
+        return precision, timings
 
     def prompt_ids(self, record: dict[str, Any]) -> list[int]:
         """The record's prompt within ``max_prompt_tokens`` (:func:`fit_prompt`; noted in ``self.budget_of``)."""
