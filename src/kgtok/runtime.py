@@ -166,3 +166,17 @@ def resolve_precision(precision: str, device: torch.device, measure: Callable[[]
     timings = measure()
     chosen = "bf16" if timings["fp32"] >= BF16_MIN_SPEEDUP * timings["bf16"] else "fp32"
     return chosen, {key: round(value, 1) for key, value in timings.items()}
+
+
+def remembered_precision(path: Path, choose: Callable[[], tuple[str, dict[str, float]]]) -> tuple[str, dict[str, float]]:
+    """The precision an interrupted run of this stage chose (saved at ``path``, in its work folder), else
+    ``choose()``, saved there: a resumed stage goes on in the precision it began in, whatever ``auto``
+    would measure now."""
+    from kgtok.artifacts import read_json, write_json_atomic
+
+    saved = read_json(path)
+    if isinstance(saved, dict) and saved.get("precision") in ("fp32", "bf16", "fp16"):
+        return saved["precision"], saved.get("timings_ms") or {}
+    precision, timings = choose()
+    write_json_atomic(path, {"precision": precision, "timings_ms": timings})
+    return precision, timings

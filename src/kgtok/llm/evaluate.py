@@ -77,7 +77,7 @@ def run(config: EvaluateConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
         names = ctx.kg.entity_names if ctx.has_kg else []  # a stage-3 folder's order is checked
         entity_classes = np.asarray(load_classes(inputs["classes"], names))
     with quiet_libraries():
-        scorer = CandidateScorer(hf_dir, config, ctx.progress)
+        scorer = CandidateScorer(hf_dir, config, ctx.progress, saved=ctx.work / "precision.json")
         if records[0].get("task") == "classification":
             return _evaluate_classification(config, scorer, records, InstructArtifact(inputs["instructions"]),
                                             dest, ctx)

@@ -376,17 +376,19 @@ def step_timings(model: Any, batch_size: int, length: int = 64) -> dict[str, flo
     return timings
 
 
-def training_precision(config: FinetuneConfig, model: Any, state: Any) -> tuple[str, dict[str, float]]:
+def training_precision(config: FinetuneConfig, model: Any, state: Any, saved: Path) -> tuple[str, dict[str, float]]:
     """The precision fine-tuning runs in (:func:`kgtok.runtime.resolve_precision`), the same in every process
-    (the main one measures); under ``auto``, ``accelerate launch --mixed_precision`` wins."""
+    (the main one measures) and after a resume (kept at ``saved``); under ``auto``, ``accelerate launch
+    --mixed_precision`` wins."""
     import os
 
-    from kgtok.runtime import resolve_device, resolve_precision
+    from kgtok.runtime import remembered_precision, resolve_device, resolve_precision
 
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     setting = launched if config.precision == "auto" and launched in ("bf16", "fp16") else config.precision
-    chosen = [resolve_precision(setting, resolve_device("auto"), lambda: step_timings(model, config.batch_size))
-              if state.is_main_process else None]
+    chosen = [remembered_precision(saved, lambda: resolve_precision(
+        setting, resolve_device("auto"), lambda: step_timings(model, config.batch_size)))
+        if state.is_main_process else None]
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -535,7 +537,7 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
         code_tokens = code_vocabulary(inputs["codes"])[0] if inputs.get("codes") is not None else []
         code_ids = tokenizer.convert_tokens_to_ids(code_tokens)
         model = wrap_trainable(model, config, full, new_ids)
-        precision, precision_ms = training_precision(config, model, state)
+        precision, precision_ms = training_precision(config, model, state, ctx.work / "precision.json")
         arguments = with_precision(arguments, precision)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         trainer = make_trainer(config, arguments, model, tokenizer, train_records, valid_records, ctx.progress,

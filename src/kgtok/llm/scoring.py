@@ -177,7 +177,8 @@ def fp32_forward(forward: Callable[..., Any], device_type: str) -> Callable[...,
 class CandidateScorer:
     """The LM of stage 5c: a Hugging Face directory loaded with transformers (or vLLM), scoring answers."""
 
-    def __init__(self, model_dir: Path, config: EvaluateConfig, progress: bool) -> None:
+    def __init__(self, model_dir: Path, config: EvaluateConfig, progress: bool, saved: Path | None = None) -> None:
+        """``saved``: where the precision chosen is kept, so that a resumed evaluation scores in the same."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -192,14 +193,14 @@ class CandidateScorer:
             self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
             if torch.cuda.is_available():
                 self.model.cuda()
-            self.precision, self.precision_ms = self._set_precision(config.precision)
+            self.precision, self.precision_ms = self._set_precision(config.precision, saved)
 
-    def _set_precision(self, setting: str) -> tuple[str, dict[str, float]]:
+    def _set_precision(self, setting: str, saved: Path | None) -> tuple[str, dict[str, float]]:
         """Resolve ``precision`` (:func:`kgtok.runtime.resolve_precision`, timed on a forward pass of this
         model) and run every forward pass of the model (scoring, generation, beams) under its autocast."""
         import torch
 
-        from kgtok.runtime import resolve_precision, timed_precisions
+        from kgtok.runtime import remembered_precision, resolve_precision, timed_precisions
 
         device = next(self.model.parameters()).device
         ids = torch.randint(0, 100, (self.config.batch_size, 128), generator=torch.Generator().manual_seed(0))
@@ -208,8 +209,10 @@ class CandidateScorer:
             with torch.no_grad():
                 self.model(input_ids=ids.to(device), use_cache=False)
 
-        precision, timings = resolve_precision(setting, device, lambda: timed_precisions(forward),
-                                               gpu_fallback="fp32")
+        def choose() -> tuple[str, dict[str, float]]:
+            return resolve_precision(setting, device, lambda: timed_precisions(forward), gpu_fallback="fp32")
+
+        precision, timings = choose() if saved is None else remembered_precision(saved, choose)
         if precision != "fp32":  # weights stay fp32; matmuls and attention run in the lower precision
             dtype = torch.bfloat16 if precision == "bf16" else torch.float16
             self.model.forward = torch.autocast(device.type, dtype=dtype)(self.model.forward)
