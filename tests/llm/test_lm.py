@@ -914,3 +914,17 @@ def test_training_arguments_suit_the_gpu_images_older_transformers(tmp_path):
     assert checkpointing_field(transformers.TrainingArguments) == "activation_checkpointing"  # this machine's
     args = training_arguments(FinetuneConfig(gradient_checkpointing=True), tmp_path, 1e-3, True)
     assert args.activation_checkpointing is True
+
+
+def test_finetune_and_evaluate_record_the_precision_they_ran_in(stages, tmp_path):
+    kg, kg_dir, embed, codes, instructions, root = stages
+    timed = run_finetune(FinetuneConfig(tiny=TINY, max_steps=2, batch_size=4, threads=1), instructions,
+                         tmp_path / "auto", codes=codes, progress=False, log=quiet)
+    metrics = json.loads((timed / "metrics.json").read_text())
+    assert metrics["precision"] in ("fp32", "bf16") and set(metrics["precision_step_ms"]) == {"fp32", "bf16"}
+    low = run_finetune(FinetuneConfig(tiny=TINY, max_steps=2, batch_size=4, threads=1, precision="bf16"),
+                       instructions, tmp_path / "bf16", codes=codes, progress=False, log=quiet)
+    assert json.loads((low / "metrics.json").read_text())["precision"] == "bf16"
+    scored = run_evaluate(EvaluateConfig(max_queries=4, fusion_weight=1.0, precision="bf16"), low, instructions,
+                          tmp_path / "ev", progress=False, log=quiet)
+    assert json.loads((scored / "metrics.json").read_text())["precision"] == "bf16"

@@ -358,9 +358,9 @@ def checkpointing_field(arguments: type) -> str:
     return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
-def step_timings(model: Any, batch_size: int, length: int = 64) -> dict[str, float]:
-    """Milliseconds of a forward and backward pass of ``model`` on a random batch, in fp32 and bf16 autocast;
-    gradients cleared after, the global random state untouched (dropout draws from it)."""
+def step_timings(model: Any, batch_size: int, length: int) -> dict[str, float]:
+    """Milliseconds of a forward and backward pass of ``model`` on a random batch of ``length`` tokens, in fp32
+    and bf16 autocast; gradients cleared after, the global random state untouched (dropout draws from it)."""
     import torch
 
     from kgtok.runtime import preserved_global_rng, timed_precisions
@@ -376,10 +376,11 @@ def step_timings(model: Any, batch_size: int, length: int = 64) -> dict[str, flo
     return timings
 
 
-def training_precision(config: FinetuneConfig, model: Any, state: Any, saved: Path) -> tuple[str, dict[str, float]]:
-    """The precision fine-tuning runs in (:func:`kgtok.runtime.resolve_precision`), the same in every process
-    (the main one measures) and after a resume (kept at ``saved``); under ``auto``, ``accelerate launch
-    --mixed_precision`` wins."""
+def training_precision(config: FinetuneConfig, model: Any, state: Any, saved: Path, length: int = 64
+                       ) -> tuple[str, dict[str, float]]:
+    """The precision fine-tuning runs in (:func:`kgtok.runtime.resolve_precision`, timed on batches of
+    ``length`` tokens), the same in every process (the main one measures) and after a resume (kept at
+    ``saved``); under ``auto``, ``accelerate launch --mixed_precision`` wins."""
     import os
 
     from kgtok.runtime import remembered_precision, resolve_device, resolve_precision
@@ -387,7 +388,7 @@ def training_precision(config: FinetuneConfig, model: Any, state: Any, saved: Pa
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     setting = launched if config.precision == "auto" and launched in ("bf16", "fp16") else config.precision
     chosen = [remembered_precision(saved, lambda: resolve_precision(
-        setting, resolve_device("auto"), lambda: step_timings(model, config.batch_size)))
+        setting, resolve_device("auto"), lambda: step_timings(model, config.batch_size, length)))
         if state.is_main_process else None]
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
@@ -537,7 +538,10 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
         code_tokens = code_vocabulary(inputs["codes"])[0] if inputs.get("codes") is not None else []
         code_ids = tokenizer.convert_tokens_to_ids(code_tokens)
         model = wrap_trainable(model, config, full, new_ids)
-        precision, precision_ms = training_precision(config, model, state, ctx.work / "precision.json")
+        # timed on examples as long as the typical training example (bf16's gain grows with the matrices)
+        sample = [training_text(r) for r in train_records[:: max(1, len(train_records) // 64)]]
+        length = min(config.max_length, int(np.median([len(ids) for ids in tokenizer(sample)["input_ids"]])))
+        precision, precision_ms = training_precision(config, model, state, ctx.work / "precision.json", length)
         arguments = with_precision(arguments, precision)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         trainer = make_trainer(config, arguments, model, tokenizer, train_records, valid_records, ctx.progress,

@@ -203,7 +203,8 @@ class CandidateScorer:
         from kgtok.runtime import remembered_precision, resolve_precision, timed_precisions
 
         device = next(self.model.parameters()).device
-        ids = torch.randint(0, 100, (self.config.batch_size, 128), generator=torch.Generator().manual_seed(0))
+        # rows as long as a prompt with its candidates typically is (bf16's gain grows with the matrices)
+        ids = torch.randint(0, 100, (self.config.batch_size, 256), generator=torch.Generator().manual_seed(0))
 
         def forward() -> None:
             with torch.no_grad():
