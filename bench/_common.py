@@ -50,6 +50,12 @@ def write_result(name: str, dataset: str, record: dict[str, Any], columns: list[
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     data = json.loads(path.read_text()) if path.exists() else {}
+    dropped = (data.get(dataset) or {}).get("versus", {})
+    if dropped and "versus" not in record:  # paired_runs' comparisons were of the runs this record replaces
+        print(f"{path}: {dataset}'s paired comparisons ({', '.join(dropped)}) are dropped with the record they "
+              "were added to; if their runs are unchanged, run again:\n" + "".join(
+                  f"    {entry.get('command', '(no command recorded)')}\n" for entry in dropped.values()),
+              file=sys.stderr)
     data[dataset] = record
     path.write_text(json.dumps(data, indent=2) + "\n")
     lines = [f"| dataset | {' | '.join(columns)} |", "|" + " --- |" * (len(columns) + 1)]

@@ -436,3 +436,19 @@ def test_gpu_carry_parts_must_come_in_order_and_each_failure_is_loud(tmp_path):
     status, said = carry(last[-1])
     assert status == 0 and "torch" in said
     assert (root / "in" / "data.bin").read_bytes() == (stage / "in" / "data.bin").read_bytes()
+
+
+def test_rewriting_a_result_names_the_paired_comparisons_it_drops(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(BENCH))
+    monkeypatch.setattr(_common, "RESULTS", tmp_path)
+    command = "python bench/paired_runs.py --result r --dataset umls --name steps x=A:B"
+    (tmp_path / "r.json").write_text(json.dumps({"umls": {"a": 1.0, "versus": {"steps": {"command": command}}}}))
+    _common.write_result("r", "umls", {"a": 2.0}, ["a"])
+    assert command in capsys.readouterr().err  # rerun it if its runs are unchanged
+    assert json.loads((tmp_path / "r.json").read_text()) == {"umls": {"a": 2.0}}
+    _common.write_result("r", "umls", {"a": 3.0}, ["a"])
+    assert capsys.readouterr().err == ""
