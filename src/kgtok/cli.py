@@ -9,6 +9,7 @@ with status 2; set ``KGTOK_DEBUG=1`` for the traceback.
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -460,7 +461,8 @@ def data_subset(source: str, dest: str, entities: int, seed: int) -> None:
 @click.option("--progress/--no-progress", default=True)
 @click.option("--tune", "tune_budget", default=None, type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="First search dim, batch size, N3 weight and learning rate on validation MRR for this many "
-                   "seconds (Optuna); the chosen config is written beside the artifact (<out>.tune.yaml) and trained.")
+                   "seconds (Optuna); the chosen config is written beside the artifact (<out>.tune.yaml) and trained. "
+                   "A killed search goes on from its finished trials when run again.")
 @click.argument("overrides", nargs=-1)
 @_load_options
 @_force_option
@@ -485,7 +487,8 @@ def _tune_embed(data: str, config_path: str | None, overrides: list[str], dest: 
                 load: DataConfig, force: bool = False) -> Path:
     """Run the search; write ``<dest>.tune.yaml`` (the chosen EmbedConfig) and ``<dest>.tune.json`` (trials).
     A search already made for the same KG files, loading options, base config and search settings is reused
-    (a repeat of ``--tune 600`` spent ten minutes before finding its artifact current); ``--force`` redoes it."""
+    (a repeat of ``--tune 600`` spent ten minutes before finding its artifact current); ``--force`` redoes it.
+    A killed search resumes from ``<dest>.tune-<search>.db`` (Optuna's SQLite storage of its trials)."""
     from kgtok.artifacts import read_json, write_json_atomic, write_text_atomic
     from kgtok.config import config_to_dict, format_config, load_config
     from kgtok.embed.config import EmbedConfig
@@ -503,10 +506,17 @@ def _tune_embed(data: str, config_path: str | None, overrides: list[str], dest: 
         click.echo(f"tune: the same search was made before ({trials}): reusing its choice {chosen} "
                    "(--force searches again)")
         return chosen
-    result = tune(load.load(data), base, search, log=click.echo)
+    # Trials are kept as they finish in a file named after the search: a killed --tune goes on from them.
     dest.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:12]
+    storage = dest.parent / f"{dest.name}.tune-{digest}.db"
+    for other in dest.parent.glob(f"{dest.name}.tune-*.db"):
+        if other != storage or force:  # another search's, or --force: start afresh
+            other.unlink()
+    result = tune(load.load(data), base, search, log=click.echo, storage=storage)
     write_text_atomic(chosen, format_config(result.chosen))
     write_json_atomic(trials, {**result.record(), "asked": asked})
+    storage.unlink(missing_ok=True)  # the record holds every trial now
     click.echo(f"tune: chose valid MRR {result.chosen_valid_mrr:.4f} (given config {result.given_valid_mrr:.4f}) "
                f"from {len(result.trials)} trials in {result.seconds:.0f} s -> {chosen}")
     return chosen

@@ -102,3 +102,57 @@ def test_cli_tune_writes_the_chosen_config_and_trains_it(kg_dir, tmp_path):
     again = CliRunner().invoke(cli, ["embed", "--data", str(kg_dir), "--out", str(out), "--tune", "1",
                                      "--no-progress", "threads=1", "max_steps=20", "eval_every=10", "top_k=5"])
     assert again.exit_code == 0 and "the same search was made before" not in again.output
+
+
+def test_a_killed_search_goes_on_from_its_finished_trials(kg_dir, tmp_path, monkeypatch):
+    import kgtok.embed.train as training
+
+    kg = load_kg(kg_dir)
+    base = EmbedConfig(dim=50, batch_size=250, regularizer_weight=0.01, lr=0.1, threads=1, seed=3)
+    search = TuneConfig(budget=600, trial_epochs=3, max_trials=3)
+    storage = tmp_path / "search.db"
+    train, calls = training.train_model, []
+
+    def killed_in_the_second_trial(*args, **kwargs):
+        calls.append((args[1].dim, args[1].lr))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C, or the machine going away
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_model", killed_in_the_second_trial)
+    with pytest.raises(KeyboardInterrupt):
+        tune(kg, base, search, log=quiet, storage=storage)
+    said: list[str] = []
+    monkeypatch.setattr(training, "train_model", lambda *a, **k: calls.append((a[1].dim, a[1].lr)) or train(*a, **k))
+    result = tune(kg, base, search, log=said.append, storage=storage)
+    assert len(calls) == 4  # the given config's trial is not trained again: 1 + (killed) 1 + 2 more
+    assert calls[0] == (50, 0.1) and (50, 0.1) not in calls[1:]
+    assert any(line.startswith("tune: resuming the search") and "trials made 1," in line for line in said)
+    assert len(result.trials) == 3 and result.trials[0]["dim"] == 50  # the killed trial is not a result
+    assert result.given_valid_mrr == result.trials[0]["valid_mrr"]
+    again = tune(kg, base, search, log=quiet, storage=storage)  # all made: nothing runs, the same choice
+    assert len(calls) == 4 and again.chosen == result.chosen and again.trials == result.trials
+
+
+def test_cli_keeps_a_killed_searchs_trials_and_removes_them_once_done(kg_dir, tmp_path, monkeypatch):
+    import kgtok.embed.tune as tuning
+
+    out, seen = tmp_path / "embed", []
+    search = tuning.tune
+
+    def dying(*args, **kwargs):
+        seen.append(kwargs["storage"])
+        kwargs["storage"].write_text("")  # as Optuna would have created it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tuning, "tune", dying)
+    args = ["embed", "--data", str(kg_dir), "--out", str(out), "--tune", "1", "--no-progress", "threads=1",
+            "max_steps=20", "eval_every=10", "top_k=5"]
+    CliRunner().invoke(cli, args)
+    assert seen[0].exists() and seen[0].name.startswith("embed.tune-") and seen[0].suffix == ".db"
+    stale = tmp_path / "embed.tune-000000000000.db"  # another search's (other settings): not read, removed
+    stale.write_text("")
+    monkeypatch.setattr(tuning, "tune", lambda *a, **k: seen.append(k["storage"]) or search(*a, **k))
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert seen[1] == seen[0] and not seen[0].exists() and not stale.exists()

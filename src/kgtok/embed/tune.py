@@ -139,23 +139,56 @@ def _trial(trial: Any, kg: KnowledgeGraph, base: EmbedConfig, config: TuneConfig
     return state.best_mrr
 
 
-def tune(kg: KnowledgeGraph, base: EmbedConfig, config: TuneConfig, *,
-         log: Callable[[str], None] = print) -> TuneResult:
-    """Search on validation MRR for ``config.budget`` seconds; returns ``base`` with the best trial's settings."""
+def _study(optuna: Any, config: TuneConfig, storage: Path | None, log: Callable[[str], None]) -> tuple[Any, float]:
+    """The Optuna study, new or (with ``storage``, an SQLite file) the one a killed search left there, and the
+    seconds that search already spent; trials it left running are marked failed (they are not finished)."""
+    sampler = optuna.samplers.TPESampler(seed=config.seed)
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=3)
+    if storage is None:
+        return optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner), 0.0
+    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner, study_name="kgtok-tune",
+                                storage=f"sqlite:///{storage}", load_if_exists=True)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    spent = float(study.user_attrs.get("seconds", 0.0))
+    made = sum(t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL for t in study.trials)
+    if study.trials:
+        log(f"tune: resuming the search in {storage}: trials made {made}, {spent:.0f} s of the budget spent")
+    return study, spent
+
+
+def _given_trial(study: Any, optuna: Any, given: dict[str, Any]) -> Any:
+    """The trial of the given config (queued, finished or pruned), or None (none yet, or it was killed)."""
+    states = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return next((t for t in study.get_trials(deepcopy=False, states=states)
+                 if t.params == given or t.system_attrs.get("fixed_params") == given), None)
+
+
+def _finished(study: Any, optuna: Any, config: TuneConfig, deadline: float) -> bool:
+    """The search is over: a trial made (finished or pruned), and the budget spent or ``max_trials`` made."""
+    made = [t for t in study.trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
+    return bool(made) and (time.monotonic() > deadline or bool(config.max_trials and len(made) >= config.max_trials))
+
+
+def tune(kg: KnowledgeGraph, base: EmbedConfig, config: TuneConfig, *, log: Callable[[str], None] = print,
+         storage: Path | None = None) -> TuneResult:
+    """Search on validation MRR for ``config.budget`` seconds; returns ``base`` with the best trial's settings.
+
+    ``storage``: an SQLite file that keeps the trials as they finish, so a killed search started again with
+    the same file goes on from them (the budget counts the time spent before); its caller names it after the
+    search, so another search never reads it."""
     try:
         import optuna
     except ImportError as error:  # an optional dependency: only --tune needs it
         raise RuntimeError("kgtok embed --tune needs Optuna: pip install 'kgtok[tune]'") from error
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    start = time.monotonic()
+    study, spent = _study(optuna, config, storage, log)
+    start = time.monotonic() - spent
     deadline = start + config.budget
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=config.seed),
-                                pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=3))
     given = _given(base.resolved_for(kg))  # trial 0: the given config, its N3 weight made concrete
-    if given is not None:
-        study.enqueue_trial(given, skip_if_exists=True)
-    trials: list[dict[str, Any]] = []
+    if given is not None and _given_trial(study, optuna, given) is None:
+        study.enqueue_trial(given)
 
     def objective(trial: Any) -> float:
         row: dict[str, Any] = {}
@@ -163,19 +196,24 @@ def tune(kg: KnowledgeGraph, base: EmbedConfig, config: TuneConfig, *,
         try:
             return _trial(trial, kg, base, config, deadline, row, log)
         finally:
-            trials.append({**row, "seconds": round(time.monotonic() - began, 1)})
+            trial.set_user_attr("row", {**row, "seconds": round(time.monotonic() - began, 1)})
 
     def out_of_time(study: Any, trial: Any) -> None:
-        if time.monotonic() > deadline or (config.max_trials and len(study.trials) >= config.max_trials):
+        study.set_user_attr("seconds", time.monotonic() - start)  # what a resumed search has left
+        if _finished(study, optuna, config, deadline):
             study.stop()
 
     with torch_threads(base.threads):  # as the stage's own run: threads=1 is honoured in the search too
-        study.optimize(objective, callbacks=[out_of_time], gc_after_trial=False)
+        if not _finished(study, optuna, config, deadline):  # a resumed search may have nothing left to do
+            study.optimize(objective, callbacks=[out_of_time], gc_after_trial=False)
+    failed = optuna.trial.TrialState.FAIL  # killed with a search: made again on resume, not a result
+    trials = [t.user_attrs["row"] for t in study.trials if "row" in t.user_attrs and t.state != failed]
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         raise RuntimeError(f"tune: no trial finished within {config.budget:g} s; give a larger budget")
     best = max(done, key=lambda t: t.value)
-    given_mrr = study.trials[0].value if given is not None and study.trials[0].value is not None else float("nan")
+    first = _given_trial(study, optuna, given) if given is not None else None
+    given_mrr = first.value if first is not None and first.value is not None else float("nan")
     chosen = replace(base, **SEARCHED, **best.params)
     return TuneResult(chosen=chosen, chosen_valid_mrr=float(best.value), given_valid_mrr=float(given_mrr),
                       trials=trials, seconds=time.monotonic() - start)
