@@ -168,7 +168,8 @@ def resolve_precision(precision: str, device: torch.device, measure: Callable[[]
     return chosen, {key: round(value, 1) for key, value in timings.items()}
 
 
-def remembered_precision(path: Path, choose: Callable[[], tuple[str, dict[str, float]]]) -> tuple[str, dict[str, float]]:
+def remembered_precision(path: Path, choose: Callable[[], tuple[str, dict[str, float]]]
+                         ) -> tuple[str, dict[str, float]]:
     """The precision an interrupted run of this stage chose (saved at ``path``, in its work folder), else
     ``choose()``, saved there: a resumed stage goes on in the precision it began in, whatever ``auto``
     would measure now."""

@@ -16,7 +16,7 @@ processes with gloo, several GPUs, DeepSpeed/FSDP through an accelerate
 config); the Trainer takes its device from there.  Precision (``precision:
 auto``): bf16 on GPUs that support it, else fp16; on the CPU bf16 autocast
 only where a training step of this model measures faster in it (SmolLM2 on an
-AMX Xeon: 1.7x; the tiny LM there, and every model on CPUs without native
+AMX Xeon: 1.58x; the tiny LM there, and every model on CPUs without native
 bf16, are faster in fp32), else fp32.  Checkpoints go to ``<dest>.work/``; a
 killed run resumes from the newest one.
 

@@ -206,9 +206,12 @@ class CandidateScorer:
         # rows as long as a prompt with its candidates typically is (bf16's gain grows with the matrices)
         ids = torch.randint(0, 100, (self.config.batch_size, 256), generator=torch.Generator().manual_seed(0))
 
+        # scoring computes the logits of the answer positions only (score_batch): so does the timed pass
+        kept = {"logits_to_keep": 1} if _keeps_logits(type(self.model)) else {}
+
         def forward() -> None:
             with torch.no_grad():
-                self.model(input_ids=ids.to(device), use_cache=False)
+                self.model(input_ids=ids.to(device), use_cache=False, **kept)
 
         def choose() -> tuple[str, dict[str, float]]:
             return resolve_precision(setting, device, lambda: timed_precisions(forward), gpu_fallback="fp32")
