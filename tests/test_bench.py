@@ -452,3 +452,29 @@ def test_rewriting_a_result_names_the_paired_comparisons_it_drops(tmp_path, monk
     assert json.loads((tmp_path / "r.json").read_text()) == {"umls": {"a": 2.0}}
     _common.write_result("r", "umls", {"a": 3.0}, ["a"])
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.slow
+def test_precision_bench_trains_and_scores_each_arm_and_applies_its_rule(tmp_path):
+    run, results = tmp_path / "run", tmp_path / "results"
+    made = subprocess.run([sys.executable, "-m", "kgtok.cli", "run", "--out", str(run), "--until", "instruct",
+                           "synthetic.num_entities=200", "embed.dim=16", "embed.max_steps=30", "embed.eval_every=15",
+                           "text.mode=joint", "quantize.epochs=2", "quantize.codebook_size=16", "instruct.top_k=5",
+                           "progress=false"], env=environment(tmp_path), capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+    done = subprocess.run([sys.executable, str(BENCH / "llm_precision.py"), "--run", str(run), "--dataset", "synthetic",
+                           "finetune.max_steps=2", "finetune.threads=1", "finetune.tiny.vocab_size=400",
+                           "finetune.tiny.hidden_size=32", "finetune.tiny.layers=1", "finetune.tiny.heads=2",
+                           "evaluate.max_queries=6"],
+                          env={**environment(tmp_path), "KGTOK_BENCH_RESULTS": str(results)},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads((results / "llm_precision.json").read_text())["synthetic"]
+    assert (record["finetune_fp32"]["precision"], record["finetune_bf16"]["precision"]) == ("fp32", "bf16")
+    assert {arm: v["precision"] for arm, v in record["arms"].items()} == {
+        "fp32_fp32": "fp32", "bf16_bf16": "bf16", "fp32_bf16": "bf16"}
+    for arm in ("bf16_bf16", "fp32_bf16"):
+        rows = record["arms"][arm]["vs_fp32"]
+        assert record["rule_met"][arm] == all(abs(rows[r]["hits_at_1"]["difference"]) <= 0.02
+                                              and rows[r]["hits_at_1"]["p_value"] >= 0.05 for r in ("dift", "rerank"))
+    assert record["arms"]["fp32_bf16"]["queries"] == 6
