@@ -312,7 +312,8 @@ def fake_vllm(monkeypatch):
             self.logprob = logprob
 
     class LLM:
-        def __init__(self, model, enable_prefix_caching=False):
+        def __init__(self, model, enable_prefix_caching=False, dtype="auto"):
+            assert dtype == "float32"  # the precision auto resolves to without a GPU, not vLLM's own auto (fp16)
             self.model = AutoModelForCausalLM.from_pretrained(model).eval()
 
         def generate(self, requests, params, use_tqdm=True):

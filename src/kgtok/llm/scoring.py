@@ -112,13 +112,16 @@ class VLLMScorer:
     Prefix caching lets the k requests of a query share the prompt's work.
     """
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, precision: str) -> None:
+        """``precision``: fp32, bf16 or fp16, as vLLM's ``dtype`` (its own ``auto`` would take fp16 for the fp32
+        weights fine-tuning saves)."""
         try:
             import vllm
         except ImportError as e:  # pragma: no cover - depends on the machine
             raise RuntimeError("evaluate backend 'vllm' needs the vllm package (pip install vllm; a GPU machine)"
                                ) from e
-        self.llm = vllm.LLM(model=str(model_dir), enable_prefix_caching=True)
+        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
+        self.llm = vllm.LLM(model=str(model_dir), enable_prefix_caching=True, dtype=dtype)
         self.params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0)
 
     def __call__(self, model: Any, prompts: list[list[int]], candidates: list[list[list[int]]], pad_id: int
@@ -187,9 +190,12 @@ class CandidateScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
-        self.vllm = VLLMScorer(model_dir) if config.backend == "vllm" else None
-        self.model, self.precision, self.precision_ms = None, "fp32", {}
-        if self.vllm is None:
+        self.vllm, self.model, self.precision, self.precision_ms = None, None, "fp32", {}
+        if config.backend == "vllm":  # auto: bf16 on a GPU that has it, else fp32 (vLLM's CPU backend is not timed)
+            bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            self.precision = config.precision if config.precision != "auto" else "bf16" if bf16 else "fp32"
+            self.vllm = VLLMScorer(model_dir, self.precision)
+        else:
             self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
             if torch.cuda.is_available():
                 self.model.cuda()
