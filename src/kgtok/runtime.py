@@ -181,3 +181,11 @@ def remembered_precision(path: Path, choose: Callable[[], tuple[str, dict[str, f
     precision, timings = choose()
     write_json_atomic(path, {"precision": precision, "timings_ms": timings})
     return precision, timings
+
+
+def precision_line(stage: str, precision: str, timings: dict[str, float], what: str) -> str:
+    """The log line of a measured choice, e.g. "finetune: bf16 (a step 902 ms against 1271 in fp32 here)"."""
+    if not timings:
+        return f"{stage}: {precision}"
+    return (f"{stage}: {precision} ({what} {timings['bf16']:.0f} ms in bf16 against {timings['fp32']:.0f} in fp32 "
+            f"here; bf16 needs {BF16_MIN_SPEEDUP:g}x)")

@@ -617,11 +617,12 @@ def test_finetune_and_evaluate_print_only_their_own_lines(stages, tmp_path, capf
                      log=lines.append)
     assert capfd.readouterr() == ("", "")
     assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
-    own = [line for line in lines if not line.startswith("#")]  # steps 1, 2 (time left), LM-valid loss, result;
-    assert [line.split(":")[0] for line in own] == [  # few LM-valid queries (warning), fusion weight, result
-        "finetune", "finetune", "finetune", "finetune", "evaluate", "evaluate", "evaluate"]
-    assert own[4].startswith("evaluate: warning: the fusion weight was chosen on")
-    assert own[0].startswith("finetune: step 1 of 2") and own[0].endswith("min left")
+    own = [line for line in lines if not line.startswith("#")]  # precision, steps 1, 2 (time left), LM-valid
+    assert [line.split(":")[0] for line in own] == [  # loss, result; precision, few LM-valid queries (warning),
+        "finetune"] * 5 + ["evaluate"] * 4  # fusion weight, result
+    assert own[0].startswith("finetune: fp32 (a step") or own[0].startswith("finetune: bf16 (a step")
+    assert own[6].startswith("evaluate: warning: the fusion weight was chosen on")
+    assert own[1].startswith("finetune: step 1 of 2") and own[1].endswith("min left")
     # Progress on: one bar for training (and one per LM-valid pass), one per scored split.
     run_finetune(config, instructions, tmp_path / "ft2", codes=codes, progress=True, log=quiet)
     run_evaluate(EvaluateConfig(max_queries=4, fusion_weight=1.0, threads=1), ft, instructions, tmp_path / "ev2",
@@ -919,10 +920,14 @@ def test_training_arguments_suit_the_gpu_images_older_transformers(tmp_path):
 
 def test_finetune_and_evaluate_record_the_precision_they_ran_in(stages, tmp_path):
     kg, kg_dir, embed, codes, instructions, root = stages
+    said: list[str] = []
     timed = run_finetune(FinetuneConfig(tiny=TINY, max_steps=2, batch_size=4, threads=1), instructions,
-                         tmp_path / "auto", codes=codes, progress=False, log=quiet)
+                         tmp_path / "auto", codes=codes, progress=False, log=said.append)
     metrics = json.loads((timed / "metrics.json").read_text())
     assert metrics["precision"] in ("fp32", "bf16") and set(metrics["precision_step_ms"]) == {"fp32", "bf16"}
+    ms = metrics["precision_step_ms"]  # the choice is said, with what it was made on
+    assert f"finetune: {metrics['precision']} (a step {ms['bf16']:.0f} ms in bf16 against {ms['fp32']:.0f}" in \
+        "\n".join(said)
     low = run_finetune(FinetuneConfig(tiny=TINY, max_steps=2, batch_size=4, threads=1, precision="bf16"),
                        instructions, tmp_path / "bf16", codes=codes, progress=False, log=quiet)
     assert json.loads((low / "metrics.json").read_text())["precision"] == "bf16"

@@ -61,6 +61,7 @@ def run(config: EvaluateConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     """Stage 5c into ``dest``; scored queries (and the chosen fusion weight) kept in ``ctx.work``."""
     from kgtok.llm.console import quiet_libraries
     from kgtok.llm.scoring import CandidateScorer
+    from kgtok.runtime import precision_line
 
     hf_dir = model_folder(inputs["model"])
     warn_if_made_from_another(inputs["model"], "instructions", inputs["instructions"])
@@ -78,6 +79,8 @@ def run(config: EvaluateConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
         entity_classes = np.asarray(load_classes(inputs["classes"], names))
     with quiet_libraries():
         scorer = CandidateScorer(hf_dir, config, ctx.progress, saved=ctx.work / "precision.json")
+        if scorer.precision_ms:
+            ctx.log(precision_line("evaluate", scorer.precision, scorer.precision_ms, "a scoring pass"))
         if records[0].get("task") == "classification":
             return _evaluate_classification(config, scorer, records, InstructArtifact(inputs["instructions"]),
                                             dest, ctx)

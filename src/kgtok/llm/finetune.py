@@ -509,6 +509,7 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     from transformers import set_seed
 
     from kgtok.llm.console import level_metrics, quiet_libraries
+    from kgtok.runtime import precision_line
 
     instructions = InstructArtifact(inputs["instructions"])
     if inputs.get("codes") is not None:  # new token rows start from these codes' codebooks
@@ -542,6 +543,8 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
         sample = [training_text(r) for r in train_records[:: max(1, len(train_records) // 64)]]
         length = min(config.max_length, int(np.median([len(ids) for ids in tokenizer(sample)["input_ids"]])))
         precision, precision_ms = training_precision(config, model, state, ctx.work / "precision.json", length)
+        if precision_ms and state.is_main_process:
+            ctx.log(precision_line("finetune", precision, precision_ms, "a step"))
         arguments = with_precision(arguments, precision)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         trainer = make_trainer(config, arguments, model, tokenizer, train_records, valid_records, ctx.progress,
