@@ -189,3 +189,44 @@ def precision_line(stage: str, precision: str, timings: dict[str, float], what: 
         return f"{stage}: {precision}"
     return (f"{stage}: {precision} ({what} {timings['bf16']:.0f} ms in bf16 against {timings['fp32']:.0f} in fp32 "
             f"here; bf16 needs {BF16_MIN_SPEEDUP:g}x)")
+
+
+def measured_once(signature: dict[str, object], measure: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``measure()`` made once per machine and ``signature`` (the model's shape, batch, threads...), kept in
+    kgtok's cache (``<cache>/precision/``) and read back after: timings move with the machine's load, and a
+    choice made on them anew each run could differ between two runs of the same command."""
+    import hashlib
+    import json
+    import platform
+
+    from kgtok.artifacts import cache_root, read_json
+
+    key = {**signature, "cpu": _cpu_model() or platform.processor(), "torch": torch.__version__,
+           "threads": torch.get_num_threads()}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = cache_root() / "precision" / f"{digest}.json"
+    saved = read_json(path)
+    if isinstance(saved, dict) and isinstance(saved.get("timings_ms"), dict):
+        return saved["timings_ms"]
+    timings = measure()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"key": key, "timings_ms": timings}, indent=1), encoding="utf-8")
+    try:
+        os.link(tmp, path)  # the first measurement wins: a process measuring at the same time reads it after
+    except FileExistsError:
+        timings = (read_json(path) or {}).get("timings_ms") or timings
+    finally:
+        tmp.unlink(missing_ok=True)
+    return timings
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or "" where there is none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""

@@ -107,3 +107,35 @@ def test_bf16_scoring_keeps_the_output_layer_in_fp32_and_is_close_to_fp32(tiny_d
     with torch.no_grad():  # outside scoring too (generation, beams): the model's forward is under autocast
         out = bf16.model(input_ids=torch.tensor([[1, 10, 11]]))
     assert out.logits.dtype == torch.float32
+
+
+def test_timings_are_measured_once_a_machine_and_model_shape(tmp_path, monkeypatch):
+    from kgtok.runtime import measured_once
+
+    monkeypatch.setenv("KGTOK_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def measure(fp32: float):
+        return lambda: calls.append(fp32) or {"fp32": fp32, "bf16": 10.0}
+
+    shape = {"pass": "scoring", "hidden_size": 32, "batch": 4}
+    assert measured_once(shape, measure(30.0)) == {"fp32": 30.0, "bf16": 10.0}
+    # the same command again, the machine busier now: the first timings stand, so the choice cannot flip
+    assert measured_once(shape, measure(11.0)) == {"fp32": 30.0, "bf16": 10.0} and calls == [30.0]
+    assert measured_once({**shape, "hidden_size": 64}, measure(11.0))["fp32"] == 11.0  # another model: measured
+    before = torch.get_num_threads()
+    torch.set_num_threads(before + 1)
+    try:
+        assert measured_once(shape, measure(12.0))["fp32"] == 12.0  # other threads: measured
+    finally:
+        torch.set_num_threads(before)
+
+    def raced():  # another process wrote its measurement while this one measured: the first one wins
+        (tmp_path / "precision").mkdir(exist_ok=True)
+        for path in (tmp_path / "precision").glob("*.json"):
+            path.unlink()
+        first = {"hidden_size": 128}
+        measured_once({**shape, **first}, measure(50.0))
+        return {"fp32": 99.0, "bf16": 10.0}
+
+    assert measured_once({**shape, "hidden_size": 128}, raced)["fp32"] == 50.0

@@ -379,17 +379,25 @@ def step_timings(model: Any, batch_size: int, length: int) -> dict[str, float]:
 def training_precision(config: FinetuneConfig, model: Any, state: Any, saved: Path, length: int = 64
                        ) -> tuple[str, dict[str, float]]:
     """The precision fine-tuning runs in (:func:`kgtok.runtime.resolve_precision`, timed on batches of
-    ``length`` tokens), the same in every process (the main one measures) and after a resume (kept at
-    ``saved``); under ``auto``, ``accelerate launch --mixed_precision`` wins."""
+    ``length`` tokens, once a machine: :func:`kgtok.runtime.measured_once`), the same in every process (the
+    main one measures) and after a resume (kept at ``saved``); under ``auto``, ``accelerate launch
+    --mixed_precision`` wins."""
     import os
 
-    from kgtok.runtime import remembered_precision, resolve_device, resolve_precision
+    from kgtok.llm.scoring import architecture
+    from kgtok.runtime import measured_once, remembered_precision, resolve_device, resolve_precision
 
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     setting = launched if config.precision == "auto" and launched in ("bf16", "fp16") else config.precision
-    chosen = [remembered_precision(saved, lambda: resolve_precision(
-        setting, resolve_device("auto"), lambda: step_timings(model, config.batch_size, length)))
-        if state.is_main_process else None]
+
+    def measure() -> dict[str, float]:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        signature = {"pass": "training", **architecture(model), "trainable": trainable,
+                     "batch": config.batch_size, "tokens": length}
+        return measured_once(signature, lambda: step_timings(model, config.batch_size, length))
+
+    chosen = [remembered_precision(saved, lambda: resolve_precision(setting, resolve_device("auto"), measure))
+              if state.is_main_process else None]
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 

@@ -162,6 +162,14 @@ def candidate_texts(record: dict[str, Any]) -> list[str]:
     return record.get("candidate_answers", record["candidate_text"])
 
 
+def architecture(model: Any) -> dict[str, Any]:
+    """What of a Hugging Face model's config sets its speed (the key of a precision measured once a machine)."""
+    config = model.config.to_dict()
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+    return {key: config.get(key) for key in keys}
+
+
 def fp32_forward(forward: Callable[..., Any], device_type: str) -> Callable[..., Any]:
     """``forward`` outside autocast, its first input in fp32: the output layer of a model run under autocast,
     so the logits (only the answer positions', ``logits_to_keep``) are not rounded to 8 bits of mantissa."""
@@ -206,7 +214,7 @@ class CandidateScorer:
         model) and run every forward pass of the model (scoring, generation, beams) under its autocast."""
         import torch
 
-        from kgtok.runtime import remembered_precision, resolve_precision, timed_precisions
+        from kgtok.runtime import measured_once, remembered_precision, resolve_precision, timed_precisions
 
         device = next(self.model.parameters()).device
         # rows as long as a prompt with its candidates typically is (bf16's gain grows with the matrices)
@@ -219,8 +227,11 @@ class CandidateScorer:
             with torch.no_grad():
                 self.model(input_ids=ids.to(device), use_cache=False, **kept)
 
+        signature = {"pass": "scoring", **architecture(self.model), "batch": self.config.batch_size, "tokens": 256}
+
         def choose() -> tuple[str, dict[str, float]]:
-            return resolve_precision(setting, device, lambda: timed_precisions(forward), gpu_fallback="fp32")
+            return resolve_precision(setting, device, lambda: measured_once(signature, lambda: timed_precisions(
+                forward)), gpu_fallback="fp32")
 
         precision, timings = choose() if saved is None else remembered_precision(saved, choose)
         if precision != "fp32":  # weights stay fp32; matmuls and attention run in the lower precision
