@@ -21,17 +21,12 @@ RESULTS = Path(os.environ.get("KGTOK_BENCH_RESULTS") or Path(__file__).resolve()
 
 
 def machine() -> dict[str, Any]:
-    from kgtok.artifacts import git_hash, package_versions
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
+
+    from kgtok.artifacts import git_hash, package_versions
+    from kgtok.runtime import cpu_model
+
+    cpu = cpu_model()
 
     gpu = {"gpu": torch.cuda.get_device_name(0)} if torch.cuda.is_available() else {}
     return {

@@ -185,8 +185,6 @@ def remembered_precision(path: Path, choose: Callable[[], tuple[str, dict[str, f
 
 def precision_line(stage: str, precision: str, timings: dict[str, float], what: str) -> str:
     """The log line of a measured choice, e.g. "finetune: bf16 (a step 902 ms against 1271 in fp32 here)"."""
-    if not timings:
-        return f"{stage}: {precision}"
     return (f"{stage}: {precision} ({what} {timings['bf16']:.0f} ms in bf16 against {timings['fp32']:.0f} in fp32 "
             f"here; bf16 needs {BF16_MIN_SPEEDUP:g}x)")
 
@@ -197,11 +195,10 @@ def measured_once(signature: dict[str, object], measure: Callable[[], dict[str, 
     choice made on them anew each run could differ between two runs of the same command."""
     import hashlib
     import json
-    import platform
 
     from kgtok.artifacts import cache_root, read_json
 
-    key = {**signature, "cpu": _cpu_model() or platform.processor(), "torch": torch.__version__,
+    key = {**signature, "cpu": cpu_model(), "torch": torch.__version__,
            "threads": torch.get_num_threads()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_root() / "precision" / f"{digest}.json"
@@ -221,12 +218,15 @@ def measured_once(signature: dict[str, object], measure: Callable[[], dict[str, 
     return timings
 
 
-def _cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or "" where there is none."""
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says: benchmarks record it, and the
+    precision timings are kept per CPU."""
+    import platform
+
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return ""
+    return platform.processor() or platform.machine()

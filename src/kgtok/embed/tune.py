@@ -151,10 +151,16 @@ def _study(optuna: Any, config: TuneConfig, storage: Path | None, log: Callable[
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     spent = float(study.user_attrs.get("seconds", 0.0))
-    made = sum(t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL for t in study.trials)
     if study.trials:
-        log(f"tune: resuming the search in {storage}: trials made {made}, {spent:.0f} s of the budget spent")
+        log(f"tune: resuming the search in {storage}: trials made {len(_made(study, optuna))}, {spent:.0f} s of "
+            "the budget spent")
     return study, spent
+
+
+def _made(study: Any, optuna: Any) -> list[Any]:
+    """The trials made: finished or pruned (a failed one was killed with its search and is made again)."""
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                    optuna.trial.TrialState.PRUNED))
 
 
 def _given_trial(study: Any, optuna: Any, given: dict[str, Any]) -> Any:
@@ -166,7 +172,7 @@ def _given_trial(study: Any, optuna: Any, given: dict[str, Any]) -> Any:
 
 def _finished(study: Any, optuna: Any, config: TuneConfig, deadline: float) -> bool:
     """The search is over: a trial made (finished or pruned), and the budget spent or ``max_trials`` made."""
-    made = [t for t in study.trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
+    made = _made(study, optuna)
     return bool(made) and (time.monotonic() > deadline or bool(config.max_trials and len(made) >= config.max_trials))
 
 
@@ -206,8 +212,7 @@ def tune(kg: KnowledgeGraph, base: EmbedConfig, config: TuneConfig, *, log: Call
     with torch_threads(base.threads):  # as the stage's own run: threads=1 is honoured in the search too
         if not _finished(study, optuna, config, deadline):  # a resumed search may have nothing left to do
             study.optimize(objective, callbacks=[out_of_time], gc_after_trial=False)
-    failed = optuna.trial.TrialState.FAIL  # killed with a search: made again on resume, not a result
-    trials = [t.user_attrs["row"] for t in study.trials if "row" in t.user_attrs and t.state != failed]
+    trials = [t.user_attrs["row"] for t in _made(study, optuna) if "row" in t.user_attrs]
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         raise RuntimeError(f"tune: no trial finished within {config.budget:g} s; give a larger budget")
