@@ -5,7 +5,7 @@
 Times ``training_step`` of ComplEx-N3 (the dataset's batches, in a fixed
 shuffled order) with the loss scoring a block of entities at a time
 (``ChunkedCrossEntropy``), with ``F.cross_entropy`` over the whole (batch, N)
-matrix, and as shipped (whole up to ``_WHOLE_MAX_FLOATS``, else blocks).  The
+matrix, and as shipped (whole up to ``_WHOLE_MAX_BYTES``, else blocks).  The
 variants alternate in one process, so a busy core slows all alike; each is
 reported as its fastest of ``--repeats``.  Then ranks ``--rank-triples``
 training triples (both sides, top-20 candidates, as the export does) as
@@ -34,13 +34,13 @@ from kgtok.embed import train as embed_train  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
-VARIANTS = {"blocked": 0, "whole": 1 << 62, "shipped": None}  # _WHOLE_MAX_FLOATS of each variant
+VARIANTS = {"blocked": 0, "whole": 1 << 62, "shipped": None}  # _WHOLE_MAX_BYTES of each variant
 
 
 def step_ms(kg, config: EmbedConfig, examples: torch.Tensor, steps: int, variant: str) -> float:
-    original = embed_train._WHOLE_MAX_FLOATS
+    original = embed_train._WHOLE_MAX_BYTES
     if VARIANTS[variant] is not None:
-        embed_train._WHOLE_MAX_FLOATS = VARIANTS[variant]
+        embed_train._WHOLE_MAX_BYTES = VARIANTS[variant]
     try:
         model, optimizer = embed_train.build(config, kg)
         b = config.batch_size
@@ -51,7 +51,7 @@ def step_ms(kg, config: EmbedConfig, examples: torch.Tensor, steps: int, variant
             embed_train.training_step(model, optimizer, examples[step * b:(step + 1) * b], config, step)
         return (time.perf_counter() - start) / steps * 1000
     finally:
-        embed_train._WHOLE_MAX_FLOATS = original
+        embed_train._WHOLE_MAX_BYTES = original
 
 
 def rank_seconds(kg, config: EmbedConfig, triples: torch.Tensor, shipped: bool) -> float:

@@ -134,24 +134,37 @@ def timed_precisions(run: Callable[[], object], repeats: int = 2) -> dict[str, f
     Measured, not assumed: on one 2-core machine (AMX) bf16 autocast made SmolLM2's forward 2.8x faster, on
     others (AVX-512 without bf16, AVX2) bf16 matmul was 3x slower than fp32, and the tiny LM (width 128)
     was slower in bf16 even on the AMX machine."""
+    def under(enabled: bool) -> Callable[[], object]:
+        def autocast_run() -> object:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                return run()
+        return autocast_run
+
+    return timed_runs({"fp32": under(False), "bf16": under(True)}, repeats)
+
+
+def timed_runs(runs: dict[str, Callable[[], object]], repeats: int = 2) -> dict[str, float]:
+    """Milliseconds of one call of each of ``runs`` (after a warm-up call), one after the other in one
+    process: a ratio of two of them holds under load that their absolute values do not. A run on a GPU
+    must wait for its work itself (``torch.cuda.synchronize``)."""
     out = {}
-    for name, enabled in (("fp32", False), ("bf16", True)):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+    for name, run in runs.items():
+        run()
+        start = time.perf_counter()
+        for _ in range(repeats):
             run()
-            start = time.perf_counter()
-            for _ in range(repeats):
-                run()
         out[name] = 1000 * (time.perf_counter() - start) / repeats
     return out
 
 
 def resolve_precision(precision: str, device: torch.device, measure: Callable[[], dict[str, float]],
-                      gpu_fallback: str = "fp16") -> tuple[str, dict[str, float]]:
+                      gpu_fallback: str = "fp16", *, measure_gpu: bool = False) -> tuple[str, dict[str, float]]:
     """A stage's ``precision`` setting as fp32, bf16 or fp16, and the timings that chose it (empty if none).
 
     ``auto``: on a GPU bf16 where supported, else ``gpu_fallback``; on the CPU bf16 when ``measure()`` (ms per
-    precision, :func:`timed_precisions`) finds it :data:`BF16_MIN_SPEEDUP` faster, else fp32.  An explicit
-    value the device cannot run is refused."""
+    precision, :func:`timed_precisions`) finds it :data:`BF16_MIN_SPEEDUP` faster, else fp32.  With
+    ``measure_gpu`` a GPU that supports bf16 is measured the same way (a stage whose bf16 path was never
+    timed on one: stage 1's), else it keeps fp32.  An explicit value the device cannot run is refused."""
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"precision={precision!r}: expected auto, fp32, bf16 or fp16")
     gpu = device.type == "cuda"
@@ -161,8 +174,10 @@ def resolve_precision(precision: str, device: torch.device, measure: Callable[[]
         raise ValueError("precision=bf16: this GPU does not support bf16; use auto, fp32 or fp16")
     if precision != "auto":
         return precision, {}
-    if gpu:
+    if gpu and not measure_gpu:
         return ("bf16" if torch.cuda.is_bf16_supported() else gpu_fallback), {}
+    if gpu and not torch.cuda.is_bf16_supported():
+        return "fp32", {}
     timings = measure()
     chosen = "bf16" if timings["fp32"] >= BF16_MIN_SPEEDUP * timings["bf16"] else "fp32"
     return chosen, {key: round(value, 1) for key, value in timings.items()}

@@ -17,6 +17,7 @@ LossName = Literal["auto", "nssa", "1vsall"]
 # 100k entities and 643 ms at 1M, a row-update step 77 and 111 ms (bench/results/scale_sparse_step.json; the
 # crossover interpolates to ~140k).
 SPARSE_FROM = 200_000
+BILINEAR = ("complex", "distmult")  # scores are products with every entity: 1vsall's default, bf16's only case
 N3_FLOOR = 0.005  # the density rule's smallest N3 weight (EmbedConfig.n3_weight)
 
 
@@ -77,6 +78,11 @@ class EmbedConfig:
     export_splits: tuple[str, ...] = resumable(("train", "valid", "test"))  # candidate files to write
     # --- machine ---
     device: Device = "auto"  # auto: cuda when a GPU is present, else cpu. Not a machine field: GPU sums differ in the last bits
+    # bf16: 1-vs-all's score product (batch x every entity) and its softmax in bf16, the weights, N3 and optimiser
+    # in fp32; validation, ranking and export always fp32. auto: bf16 where a step of this model measured
+    # >= 1.25x faster in it (kgtok.runtime.resolve_precision; choice and timings in the artifact's metrics), else
+    # fp32; nssa and distance models always fp32. Not a machine field: bf16 trains another model.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int = machine(0)  # torch threads; 0 = all cores. Use 1 per process when tests run in parallel
     seed: int = 0  # one seed for init, batch order and negatives
 
@@ -108,6 +114,9 @@ class EmbedConfig:
              "queries are learnt from reciprocal relations"),
             ("shared_negatives", lambda v: not (v and self.resolved_loss == "1vsall"),
              "false with 1vsall (it scores every entity, no negatives are drawn)"),
+            ("precision", lambda v: v != "bf16" or (self.resolved_loss == "1vsall" and self.model in BILINEAR),
+             "auto or fp32 unless complex or distmult train 1vsall (bf16 applies to their product of the batch "
+             "with every entity)"),
             ("sparse", lambda v: not (v and self.resolved_loss == "1vsall"),
              "null or false with 1vsall (it scores the whole table every step)"),
         ])
@@ -116,7 +125,7 @@ class EmbedConfig:
     def resolved_loss(self) -> str:
         if self.loss != "auto":
             return self.loss
-        return "1vsall" if self.model in ("distmult", "complex") else "nssa"
+        return "1vsall" if self.model in BILINEAR else "nssa"
 
     @property
     def resolved_reciprocal(self) -> bool:

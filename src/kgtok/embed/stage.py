@@ -30,7 +30,8 @@ def run(config: EmbedConfig, inputs: dict[str, Path], dest: Path, ctx: Context) 
     test = metrics["test"]["both"]
     ctx.log(f"embed: test MRR {test['mrr']:.4f}  H@1 {test['hits_at_1']:.4f}  H@10 {test['hits_at_10']:.4f}")
     return {
-        "best_step": state.best_step, "steps": state.step,
+        "best_step": state.best_step, "steps": state.step, "precision": state.precision,
+        **({"precision_step_ms": state.precision_ms} if state.precision_ms else {}),
         **{f"{split}_{name}": metrics[split]["both"][name]
            for split in ("valid", "test") for name in ("mrr", "hits_at_1", "hits_at_3", "hits_at_10")},
     }

@@ -30,7 +30,7 @@ from kgtok.embed.config import EmbedConfig
 from kgtok.embed.layout import EmbedArtifact
 from kgtok.embed.models import KGEModel, build_model
 from kgtok.embed.ranking import RankedQueries, rank_triples
-from kgtok.runtime import resolve_device, seeded_generator, torch_save_atomic
+from kgtok.runtime import precision_line, resolve_device, seeded_generator, torch_save_atomic
 
 
 # ----------------------------------------------------------------------------
@@ -49,6 +49,8 @@ class TrainingState:
     history: list[dict[str, float]] = field(default_factory=list)
     last_loss: float = float("nan")
     max_steps: int = 0  # the budget the run was started with (0: a checkpoint of an older kgtok)
+    precision: str = "fp32"  # what the run began in (EmbedConfig.precision); older checkpoints trained in fp32
+    precision_ms: dict[str, float] = field(default_factory=dict)  # the timings auto chose it by (empty if given)
 
 
 def build(config: EmbedConfig, kg: KnowledgeGraph, device: torch.device | str = "cpu"
@@ -131,27 +133,29 @@ def nssa_loss(
     return -((weights * positive_term).sum() + (weights * negative_term).sum()) / (2 * weights.sum())
 
 
-def one_vs_all_loss(model: KGEModel, batch: torch.Tensor, label_smoothing: float
-                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+def one_vs_all_loss(model: KGEModel, batch: torch.Tensor, label_smoothing: float,
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """Cross-entropy of the true tail among all entities (reciprocal relations give the heads).
 
     Also returns the N3 factors when the model computes them from the same
-    gathered rows (bilinear models), else None.
+    gathered rows (bilinear models), else None.  ``dtype`` bf16: the score
+    product and its softmax in bf16 (EmbedConfig.precision; bilinear models).
     """
     if not hasattr(model, "one_vs_all_terms"):
         scores = model.score_all_tails(batch[:, 0], batch[:, 1])
         return F.cross_entropy(scores, batch[:, 2], label_smoothing=label_smoothing), None
     queries, factors = model.one_vs_all_terms(batch)  # bilinear: scores are queries @ entity.T
-    if len(queries) * model.num_entities <= _WHOLE_MAX_FLOATS or queries.device.type != "cpu":
-        scores = model.compare(queries, model.entity)
-        return F.cross_entropy(scores, batch[:, 2], label_smoothing=label_smoothing), factors
-    return ChunkedCrossEntropy.apply(queries, model.entity, batch[:, 2], label_smoothing), factors
+    size = len(queries) * model.num_entities * torch.finfo(dtype).bits // 8
+    if size <= _WHOLE_MAX_BYTES or queries.device.type != "cpu":
+        scores = model.compare(queries.to(dtype), model.entity.to(dtype))
+        return F.cross_entropy(scores, batch[:, 2], label_smoothing=label_smoothing).float(), factors
+    return ChunkedCrossEntropy.apply(queries, model.entity, batch[:, 2], label_smoothing, dtype), factors
 
 
-# On a CPU, score matrices up to this many floats are built whole, larger ones a block at a time: on 2 AMD EPYC
+# On a CPU, score matrices up to this many bytes are built whole, larger ones a block at a time: on 2 AMD EPYC
 # cores (bench/results/kge_step_time.json, WN18RR) whole was faster at batch 100 (4M floats), blocks at 250 (10M).
 # A GPU builds them whole (not measured there).
-_WHOLE_MAX_FLOATS = 1 << 23
+_WHOLE_MAX_BYTES = 4 << 23
 # Entity rows per block: a (batch, block) slice of about this many floats stays in cache.
 _CE_CHUNK_FLOATS = 1 << 18
 
@@ -162,43 +166,51 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     Equal to ``F.cross_entropy(queries @ entity.T, targets, label_smoothing=ε)`` but never holds the
     (batch, N) scores: each block is recomputed in the backward pass while it is in cache. The whole
     product and its softmax are memory-bound on a CPU; blocks made a WN18RR step (batch 250, 40,943
-    entities) 1.4x faster on 2 AMD EPYC cores (bench/results/kge_step_time.json).
+    entities) 1.4x faster on 2 AMD EPYC cores (bench/results/kge_step_time.json).  With ``dtype`` bf16 the
+    blocks' products are bf16 (the softmax sums, the true tail's score and the gradients stay fp32).
     """
 
     @staticmethod
     def forward(ctx: Any, queries: torch.Tensor, entity: torch.Tensor, targets: torch.Tensor,
-                label_smoothing: float) -> torch.Tensor:
+                label_smoothing: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         chunk = max(64, _CE_CHUNK_FLOATS // max(1, len(queries)))
+        low_queries, low_entity = queries.to(dtype), entity.to(dtype)  # the same tensors in fp32
         lse = torch.full((len(queries),), -math.inf, dtype=queries.dtype, device=queries.device)
-        for block in entity.split(chunk):
-            lse = torch.logaddexp(lse, torch.logsumexp(queries @ block.t(), dim=1))
+        for block in low_entity.split(chunk):
+            lse = torch.logaddexp(lse, torch.logsumexp((low_queries @ block.t()).to(lse.dtype), dim=1))
         # -log p_t mixed with the mean of -log p_j over all j: lse - (1-ε) s_t - ε mean_j s_j
         loss = lse - (1 - label_smoothing) * (queries * entity[targets]).sum(1)
         if label_smoothing:  # the mean entity is a pass over the whole table: only when it counts
             loss = loss - label_smoothing * (queries @ entity.mean(0))
         loss = loss.mean()
-        ctx.save_for_backward(queries, entity, targets, lse)
+        ctx.save_for_backward(queries, entity, targets, lse, low_queries, low_entity)
         ctx.chunk, ctx.label_smoothing = chunk, label_smoothing
         return loss
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
-        queries, entity, targets, lse = ctx.saved_tensors
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
+        queries, entity, targets, lse, low_queries, low_entity = ctx.saved_tensors
         eps, weight = ctx.label_smoothing, float(grad) / len(queries)
         grad_queries = torch.zeros_like(queries)
         grad_entity = torch.empty_like(entity)
         start = 0
-        for block in entity.split(ctx.chunk):  # d loss / d score = softmax - (1-ε) onehot - ε/N
-            probs = (queries @ block.t()).sub_(lse[:, None]).exp_().mul_(weight)
-            grad_queries.addmm_(probs, block)
-            torch.mm(probs.t(), queries, out=grad_entity[start:start + len(block)])
+        for block in low_entity.split(ctx.chunk):  # d loss / d score = softmax - (1-ε) onehot - ε/N
+            probs = (low_queries @ block.t()).to(lse.dtype).sub_(lse[:, None]).exp_().mul_(weight)
+            rows = grad_entity[start:start + len(block)]
+            if block.dtype == grad_queries.dtype:
+                grad_queries.addmm_(probs, block)
+                torch.mm(probs.t(), queries, out=rows)
+            else:  # bf16 products, summed into the fp32 gradients
+                probs = probs.to(block.dtype)
+                grad_queries += probs @ block
+                rows.copy_(probs.t() @ low_queries)
             start += len(block)
         grad_queries -= ((1 - eps) * weight) * entity[targets]
         grad_entity.index_add_(0, targets, queries, alpha=-(1 - eps) * weight)
         if eps:
             grad_queries -= (eps * weight) * entity.mean(0)
             grad_entity -= (eps * weight / len(entity)) * queries.sum(0)
-        return grad_queries, grad_entity, None, None
+        return grad_queries, grad_entity, None, None, None
 
 
 def n3_penalty(model: KGEModel, batch: torch.Tensor, factors: tuple[torch.Tensor, ...] | None = None
@@ -216,6 +228,7 @@ def training_step(
     step: int,
     *,
     weights: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> float:
     """One optimiser step on a batch of training examples; returns the loss.
 
@@ -225,7 +238,7 @@ def training_step(
     model.train()
     factors = None
     if config.resolved_loss == "1vsall":
-        loss, factors = one_vs_all_loss(model, batch, config.label_smoothing)
+        loss, factors = one_vs_all_loss(model, batch, config.label_smoothing, dtype)
     else:
         generator = seeded_generator(config.seed, 3, step)  # a CPU generator: the same negatives on every device
         shape = (config.num_negatives,) if config.shared_negatives else (len(batch), config.num_negatives)
@@ -238,6 +251,42 @@ def training_step(
     loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def step_timings(model: KGEModel, batch: torch.Tensor, config: EmbedConfig) -> dict[str, float]:
+    """Milliseconds of a 1-vs-all forward and backward pass (with N3) of ``model`` on ``batch``, in fp32 and in
+    bf16, one after the other; the optimiser's pass, the same in both, is left out, as are its updates."""
+    from kgtok.runtime import timed_runs
+
+    def step(dtype: torch.dtype) -> Callable[[], None]:
+        def run() -> None:
+            model.zero_grad(set_to_none=True)  # as a training step: gradients written, not added
+            loss, factors = one_vs_all_loss(model, batch, config.label_smoothing, dtype)
+            (loss + (config.regularizer_weight or 0.0) * n3_penalty(model, batch, factors)).backward()
+            if batch.device.type == "cuda":
+                torch.cuda.synchronize(batch.device)
+        return run
+
+    timings = timed_runs({name: step(dtype) for name, dtype in DTYPES.items()}, repeats=3)
+    model.zero_grad(set_to_none=True)
+    return timings
+
+
+def training_precision(config: EmbedConfig, model: KGEModel, batch: torch.Tensor) -> tuple[str, dict[str, float]]:
+    """fp32 or bf16 (:func:`kgtok.runtime.resolve_precision`, a GPU measured too), timed on ``batch`` once a
+    machine (:func:`kgtok.runtime.measured_once`); fp32 where bf16 does not apply (nssa, distance models)."""
+    from kgtok.runtime import measured_once, resolve_precision
+
+    if config.precision == "fp32" or not (config.resolved_loss == "1vsall" and hasattr(model, "one_vs_all_terms")):
+        return "fp32", {}
+    device = batch.device
+    signature = {"pass": "embed 1vsall", "model": config.model, "dim": config.dim, "entities": model.num_entities,
+                 "batch": len(batch), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    return resolve_precision(config.precision, device, lambda: measured_once(
+        signature, lambda: step_timings(model, batch, config)), measure_gpu=True)
 
 
 # ----------------------------------------------------------------------------
@@ -313,6 +362,7 @@ def train_model(
     device = resolve_device(config.device)
     model, optimizer = build(config, kg, device)
     state = TrainingState(max_steps=config.max_steps)
+    resumed = False
     last_path, best_path = work_dir / "last.pt", work_dir / "best.pt"
     if last_path.exists():
         saved = load_checkpoint(last_path, model, optimizer)
@@ -326,7 +376,7 @@ def train_model(
                    f"the learning rate decays over max_steps={config.max_steps}") + "; starting afresh")
             model, optimizer = build(config, kg, device)
         else:
-            state = saved
+            state, resumed = saved, True
             state.max_steps = config.max_steps
             log(f"embed: resuming from {last_path} at step {state.step} (best valid MRR {state.best_mrr:.4f})")
 
@@ -338,6 +388,11 @@ def train_model(
     )
     examples = examples.to(device)
     weights = None if weights is None else weights.to(device)
+    if not resumed:  # a resumed run goes on in the precision it began in
+        state.precision, state.precision_ms = training_precision(config, model, examples[:config.batch_size])
+        if state.precision_ms:
+            log(precision_line("embed", state.precision, state.precision_ms, "a step's forward and backward"))
+    dtype = DTYPES[state.precision]
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     eval_every = config.eval_every or steps_per_epoch
     valid = kg.valid
@@ -364,7 +419,7 @@ def train_model(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step)
         loss = training_step(model, optimizer, examples[index], config, step,
-                             weights=None if weights is None else weights[index])
+                             weights=None if weights is None else weights[index], dtype=dtype)
         state.step += 1
         steps_this_run += 1
         state.last_loss = loss
