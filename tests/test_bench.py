@@ -478,3 +478,32 @@ def test_precision_bench_trains_and_scores_each_arm_and_applies_its_rule(tmp_pat
         assert record["rule_met"][arm] == all(abs(rows[r]["hits_at_1"]["difference"]) <= 0.02
                                               and rows[r]["hits_at_1"]["p_value"] >= 0.05 for r in ("dift", "rerank"))
     assert record["arms"]["fp32_bf16"]["queries"] == 6
+
+
+def test_stage1_precision_bench_pairs_the_two_arms_and_applies_its_rule(tmp_path):
+    from kgtok.data.synthetic import SyntheticConfig, write_synthetic
+    from kgtok.embed import EmbedConfig, run_embed
+
+    data = write_synthetic(SyntheticConfig(num_entities=200, seed=1), tmp_path / "kg")
+    arms = {}
+    for precision in ("fp32", "bf16"):
+        config = EmbedConfig(dim=16, batch_size=128, max_steps=40, eval_every=20, threads=1, top_k=5,
+                             precision=precision)
+        arms[precision] = run_embed(config, data, tmp_path / precision, progress=False, log=lambda *_: None)
+    results = tmp_path / "results"
+    command = [sys.executable, str(BENCH / "kge_precision.py"), "--dataset", "synthetic", "--data", str(data),
+               "--repeats", "2", "--threads", "1"]
+    done = subprocess.run([*command, "--fp32", str(arms["fp32"]), "--bf16", str(arms["bf16"])],
+                          env={**environment(tmp_path), "KGTOK_BENCH_RESULTS": str(results)},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads((results / "kge_precision.json").read_text())["synthetic"]
+    assert record["rule_met"] == (record["fp32_valid_mrr"] - record["bf16_valid_mrr"] <= 0.005)
+    test = record["test_bf16_minus_fp32"]["mrr"]
+    assert test["difference"] == pytest.approx(record["bf16_test_mrr"] - record["fp32_test_mrr"], abs=1e-9)
+    assert record["test_queries"] == 2 * len((data / "test.txt").read_text().splitlines())
+    assert record["step_ms_fp32"] > 0 and record["step_ms_bf16"] > 0
+    swapped = subprocess.run([*command, "--fp32", str(arms["bf16"]), "--bf16", str(arms["fp32"])],
+                             env={**environment(tmp_path), "KGTOK_BENCH_RESULTS": str(results)},
+                             capture_output=True, text=True, timeout=600)
+    assert swapped.returncode != 0 and "trained in bf16" in swapped.stderr

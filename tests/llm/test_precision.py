@@ -44,8 +44,12 @@ def test_explicit_precisions_are_kept_without_measuring_and_impossible_ones_refu
     assert resolve_precision("auto", gpu, never, gpu_fallback="fp32") == ("fp32", {})
     with pytest.raises(ValueError, match="does not support bf16"):
         resolve_precision("bf16", gpu, never)
+    assert resolve_precision("auto", gpu, never, measure_gpu=True) == ("fp32", {})  # stage 1: no fp16 path
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_precision("auto", gpu, never) == ("bf16", {})
+    # A stage whose bf16 path was never timed on a GPU (stage 1's) measures there as on a CPU
+    assert resolve_precision("auto", gpu, timings(10.0, 9.0), measure_gpu=True)[0] == "fp32"
+    assert resolve_precision("auto", gpu, timings(30.0, 10.0), measure_gpu=True)[0] == "bf16"
 
 
 def test_timed_precisions_runs_the_bf16_arm_under_autocast():

@@ -172,9 +172,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, queries: torch.Tensor, entity: torch.Tensor, targets: torch.Tensor,
-                label_smoothing: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                label_smoothing: float, dtype: torch.dtype | None = None) -> torch.Tensor:
         chunk = max(64, _CE_CHUNK_FLOATS // max(1, len(queries)))
-        low_queries, low_entity = queries.to(dtype), entity.to(dtype)  # the same tensors in fp32
+        low_queries, low_entity = queries.to(dtype or queries.dtype), entity.to(dtype or entity.dtype)  # or these
         lse = torch.full((len(queries),), -math.inf, dtype=queries.dtype, device=queries.device)
         for block in low_entity.split(chunk):
             lse = torch.logaddexp(lse, torch.logsumexp((low_queries @ block.t()).to(lse.dtype), dim=1))
