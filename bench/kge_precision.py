@@ -50,7 +50,7 @@ def arm(path: Path) -> dict[str, Any]:
     return {
         "precision": manifest["metrics"].get("precision", "fp32"),
         "valid_mrr": metrics["valid"]["both"]["mrr"], "test_mrr": metrics["test"]["both"]["mrr"],
-        "test_hits_at_1": metrics["test"]["both"]["hits_at_1"], "test_hits_at_10": metrics["test"]["both"]["hits_at_10"],
+        **{f"test_{name}": metrics["test"]["both"][name] for name in ("hits_at_1", "hits_at_10")},
         "best_step": metrics["best_step"], "steps": manifest["metrics"].get("steps"),
         "train_seconds": round(manifest["timings"]["train"], 1),
         "valid_curve": [round(h["valid_mrr"], 4) for h in metrics["history"]],
