@@ -123,6 +123,8 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # a precision setting's dtype
+
 # bf16 autocast on the CPU only where it measured at least this much faster than fp32 on the model itself: a
 # margin against timing noise, so a machine near parity keeps fp32 (its numbers unchanged).
 BF16_MIN_SPEEDUP = 1.25

@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 from kgtok.artifacts import write_id_order, write_json_atomic
 from kgtok.config import format_config
 from kgtok.data.graph import KnowledgeGraph
-from kgtok.embed.config import EmbedConfig
+from kgtok.embed.config import BILINEAR, EmbedConfig
 from kgtok.embed.layout import EmbedArtifact
 from kgtok.embed.models import KGEModel, build_model
 from kgtok.embed.ranking import RankedQueries, rank_triples
-from kgtok.runtime import precision_line, resolve_device, seeded_generator, torch_save_atomic
+from kgtok.runtime import DTYPES, precision_line, resolve_device, seeded_generator, torch_save_atomic
 
 
 # ----------------------------------------------------------------------------
@@ -253,9 +253,6 @@ def training_step(
     return float(loss.detach())
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
 def step_timings(model: KGEModel, batch: torch.Tensor, config: EmbedConfig) -> dict[str, float]:
     """Milliseconds of a 1-vs-all forward and backward pass (with N3) of ``model`` on ``batch``, in fp32 and in
     bf16, one after the other; the optimiser's pass, the same in both, is left out, as are its updates."""
@@ -270,7 +267,7 @@ def step_timings(model: KGEModel, batch: torch.Tensor, config: EmbedConfig) -> d
                 torch.cuda.synchronize(batch.device)
         return run
 
-    timings = timed_runs({name: step(dtype) for name, dtype in DTYPES.items()}, repeats=3)
+    timings = timed_runs({name: step(DTYPES[name]) for name in ("fp32", "bf16")}, repeats=3)
     model.zero_grad(set_to_none=True)
     return timings
 
@@ -280,7 +277,7 @@ def training_precision(config: EmbedConfig, model: KGEModel, batch: torch.Tensor
     machine (:func:`kgtok.runtime.measured_once`); fp32 where bf16 does not apply (nssa, distance models)."""
     from kgtok.runtime import measured_once, resolve_precision
 
-    if config.precision == "fp32" or not (config.resolved_loss == "1vsall" and hasattr(model, "one_vs_all_terms")):
+    if not (config.resolved_loss == "1vsall" and config.model in BILINEAR):
         return "fp32", {}
     device = batch.device
     signature = {"pass": "embed 1vsall", "model": config.model, "dim": config.dim, "entities": model.num_entities,

@@ -120,7 +120,9 @@ class VLLMScorer:
         except ImportError as e:  # pragma: no cover - depends on the machine
             raise RuntimeError("evaluate backend 'vllm' needs the vllm package (pip install vllm; a GPU machine)"
                                ) from e
-        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
+        from kgtok.runtime import DTYPES
+
+        dtype = str(DTYPES[precision]).removeprefix("torch.")  # float32, bfloat16, float16
         self.llm = vllm.LLM(model=str(model_dir), enable_prefix_caching=True, dtype=dtype)
         self.params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0)
 
@@ -214,7 +216,7 @@ class CandidateScorer:
         model) and run every forward pass of the model (scoring, generation, beams) under its autocast."""
         import torch
 
-        from kgtok.runtime import measured_once, remembered_precision, resolve_precision, timed_precisions
+        from kgtok.runtime import DTYPES, measured_once, remembered_precision, resolve_precision, timed_precisions
 
         device = next(self.model.parameters()).device
         # rows as long as a prompt with its candidates typically is (bf16's gain grows with the matrices)
@@ -235,7 +237,7 @@ class CandidateScorer:
 
         precision, timings = choose() if saved is None else remembered_precision(saved, choose)
         if precision != "fp32":  # weights stay fp32; matmuls and attention run in the lower precision
-            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            dtype = DTYPES[precision]
             self.model.forward = torch.autocast(device.type, dtype=dtype)(self.model.forward)
             head = self.model.get_output_embeddings()
             if head is not None:  # logits in fp32: scores are differences of log-probs
