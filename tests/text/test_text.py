@@ -173,7 +173,7 @@ def test_each_unique_text_is_encoded_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(text_encode, "load_encoder", counting_loader)
     texts = ["owl", "a large bird of prey that hunts at night", "owl", "stock", "owl", "stock"]
-    result = embed_texts(texts, config(tmp_path))
+    result = embed_texts(texts, config(tmp_path, precision="fp32"))  # fp32: no timing batch among the texts seen
     assert sorted(seen) == sorted(set(texts))  # each distinct text once
     assert [len(t) for t in seen] == sorted((len(t) for t in seen), reverse=True)  # longest first
     assert result.unique_texts == 3 and not result.cache_hit
@@ -326,7 +326,8 @@ def test_cli_text_writes_the_artifact(tiny_kg, tmp_path):
 
 
 def killed_at_the_second_chunk(monkeypatch) -> tuple[list[list[str]], dict[str, int]]:
-    """Chunks of 2 texts; the encoder records each chunk it encodes and dies at chunk ``state["die_at"]``."""
+    """Chunks of 2 texts; the encoder records each chunk it encodes and dies at chunk ``state["die_at"]`` (the
+    batch that times fp32 against bf16 passes through uncounted)."""
     monkeypatch.setattr(text_encode, "PART_TEXTS", 2)
     calls: list[list[str]] = []
     state = {"die_at": 2}
@@ -337,6 +338,8 @@ def killed_at_the_second_chunk(monkeypatch) -> tuple[list[list[str]], dict[str, 
         encode = model.encode
 
         def maybe_dying_encode(sentences, *a, **k):
+            if list(sentences) == text_encode.timing_texts():
+                return encode(sentences, *a, **k)
             calls.append(list(sentences))
             if len(calls) == state["die_at"]:
                 raise KeyboardInterrupt  # as a kill during the second chunk
@@ -377,3 +380,101 @@ def test_a_resumed_text_stage_says_how_many_texts_it_read_back(tiny_kg, tmp_path
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
     assert metrics["resumed_texts"] == 2 and not metrics["cache_hit"]
     assert any("resumed: 2 texts read from an interrupted run's chunks" in line for line in lines)
+
+
+# ----------------------------------------------------------------------------
+# Precision (TextConfig.precision): bf16 close to fp32, chosen by measurement, cached apart
+# ----------------------------------------------------------------------------
+
+PRECISION_TEXTS = ["a small dog", "the history of the roman empire and its fall", "a puppy", "a stock market crash"]
+
+
+def fake_timings(monkeypatch, fp32: float, bf16: float) -> list[int]:
+    """Timing says fp32 takes ``fp32`` ms and bf16 ``bf16``; returns the list that counts the measurements."""
+    import kgtok.runtime
+
+    measured: list[int] = []
+
+    def timed(run, repeats=2):
+        measured.append(1)
+        return {"fp32": fp32, "bf16": bf16}
+
+    monkeypatch.setattr(kgtok.runtime, "timed_precisions", timed)
+    return measured
+
+
+def recording_autocast(monkeypatch) -> list[bool]:
+    """Records, per encode call of the stage's texts, whether bf16 autocast was on."""
+    import torch
+
+    seen: list[bool] = []
+    load = text_encode.load_encoder
+
+    def loader(*args, **kwargs):
+        model = load(*args, **kwargs)
+        encode = model.encode
+
+        def recorded(sentences, *a, **k):
+            seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            return encode(sentences, *a, **k)
+
+        model.encode = recorded
+        return model
+
+    monkeypatch.setattr(text_encode, "load_encoder", loader)
+    return seen
+
+
+def test_bf16_vectors_are_close_to_fp32_and_cached_apart(tmp_path, monkeypatch):
+    fp32 = embed_texts(PRECISION_TEXTS, config(tmp_path, precision="fp32"))
+    bf16 = embed_texts(PRECISION_TEXTS, config(tmp_path, precision="bf16"))
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16") and not fp32.precision_ms and not bf16.precision_ms
+    cosine = (fp32.vectors * bf16.vectors).sum(1)
+    assert (cosine > 0.999).all() and not np.array_equal(fp32.vectors, bf16.vectors)  # bf16 rounding, no more
+    assert fp32.cache_file != bf16.cache_file
+    # fp32's cache key is the one caches were written under before the setting existed.
+    identity = text_encode.model_identity(resolve_model("all-MiniLM-L6-v2"))
+    unique = sorted(set(PRECISION_TEXTS))
+    assert fp32.cache_file.name == f"{text_encode.cache_key(identity, config(tmp_path), unique)}.npy"
+    forbid_loading(monkeypatch)
+    again = embed_texts(PRECISION_TEXTS, config(tmp_path, precision="bf16"))  # explicit: no model to time
+    assert again.cache_hit and again.cache_file == bf16.cache_file
+    np.testing.assert_array_equal(again.vectors, bf16.vectors)
+
+
+@pytest.mark.parametrize("fp32_ms, bf16_ms, want", [(100.0, 50.0, "bf16"), (100.0, 90.0, "fp32")])
+def test_auto_encodes_in_bf16_only_where_measured_faster(tmp_path, monkeypatch, fp32_ms, bf16_ms, want):
+    measured = fake_timings(monkeypatch, fp32_ms, bf16_ms)
+    autocast = recording_autocast(monkeypatch)
+    result = embed_texts(PRECISION_TEXTS, config(tmp_path))
+    assert (result.precision, result.precision_ms) == (want, {"fp32": fp32_ms, "bf16": bf16_ms})
+    assert autocast == [want == "bf16"]  # the stage's one encode call ran in the chosen precision
+    explicit = embed_texts(PRECISION_TEXTS, config(tmp_path, precision=want))
+    assert explicit.cache_hit and explicit.cache_file == result.cache_file  # auto's vectors are that precision's
+    # Measured once a machine: other texts, another run, no new measurement and the same choice.
+    other = embed_texts(["an owl"], config(tmp_path))
+    assert measured == [1] and other.precision == want
+
+
+def test_explicit_precision_never_measures_and_bad_values_are_refused(tmp_path, monkeypatch):
+    import kgtok.runtime
+
+    def refuse(*_, **__):
+        raise AssertionError("measured")
+
+    monkeypatch.setattr(kgtok.runtime, "timed_precisions", refuse)
+    for precision in ("fp32", "bf16"):
+        assert embed_texts(["an owl"], config(tmp_path, precision=precision)).precision == precision
+    with pytest.raises(ConfigError, match=r"precision: expected one of \['auto', 'fp32', 'bf16'\], got 'fp16'"):
+        load_config(TextConfig, None, ["precision=fp16"])
+    with pytest.raises(ValueError, match="precision='fp16'.*'auto', 'fp32' or 'bf16'"):
+        TextConfig(precision="fp16")
+
+
+def test_the_artifact_records_the_measured_precision(tiny_kg, tmp_path, monkeypatch):
+    fake_timings(monkeypatch, 100.0, 40.0)
+    lines: list[str] = []
+    dest = run_text(config(tmp_path), tiny_kg, tmp_path / "text", progress=False, log=lines.append)
+    metrics = json.loads((dest / "manifest.json").read_text())["metrics"]
+    assert metrics["precision"] == "bf16" and metrics["precision_batch_ms"] == {"fp32": 100.0, "bf16": 40.0}
+    assert any(line.startswith("text: bf16 (a batch of 8 texts 40 ms in bf16 against 100 in fp32") for line in lines)

@@ -19,6 +19,7 @@ def run(config: TextConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -
     """Encode labels and descriptions (mode separate) or "label: description" (joint); write the artifact."""
     from kgtok.artifacts import write_id_order
     from kgtok.config import format_config
+    from kgtok.runtime import precision_line
     from kgtok.text.encode import embed_texts, entity_texts, joint_texts
     from kgtok.text.layout import TextArtifact
 
@@ -44,6 +45,8 @@ def run(config: TextConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -
     source = "cache" if encoding.cache_hit else f"{encoded / max(encoding.seconds, 1e-9):.0f} texts/s"
     if encoding.resumed_texts:
         source += f"; resumed: {encoding.resumed_texts} texts read from an interrupted run's chunks"
+    if encoding.precision_ms:
+        ctx.log(precision_line("text", encoding.precision, encoding.precision_ms, "a batch of 8 texts"))
     ctx.log(f"text: {n} entities -> ({n}, {vectors.shape[1]}) in {encoding.seconds:.1f}s ({source}); "
             f"{encoding.unique_texts} unique texts; missing_label={texts.missing_label} "
             f"missing_description={texts.missing_description}")
@@ -51,6 +54,7 @@ def run(config: TextConfig, inputs: dict[str, Path], dest: Path, ctx: Context) -
         "num_entities": n, "dim": int(vectors.shape[1]), "missing_label": texts.missing_label,
         "missing_description": texts.missing_description, "unique_texts": encoding.unique_texts,
         "seconds": round(encoding.seconds, 3), "cache_hit": encoding.cache_hit, "resumed_texts": encoding.resumed_texts,
+        "precision": encoding.precision, "precision_batch_ms": encoding.precision_ms,
     }
 
 
