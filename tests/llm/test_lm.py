@@ -244,6 +244,32 @@ def test_eval_steps_validates_every_n_steps_with_the_code_token_loss(stages, tmp
     assert metrics["valid_loss"] == evals[-1]["eval_loss"]
 
 
+def test_valid_loss_is_taken_on_the_queries_whose_gold_is_in_the_list(stages, tmp_path, monkeypatch):
+    import kgtok.llm.finetune as finetune
+
+    kg, kg_dir, embed, codes, _, root = stages
+    instructions = run_instruct(InstructConfig(top_k=2, neighbours=2, description_words=8, lm_valid_fraction=0.3),
+                                kg, embed, tmp_path / "inst", codes=codes, log=quiet)
+    records = [json.loads(line) for line in (instructions / "lm_valid.jsonl").read_text().splitlines()]
+    listed = [r["id"] for r in records if r["gold_in_candidates"]]
+    assert 0 < len(listed) < len(records)  # lists of 2 miss some golds
+    seen: list[list[str]] = []
+    make = finetune.make_trainer
+
+    def recording(config, arguments, model, tokenizer, train_records, valid_records, *args, **kwargs):
+        seen.append([r["id"] for r in valid_records])
+        return make(config, arguments, model, tokenizer, train_records, valid_records, *args, **kwargs)
+
+    monkeypatch.setattr(finetune, "make_trainer", recording)
+    lines: list[str] = []
+    config = FinetuneConfig(tiny=TINY, max_steps=2, batch_size=4, threads=1)
+    metrics = json.loads((run_finetune(config, instructions, tmp_path / "ft", codes=codes, progress=False,
+                                       log=lines.append) / "metrics.json").read_text())
+    assert seen == [listed]  # the Trainer validates on those alone, in LM-valid's order
+    assert metrics["valid_loss_records"] == len(listed) and np.isfinite(metrics["valid_loss"])
+    assert f"finetune: LM-valid loss on the {len(listed)} of {len(records)} LM-valid queries" in "\n".join(lines)
+
+
 def test_evaluate_outputs_and_generate_agrees_with_trie(stages, finetuned, tmp_path, monkeypatch):
     kg, kg_dir, embed, codes, instructions, root = stages
     classes = tmp_path / "classes.tsv"  # the true top-level types, as a file of entity<TAB>class
