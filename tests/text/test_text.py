@@ -56,6 +56,24 @@ def forbid_loading(monkeypatch):
     monkeypatch.setattr(text_encode, "load_encoder", refuse)
 
 
+def wrap_encode(monkeypatch, before) -> None:
+    """Every encoder loaded from now on calls ``before(sentences)`` ahead of each encode (to record, or to die)."""
+    load = text_encode.load_encoder
+
+    def loader(*args, **kwargs):
+        model = load(*args, **kwargs)
+        encode = model.encode
+
+        def wrapped(sentences, *a, **k):
+            before(list(sentences))
+            return encode(sentences, *a, **k)
+
+        model.encode = wrapped
+        return model
+
+    monkeypatch.setattr(text_encode, "load_encoder", loader)
+
+
 @pytest.fixture
 def tiny_kg(make_kg):
     return make_kg(entity_text__tsv=ENTITY_TEXT)
@@ -158,20 +176,7 @@ def test_config_checks_every_value_at_once(tmp_path):
 
 def test_each_unique_text_is_encoded_once(tmp_path, monkeypatch):
     seen: list[str] = []
-    load = text_encode.load_encoder
-
-    def counting_loader(*args, **kwargs):
-        model = load(*args, **kwargs)
-        encode = model.encode
-
-        def counting_encode(sentences, *a, **k):
-            seen.extend(sentences)
-            return encode(sentences, *a, **k)
-
-        model.encode = counting_encode
-        return model
-
-    monkeypatch.setattr(text_encode, "load_encoder", counting_loader)
+    wrap_encode(monkeypatch, seen.extend)
     texts = ["owl", "a large bird of prey that hunts at night", "owl", "stock", "owl", "stock"]
     result = embed_texts(texts, config(tmp_path, precision="fp32"))  # fp32: no timing batch among the texts seen
     assert sorted(seen) == sorted(set(texts))  # each distinct text once
@@ -331,24 +336,14 @@ def killed_at_the_second_chunk(monkeypatch) -> tuple[list[list[str]], dict[str, 
     monkeypatch.setattr(text_encode, "PART_TEXTS", 2)
     calls: list[list[str]] = []
     state = {"die_at": 2}
-    load = text_encode.load_encoder
 
-    def dying_loader(*args, **kwargs):
-        model = load(*args, **kwargs)
-        encode = model.encode
-
-        def maybe_dying_encode(sentences, *a, **k):
-            if list(sentences) == text_encode.timing_texts():
-                return encode(sentences, *a, **k)
-            calls.append(list(sentences))
+    def maybe_die(sentences: list[str]) -> None:
+        if sentences != text_encode.timing_texts():
+            calls.append(sentences)
             if len(calls) == state["die_at"]:
                 raise KeyboardInterrupt  # as a kill during the second chunk
-            return encode(sentences, *a, **k)
 
-        model.encode = maybe_dying_encode
-        return model
-
-    monkeypatch.setattr(text_encode, "load_encoder", dying_loader)
+    wrap_encode(monkeypatch, maybe_die)
     return calls, state
 
 
@@ -408,20 +403,8 @@ def recording_autocast(monkeypatch) -> list[bool]:
     import torch
 
     seen: list[bool] = []
-    load = text_encode.load_encoder
-
-    def loader(*args, **kwargs):
-        model = load(*args, **kwargs)
-        encode = model.encode
-
-        def recorded(sentences, *a, **k):
-            seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-            return encode(sentences, *a, **k)
-
-        model.encode = recorded
-        return model
-
-    monkeypatch.setattr(text_encode, "load_encoder", loader)
+    wrap_encode(monkeypatch, lambda _: seen.append(
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16))
     return seen
 
 
