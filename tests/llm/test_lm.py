@@ -270,6 +270,46 @@ def test_valid_loss_is_taken_on_the_queries_whose_gold_is_in_the_list(stages, tm
     assert f"finetune: LM-valid loss on the {len(listed)} of {len(records)} LM-valid queries" in "\n".join(lines)
 
 
+def test_early_stopping_keeps_the_best_validation_and_stops_on_patience(stages, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    kg, kg_dir, embed, codes, instructions, root = stages
+    monkeypatch.setattr(shutil, "rmtree", lambda *_, **__: None)  # keep the work folder's checkpoints to compare
+    # A learning rate far too high: LM-valid's loss is lowest after the first step and rises after it.
+    config = FinetuneConfig(tiny=TINY, max_steps=20, batch_size=4, eval_steps=1, early_stopping_patience=2,
+                            learning_rate=3.0, warmup_ratio=0.0, threads=1)
+    lines: list[str] = []
+    out = run_finetune(config, instructions, tmp_path / "ft", codes=codes, progress=False, log=lines.append)
+    metrics = json.loads((out / "metrics.json").read_text())
+    evals = {h["step"]: h["eval_loss"] for h in metrics["history"] if "eval_loss" in h}
+    best = min(evals, key=evals.get)
+    assert metrics["stopped_by"] == "patience" and metrics["steps"] == best + 2 < 20  # two worse validations
+    assert metrics["best_step"] == best and metrics["valid_loss"] == evals[best]
+    kept = load_file(tmp_path / "ft.work" / "checkpoints" / f"checkpoint-{best}" / "model.safetensors")
+    final = load_file(out / "model" / "model.safetensors")
+    assert kept.keys() == final.keys() and all(torch.equal(kept[k], final[k]) for k in kept)  # the best's weights
+    with pytest.raises(ValueError, match="early_stopping_patience=2.*only with eval_steps > 0"):
+        FinetuneConfig(early_stopping_patience=2)
+
+
+def test_resume_point_retrains_from_the_best_when_early_stopping_had_ended_training(tmp_path):
+    from kgtok.llm.finetune import resume_point
+
+    def checkpoint(step: int, counter: int) -> None:
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        stopping = {"args": {"early_stopping_patience": 2}, "attributes": {"early_stopping_patience_counter": counter}}
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps(
+            {"global_step": step, "max_steps": 20, "stateful_callbacks": {"EarlyStoppingCallback": stopping}}))
+
+    checkpoint(3, 0)  # the best validation
+    checkpoint(5, 2)  # where patience ran out: resumed there, training would go on
+    lines: list[str] = []
+    assert resume_point(tmp_path, True, lines.append) == (tmp_path / "checkpoint-3", 3)
+    assert not (tmp_path / "checkpoint-5").exists() and "early stopping ended training" in lines[0]
+
+
 def test_evaluate_outputs_and_generate_agrees_with_trie(stages, finetuned, tmp_path, monkeypatch):
     kg, kg_dir, embed, codes, instructions, root = stages
     classes = tmp_path / "classes.tsv"  # the true top-level types, as a file of entity<TAB>class

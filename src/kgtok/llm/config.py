@@ -164,7 +164,11 @@ class FinetuneConfig:
     logging_steps: int = 10  # steps between loss records in metrics.json
     # Issue 15: train until the code tokens' LM-valid loss stops falling; finer than per epoch shows when it does.
     eval_steps: int = 0  # LM-valid loss (and the code tokens' alone) every this many steps; 0: after each epoch
-    save_steps: int = machine(200)  # checkpoint interval (resume point)
+    # The same as a rule: stop once the LM-valid loss has not fallen for this many validations in a row (eval_steps
+    # apart; a checkpoint at each) and keep the weights of the validation where it was lowest; max_steps or
+    # epochs stay the cap and set the schedule. 0: train to the cap.
+    early_stopping_patience: int = 0
+    save_steps: int = machine(200)  # checkpoint interval (resume point); eval_steps with early_stopping_patience
     threads: int = machine(0)  # torch threads on CPU; 0 = all cores (shared by the processes of accelerate launch)
     seed: int = 0  # backbone init, new token rows, batch order, dropout
     tiny: TinyBackboneConfig = field(default_factory=TinyBackboneConfig)  # used when backbone is tiny
@@ -186,6 +190,8 @@ class FinetuneConfig:
             ("warmup_ratio", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
             ("logging_steps", in_range(1), ">= 1"),
             ("eval_steps", in_range(0), ">= 0 (0: after each epoch)"),
+            ("early_stopping_patience", lambda v: v >= 0 and (v == 0 or self.eval_steps > 0),
+             ">= 0, and > 0 only with eval_steps > 0 (it counts validations eval_steps apart)"),
             ("save_steps", in_range(1), ">= 1"),
             ("threads", in_range(0), ">= 0"),
             ("seed", in_range(0), ">= 0"),

@@ -435,12 +435,16 @@ def training_arguments(config: FinetuneConfig, work: Path, learning_rate: float,
 
     use_gpu = torch.cuda.is_available()
     checkpointing = checkpointing_field(TrainingArguments)
+    stopping = validate and config.early_stopping_patience > 0  # the best validation's checkpoint is kept
     return TrainingArguments(
         output_dir=str(work / "checkpoints"), per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
         num_train_epochs=config.epochs, max_steps=config.max_steps, learning_rate=learning_rate,
         lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay,
-        logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps,
+        logging_steps=config.logging_steps, save_strategy="steps",
+        save_steps=config.eval_steps if stopping else config.save_steps,
+        load_best_model_at_end=stopping, metric_for_best_model="eval_loss" if stopping else None,
+        greater_is_better=False if stopping else None,
         save_total_limit=2, eval_strategy=("steps" if config.eval_steps else "epoch") if validate else "no",
         eval_steps=config.eval_steps or None, report_to=[], seed=config.seed,
         use_cpu=not use_gpu, **{checkpointing: config.gradient_checkpointing},  # precision: with_precision
@@ -477,7 +481,20 @@ def make_trainer(config: FinetuneConfig, arguments: Any, model: Any, tokenizer: 
     trainer.remove_callback(PrinterCallback)  # a dictionary per logging step
     trainer.add_callback(TrainingConsole(progress, log))
     trainer.add_callback(LossAtCheckpoints())
+    if arguments.load_best_model_at_end:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(EarlyStoppingCallback(config.early_stopping_patience))
     return trainer
+
+
+def stopped_early(saved: dict[str, Any]) -> bool:
+    """Whether a checkpoint's ``trainer_state.json`` says early stopping had ended training there."""
+    stopping = (saved.get("stateful_callbacks") or {}).get("EarlyStoppingCallback") or {}
+    if isinstance(stopping, list):  # one entry per callback instance
+        stopping = stopping[0] if stopping else {}
+    count = (stopping.get("attributes") or {}).get("early_stopping_patience_counter", 0)
+    return bool(stopping) and count >= (stopping.get("args") or {}).get("early_stopping_patience", math.inf)
 
 
 def resume_point(checkpoints: Path, main: bool, log: Callable[[str], None]) -> tuple[Path | None, int]:
@@ -486,18 +503,21 @@ def resume_point(checkpoints: Path, main: bool, log: Callable[[str], None]) -> t
     Skipped, and removed by the main process: a checkpoint without a readable ``trainer_state.json``
     (the Trainer writes it last, so a kill while saving left it cut short, and resuming from it failed
     every time), and one saved at the final step (resumed there, the Trainer ran neither the LM-valid pass
-    the kill interrupted nor stopped: one step too many, different metrics).
+    the kill interrupted nor stopped: one step too many, different metrics) or where early stopping ended
+    training (resumed there, it would train on; from the checkpoint before, the best one, which early
+    stopping keeps, the same steps are retrained and it stops where it stopped).
     """
     found = sorted(((int(p.name.split("-")[1]), p) for p in checkpoints.glob("checkpoint-*")
                     if p.name.split("-")[1].isdigit()), reverse=True)
     for step, path in found:
         saved = read_json(path / "trainer_state.json")
         complete = isinstance(saved, dict) and "global_step" in saved
-        if complete and saved["global_step"] < saved.get("max_steps", math.inf):
+        if complete and saved["global_step"] < saved.get("max_steps", math.inf) and not stopped_early(saved):
             return path, step
         if main:
-            why = "the final step's (its LM-valid pass and save are redone)" if complete else \
-                "cut short by a kill while it was written"
+            why = ("cut short by a kill while it was written" if not complete else
+                   "where early stopping ended training (retrained from the best)" if stopped_early(saved) else
+                   "the final step's (its LM-valid pass and save are redone)")
             log(f"finetune: {path} is {why}: removed")
             shutil.rmtree(path, ignore_errors=True)
     return None, 0
@@ -591,11 +611,18 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     train_loss = mean_train_loss(trainer.state.log_history, done_before, result.training_loss, result.global_step)
     code_losses = [h for h in trainer.state.log_history if "eval_code_token_loss" in h]
     by_level = level_metrics(code_losses[-1]) if code_losses else []
+    best = trainer.state.best_global_step if arguments.load_best_model_at_end else None
+    if best:  # the weights kept are the best validation's: its losses are the run's
+        kept = [h for h in trainer.state.log_history if h.get("step") == best and "eval_loss" in h]
+        eval_losses, code_losses = [kept[-1]["eval_loss"]], [h for h in kept if "eval_code_token_loss" in h]
+        by_level = level_metrics(code_losses[-1]) if code_losses else []
     metrics = {
         "backbone": config.backbone, "adapter": "full" if full else "lora", "trainable_parameters": trainable,
         "parameters": sum(p.numel() for p in merged.parameters()), "new_tokens": len(new_ids),
         "train_examples": len(train_set), "steps": result.global_step, "train_loss": train_loss,
         "valid_loss": eval_losses[-1] if eval_losses else math.nan, "valid_loss_records": len(scored),
+        **({"best_step": best, "stopped_by": "patience" if result.global_step < trainer.state.max_steps
+            else "max_steps"} if arguments.load_best_model_at_end else {}),
         "train_tokens_per_second": (examples * sum(len(e["input_ids"]) for e in train_set) / len(train_set)
                                     / seconds if seconds else math.nan),
         "processes": state.num_processes, "learning_rate": learning_rate, "precision": precision,
@@ -607,7 +634,9 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     write_json_atomic(FinetuneArtifact(dest).metrics_path, {**metrics, "history": list(trainer.state.log_history)})
     ctx.log(f"finetune: {metrics['adapter']} training of {backbone.name}, {result.global_step} steps, "
             f"train loss {train_loss:.3f}, valid loss {metrics['valid_loss']:.3f}, "
-            f"{metrics['train_tokens_per_second']:.0f} tokens/s ({precision})")
+            f"{metrics['train_tokens_per_second']:.0f} tokens/s ({precision})"
+            + (f"; the weights of step {best}, the lowest LM-valid loss (stopped by {metrics['stopped_by']})"
+               if best else ""))
     return metrics
 
 
