@@ -607,15 +607,13 @@ def run(config: FinetuneConfig, inputs: dict[str, Path], dest: Path, ctx: Contex
     # Tokens of the examples this run processed (steps since the checkpoint it resumed from).
     examples = ((result.global_step - done_before) * config.batch_size * config.gradient_accumulation_steps
                 * state.num_processes)
-    eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     train_loss = mean_train_loss(trainer.state.log_history, done_before, result.training_loss, result.global_step)
-    code_losses = [h for h in trainer.state.log_history if "eval_code_token_loss" in h]
-    by_level = level_metrics(code_losses[-1]) if code_losses else []
     best = trainer.state.best_global_step if arguments.load_best_model_at_end else None
-    if best:  # the weights kept are the best validation's: its losses are the run's
-        kept = [h for h in trainer.state.log_history if h.get("step") == best and "eval_loss" in h]
-        eval_losses, code_losses = [kept[-1]["eval_loss"]], [h for h in kept if "eval_code_token_loss" in h]
-        by_level = level_metrics(code_losses[-1]) if code_losses else []
+    # The validation whose weights are kept (the last, or with early stopping the best) gives the run's losses.
+    validations = [h for h in trainer.state.log_history if "eval_loss" in h and (not best or h["step"] == best)]
+    eval_losses = [h["eval_loss"] for h in validations]
+    code_losses = [h for h in validations if "eval_code_token_loss" in h]
+    by_level = level_metrics(code_losses[-1]) if code_losses else []
     metrics = {
         "backbone": config.backbone, "adapter": "full" if full else "lora", "trainable_parameters": trainable,
         "parameters": sum(p.numel() for p in merged.parameters()), "new_tokens": len(new_ids),
