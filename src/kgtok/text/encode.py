@@ -278,9 +278,9 @@ def encoding_precision(config: TextConfig, identity: str, encoder: Callable[[], 
     (:func:`kgtok.runtime.measured_once`): on one 2-core AMD EPYC with avx512_bf16 bf16 encoded 1.8x faster,
     on machines without fast bf16 it is slower, so it is never assumed.  Explicit values need no model.
     """
-    from kgtok.runtime import measured_once, resolve_precision, timed_precisions
+    from kgtok.runtime import measured_once, resolve_device, resolve_precision, timed_precisions
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where sentence-transformers puts it
+    device = resolve_device("auto")  # a GPU where there is one, as sentence-transformers places the model
     signature = {"pass": "text encode", "model": identity, "max_length": config.max_length,
                  "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
